@@ -1,0 +1,309 @@
+"""LEO-format embedding files: safe loading, validation and writing.
+
+A split file `<data_path>/<dataset>/<crop>/<split>_embeddings.pkl` holds a dict
+with `keys` (strings `<prefix>-<class>-<file>`, where the file name's part
+before `_` equals the class) and `embeddings` (an n x D float array), as in
+DeepMind's release (Python 2 pickles, read with encoding="latin1"). The same
+data may also be stored as `<split>_embeddings.npz`, which cannot carry code.
+
+Pickles are read with an allow-list unpickler: only dicts, lists, strings,
+bytes, numbers and numpy arrays/dtypes can be built; any other global that a
+file names is refused before it is imported or called.
+"""
+
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from leo_suite import errors
+from leo_suite import fileio
+
+SPLITS = ("train", "val", "test")
+PICKLE_SUFFIX = "_embeddings.pkl"
+NPZ_SUFFIX = "_embeddings.npz"
+
+# Globals a released embeddings pickle needs (numpy arrays as written by
+# Python 2 / numpy 1.x and by numpy 2.x); nothing else may be resolved.
+_ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 protocol-2 pickles spell bytes
+})
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+  """Unpickler that resolves only the globals in `_ALLOWED_GLOBALS`."""
+
+  def find_class(self, module, name):
+    if (module, name) in _ALLOWED_GLOBALS:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(
+        f"the file names the disallowed object {module}.{name}; embeddings "
+        "files may only contain dicts, lists, strings and numpy arrays")
+
+
+def safe_unpickle(payload: bytes):
+  """Unpickles `payload` (Python 2 or 3) with the allow-list unpickler."""
+  return _AllowListUnpickler(io.BytesIO(payload), encoding="latin1").load()
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingSplit:
+  """One split, its rows grouped by class.
+
+  Attributes:
+    embeddings: float32 [num_images, D], rows of a class contiguous.
+    class_names: the class of each group, in order.
+    class_start: int64 [num_classes], first row of each class.
+    class_count: int64 [num_classes], images of each class (may differ).
+    image_names: the file name of each row.
+    source: the file(s) read, with their sha256.
+  """
+  embeddings: np.ndarray
+  class_names: List[str]
+  class_start: np.ndarray
+  class_count: np.ndarray
+  image_names: List[str]
+  source: dict
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def dim(self) -> int:
+    return int(self.embeddings.shape[1])
+
+
+def split_path(data_path, dataset_name, crop, split):
+  """Returns the existing file for a split (.npz preferred), else the .pkl path."""
+  stem = os.path.join(data_path, dataset_name, crop, split)
+  npz = stem + NPZ_SUFFIX
+  return npz if os.path.exists(npz) else stem + PICKLE_SUFFIX
+
+
+def _decode_key(key, path, index):
+  if isinstance(key, bytes):  # multiview pickles: keys come back as bytes
+    return key.decode("latin1")
+  if isinstance(key, (str, np.str_)):
+    return str(key)
+  raise errors.DataError(
+      f"{path}: keys[{index}] is a {type(key).__name__}, expected a string "
+      "like '<prefix>-<class>-<class>_<n>.JPEG'")
+
+
+def parse_key(key: str, path: str, index: int):
+  """Splits `<prefix>-<class>-<file>` into (class, file), checking the format."""
+  fields = key.split("-")
+  if len(fields) != 3 or not fields[1] or not fields[2]:
+    raise errors.DataError(
+        f"{path}: keys[{index}] = {key!r} is malformed: expected exactly "
+        "three '-'-separated fields '<prefix>-<class>-<file>'")
+  _, class_name, image_file = fields
+  if image_file.split("_")[0] != class_name:
+    raise errors.DataError(
+        f"{path}: keys[{index}] = {key!r} is malformed: the file name "
+        f"{image_file!r} should start with its class {class_name!r} followed by '_'")
+  return class_name, image_file
+
+
+def _read_raw(path):
+  """Returns (keys, embeddings) as read from a .pkl or .npz file."""
+  if not os.path.exists(path):
+    raise errors.DataError(f"{path}: no such file")
+  with open(path, "rb") as handle:
+    payload = handle.read()
+  if path.endswith(".npz"):
+    try:
+      with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
+        contents = {name: archive[name] for name in archive.files}
+    except ValueError as exc:  # object arrays need pickles: refused
+      raise errors.DataError(f"{path}: {exc}") from None
+    except Exception as exc:  # zipfile/format errors
+      raise errors.DataError(
+          f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
+          "the file may be truncated, re-create or re-download it") from None
+  else:
+    try:
+      contents = safe_unpickle(payload)
+    except pickle.UnpicklingError as exc:
+      raise errors.DataError(f"{path}: refused or unreadable pickle: {exc}") from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, UnicodeDecodeError, MemoryError) as exc:
+      raise errors.DataError(
+          f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); the "
+          "file may be truncated or not an embeddings file: re-download it") from None
+  if not isinstance(contents, dict):
+    raise errors.DataError(
+        f"{path}: expected a dict with 'keys' and 'embeddings', found a "
+        f"{type(contents).__name__}")
+  missing = [name for name in ("keys", "embeddings") if name not in contents]
+  if missing:
+    raise errors.DataError(
+        f"{path}: the dict has no {' or '.join(repr(m) for m in missing)} entry "
+        f"(found: {sorted(str(k) for k in contents)})")
+  return contents["keys"], contents["embeddings"], payload
+
+
+def _as_embedding_matrix(raw, path):
+  if isinstance(raw, list):
+    try:
+      raw = np.asarray(raw)
+    except ValueError:
+      raise errors.DataError(f"{path}: 'embeddings' rows have different lengths") from None
+  if not isinstance(raw, np.ndarray):
+    raise errors.DataError(
+        f"{path}: 'embeddings' is a {type(raw).__name__}, expected an n x D array")
+  if raw.dtype == object or not (np.issubdtype(raw.dtype, np.floating) or
+                                 np.issubdtype(raw.dtype, np.integer)):
+    raise errors.DataError(
+        f"{path}: 'embeddings' has dtype {raw.dtype}, expected a float array")
+  if raw.ndim != 2 or raw.shape[1] == 0:
+    raise errors.DataError(
+        f"{path}: 'embeddings' has shape {raw.shape}, expected (n, D) with D > 0")
+  matrix = raw.astype(np.float32)
+  bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+  if bad_rows.size:
+    raise errors.DataError(
+        f"{path}: 'embeddings' has {bad_rows.size} row(s) with NaN or inf "
+        f"(first at row {bad_rows[0]}); nothing will be trained on this file")
+  return matrix
+
+
+def load_split(path: str) -> EmbeddingSplit:
+  """Loads and validates one split file; raises `DataError` with the reason."""
+  raw_keys, raw_embeddings, payload = _read_raw(path)
+  matrix = _as_embedding_matrix(raw_embeddings, path)
+  if isinstance(raw_keys, np.ndarray):
+    if raw_keys.ndim != 1:
+      raise errors.DataError(f"{path}: 'keys' has shape {raw_keys.shape}, expected (n,)")
+    raw_keys = raw_keys.tolist()
+  if not isinstance(raw_keys, (list, tuple)):
+    raise errors.DataError(f"{path}: 'keys' is a {type(raw_keys).__name__}, expected a list")
+  if len(raw_keys) != matrix.shape[0]:
+    raise errors.DataError(
+        f"{path}: {len(raw_keys)} keys but {matrix.shape[0]} embedding rows; "
+        "each row needs exactly one key")
+  if not raw_keys:
+    raise errors.DataError(f"{path}: the split is empty (no keys)")
+  class_rows = {}
+  image_names = []
+  seen_files = {}
+  for index, key in enumerate(raw_keys):
+    class_name, image_file = parse_key(_decode_key(key, path, index), path, index)
+    if image_file in seen_files:
+      raise errors.DataError(
+          f"{path}: duplicate image {image_file!r} at keys[{seen_files[image_file]}] "
+          f"and keys[{index}]; image names must be unique within a split")
+    seen_files[image_file] = index
+    class_rows.setdefault(class_name, []).append(index)
+    image_names.append(image_file)
+  return _group_by_class(matrix, class_rows, image_names,
+                         {path: hashlib.sha256(payload).hexdigest()})
+
+
+def _group_by_class(matrix, class_rows, image_names, source):
+  class_names = sorted(class_rows)
+  order = np.concatenate([np.asarray(class_rows[c], np.int64) for c in class_names])
+  counts = np.asarray([len(class_rows[c]) for c in class_names], np.int64)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  return EmbeddingSplit(
+      embeddings=np.ascontiguousarray(matrix[order]),
+      class_names=class_names,
+      class_start=starts,
+      class_count=counts,
+      image_names=[image_names[i] for i in order],
+      source=source)
+
+
+def merge_splits(parts: Sequence[EmbeddingSplit]) -> EmbeddingSplit:
+  """Concatenates splits (e.g. train + val for `--train_on_val`)."""
+  dims = {p.dim for p in parts}
+  if len(dims) != 1:
+    raise errors.DataError(
+        f"cannot merge splits of different widths {sorted(dims)}: "
+        f"{[list(p.source) for p in parts]}")
+  overlap = set.intersection(*[set(p.class_names) for p in parts]) if len(parts) > 1 else set()
+  if overlap:
+    raise errors.DataError(
+        f"splits {[list(p.source) for p in parts]} share classes "
+        f"{sorted(overlap)[:5]}; train/val/test classes must be disjoint")
+  matrix = np.concatenate([p.embeddings for p in parts])
+  class_rows, offset = {}, 0
+  names = []
+  for part in parts:
+    for name, start, count in zip(part.class_names, part.class_start, part.class_count):
+      class_rows[name] = list(range(offset + start, offset + start + count))
+    names.extend(part.image_names)
+    offset += part.embeddings.shape[0]
+  source = {}
+  for part in parts:
+    source.update(part.source)
+  return _group_by_class(matrix, class_rows, names, source)
+
+
+def load_dataset_split(data_path: str, dataset_name: str, crop: str, split: str,
+                       how_to_get: Optional[str] = None) -> EmbeddingSplit:
+  """Loads `<data_path>/<dataset_name>/<crop>/<split>_embeddings.{npz,pkl}`."""
+  path = split_path(data_path, dataset_name, crop, split)
+  if not os.path.exists(path):
+    hint = how_to_get or "check --data_path, --dataset_name and --embedding_crop"
+    raise errors.DataError(
+        f"{path}: no such file (nor {path[:-len(PICKLE_SUFFIX)] + NPZ_SUFFIX}); "
+        f"embeddings for dataset {dataset_name!r}, crop {crop!r}, split "
+        f"{split!r} are expected there. {hint}")
+  return load_split(path)
+
+
+def check_compatible(splits: Sequence[EmbeddingSplit]):
+  """All splits of a run must share D and have disjoint classes."""
+  dims = {s.dim for s in splits}
+  if len(dims) != 1:
+    raise errors.DataError(
+        "the splits have different embedding widths: " +
+        ", ".join(f"{list(s.source)[0]}: D={s.dim}" for s in splits))
+  for i, a in enumerate(splits):
+    for b in splits[i + 1:]:
+      shared = set(a.class_names) & set(b.class_names)
+      if shared:
+        raise errors.DataError(
+            f"{list(a.source)[0]} and {list(b.source)[0]} share classes "
+            f"{sorted(shared)[:5]}; meta-train/val/test classes must be disjoint")
+
+
+def write_split(path: str, keys: Sequence[str], embeddings: np.ndarray):
+  """Writes a split atomically; `.npz` paths get the code-free format."""
+  embeddings = np.asarray(embeddings, np.float32)
+  keys = [str(k) for k in keys]
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(keys):
+    raise ValueError(f"need n keys and an (n, D) array, got {len(keys)} and {embeddings.shape}")
+  for index, key in enumerate(keys):
+    parse_key(key, path, index)
+  if path.endswith(".npz"):
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.asarray(keys, dtype=np.str_), embeddings=embeddings)
+    payload = buffer.getvalue()
+  else:
+    payload = pickle.dumps({"keys": np.asarray(keys, dtype=object),
+                            "embeddings": embeddings}, protocol=2)
+  fileio.atomic_write_bytes(path, payload)
+
+
+def make_key(class_name: str, index: int, prefix: str = "img", ext: str = "png") -> str:
+  """Builds a release-style key `<prefix>-<class>-<class>_<index>.<ext>`."""
+  if "-" in class_name or "_" in class_name or "-" in prefix or not class_name:
+    raise ValueError(
+        f"a class name may not contain '-' or '_' (and a prefix no '-'): "
+        f"{class_name!r}, {prefix!r}")
+  return f"{prefix}-{class_name}-{class_name}_{index:05d}.{ext}"
