@@ -1,0 +1,132 @@
+"""The one learner interface every meta-learner implements.
+
+All methods work on a meta-batch of B tasks at once (tensors carry a leading
+task axis), so a learner vectorises over tasks with batched einsums instead of
+a per-task `map_fn`. A single task is simply B = 1.
+
+    state  = learner.adapt(support_x, support_y, training=..., seed=...)
+    logits = learner.predict(state, query_x, training=..., seed=...)
+    loss, metrics = learner.meta_loss(episode, training=..., seed=...)
+    loss, grads, metrics = learner.loss_and_gradients(episode, seed=...)
+
+Shapes: support_x [B, N, K, D], support_y [B, N, K] (int32 in 0..N-1),
+query_x [B, N, V, D], query_y [B, N, V]; logits [B, N, V, N].
+
+Randomness (dropout, latent/weight sampling) is stateless: every call takes a
+`seed` (int32 [2] tensor) and derives per-op seeds from it with `SeedStream`,
+so a step is a pure function of (variables, episode, seed). This is what makes
+a resumed run replay an uninterrupted one exactly.
+"""
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Tuple
+
+import sonnet as snt
+import tensorflow as tf
+
+
+class Episode(NamedTuple):
+  """A meta-batch of few-shot tasks (see module docstring for shapes)."""
+  support_x: tf.Tensor
+  support_y: tf.Tensor
+  query_x: tf.Tensor
+  query_y: tf.Tensor
+
+
+class SeedStream:
+  """Hands out distinct stateless seeds derived from one base seed."""
+
+  def __init__(self, seed):
+    self._seed = tf.cast(seed, tf.int32)
+    self._count = 0
+
+  def __call__(self):
+    self._count += 1
+    return tf.random.experimental.stateless_fold_in(self._seed, self._count)
+
+
+def cross_entropy(logits, labels):
+  """Per-example softmax cross-entropy with one-hot targets.
+
+  One-hot (not sparse) targets keep a second derivative available, as LEO's
+  release notes; shape: labels' shape.
+  """
+  num_classes = tf.shape(logits)[-1]
+  one_hot = tf.one_hot(labels, num_classes, dtype=logits.dtype)
+  return tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits)
+
+
+def accuracy(logits, labels):
+  """Per-task accuracy [B] of logits [B, ..., N] against labels [B, ...]."""
+  hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=labels.dtype), labels),
+                 tf.float32)
+  return tf.reduce_mean(tf.reshape(hits, [tf.shape(hits)[0], -1]), axis=1)
+
+
+class Learner(snt.Module):
+  """Base class: a meta-learner over a fixed (num_ways, embedding_dim).
+
+  Subclasses implement `adapt` and `predict`, and may extend `meta_loss`
+  (extra penalties), `loss_and_gradients` (implicit meta-gradients) and
+  `nan_fallback_gradients` (what the NaN guard applies instead).
+  """
+
+  def __init__(self, num_ways: int, embedding_dim: int, dtype=tf.float32,
+               name=None):
+    super().__init__(name=name)
+    self.num_ways = int(num_ways)
+    self.embedding_dim = int(embedding_dim)
+    self.dtype = tf.as_dtype(dtype)
+
+  # -- the interface ---------------------------------------------------------
+  def adapt(self, support_x, support_y, *, training, seed) -> Any:
+    raise NotImplementedError
+
+  def predict(self, state, query_x, *, training, seed) -> tf.Tensor:
+    raise NotImplementedError
+
+  def regularization(self) -> tf.Tensor:
+    """Penalties on the meta-parameters added once to the meta-loss."""
+    return tf.constant(0.0, self.dtype)
+
+  def meta_loss(self, episode: Episode, *, training,
+                seed) -> Tuple[tf.Tensor, Dict[str, tf.Tensor]]:
+    """Mean query cross-entropy after adaptation, plus regularisation."""
+    seeds = SeedStream(seed)
+    state = self.adapt(episode.support_x, episode.support_y,
+                       training=training, seed=seeds())
+    logits = self.predict(state, episode.query_x, training=training, seed=seeds())
+    query_loss = tf.reduce_mean(cross_entropy(logits, episode.query_y))
+    loss = query_loss + self.regularization()
+    return loss, {"query_loss": query_loss,
+                  "accuracy": tf.reduce_mean(accuracy(logits, episode.query_y))}
+
+  def loss_and_gradients(self, episode: Episode, *, seed):
+    """Meta-training loss, its gradients w.r.t. `trainable_variables`, metrics."""
+    variables = self.trainable_variables
+    with tf.GradientTape() as tape:
+      loss, metrics = self.meta_loss(episode, training=True, seed=seed)
+    grads = tape.gradient(loss, variables,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return loss, grads, metrics
+
+  def nan_fallback_gradients(self):
+    """The 'gradient' the NaN guard applies when loss or gradients are NaN."""
+    return [tf.zeros_like(v) for v in self.trainable_variables]
+
+  def check_episode_shape(self, support_x):
+    """Raises if N or D differ from what the learner was built for."""
+    shape = support_x.shape
+    if shape.rank != 4:
+      raise ValueError(f"support_x must be [B, N, K, D], got shape {shape}")
+    n, d = shape[1], shape[3]
+    if (n is not None and n != self.num_ways) or (d is not None and d != self.embedding_dim):
+      raise ValueError(
+          f"{type(self).__name__} was built for {self.num_ways}-way tasks of "
+          f"dimension {self.embedding_dim}, got support_x of shape {shape}")
+
+
+def config_fields(config_cls):
+  """(name, default, help) of a learner's frozen config dataclass."""
+  return [(f.name, f.default, f.metadata.get("help", ""))
+          for f in dataclasses.fields(config_cls)]

@@ -1,0 +1,40 @@
+"""Name -> learner module. Adding a learner is one file plus one line here.
+
+Each learner module defines:
+  FLAG_PREFIX: prefix of its command-line flags ("" for LEO's release names);
+  Config: a frozen dataclass whose fields carry `metadata={"help": ...}`;
+          config.py turns every field into a flag `--<FLAG_PREFIX><field>`;
+  build(config, num_ways, embedding_dim, dtype) -> base.Learner.
+"""
+
+import importlib
+
+LEARNERS = {
+    "leo": "leo_suite.models.leo",
+    "maml": "leo_suite.models.maml",
+    "imaml": "leo_suite.models.imaml",
+    "r2d2": "leo_suite.models.r2d2",
+    "l2f": "leo_suite.models.l2f",
+}
+
+
+def learner_module(name):
+  if name not in LEARNERS:
+    raise KeyError(f"unknown model {name!r}; choose one of {sorted(LEARNERS)}")
+  return importlib.import_module(LEARNERS[name])
+
+
+def available():
+  """Names whose module can be imported (all, once every learner exists)."""
+  names = []
+  for name in LEARNERS:
+    try:
+      learner_module(name)
+    except ModuleNotFoundError:
+      continue
+    names.append(name)
+  return names
+
+
+def build(name, config, num_ways, embedding_dim, dtype="float32"):
+  return learner_module(name).build(config, num_ways, embedding_dim, dtype)
