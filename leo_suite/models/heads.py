@@ -1,0 +1,55 @@
+"""Functional classifier heads over embeddings, for gradient-based learners.
+
+Meta-parameters live in a Sonnet module (`HeadParams`); inner loops work on
+*fast weights*: a list of tensors with a leading task axis [B, ...], so one
+batched einsum evaluates every task of a meta-batch and `tf.GradientTape`
+gives each task its own inner gradient (tasks do not interact).
+
+Layout of the parameter list (L = 2 * (len(hidden_sizes) + 1) tensors):
+  [W_1 [D, H_1], b_1 [H_1], ..., W_out [H_last or D, N], b_out [N]]
+"""
+
+from typing import List, Sequence
+
+import sonnet as snt
+import tensorflow as tf
+
+
+class HeadParams(snt.Module):
+  """The meta-learned initialisation theta of a linear or MLP head."""
+
+  def __init__(self, num_ways: int, embedding_dim: int,
+               hidden_sizes: Sequence[int] = (), dtype=tf.float32,
+               name="head"):
+    super().__init__(name=name)
+    sizes = [embedding_dim] + list(hidden_sizes) + [num_ways]
+    glorot = tf.initializers.GlorotUniform(seed=0)
+    self.params: List[tf.Variable] = []
+    for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+      self.params.append(tf.Variable(
+          tf.cast(glorot([fan_in, fan_out]), dtype), name=f"w_{layer}"))
+      self.params.append(tf.Variable(
+          tf.zeros([fan_out], dtype), name=f"b_{layer}"))
+
+  def tiled(self, num_tasks):
+    """theta copied for each task: fast weights at inner step 0, [B, ...]."""
+    return [tf.tile(p[tf.newaxis], [num_tasks] + [1] * p.shape.rank)
+            for p in self.params]
+
+
+def head_logits(fast_weights, inputs):
+  """Logits [B, ..., N] of per-task heads on inputs [B, ..., D].
+
+  fast_weights: list [W_1, b_1, ...] with a leading task axis [B, ...].
+  Hidden layers use ReLU; the output layer is linear.
+  """
+  batch_shape = tf.shape(inputs)[:-1]
+  num_tasks = tf.shape(inputs)[0]
+  h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
+  num_layers = len(fast_weights) // 2
+  for layer in range(num_layers):
+    w, b = fast_weights[2 * layer], fast_weights[2 * layer + 1]
+    h = tf.einsum("bmd,bdo->bmo", h, w) + b[:, tf.newaxis, :]
+    if layer < num_layers - 1:
+      h = tf.nn.relu(h)
+  return tf.reshape(h, tf.concat([batch_shape, tf.shape(h)[-1:]], 0))
