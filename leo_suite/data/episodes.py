@@ -1,0 +1,113 @@
+"""Seeded few-shot episodes from an `EmbeddingSplit`, as a tf.data pipeline.
+
+Task i of a stream is a pure function of (seed, i): N classes drawn without
+replacement (label = position in the draw, 0..N-1), then K support and V query
+images per class drawn without replacement from that class's images (classes
+may hold different numbers of images, as in tieredImageNet), L2-normalised
+after sampling as LEO's release does. Because a task depends only on its index,
+a resumed run sees exactly the episodes an uninterrupted one would, evaluation
+sets are fixed, and sharding indices across workers never duplicates a task.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite.data.embeddings import EmbeddingSplit
+from leo_suite.models.base import Episode
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+  num_ways: int      # N
+  num_shots: int     # K, support examples per class
+  num_queries: int   # V, query examples per class
+
+  @property
+  def examples_per_class(self):
+    return self.num_shots + self.num_queries
+
+
+def check_spec(split: EmbeddingSplit, spec: EpisodeSpec, what: str):
+  """Raises a `ConfigError` if `split` cannot supply tasks of shape `spec`."""
+  source = ", ".join(split.source) or "the split"
+  for name, value in (("num_ways (N)", spec.num_ways), ("num_shots (K)", spec.num_shots),
+                      ("num_queries (V)", spec.num_queries)):
+    if value < 1:
+      raise errors.ConfigError(f"{what}: {name} = {value}, must be at least 1")
+  if split.num_classes < spec.num_ways:
+    raise errors.ConfigError(
+        f"{source}: {what} needs {spec.num_ways} classes per task but the split "
+        f"has only {split.num_classes}; lower --num_classes")
+  small = np.flatnonzero(split.class_count < spec.examples_per_class)
+  if small.size:
+    worst = small[np.argmin(split.class_count[small])]
+    raise errors.ConfigError(
+        f"{source}: {what} draws K+V = {spec.num_shots}+{spec.num_queries} = "
+        f"{spec.examples_per_class} images per class, but {small.size} class(es) have "
+        f"fewer (class {split.class_names[worst]!r} has {split.class_count[worst]}); "
+        "lower the number of support/query examples")
+
+
+def all_remaining_queries(split: EmbeddingSplit, num_shots: int) -> int:
+  """The release's evaluation V: every image left after K (smallest class)."""
+  return int(split.class_count.min()) - num_shots
+
+
+class EpisodeSampler:
+  """Builds tf.data streams of `Episode` meta-batches from one split."""
+
+  def __init__(self, split: EmbeddingSplit, spec: EpisodeSpec, what="episodes",
+               dtype=tf.float32):
+    check_spec(split, spec, what)
+    self.split = split
+    self.spec = spec
+    self.dtype = tf.as_dtype(dtype)
+    # Read-only tables; a variable is captured by reference by tf.data, so a
+    # large split is not copied into the dataset graph.
+    self._table = tf.Variable(split.embeddings, trainable=False, name="embeddings")
+    self._class_start = tf.constant(split.class_start, tf.int64)
+    self._class_count = tf.constant(split.class_count, tf.int64)
+    self._max_count = int(split.class_count.max())
+
+  def sample_task(self, seed, index):
+    """Task `index` of the stream `seed`: (support_x, support_y, query_x, query_y)."""
+    n, k = self.spec.num_ways, self.spec.num_shots
+    task_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    class_seed, image_seed = tf.unstack(
+        tf.random.experimental.stateless_split(task_seed, 2))
+    num_classes = tf.shape(self._class_count)[0]
+    class_order = tf.argsort(tf.random.stateless_uniform([num_classes], class_seed))
+    classes = class_order[:n]
+    counts = tf.gather(self._class_count, classes)                      # [N]
+    starts = tf.gather(self._class_start, classes)                      # [N]
+    keys = tf.random.stateless_uniform([n, self._max_count], image_seed)
+    valid = tf.range(self._max_count, dtype=tf.int64)[tf.newaxis] < counts[:, tf.newaxis]
+    keys = tf.where(valid, keys, 2.0)  # images a class lacks sort last
+    picks = tf.argsort(keys, axis=1)[:, :self.spec.examples_per_class]  # [N, K+V]
+    rows = starts[:, tf.newaxis] + tf.cast(picks, tf.int64)
+    x = tf.nn.l2_normalize(tf.gather(self._table, rows), axis=-1)
+    x = tf.cast(x, self.dtype)                                          # [N, K+V, D]
+    labels = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis],
+                     [1, self.spec.examples_per_class])
+    return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
+
+  def dataset(self, seed: int, batch_size: int, start: int = 0, count=None,
+              num_shards: int = 1, shard_index: int = 0):
+    """Meta-batches of tasks start, start+1, ... (optionally sharded by task)."""
+    stop = None if count is None else start + count
+    indices = (tf.data.Dataset.range(start, stop) if stop is not None
+               else tf.data.Dataset.counter(start))
+    if num_shards > 1:
+      indices = indices.shard(num_shards, shard_index)
+    tasks = indices.map(lambda i: self.sample_task(seed, i),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return (tasks.batch(batch_size, drop_remainder=count is None)
+            .map(lambda *t: Episode(*t))
+            .prefetch(tf.data.AUTOTUNE))
+
+  def fixed_set(self, seed: int, num_tasks: int, batch_size: int):
+    """A finite, fixed evaluation set: the same tasks for every model."""
+    return self.dataset(seed, batch_size, start=0, count=num_tasks)
