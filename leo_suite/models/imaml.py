@@ -1,0 +1,374 @@
+"""iMAML: meta-learning with implicit gradients (Rajeswaran et al., NeurIPS'19).
+
+A linear or MLP softmax head theta (`HeadParams`) is adapted per task by the
+proximal inner problem (paper Eq. 4)
+
+    phi*(theta) = argmin_phi  L_S(phi) + lam/2 ||phi - theta||^2,
+
+solved approximately by `inner_steps` gradient steps on fast weights with a
+leading task axis. Stationarity, grad L_S(phi*) + lam (phi* - theta) = 0, gives
+by the implicit function theorem (paper Lemma 1, Eq. 6)
+
+    d phi*/d theta = (I + H/lam)^-1,   H = grad^2 L_S(phi*),
+
+so the meta-gradient of the query loss L_Q(phi*) is v solving
+
+    (I + H/lam) v = g,   g = grad_phi L_Q(phi*)                  (paper Eq. 7)
+
+by conjugate gradient on Hessian-vector products (Algorithm 2). Nothing is
+backpropagated through the inner steps: they run in a `tf.while_loop` on
+`stop_gradient`-ed tensors, so memory does not grow with `inner_steps`; the
+only second-order work is at phi* (one gradient tape, re-used by every HVP).
+
+Everything is batched over the B tasks of a meta-batch: each task has its own
+fast weights, its own H (the support loss is a sum of independent per-task
+losses, so its Hessian is block-diagonal over tasks) and its own CG run (the
+CG scalars alpha, beta are per task, shape [B]).
+
+Two variants (`Config.variant`):
+  "paper":     inner GD on L_S + lam/2||phi - theta||^2 from phi_0 = theta;
+               CG on A v = v + H v / lam, i.e. exactly Eq. 7. `cg_damping`
+               is not used. cg_steps = 0 gives the first-order v = g.
+  "reference": what aravindr93/imaml_dev's Omniglot script does: plain SGD on
+               L_S (no proximal term), then ONE pull-back step
+               phi <- phi - inner_lr * lam * (phi - theta); CG on
+               A v = (1 + cg_damping) v + H v / (lam + 10)  (its hard-coded
+               lam_damping = 10), i.e. (2I + H/12) v = g with lam = 2 and
+               cg_damping = 1. cg_steps <= 1 gives v = g, as there.
+In both, CG starts from x_0 = 0 and stops a task once r.r < 1e-10; a task
+whose operator turns out not positive along the search direction (possible
+for an MLP head away from the optimum) keeps its current iterate.
+
+The losses are per-task means of the softmax cross-entropy (the reference uses
+torch's mean CrossEntropyLoss); the meta-loss and meta-gradient are averaged
+over tasks. The same inner procedure (same lam) runs at evaluation.
+"""
+
+import dataclasses
+from typing import Callable, List, Sequence, Tuple
+
+import tensorflow as tf
+
+from leo_suite.errors import ConfigError
+from leo_suite.models import base
+from leo_suite.models.heads import HeadParams, head_logits
+
+FLAG_PREFIX = "imaml_"
+
+VARIANTS = ("paper", "reference")
+# imaml_dev's `matrix_evaluator(lam_damping=10.0)`: added to lam in the HVP term.
+REFERENCE_LAM_DAMPING = 10.0
+# imaml_dev's `cg_solve(residual_tol=1e-10)`: per-task stop on r.r.
+CG_RESIDUAL_TOL = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """iMAML hyper-parameters (defaults: paper + imaml_dev's Omniglot README)."""
+  lam: float = dataclasses.field(default=2.0, metadata={
+      "help": "lambda: strength of the proximal term lam/2 ||phi - theta||^2 "
+              "of the inner problem (paper Eq. 4; paper and README use 2.0)."})
+  inner_steps: int = dataclasses.field(default=16, metadata={
+      "help": "Number of inner gradient steps approximating phi* (paper "
+              "GD variant: 16 for 5-way). Not backpropagated through."})
+  inner_lr: float = dataclasses.field(default=0.1, metadata={
+      "help": "Inner step size alpha for the inner gradient steps "
+              "(imaml_dev README: 0.1)."})
+  cg_steps: int = dataclasses.field(default=5, metadata={
+      "help": "Conjugate-gradient iterations solving (I + H/lam) v = g for "
+              "the implicit meta-gradient v (paper: 5). 0 (paper variant) or "
+              "<= 1 (reference variant) uses the first-order v = g."})
+  cg_damping: float = dataclasses.field(default=1.0, metadata={
+      "help": "variant=reference only: the operator is (1 + cg_damping) v + "
+              "H v/(lam + 10) (imaml_dev's cg_damping, default 1.0). Ignored "
+              "by variant=paper, which solves (I + H/lam) v = g exactly."})
+  hidden_sizes: str = dataclasses.field(default="", metadata={
+      "help": "Hidden layer widths of the head as a comma list, e.g. "
+              "'128,64' (ReLU MLP); '' = linear softmax head (W, b)."})
+  variant: str = dataclasses.field(default="paper", metadata={
+      "help": "'paper': proximal inner GD and (I + H/lam) v = g. "
+              "'reference': imaml_dev's form: plain inner SGD, one pull-back "
+              "step phi <- phi - inner_lr*lam*(phi - theta), and "
+              "((1 + cg_damping) I + H/(lam + 10)) v = g."})
+
+
+def parse_hidden_sizes(text: str) -> Tuple[int, ...]:
+  """'128,64' -> (128, 64); '' -> () (linear head)."""
+  text = text.strip()
+  if not text:
+    return ()
+  sizes = []
+  for part in text.split(","):
+    part = part.strip()
+    if not part.isdigit() or int(part) <= 0:
+      raise ConfigError(
+          f"--{FLAG_PREFIX}hidden_sizes={text!r}: expected positive integers "
+          f"separated by commas (e.g. '128,64'), or '' for a linear head")
+    sizes.append(int(part))
+  return tuple(sizes)
+
+
+def validate_config(config: Config):
+  """Raises ConfigError naming the flag if a value is out of range."""
+  def bad(field, why):
+    raise ConfigError(f"--{FLAG_PREFIX}{field}={getattr(config, field)!r}: {why}")
+  if config.variant not in VARIANTS:
+    bad("variant", f"choose one of {', '.join(VARIANTS)}")
+  if not config.lam > 0:
+    bad("lam", "lambda must be > 0 (the implicit gradient divides by it)")
+  if config.inner_steps < 0:
+    bad("inner_steps", "must be >= 0")
+  if not config.inner_lr > 0:
+    bad("inner_lr", "must be > 0")
+  if config.cg_steps < 0:
+    bad("cg_steps", "must be >= 0")
+  if config.cg_damping < 0:
+    bad("cg_damping", "must be >= 0")
+  parse_hidden_sizes(config.hidden_sizes)
+
+
+# -- pure functions over lists of per-task tensors [B, ...] --------------------
+# A "vector" below is a list of tensors, each with leading task axis B; all
+# reductions are per task, so B independent problems are solved at once.
+
+def batched_dot(xs: Sequence[tf.Tensor], ys: Sequence[tf.Tensor]) -> tf.Tensor:
+  """Per-task inner product <x_b, y_b> over all parameter tensors: [B]."""
+  total = 0.
+  for x, y in zip(xs, ys):
+    total += tf.reduce_sum(tf.reshape(x * y, [tf.shape(x)[0], -1]), axis=1)
+  return total
+
+
+def _per_task(scalar, like):
+  """Broadcasts a [B] scalar against a [B, ...] tensor."""
+  return tf.reshape(scalar, [-1] + [1] * (like.shape.rank - 1))
+
+
+def conjugate_gradient(apply_a: Callable, b: Sequence[tf.Tensor],
+                       num_steps: int, residual_tol: float = CG_RESIDUAL_TOL):
+  """Solves A_b x_b = b_b for every task b by `num_steps` CG iterations.
+
+  apply_a maps a vector (list of [B, ...]) to A applied task by task; A_b must
+  be symmetric positive definite. x_0 = 0. A task stops (alpha = beta = 0)
+  once r.r <= residual_tol, or if p.Ap <= 0 (not positive definite along p).
+  Python-unrolled: num_steps is static and small. Returns (x, r.r [B]).
+  """
+  b = list(b)
+  x = [tf.zeros_like(t) for t in b]
+  r = list(b)
+  p = list(b)
+  rr = batched_dot(r, r)
+  for _ in range(num_steps):
+    ap = apply_a(p)
+    pap = batched_dot(p, ap)
+    active = tf.logical_and(rr > residual_tol, pap > 0)
+    alpha = tf.where(active, rr / tf.where(active, pap, tf.ones_like(pap)),
+                     tf.zeros_like(rr))
+    x = [xi + _per_task(alpha, xi) * pi for xi, pi in zip(x, p)]
+    r = [ri - _per_task(alpha, ri) * api for ri, api in zip(r, ap)]
+    rr_new = batched_dot(r, r)
+    beta = tf.where(active, rr_new / tf.where(active, rr, tf.ones_like(rr)),
+                    tf.zeros_like(rr))
+    p = [ri + _per_task(beta, pi) * pi for ri, pi in zip(r, p)]
+    rr = tf.where(active, rr_new, rr)
+  return x, rr
+
+
+def gradient_and_hvp(loss_fn: Callable, params: Sequence[tf.Tensor]):
+  """grad L(params) and a Hessian-vector-product function at `params`.
+
+  loss_fn(params) -> per-task losses [B] (task b depends only on params[.][b],
+  so the Hessian of their sum is block-diagonal and H v is per task).
+  Backward-over-backward: the gradient is recorded once on a persistent tape;
+  since H is symmetric, H v = J_grad^T v is one more backward pass of that
+  gradient with output_gradients=v (no re-evaluation of the loss per HVP).
+  """
+  params = list(params)
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch(params)
+    with tf.GradientTape() as inner:
+      inner.watch(params)
+      loss = tf.reduce_sum(loss_fn(params))
+    grads = inner.gradient(loss, params,
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+  def hvp(vector):
+    return outer.gradient(grads, params, output_gradients=list(vector),
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return grads, hvp
+
+
+def hessian_vector_product(loss_fn, params, vector):
+  """H v per task, H = Hessian of loss_fn at params (see gradient_and_hvp)."""
+  return gradient_and_hvp(loss_fn, params)[1](vector)
+
+
+def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
+                num_steps: int, inner_lr: float, lam: float,
+                variant: str = "paper") -> List[tf.Tensor]:
+  """Approximate phi*(theta) per task, with NO gradient path to theta.
+
+  paper:     phi_{t+1} = phi_t - inner_lr (grad L(phi_t) + lam (phi_t - theta)),
+             phi_0 = theta (GD on the proximal objective, paper Eq. 4).
+  reference: phi_{t+1} = phi_t - inner_lr grad L(phi_t), then once
+             phi <- phi - inner_lr lam (phi - theta).
+  theta: list of [B, ...] tensors; loss_fn(phi) -> per-task losses [B].
+  A `tf.while_loop` over stop_gradient-ed tensors: the graph and the memory
+  are the same for any num_steps and no enclosing tape records the steps.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown iMAML variant {variant!r}; choose from {VARIANTS}")
+  theta = [tf.stop_gradient(t) for t in theta]
+  proximal = 1.0 if variant == "paper" else 0.0
+
+  def body(step, *phi):
+    phi = list(phi)
+    with tf.GradientTape() as tape:
+      tape.watch(phi)
+      loss = tf.reduce_sum(loss_fn(phi))
+    grads = tape.gradient(loss, phi,
+                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    new_phi = [p - inner_lr * (g + proximal * lam * (p - t))
+               for p, g, t in zip(phi, grads, theta)]
+    return [step + 1] + new_phi
+
+  outputs = tf.while_loop(
+      lambda step, *_: step < num_steps, body,
+      [tf.constant(0)] + list(theta))
+  phi = [tf.stop_gradient(p) for p in outputs[1:]]
+  if variant == "reference":
+    phi = [p - inner_lr * lam * (p - t) for p, t in zip(phi, theta)]
+  return phi
+
+
+def implicit_meta_gradient(support_loss_fn: Callable,
+                           phi_star: Sequence[tf.Tensor],
+                           query_grads: Sequence[tf.Tensor], *, lam: float,
+                           cg_steps: int, cg_damping: float = 0.0,
+                           variant: str = "paper"):
+  """v_b ~= A_b^-1 g_b per task, by CG on HVPs of the support loss at phi*.
+
+  paper:     A v = v + H v / lam                      (paper Eq. 7)
+  reference: A v = (1 + cg_damping) v + H v / (lam + 10)
+  First-order v = g when cg_steps == 0 (paper) or cg_steps <= 1 (reference).
+  Returns (v, relative CG residual ||g - A v|| / ||g|| per task [B], or None
+  for the first-order v = g).
+  """
+  query_grads = list(query_grads)
+  first_order = cg_steps == 0 if variant == "paper" else cg_steps <= 1
+  if first_order:
+    return query_grads, None
+  if variant == "paper":
+    identity_coef, hessian_coef = 1.0, 1.0 / lam
+  elif variant == "reference":
+    identity_coef = 1.0 + cg_damping
+    hessian_coef = 1.0 / (lam + REFERENCE_LAM_DAMPING)
+  else:
+    raise ValueError(f"unknown iMAML variant {variant!r}; choose from {VARIANTS}")
+  _, hvp = gradient_and_hvp(support_loss_fn, phi_star)
+
+  def apply_a(vector):
+    return [identity_coef * v + hessian_coef * hv
+            for v, hv in zip(vector, hvp(vector))]
+
+  v, rr = conjugate_gradient(apply_a, query_grads, cg_steps)
+  gg = batched_dot(query_grads, query_grads)
+  relative_residual = tf.sqrt(rr / tf.maximum(gg, tf.constant(1e-30, gg.dtype)))
+  return v, relative_residual
+
+
+def task_losses(fast_weights, inputs, labels):
+  """Per-task mean cross-entropy [B] of heads `fast_weights` on [B, N, M, D]."""
+  logits = head_logits(fast_weights, inputs)
+  per_example = base.cross_entropy(logits, labels)
+  return tf.reduce_mean(
+      tf.reshape(per_example, [tf.shape(per_example)[0], -1]), axis=1)
+
+
+class IMAML(base.Learner):
+  """iMAML over a linear/MLP head on embeddings (see module docstring)."""
+
+  def __init__(self, config: Config, num_ways: int, embedding_dim: int,
+               dtype=tf.float32, name="imaml"):
+    super().__init__(num_ways, embedding_dim, dtype=dtype, name=name)
+    validate_config(config)
+    self.config = config
+    self.head = HeadParams(num_ways, embedding_dim,
+                           parse_hidden_sizes(config.hidden_sizes),
+                           dtype=self.dtype)
+
+  def _cast(self, x):
+    return tf.cast(x, self.dtype)
+
+  def support_loss_fn(self, support_x, support_y):
+    support_x = self._cast(support_x)
+    return lambda phi: task_losses(phi, support_x, support_y)
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    """phi* per task (list of [B, ...] tensors), no gradient path to theta."""
+    del training, seed  # iMAML's adaptation is deterministic.
+    self.check_episode_shape(support_x)
+    theta = self.head.tiled(tf.shape(support_x)[0])
+    return inner_solve(self.support_loss_fn(support_x, support_y), theta,
+                       num_steps=self.config.inner_steps,
+                       inner_lr=self.config.inner_lr, lam=self.config.lam,
+                       variant=self.config.variant)
+
+  def predict(self, state, query_x, *, training, seed):
+    del training, seed
+    return head_logits(list(state), self._cast(query_x))
+
+  def loss_and_gradients(self, episode: base.Episode, *, seed):
+    """Query loss at phi* and the implicit meta-gradient (Algorithm 2).
+
+    grad_theta = mean_b v_b with (I + H_b/lam) v_b = grad L_Q,b(phi*_b).
+    """
+    config = self.config
+    support_fn = self.support_loss_fn(episode.support_x, episode.support_y)
+    phi_star = self.adapt(episode.support_x, episode.support_y,
+                          training=True, seed=seed)
+    query_x = self._cast(episode.query_x)
+    with tf.GradientTape() as tape:
+      tape.watch(phi_star)
+      logits = head_logits(phi_star, query_x)
+      per_example = base.cross_entropy(logits, episode.query_y)
+      per_task = tf.reduce_mean(
+          tf.reshape(per_example, [tf.shape(per_example)[0], -1]), axis=1)
+      total = tf.reduce_sum(per_task)
+    query_grads = tape.gradient(total, phi_star)  # per task: grad L_Q,b
+    v, residual = implicit_meta_gradient(
+        support_fn, phi_star, query_grads, lam=config.lam,
+        cg_steps=config.cg_steps, cg_damping=config.cg_damping,
+        variant=config.variant)
+    meta_grads = {p.ref(): tf.reduce_mean(g, axis=0)
+                  for p, g in zip(self.head.params, v)}
+    grads = [meta_grads.get(var.ref(), tf.zeros_like(var))
+             for var in self.trainable_variables]
+    query_loss = tf.reduce_mean(per_task)
+    loss = query_loss + self.regularization()
+    metrics = {
+        "query_loss": query_loss,
+        "accuracy": tf.reduce_mean(base.accuracy(logits, episode.query_y)),
+        "support_loss": tf.reduce_mean(support_fn(phi_star)),
+    }
+    if residual is not None:
+      metrics["cg_relative_residual"] = tf.reduce_mean(residual)
+    return loss, grads, metrics
+
+
+def build(config: Config, num_ways: int, embedding_dim: int,
+          dtype="float32") -> IMAML:
+  return IMAML(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+def benchmark_step(learner: base.Learner):
+  """A tf.function running one meta-gradient step, for peak-memory benchmarks.
+
+  Works for any learner (it only calls `loss_and_gradients`); compare iMAML
+  and MAML at inner_steps 1/5/10/20 with the same episode shapes.
+  """
+  @tf.function
+  def step(episode, seed):
+    loss, grads, _ = learner.loss_and_gradients(episode, seed=seed)
+    return loss, grads
+  return step
