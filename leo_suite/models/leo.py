@@ -1,0 +1,245 @@
+"""LEO: Meta-Learning with Latent Embedding Optimization (Rusu et al., ICLR 2019).
+
+A faithful Sonnet 2 port of DeepMind's release (model.py), vectorised over the
+tasks of a meta-batch. Notation follows the paper: inputs x [B, N, K, D],
+latent codes z [B, N, K, d_z], classifier weights w [B, N, K, D].
+
+Release behaviours kept on purpose (each checked in tests/test_leo.py):
+- encoder = dropout then a bias-free linear D -> d_z (paper eq. 3's g_phi_e);
+- relation net over all (NK)^2 ordered pairs of codes, self-pairs included,
+  averaged over all NK partners, then over the K examples of each class
+  (eq. 4); std = max(exp(u) - 1, 1e-10), not softplus;
+- one latent sample per (class, shot) in meta-training, the mean otherwise; KL
+  is the single-sample *mean* of log q(z) - log N(z; 0, I);
+- decoder: bias-free d_z -> 2D with std offset sqrt(2 / (D + N)) (eq. 5);
+- logits[n, k, c] = mean_k' <dropout(x[n, k]), w[c, k']>, dropout redrawn at
+  every loss evaluation in meta-training (support and query);
+- latent loop z <- z - alpha * grad_z sum(CE) (the SUM of per-example losses,
+  eq. 6), alpha of shape [1, 1, d_z]; fine-tuning w <- w - eta * grad_w sum(CE),
+  eta of shape [1, 1, D] (eq. 7); both second-order;
+- encoder penalty MSE(z_0, stop_gradient(z_T)) in meta-training only; L2
+  lambda_1 * sum(w^2) / 2 on encoder, relation and decoder weights only;
+  orthogonality penalty mean((C - I)^2) on the decoder's rows (eq. 8).
+The one departure: the release's NaN guard zips its lists the wrong way round
+and so applies the *variables* as the fallback gradient; `nan_guard` picks the
+documented intent ("intended", default) or that behaviour ("release").
+
+The first relation-network layer acts on concatenated pairs [h_i, h_j]; it is
+computed as W_a h_i + W_b h_j (same weights, same result) so the (NK)^2 pair
+tensor is formed after the first matmul, not before it.
+"""
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from leo_suite.models import base
+
+FLAG_PREFIX = ""  # LEO keeps the release's flag names.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  inner_unroll_length: int = dataclasses.field(default=5, metadata={
+      "help": "T_z: latent-space adaptation steps z <- z - alpha grad_z L_tr (eq. 6)."})
+  finetuning_unroll_length: int = dataclasses.field(default=5, metadata={
+      "help": "T_w: fine-tuning steps on the decoded weights w <- w - eta grad_w L_tr (eq. 7)."})
+  num_latents: int = dataclasses.field(default=64, metadata={
+      "help": "d_z: size of the latent code z per (class, shot)."})
+  inner_lr_init: float = dataclasses.field(default=1.0, metadata={
+      "help": "Initial alpha, the learned latent step size, shape [1, 1, d_z]."})
+  finetuning_lr_init: float = dataclasses.field(default=0.001, metadata={
+      "help": "Initial eta, the learned fine-tuning step size, shape [1, 1, D]."})
+  dropout_rate: float = dataclasses.field(default=0.5, metadata={
+      "help": "Dropout on the inputs x of the encoder and the classifier (meta-training only)."})
+  kl_weight: float = dataclasses.field(default=1e-3, metadata={
+      "help": "beta: weight of the KL(q(z|D_tr) || N(0, I)) term (eq. 8)."})
+  encoder_penalty_weight: float = dataclasses.field(default=1e-9, metadata={
+      "help": "gamma: weight of ||stopgrad(z_T) - z_0||^2 (eq. 8)."})
+  l2_penalty_weight: float = dataclasses.field(default=1e-8, metadata={
+      "help": "lambda_1: weight of sum(w^2)/2 over encoder, relation and decoder weights."})
+  orthogonality_penalty_weight: float = dataclasses.field(default=1e-3, metadata={
+      "help": "lambda_2: weight of the decoder row-orthogonality penalty Omega (eq. 8)."})
+  nan_guard: str = dataclasses.field(default="intended", metadata={
+      "help": "Fallback 'gradient' when the loss or a gradient is NaN: 'intended' "
+              "(1e-4 * w on regularised weights, 0 on step sizes, as the release "
+              "documents) or 'release' (the variables themselves, the release's bug)."})
+
+
+def build(config, num_ways, embedding_dim, dtype="float32"):
+  return LEO(config, num_ways, embedding_dim, dtype)
+
+
+def _glorot(shape, dtype):
+  return tf.cast(tf.initializers.GlorotUniform()(shape), dtype)
+
+
+def _sample_normal(means, raw_std, std_offset, training, seed):
+  """Release's possibly_sample: (sample or mean, mean KL to N(0, I) per task).
+
+  std = max(exp(u) - (1 - std_offset), 1e-10). KL is the single-sample
+  estimate reduce_mean(log q(s) - log N(s; 0, 1)), one value per task [B].
+  """
+  if not training:
+    return means, tf.zeros(tf.shape(means)[:1], means.dtype)
+  std = tf.maximum(tf.exp(raw_std) - (1.0 - std_offset), 1e-10)
+  noise = tf.random.stateless_normal(tf.shape(means), seed, dtype=means.dtype)
+  samples = means + std * noise
+  # log N(s; m, std) - log N(s; 0, 1); the log(2 pi)/2 terms cancel.
+  log_ratio = -0.5 * tf.square(noise) - tf.math.log(std) + 0.5 * tf.square(samples)
+  return samples, tf.reduce_mean(log_ratio, axis=[1, 2, 3])
+
+
+class LEO(base.Learner):
+  """LEO over a meta-batch; meta-parameters are explicit tf.Variables."""
+
+  def __init__(self, config: Config, num_ways, embedding_dim, dtype="float32",
+               name="leo"):
+    super().__init__(num_ways, embedding_dim, dtype, name=name)
+    if config.inner_unroll_length < 1:
+      raise ValueError("LEO needs inner_unroll_length >= 1 (the release asserts it)")
+    self.config = config
+    d, latents = self.embedding_dim, config.num_latents
+    with tf.name_scope("encoder"):
+      self.encoder_w = tf.Variable(_glorot([d, latents], self.dtype), name="w")
+    with tf.name_scope("relation_network"):
+      self.relation_ws = [
+          tf.Variable(_glorot([2 * latents, 2 * latents], self.dtype), name=f"w_{i}")
+          for i in range(3)]
+    with tf.name_scope("decoder"):
+      self.decoder_w = tf.Variable(_glorot([latents, 2 * d], self.dtype), name="w")
+    with tf.name_scope("leo_inner"):
+      self.inner_lr = tf.Variable(
+          tf.fill([1, 1, latents], tf.constant(config.inner_lr_init, self.dtype)),
+          name="lr")
+    with tf.name_scope("finetuning"):
+      self.finetuning_lr = tf.Variable(
+          tf.fill([1, 1, d], tf.constant(config.finetuning_lr_init, self.dtype)),
+          name="lr")
+    self._num_shots = None
+
+  # -- pieces of the model --------------------------------------------------
+  @property
+  def regularised_weights(self):
+    return [self.encoder_w] + self.relation_ws + [self.decoder_w]
+
+  def _dropout(self, x, training, seed):
+    if not training or self.config.dropout_rate == 0:
+      return x
+    return tf.nn.experimental.stateless_dropout(x, self.config.dropout_rate, seed)
+
+  def encode(self, support_x, training, seeds):
+    """Returns the latent mean/raw-std parameters [B, N, K, 2 d_z]."""
+    codes = tf.einsum("bnkd,dl->bnkl",
+                      self._dropout(support_x, training, seeds()), self.encoder_w)
+    shape = tf.shape(codes)
+    b, n, k = shape[0], shape[1], shape[2]
+    flat = tf.reshape(codes, [b, n * k, self.config.num_latents])     # h_i
+    w_first = self.relation_ws[0]
+    left = tf.einsum("bil,lo->bio", flat, w_first[:self.config.num_latents])
+    right = tf.einsum("bjl,lo->bjo", flat, w_first[self.config.num_latents:])
+    pairs = tf.nn.relu(left[:, :, tf.newaxis] + right[:, tf.newaxis])  # [B, NK, NK, 2d_z]
+    pairs = tf.nn.relu(tf.einsum("bijo,op->bijp", pairs, self.relation_ws[1]))
+    pairs = tf.einsum("bijo,op->bijp", pairs, self.relation_ws[2])
+    per_example = tf.reduce_mean(pairs, axis=2)                       # over all NK partners
+    per_example = tf.reshape(per_example, [b, n, k, 2 * self.config.num_latents])
+    per_class = tf.reduce_mean(per_example, axis=2, keepdims=True)   # over K
+    return tf.tile(per_class, [1, 1, k, 1])
+
+  def decode(self, latents, training, seed):
+    """Classifier weights w [B, N, K, D] (sampled in meta-training)."""
+    params = tf.einsum("bnkl,lo->bnko", latents, self.decoder_w)
+    means, raw_std = tf.split(params, 2, axis=-1)
+    offset = math.sqrt(2.0 / (self.embedding_dim + self.num_ways))
+    weights, _ = _sample_normal(means, raw_std, offset, training, seed)
+    return weights
+
+  def logits(self, x, weights, training, seed):
+    """logits[b, n, k, c] = mean_k' <dropout(x[b, n, k]), w[b, c, k']>."""
+    return tf.einsum("bnkd,bcd->bnkc", self._dropout(x, training, seed),
+                     tf.reduce_mean(weights, axis=2))
+
+  def _summed_loss(self, x, y, weights, training, seed):
+    return tf.reduce_sum(base.cross_entropy(self.logits(x, weights, training, seed), y))
+
+  def _check_shape(self, support_x):
+    self.check_episode_shape(support_x)
+    k = support_x.shape[2]
+    if self._num_shots is None:
+      self._num_shots = k
+    elif k != self._num_shots:
+      raise ValueError(
+          f"LEO was first called with K = {self._num_shots} examples per class "
+          f"and now with K = {k}; build a new model for a different K")
+
+  # -- adaptation (eq. 6 and 7) ---------------------------------------------
+  def _adapt(self, support_x, support_y, training, seeds):
+    """Returns (w_T [B,N,K,D], latent KL [B], encoder penalty [B], support loss)."""
+    self._check_shape(support_x)
+    latent_params = self.encode(support_x, training, seeds)
+    means, raw_std = tf.split(latent_params, 2, axis=-1)
+    z0, kl = _sample_normal(means, raw_std, 0.0, training, seeds())
+    z = z0
+    for _ in range(self.config.inner_unroll_length):
+      with tf.GradientTape() as tape:
+        tape.watch(z)
+        weights = self.decode(z, training, seeds())
+        loss = self._summed_loss(support_x, support_y, weights, training, seeds())
+      z = z - self.inner_lr * tape.gradient(loss, z)
+    weights = self.decode(z, training, seeds())
+    if training:
+      penalty = tf.reduce_mean(tf.square(z0 - tf.stop_gradient(z)), axis=[1, 2, 3])
+    else:
+      penalty = tf.zeros_like(kl)
+    loss = None
+    for _ in range(self.config.finetuning_unroll_length):
+      with tf.GradientTape() as tape:
+        tape.watch(weights)
+        loss = self._summed_loss(support_x, support_y, weights, training, seeds())
+      weights = weights - self.finetuning_lr * tape.gradient(loss, weights)
+    return weights, kl, penalty
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    """State: the fine-tuned classifier averaged over shots, [B, N, D]."""
+    weights, _, _ = self._adapt(support_x, support_y, training, base.SeedStream(seed))
+    return tf.reduce_mean(weights, axis=2)
+
+  def predict(self, state, query_x, *, training, seed):
+    return tf.einsum("bnkd,bcd->bnkc", self._dropout(query_x, training, seed), state)
+
+  # -- meta-objective (eq. 8) -------------------------------------------------
+  def l2_penalty(self):
+    return self.config.l2_penalty_weight * tf.add_n(
+        [tf.reduce_sum(tf.square(w)) for w in self.regularised_weights]) / 2
+
+  def orthogonality_penalty(self):
+    w = self.decoder_w                                 # rows: one per latent
+    norms = tf.norm(w, axis=1, keepdims=True) + 1e-32
+    cosine = tf.matmul(w, w, transpose_b=True) / tf.matmul(norms, norms, transpose_b=True)
+    identity = tf.eye(tf.shape(w)[0], dtype=w.dtype)
+    return self.config.orthogonality_penalty_weight * tf.reduce_mean(
+        tf.square(cosine - identity))
+
+  def regularization(self):
+    return self.l2_penalty() + self.orthogonality_penalty()
+
+  def meta_loss(self, episode, *, training, seed):
+    seeds = base.SeedStream(seed)
+    weights, kl, penalty = self._adapt(episode.support_x, episode.support_y,
+                                       training, seeds)
+    logits = self.logits(episode.query_x, weights, training, seeds())
+    query_loss = tf.reduce_mean(base.cross_entropy(logits, episode.query_y))
+    kl, penalty = tf.reduce_mean(kl), tf.reduce_mean(penalty)
+    loss = (query_loss + self.config.kl_weight * kl +
+            self.config.encoder_penalty_weight * penalty + self.regularization())
+    return loss, {"query_loss": query_loss, "kl": kl, "encoder_penalty": penalty,
+                  "accuracy": tf.reduce_mean(base.accuracy(logits, episode.query_y))}
+
+  def nan_fallback_gradients(self):
+    if self.config.nan_guard == "release":
+      return [tf.identity(v) for v in self.trainable_variables]
+    regularised = {id(w) for w in self.regularised_weights}
+    # d/dw of (1e-4 / lambda_1) * lambda_1 * sum(w^2) / 2 = 1e-4 * w.
+    return [1e-4 * v if id(v) in regularised else tf.zeros_like(v)
+            for v in self.trainable_variables]
