@@ -305,6 +305,8 @@ def _classify_member(archive, info):
     raise _layout_error(archive, name, "has an empty or '.' path component")
   if parts[0] != ARCHIVE_ROOT:
     raise _layout_error(archive, name, f"is not under {ARCHIVE_ROOT}/")
+  if not info.is_dir() and len(parts) != 4:
+    raise _layout_error(archive, name, "is a file outside <dataset>/<crop>/")
   datasets = {d for d, _ in EXPECTED_CROPS}
   if len(parts) >= 2 and parts[1] not in datasets:
     raise _layout_error(archive, name, f"names an unknown dataset {parts[1]!r}")
@@ -315,8 +317,6 @@ def _classify_member(archive, info):
     if len(parts) > 3:
       raise _layout_error(archive, name, "is a directory below <crop>/")
     return None
-  if len(parts) != 4:
-    raise _layout_error(archive, name, "is a file outside <dataset>/<crop>/")
   split = parts[3][:-len("_embeddings.pkl")] if parts[3].endswith(
       "_embeddings.pkl") else None
   if split not in SPLITS:
