@@ -1,0 +1,414 @@
+"""Supervised feature pretraining on the meta-train classes.
+
+A backbone plus a linear head is trained with cross-entropy over the
+meta-train classes only (Chen et al. 2019 "Baseline"; Tian et al. 2020 RFS;
+LEO's appendix). For Omniglot (Vinyals et al. 2016, Snell et al. 2017):
+28x28, inverted strokes (x -> 1 - x) and rotations by 90/180/270 degrees as
+extra training classes (label = 4 * class + k); no rotations at test time.
+
+Determinism and resume: epoch e visits the images in the order
+`permutation(seed, e)`, in full batches; augmentation at global step s uses the
+stateless seed (seed, s). A run is therefore a pure function of (config,
+data), and a run killed at any point and restarted from its last checkpoint
+(tf.train.CheckpointManager: model, optimizer slots and iteration count, step)
+ends with the same weights as an uninterrupted one.
+
+Outputs under `out_dir`:
+  checkpoints/          CheckpointManager checkpoints (resume state)
+  logs/                 TensorBoard summaries (loss, accuracy, learning rate)
+  backbone/backbone.weights.h5 + backbone.json   the exported feature extractor
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from leo_suite import errors
+from leo_suite import fileio
+from leo_suite.pretrain import backbones
+
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+BACKBONE_CONFIG = "backbone.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Everything that defines a pretraining run (saved beside its checkpoints)."""
+  backbone: str = "conv4"
+  image_size: int = 28
+  channels: int = 1
+  invert: bool = True          # Omniglot: black strokes on white -> 1 - x
+  rotations: bool = True       # 90/180/270-degree copies as new classes
+  epochs: int = 12
+  batch_size: int = 64
+  learning_rate: float = 0.05
+  schedule: str = "cosine"     # "cosine" or "step" (x0.1 at 60% and 80%)
+  warmup_steps: int = 0
+  momentum: float = 0.9
+  weight_decay: float = 5e-4   # L2 on conv/dense kernels
+  augment: str = "shift"       # "none", "shift" (random translation), "shift_flip"
+  max_shift: int = 2
+  dropout: float = 0.0
+  seed: int = 0
+  mixed_precision: str = "auto"  # "auto" (on a GPU only), "off", "on" (needs a GPU)
+  checkpoint_every: int = 0    # steps between checkpoints (0: once per epoch)
+  log_every: int = 20
+
+
+def validate_config(config: PretrainConfig):
+  if config.backbone not in backbones.BACKBONES:
+    raise errors.ConfigError(
+        f"--backbone={config.backbone!r} is unknown; choose one of {list(backbones.BACKBONES)}")
+  checks = [
+      (config.image_size >= 16, f"--image_size={config.image_size} must be >= 16"),
+      (config.channels in (1, 3), f"--channels={config.channels} must be 1 or 3"),
+      (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
+      (config.batch_size >= 1, f"--batch_size={config.batch_size} must be >= 1"),
+      (config.learning_rate > 0, f"--learning_rate={config.learning_rate} must be > 0"),
+      (config.schedule in ("cosine", "step"), f"--schedule={config.schedule!r}: use cosine or step"),
+      (config.augment in ("none", "shift", "shift_flip"),
+       f"--augment={config.augment!r}: use none, shift or shift_flip"),
+      (config.mixed_precision in ("auto", "on", "off"),
+       f"--mixed_precision={config.mixed_precision!r}: use auto, on or off"),
+      (0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise errors.ConfigError(message)
+
+
+def preprocess(images_uint8, invert: bool):
+  """uint8 [..., S, S, C] -> float32 in [0, 1]; Omniglot strokes inverted (1 - x)."""
+  x = tf.cast(images_uint8, tf.float32) / 255.0
+  return 1.0 - x if invert else x
+
+
+def rotated_copies(images: np.ndarray, labels: np.ndarray):
+  """Rotations by k*90 degrees as new classes: label 4 * y + k (k = 0..3)."""
+  xs = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+  ys = [4 * labels + k for k in range(4)]
+  return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys).astype(np.int32)
+
+
+def augment_batch(x, seed, augment: str, max_shift: int):
+  """Random translation by up to `max_shift` pixels (zero padding), optional flips.
+
+  Stateless: the same (batch, seed) always gives the same result.
+  """
+  if augment == "none" or (augment == "shift" and max_shift <= 0):
+    return x
+  batch = tf.shape(x)[0]
+  size = x.shape[1]
+  if max_shift > 0:
+    padded = tf.pad(x, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    span = size + 2 * max_shift - 1
+    offsets = tf.random.stateless_uniform([batch, 2], seed, 0, 2 * max_shift + 1, tf.int32)
+    offsets = tf.cast(offsets, tf.float32)
+    boxes = tf.concat([offsets, offsets + (size - 1)], axis=1) / span
+    boxes = tf.gather(boxes, [0, 1, 2, 3], axis=1)  # (y1, x1, y2, x2)
+    x = tf.image.crop_and_resize(padded, boxes, tf.range(batch), [size, size])
+  if augment == "shift_flip":
+    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    flip = tf.random.stateless_uniform([batch, 1, 1, 1], flip_seed) < 0.5
+    x = tf.where(flip, tf.reverse(x, axis=[2]), x)
+  return x
+
+
+def _scalar_summary(name, value):
+  """A TensorBoard scalar (what tensorboard's summary.scalar writes).
+
+  The `tensorboard` package is not a dependency, so `tf.summary.scalar` is not
+  available; this writes the same event with the "scalars" plugin metadata.
+  """
+  metadata = summary_pb2.SummaryMetadata()
+  metadata.plugin_data.plugin_name = "scalars"
+  tf.summary.write(name, tf.cast(value, tf.float32),
+                   metadata=metadata.SerializeToString())
+
+
+def _learning_rate(config: PretrainConfig, total_steps: int):
+  if config.schedule == "cosine":
+    return keras.optimizers.schedules.CosineDecay(
+        config.learning_rate if not config.warmup_steps else config.learning_rate * 0.1,
+        decay_steps=max(1, total_steps - config.warmup_steps),
+        warmup_target=config.learning_rate if config.warmup_steps else None,
+        warmup_steps=config.warmup_steps)
+  boundaries = [int(total_steps * 0.6), int(total_steps * 0.8)]
+  values = [config.learning_rate, config.learning_rate * 0.1, config.learning_rate * 0.01]
+  return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def _use_mixed_precision(config: PretrainConfig) -> bool:
+  has_gpu = bool(tf.config.list_physical_devices("GPU"))
+  if config.mixed_precision == "on" and not has_gpu:
+    raise errors.ConfigError(
+        "--mixed_precision=on needs a GPU and none is visible; use auto or off")
+  return has_gpu and config.mixed_precision in ("auto", "on")
+
+
+def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = False):
+  """(backbone, classifier) where classifier = linear head over backbone features."""
+  if mixed:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    backbone = backbones.build_backbone(config.backbone, config.image_size,
+                                        config.channels, config.dropout)
+    inputs = keras.Input(backbone.input_shape[1:], name="images")
+    features = backbone(inputs)
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="head")(features)
+  finally:
+    if mixed:
+      keras.mixed_precision.set_global_policy("float32")
+  return backbone, keras.Model(inputs, logits, name="classifier")
+
+
+def file_sha256(path):
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def export_backbone(backbone: keras.Model, config: PretrainConfig, export_dir: str,
+                    extra: Optional[dict] = None) -> dict:
+  """Writes backbone.weights.h5 (atomically) and backbone.json; returns the json."""
+  os.makedirs(export_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".weights.h5", dir=export_dir)
+  os.close(fd)
+  try:
+    backbone.save_weights(tmp, overwrite=True)
+    os.replace(tmp, os.path.join(export_dir, BACKBONE_WEIGHTS))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  description = {
+      "backbone": config.backbone, "image_size": config.image_size,
+      "channels": config.channels, "invert": config.invert,
+      "dropout": config.dropout,
+      "feature_dim": int(backbone.output_shape[-1]),
+      "parameters": backbones.count_parameters(backbone),
+      "weights_sha256": file_sha256(os.path.join(export_dir, BACKBONE_WEIGHTS)),
+  }
+  description.update(extra or {})
+  fileio.atomic_write_text(os.path.join(export_dir, BACKBONE_CONFIG),
+                           json.dumps(description, indent=2, sort_keys=True))
+  return description
+
+
+def load_backbone(export_dir: str):
+  """(backbone model, description) from an `export_backbone` directory."""
+  config_path = os.path.join(export_dir, BACKBONE_CONFIG)
+  weights_path = os.path.join(export_dir, BACKBONE_WEIGHTS)
+  for path in (config_path, weights_path):
+    if not os.path.exists(path):
+      raise errors.DataError(
+          f"{path}: no such file; pass the backbone/ folder written by scripts/pretrain.py")
+  try:
+    with open(config_path) as handle:
+      description = json.load(handle)
+    model = backbones.build_backbone(description["backbone"], int(description["image_size"]),
+                                     int(description["channels"]),
+                                     float(description.get("dropout", 0.0)))
+  except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+    raise errors.DataError(f"{config_path}: malformed backbone description ({exc})") from None
+  sha = file_sha256(weights_path)
+  if description.get("weights_sha256") not in (None, sha):
+    raise errors.DataError(
+        f"{weights_path}: sha256 {sha[:12]}... does not match {config_path} "
+        f"({description['weights_sha256'][:12]}...); the weights were changed or truncated")
+  try:
+    model.load_weights(weights_path)
+  except Exception as exc:  # h5py / shape errors
+    raise errors.DataError(
+        f"{weights_path}: cannot load the {description['backbone']} weights "
+        f"({type(exc).__name__}: {exc})") from None
+  description["weights_sha256"] = sha
+  return model, description
+
+
+class Pretrainer:
+  """Trains `config.backbone` on (images uint8 [n, S, S, C], labels [n])."""
+
+  def __init__(self, config: PretrainConfig, images: np.ndarray, labels: np.ndarray,
+               out_dir: str, class_names: Sequence[str] = (),
+               log: Callable[[str], None] = print):
+    validate_config(config)
+    if images.ndim != 4 or images.shape[1:] != (config.image_size, config.image_size,
+                                                config.channels):
+      raise errors.DataError(
+          f"training images have shape {images.shape}, expected "
+          f"[n, {config.image_size}, {config.image_size}, {config.channels}]")
+    self.config = config
+    self.out_dir = out_dir
+    self.log = log
+    self.class_names = list(class_names)
+    labels = np.asarray(labels, np.int32)
+    self.num_base_classes = int(labels.max()) + 1
+    if config.rotations:
+      images, labels = rotated_copies(images, labels)
+    self.num_classes = int(labels.max()) + 1
+    if len(labels) < config.batch_size:
+      raise errors.ConfigError(
+          f"--batch_size={config.batch_size} exceeds the {len(labels)} training images")
+    self.images = tf.constant(images)
+    self.labels = tf.constant(labels)
+    self.num_images = len(labels)
+    self.steps_per_epoch = self.num_images // config.batch_size
+    self.total_steps = self.steps_per_epoch * config.epochs
+
+    keras.utils.set_random_seed(config.seed)
+    self.mixed = _use_mixed_precision(config)
+    self.backbone, self.classifier = build_classifier(config, self.num_classes, self.mixed)
+    optimizer = keras.optimizers.SGD(_learning_rate(config, self.total_steps),
+                                     momentum=config.momentum, nesterov=True)
+    if self.mixed:
+      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    # Keras 3: build slots before the first (traced) step.
+    optimizer.build(self.classifier.trainable_variables)
+    self.optimizer = optimizer
+    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    self.checkpoint = tf.train.Checkpoint(
+        classifier=self.classifier, optimizer=self.optimizer, step=self.step)
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
+    self._kernels = [v for v in self.classifier.trainable_variables
+                     if "kernel" in v.path]
+    self._train_step = tf.function(self._step_fn)
+
+  # -- state -------------------------------------------------------------------
+  def _config_path(self):
+    return os.path.join(self.out_dir, "checkpoints", "pretrain_config.json")
+
+  def restore(self) -> int:
+    """Restores the latest checkpoint if any (checking the config); returns the step."""
+    latest = self.manager.latest_checkpoint
+    if not latest:
+      return 0
+    saved = {}
+    if os.path.exists(self._config_path()):
+      with open(self._config_path()) as handle:
+        saved = json.load(handle)
+    current = dataclasses.asdict(self.config)
+    ignorable = {"log_every", "checkpoint_every", "mixed_precision"}
+    changed = sorted(k for k in current if k not in ignorable and
+                     k in saved.get("config", {}) and saved["config"][k] != current[k])
+    if changed:
+      was = ", ".join(f"{k}={saved['config'][k]!r}" for k in changed)
+      raise errors.ConfigError(
+          f"{os.path.dirname(self._config_path())}: the checkpoint was written with "
+          f"different settings ({was}); "
+          "use a new --out_dir or the original flags")
+    self.checkpoint.restore(latest).assert_existing_objects_matched()
+    self.log(f"resumed from {latest} at step {int(self.step.numpy())}")
+    return int(self.step.numpy())
+
+  def _save(self):
+    fileio.atomic_write_text(self._config_path(), json.dumps(
+        {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
+         "num_images": self.num_images}, indent=2, sort_keys=True))
+    self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+  # -- the step ----------------------------------------------------------------
+  def _step_fn(self, batch_images, batch_labels, seed):
+    config = self.config
+    x = preprocess(batch_images, config.invert)
+    x = augment_batch(x, seed, config.augment, config.max_shift)
+    with tf.GradientTape() as tape:
+      logits = self.classifier(x, training=True)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          batch_labels, tf.cast(logits, tf.float32)))
+      total = loss + 0.5 * config.weight_decay * tf.add_n(
+          [tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in self._kernels])
+      if self.mixed:
+        total = self.optimizer.scale_loss(total)
+    grads = tape.gradient(total, self.classifier.trainable_variables)
+    self.optimizer.apply_gradients(zip(grads, self.classifier.trainable_variables))
+    self.step.assign_add(1)
+    hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch_labels)
+    return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
+
+  def _epoch_order(self, epoch):
+    rng = np.random.default_rng([self.config.seed, epoch])
+    return rng.permutation(self.num_images)[:self.steps_per_epoch * self.config.batch_size]
+
+  def _dataset(self, epoch, first_batch):
+    order = self._epoch_order(epoch)[first_batch * self.config.batch_size:]
+    images, labels = self.images, self.labels
+    return (tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
+            .batch(self.config.batch_size, drop_remainder=True)
+            .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)))
+            .prefetch(2))
+
+  def train(self, stop_after_steps: Optional[int] = None,
+            epoch_callback: Optional[Callable[[int, keras.Model], Dict[str, float]]] = None):
+    """Runs (or resumes) training; returns a summary dict. Exports at the end."""
+    config = self.config
+    step = self.restore()
+    writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "logs"))
+    history: List[dict] = []
+    base_seed = tf.constant([config.seed, 0], tf.int32)
+    start_time = time.time()
+    images_done = 0
+    stopped = False
+    while step < self.total_steps and not stopped:
+      epoch, first_batch = divmod(step, self.steps_per_epoch)
+      losses, accs = [], []
+      for batch_images, batch_labels in self._dataset(epoch, first_batch):
+        seed = tf.random.experimental.stateless_fold_in(base_seed, step)
+        loss, acc = self._train_step(batch_images, batch_labels, seed)
+        step += 1
+        images_done += config.batch_size
+        losses.append(float(loss))
+        accs.append(float(acc))
+        if step % config.log_every == 0 or step == self.total_steps:
+          with writer.as_default(step=step):
+            _scalar_summary("train/loss", loss)
+            _scalar_summary("train/accuracy", acc)
+            _scalar_summary("train/learning_rate",
+                              tf.cast(self.optimizer.learning_rate, tf.float32))
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+          self._save()
+        if stop_after_steps is not None and step >= stop_after_steps:
+          stopped = True
+          break
+      if stopped:
+        self._save()
+        break
+      record = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
+                "accuracy": float(np.mean(accs)),
+                "images_per_s": images_done / max(time.time() - start_time, 1e-9)}
+      if epoch_callback is not None:
+        record.update(epoch_callback(epoch + 1, self.backbone))
+      with writer.as_default(step=step):
+        for key, value in record.items():
+          if key not in ("epoch", "step"):
+            _scalar_summary(f"epoch/{key}", value)
+      writer.flush()
+      history.append(record)
+      self.log("epoch {epoch}/{total}  step {step}  loss {loss:.4f}  acc {accuracy:.4f}"
+               "  {images_per_s:.0f} images/s".format(total=config.epochs, **record) +
+               "".join(f"  {k} {v:.4f}" for k, v in record.items()
+                       if k not in ("epoch", "step", "loss", "accuracy", "images_per_s")))
+      self._save()
+    writer.close()
+    summary = {"steps": step, "total_steps": self.total_steps, "finished": step >= self.total_steps,
+               "history": history, "num_classes": self.num_classes,
+               "num_base_classes": self.num_base_classes, "num_images": self.num_images}
+    if summary["finished"]:
+      summary["export"] = export_backbone(
+          self.backbone, config, os.path.join(self.out_dir, "backbone"),
+          {"train_classes": self.class_names, "num_train_images": self.num_images,
+           "rotations_as_classes": config.rotations, "epochs": config.epochs,
+           "final_train_loss": history[-1]["loss"] if history else None})
+    return summary
