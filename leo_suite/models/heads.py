@@ -14,6 +14,8 @@ from typing import List, Sequence
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite import errors
+
 
 class HeadParams(snt.Module):
   """The meta-learned initialisation theta of a linear or MLP head."""
@@ -53,3 +55,57 @@ def head_logits(fast_weights, inputs):
     if layer < num_layers - 1:
       h = tf.nn.relu(h)
   return tf.reshape(h, tf.concat([batch_shape, tf.shape(h)[-1:]], 0))
+
+
+def parse_hidden_sizes(text, flag_name="hidden_sizes"):
+  """"" -> () (linear head); "128,64" -> (128, 64) (MLP head).
+
+  Raises ConfigError naming the flag if a size is not a positive integer.
+  """
+  text = (text or "").strip()
+  if not text:
+    return ()
+  sizes = []
+  for part in text.split(","):
+    part = part.strip()
+    if not part.isdigit() or int(part) <= 0:
+      raise errors.ConfigError(
+          f"--{flag_name}={text!r}: expected comma-separated positive integers "
+          f"such as '128,64' (or '' for a linear head), got {part!r}")
+    sizes.append(int(part))
+  return tuple(sizes)
+
+
+def head_cross_entropy_gradients(fast_weights, inputs, labels):
+  """Closed-form gradients of the summed per-task mean cross-entropy.
+
+  Loss: sum_b mean_m CE(head_b(inputs[b, m]), labels[b, m]); inputs
+  [B, ..., D], labels [B, ...] int. Returns one gradient per fast weight
+  [B, ...]: ordinary backpropagation written out (dL/dlogits = (softmax -
+  onehot) / M, then dW = h^T delta, db = sum delta, delta <- delta W^T o
+  relu'), so an outer tape differentiates this expression (second order)
+  instead of a nested tape's gradient graph, which is markedly cheaper.
+  """
+  num_tasks = tf.shape(inputs)[0]
+  h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
+  labels = tf.reshape(labels, [num_tasks, -1])  # [B, M]
+  num_layers = len(fast_weights) // 2
+  layer_inputs, pre_activations = [], []
+  for layer in range(num_layers):
+    w, b = fast_weights[2 * layer], fast_weights[2 * layer + 1]
+    layer_inputs.append(h)
+    a = tf.einsum("bmd,bdo->bmo", h, w) + b[:, tf.newaxis, :]
+    pre_activations.append(a)
+    h = tf.nn.relu(a) if layer < num_layers - 1 else a
+  logits = h
+  num_examples = tf.cast(tf.shape(logits)[1], logits.dtype)
+  one_hot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+  delta = (tf.nn.softmax(logits) - one_hot) / num_examples  # [B, M, O]
+  grads = [None] * len(fast_weights)
+  for layer in reversed(range(num_layers)):
+    grads[2 * layer] = tf.einsum("bmd,bmo->bdo", layer_inputs[layer], delta)
+    grads[2 * layer + 1] = tf.reduce_sum(delta, axis=1)
+    if layer > 0:
+      mask = tf.cast(pre_activations[layer - 1] > 0, delta.dtype)
+      delta = tf.einsum("bmo,bdo->bmd", delta, fast_weights[2 * layer]) * mask
+  return grads
