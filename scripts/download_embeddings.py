@@ -61,9 +61,9 @@ def main(argv=None):
     print(f"error: {exc}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print(f"\ninterrupted; a partial download stays in "
-          f"{download.part_path(args.dest)} and the next run resumes it "
-          "(--clean removes it)", file=sys.stderr)
+    print(f"\ninterrupted; what was downloaded stays in "
+          f"{download.download_dir(args.dest)} and the next run resumes from it "
+          "(--clean removes it); nothing partial was unpacked", file=sys.stderr)
     return 130
   pairs = ", ".join(f"{d}/{c}" for d, c in sorted(layout))
   print(f"embeddings ready in {os.path.abspath(args.dest)} ({pairs}); "

@@ -166,15 +166,15 @@ def _run_cli(*args):
                         text=True, timeout=60, check=False)
 
 
-def _flip_member_byte(archive, member):
-  """Flips one byte in the middle of `member`'s stored data."""
+def _flip_member_byte(archive, member, fraction=0.5):
+  """Flips the byte at `fraction` of `member`'s stored (compressed) data."""
   with zipfile.ZipFile(archive) as zip_file:
     info = zip_file.getinfo(member)
   with open(archive, "r+b") as handle:
     handle.seek(info.header_offset + 26)
     name_length, extra_length = np.frombuffer(handle.read(4), "<u2")
     position = (info.header_offset + 30 + int(name_length) + int(extra_length) +
-                info.compress_size // 2)
+                int(info.compress_size * fraction))
     handle.seek(position)
     byte = handle.read(1)[0]
     handle.seek(position)
@@ -290,13 +290,18 @@ def test_stalled_server_times_out(tmp_path):
 # Verification refuses bad archives before anything is unpacked.
 
 
-@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
-def test_corrupt_member_is_refused_and_old_install_kept(tmp_path, release, compression):
+@pytest.mark.parametrize("compression, fraction", [
+    (zipfile.ZIP_STORED, 0.5),
+    (zipfile.ZIP_DEFLATED, 0.5),  # data damaged: CRC mismatch
+    (zipfile.ZIP_DEFLATED, 0.0),  # deflate block header damaged: zlib error
+])
+def test_corrupt_member_is_refused_and_old_install_kept(tmp_path, release,
+                                                       compression, fraction):
   _, _, files = release
   archive = _zip_members(str(tmp_path / "bad.zip"), _release_members(files),
                          compression)
   member = "embeddings/miniImageNet/center/val_embeddings.pkl"
-  _flip_member_byte(archive, member)
+  _flip_member_byte(archive, member, fraction)
   dest = str(tmp_path / "embeddings")
   old_file = os.path.join(dest, "miniImageNet", "center", "train_embeddings.pkl")
   os.makedirs(os.path.dirname(old_file))
@@ -304,7 +309,8 @@ def test_corrupt_member_is_refused_and_old_install_kept(tmp_path, release, compr
     handle.write(b"previous install")
   with pytest.raises(errors.DataError) as failure:
     download.install(dest, archive=archive, stream=None)
-  assert member in str(failure.value) or "corrupt" in str(failure.value)
+  assert repr(member) in str(failure.value)
+  assert "CRC" in str(failure.value) or "corrupt" in str(failure.value)
   assert _all_files(dest) == [os.path.join("miniImageNet", "center",
                                            "train_embeddings.pkl")]
   with open(old_file, "rb") as handle:
@@ -483,6 +489,16 @@ def test_leftovers_of_a_killed_run_are_recovered(tmp_path, release):
   _assert_installed(str(dest), files)
   assert not (dest / download.DOWNLOAD_DIR).exists()
   assert not old.exists()
+
+
+def test_concurrent_run_is_refused(tmp_path, release):
+  archive, _, _ = release
+  dest = tmp_path / "embeddings"
+  (dest / download.DOWNLOAD_DIR).mkdir(parents=True)
+  with download._exclusive(str(dest / download.DOWNLOAD_DIR)):  # pylint: disable=protected-access
+    with pytest.raises(errors.UserError, match="another download_embeddings run"):
+      download.install(str(dest), archive=archive, stream=None)
+  assert _all_files(str(dest)) == []
 
 
 # ----------------------------------------------------------------------------

@@ -58,9 +58,9 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$")
 _CHUNK_BYTES = 1 << 20
 _MB = 1e6
-OFFLINE_HINT = ("download embeddings.zip elsewhere (e.g. `wget {url}`), copy it "
-                "here and run: scripts/download_embeddings.py --archive "
-                "path/to/embeddings.zip")
+OFFLINE_HINT = ("download embeddings.zip on a machine with network access "
+                "(e.g. `wget {url}`), copy it over and run: "
+                "scripts/download_embeddings.py --archive path/to/embeddings.zip")
 
 
 class DownloadError(errors.UserError):
@@ -324,6 +324,26 @@ def _classify_member(archive, info):
   return parts[1], parts[2], split
 
 
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError,
+                    NotImplementedError, ValueError)
+
+
+def _first_unreadable_member(zip_file):
+  """(name, reason) of the first member that cannot be read back intact.
+
+  `ZipFile.testzip` reports a CRC mismatch by name but lets decompression
+  errors escape without one; this rereads the members to name the culprit.
+  """
+  for info in zip_file.infolist():
+    try:
+      with zip_file.open(info) as member:
+        while member.read(_CHUNK_BYTES):
+          pass
+    except _ZIP_READ_ERRORS as exc:
+      return info.filename, _describe(exc)
+  return None, None
+
+
 def verify_archive(archive, sha256=None, stream=sys.stderr):
   """Checks `archive` before anything is unpacked.
 
@@ -384,10 +404,11 @@ def verify_archive(archive, sha256=None, stream=sys.stderr):
     _write_note(stream, f"testing the CRC of the {len(infos)} members of {archive}")
     try:
       bad_member = zip_file.testzip()
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError,
-            NotImplementedError, ValueError) as exc:
+    except _ZIP_READ_ERRORS as exc:  # e.g. a broken deflate stream
+      bad_member, reason = _first_unreadable_member(zip_file)
       raise errors.DataError(
-          f"{archive}: corrupt zip archive ({_describe(exc)}); get a fresh copy") from None
+          f"{archive}: member {bad_member!r} is corrupt ({reason or _describe(exc)}); "
+          "the archive is corrupt, get a fresh copy") from None
     if bad_member is not None:
       raise errors.DataError(
           f"{archive}: member {bad_member!r} fails its CRC check; the archive is "
