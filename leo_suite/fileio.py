@@ -25,6 +25,7 @@ def atomic_write(path, mode="wb"):
   fd, tmp_path = tempfile.mkstemp(
       prefix=os.path.basename(path) + _TMP_MARK, dir=directory)
   try:
+    os.chmod(tmp_path, 0o666 & ~_umask())
     with os.fdopen(fd, mode) as handle:
       yield handle
       handle.flush()
@@ -70,6 +71,12 @@ def recover_directory(final_dir):
     os.replace(old_dir, final_dir)
   elif os.path.exists(old_dir):
     shutil.rmtree(old_dir)
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _fsync_dir(directory):

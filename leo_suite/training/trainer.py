@@ -116,8 +116,8 @@ class Trainer:
   def restore_for_evaluation(self, prefer_best=True):
     fileio.recover_directory(self.best_dir)
     path = None
-    if prefer_best and os.path.exists(os.path.join(self.best_dir, "checkpoint")):
-      path = tf.train.latest_checkpoint(self.best_dir)
+    if prefer_best and os.path.exists(os.path.join(self.best_dir, "ckpt.index")):
+      path = os.path.join(self.best_dir, "ckpt")
     path = path or self.manager.latest_checkpoint
     if not path:
       raise errors.UserError(
@@ -141,8 +141,6 @@ class Trainer:
     self.checkpoint.write(os.path.join(staging, "ckpt"))
     fileio.atomic_write_text(os.path.join(staging, "best.json"), json.dumps(
         {"step": step, "val_accuracy": result.accuracy, "val_ci95": result.ci95}))
-    # A relative path, so the run directory can be moved or copied.
-    tf.train.update_checkpoint_state(staging, "ckpt", all_model_checkpoint_paths=["ckpt"])
     fileio.replace_directory(staging, self.best_dir)
 
   # -- the loop -------------------------------------------------------------
