@@ -124,14 +124,15 @@ def summed_task_mean_cross_entropy(logits, labels):
 
 class MAML(base.Learner):
   """MAML / Meta-SGD with a functional linear or MLP head."""
+  flag_prefix = FLAG_PREFIX  # names flags in configuration errors
 
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="maml"):
     super().__init__(num_ways, embedding_dim, dtype, name=name)
-    validate_config(config, FLAG_PREFIX)
+    validate_config(config, self.flag_prefix)
     self.config = config
     hidden_sizes = heads.parse_hidden_sizes(
-        config.hidden_sizes, FLAG_PREFIX + "hidden_sizes")
+        config.hidden_sizes, self.flag_prefix + "hidden_sizes")
     self.head = heads.HeadParams(num_ways, embedding_dim, hidden_sizes,
                                  dtype=self.dtype)
     self.inner_lrs = None
