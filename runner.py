@@ -31,8 +31,9 @@ RELEASED = ("miniImageNet", "tieredImageNet")
 def _how_to_get(dataset_name):
   if dataset_name in RELEASED:
     return ("LEO's released embeddings are not bundled: run `python "
-            "scripts/download_embeddings.py --dest embeddings` (needs internet), or "
-            "pass --data_path=<directory holding miniImageNet/ and tieredImageNet/>. "
+            "scripts/download_embeddings.py --dest embeddings` (needs internet; offline, "
+            "pass --archive path/to/embeddings.zip), or pass "
+            "--data_path=<directory holding miniImageNet/ and tieredImageNet/>. "
             "To try the suite without them use --dataset_name=synthetic.")
   found = sorted(d for d in os.listdir(FLAGS.data_path)
                  if os.path.isdir(os.path.join(FLAGS.data_path, d))) if os.path.isdir(

@@ -75,6 +75,27 @@ def _glorot(shape, dtype):
   return tf.cast(tf.initializers.GlorotUniform()(shape), dtype)
 
 
+def gradient_descent(start, loss_fn, learning_rate, num_steps):
+  """x <- x - lr * grad_x sum(loss_fn(x)), `num_steps` times (eq. 6 and 7).
+
+  The gradient is of the SUM of the per-example losses, as the release's
+  tf.gradients on a non-scalar loss. Inner tapes are recorded by any outer
+  tape, so the result is differentiable to second order.
+  """
+  x = start
+  for _ in range(num_steps):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(loss_fn(x))
+    x = x - learning_rate * tape.gradient(loss, x)
+  return x
+
+
+def stddev(raw_std, std_offset):
+  """The release's std = max(exp(u) - (1 - offset), 1e-10) (not softplus)."""
+  return tf.maximum(tf.exp(raw_std) - (1.0 - std_offset), 1e-10)
+
+
 def _sample_normal(means, raw_std, std_offset, training, seed):
   """Release's possibly_sample: (sample or mean, mean KL to N(0, I) per task).
 
@@ -83,7 +104,7 @@ def _sample_normal(means, raw_std, std_offset, training, seed):
   """
   if not training:
     return means, tf.zeros(tf.shape(means)[:1], means.dtype)
-  std = tf.maximum(tf.exp(raw_std) - (1.0 - std_offset), 1e-10)
+  std = stddev(raw_std, std_offset)
   noise = tf.random.stateless_normal(tf.shape(means), seed, dtype=means.dtype)
   samples = means + std * noise
   # log N(s; m, std) - log N(s; 0, 1); the log(2 pi)/2 terms cancel.
@@ -160,8 +181,9 @@ class LEO(base.Learner):
     return tf.einsum("bnkd,bcd->bnkc", self._dropout(x, training, seed),
                      tf.reduce_mean(weights, axis=2))
 
-  def _summed_loss(self, x, y, weights, training, seed):
-    return tf.reduce_sum(base.cross_entropy(self.logits(x, weights, training, seed), y))
+  def _support_loss(self, x, y, weights, training, seed):
+    """Per-example cross-entropy [B, N, K] of the classifier `weights`."""
+    return base.cross_entropy(self.logits(x, weights, training, seed), y)
 
   def _check_shape(self, support_x):
     self.check_episode_shape(support_x)
@@ -175,29 +197,20 @@ class LEO(base.Learner):
 
   # -- adaptation (eq. 6 and 7) ---------------------------------------------
   def _adapt(self, support_x, support_y, training, seeds):
-    """Returns (w_T [B,N,K,D], latent KL [B], encoder penalty [B], support loss)."""
+    """Returns (fine-tuned w [B, N, K, D], latent KL [B], encoder penalty [B])."""
     self._check_shape(support_x)
     latent_params = self.encode(support_x, training, seeds)
     means, raw_std = tf.split(latent_params, 2, axis=-1)
     z0, kl = _sample_normal(means, raw_std, 0.0, training, seeds())
-    z = z0
-    for _ in range(self.config.inner_unroll_length):
-      with tf.GradientTape() as tape:
-        tape.watch(z)
-        weights = self.decode(z, training, seeds())
-        loss = self._summed_loss(support_x, support_y, weights, training, seeds())
-      z = z - self.inner_lr * tape.gradient(loss, z)
-    weights = self.decode(z, training, seeds())
+    support_loss = lambda w: self._support_loss(support_x, support_y, w, training, seeds())
+    z = gradient_descent(z0, lambda z: support_loss(self.decode(z, training, seeds())),
+                         self.inner_lr, self.config.inner_unroll_length)
     if training:
       penalty = tf.reduce_mean(tf.square(z0 - tf.stop_gradient(z)), axis=[1, 2, 3])
     else:
       penalty = tf.zeros_like(kl)
-    loss = None
-    for _ in range(self.config.finetuning_unroll_length):
-      with tf.GradientTape() as tape:
-        tape.watch(weights)
-        loss = self._summed_loss(support_x, support_y, weights, training, seeds())
-      weights = weights - self.finetuning_lr * tape.gradient(loss, weights)
+    weights = gradient_descent(self.decode(z, training, seeds()), support_loss,
+                               self.finetuning_lr, self.config.finetuning_unroll_length)
     return weights, kl, penalty
 
   def adapt(self, support_x, support_y, *, training, seed):
