@@ -1,0 +1,244 @@
+"""Embedding extraction: images -> `<out>/<dataset>/<crop>/<split>_embeddings.pkl`.
+
+The files are exactly what the runner reads (`leo_suite.data.embeddings`):
+a dict with `keys` `<prefix>-<class>-<class>_<n>.<ext>` and float32
+`embeddings` [n, D] (or `.npz` with the same arrays via `--format npz`).
+Class names may not contain '-' or '_', so each class gets a safe token (its
+alphanumerics, e.g. `Japanese_(katakana)/character01` ->
+`Japanesekatakanacharacter01`, suffixed if two collide); the manifest records
+token -> original name.
+
+Crops (the preprocessing is the pretraining one: resize, [0, 1], invert):
+  center     the whole image resized to image_size x image_size (the single
+             central view, as during pretraining);
+  multiview  the image resized to round(image_size * 8 / 7) (28 -> 32,
+             84 -> 96); the four corner crops and the central crop of
+             image_size, each also flipped left-right: 10 views whose
+             features are averaged (LEO's "multiview", as its appendix
+             describes it).
+
+Every split file is written atomically (temporary file + rename) and read back
+with `load_split` before the manifest (`manifest.json`, written last) records
+it; a killed job leaves the previous files or none, never half a pickle.
+"""
+
+import datetime
+import json
+import os
+import re
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.pretrain import backbones
+from leo_suite.pretrain import images as images_lib
+from leo_suite.pretrain import train as train_lib
+
+CROPS = ("center", "multiview")
+FORMATS = ("pkl", "npz")
+MANIFEST = "manifest.json"
+CROP_DESCRIPTIONS = {
+    "center": "whole image resized to image_size (one central view)",
+    "multiview": "resized to round(image_size*8/7); 4 corner + center crops of "
+                 "image_size and their left-right flips (10 views), features averaged",
+}
+
+
+def class_tokens(class_names: Sequence[str]) -> Dict[str, str]:
+  """{original class name: safe key token} ([A-Za-z0-9]+, unique)."""
+  tokens, used = {}, set()
+  for name in class_names:
+    base = re.sub(r"[^A-Za-z0-9]", "", name) or "class"
+    token, suffix = base, 2
+    while token in used:
+      token = f"{base}x{suffix}"
+      suffix += 1
+    used.add(token)
+    tokens[name] = token
+  return tokens
+
+
+def multiview_size(image_size: int) -> int:
+  return int(round(image_size * 8 / 7))
+
+
+def make_views(x, crop: str, image_size: int):
+  """[B, S', S', C] -> [B * views, S, S, C] (views of an image contiguous)."""
+  if crop == "center":
+    return x
+  big = x.shape[1]
+  margin = big - image_size
+  offsets = [(0, 0), (0, margin), (margin, 0), (margin, margin),
+             (margin // 2, margin // 2)]
+  views = [x[:, dy:dy + image_size, dx:dx + image_size, :] for dy, dx in offsets]
+  views += [tf.reverse(v, axis=[2]) for v in views]
+  stacked = tf.stack(views, axis=1)                             # [B, 10, S, S, C]
+  return tf.reshape(stacked, [-1, image_size, image_size, x.shape[-1]])
+
+
+def num_views(crop: str) -> int:
+  return 1 if crop == "center" else 10
+
+
+def feature_function(model, crop: str, image_size: int, invert: bool):
+  """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]."""
+  views = num_views(crop)
+
+  @tf.function(reduce_retracing=True)
+  def features(batch_uint8):
+    x = train_lib.preprocess(batch_uint8, invert)
+    flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
+    return tf.reduce_mean(tf.reshape(flat, [-1, views, flat.shape[-1]]), axis=1)
+  return features
+
+
+def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size):
+  size, channels = options.image_size, options.channels
+
+  def generate():
+    for index, array in decoder.iterate(records):
+      yield index, array
+  return (tf.data.Dataset.from_generator(
+      generate, output_signature=(
+          tf.TensorSpec([], tf.int64),
+          tf.TensorSpec([size, size, channels], tf.uint8)))
+          .batch(batch_size).prefetch(2))
+
+
+def extract_split(features_fn, records: List[images_lib.ImageRecord],
+                  options: images_lib.DecodeOptions, batch_size: int,
+                  label: str, log: Callable[[str], None] = print,
+                  log_every_s: float = 5.0):
+  """Features [n_kept, D] float32, kept record indices, skipped (origin, reason)."""
+  decoder = images_lib.Decoder(options)
+  kept, chunks = [], []
+  start = last = time.time()
+  done = 0
+  for indices, batch in _image_dataset(records, options, decoder, batch_size):
+    chunks.append(features_fn(batch).numpy())
+    kept.append(indices.numpy())
+    done += int(indices.shape[0])
+    now = time.time()
+    if now - last >= log_every_s or done == len(records):
+      log(f"{label}: {done}/{len(records)} images, {done / max(now - start, 1e-9):.1f} images/s")
+      last = now
+  if not chunks:
+    raise errors.DataError(f"{label}: none of the {len(records)} images could be decoded")
+  return (np.concatenate(chunks).astype(np.float32), np.concatenate(kept),
+          decoder.skipped)
+
+
+def _extension(file_name):
+  ext = os.path.splitext(file_name)[1].lstrip(".").lower()
+  return ext if re.fullmatch(r"[a-z0-9]{1,5}", ext) else "png"
+
+
+def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.ImageRecord]],
+                       split_classes: Dict[str, List[str]], out_dir: str,
+                       dataset_name: str, crop: str = "center", fmt: str = "pkl",
+                       batch_size: int = 256, skip_bad: bool = False,
+                       expected_size=None, allowed_modes=images_lib.DEFAULT_MODES,
+                       sources: Sequence[str] = (), split_origin: str = "",
+                       log: Callable[[str], None] = print) -> dict:
+  """Extracts every split; returns the manifest (also written beside the files)."""
+  if crop not in CROPS:
+    raise errors.ConfigError(f"--crop={crop!r}: use one of {list(CROPS)}")
+  if fmt not in FORMATS:
+    raise errors.ConfigError(f"--format={fmt!r}: use one of {list(FORMATS)}")
+  if batch_size < 1:
+    raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", dataset_name or ""):
+    raise errors.ConfigError(
+        f"--dataset_name={dataset_name!r}: use letters, digits, '.' and '_' only")
+  images_lib.check_nonempty(split_classes, by_class, split_origin or "splits")
+  model, description = train_lib.load_backbone(backbone_dir)
+  image_size = int(description["image_size"])
+  load_size = image_size if crop == "center" else multiview_size(image_size)
+  options = images_lib.DecodeOptions(load_size, int(description["channels"]),
+                                     expected_size, tuple(allowed_modes), skip_bad)
+  features_fn = feature_function(model, crop, image_size, bool(description["invert"]))
+  all_classes = [c for split in split_classes for c in split_classes[split]]
+  tokens = class_tokens(all_classes)
+  target_dir = os.path.join(out_dir, dataset_name, crop)
+  os.makedirs(target_dir, exist_ok=True)
+  manifest = {
+      "dataset_name": dataset_name, "crop": crop,
+      "crop_description": CROP_DESCRIPTIONS[crop], "format": fmt,
+      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "backbone": {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
+                   "checkpoint_sha256": description["weights_sha256"],
+                   "image_size": image_size, "feature_dim": description["feature_dim"],
+                   "invert": bool(description["invert"])},
+      "sources": list(sources), "split_origin": split_origin,
+      "class_names": {tokens[c]: c for c in all_classes},
+      "splits": {},
+  }
+  for split, classes in split_classes.items():
+    records = [r for c in classes for r in by_class[c]]
+    t0 = time.time()
+    feats, kept, skipped = extract_split(features_fn, records, options, batch_size,
+                                         f"{dataset_name}/{crop}/{split}", log)
+    elapsed = time.time() - t0
+    for origin, reason in skipped:
+      log(f"skipped {origin}: {reason}")
+    counters: Dict[str, int] = {}
+    keys = []
+    for index in kept:
+      record = records[index]
+      token = tokens[record.class_name]
+      counters[token] = counters.get(token, 0) + 1
+      keys.append(embeddings_lib.make_key(token, counters[token], prefix=split,
+                                          ext=_extension(record.file_name)))
+    empty = [c for c in classes if tokens[c] not in counters]
+    if empty:
+      raise errors.DataError(
+          f"class {empty[0]!r} ({split}) has no readable images left after skipping "
+          f"{len(skipped)} bad image(s); nothing was written for {split}")
+    path = os.path.join(target_dir, f"{split}_embeddings.{fmt}")
+    embeddings_lib.write_split(path, keys, feats)
+    other = os.path.join(target_dir, f"{split}_embeddings.{'npz' if fmt == 'pkl' else 'pkl'}")
+    if os.path.exists(other):  # a stale file of the other format would shadow/confuse
+      os.remove(other)
+    check = embeddings_lib.load_split(path)
+    if (check.embeddings.shape != feats.shape or check.num_classes != len(classes)):
+      raise errors.DataError(f"{path}: read back {check.embeddings.shape} / "
+                             f"{check.num_classes} classes, wrote {feats.shape} / {len(classes)}")
+    manifest["splits"][split] = {
+        "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+        "num_images": int(feats.shape[0]), "num_classes": len(classes),
+        "embedding_dim": int(feats.shape[1]), "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
+        "skipped": [{"image": o, "reason": r} for o, r in skipped],
+    }
+    log(f"wrote {path}: {feats.shape[0]} images, {len(classes)} classes, D={feats.shape[1]}")
+  fileio.atomic_write_text(os.path.join(target_dir, MANIFEST),
+                           json.dumps(manifest, indent=2, sort_keys=True))
+  return manifest
+
+
+def benchmark_extraction(backbone: str = "conv4", image_size: int = 28, channels: int = 1,
+                         batch_size: int = 128, num_images: int = 1024,
+                         crop: str = "center", seed: int = 0) -> float:
+  """Images/s of batched extraction (random weights, synthetic uint8 images).
+
+  Runs the same tf.data -> tf.function path as `extract_split`, after one
+  warm-up batch (tracing excluded). Typical calls: conv4 at 28x28, resnet12
+  at 84x84.
+  """
+  tf.keras.utils.set_random_seed(seed)
+  model = backbones.build_backbone(backbone, image_size, channels)
+  load_size = image_size if crop == "center" else multiview_size(image_size)
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, [num_images, load_size, load_size, channels], np.uint8)
+  features_fn = feature_function(model, crop, image_size, invert=False)
+  dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
+  features_fn(tf.constant(images[:batch_size]))  # trace + warm up
+  start = time.time()
+  count = 0
+  for batch in dataset:
+    count += int(features_fn(batch).shape[0])
+  return count / (time.time() - start)
