@@ -448,3 +448,46 @@ def check_nonempty(split_classes: Dict[str, List[str]],
     for name in names:
       if not by_class.get(name):
         raise errors.DataError(f"{origin}: class {name!r} ({split}) has no images")
+
+
+def parse_expected_size(text: Optional[str]):
+  """'105x105' -> (105, 105); '' / 'any' -> None."""
+  if not text or text == "any":
+    return None
+  try:
+    width, height = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise errors.ConfigError(
+        f"--expected_size={text!r}: use WIDTHxHEIGHT (e.g. 105x105) or 'any'") from None
+  return (width, height)
+
+
+def load_labelled_splits(sources: Sequence[str], split: str,
+                         protocol_dir: Optional[str] = None,
+                         tfds_data_dir: Optional[str] = None):
+  """Sources + split spec -> (records by class, {split: classes}, split origin).
+
+  A source `csv:<root>` is a miniImageNet CSV root; with `split='csv'` its
+  CSVs define the class split. Otherwise `split` is a protocol name or JSON.
+  """
+  csv_roots = [s[len("csv:"):] for s in sources if s.startswith("csv:")]
+  others = [s for s in sources if not s.startswith("csv:")]
+  groups, csv_lists = [], {}
+  for root in csv_roots:
+    records, lists = scan_csv_splits(root)
+    groups.append(records)
+    for name, classes in lists.items():
+      csv_lists.setdefault(name, []).extend(classes)
+  groups.extend(scan_source(s, tfds_data_dir) for s in others)
+  if not groups:
+    raise errors.ConfigError("no image source given (--source)")
+  by_class = group_by_class(merge_records(groups))
+  if split == "csv":
+    if not csv_roots:
+      raise errors.ConfigError("--split=csv needs a --source=csv:<miniImageNet root>")
+    spec = split_spec_from_lists(csv_lists, ",".join(f"{r}/*.csv" for r in csv_roots))
+  else:
+    spec = load_split_spec(split, protocol_dir)
+  split_classes = assign_classes(list(by_class), spec)
+  check_nonempty(split_classes, by_class, spec.origin)
+  return by_class, split_classes, spec.origin
