@@ -1,0 +1,164 @@
+"""The steps the pretraining scripts share: decode, pretrain, extract, evaluate.
+
+`scripts/pretrain.py`, `scripts/extract_embeddings.py` and
+`scripts/omniglot_pipeline.py` are thin flag wrappers over these functions,
+and the real-data integration test calls them directly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.pretrain import baselines
+from leo_suite.pretrain import images as images_lib
+from leo_suite.pretrain import train as train_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SETTINGS = ((5, 1), (5, 5), (20, 1))  # (num_ways, num_shots)
+
+
+def decode_classes(by_class, classes: Sequence[str], options: images_lib.DecodeOptions):
+  """uint8 images [n, S, S, C], int32 labels (index into `classes`), skipped list."""
+  records = [r for c in classes for r in by_class[c]]
+  labels_all = np.asarray([i for i, c in enumerate(classes) for _ in by_class[c]], np.int32)
+  images, kept, skipped = images_lib.load_arrays(records, options)
+  labels = labels_all[kept]
+  missing = sorted(set(range(len(classes))) - set(labels.tolist()))
+  if missing:
+    raise errors.DataError(
+        f"class {classes[missing[0]]!r} has no readable images left after skipping "
+        f"{len(skipped)} bad image(s)")
+  return images, labels, skipped
+
+
+def class_index(labels: np.ndarray):
+  """(start, count) per class of rows sorted by label."""
+  counts = np.bincount(labels)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  return starts, counts
+
+
+def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
+                     num_episodes: int = 200, seed: int = 0):
+  """Epoch hook: nearest-class-mean 5-way 1-shot accuracy on meta-val images."""
+  order = np.argsort(labels, kind="stable")
+  images, labels = images[order], labels[order]
+  starts, counts = class_index(labels)
+  x = train_lib.preprocess(images, invert)
+
+  def callback(epoch, backbone):
+    del epoch
+    features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
+                               for i in range(0, len(labels), 512)])
+    result = baselines.evaluate(baselines.ncm_cosine_logits, features, starts, counts,
+                                5, 1, 15, num_episodes, seed)
+    return {"val_ncm_5w1s": result["accuracy"]}
+  return callback
+
+
+def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
+                       settings=SETTINGS, num_episodes: int = 1000, num_queries: int = 15,
+                       seed: int = 0, methods=("ncm_cosine", "logistic_regression")):
+  """Rows {method, setting, accuracy, ci95, num_tasks} on fixed seeded episodes."""
+  rows = []
+  for method in methods:
+    for ways, shots in settings:
+      result = baselines.evaluate(baselines.METHODS[method], split.embeddings,
+                                  split.class_start, split.class_count, ways, shots,
+                                  num_queries, num_episodes, seed)
+      rows.append({"method": f"{method} ({label})", "setting": f"{ways}w{shots}s", **result})
+  return rows
+
+
+def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots: int,
+                run_dir: str, num_steps: int, num_test_tasks: int, num_queries: int = 15,
+                extra_flags: Sequence[str] = (), log: Callable[[str], None] = print,
+                timeout_s: float = 1800):
+  """Trains then evaluates `model` with runner.py; returns its result dict or a status."""
+  runner = os.path.join(REPO_ROOT, "runner.py")
+  if not os.path.exists(runner):
+    return {"status": "skipped: runner.py not found"}
+  module = os.path.join(REPO_ROOT, "leo_suite", "models", f"{model}.py")
+  if not os.path.exists(module):
+    return {"status": f"skipped: leo_suite/models/{model}.py missing"}
+  checkpoint = os.path.join(run_dir, f"{model}_{ways}w{shots}s")
+  common = [sys.executable, runner, f"--model={model}", f"--data_path={data_path}",
+            f"--dataset_name={dataset_name}", "--embedding_crop=center",
+            f"--num_classes={ways}", f"--num_tr_examples_per_class={shots}",
+            f"--num_val_examples_per_class={num_queries}", f"--eval_num_query={num_queries}",
+            f"--checkpoint_path={checkpoint}", f"--num_steps_limit={num_steps}",
+            f"--checkpoint_steps={max(1, num_steps // 2)}", "--num_val_batches=1",
+            f"--metavalid_batch_size={min(200, num_test_tasks)}",
+            f"--metatest_batch_size={min(200, num_test_tasks)}",
+            f"--num_test_tasks={num_test_tasks}", *extra_flags]
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  started = time.time()
+  for phase, cmd in (("train", common), ("evaluate", common + ["--evaluation_mode"])):
+    try:
+      proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+      return {"status": f"failed: {phase} timed out after {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+      log(f"{model} {ways}w{shots}s {phase} failed (exit {proc.returncode}): {tail}")
+      return {"status": f"failed in {phase} (exit {proc.returncode}): {tail}"}
+  result_path = os.path.join(checkpoint, "result_test.json")
+  try:
+    with open(result_path) as handle:
+      result = json.load(handle)
+    accuracy, ci95 = float(result["accuracy"]), float(result["ci95"])
+  except (OSError, ValueError, KeyError, TypeError) as exc:
+    return {"status": f"failed: unreadable {result_path} ({exc})"}
+  if accuracy <= 1.0:  # a fraction: report percent like the baselines
+    accuracy, ci95 = 100 * accuracy, 100 * ci95
+  return {"accuracy": accuracy, "ci95": ci95,
+          "num_tasks": int(result.get("num_tasks", num_test_tasks)),
+          "seconds": time.time() - started}
+
+
+def markdown_table(rows: List[dict], settings=SETTINGS) -> str:
+  """One row per method, one column per setting: 'acc ± ci' or the status."""
+  columns = [f"{w}w{s}s" for w, s in settings]
+  methods = []
+  for row in rows:
+    if row["method"] not in methods:
+      methods.append(row["method"])
+  header = "| method | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |"
+  lines = [header, "|" + "---|" * (len(columns) + 1)]
+  for method in methods:
+    cells = []
+    for column in columns:
+      match = [r for r in rows if r["method"] == method and r["setting"] == column]
+      if not match:
+        cells.append("-")
+      elif "accuracy" in match[0]:
+        cells.append(f"{match[0]['accuracy']:.2f} ± {match[0]['ci95']:.2f}")
+      else:
+        cells.append(match[0]["status"])
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_json(path, payload):
+  fileio.atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def pixel_split(by_class, classes, image_size, invert) -> embeddings_lib.EmbeddingSplit:
+  """Raw pixels (flattened, preprocessed) as an EmbeddingSplit, for reference rows."""
+  images, labels, _ = decode_classes(by_class, classes,
+                                     images_lib.DecodeOptions(image_size, 1))
+  features = tf.reshape(train_lib.preprocess(images, invert), [len(labels), -1]).numpy()
+  starts, counts = class_index(labels)
+  return embeddings_lib.EmbeddingSplit(
+      embeddings=features, class_names=list(classes), class_start=starts.astype(np.int64),
+      class_count=counts.astype(np.int64), image_names=[], source={"pixels": ""})

@@ -1,0 +1,63 @@
+"""Extracts LEO-format embeddings with a pretrained backbone.
+
+  python scripts/extract_embeddings.py --backbone_dir=runs/pretrain_conv4/backbone \
+      --source=../shared/data/omniglot/images_background_small1.zip \
+      --source=../shared/data/omniglot/images_background_small2.zip \
+      --split=omniglot_small --out=embeddings --dataset_name=omniglot_small --crop=center
+
+writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
+--format=npz) and manifest.json; `runner.py --data_path=<out>
+--dataset_name=<dataset_name>` reads them.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+
+flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
+flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
+flags.DEFINE_string("split", "omniglot_small", "Class split: protocol name, JSON file or 'csv'.")
+flags.DEFINE_list("splits", ["train", "val", "test"], "Which splits to extract.")
+flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are.")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
+flags.DEFINE_string("out", "embeddings", "Output root (the runner's --data_path).")
+flags.DEFINE_string("dataset_name", "omniglot_small", "Dataset folder name.")
+flags.DEFINE_enum("crop", "center", list(extract.CROPS), "center: whole image; multiview: "
+                  "5 crops + flips averaged (see leo_suite/pretrain/extract.py).")
+flags.DEFINE_enum("format", "pkl", list(extract.FORMATS), "pkl (LEO's format) or npz.")
+flags.DEFINE_integer("batch_size", 256, "Images per batch.")
+flags.DEFINE_boolean("skip_bad_images", False, "Skip and report unreadable images (default: fail).")
+flags.DEFINE_string("expected_size", "any", "Required source size WIDTHxHEIGHT, or 'any'.")
+flags.DEFINE_list("allowed_modes", list(images_lib.DEFAULT_MODES), "Accepted PIL image modes.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS.backbone_dir:
+    raise errors.ConfigError("--backbone_dir is required (the backbone/ folder of a pretraining run)")
+  by_class, split_classes, origin = images_lib.load_labelled_splits(
+      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir)
+  unknown = [s for s in FLAGS.splits if s not in split_classes]
+  if unknown:
+    raise errors.ConfigError(f"--splits={unknown}: {origin} defines only {sorted(split_classes)}")
+  manifest = extract.extract_embeddings(
+      FLAGS.backbone_dir, by_class, {s: split_classes[s] for s in FLAGS.splits}, FLAGS.out,
+      FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
+      images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
+      FLAGS.source, origin)
+  print(f"manifest: {os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)}"
+        f" ({', '.join(f'{k}: {v['num_images']} images' for k, v in manifest['splits'].items())})")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,111 @@
+"""Supervised pretraining of a feature backbone on the meta-train classes.
+
+  python scripts/pretrain.py --print_params --image_size=84
+  python scripts/pretrain.py \
+      --source=../shared/data/omniglot/images_background_small1.zip \
+      --source=../shared/data/omniglot/images_background_small2.zip \
+      --split=omniglot_small --out_dir=runs/pretrain_conv4 --epochs=12
+
+Rerunning the same command after a kill resumes from the last checkpoint.
+The exported feature extractor is <out_dir>/backbone/ (for extract_embeddings.py).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
+
+_DEFAULTS = train_lib.PretrainConfig()
+flags.DEFINE_multi_string("source", [], "Image source: a class-per-folder directory, a .zip "
+                          "archive, tfds:<name>[:<split>] or csv:<miniImageNet root> (repeatable).")
+flags.DEFINE_string("split", "omniglot_small", "Class split: a protocol name (omniglot_small), "
+                    "a JSON file of class lists, or 'csv' (the miniImageNet CSVs).")
+flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are "
+                    "(default $LEO_SUITE_OMNIGLOT_DIR or ../shared/data/omniglot).")
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
+flags.DEFINE_string("out_dir", "runs/pretrain", "Checkpoints, logs and the exported backbone/.")
+flags.DEFINE_boolean("print_params", False, "Print the backbones' parameter counts and exit.")
+flags.DEFINE_enum("backbone", _DEFAULTS.backbone, list(backbones.BACKBONES), "Feature backbone.")
+flags.DEFINE_integer("image_size", _DEFAULTS.image_size, "Input size: 28 Omniglot, 84 miniImageNet.")
+flags.DEFINE_integer("channels", _DEFAULTS.channels, "1 (grayscale) or 3 (RGB).")
+flags.DEFINE_boolean("invert", _DEFAULTS.invert, "Use 1 - x (Omniglot strokes).")
+flags.DEFINE_boolean("rotations", _DEFAULTS.rotations, "Add 90/180/270-degree rotations as classes.")
+flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Training epochs.")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Images per step.")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak SGD learning rate.")
+flags.DEFINE_enum("schedule", _DEFAULTS.schedule, ["cosine", "step"], "Learning-rate schedule.")
+flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warm-up steps.")
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "L2 on kernels.")
+flags.DEFINE_enum("augment", _DEFAULTS.augment, ["none", "shift", "shift_flip"], "Augmentation.")
+flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Random translation in pixels.")
+flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout (ResNet-12 last stages, WRN blocks).")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order, augmentation.")
+flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"], "float16 compute on a GPU only.")
+flags.DEFINE_integer("checkpoint_every", 0, "Steps between checkpoints (0: every epoch).")
+flags.DEFINE_boolean("skip_bad_images", False, "Skip and report unreadable images (default: fail).")
+flags.DEFINE_string("expected_size", "any", "Required source size WIDTHxHEIGHT, or 'any'.")
+flags.DEFINE_list("allowed_modes", list(images_lib.DEFAULT_MODES), "Accepted PIL image modes.")
+flags.DEFINE_integer("val_episodes", 200, "Meta-val 5-way 1-shot NCM episodes after each "
+                     "epoch (0: off).")
+FLAGS = flags.FLAGS
+
+
+def config_from_flags():
+  return train_lib.PretrainConfig(
+      backbone=FLAGS.backbone, image_size=FLAGS.image_size, channels=FLAGS.channels,
+      invert=FLAGS.invert, rotations=FLAGS.rotations, epochs=FLAGS.epochs,
+      batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+      schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
+      weight_decay=FLAGS.weight_decay, augment=FLAGS.augment, max_shift=FLAGS.max_shift,
+      dropout=FLAGS.dropout, seed=FLAGS.seed, mixed_precision=FLAGS.mixed_precision,
+      checkpoint_every=FLAGS.checkpoint_every)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.print_params:
+    print(f"{'backbone':<10} {'parameters':>12} {'feature dim':>12}   "
+          f"(input {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels})")
+    for name, count, dim in backbones.parameter_table(FLAGS.image_size, FLAGS.channels):
+      print(f"{name:<10} {count:>12,} {dim:>12}")
+    return
+  config = config_from_flags()
+  train_lib.validate_config(config)
+  by_class, split_classes, origin = images_lib.load_labelled_splits(
+      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir)
+  print(f"split {origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
+  options = images_lib.DecodeOptions(
+      config.image_size, config.channels, images_lib.parse_expected_size(FLAGS.expected_size),
+      tuple(FLAGS.allowed_modes), FLAGS.skip_bad_images)
+  images, labels, skipped = pipeline.decode_classes(by_class, split_classes["train"], options)
+  for origin_name, reason in skipped:
+    print(f"skipped {origin_name}: {reason}")
+  callback = None
+  if FLAGS.val_episodes and split_classes.get("val"):
+    val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
+    if len(split_classes["val"]) >= 5 and min(
+        len(by_class[c]) for c in split_classes["val"]) >= 16:
+      callback = pipeline.val_ncm_callback(val_images, val_labels, config.invert,
+                                           FLAGS.val_episodes, config.seed)
+  trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
+                                 class_names=split_classes["train"])
+  print(f"training {config.backbone} on {len(labels)} images of {trainer.num_base_classes} "
+        f"classes ({trainer.num_classes} with rotations), {trainer.total_steps} steps")
+  summary = trainer.train(epoch_callback=callback)
+  pipeline.write_json(os.path.join(FLAGS.out_dir, "pretrain_summary.json"),
+                      {**summary, "skipped": skipped})
+  print(f"backbone exported to {os.path.join(FLAGS.out_dir, 'backbone')}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
