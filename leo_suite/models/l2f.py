@@ -1,0 +1,115 @@
+"""L2F, "Learning to Forget" (Baik et al., CVPR 2020): MAML with a
+task-conditioned attenuation of the initialisation.
+
+For each task, with theta = [W_1, b_1, ..., W_out, b_out] (L tensors):
+  1. task embedding  g_l = mean over the elements of dL_support/dtheta_l at
+     theta, one signed scalar per parameter tensor, held constant
+     (stop_gradient; the reference computes it with create_graph=False);
+  2. gamma = sigmoid(Lin_2(ReLU(Lin_1(g))))  with an L -> L -> L MLP;
+  3. theta~_l = gamma_l * theta_l  (the scalar scales weights and biases);
+  4. MAML's inner loop from theta~ (`maml.inner_loop`), query loss at the end.
+The outer loop trains theta and the attenuator. With gamma = 1 this is MAML.
+
+Loss scale and inner rate follow `maml` (mean support cross-entropy).
+
+Which g_l carry information: for a softmax output layer every row of
+dL/dlogits = (softmax - onehot) / M sums to 0, so the element means of the
+output layer's dW and db are identically 0 for every task. Only hidden
+layers give a task-dependent g (small: 1e-6 to 1e-3 at init); with a
+linear head (L = 2) gamma would be one learned constant. Hence the default
+MLP head (one hidden layer of 256, L = 4).
+
+Attenuator init: PyTorch's nn.Linear default, U(+-1/sqrt(fan_in)) for the
+weights and biases (gamma starts near 0.5 but not exactly), except that the
+first layer's biases are drawn from the non-negative half U(0, 1/sqrt(L)):
+since g is tiny, a hidden unit with a negative bias would output 0 for
+every task and never receive a gradient (a dead unit); with L = 4 a seed
+can leave every unit dead.
+Reference-code details not reproduced: a fixed first-to-second-order switch
+at epoch 10, first-order evaluation, summing (not averaging) the outer loss
+over tasks, and the top-3-checkpoint ensemble at test time.
+"""
+
+import dataclasses
+import math
+
+import sonnet as snt
+import tensorflow as tf
+
+from leo_suite.models import maml
+
+FLAG_PREFIX = "l2f_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(maml.Config):
+  """MAML's hyperparameters (flags --l2f_<field>), an MLP head by default."""
+  hidden_sizes: str = dataclasses.field(default="256", metadata={
+      "help": "Hidden layer widths of the head f_theta, comma separated; the "
+              "attenuator has L = 2 * (layers) inputs and outputs. '256' "
+              "(default) gives L = 4; '' = linear head (L = 2), whose "
+              "task embedding g is identically 0 (gamma not task-dependent)."})
+
+
+def attenuate(params, gamma):
+  """theta~_l = gamma[:, l] * theta_l for per-task params [B, ...], gamma [B, L]."""
+  return [gamma[:, l][(...,) + (tf.newaxis,) * (p.shape.rank - 1)] * p
+          for l, p in enumerate(params)]
+
+
+class Attenuator(snt.Module):
+  """gamma = sigmoid(W_2 ReLU(W_1 g + b_1) + b_2): g [B, L] -> gamma [B, L].
+
+  Init: see the module docstring (PyTorch default, b_1 >= 0: no dead units).
+  """
+
+  def __init__(self, num_tensors: int, dtype=tf.float32, seed=(0, 0),
+               name="attenuator"):
+    super().__init__(name=name)
+    bound = 1.0 / math.sqrt(num_tensors)  # PyTorch nn.Linear default
+    seeds = tf.random.experimental.stateless_split(
+        tf.constant(seed, tf.int32), 4)
+    def uniform(shape, index, low=-bound):
+      return tf.random.stateless_uniform(
+          shape, seeds[index], low, bound, dtype=tf.as_dtype(dtype))
+    size = [num_tensors, num_tensors]
+    self.w_1 = tf.Variable(uniform(size, 0), name="w_1")
+    self.b_1 = tf.Variable(uniform([num_tensors], 1, low=0.0), name="b_1")
+    self.w_2 = tf.Variable(uniform(size, 2), name="w_2")
+    self.b_2 = tf.Variable(uniform([num_tensors], 3), name="b_2")
+
+  def __call__(self, task_embedding):
+    hidden = tf.nn.relu(tf.matmul(task_embedding, self.w_1) + self.b_1)
+    return tf.sigmoid(tf.matmul(hidden, self.w_2) + self.b_2)
+
+
+class L2F(maml.MAML):
+  """MAML whose per-task initialisation is attenuated by gamma(task)."""
+  flag_prefix = FLAG_PREFIX
+
+  def __init__(self, config: Config, num_ways: int, embedding_dim: int,
+               dtype=tf.float32, name="l2f"):
+    super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
+    self.attenuator = Attenuator(len(self.head.params), dtype=self.dtype)
+
+  def task_embedding(self, support_x, support_y):
+    """g [B, L]: layer-wise mean support gradient at theta, a constant."""
+    support_x = tf.cast(support_x, self.dtype)
+    theta = self.head.tiled(tf.shape(support_x)[0])
+    grads = self.support_gradient_fn(support_x, support_y)(theta)
+    means = [tf.reduce_mean(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)
+             for g in grads]
+    return tf.stop_gradient(tf.stack(means, axis=1))
+
+  def attenuation(self, support_x, support_y):
+    """gamma [B, L] in (0, 1), one factor per parameter tensor."""
+    return self.attenuator(self.task_embedding(support_x, support_y))
+
+  def initial_fast_weights(self, support_x, support_y):
+    """theta~ = gamma o theta per task [B, ...] (where the inner loop starts)."""
+    theta = self.head.tiled(tf.shape(support_x)[0])
+    return attenuate(theta, self.attenuation(support_x, support_y))
+
+
+def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):
+  return L2F(config, num_ways, embedding_dim, dtype=dtype)
