@@ -39,6 +39,8 @@ _ALLOWED_GLOBALS = frozenset({
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),  # how Python 3 protocol-2 pickles spell bytes
+    ("builtins", "bytes"), ("__builtin__", "bytes"),  # empty bytes, protocol 2
+    ("builtins", "bytearray"), ("__builtin__", "bytearray"),
 })
 
 
