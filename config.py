@@ -59,6 +59,10 @@ flags.DEFINE_integer("eval_num_query", 0,
                      "images_per_class - K, using the smallest class of the split).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Floating-point type of the model.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the meta-training step with XLA.")
+flags.DEFINE_string("baselines", "ncm",
+                    "Comma list of non-learned baselines scored on the same test episodes in "
+                    "evaluation mode: ncm (nearest class mean, cosine), logreg (per-episode "
+                    "logistic regression); empty for none.")
 flags.DEFINE_integer("log_steps", 100, "Log and write summaries every this many steps.")
 
 # The release's tuned hyper-parameters (LEO README), and the demo's.

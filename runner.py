@@ -21,10 +21,14 @@ from leo_suite.data import embeddings
 from leo_suite.data import episodes
 from leo_suite.data import synthetic
 from leo_suite.models import registry
+from leo_suite.pretrain import baselines as baselines_lib
 from leo_suite.training import evaluation
 from leo_suite.training import trainer as trainer_lib
 
 FLAGS = config.FLAGS
+# Non-learned baselines evaluated on the same fixed episodes (--baselines).
+BASELINES = {"ncm": baselines_lib.ncm_cosine_logits,
+             "logreg": baselines_lib.logistic_regression_logits}
 RELEASED = ("miniImageNet", "tieredImageNet")
 
 
@@ -109,6 +113,9 @@ def check_flags():
       raise errors.ConfigError(f"--{name}={FLAGS[name].value}: must be at least 1")
   if FLAGS.eval_num_query < 0:
     raise errors.ConfigError(f"--eval_num_query={FLAGS.eval_num_query}: must be >= 0")
+  unknown = [b for b in FLAGS.baselines.split(",") if b and b not in BASELINES]
+  if unknown:
+    raise errors.ConfigError(f"--baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
   if FLAGS.outer_lr <= 0:
     raise errors.ConfigError(f"--outer_lr={FLAGS.outer_lr}: must be positive")
 
@@ -142,11 +149,20 @@ def evaluate():
   path = trainer.restore_for_evaluation()
   dataset = sampler.fixed_set(FLAGS.eval_seed, FLAGS.num_test_tasks, FLAGS.metatest_batch_size)
   result = trainer.evaluator.evaluate(dataset)
+  header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
+            f"{FLAGS.dataset_name} test")
+  print(f"{FLAGS.model:>8s} test accuracy ({header}): {result.as_percent()}")
+  baselines = {}
+  for name in [b for b in FLAGS.baselines.split(",") if b]:
+    baseline = evaluation.evaluate_baseline(BASELINES[name], dataset)
+    baselines[name] = {"accuracy": baseline.accuracy, "ci95": baseline.ci95,
+                       "num_tasks": baseline.num_tasks}
+    print(f"{name:>8s} test accuracy ({header}): {baseline.as_percent()}")
   out = os.path.join(FLAGS.checkpoint_path, "result_test.json")
   evaluation.write_result(out, result, config.flag_values(), test.source, "test",
-                          {"checkpoint": path, "num_queries": spec.num_queries})
-  print(f"{FLAGS.model} test accuracy ({spec.num_ways}-way {spec.num_shots}-shot, "
-        f"{spec.num_queries} queries/class): {result.as_percent()}  -> {out}")
+                          {"checkpoint": path, "num_queries": spec.num_queries,
+                           "baselines": baselines})
+  print(f"result written to {out}")
   return result
 
 

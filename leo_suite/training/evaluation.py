@@ -59,6 +59,14 @@ class Evaluator:
     return summarise(self.per_task_accuracy(dataset))
 
 
+def evaluate_baseline(logits_fn, dataset) -> Result:
+  """Scores a non-learned `logits_fn(support_x, query_x)` on the same episodes."""
+  compiled = tf.function(logits_fn, reduce_retracing=True)
+  values = [base.accuracy(compiled(e.support_x, e.query_x), e.query_y).numpy()
+            for e in dataset]
+  return summarise(np.concatenate(values))
+
+
 def code_version():
   """Package version plus the git commit of the checkout, when there is one."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(leo_suite.__file__)))
