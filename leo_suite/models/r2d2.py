@@ -75,19 +75,20 @@ class Config:
   bias_column: bool = dataclasses.field(default=True, metadata={
       "help": "Append a column of ones to the support features so W holds a "
               "ridge-penalised per-class bias (as the reference)."})
-  scale_init: float = dataclasses.field(default=1000.0, metadata={
+  scale_init: float = dataclasses.field(default=500.0, metadata={
       "help": "Initial adjust-layer scale alpha in logits = alpha * X_q W + "
               "beta. The reference's 1e-4 was for ~72k-d unnormalised conv "
-              "features. On unit-norm 640-d features with lambda = 50, ridge "
-              "outputs are O(0.01-0.1) and differ between classes by only "
-              "~1e-3, so alpha in 1..10 leaves the softmax uniform "
-              "(loss = log N); alpha ~ 20 * lambda = 1000 gives O(1) logit "
-              "gaps (the CE-optimal alpha on synthetic unit-norm data was "
-              "0.8e3-2.2e3 for both 1- and 5-shot)."})
+              "features. On unit-norm 640-d features with lambda = 50 the "
+              "ridge outputs are O(0.01-0.1) and differ between classes by "
+              "~1e-3, so alpha in 1..10 leaves the softmax uniform (loss = "
+              "log N). Where lambda dominates X X^T, logits ~ (alpha / lambda) "
+              "* sum_k cos(q, x_ck); alpha = 10 * lambda = 500 is a cosine "
+              "temperature of 10. Measured CE-optimal alpha on unit-norm "
+              "synthetic data: 250-2200, the same for 1- and 5-shot."})
   log_scale: bool = dataclasses.field(default=True, metadata={
       "help": "Learn log(alpha) instead of alpha, so alpha stays positive "
               "and Adam changes it by a relative amount per step (a plain "
-              "alpha ~ 1e3 barely moves at outer lr 1e-4..1e-3). False = the "
+              "alpha ~ 500 barely moves at outer lr 1e-4..1e-3). False = the "
               "reference AdjustLayer with base 1 (alpha learned directly)."})
   projection_dim: int = dataclasses.field(default=0, metadata={
       "help": "d of a learned linear map D -> d (Glorot init, no bias) "
