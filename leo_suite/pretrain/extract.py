@@ -97,12 +97,20 @@ def feature_function(model, crop: str, image_size: int, invert: bool):
   return features
 
 
-def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size):
+def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size,
+                   failures: list):
+  """Batches of (record index, uint8 image); a DataError ends it into `failures`.
+
+  (tf.data would otherwise wrap the error into an opaque InvalidArgumentError.)
+  """
   size, channels = options.image_size, options.channels
 
   def generate():
-    for index, array in decoder.iterate(records):
-      yield index, array
+    try:
+      for index, array in decoder.iterate(records):
+        yield index, array
+    except errors.DataError as exc:
+      failures.append(exc)
   return (tf.data.Dataset.from_generator(
       generate, output_signature=(
           tf.TensorSpec([], tf.int64),
@@ -119,7 +127,8 @@ def extract_split(features_fn, records: List[images_lib.ImageRecord],
   kept, chunks = [], []
   start = last = time.time()
   done = 0
-  for indices, batch in _image_dataset(records, options, decoder, batch_size):
+  failures = []
+  for indices, batch in _image_dataset(records, options, decoder, batch_size, failures):
     chunks.append(features_fn(batch).numpy())
     kept.append(indices.numpy())
     done += int(indices.shape[0])
@@ -127,6 +136,8 @@ def extract_split(features_fn, records: List[images_lib.ImageRecord],
     if now - last >= log_every_s or done == len(records):
       log(f"{label}: {done}/{len(records)} images, {done / max(now - start, 1e-9):.1f} images/s")
       last = now
+  if failures:
+    raise failures[0]
   if not chunks:
     raise errors.DataError(f"{label}: none of the {len(records)} images could be decoded")
   return (np.concatenate(chunks).astype(np.float32), np.concatenate(kept),

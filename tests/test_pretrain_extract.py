@@ -1,0 +1,395 @@
+"""Pretraining, extraction and the few-shot baselines (leo_suite/pretrain)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from leo_suite import errors
+from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.pretrain import baselines
+from leo_suite.pretrain import extract
+from leo_suite.pretrain import images as im
+from leo_suite.pretrain import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- baselines ----------------------------------------------------------------
+def _normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_ncm_cosine_matches_numpy():
+  rng = np.random.default_rng(0)
+  support = rng.normal(size=(3, 4, 2, 6)).astype(np.float32)
+  query = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+  means = _normalize(_normalize(support).mean(axis=2))
+  expected = np.einsum("bnvd,bmd->bnvm", _normalize(query), means)
+  np.testing.assert_allclose(baselines.ncm_cosine_logits(support, query), expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_logistic_regression_reaches_the_regularised_optimum():
+  rng = np.random.default_rng(1)
+  support = (rng.normal(size=(4, 5, 3, 16)) + rng.normal(size=(4, 5, 1, 16))).astype(np.float32)
+  c = 1.0
+  weights, bias = baselines.fit_logistic_regression(support, c, 200)
+  x = _normalize(support).reshape(4, 15, 16)
+  y = np.tile(np.repeat(np.eye(5), 3, axis=0)[None], [4, 1, 1])
+  logits = np.einsum("bid,bdn->bin", x, weights.numpy()) + bias.numpy()[:, None]
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  # Stationarity of sum CE + ||W||^2 / (2C):  W = C X^T (Y - P),  sum_i (P - Y) = 0.
+  np.testing.assert_allclose(weights, c * np.einsum("bid,bin->bdn", x, y - p), atol=2e-4)
+  np.testing.assert_allclose((p - y).sum(axis=1), 0.0, atol=2e-4)
+  # And the objective is lower than at nearby perturbed points.
+  x_t, y_t = tf.constant(x), tf.constant(y, tf.float32)
+  best = baselines.logistic_objective(weights, bias, x_t, y_t, 1.0 / c).numpy()
+  for scale in (1e-2, 1e-1):
+    noise = rng.normal(size=weights.shape).astype(np.float32) * scale
+    assert (baselines.logistic_objective(weights + noise, bias, x_t, y_t, 1.0 / c).numpy()
+            > best).all()
+
+
+def test_episode_sampler_is_fixed_and_disjoint():
+  starts, counts = np.array([0, 20, 40, 49]), np.array([20, 20, 9, 20])
+  a = baselines.sample_episode_indices(starts, counts, 3, 2, 8, 50, seed=7)
+  b = baselines.sample_episode_indices(starts, counts, 3, 2, 8, 50, seed=7)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (50, 3, 10)
+  owner = np.searchsorted(starts, a, side="right") - 1
+  assert (owner == owner[..., :1]).all()              # one class per slot
+  assert (owner[..., 0] != 2).all()                   # class 2 has too few images
+  for episode in a:
+    assert len(set(episode.ravel())) == episode.size  # no image reused
+  with pytest.raises(ValueError, match="only 3 have enough"):
+    baselines.sample_episode_indices(starts, counts, 4, 2, 8, 1, 0)
+
+
+def test_evaluate_reports_mean_and_ci95():
+  rng = np.random.default_rng(2)
+  centres = rng.normal(size=(10, 8)) * 5
+  features = np.repeat(centres, 20, axis=0) + rng.normal(size=(200, 8)) * 0.01
+  starts, counts = np.arange(10) * 20, np.full(10, 20)
+  for method in baselines.METHODS.values():
+    result = baselines.evaluate(method, features, starts, counts, 5, 1, 15, 40, seed=3)
+    assert result == {"accuracy": 100.0, "ci95": 0.0, "num_tasks": 40}
+  noise = rng.normal(size=(200, 8))
+  result = baselines.evaluate(baselines.ncm_cosine_logits, noise, starts, counts, 5, 1, 15,
+                              300, seed=3, chunk=64)
+  indices = baselines.sample_episode_indices(starts, counts, 5, 1, 15, 300, 3)
+  rows = noise[indices].astype(np.float32)
+  acc = baselines.episode_accuracy(
+      baselines.ncm_cosine_logits(rows[:, :, :1], rows[:, :, 1:])).numpy()
+  assert result["accuracy"] == pytest.approx(100 * acc.mean(), abs=1e-4)
+  assert result["ci95"] == pytest.approx(100 * 1.96 * acc.std() / np.sqrt(300), abs=1e-4)
+  assert abs(result["accuracy"] - 20.0) < 3 * result["ci95"] + 1  # chance on noise
+
+
+# -- training ------------------------------------------------------------------
+def test_rotations_become_new_classes():
+  images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1)
+  x, y = train_lib.rotated_copies(images, np.array([0, 1]))
+  np.testing.assert_array_equal(y, [0, 4, 1, 5, 2, 6, 3, 7])
+  np.testing.assert_array_equal(x[5], np.rot90(images[1], 2))
+
+
+def test_shift_augmentation_is_an_integer_translation_and_stateless():
+  rng = np.random.default_rng(0)
+  x = np.zeros([6, 28, 28, 1], np.float32)
+  x[:, 8:20, 8:20] = rng.random([6, 12, 12, 1])
+  seed = tf.constant([3, 4])
+  out = train_lib.augment_batch(tf.constant(x), seed, "shift", 2).numpy()
+  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "shift", 2))
+  shifts = set()
+  for original, moved in zip(x, out):
+    found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+             if np.allclose(np.roll(original, (dy, dx), axis=(0, 1)), moved, atol=1e-5)]
+    assert found, "output is not a translation of the input by <= 2 px"
+    shifts.add(found[0])
+  assert len(shifts) > 1
+
+
+def _blob_images(num_per_class=10, size=28, seed=0):
+  """4 classes: a bright square in a class-specific quadrant (uint8, strokes dark)."""
+  rng = np.random.default_rng(seed)
+  images, labels = [], []
+  for label in range(4):
+    for _ in range(num_per_class):
+      image = np.full([size, size, 1], 255, np.uint8)
+      y0, x0 = 3 + 12 * (label // 2) + rng.integers(0, 3), 3 + 12 * (label % 2) + rng.integers(0, 3)
+      image[y0:y0 + 8, x0:x0 + 8] = rng.integers(0, 60)
+      images.append(image)
+      labels.append(label)
+  return np.stack(images), np.asarray(labels)
+
+
+_TINY = train_lib.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
+                                 log_every=2)
+
+
+def _weights(trainer):
+  return [v.numpy().copy() for v in trainer.classifier.weights]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """An uninterrupted tiny run, and the same run killed mid-epoch then resumed."""
+  images, labels = _blob_images()
+  straight_dir = str(tmp_path_factory.mktemp("straight"))
+  keras.backend.clear_session()
+  straight = train_lib.Pretrainer(_TINY, images, labels, straight_dir, log=lambda _: None)
+  summary = straight.train()
+  resumed_dir = str(tmp_path_factory.mktemp("resumed"))
+  keras.backend.clear_session()
+  first = train_lib.Pretrainer(_TINY, images, labels, resumed_dir, log=lambda _: None)
+  partial = first.train(stop_after_steps=7)   # "killed" inside epoch 2
+  keras.backend.clear_session()
+  second = train_lib.Pretrainer(_TINY, images, labels, resumed_dir, log=lambda _: None)
+  resumed = second.train()
+  return {"straight": straight, "summary": summary, "partial": partial,
+          "second": second, "resumed": resumed, "dir": straight_dir,
+          "images": images, "labels": labels}
+
+
+def test_training_learns_and_exports(trained):
+  history = trained["summary"]["history"]
+  assert [h["epoch"] for h in history] == [1, 2, 3]
+  assert history[-1]["loss"] < history[0]["loss"]
+  assert history[-1]["accuracy"] > 0.6
+  export = trained["summary"]["export"]
+  weights = os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS)
+  assert export["weights_sha256"] == train_lib.file_sha256(weights)
+  assert os.listdir(os.path.join(trained["dir"], "logs"))  # TensorBoard event file
+
+
+def test_resume_after_kill_replays_the_uninterrupted_run(trained):
+  assert trained["partial"]["steps"] == 7 and not trained["partial"]["finished"]
+  assert "export" not in trained["partial"]
+  assert trained["resumed"]["finished"] and trained["resumed"]["steps"] == 15
+  straight, second = trained["straight"], trained["second"]
+  assert int(second.optimizer.iterations.numpy()) == int(straight.optimizer.iterations.numpy()) == 15
+  for a, b in zip(_weights(straight), _weights(second)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for a, b in zip(straight.optimizer.variables, second.optimizer.variables):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_different_settings_is_refused(trained, tmp_path):
+  keras.backend.clear_session()
+  changed = train_lib.PretrainConfig(**{**_TINY.__dict__, "learning_rate": 0.5})
+  with pytest.raises(errors.ConfigError, match="learning_rate=0.05"):
+    train_lib.Pretrainer(changed, trained["images"], trained["labels"],
+                         os.path.dirname(trained["second"].manager.directory),
+                         log=lambda _: None).restore()
+
+
+def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
+  model, description = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  x = train_lib.preprocess(trained["images"][:5], True)
+  np.testing.assert_allclose(model(x, training=False), trained["straight"].backbone(x, training=False),
+                             rtol=1e-5, atol=1e-6)
+  assert description["feature_dim"] == 64 and description["invert"] is True
+  copy = tmp_path / "backbone"
+  copy.mkdir()
+  for name in (train_lib.BACKBONE_WEIGHTS, train_lib.BACKBONE_CONFIG):
+    with open(os.path.join(trained["dir"], "backbone", name), "rb") as handle:
+      (copy / name).write_bytes(handle.read())
+  with open(copy / train_lib.BACKBONE_WEIGHTS, "ab") as handle:
+    handle.write(b"junk")
+  with pytest.raises(errors.DataError, match="does not match"):
+    train_lib.load_backbone(str(copy))
+  with pytest.raises(errors.DataError, match="no such file"):
+    train_lib.load_backbone(str(tmp_path / "nothing"))
+
+
+def test_bad_config_is_a_clear_error():
+  images, labels = _blob_images(2)
+  with pytest.raises(errors.ConfigError, match="--schedule='linear'"):
+    train_lib.Pretrainer(train_lib.PretrainConfig(schedule="linear"), images, labels, "/tmp/x")
+  if tf.config.list_physical_devices("GPU"):
+    return  # mixed precision is allowed there
+  with pytest.raises(errors.ConfigError, match="--mixed_precision=on needs a GPU"):
+    train_lib.Pretrainer(train_lib.PretrainConfig(mixed_precision="on", batch_size=4,
+                                                  rotations=False),
+                         images, labels, "/tmp/x")
+
+
+# -- extraction ----------------------------------------------------------------
+CLASSES = {"train": ["Japanese_(katakana)/character01", "Japanese_(katakana)/character02"],
+           "val": ["Greek/character01"], "test": ["Latin/character01", "Latin-x/character01"]}
+
+
+def _png(seed, size=105):
+  rng = np.random.default_rng(seed)
+  image = np.full([size, size], 255, np.uint8)
+  y, x = rng.integers(10, 60, 2)
+  image[y:y + 30, x:x + 8] = 0
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+@pytest.fixture()
+def image_tree(tmp_path):
+  root = tmp_path / "images"
+  seed = 0
+  for classes in CLASSES.values():
+    for name in classes:
+      (root / name).mkdir(parents=True)
+      for i in range(3):
+        (root / name / f"d{i}.png").write_bytes(_png(seed))
+        seed += 1
+  return str(root)
+
+
+def _extract(trained, image_tree, out, **kwargs):
+  by_class = im.group_by_class(im.scan_directory(image_tree))
+  return extract.extract_embeddings(os.path.join(trained["dir"], "backbone"), by_class,
+                                    CLASSES, str(out), "tiny", log=lambda _: None, **kwargs)
+
+
+def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp_path):
+  manifest = _extract(trained, image_tree, tmp_path / "out", batch_size=4)
+  folder = tmp_path / "out" / "tiny" / "center"
+  assert sorted(os.listdir(folder)) == ["manifest.json", "test_embeddings.pkl",
+                                        "train_embeddings.pkl", "val_embeddings.pkl"]
+  on_disk = json.loads((folder / "manifest.json").read_text())
+  assert on_disk == json.loads(json.dumps(manifest))
+  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+      os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS))
+  assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
+      "train": (6, 2), "val": (3, 1), "test": (6, 2)}
+  assert sorted(manifest["class_names"].values()) == sorted(sum(CLASSES.values(), []))
+  tokens = manifest["class_names"]
+  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  for split in ("train", "val", "test"):
+    loaded = embeddings_lib.load_dataset_split(str(tmp_path / "out"), "tiny", "center", split)
+    assert loaded.embeddings.dtype == np.float32 and loaded.dim == 64
+    assert sorted(tokens[c] for c in loaded.class_names) == sorted(CLASSES[split])
+    # Row = backbone(preprocess(decoded image)), in file order within each class.
+    for c_index, token in enumerate(loaded.class_names):
+      paths = sorted(os.listdir(os.path.join(image_tree, tokens[token])))
+      images = np.stack([im.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb")
+                                         .read(), p, im.DecodeOptions(28, 1)) for p in paths])
+      expected = model(train_lib.preprocess(images, True), training=False).numpy()
+      start = loaded.class_start[c_index]
+      np.testing.assert_allclose(loaded.embeddings[start:start + 3], expected, rtol=1e-4,
+                                 atol=1e-5)
+
+
+def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, image_tree,
+                                                                     tmp_path):
+  out = tmp_path / "out"
+  _extract(trained, image_tree, out, crop="multiview", fmt="pkl")
+  manifest = _extract(trained, image_tree, out, crop="multiview", fmt="npz")
+  folder = out / "tiny" / "multiview"
+  assert sorted(os.listdir(folder)) == ["manifest.json", "test_embeddings.npz",
+                                        "train_embeddings.npz", "val_embeddings.npz"]
+  assert manifest["crop_description"].startswith("resized to round(image_size*8/7)")
+  loaded = embeddings_lib.load_split(str(folder / "val_embeddings.npz"))
+  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  path = os.path.join(image_tree, "Greek/character01/d0.png")
+  big = train_lib.preprocess(im.decode_image(open(path, "rb").read(), path,
+                                             im.DecodeOptions(32, 1)), True).numpy()
+  views = [big[dy:dy + 28, dx:dx + 28] for dy, dx in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
+  views += [v[:, ::-1] for v in views]
+  expected = model(np.stack(views), training=False).numpy().mean(axis=0)
+  np.testing.assert_allclose(loaded.embeddings[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_image_fails_cleanly_or_is_skipped_and_reported(trained, image_tree, tmp_path):
+  bad = os.path.join(image_tree, "Latin/character01/d1.png")
+  with open(bad, "wb") as handle:
+    handle.write(b"\x89PNG\r\n\x1a\n truncated")
+  out = tmp_path / "out"
+  with pytest.raises(errors.DataError, match=r"Latin/character01/d1\.png.*corrupt"):
+    _extract(trained, image_tree, out)
+  folder = out / "tiny" / "center"
+  # Splits finished before the failure are complete; no test file, no manifest, no temp files.
+  assert sorted(os.listdir(folder)) == ["train_embeddings.pkl", "val_embeddings.pkl"]
+  manifest = _extract(trained, image_tree, out, skip_bad=True)
+  assert manifest["splits"]["test"]["num_images"] == 5
+  assert manifest["splits"]["test"]["skipped"][0]["image"] == bad
+  assert embeddings_lib.load_split(str(folder / "test_embeddings.pkl")).embeddings.shape == (5, 64)
+
+
+def test_killed_write_leaves_no_partial_pickle(trained, image_tree, tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  _extract(trained, image_tree, out)
+  folder = out / "tiny" / "center"
+  before = (folder / "test_embeddings.pkl").read_bytes()
+  real_replace = os.replace
+
+  def killed(src, dst):
+    if dst.endswith("test_embeddings.pkl"):
+      raise KeyboardInterrupt  # the job dies between writing and renaming
+    return real_replace(src, dst)
+  monkeypatch.setattr(fileio.os, "replace", killed)
+  with pytest.raises(KeyboardInterrupt):
+    _extract(trained, image_tree, out, crop="center")
+  assert (folder / "test_embeddings.pkl").read_bytes() == before
+  assert not [n for n in os.listdir(folder) if ".tmp-" in n]
+
+
+def test_class_tokens_are_safe_and_unique():
+  tokens = extract.class_tokens(["Japanese_(katakana)/character01", "Japanesekatakana/character01",
+                                 "n01532829", "---"])
+  assert tokens["Japanese_(katakana)/character01"] == "Japanesekatakanacharacter01"
+  assert tokens["Japanesekatakana/character01"] == "Japanesekatakanacharacter01x2"
+  assert tokens["n01532829"] == "n01532829" and tokens["---"] == "class"
+  for token in tokens.values():
+    embeddings_lib.make_key(token, 1)  # accepted by the key format
+
+
+def test_benchmark_extraction_measures_images_per_second():
+  rate = extract.benchmark_extraction("conv4", 28, 1, batch_size=32, num_images=128)
+  assert np.isfinite(rate) and rate > 0
+
+
+def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
+       f"--backbone_dir={tmp_path}/missing", f"--source={tmp_path}", "--split=omniglot_small"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# -- real data -----------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.slow
+def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
+  work = tmp_path / "work"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
+       f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
+       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners="],
+      capture_output=True, text=True, timeout=1200, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((work / "results.json").read_text())
+  manifest = results["manifest"]
+  assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
+      "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
+  assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
+  for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
+    embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "center", split)
+  rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
+          for r in results["rows"]}
+  ncm, pixels = rows[("ncm_cosine", "5w1s")], rows[("ncm_cosine px", "5w1s")]
+  assert ncm["num_tasks"] == 100
+  assert ncm["accuracy"] > 20 + 5 * ncm["ci95"]                 # far above chance
+  assert ncm["accuracy"] - ncm["ci95"] > pixels["accuracy"] + pixels["ci95"]
+  assert rows[("logistic_regression", "20w1s")]["accuracy"] > 5 + 5 * rows[
+      ("logistic_regression", "20w1s")]["ci95"]
+  assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
