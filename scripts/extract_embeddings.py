@@ -55,8 +55,9 @@ def main(argv):
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
-  print(f"manifest: {os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)}"
-        f" ({', '.join(f'{k}: {v['num_images']} images' for k, v in manifest['splits'].items())})")
+  counts = ", ".join(f"{k}: {v['num_images']} images" for k, v in manifest["splits"].items())
+  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)
+  print(f"manifest: {path} ({counts})")
 
 
 if __name__ == "__main__":
