@@ -58,6 +58,8 @@ flags.DEFINE_integer("eval_num_query", 0,
                      "V at validation/test; 0 = all remaining images of each class (the release: "
                      "images_per_class - K, using the smallest class of the split).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Floating-point type of the model.")
+flags.DEFINE_boolean("deterministic", False,
+                     "Enable TF op determinism: same seed, same result, bit for bit (slower).")
 flags.DEFINE_boolean("jit_compile", False, "Compile the meta-training step with XLA.")
 flags.DEFINE_string("baselines", "ncm",
                     "Comma list of non-learned baselines scored on the same test episodes in "

@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import logging
+import tensorflow as tf
 
 import config  # defines the flags
 from leo_suite import errors
@@ -66,7 +67,6 @@ def load_splits(names):
 
 
 def build_learner(dim):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.random.set_seed(FLAGS.seed)
   return registry.build(FLAGS.model, config.learner_config(), FLAGS.num_classes, dim,
                         FLAGS.dtype)
@@ -172,6 +172,8 @@ def main(argv):
   try:
     config.apply_preset()
     check_flags()
+    if FLAGS.deterministic:
+      tf.config.experimental.enable_op_determinism()
     if FLAGS.evaluation_mode:
       evaluate()
     else:

@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[bootstrap] creating .venv with $python_bin"
   "$python_bin" -m venv .venv
 fi
-stamp=".venv/.requirements-$(cat "$requirements" requirements-extra.txt 2>/dev/null | sha256sum | cut -c1-16)"
+stamp=".venv/.requirements-$( (cat "$requirements" requirements-nodeps.txt 2>/dev/null || true) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[bootstrap] installing $requirements (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip

@@ -45,6 +45,19 @@ class SeedStream:
     return tf.random.experimental.stateless_fold_in(self._seed, self._count)
 
 
+def glorot_uniform(shape, dtype):
+  """Glorot/Xavier uniform init drawn with TF's global seed (tf.random.set_seed).
+
+  (Keras 3 initializers draw from their own seed generator, which the runner's
+  --seed would not control; this keeps initialisation reproducible.)
+  """
+  fan_in, fan_out = shape[-2], shape[-1]
+  for size in shape[:-2]:
+    fan_in, fan_out = fan_in * size, fan_out * size
+  limit = (6.0 / (fan_in + fan_out)) ** 0.5
+  return tf.random.uniform(shape, -limit, limit, dtype=tf.as_dtype(dtype))
+
+
 def cross_entropy(logits, labels):
   """Per-example softmax cross-entropy with one-hot targets.
 

@@ -14,6 +14,8 @@ from typing import List, Sequence
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite.models import base
+
 from leo_suite import errors
 
 
@@ -25,11 +27,10 @@ class HeadParams(snt.Module):
                name="head"):
     super().__init__(name=name)
     sizes = [embedding_dim] + list(hidden_sizes) + [num_ways]
-    glorot = tf.initializers.GlorotUniform(seed=0)
     self.params: List[tf.Variable] = []
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
       self.params.append(tf.Variable(
-          tf.cast(glorot([fan_in, fan_out]), dtype), name=f"w_{layer}"))
+          base.glorot_uniform([fan_in, fan_out], dtype), name=f"w_{layer}"))
       self.params.append(tf.Variable(
           tf.zeros([fan_out], dtype), name=f"b_{layer}"))
 

@@ -71,10 +71,6 @@ def build(config, num_ways, embedding_dim, dtype="float32"):
   return LEO(config, num_ways, embedding_dim, dtype)
 
 
-def _glorot(shape, dtype):
-  return tf.cast(tf.initializers.GlorotUniform()(shape), dtype)
-
-
 def gradient_descent(start, loss_fn, learning_rate, num_steps):
   """x <- x - lr * grad_x sum(loss_fn(x)), `num_steps` times (eq. 6 and 7).
 
@@ -123,13 +119,13 @@ class LEO(base.Learner):
     self.config = config
     d, latents = self.embedding_dim, config.num_latents
     with tf.name_scope("encoder"):
-      self.encoder_w = tf.Variable(_glorot([d, latents], self.dtype), name="w")
+      self.encoder_w = tf.Variable(base.glorot_uniform([d, latents], self.dtype), name="w")
     with tf.name_scope("relation_network"):
       self.relation_ws = [
-          tf.Variable(_glorot([2 * latents, 2 * latents], self.dtype), name=f"w_{i}")
+          tf.Variable(base.glorot_uniform([2 * latents, 2 * latents], self.dtype), name=f"w_{i}")
           for i in range(3)]
     with tf.name_scope("decoder"):
-      self.decoder_w = tf.Variable(_glorot([latents, 2 * d], self.dtype), name="w")
+      self.decoder_w = tf.Variable(base.glorot_uniform([latents, 2 * d], self.dtype), name="w")
     with tf.name_scope("leo_inner"):
       self.inner_lr = tf.Variable(
           tf.fill([1, 1, latents], tf.constant(config.inner_lr_init, self.dtype)),
