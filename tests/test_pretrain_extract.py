@@ -169,7 +169,16 @@ def test_training_learns_and_exports(trained):
   export = trained["summary"]["export"]
   weights = os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS)
   assert export["weights_sha256"] == train_lib.file_sha256(weights)
-  assert os.listdir(os.path.join(trained["dir"], "logs"))  # TensorBoard event file
+  # TensorBoard event file with scalar summaries (scalars plugin).
+  from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
+  logs = os.path.join(trained["dir"], "logs")
+  tags = set()
+  for name in os.listdir(logs):
+    for record in tf.data.TFRecordDataset(os.path.join(logs, name)):
+      for value in event_pb2.Event.FromString(record.numpy()).summary.value:
+        assert value.metadata.plugin_data.plugin_name == "scalars"
+        tags.add(value.tag)
+  assert {"train/loss", "train/accuracy", "train/learning_rate", "epoch/loss"} <= tags
 
 
 def test_resume_after_kill_replays_the_uninterrupted_run(trained):
