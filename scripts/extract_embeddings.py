@@ -28,6 +28,8 @@ flags.DEFINE_string("split", "omniglot_small", "Class split: protocol name, JSON
 flags.DEFINE_list("splits", ["train", "val", "test"], "Which splits to extract.")
 flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are.")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
+flags.DEFINE_boolean("tfds_download", False, "Let tfds: sources download and prepare the "
+                     "dataset (needs network access); default: only read prepared data.")
 flags.DEFINE_string("out", "embeddings", "Output root (the runner's --data_path).")
 flags.DEFINE_string("dataset_name", "omniglot_small", "Dataset folder name.")
 flags.DEFINE_enum("crop", "center", list(extract.CROPS), "center: whole image; multiview: "
@@ -46,7 +48,8 @@ def main(argv):
   if not FLAGS.backbone_dir:
     raise errors.ConfigError("--backbone_dir is required (the backbone/ folder of a pretraining run)")
   by_class, split_classes, origin = images_lib.load_labelled_splits(
-      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir)
+      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
+      FLAGS.tfds_download)
   unknown = [s for s in FLAGS.splits if s not in split_classes]
   if unknown:
     raise errors.ConfigError(f"--splits={unknown}: {origin} defines only {sorted(split_classes)}")

@@ -32,6 +32,8 @@ flags.DEFINE_string("split", "omniglot_small", "Class split: a protocol name (om
 flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are "
                     "(default $LEO_SUITE_OMNIGLOT_DIR or ../shared/data/omniglot).")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
+flags.DEFINE_boolean("tfds_download", False, "Let tfds: sources download and prepare the "
+                     "dataset (needs network access); default: only read prepared data.")
 flags.DEFINE_string("out_dir", "runs/pretrain", "Checkpoints, logs and the exported backbone/.")
 flags.DEFINE_boolean("print_params", False, "Print the backbones' parameter counts and exit.")
 flags.DEFINE_enum("backbone", _DEFAULTS.backbone, list(backbones.BACKBONES), "Feature backbone.")
@@ -82,7 +84,8 @@ def main(argv):
   config = config_from_flags()
   train_lib.validate_config(config)
   by_class, split_classes, origin = images_lib.load_labelled_splits(
-      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir)
+      FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
+      FLAGS.tfds_download)
   print(f"split {origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
   options = images_lib.DecodeOptions(
       config.image_size, config.channels, images_lib.parse_expected_size(FLAGS.expected_size),

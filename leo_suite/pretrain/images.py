@@ -230,11 +230,13 @@ def scan_tfds(name: str, split: str = "train", data_dir: Optional[str] = None,
   return records
 
 
-def scan_source(source: str, tfds_data_dir: Optional[str] = None) -> List[ImageRecord]:
+def scan_source(source: str, tfds_data_dir: Optional[str] = None,
+                tfds_download: bool = False) -> List[ImageRecord]:
   """Dispatches on the source string: `tfds:name[:split]`, *.zip, or a directory."""
   if source.startswith("tfds:"):
     parts = source.split(":")
-    return scan_tfds(parts[1], parts[2] if len(parts) > 2 else "train", tfds_data_dir)
+    return scan_tfds(parts[1], parts[2] if len(parts) > 2 else "train", tfds_data_dir,
+                     download=tfds_download)
   if source.lower().endswith(".zip"):
     return scan_zip(source)
   if not os.path.exists(source):
@@ -464,7 +466,8 @@ def parse_expected_size(text: Optional[str]):
 
 def load_labelled_splits(sources: Sequence[str], split: str,
                          protocol_dir: Optional[str] = None,
-                         tfds_data_dir: Optional[str] = None):
+                         tfds_data_dir: Optional[str] = None,
+                         tfds_download: bool = False):
   """Sources + split spec -> (records by class, {split: classes}, split origin).
 
   A source `csv:<root>` is a miniImageNet CSV root; with `split='csv'` its
@@ -478,7 +481,7 @@ def load_labelled_splits(sources: Sequence[str], split: str,
     groups.append(records)
     for name, classes in lists.items():
       csv_lists.setdefault(name, []).extend(classes)
-  groups.extend(scan_source(s, tfds_data_dir) for s in others)
+  groups.extend(scan_source(s, tfds_data_dir, tfds_download) for s in others)
   if not groups:
     raise errors.ConfigError("no image source given (--source)")
   by_class = group_by_class(merge_records(groups))
