@@ -42,14 +42,104 @@ _ALLOWED_GLOBALS = frozenset({
     ("builtins", "bytes"), ("__builtin__", "bytes"),  # empty bytes, protocol 2
     ("builtins", "bytearray"), ("__builtin__", "bytearray"),
 })
+_LATIN1 = frozenset({"latin1", "latin-1", "iso-8859-1", "iso8859-1", "l1"})
+
+
+class _Guarded:
+  """An allowed callable as the unpickler hands it out.
+
+  It checks its arguments (no allocation by size, no other codec than latin1,
+  arrays start empty as numpy's own pickles do) and cannot be modified by the
+  pickle's BUILD opcode, so a file can neither call the real object in an
+  unusual way nor tamper with numpy's functions for the rest of the process.
+  """
+  __slots__ = ("_name", "_function", "_check")
+
+  def __init__(self, name, function, check):
+    object.__setattr__(self, "_name", name)
+    object.__setattr__(self, "_function", function)
+    object.__setattr__(self, "_check", check)
+
+  def __call__(self, *args):
+    if not self._check(args):
+      raise pickle.UnpicklingError(
+          f"the file calls {self._name} with unexpected arguments "
+          f"({', '.join(type(a).__name__ for a in args)}); refused")
+    return self._function(*args)
+
+  def __setattr__(self, name, value):
+    raise pickle.UnpicklingError(f"the file tries to modify {self._name}; refused")
+
+  def __setstate__(self, state):
+    raise pickle.UnpicklingError(f"the file tries to modify {self._name}; refused")
+
+  def __reduce__(self):
+    raise TypeError("not picklable")
+
+
+def _is_text(value):
+  return isinstance(value, (str, bytes))
+
+
+def _bytes_args(args):  # bytes() / bytes(text, 'latin1'), never bytes(size)
+  return (not args or (_is_text(args[0]) and len(args) <= 2 and
+                       all(isinstance(a, str) and a.lower() in _LATIN1 for a in args[1:])))
+
+
+def _encode_args(args):  # _codecs.encode(text, 'latin1')
+  return len(args) == 2 and isinstance(args[0], str) and str(args[1]).lower() in _LATIN1
+
+
+def _real_global(module, name):
+  module = module.replace("numpy.core.", "numpy._core.")
+  imported = __import__(module, fromlist=[name])
+  return getattr(imported, name)
+
+
+_NDARRAY_TOKEN = _Guarded("numpy.ndarray", None, lambda args: False)
+
+
+def _reconstruct_args(args):  # numpy's reduce: _reconstruct(ndarray, (0,), b'b')
+  return (len(args) == 3 and args[0] is _NDARRAY_TOKEN and isinstance(args[1], tuple)
+          and all(type(n) is int and n == 0 for n in args[1]) and _is_text(args[2]))
+
+
+def _safe_globals():
+  reconstruct = _real_global("numpy._core.multiarray", "_reconstruct")
+  table = {
+      "_reconstruct": _Guarded(
+          "numpy multiarray._reconstruct",
+          lambda subtype, shape, dtype: reconstruct(np.ndarray, shape, dtype),
+          _reconstruct_args),
+      "scalar": _Guarded("numpy multiarray.scalar",
+                         _real_global("numpy._core.multiarray", "scalar"),
+                         lambda args: 1 <= len(args) <= 2 and isinstance(args[0], np.dtype)),
+      "_frombuffer": _Guarded("numpy numeric._frombuffer",
+                              _real_global("numpy._core.numeric", "_frombuffer"),
+                              lambda args: 4 <= len(args) <= 5 and isinstance(
+                                  args[0], (bytes, bytearray))),
+      "ndarray": _NDARRAY_TOKEN,
+      "dtype": np.dtype,  # an immutable C type: BUILD cannot change it
+      "encode": _Guarded("_codecs.encode", lambda text, _: text.encode("latin1"),
+                         _encode_args),
+      "bytes": _Guarded("bytes", bytes, _bytes_args),
+      "bytearray": _Guarded("bytearray", bytearray, _bytes_args),
+  }
+  return {(module, name): table[name] for module, name in _ALLOWED_GLOBALS}
+
+
+_SAFE_GLOBALS = _safe_globals()
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-  """Unpickler that resolves only the globals in `_ALLOWED_GLOBALS`."""
+  """Unpickler that resolves only the globals in `_ALLOWED_GLOBALS`.
+
+  A refused name is never imported or called, so nothing from the file runs.
+  """
 
   def find_class(self, module, name):
-    if (module, name) in _ALLOWED_GLOBALS:
-      return super().find_class(module, name)
+    if (module, name) in _SAFE_GLOBALS:
+      return _SAFE_GLOBALS[(module, name)]
     raise pickle.UnpicklingError(
         f"the file names the disallowed object {module}.{name}; embeddings "
         "files may only contain dicts, lists, strings and numpy arrays")
@@ -141,8 +231,7 @@ def _read_raw(path):
       contents = safe_unpickle(payload)
     except pickle.UnpicklingError as exc:
       raise errors.DataError(f"{path}: refused or unreadable pickle: {exc}") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError,
-            AttributeError, UnicodeDecodeError, MemoryError) as exc:
+    except Exception as exc:  # pylint: disable=broad-except  # any malformed byte string
       raise errors.DataError(
           f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); the "
           "file may be truncated or not an embeddings file: re-download it") from None
@@ -184,7 +273,27 @@ def _as_embedding_matrix(raw, path):
 
 
 def load_split(path: str) -> EmbeddingSplit:
-  """Loads and validates one split file; raises `DataError` with the reason."""
+  """Loads and validates one split file; raises `DataError` with the reason.
+
+  Whatever the file holds, the only exception that leaves is a `DataError`
+  naming the file (a hostile structure, e.g. nested a million levels deep,
+  cannot surface as a RecursionError or TypeError traceback).
+  """
+  try:
+    return _load_split(path)
+  except errors.UserError:
+    raise
+  except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+          RecursionError, MemoryError, UnicodeError) as exc:
+    raise errors.DataError(
+        f"{path}: malformed embeddings file ({type(exc).__name__}: {str(exc)[:200]}); "
+        "expected a dict with 'keys' (n strings) and 'embeddings' (an n x D float "
+        "array): re-create or re-download it") from None
+  except OSError as exc:
+    raise errors.DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _load_split(path: str) -> EmbeddingSplit:
   raw_keys, raw_embeddings, payload = _read_raw(path)
   matrix = _as_embedding_matrix(raw_embeddings, path)
   if isinstance(raw_keys, np.ndarray):
