@@ -279,8 +279,20 @@ def load_split(path: str) -> EmbeddingSplit:
   naming the file (a hostile structure, e.g. nested a million levels deep,
   cannot surface as a RecursionError or TypeError traceback).
   """
+  return _guarded(path, _load_split)
+
+
+def read_keys_and_embeddings(path: str):
+  """(keys as str, float32 [n, D]) in file order, validated as `load_split` does."""
+  def read(p):
+    keys, matrix, _, _, _ = _read_validated(p)
+    return keys, matrix
+  return _guarded(path, read)
+
+
+def _guarded(path, reader):
   try:
-    return _load_split(path)
+    return reader(path)
   except errors.UserError:
     raise
   except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
@@ -294,6 +306,12 @@ def load_split(path: str) -> EmbeddingSplit:
 
 
 def _load_split(path: str) -> EmbeddingSplit:
+  _, matrix, class_rows, image_names, payload = _read_validated(path)
+  return _group_by_class(matrix, class_rows, image_names,
+                         {path: hashlib.sha256(payload).hexdigest()})
+
+
+def _read_validated(path):
   raw_keys, raw_embeddings, payload = _read_raw(path)
   matrix = _as_embedding_matrix(raw_embeddings, path)
   if isinstance(raw_keys, np.ndarray):
@@ -311,8 +329,10 @@ def _load_split(path: str) -> EmbeddingSplit:
   class_rows = {}
   image_names = []
   seen_files = {}
+  keys = []
   for index, key in enumerate(raw_keys):
-    class_name, image_file = parse_key(_decode_key(key, path, index), path, index)
+    keys.append(_decode_key(key, path, index))
+    class_name, image_file = parse_key(keys[-1], path, index)
     if image_file in seen_files:
       raise errors.DataError(
           f"{path}: duplicate image {image_file!r} at keys[{seen_files[image_file]}] "
@@ -320,8 +340,7 @@ def _load_split(path: str) -> EmbeddingSplit:
     seen_files[image_file] = index
     class_rows.setdefault(class_name, []).append(index)
     image_names.append(image_file)
-  return _group_by_class(matrix, class_rows, image_names,
-                         {path: hashlib.sha256(payload).hexdigest()})
+  return keys, matrix, class_rows, image_names, payload
 
 
 def _group_by_class(matrix, class_rows, image_names, source):
