@@ -402,3 +402,25 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert rows[("logistic_regression", "20w1s")]["accuracy"] > 5 + 5 * rows[
       ("logistic_regression", "20w1s")]["ci95"]
   assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
+  split = tmp_path / "split.json"
+  split.write_text(json.dumps({"train": ["Japanese_(katakana)"], "val": ["Greek"],
+                               "test": ["Latin", "Latin-x"]}))
+  run = [sys.executable, os.path.join(REPO, "scripts", "pretrain.py"), f"--source={image_tree}",
+         f"--split={split}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--batch_size=4",
+         "--expected_size=105x105"]
+  proc = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "6 images of 2 classes (8 with rotations)" in proc.stdout
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
+       f"--backbone_dir={tmp_path / 'run' / 'backbone'}", f"--source={image_tree}",
+       f"--split={split}", f"--out={tmp_path / 'emb'}", "--dataset_name=tiny",
+       "--format=npz"], capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  test = embeddings_lib.load_dataset_split(str(tmp_path / "emb"), "tiny", "center", "test")
+  assert test.source and list(test.source)[0].endswith("test_embeddings.npz")
+  assert test.num_classes == 2 and test.embeddings.shape == (6, 64)
