@@ -1,0 +1,546 @@
+"""Export an adapted few-shot classifier as a TensorFlow Serving SavedModel.
+
+A meta-learner checkpoint (a runner run directory) is adapted ONCE to a support
+set (N named classes, K examples each) and written to
+
+    <export_base>/<model_name>/<version>/{saved_model.pb, variables/, assets.extra/}
+
+the layout `tensorflow_model_server --model_base_path=<export_base>/<model_name>`
+polls. Versions are integers that only increase; an existing version is never
+overwritten. The SavedModel is written into a hidden temporary directory beside
+the versions (`.tmp-export-*`, a name TF Serving ignores) and renamed to its
+number only when complete, so a killed export never leaves a half-written
+version that the server would try to load.
+
+Signatures (all inputs float32 / string / int32, outputs float32 unless said):
+
+  serving_default   embeddings [batch, D] -> probabilities [batch, N],
+                    classes [batch] (string: argmax class name), logits [batch, N].
+                    With a bundled backbone the input is instead `images`
+                    [batch] (encoded PNG/JPEG/BMP/GIF strings, REST {"b64": ...}),
+                    decoded, resized to the backbone's image size and embedded
+                    inside the graph; `predict_embeddings` then keeps the
+                    embeddings input.
+  classify          inputs [batch] serialized tf.Example with float feature
+                    `embedding` (length D) -> classes [batch, N] (string: all
+                    class names), scores [batch, N] (probabilities). This is the
+                    shape TF Serving's Classify API / REST :classify expects.
+  adapt_and_predict support_embeddings [N*K, D], support_labels [N*K] (int32 in
+                    0..N-1, any order, exactly K per class), query_embeddings
+                    [batch, D] -> logits [batch, N], probabilities [batch, N],
+                    class_ids [batch] (int32): adapts the learner per request
+                    (N and K fixed to the exported support set's).
+
+Embeddings are L2-normalised inside the graph (as the episode sampler does in
+training), so clients send raw backbone features. The exported graph uses only
+TensorFlow ops: `tf.saved_model.load` needs nothing from leo_suite.
+
+TF2 writes the method name `tensorflow/serving/predict` on every signature;
+`tensorflow_model_server` still serves :classify on it because
+--enable_signature_method_name_check defaults to false.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.models import registry
+
+SIGNATURE_PREDICT = "serving_default"
+SIGNATURE_PREDICT_EMBEDDINGS = "predict_embeddings"
+SIGNATURE_CLASSIFY = "classify"
+SIGNATURE_ADAPT = "adapt_and_predict"
+EXAMPLE_FEATURE = "embedding"
+EXPORT_INFO = os.path.join("assets.extra", "leo_suite_export.json")
+TMP_PREFIX = ".tmp-export-"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+# -- support sets -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SupportSet:
+  """N named classes with K raw (unnormalised) embeddings each."""
+  class_names: Tuple[str, ...]
+  embeddings: np.ndarray      # float32 [N, K, D]
+  origin: str
+
+  @property
+  def num_ways(self):
+    return int(self.embeddings.shape[0])
+
+  @property
+  def num_shots(self):
+    return int(self.embeddings.shape[1])
+
+  @property
+  def dim(self):
+    return int(self.embeddings.shape[2])
+
+
+def check_shots(counts: Dict[str, int], origin: str, num_shots: int = 0) -> int:
+  """Returns K for {class: number of examples}; raises on empty/unequal classes.
+
+  Every class needs at least one example and all classes the same count,
+  unless `num_shots` > 0, which keeps the first `num_shots` of each class.
+  """
+  if not counts:
+    raise errors.DataError(f"{origin}: the support set has no classes")
+  names = sorted(counts)
+  empty = [n for n in names if counts[n] == 0]
+  if empty:
+    raise errors.DataError(
+        f"{origin}: class {empty[0]!r} has no support examples; every class "
+        "needs at least one (remove the class or add examples)")
+  if num_shots < 0:
+    raise errors.ConfigError(f"--num_shots={num_shots}: must be >= 0 (0 = all)")
+  if num_shots:
+    short = [n for n in names if counts[n] < num_shots]
+    if short:
+      raise errors.DataError(
+          f"{origin}: --num_shots={num_shots} but class {short[0]!r} has only "
+          f"{counts[short[0]]} example(s); lower --num_shots to at most "
+          f"{min(counts.values())}")
+    return num_shots
+  if len(set(counts.values())) > 1:
+    few, many = min(names, key=counts.get), max(names, key=counts.get)
+    raise errors.DataError(
+        f"{origin}: unequal shots: class {few!r} has {counts[few]} examples and "
+        f"{many!r} has {counts[many]}; the learners adapt on an [N, K, D] support "
+        "tensor and need the same K for every class. Pass "
+        f"--num_shots={counts[few]} to use the first {counts[few]} of each class")
+  return counts[names[0]]
+
+
+def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
+                        num_shots: int = 0) -> SupportSet:
+  """{class name: [count, D] embeddings} -> SupportSet (classes sorted by name).
+
+  Every class needs at least one example and all classes the same count,
+  unless `num_shots` > 0, which keeps the first `num_shots` of each class.
+  """
+  names = sorted(groups)
+  counts = {n: len(groups[n]) for n in names}
+  k = check_shots(counts, origin, num_shots)
+  stacked = np.stack([np.asarray(groups[n], np.float32)[:k] for n in names])
+  if stacked.ndim != 3 or stacked.shape[2] == 0:
+    raise errors.DataError(f"{origin}: expected [count, D] embeddings per class, "
+                           f"got {stacked.shape}")
+  if not np.isfinite(stacked).all():
+    raise errors.DataError(f"{origin}: the support embeddings contain NaN or inf")
+  return SupportSet(tuple(names), stacked, origin)
+
+
+def _manifest_names(path):
+  """Token -> original class name from extraction's manifest.json beside `path`."""
+  manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
+  try:
+    with open(manifest) as handle:
+      names = json.load(handle).get("class_names", {})
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+  except (OSError, ValueError, AttributeError):
+    return {}
+
+
+def load_support_embeddings(path: str, num_shots: int = 0) -> SupportSet:
+  """A LEO-format .pkl/.npz (keys give the classes) -> SupportSet.
+
+  Class names are the keys' class field, mapped back to the original names
+  when an extraction manifest.json sits beside the file.
+  """
+  split = embeddings_lib.load_split(path)   # DataError with the reason
+  originals = _manifest_names(path)
+  groups = {}
+  for name, start, count in zip(split.class_names, split.class_start, split.class_count):
+    groups[originals.get(name, name)] = split.embeddings[start:start + count]
+  if len(groups) != split.num_classes:
+    groups = {name: split.embeddings[s:s + c] for name, s, c in
+              zip(split.class_names, split.class_start, split.class_count)}
+  return support_from_groups(groups, path, num_shots)
+
+
+def _empty_class_folders(root):
+  """Leaf folders under `root` that hold no image (classes without examples)."""
+  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
+  empty = []
+  for directory, subdirs, files in os.walk(root):
+    if directory != root and not subdirs and not any(
+        f.lower().endswith(images_lib.IMAGE_EXTENSIONS) for f in files):
+      empty.append(os.path.relpath(directory, root).replace(os.sep, "/"))
+  return sorted(empty)
+
+
+def load_support_images(root: str, backbone_dir: str, num_shots: int = 0,
+                        batch_size: int = 64):
+  """A class-per-folder image tree -> (SupportSet, backbone model, description).
+
+  Images are decoded, resized and embedded exactly as `scripts/extract_embeddings.py`
+  does (center crop), with the pretrained backbone in `backbone_dir`.
+  """
+  from leo_suite.pretrain import extract as extract_lib  # pylint: disable=g-import-not-at-top
+  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
+  from leo_suite.pretrain import train as train_lib  # pylint: disable=g-import-not-at-top
+  records = images_lib.scan_directory(root)
+  empty = _empty_class_folders(root)
+  if empty:
+    raise errors.DataError(
+        f"{root}: class folder {empty[0]!r} has no images; every class needs at "
+        "least one support image (remove the folder or add images)")
+  by_class = images_lib.group_by_class(records)
+  # Fail on unequal shots before decoding anything.
+  k = check_shots({n: len(r) for n, r in by_class.items()}, root, num_shots)
+  by_class = {n: r[:k] for n, r in by_class.items()}
+  model, description = train_lib.load_backbone(backbone_dir)
+  size, channels = int(description["image_size"]), int(description["channels"])
+  options = images_lib.DecodeOptions(size, channels)
+  features_fn = extract_lib.feature_function(model, "center", size,
+                                             bool(description["invert"]))
+  groups = {}
+  for name, class_records in by_class.items():
+    arrays, _, _ = images_lib.load_arrays(class_records, options)
+    feats = [features_fn(tf.constant(arrays[i:i + batch_size])).numpy()
+             for i in range(0, len(arrays), batch_size)]
+    groups[name] = np.concatenate(feats)
+  return support_from_groups(groups, root, num_shots), model, description
+
+
+# -- the meta-learner checkpoint --------------------------------------------------
+@dataclasses.dataclass
+class RestoredRun:
+  learner: object
+  identity: dict
+  checkpoint: str
+  run_dir: str
+
+
+def find_checkpoint(run_dir: str) -> Optional[str]:
+  """`best/ckpt` (or a half-swapped `best.old/ckpt`) else the latest checkpoint."""
+  for best in ("best", "best.old"):
+    path = os.path.join(run_dir, best, "ckpt")
+    if os.path.exists(path + ".index"):
+      return path
+  return tf.train.latest_checkpoint(run_dir)
+
+
+def restore_learner(run_dir: str) -> RestoredRun:
+  """Rebuilds the learner from `<run_dir>/config.json` and restores its weights."""
+  config_path = os.path.join(run_dir, "config.json")
+  if not os.path.isdir(run_dir):
+    raise errors.UserError(f"{run_dir}: no such run directory (pass the runner's "
+                           "--checkpoint_path)")
+  if not os.path.exists(config_path):
+    raise errors.UserError(
+        f"{config_path}: missing; {run_dir} is not a runner run directory (pass "
+        "the --checkpoint_path a `python runner.py` training run wrote)")
+  try:
+    with open(config_path) as handle:
+      identity = json.load(handle)["identity"]
+    model = identity["model"]
+    module = registry.learner_module(model)
+    learner_config = module.Config(**identity["learner"])
+    num_ways, dim = int(identity["num_classes"]), int(identity["embedding_dim"])
+    dtype = identity.get("dtype", "float32")
+  except (OSError, ValueError, KeyError, TypeError) as exc:
+    raise errors.ConfigError(
+        f"{config_path}: cannot rebuild the learner ({type(exc).__name__}: {exc}); "
+        "the file is damaged or from an incompatible leo-suite version") from None
+  checkpoint = find_checkpoint(run_dir)
+  if not checkpoint:
+    raise errors.UserError(
+        f"{run_dir}: no checkpoint (neither best/ckpt nor a ckpt-N); train first "
+        "with `python runner.py --checkpoint_path=...`")
+  tf.random.set_seed(int(identity.get("seed", 0)))
+  learner = registry.build(model, learner_config, num_ways, dim, dtype)
+  try:
+    status = tf.train.Checkpoint(learner=learner).read(checkpoint)
+    status.expect_partial().assert_existing_objects_matched()
+  except (ValueError, AssertionError, tf.errors.OpError) as exc:
+    first = str(exc).strip().splitlines()[0][:300]
+    raise errors.UserError(
+        f"{checkpoint}: does not match {config_path} (model {model!r}, "
+        f"{num_ways}-way, D={dim}): {first}. Use the config.json written with "
+        "this checkpoint") from None
+  return RestoredRun(learner, identity, checkpoint, run_dir)
+
+
+# -- the serving module -----------------------------------------------------------
+def _decode_image(encoded, image_size, channels):
+  """Encoded image string -> uint8 [S, S, C], resized (Lanczos) if needed."""
+  image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8,
+                             expand_animations=False)
+  image.set_shape([None, None, channels])
+  same = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
+
+  def resize():
+    resized = tf.image.resize(image, [image_size, image_size], method="lanczos3",
+                              antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+  image = tf.cond(same, lambda: image, resize)
+  return tf.reshape(image, [image_size, image_size, channels])
+
+
+class AdaptedClassifier(tf.Module):
+  """A learner adapted to one support set, with TF Serving signatures."""
+
+  def __init__(self, learner, support: SupportSet, backbone=None,
+               backbone_description: Optional[dict] = None):
+    super().__init__(name="adapted_classifier")
+    if support.num_ways != learner.num_ways:
+      raise errors.DataError(
+          f"{support.origin}: the support set has {support.num_ways} classes but "
+          f"the learner is {learner.num_ways}-way; give exactly "
+          f"{learner.num_ways} classes")
+    if support.dim != learner.embedding_dim:
+      raise errors.DataError(
+          f"{support.origin}: support embeddings have D={support.dim} but the "
+          f"checkpoint was trained on D={learner.embedding_dim}; use embeddings "
+          "from the backbone the learner was trained on")
+    self.learner = learner
+    self.num_ways, self.num_shots, self.dim = support.num_ways, support.num_shots, support.dim
+    self.class_names = tf.constant(list(support.class_names), tf.string)
+    self._zero_seed = tf.zeros([2], tf.int32)
+    support_x = self.normalise(tf.constant(support.embeddings))[tf.newaxis]
+    support_y = tf.tile(tf.range(self.num_ways, dtype=tf.int32)[:, tf.newaxis],
+                        [1, self.num_shots])[tf.newaxis]
+    state = learner.adapt(support_x, support_y, training=False, seed=self._zero_seed)
+    self.state = tf.nest.map_structure(
+        lambda t: tf.Variable(t, trainable=False, name="adapted_state"), state)
+    self.backbone = backbone
+    self.backbone_description = dict(backbone_description or {})
+    d = self.dim
+    self.predict_embeddings = tf.function(
+        self._predict_embeddings,
+        input_signature=[tf.TensorSpec([None, d], tf.float32, name="embeddings")])
+    self.classify = tf.function(
+        self._classify,
+        input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    nk = self.num_ways * self.num_shots
+    self.adapt_and_predict = tf.function(
+        self._adapt_and_predict, input_signature=[
+            tf.TensorSpec([nk, d], tf.float32, name="support_embeddings"),
+            tf.TensorSpec([nk], tf.int32, name="support_labels"),
+            tf.TensorSpec([None, d], tf.float32, name="query_embeddings")])
+    if backbone is not None:
+      self.predict_images = tf.function(
+          self._predict_images,
+          input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+
+  def normalise(self, embeddings):
+    """L2-normalise in float32 then cast, as the training sampler does."""
+    x = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
+    return tf.cast(x, self.learner.dtype)
+
+  def query_logits(self, state, embeddings):
+    """Embeddings [batch, D] -> logits [batch, N] (float32) of an adapted state."""
+    queries = self.normalise(embeddings)[tf.newaxis, tf.newaxis]   # [1, 1, batch, D]
+    logits = self.learner.predict(state, queries, training=False, seed=self._zero_seed)
+    return tf.cast(tf.reshape(logits, [-1, self.num_ways]), tf.float32)
+
+  def _outputs(self, logits):
+    return {"probabilities": tf.nn.softmax(logits),
+            "classes": tf.gather(self.class_names, tf.argmax(logits, axis=-1)),
+            "logits": logits}
+
+  def _predict_embeddings(self, embeddings):
+    return self._outputs(self.query_logits(self.state, embeddings))
+
+  def _classify(self, inputs):
+    features = tf.io.parse_example(
+        inputs, {EXAMPLE_FEATURE: tf.io.FixedLenFeature([self.dim], tf.float32)})
+    scores = tf.nn.softmax(self.query_logits(self.state, features[EXAMPLE_FEATURE]))
+    classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(scores)[0], 1])
+    return {"classes": classes, "scores": scores}
+
+  def _adapt_and_predict(self, support_embeddings, support_labels, query_embeddings):
+    n, k = self.num_ways, self.num_shots
+    tf.debugging.assert_greater_equal(
+        support_labels, 0, message=f"support_labels must be in 0..{n - 1}")
+    tf.debugging.assert_less(support_labels, n,
+                             message=f"support_labels must be in 0..{n - 1}")
+    counts = tf.math.bincount(support_labels, minlength=n, maxlength=n)
+    tf.debugging.assert_equal(
+        counts, k, message=f"adapt_and_predict needs exactly K={k} support "
+        f"examples of each of the N={n} classes (support_labels 0..{n - 1})")
+    order = tf.argsort(support_labels, stable=True)      # group by class
+    support_x = tf.reshape(tf.gather(self.normalise(support_embeddings), order),
+                           [1, n, k, self.dim])
+    support_y = tf.reshape(tf.gather(support_labels, order), [1, n, k])
+    state = self.learner.adapt(support_x, support_y, training=False, seed=self._zero_seed)
+    logits = self.query_logits(state, query_embeddings)
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+            "class_ids": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+
+  def embed_images(self, images):
+    """Encoded image strings [batch] -> backbone features [batch, D] float32."""
+    info = self.backbone_description
+    size, channels = int(info["image_size"]), int(info["channels"])
+    decoded = tf.map_fn(lambda s: _decode_image(s, size, channels), images,
+                        fn_output_signature=tf.TensorSpec([size, size, channels], tf.uint8))
+    x = tf.cast(decoded, tf.float32) / 255.0        # = pretrain.train.preprocess
+    if info.get("invert"):
+      x = 1.0 - x
+    return tf.cast(self.backbone(x, training=False), tf.float32)
+
+  def _predict_images(self, images):
+    return self._outputs(self.query_logits(self.state, self.embed_images(images)))
+
+  def signatures(self):
+    """{signature name: tf.function} as exported."""
+    signatures = {SIGNATURE_CLASSIFY: self.classify, SIGNATURE_ADAPT: self.adapt_and_predict}
+    if self.backbone is not None:
+      signatures[SIGNATURE_PREDICT] = self.predict_images
+      signatures[SIGNATURE_PREDICT_EMBEDDINGS] = self.predict_embeddings
+    else:
+      signatures[SIGNATURE_PREDICT] = self.predict_embeddings
+    return signatures
+
+
+# -- writing versions ---------------------------------------------------------------
+def check_model_name(name: str):
+  if not _MODEL_NAME.fullmatch(name or ""):
+    raise errors.ConfigError(
+        f"--model_name={name!r}: use letters, digits, '.', '_' and '-' (starting "
+        "with a letter or digit); it becomes a directory TF Serving serves")
+
+
+def existing_versions(model_dir: str):
+  if not os.path.isdir(model_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(model_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(model_dir, n)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+  path: str          # <export_base>/<model_name>/<version>
+  version: int
+  info: dict
+
+
+def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
+                  version: int = 0, info: Optional[dict] = None) -> ExportResult:
+  """Saves `module` as the next (or the given, new) version of `model_name`."""
+  check_model_name(model_name)
+  if version < 0:
+    raise errors.ConfigError(f"--version={version}: must be >= 1 (0 = next)")
+  model_dir = os.path.join(export_base, model_name)
+  if version and version in existing_versions(model_dir):
+    raise errors.UserError(
+        f"{os.path.join(model_dir, str(version))} exists; versions are never "
+        "overwritten: omit --version to write the next one")
+  created_base = not os.path.isdir(model_dir)
+  os.makedirs(model_dir, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir)
+  try:
+    tf.saved_model.save(module, staging, signatures=module.signatures())
+    info = dict(info or {}, signatures=sorted(module.signatures()))
+    os.makedirs(os.path.join(staging, os.path.dirname(EXPORT_INFO)), exist_ok=True)
+    with open(os.path.join(staging, EXPORT_INFO), "w") as handle:
+      json.dump(info, handle, indent=1, sort_keys=True)
+    while True:
+      number = version or (max(existing_versions(model_dir), default=0) + 1)
+      final = os.path.join(model_dir, str(number))
+      if os.path.exists(final):
+        if version:
+          raise errors.UserError(f"{final} appeared while exporting; not overwritten")
+        continue
+      try:
+        os.rename(staging, final)   # atomic; fails if another export filled `final`
+        break
+      except OSError:
+        if version or not os.path.exists(final):
+          raise
+    return ExportResult(final, number, info)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    if created_base and not os.listdir(model_dir):
+      os.rmdir(model_dir)
+    raise
+
+
+def export_classifier(run_dir: str, support: SupportSet, export_base: str,
+                      model_name: Optional[str] = None, version: int = 0,
+                      backbone=None, backbone_description: Optional[dict] = None,
+                      restored: Optional[RestoredRun] = None) -> ExportResult:
+  """Restores `run_dir`, adapts to `support` once and writes a new version.
+
+  Everything is validated before anything is written.
+  """
+  run = restored or restore_learner(run_dir)
+  model_name = model_name or run.identity["model"]
+  check_model_name(model_name)
+  module = AdaptedClassifier(run.learner, support, backbone, backbone_description)
+  info = {
+      "model": run.identity["model"], "run_dir": os.path.abspath(run_dir),
+      "checkpoint": os.path.abspath(run.checkpoint),
+      "class_names": list(support.class_names), "num_ways": support.num_ways,
+      "num_shots": support.num_shots, "embedding_dim": support.dim,
+      "support": support.origin, "dtype": run.identity.get("dtype", "float32"),
+      "backbone": ({k: backbone_description[k] for k in
+                    ("backbone", "image_size", "channels", "invert", "feature_dim")
+                    if k in backbone_description} if backbone is not None else None),
+  }
+  return write_version(module, export_base, model_name, version, info)
+
+
+def read_export_info(export_dir: str) -> dict:
+  with open(os.path.join(export_dir, EXPORT_INFO)) as handle:
+    return json.load(handle)
+
+
+# -- latency ------------------------------------------------------------------------
+def _example_inputs(signature, batch, info, rng):
+  """Random inputs for a signature's single input, at batch size `batch`."""
+  (name, spec), = signature.structured_input_signature[1].items()
+  if spec.dtype == tf.string:
+    backbone = info.get("backbone") or {}
+    size, channels = int(backbone.get("image_size", 28)), int(backbone.get("channels", 1))
+    pixels = rng.integers(0, 256, [batch, size, size, channels], np.uint8)
+    return {name: tf.constant([tf.io.encode_png(p).numpy() for p in pixels])}
+  dim = int(spec.shape[1])
+  return {name: tf.constant(rng.standard_normal([batch, dim]).astype(np.float32))}
+
+
+def benchmark_latency(export_dir: str, batch_sizes: Sequence[int] = (1, 256),
+                      signature_name: str = SIGNATURE_PREDICT,
+                      min_seconds: float = 1.0, min_calls: int = 5, seed: int = 0) -> dict:
+  """Predictions/s of an exported version, loaded with plain TensorFlow.
+
+  For each batch size: one warm-up call, then calls repeated for at least
+  `min_seconds` (and `min_calls`). Returns, per batch size b,
+  `batch_<b>_predictions_per_s` (b * calls / time) and `batch_<b>_latency_ms`
+  (median wall time of one call), plus `signature`, `input` and `export_dir`.
+  """
+  loaded = tf.saved_model.load(export_dir)
+  signature = loaded.signatures[signature_name]
+  try:
+    info = read_export_info(export_dir)
+  except (OSError, ValueError):
+    info = {}
+  rng = np.random.default_rng(seed)
+  result = {"export_dir": os.path.abspath(export_dir), "signature": signature_name,
+            "input": next(iter(signature.structured_input_signature[1]))}
+  for batch in batch_sizes:
+    inputs = _example_inputs(signature, batch, info, rng)
+    signature(**inputs)                       # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+      t0 = time.perf_counter()
+      outputs = signature(**inputs)
+      next(iter(outputs.values())).numpy()
+      times.append(time.perf_counter() - t0)
+    total = sum(times)
+    result[f"batch_{batch}_predictions_per_s"] = batch * len(times) / total
+    result[f"batch_{batch}_latency_ms"] = 1000.0 * float(np.median(times))
+  return result
