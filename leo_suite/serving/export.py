@@ -305,6 +305,12 @@ class AdaptedClassifier(tf.Module):
           f"{support.origin}: support embeddings have D={support.dim} but the "
           f"checkpoint was trained on D={learner.embedding_dim}; use embeddings "
           "from the backbone the learner was trained on")
+    feature_dim = (backbone_description or {}).get("feature_dim")
+    if backbone is not None and feature_dim is not None and int(feature_dim) != support.dim:
+      raise errors.DataError(
+          f"the backbone gives {feature_dim}-d features but the learner and the "
+          f"support set are D={support.dim}; bundle the backbone the learner's "
+          "embeddings were extracted with")
     self.learner = learner
     self.num_ways, self.num_shots, self.dim = support.num_ways, support.num_shots, support.dim
     self.class_names = tf.constant(list(support.class_names), tf.string)

@@ -1,0 +1,94 @@
+"""Adapts a trained meta-learner to a support set and exports it for TF Serving.
+
+  # support = LEO-format embeddings (.pkl / .npz; the keys give the class names)
+  python scripts/export_classifier.py --checkpoint_path=runs/demo \
+      --support=my_support_embeddings.pkl --export_base=serving
+
+  # support = class-per-folder images, embedded by the pretrained backbone, which
+  # is bundled so the served model takes encoded images
+  python scripts/export_classifier.py --checkpoint_path=runs/omniglot_leo \
+      --support=support_images/ --backbone_dir=runs/pretrain_conv4/backbone \
+      --export_base=serving --model_name=omniglot
+
+writes <export_base>/<model_name>/<version>/ (saved_model.pb, variables/,
+assets.extra/leo_suite_export.json); the next free integer version unless
+--version is given, never overwriting one. Serve it with
+  docker run -p 8500:8500 -p 8501:8501 -v $PWD/serving/<model_name>:/models/<model_name> \
+      -e MODEL_NAME=<model_name> tensorflow/serving
+Signatures and shapes: leo_suite/serving/export.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
+from leo_suite.serving import export  # pylint: disable=wrong-import-position
+
+flags.DEFINE_string("checkpoint_path", None,
+                    "Run directory of `runner.py` training (config.json + checkpoints); "
+                    "best/ckpt is used if present, else the latest checkpoint.")
+flags.DEFINE_string("support", None,
+                    "Support set: an embeddings .pkl/.npz in LEO format, or a "
+                    "class-per-folder image directory (needs --backbone_dir).")
+flags.DEFINE_string("backbone_dir", None,
+                    "The backbone/ folder written by scripts/pretrain.py. Required for an "
+                    "image support set; when given, the backbone is bundled and "
+                    "serving_default takes encoded images.")
+flags.DEFINE_string("export_base", None, "Base directory; the model goes to "
+                    "<export_base>/<model_name>/<version>/.")
+flags.DEFINE_string("model_name", "", "Served model name (default: the learner's name).")
+flags.DEFINE_integer("version", 0, "Version number to write (0 = one above the highest).")
+flags.DEFINE_integer("num_shots", 0, "Use the first K examples of each class (0 = all; "
+                     "then every class must have the same number).")
+flags.DEFINE_boolean("benchmark", False, "Measure predictions/s of the written version.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise errors.ConfigError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # tf.saved_model.save is chatty
+  for name in ("checkpoint_path", "support", "export_base"):
+    if not FLAGS[name].value:
+      raise errors.ConfigError(f"--{name} is required")
+  if FLAGS.model_name:
+    export.check_model_name(FLAGS.model_name)
+  if FLAGS.version < 0:
+    raise errors.ConfigError(f"--version={FLAGS.version}: must be >= 1 (0 = next)")
+  run = export.restore_learner(FLAGS.checkpoint_path)
+  backbone = description = None
+  if os.path.isdir(FLAGS.support):
+    if not FLAGS.backbone_dir:
+      raise errors.ConfigError(
+          f"--support={FLAGS.support} is an image folder: pass --backbone_dir (the "
+          "pretrained backbone that produced the learner's training embeddings)")
+    support, backbone, description = export.load_support_images(
+        FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots)
+  else:
+    support = export.load_support_embeddings(FLAGS.support, FLAGS.num_shots)
+    if FLAGS.backbone_dir:
+      from leo_suite.pretrain import train as train_lib  # pylint: disable=g-import-not-at-top
+      backbone, description = train_lib.load_backbone(FLAGS.backbone_dir)
+  result = export.export_classifier(
+      FLAGS.checkpoint_path, support, FLAGS.export_base, FLAGS.model_name or None,
+      FLAGS.version, backbone, description, restored=run)
+  print(f"exported {run.identity['model']} ({run.checkpoint}) adapted to "
+        f"{support.num_ways} classes x {support.num_shots} shots "
+        f"{list(support.class_names)} -> {result.path}")
+  print(f"signatures: {', '.join(result.info['signatures'])}")
+  if FLAGS.benchmark:
+    figures = export.benchmark_latency(result.path)
+    for key, value in sorted(figures.items()):
+      if key.startswith("batch_"):
+        print(f"{key}: {value:.1f}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
