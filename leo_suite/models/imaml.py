@@ -365,7 +365,14 @@ def benchmark_step(learner: base.Learner):
   """A tf.function running one meta-gradient step, for peak-memory benchmarks.
 
   Works for any learner (it only calls `loss_and_gradients`); compare iMAML
-  and MAML at inner_steps 1/5/10/20 with the same episode shapes.
+  and MAML (both have a `Config.inner_steps`) at 1/5/10/20 steps with the same
+  episode. Peak memory of one call, after a warm-up call that traces:
+    GPU: tf.config.experimental.reset_memory_stats / get_memory_info("GPU:0");
+    CPU: the same calls on "CPU:0", which only keep statistics when the
+         environment has TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow
+         starts (so use a fresh process); report peak - current-before.
+  Process RSS (resource.getrusage) also counts tracing and never decreases,
+  so it needs one process per configuration and is much noisier.
   """
   @tf.function
   def step(episode, seed):
