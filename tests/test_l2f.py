@@ -191,6 +191,6 @@ def test_bad_config_names_l2f_flags():
 
 
 def test_config_defaults_to_an_mlp_head_and_has_help():
-  assert l2f.Config().hidden_sizes == "256"
+  assert l2f.Config().hidden_sizes == "64"
   for name, _, help_text in base.config_fields(l2f.Config):
     assert len(help_text) > 20, name

@@ -52,7 +52,7 @@ class Config:
               "tests with 10)."})
   inner_lr: float = dataclasses.field(default=1.0, metadata={
       "help": "alpha, the inner step size (initial value of the learned "
-              "rates with --maml_meta_sgd). Scaled for a MEAN support "
+              "rates with meta_sgd). Scaled for a MEAN support "
               "cross-entropy: the reference's alpha (summed CE / K) is this "
               "value divided by N."})
   first_order: bool = dataclasses.field(default=False, metadata={
