@@ -289,6 +289,7 @@ def test_join_under_never_escapes_and_gives_one_component(tmp_path):
     fileio.join_under(str(root), "link", "x")
 
 
+@pytest.mark.slow
 def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(tmp_path):
   from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import extract  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,381 @@
+"""Injected faults: SIGKILL (random and at the worst moments), disk full, NaN batches.
+
+runner.py and extract_embeddings.py run as subprocesses through a small
+wrapper that can SIGKILL itself at a chosen point (between the two renames of
+the best/ swap, after a checkpoint's data is written but before it is
+recorded, halfway through a split file) or fill the disk; kills at random
+times come from outside. After every kill the next start must resume from the
+last complete checkpoint and, with --deterministic, finish bit-for-bit where an
+uninterrupted run does.
+"""
+
+import errno
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from leo_suite.data import embeddings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--num_classes=3",
+         "--metatrain_batch_size=4", "--metavalid_batch_size=10", "--num_val_batches=1",
+         "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--checkpoint_steps=2",
+         "--log_steps=1"]
+LIMIT = 24
+
+WRAPPER = r'''
+import errno, os, signal, sys
+sys.path.insert(0, {repo!r})
+point, nth = os.environ.get("FAULT_POINT", ""), int(os.environ.get("FAULT_NTH", "1"))
+calls = [0]
+
+def due():
+  calls[0] += 1
+  return calls[0] == nth
+
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+
+from leo_suite import fileio
+if point == "best_swap":          # between 'best' -> 'best.old' and 'best.tmp' -> 'best'
+  real_replace_directory = fileio.replace_directory
+  def replace_directory(staging, final):
+    if os.path.exists(final) and due():
+      os.replace(final, final + ".old")
+      die()
+    return real_replace_directory(staging, final)
+  fileio.replace_directory = replace_directory
+if point == "ckpt_state":         # checkpoint data written, not yet recorded as latest
+  from tensorflow.python.checkpoint import checkpoint_management as cm
+  real_update = cm.update_checkpoint_state_internal
+  def update(*args, **kwargs):
+    if due():
+      die()
+    return real_update(*args, **kwargs)
+  cm.update_checkpoint_state_internal = update
+if point == "half_file":          # a split file half written, before fsync + rename
+  real_fsync = os.fsync
+  def fsync(fd):
+    if due():
+      os.ftruncate(fd, max(os.fstat(fd).st_size // 2, 1))
+      die()
+    return real_fsync(fd)
+  os.fsync = fsync
+if point in ("fill_disk", "enospc"):  # the disk fills up while training
+  from leo_suite.training import trainer
+  real_validate = trainer.Trainer.validate
+  def validate(self):
+    if due():
+      if point == "fill_disk":
+        with open(os.environ["FAULT_FILLER"], "wb") as handle:
+          try:
+            while True:
+              handle.write(b"\0" * 65536)
+              handle.flush()
+          except OSError:
+            pass
+      else:
+        import tensorflow as tf
+        real_save = tf.train.CheckpointManager.save
+        def save(*args, **kwargs):
+          raise OSError(errno.ENOSPC, "No space left on device", "ckpt")
+        tf.train.CheckpointManager.save = save
+    return real_validate(self)
+  trainer.Trainer.validate = validate
+
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+if script == "runner":
+  import runner
+  from absl import app
+  sys.argv[0] = os.path.join({repo!r}, "runner.py")
+  app.run(runner.main)
+else:
+  import runpy
+  runpy.run_path(script, run_name="__main__")
+'''
+
+
+@pytest.fixture(scope="module")
+def wrapper(tmp_path_factory):
+  path = tmp_path_factory.mktemp("wrapper") / "faulty.py"
+  path.write_text(WRAPPER.format(repo=REPO))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  for split, num_classes in (("train", 6), ("val", 4), ("test", 4)):
+    keys, rows = [], []
+    for c in range(num_classes):
+      center = rng.standard_normal(12)
+      for i in range(8 + c):
+        keys.append(embeddings.make_key(f"{split}{c}", i))
+        rows.append(center + 0.5 * rng.standard_normal(12))
+    embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
+                           keys, np.asarray(rows))
+  return str(root)
+
+
+def env(**fault):
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+              **{f"FAULT_{k.upper()}": str(v) for k, v in fault.items()})
+
+
+def run_runner(wrapper, data, run_dir, limit=LIMIT, **fault):
+  return subprocess.run(
+      [sys.executable, wrapper, "runner", f"--data_path={data}", *FLAGS,
+       f"--checkpoint_path={run_dir}", f"--num_steps_limit={limit}"],
+      capture_output=True, text=True, env=env(**fault), timeout=300, cwd=REPO, check=False)
+
+
+def variables(prefix):
+  reader = tf.train.load_checkpoint(prefix)
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if "learner" in name or "optimizer" in name}
+
+
+def assert_same(a, b):
+  assert a.keys() == b.keys() and len(a) > 8
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def latest_step(run_dir):
+  latest = tf.train.latest_checkpoint(run_dir)
+  return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def check_best_is_whole(run_dir):
+  """best/ is complete, or (mid-swap) absent with a complete best.old, or not yet made."""
+  best, old = os.path.join(run_dir, "best"), os.path.join(run_dir, "best.old")
+  candidate = best if os.path.isdir(best) else old if os.path.isdir(old) else None
+  if candidate:
+    assert os.path.exists(os.path.join(candidate, "best.json")), os.listdir(candidate)
+    variables(os.path.join(candidate, "ckpt"))  # every tensor readable
+  return candidate
+
+
+@pytest.fixture(scope="module")
+def straight(wrapper, tiny_data, tmp_path_factory):
+  run_dir = str(tmp_path_factory.mktemp("straight") / "run")
+  proc = run_runner(wrapper, tiny_data, run_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return run_dir
+
+
+def resume_and_check(wrapper, data, run_dir):
+  expected = latest_step(run_dir)
+  if expected:
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
+    assert reader.get_tensor("optimizer/step/.ATTRIBUTES/VARIABLE_VALUE") == expected
+  proc = run_runner(wrapper, data, run_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  if expected:
+    assert f"at step {expected}" in proc.stderr   # resumed from the last complete one
+  return proc
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_times_then_resume_equals_uninterrupted(wrapper, tiny_data, straight,
+                                                                  tmp_path):
+  run_dir = str(tmp_path / "run")
+  rng = random.Random(7)
+  effective = 0
+  for attempt in range(5):
+    log_path = tmp_path / f"log{attempt}.txt"
+    with open(log_path, "w") as log:
+      proc = subprocess.Popen(
+          [sys.executable, wrapper, "runner", f"--data_path={tiny_data}", *FLAGS,
+           f"--checkpoint_path={run_dir}", f"--num_steps_limit={LIMIT}"],
+          stdout=subprocess.DEVNULL, stderr=log, env=env(), cwd=REPO)
+    target = rng.randint(1, 4)   # steps to see in this attempt's log before the kill
+    deadline = time.time() + 200
+    while proc.poll() is None and time.time() < deadline:
+      seen = log_path.read_text().count("  loss ")
+      if seen >= target:
+        time.sleep(rng.uniform(0.0, 0.4))   # anywhere: a step, validation, a save
+        break
+      time.sleep(0.01)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      effective += 1
+    proc.wait(timeout=60)
+    check_best_is_whole(run_dir)
+    assert not glob.glob(os.path.join(run_dir, "checkpoint.tmp*"))
+  assert effective >= 3, "the runs finished before they could be killed"
+  resume_and_check(wrapper, tiny_data, run_dir)
+  assert latest_step(run_dir) == LIMIT
+  assert_same(variables(os.path.join(straight, f"ckpt-{LIMIT}")),
+              variables(os.path.join(run_dir, f"ckpt-{LIMIT}")))
+  assert check_best_is_whole(run_dir).endswith("best")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,nth", [("ckpt_state", 3), ("best_swap", 2)])
+def test_sigkill_while_writing_checkpoints(wrapper, tiny_data, straight, tmp_path, point, nth):
+  run_dir = str(tmp_path / "run")
+  proc = run_runner(wrapper, tiny_data, run_dir, point=point, nth=nth)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  if point == "ckpt_state":   # ckpt-6's data exists but is not the latest: resume at 4
+    assert glob.glob(os.path.join(run_dir, "ckpt-6.index")) and latest_step(run_dir) == 4
+  else:                       # best/ was moved aside and the new one not yet in place
+    assert not os.path.exists(os.path.join(run_dir, "best"))
+  check_best_is_whole(run_dir)
+  resume_and_check(wrapper, tiny_data, run_dir)
+  assert_same(variables(os.path.join(straight, f"ckpt-{LIMIT}")),
+              variables(os.path.join(run_dir, f"ckpt-{LIMIT}")))
+  assert check_best_is_whole(run_dir).endswith("best")
+  assert not os.path.exists(os.path.join(run_dir, "best.old"))
+
+
+def _mount_tmpfs(directory, size):
+  os.makedirs(directory, exist_ok=True)
+  if os.geteuid() != 0:
+    return False
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", directory],
+                        capture_output=True, check=False)
+  return proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_disk_full_is_a_clear_error_and_a_later_run_resumes(wrapper, tiny_data, straight,
+                                                            tmp_path):
+  disk = str(tmp_path / "disk")
+  mounted = _mount_tmpfs(disk, "16m")   # a real full disk; else a simulated ENOSPC
+  try:
+    run_dir = os.path.join(disk, "run")
+    first = run_runner(wrapper, tiny_data, run_dir, limit=10)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: open(p, "rb").read() for p in glob.glob(os.path.join(run_dir, "ckpt-10*"))}
+    filler = os.path.join(disk, "filler")
+    proc = run_runner(wrapper, tiny_data, run_dir, point="fill_disk" if mounted else "enospc",
+                      nth=1, filler=filler)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "disk is full" in last and "resume" in last, last
+    assert latest_step(run_dir) == 10
+    assert {p: open(p, "rb").read() for p in before} == before   # previous checkpoint intact
+    if os.path.exists(filler):
+      os.remove(filler)
+    resume_and_check(wrapper, tiny_data, run_dir)
+    assert_same(variables(os.path.join(straight, f"ckpt-{LIMIT}")),
+                variables(os.path.join(run_dir, f"ckpt-{LIMIT}")))
+  finally:
+    if mounted:
+      subprocess.run(["umount", disk], check=False)
+  print(f"disk full injected with {'a 16 MB tmpfs' if mounted else 'a simulated ENOSPC'}")
+
+
+@pytest.mark.slow
+def test_nan_batch_is_skipped_and_every_variable_stays_finite(tiny_data, tmp_path, caplog):
+  from leo_suite.data import episodes  # pylint: disable=import-outside-toplevel
+  from leo_suite.models import registry  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  split = embeddings.load_dataset_split(tiny_data, "tiny", "center", "train")
+  sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 4), "train")
+  tf.random.set_seed(0)
+  module = registry.learner_module("leo")
+  learner = registry.build("leo", module.Config(num_latents=4), 3, split.dim)
+  poisoned_steps = {2, 3}
+  real_dataset = sampler.dataset
+
+  def dataset(*args, **kwargs):   # steps 2 and 3: NaN query embeddings in task 0
+    for step, episode in enumerate(real_dataset(*args, **kwargs)):
+      if step in poisoned_steps:   # (all of them: LEO's input dropout zeroes some entries)
+        query = episode.query_x.numpy()
+        query[0] = np.nan
+        episode = episode._replace(query_x=tf.constant(query))
+      yield episode
+  sampler.dataset = dataset
+  config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / "run"), num_steps_limit=6,
+                                   metatrain_batch_size=4, checkpoint_steps=6, log_steps=1,
+                                   outer_lr=1e-2)
+  trainer = trainer_lib.Trainer(learner, config, sampler)
+  poisoned = next(e for i, e in enumerate(dataset(0, 4)) if i == 2)
+  loss, grads, _ = learner.loss_and_gradients(poisoned, seed=tf.constant([0, 2]))
+  assert not np.isfinite(loss.numpy())           # the injection really produces NaN
+  snapshots = []
+  real_step = trainer.train_step
+
+  def train_step(episode, step):
+    snapshots.append([v.numpy().copy() for v in learner.trainable_variables])
+    metrics = real_step(episode, step)
+    assert float(metrics["skipped"]) == float(step in poisoned_steps), step
+    return metrics
+  trainer.train_step = train_step
+  with caplog.at_level("WARNING"):
+    assert trainer.train() == 6
+  snapshots.append([v.numpy().copy() for v in learner.trainable_variables])
+  for v in [*learner.trainable_variables, *trainer.optimizer.m, *trainer.optimizer.v]:
+    assert np.isfinite(v.numpy()).all(), v.name
+  skipped = [r.getMessage() for r in caplog.records if "NaN guard" in r.getMessage()]
+  assert [m.split(":")[0] for m in skipped] == ["step 3", "step 4"]  # 1-based step numbers
+  # Training went on: the steps after the NaN ones still moved the variables.
+  assert any(not np.array_equal(a, b) for a, b in zip(snapshots[4], snapshots[6]))
+
+
+# -- extraction ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def extraction_inputs(tmp_path_factory):
+  import io  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import train as train_lib  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("extract")
+  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
+                            train_lib.PretrainConfig(image_size=28, channels=1),
+                            str(root / "backbone"))
+  rng = np.random.default_rng(0)
+  classes = {"train": ["a1", "a2", "a3"], "val": ["b1", "b2"], "test": ["c1", "c2"]}
+  for names in classes.values():
+    for name in names:
+      (root / "images" / name).mkdir(parents=True)
+      for i in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, [28, 28], np.uint8)).save(buffer, format="PNG")
+        (root / "images" / name / f"{i}.png").write_bytes(buffer.getvalue())
+  (root / "split.json").write_text(json.dumps(classes))
+  return root
+
+
+def run_extraction(wrapper, inputs, out, **fault):
+  return subprocess.run(
+      [sys.executable, wrapper, os.path.join(REPO, "scripts", "extract_embeddings.py"),
+       f"--backbone_dir={inputs / 'backbone'}", f"--source={inputs / 'images'}",
+       f"--split={inputs / 'split.json'}", f"--out={out}", "--dataset_name=tiny",
+       "--batch_size=4"],
+      capture_output=True, text=True, env=env(**fault), timeout=300, cwd=REPO, check=False)
+
+
+@pytest.mark.slow
+def test_sigkill_during_extraction_leaves_no_partial_file_and_rerun_completes(
+    wrapper, extraction_inputs, tmp_path):
+  out = tmp_path / "out"
+  folder = out / "tiny" / "center"
+  proc = run_extraction(wrapper, extraction_inputs, out, point="half_file", nth=2)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  names = sorted(os.listdir(folder))
+  # train was complete, val died half written: only a temp file no reader opens.
+  assert [n for n in names if not n.startswith("val_embeddings.pkl.tmp-")] == [
+      "train_embeddings.pkl"], names
+  assert embeddings.load_split(str(folder / "train_embeddings.pkl")).num_classes == 3
+  with pytest.raises(Exception):
+    embeddings.load_dataset_split(str(out), "tiny", "center", "val")  # absent, not partial
+  proc = run_extraction(wrapper, extraction_inputs, out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.path.exists(folder / "manifest.json")
+  for split in embeddings.SPLITS:
+    assert embeddings.load_dataset_split(str(out), "tiny", "center", split).dim == 64
