@@ -358,9 +358,11 @@ class AdaptedClassifier(tf.Module):
             "logits": logits}
 
   def _predict_embeddings(self, embeddings):
+    embeddings = tf.ensure_shape(embeddings, [None, self.dim], name="embeddings")
     return self._outputs(self.query_logits(self.state, embeddings))
 
   def _classify(self, inputs):
+    inputs = tf.ensure_shape(inputs, [None], name="inputs")
     features = tf.io.parse_example(
         inputs, {EXAMPLE_FEATURE: tf.io.FixedLenFeature([self.dim], tf.float32)})
     scores = tf.nn.softmax(self.query_logits(self.state, features[EXAMPLE_FEATURE]))
@@ -369,6 +371,11 @@ class AdaptedClassifier(tf.Module):
 
   def _adapt_and_predict(self, support_embeddings, support_labels, query_embeddings):
     n, k = self.num_ways, self.num_shots
+    support_embeddings = tf.ensure_shape(support_embeddings, [n * k, self.dim],
+                                         name="support_embeddings")
+    support_labels = tf.ensure_shape(support_labels, [n * k], name="support_labels")
+    query_embeddings = tf.ensure_shape(query_embeddings, [None, self.dim],
+                                       name="query_embeddings")
     tf.debugging.assert_greater_equal(
         support_labels, 0, message=f"support_labels must be in 0..{n - 1}")
     tf.debugging.assert_less(support_labels, n,
@@ -398,6 +405,7 @@ class AdaptedClassifier(tf.Module):
     return tf.cast(self.backbone(x, training=False), tf.float32)
 
   def _predict_images(self, images):
+    images = tf.ensure_shape(images, [None], name="images")
     return self._outputs(self.query_logits(self.state, self.embed_images(images)))
 
   def signatures(self):
