@@ -361,8 +361,11 @@ def test_class_tokens_are_safe_and_unique():
 
 
 def test_benchmark_extraction_measures_images_per_second():
-  rate = extract.benchmark_extraction("conv4", 28, 1, batch_size=32, num_images=128)
-  assert np.isfinite(rate) and rate > 0
+  result = extract.benchmark_extraction("conv4", 28, 1, batch_size=32, num_images=128,
+                                       details=True)
+  assert result["num_images"] == 128
+  assert np.isfinite(result["images_per_s"]) and result["images_per_s"] > 0
+  assert result["images_per_cpu_s"] > 0
 
 
 def test_extract_cli_reports_user_errors_in_one_line(tmp_path):

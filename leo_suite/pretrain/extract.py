@@ -233,12 +233,14 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.Im
 
 def benchmark_extraction(backbone: str = "conv4", image_size: int = 28, channels: int = 1,
                          batch_size: int = 128, num_images: int = 1024,
-                         crop: str = "center", seed: int = 0) -> float:
+                         crop: str = "center", seed: int = 0, details: bool = False):
   """Images/s of batched extraction (random weights, synthetic uint8 images).
 
   Runs the same tf.data -> tf.function path as `extract_split`, after one
   warm-up batch (tracing excluded). Typical calls: conv4 at 28x28, resnet12
-  at 84x84.
+  at 84x84. With `details`, returns a dict that also has images per
+  process-CPU-second and the 1-minute load average (wall-clock rates on a
+  shared machine depend on the other jobs).
   """
   tf.keras.utils.set_random_seed(seed)
   model = backbones.build_backbone(backbone, image_size, channels)
@@ -248,8 +250,14 @@ def benchmark_extraction(backbone: str = "conv4", image_size: int = 28, channels
   features_fn = feature_function(model, crop, image_size, invert=False)
   dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
   features_fn(tf.constant(images[:batch_size]))  # trace + warm up
-  start = time.time()
+  start, cpu_start = time.time(), time.process_time()
   count = 0
   for batch in dataset:
     count += int(features_fn(batch).shape[0])
-  return count / (time.time() - start)
+  rate = count / (time.time() - start)
+  if not details:
+    return rate
+  return {"images_per_s": rate,
+          "images_per_cpu_s": count / max(time.process_time() - cpu_start, 1e-9),
+          "load_average_1min": os.getloadavg()[0], "backbone": backbone,
+          "image_size": image_size, "batch_size": batch_size, "num_images": count}
