@@ -320,7 +320,7 @@ def test_no_tape_records_the_inner_steps():
 
 
 def _graph_size(inner_steps, variant):
-  learner = build(inner_steps=inner_steps, variant=variant)
+  learner = build(inner_steps=inner_steps, variant=variant, cg_steps=2)
   episode = make_episode(np.random.default_rng(10))
   fn = tf.function(lambda e, s: learner.loss_and_gradients(e, seed=s))
   graph = fn.get_concrete_function(episode, SEED).graph
@@ -450,7 +450,7 @@ def test_checkpoint_round_trip_restores_predictions(tmp_path):
 def test_loss_and_gradients_finite_and_same_in_tf_function(variant):
   rng = np.random.default_rng(15)
   learner = build(dtype="float32", num_ways=5, dim=32, variant=variant,
-                  hidden_sizes="16")
+                  hidden_sizes="16", inner_steps=4, cg_steps=3)
   episode = make_episode(rng, num_tasks=4, num_ways=5, num_shots=1,
                          num_queries=15, dim=32, dtype=np.float32)
   loss, grads, metrics = learner.loss_and_gradients(episode, seed=SEED)
