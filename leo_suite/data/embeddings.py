@@ -210,6 +210,12 @@ def parse_key(key: str, path: str, index: int):
   return class_name, image_file
 
 
+def _one_line(exc, limit=300):
+  """An exception's text on one line, at most `limit` characters."""
+  text = " ".join(str(exc).split())
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _read_raw(path):
   """Returns (keys, embeddings) as read from a .pkl or .npz file."""
   if not os.path.exists(path):
@@ -221,19 +227,19 @@ def _read_raw(path):
       with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
         contents = {name: archive[name] for name in archive.files}
     except ValueError as exc:  # object arrays need pickles: refused
-      raise errors.DataError(f"{path}: {exc}") from None
+      raise errors.DataError(f"{path}: {_one_line(exc)}") from None
     except Exception as exc:  # zipfile/format errors
       raise errors.DataError(
-          f"{path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
+          f"{path}: not a readable .npz archive ({type(exc).__name__}: {_one_line(exc)}); "
           "the file may be truncated, re-create or re-download it") from None
   else:
     try:
       contents = safe_unpickle(payload)
     except pickle.UnpicklingError as exc:
-      raise errors.DataError(f"{path}: refused or unreadable pickle: {exc}") from None
+      raise errors.DataError(f"{path}: refused or unreadable pickle: {_one_line(exc)}") from None
     except Exception as exc:  # pylint: disable=broad-except  # any malformed byte string
       raise errors.DataError(
-          f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); the "
+          f"{path}: not a readable pickle ({type(exc).__name__}: {_one_line(exc)}); the "
           "file may be truncated or not an embeddings file: re-download it") from None
   if not isinstance(contents, dict):
     raise errors.DataError(
@@ -298,7 +304,7 @@ def _guarded(path, reader):
   except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
           RecursionError, MemoryError, UnicodeError) as exc:
     raise errors.DataError(
-        f"{path}: malformed embeddings file ({type(exc).__name__}: {str(exc)[:200]}); "
+        f"{path}: malformed embeddings file ({type(exc).__name__}: {_one_line(exc)}); "
         "expected a dict with 'keys' (n strings) and 'embeddings' (an n x D float "
         "array): re-create or re-download it") from None
   except OSError as exc:
