@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from leo_suite.errors import ConfigError
 from leo_suite.models import base
-from leo_suite.models.heads import HeadParams, head_logits
+from leo_suite.models.heads import HeadParams, head_logits, parse_hidden_sizes
 
 FLAG_PREFIX = "imaml_"
 
@@ -92,22 +92,6 @@ class Config:
               "((1 + cg_damping) I + H/(lam + 10)) v = g."})
 
 
-def parse_hidden_sizes(text: str) -> Tuple[int, ...]:
-  """'128,64' -> (128, 64); '' -> () (linear head)."""
-  text = text.strip()
-  if not text:
-    return ()
-  sizes = []
-  for part in text.split(","):
-    part = part.strip()
-    if not part.isdigit() or int(part) <= 0:
-      raise ConfigError(
-          f"--{FLAG_PREFIX}hidden_sizes={text!r}: expected positive integers "
-          f"separated by commas (e.g. '128,64'), or '' for a linear head")
-    sizes.append(int(part))
-  return tuple(sizes)
-
-
 def validate_config(config: Config):
   """Raises ConfigError naming the flag if a value is out of range."""
   def bad(field, why):
@@ -124,7 +108,7 @@ def validate_config(config: Config):
     bad("cg_steps", "must be >= 0")
   if config.cg_damping < 0:
     bad("cg_damping", "must be >= 0")
-  parse_hidden_sizes(config.hidden_sizes)
+  parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes")
 
 
 # -- pure functions over lists of per-task tensors [B, ...] --------------------
@@ -294,7 +278,7 @@ class IMAML(base.Learner):
     validate_config(config)
     self.config = config
     self.head = HeadParams(num_ways, embedding_dim,
-                           parse_hidden_sizes(config.hidden_sizes),
+                           parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes"),
                            dtype=self.dtype)
 
   def _cast(self, x):
