@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -101,10 +102,10 @@ def exports(tmp_path_factory):
   result = {"root": str(root), "queries": queries, "models": {}}
   for model in registry.LEARNERS:
     run_dir = root / "runs" / model
-    learner, trainer = make_run(run_dir, model)
+    learner, trainer = make_run(run_dir, model, steps=2 if model == "maml" else 1)
     entry = {}
     if model == "maml":   # best/ckpt must win over a later latest checkpoint
-      trainer._save_best(2, types.SimpleNamespace(accuracy=0.5, ci95=0.0))
+      trainer._save_best(2, types.SimpleNamespace(accuracy=0.5, ci95=0.0))  # pylint: disable=protected-access
       best_values = [v.numpy() for v in learner.trainable_variables]
       for step in (2, 3):
         trainer.train_step(random_episode(rng, D), step)
@@ -338,6 +339,7 @@ def _write_support(path, counts, dim=D):
 
 def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
   run_dir = os.path.join(exports["root"], "runs", "r2d2")
+  maml_dir = os.path.join(exports["root"], "runs", "maml")
   out = str(tmp_path / "out")
 
   def assert_refused(make_support, match, run=run_dir):
@@ -368,19 +370,19 @@ def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
   assert_refused(lambda: support, "no checkpoint", run=str(empty_run))
   assert_refused(lambda: support, "not a runner run directory", run=str(tmp_path))
   assert_refused(lambda: support, "no such run directory", run=str(tmp_path / "nope"))
-  # Mismatched checkpoint: config.json claims another model or width.
-  for change in ({"model": "maml", "learner": {}}, {"embedding_dim": 12}):
-    bad_run = tmp_path / f"bad_{len(change)}"
-    bad_run.mkdir()
-    for name in os.listdir(run_dir):
-      if name.startswith(("ckpt", "checkpoint")):
-        (bad_run / name).write_bytes(open(os.path.join(run_dir, name), "rb").read())
-    bad = json.loads(json.dumps(config))
+  # Mismatched checkpoint: config.json claims another model (r2d2 weights) or
+  # another width (maml weights: the head's W is [16, 3]).
+  for index, (source, change) in enumerate(((run_dir, {"model": "maml", "learner": {}}),
+                                            (maml_dir, {"embedding_dim": 12}))):
+    bad_run = str(tmp_path / f"bad_{index}")
+    shutil.copytree(source, bad_run)
+    with open(os.path.join(source, "config.json")) as handle:
+      bad = json.load(handle)
     bad["identity"].update(change)
-    (bad_run / "config.json").write_text(json.dumps(bad))
-    dim = bad["identity"]["embedding_dim"]
-    bad_support = support_set(np.random.default_rng(7), dim=dim)
-    assert_refused(lambda s=bad_support: s, "does not match", run=str(bad_run))
+    with open(os.path.join(bad_run, "config.json"), "w") as handle:
+      json.dump(bad, handle)
+    bad_support = support_set(np.random.default_rng(7), dim=bad["identity"]["embedding_dim"])
+    assert_refused(lambda s=bad_support: s, "does not match", run=bad_run)
   with pytest.raises(errors.UserError, match="model_name"):
     export.export_classifier(run_dir, support, out, model_name="../evil")
   assert not os.path.exists(out)
