@@ -93,15 +93,28 @@ def support_set(rng, dim=D, shots=K):
   return export.SupportSet(CLASS_NAMES, x, "test-support")
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-  """All five learners trained 2 steps, exported; in-process reference outputs."""
-  root = tmp_path_factory.mktemp("serving")
-  rng = np.random.default_rng(42)
-  queries = rng.standard_normal([NUM_QUERIES, D]).astype(np.float32)
-  result = {"root": str(root), "queries": queries, "models": {}}
-  for model in registry.LEARNERS:
-    run_dir = root / "runs" / model
+class Exports:
+  """Runs and exports built on first use, one per learner (module-scoped cache)."""
+
+  def __init__(self, root):
+    self.root = str(root)
+    self.rng = np.random.default_rng(42)
+    self.queries = self.rng.standard_normal([NUM_QUERIES, D]).astype(np.float32)
+    self._entries = {}
+
+  def run_dir(self, model):
+    self[model]
+    return os.path.join(self.root, "runs", model)
+
+  def __getitem__(self, model):
+    if model not in self._entries:
+      self._entries[model] = self._build(model)
+    return self._entries[model]
+
+  def _build(self, model):
+    """Trains 1-2 steps, exports, and computes the in-process reference outputs."""
+    rng, queries = np.random.default_rng(sorted(registry.LEARNERS).index(model)), self.queries
+    run_dir = os.path.join(self.root, "runs", model)
     learner, trainer = make_run(run_dir, model, steps=2 if model == "maml" else 1)
     entry = {}
     if model == "maml":   # best/ckpt must win over a later latest checkpoint
@@ -111,7 +124,7 @@ def exports(tmp_path_factory):
         trainer.train_step(random_episode(rng, D), step)
       trainer.manager.save(checkpoint_number=4)
     support = support_set(rng)
-    exported = export.export_classifier(str(run_dir), support, str(root / "export"))
+    exported = export.export_classifier(run_dir, support, os.path.join(self.root, "export"))
     if model == "maml":
       entry["latest_logits"] = reference_logits(learner, support.embeddings, queries)
       for variable, value in zip(learner.trainable_variables, best_values):
@@ -125,8 +138,12 @@ def exports(tmp_path_factory):
         logits=reference_logits(learner, support.embeddings, queries),
         adapt_logits=reference_logits(learner, support2, queries),
         support2_flat=support2.reshape(N * K, D)[order], support2_labels=flat_labels[order])
-    result["models"][model] = entry
-  return result
+    return entry
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+  return Exports(tmp_path_factory.mktemp("serving"))
 
 
 CHILD = r'''
@@ -183,16 +200,18 @@ json.dump(report, open(spec["report"], "w"))
 
 
 # -- fresh-process equivalence -----------------------------------------------------
+@pytest.mark.slow
 def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_process(exports):
-  root = exports["root"]
-  arrays = {"queries": exports["queries"]}
-  for name, entry in exports["models"].items():
+  root = exports.root
+  models = {name: exports[name] for name in registry.LEARNERS}
+  arrays = {"queries": exports.queries}
+  for name, entry in models.items():
     arrays[name + "/support"] = entry["support2_flat"]
     arrays[name + "/labels"] = entry["support2_labels"]
   np.savez(os.path.join(root, "inputs.npz"), **arrays)
   spec = {"inputs": os.path.join(root, "inputs.npz"), "out": os.path.join(root, "out.npz"),
           "report": os.path.join(root, "report.json"),
-          "models": {n: e["path"] for n, e in exports["models"].items()}}
+          "models": {n: e["path"] for n, e in models.items()}}
   with open(os.path.join(root, "spec.json"), "w") as handle:
     json.dump(spec, handle)
   with open(os.path.join(root, "child.py"), "w") as handle:
@@ -208,8 +227,8 @@ def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_proces
   with open(spec["report"]) as handle:
     report = json.load(handle)
   assert report["modules"] == []
-  queries = exports["queries"]
-  for name, entry in exports["models"].items():
+  queries = exports.queries
+  for name, entry in models.items():
     logits = entry["logits"]
     assert np.abs(logits).max() > 0 and np.ptp(logits) > 1e-4, name  # not degenerate
     np.testing.assert_allclose(out[name + "/predict/logits"], logits, atol=1e-5, err_msg=name)
@@ -236,18 +255,18 @@ def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_proces
 
 
 def test_best_checkpoint_is_exported_not_the_later_latest(exports):
-  entry = exports["models"]["maml"]
+  entry = exports["maml"]
   assert np.abs(entry["latest_logits"] - entry["logits"]).max() > 1e-4  # they differ
   model = tf.saved_model.load(entry["path"])
-  served = model.signatures["serving_default"](embeddings=tf.constant(exports["queries"]))
+  served = model.signatures["serving_default"](embeddings=tf.constant(exports.queries))
   np.testing.assert_allclose(served["logits"].numpy(), entry["logits"], atol=1e-5)
 
 
 # -- layout and signatures as TF Serving / saved_model_cli see them ---------------
 def test_layout_and_saved_model_cli_show_all(exports):
-  entry = exports["models"]["leo"]
+  entry = exports["maml"]
   path = entry["path"]
-  assert os.path.basename(path) == "1" and os.path.basename(os.path.dirname(path)) == "leo"
+  assert os.path.basename(path) == "1" and os.path.basename(os.path.dirname(path)) == "maml"
   assert os.path.exists(os.path.join(path, "saved_model.pb"))
   assert os.path.exists(os.path.join(path, "variables", "variables.index"))
   info = export.read_export_info(path)
@@ -295,7 +314,7 @@ def test_layout_and_saved_model_cli_show_all(exports):
 
 # -- versions ------------------------------------------------------------------------
 def test_versions_increase_and_are_never_overwritten(exports, tmp_path):
-  run_dir = os.path.join(exports["root"], "runs", "r2d2")
+  run_dir = exports.run_dir("r2d2")
   support = support_set(np.random.default_rng(3))
   base_dir = str(tmp_path / "models")
   first = export.export_classifier(run_dir, support, base_dir, model_name="birds")
@@ -311,7 +330,7 @@ def test_versions_increase_and_are_never_overwritten(exports, tmp_path):
 
 
 def test_killed_export_leaves_no_version_and_no_temp_dir(exports, tmp_path, monkeypatch):
-  run_dir = os.path.join(exports["root"], "runs", "r2d2")
+  run_dir = exports.run_dir("r2d2")
   support = support_set(np.random.default_rng(4))
   real_save = tf.saved_model.save
 
@@ -338,8 +357,8 @@ def _write_support(path, counts, dim=D):
 
 
 def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
-  run_dir = os.path.join(exports["root"], "runs", "r2d2")
-  maml_dir = os.path.join(exports["root"], "runs", "maml")
+  run_dir = exports.run_dir("r2d2")
+  maml_dir = exports.run_dir("maml")
   out = str(tmp_path / "out")
 
   def assert_refused(make_support, match, run=run_dir):
@@ -395,6 +414,7 @@ def _png(array):
   return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
   from leo_suite.pretrain import backbones
   from leo_suite.pretrain import extract as extract_lib
@@ -476,17 +496,17 @@ def readme_classify_body(queries):
 def test_rest_bodies_fit_signatures_and_build_grpc_requests(exports):
   from tensorflow_serving.apis import classification_pb2
   from tensorflow_serving.apis import predict_pb2
-  entry = exports["models"]["leo"]
-  queries = exports["queries"]
+  entry = exports["maml"]
+  queries = exports.queries
   model = tf.saved_model.load(entry["path"])
   predict = model.signatures["serving_default"]
   body = json.loads(json.dumps(readme_predict_body(queries)))   # as sent over the wire
   inputs = rest.request_inputs(body, predict)
   assert list(inputs) == ["embeddings"]
   assert inputs["embeddings"].dtype == np.float32 and inputs["embeddings"].shape == (NUM_QUERIES, D)
-  request = rest.predict_request(body, predict, model_name="leo")
+  request = rest.predict_request(body, predict, model_name="maml")
   assert isinstance(request, predict_pb2.PredictRequest)
-  assert request.model_spec.name == "leo"
+  assert request.model_spec.name == "maml"
   assert request.model_spec.signature_name == "serving_default"
   tensor = request.inputs["embeddings"]
   assert tensor.dtype == tf.float32.as_datatype_enum
@@ -500,7 +520,7 @@ def test_rest_bodies_fit_signatures_and_build_grpc_requests(exports):
   json.dumps(response)
   # Classify.
   cbody = json.loads(json.dumps(readme_classify_body(queries)))
-  crequest = rest.classification_request(cbody, model_name="leo")
+  crequest = rest.classification_request(cbody, model_name="maml")
   assert isinstance(crequest, classification_pb2.ClassificationRequest)
   assert crequest.model_spec.signature_name == "classify"
   examples = crequest.input.example_list.examples
@@ -524,13 +544,13 @@ def test_rest_bodies_fit_signatures_and_build_grpc_requests(exports):
                      "query_embeddings": queries.tolist()}}
   arrays = rest.request_inputs(json.loads(json.dumps(cols)), adapt)
   assert arrays["support_labels"].dtype == np.int32
-  areq = rest.predict_request(dict(cols, signature_name="adapt_and_predict"), adapt, "leo")
+  areq = rest.predict_request(dict(cols, signature_name="adapt_and_predict"), adapt, "maml")
   assert [d.size for d in areq.inputs["support_embeddings"].tensor_shape.dim] == [N * K, D]
 
 
 def test_loopback_rest_stub(exports):
-  entry = exports["models"]["r2d2"]
-  queries = exports["queries"]
+  entry = exports["r2d2"]
+  queries = exports.queries
   server = rest.LoopbackServer(os.path.dirname(entry["path"]), "r2d2").start()
   try:
     def post(verb, body):
@@ -563,7 +583,7 @@ def test_loopback_rest_stub(exports):
 
 
 def test_benchmark_latency_reports_both_batch_sizes(exports):
-  figures = export.benchmark_latency(exports["models"]["r2d2"]["path"], min_seconds=0.05,
+  figures = export.benchmark_latency(exports["r2d2"]["path"], min_seconds=0.05,
                                      min_calls=2)
   for batch in (1, 256):
     assert figures[f"batch_{batch}_predictions_per_s"] > 0
