@@ -462,7 +462,8 @@ def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
     with open(os.path.join(staging, EXPORT_INFO), "w") as handle:
       json.dump(info, handle, indent=1, sort_keys=True)
     while True:
-      number = version or (max(existing_versions(model_dir), default=0) + 1)
+      taken = [int(n) for n in os.listdir(model_dir) if n.isdigit()]   # files too
+      number = version or (max(taken, default=0) + 1)
       final = os.path.join(model_dir, str(number))
       if os.path.exists(final):
         if version:
