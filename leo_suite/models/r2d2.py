@@ -158,9 +158,8 @@ class R2D2(base.Learner):
     self.adjust_bias = tf.Variable(tf.constant(0.0, self.dtype),
                                    name="adjust_bias")
     if config.projection_dim > 0:
-      glorot = tf.initializers.GlorotUniform(seed=0)
       self.projection = tf.Variable(
-          tf.cast(glorot([embedding_dim, config.projection_dim]), self.dtype),
+          base.glorot_uniform([embedding_dim, config.projection_dim], self.dtype),
           name="projection")
     else:
       self.projection = None
