@@ -1,0 +1,92 @@
+"""Train and evaluate several learners through runner.py on identical episodes.
+
+Each learner runs in its own process (train, then --evaluation_mode) with the
+same data, episode shape, seeds and fixed test tasks, so the numbers compare
+like for like. Reported per run: test accuracy and 95% CI (result_test.json),
+meta-training steps/s (the run's TensorBoard summaries), and the peak resident
+memory of the training process (getrusage of that child alone, via wait4).
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUNNER = os.path.join(REPO_ROOT, "runner.py")
+
+
+def _run(cmd, timeout_s):
+  """Runs cmd; returns (returncode, stderr tail, peak RSS in MiB)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+  with open(os.devnull, "w") as devnull, subprocess.Popen(
+      cmd, cwd=REPO_ROOT, env=env, stdout=devnull, stderr=subprocess.PIPE, text=True) as proc:
+    deadline = time.time() + timeout_s
+    stderr_lines = []
+    for line in proc.stderr:  # drain to avoid blocking; keep a tail
+      stderr_lines = (stderr_lines + [line.rstrip()])[-40:]
+      if time.time() > deadline:
+        proc.kill()
+        break
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+  return proc.returncode, stderr_lines, usage.ru_maxrss / 1024.0
+
+
+def mean_steps_per_second(run_dir):
+  """Mean of the train/steps_per_second scalars logged by the trainer."""
+  values = []
+  for path in glob.glob(os.path.join(run_dir, "summaries", "events.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "train/steps_per_second":
+          values.append(float(tf.make_ndarray(value.tensor)))
+  # The first window includes tracing/compilation: drop it when there are more.
+  return float(np.mean(values[1:] if len(values) > 1 else values)) if values else float("nan")
+
+
+def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float = 3600,
+                log: Callable[[str], None] = print) -> Dict:
+  """Trains then evaluates `model`; returns accuracy/ci95 (percent), speed, memory."""
+  common = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}",
+            *flags]
+  started = time.time()
+  peak = 0.0
+  for phase, cmd in (("train", common), ("evaluate", common + ["--evaluation_mode"])):
+    code, tail, rss = _run(cmd, timeout_s)
+    peak = max(peak, rss) if phase == "train" else peak
+    if code != 0:
+      last = next((l for l in reversed(tail) if l.strip()), "(no output)")[:240]
+      log(f"{model}: {phase} failed (exit {code}): {last}")
+      return {"model": model, "status": f"failed in {phase} (exit {code}): {last}"}
+  with open(os.path.join(run_dir, "result_test.json")) as handle:
+    result = json.load(handle)
+  return {"model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
+          "num_tasks": result["num_tasks"], "steps_per_second": mean_steps_per_second(run_dir),
+          "peak_rss_mib": peak, "seconds": time.time() - started,
+          "baselines": {k: {"accuracy": 100 * v["accuracy"], "ci95": 100 * v["ci95"]}
+                        for k, v in result.get("baselines", {}).items()}}
+
+
+def markdown_table(rows: List[Dict], title: Optional[str] = None) -> str:
+  lines = ([f"**{title}**", ""] if title else []) + [
+      "| method | test accuracy (%) | 95% CI | meta-train steps/s | peak RSS (MiB) |",
+      "| --- | --- | --- | --- | --- |"]
+  for row in rows:
+    if "status" in row:
+      lines.append(f"| {row['model']} | {row['status']} | | | |")
+    else:
+      lines.append(f"| {row['model']} | {row['accuracy']:.2f} | {row['ci95']:.2f} | "
+                   f"{row['steps_per_second']:.1f} | {row['peak_rss_mib']:.0f} |")
+  baselines = {}
+  for row in rows:
+    baselines.update(row.get("baselines", {}))
+  for name, value in baselines.items():  # identical episodes for every run
+    lines.append(f"| {name} (no meta-learning) | {value['accuracy']:.2f} | {value['ci95']:.2f} | - | - |")
+  return "\n".join(lines) + "\n"
