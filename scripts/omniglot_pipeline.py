@@ -114,7 +114,8 @@ def main(argv):
     for ways, shots in pipeline.SETTINGS:
       result = pipeline.run_learner(model, data_path, DATASET, ways, shots,
                                     os.path.join(work, "learners"), FLAGS.runner_steps,
-                                    FLAGS.num_episodes, extra_flags=FLAGS.runner_flag)
+                                    FLAGS.num_episodes, seed=FLAGS.episode_seed,
+                                    extra_flags=FLAGS.runner_flag)
       rows.append({"method": f"{model} (runner.py, {FLAGS.runner_steps} steps)",
                    "setting": f"{ways}w{shots}s", **result})
       print(f"{model} {ways}w{shots}s: {result}")

@@ -15,6 +15,8 @@ from PIL import Image
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import episodes
+from leo_suite.models import base
 from leo_suite.pretrain import baselines
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import images as im
@@ -60,36 +62,22 @@ def test_logistic_regression_reaches_the_regularised_optimum():
             > best).all()
 
 
-def test_episode_sampler_is_fixed_and_disjoint():
-  starts, counts = np.array([0, 20, 40, 49]), np.array([20, 20, 9, 20])
-  a = baselines.sample_episode_indices(starts, counts, 3, 2, 8, 50, seed=7)
-  b = baselines.sample_episode_indices(starts, counts, 3, 2, 8, 50, seed=7)
-  np.testing.assert_array_equal(a, b)
-  assert a.shape == (50, 3, 10)
-  owner = np.searchsorted(starts, a, side="right") - 1
-  assert (owner == owner[..., :1]).all()              # one class per slot
-  assert (owner[..., 0] != 2).all()                   # class 2 has too few images
-  for episode in a:
-    assert len(set(episode.ravel())) == episode.size  # no image reused
-  with pytest.raises(ValueError, match="only 3 have enough"):
-    baselines.sample_episode_indices(starts, counts, 4, 2, 8, 1, 0)
-
-
-def test_evaluate_reports_mean_and_ci95():
+def test_evaluate_reports_mean_and_ci95_on_the_runners_episodes():
   rng = np.random.default_rng(2)
   centres = rng.normal(size=(10, 8)) * 5
-  features = np.repeat(centres, 20, axis=0) + rng.normal(size=(200, 8)) * 0.01
-  starts, counts = np.arange(10) * 20, np.full(10, 20)
+  labels = np.repeat(np.arange(10), 20)
+  features = centres[labels] + rng.normal(size=(200, 8)) * 0.01
+  split = embeddings_lib.split_from_labels(features, labels)
   for method in baselines.METHODS.values():
-    result = baselines.evaluate(method, features, starts, counts, 5, 1, 15, 40, seed=3)
+    result = baselines.evaluate(method, split, 5, 1, 15, 40, seed=3)
     assert result == {"accuracy": 100.0, "ci95": 0.0, "num_tasks": 40}
-  noise = rng.normal(size=(200, 8))
-  result = baselines.evaluate(baselines.ncm_cosine_logits, noise, starts, counts, 5, 1, 15,
-                              300, seed=3, chunk=64)
-  indices = baselines.sample_episode_indices(starts, counts, 5, 1, 15, 300, 3)
-  rows = noise[indices].astype(np.float32)
-  acc = baselines.episode_accuracy(
-      baselines.ncm_cosine_logits(rows[:, :, :1], rows[:, :, 1:])).numpy()
+  noise = embeddings_lib.split_from_labels(rng.normal(size=(200, 8)), labels)
+  result = baselines.evaluate(baselines.ncm_cosine_logits, noise, 5, 1, 15, 300, seed=3,
+                              chunk=64)
+  # The same tasks, drawn by the sampler the runner evaluates learners on.
+  sampler = episodes.EpisodeSampler(noise, episodes.EpisodeSpec(5, 1, 15))
+  acc = np.concatenate([base.accuracy(baselines.ncm_cosine_logits(e.support_x, e.query_x),
+                                      e.query_y).numpy() for e in sampler.fixed_set(3, 300, 100)])
   assert result["accuracy"] == pytest.approx(100 * acc.mean(), abs=1e-4)
   assert result["ci95"] == pytest.approx(100 * 1.96 * acc.std() / np.sqrt(300), abs=1e-4)
   assert abs(result["accuracy"] - 20.0) < 3 * result["ci95"] + 1  # chance on noise

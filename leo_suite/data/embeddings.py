@@ -363,6 +363,15 @@ def _group_by_class(matrix, class_rows, image_names, source):
       source=source)
 
 
+def split_from_labels(matrix, labels, class_names=None, source=None) -> EmbeddingSplit:
+  """An in-memory split from features [n, D] and integer labels [n]."""
+  labels = np.asarray(labels)
+  names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
+  class_rows = {names[c]: np.flatnonzero(labels == c).tolist() for c in np.unique(labels)}
+  return _group_by_class(np.asarray(matrix, np.float32), class_rows,
+                         [str(i) for i in range(len(labels))], source or {"memory": ""})
+
+
 def merge_splits(parts: Sequence[EmbeddingSplit]) -> EmbeddingSplit:
   """Concatenates splits (e.g. train + val for `--train_on_val`)."""
   dims = {p.dim for p in parts}

@@ -15,14 +15,19 @@ Logits come back as [B, N, V, N].
     L = lambda_max(X~^T X~) / 2 + 1/C bounds the Hessian
     (X~ = [X, 1]; softmax-CE curvature <= 1/2), found by power iteration.
 
-`evaluate` samples fixed episodes (seeded numpy, without replacement) and
-returns mean accuracy and the 95% interval 1.96 * std / sqrt(num_episodes).
+`evaluate` scores a method on the shared sampler's fixed episodes (the ones
+runner.py evaluates learners on) and returns mean accuracy and the 95%
+interval 1.96 * std / sqrt(num_episodes).
 """
 
 from typing import Callable, Dict, Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from leo_suite.data import episodes
+from leo_suite.models import base
+from leo_suite.training import evaluation
 
 
 def _normalize(x):
@@ -98,55 +103,24 @@ def logistic_regression_logits(support, query, c=1.0, steps=100):
   return tf.einsum("bnvd,bdm->bnvm", query, weights) + bias[:, tf.newaxis, tf.newaxis, :]
 
 
-def episode_accuracy(logits):
-  """Per-episode accuracy [B] of logits [B, N, V, N] (true class = axis 1)."""
-  logits = tf.convert_to_tensor(logits)
-  predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-  truth = tf.range(tf.shape(logits)[1])[tf.newaxis, :, tf.newaxis]
-  return tf.reduce_mean(tf.cast(tf.equal(predicted, truth), tf.float32), axis=[1, 2])
-
-
-def sample_episode_indices(class_start: Sequence[int], class_count: Sequence[int],
-                           num_ways: int, num_shots: int, num_queries: int,
-                           num_episodes: int, seed: int) -> np.ndarray:
-  """Row indices [E, N, K + V] of fixed episodes (classes and images without replacement)."""
-  class_start = np.asarray(class_start, np.int64)
-  class_count = np.asarray(class_count, np.int64)
-  per_class = num_shots + num_queries
-  eligible = np.flatnonzero(class_count >= per_class)
-  if len(eligible) < num_ways:
-    raise ValueError(
-        f"{num_ways}-way episodes with {per_class} images per class need {num_ways} "
-        f"classes with >= {per_class} images; only {len(eligible)} have enough")
-  rng = np.random.default_rng(seed)
-  out = np.empty([num_episodes, num_ways, per_class], np.int64)
-  for episode in range(num_episodes):
-    classes = rng.choice(eligible, num_ways, replace=False)
-    for slot, cls in enumerate(classes):
-      out[episode, slot] = class_start[cls] + rng.choice(class_count[cls], per_class,
-                                                         replace=False)
-  return out
-
-
 METHODS: Dict[str, Callable] = {
     "ncm_cosine": ncm_cosine_logits,
     "logistic_regression": logistic_regression_logits,
 }
 
 
-def evaluate(method: Callable, features: np.ndarray, class_start, class_count,
-             num_ways: int, num_shots: int, num_queries: int = 15,
+def evaluate(method: Callable, split, num_ways: int, num_shots: int, num_queries: int = 15,
              num_episodes: int = 1000, seed: int = 0, chunk: int = 100) -> dict:
-  """Mean accuracy and 95% CI (in %) of `method` over fixed seeded episodes."""
-  indices = sample_episode_indices(class_start, class_count, num_ways, num_shots,
-                                   num_queries, num_episodes, seed)
-  features = np.asarray(features, np.float32)
-  accuracies = []
-  for start in range(0, num_episodes, chunk):
-    rows = features[indices[start:start + chunk]]           # [b, N, K+V, D]
-    logits = method(rows[:, :, :num_shots], rows[:, :, num_shots:])
-    accuracies.append(episode_accuracy(logits).numpy())
-  accuracies = np.concatenate(accuracies)
-  return {"accuracy": float(100 * accuracies.mean()),
-          "ci95": float(100 * 1.96 * accuracies.std() / np.sqrt(len(accuracies))),
-          "num_tasks": int(len(accuracies))}
+  """Mean accuracy and 95% CI (in %) of `method` on fixed episodes of `split`.
+
+  The episodes are the shared sampler's (leo_suite.data.episodes): the same
+  tasks `runner.py --evaluation_mode --eval_seed=<seed> --eval_num_query=<V>`
+  scores, so learners and baselines are compared on identical tasks.
+  """
+  sampler = episodes.EpisodeSampler(
+      split, episodes.EpisodeSpec(num_ways, num_shots, num_queries), "baseline episodes")
+  result = evaluation.summarise(np.concatenate([
+      base.accuracy(method(e.support_x, e.query_x), e.query_y).numpy()
+      for e in sampler.fixed_set(seed, num_episodes, chunk)]))
+  return {"accuracy": 100 * result.accuracy, "ci95": 100 * result.ci95,
+          "num_tasks": result.num_tasks}

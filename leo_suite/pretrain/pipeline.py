@@ -7,10 +7,7 @@ and the real-data integration test calls them directly.
 
 import json
 import os
-import subprocess
-import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +18,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.pretrain import baselines
 from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import train as train_lib
+from leo_suite.training import compare
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = ((5, 1), (5, 5), (20, 1))  # (num_ways, num_shots)
@@ -40,27 +38,18 @@ def decode_classes(by_class, classes: Sequence[str], options: images_lib.DecodeO
   return images, labels, skipped
 
 
-def class_index(labels: np.ndarray):
-  """(start, count) per class of rows sorted by label."""
-  counts = np.bincount(labels)
-  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  return starts, counts
-
-
 def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
                      num_episodes: int = 200, seed: int = 0):
   """Epoch hook: nearest-class-mean 5-way 1-shot accuracy on meta-val images."""
-  order = np.argsort(labels, kind="stable")
-  images, labels = images[order], labels[order]
-  starts, counts = class_index(labels)
   x = train_lib.preprocess(images, invert)
 
   def callback(epoch, backbone):
     del epoch
     features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
                                for i in range(0, len(labels), 512)])
-    result = baselines.evaluate(baselines.ncm_cosine_logits, features, starts, counts,
-                                5, 1, 15, num_episodes, seed)
+    split = embeddings_lib.split_from_labels(features, labels)
+    result = baselines.evaluate(baselines.ncm_cosine_logits, split, 5, 1, 15,
+                                num_episodes, seed)
     return {"val_ncm_5w1s": result["accuracy"]}
   return callback
 
@@ -72,8 +61,7 @@ def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
   rows = []
   for method in methods:
     for ways, shots in settings:
-      result = baselines.evaluate(baselines.METHODS[method], split.embeddings,
-                                  split.class_start, split.class_count, ways, shots,
+      result = baselines.evaluate(baselines.METHODS[method], split, ways, shots,
                                   num_queries, num_episodes, seed)
       rows.append({"method": f"{method} ({label})", "setting": f"{ways}w{shots}s", **result})
   return rows
@@ -81,49 +69,24 @@ def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
 
 def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots: int,
                 run_dir: str, num_steps: int, num_test_tasks: int, num_queries: int = 15,
-                extra_flags: Sequence[str] = (), log: Callable[[str], None] = print,
-                timeout_s: float = 1800):
-  """Trains then evaluates `model` with runner.py; returns its result dict or a status."""
-  runner = os.path.join(REPO_ROOT, "runner.py")
-  if not os.path.exists(runner):
-    return {"status": "skipped: runner.py not found"}
-  module = os.path.join(REPO_ROOT, "leo_suite", "models", f"{model}.py")
-  if not os.path.exists(module):
-    return {"status": f"skipped: leo_suite/models/{model}.py missing"}
+                seed: int = 0, extra_flags: Sequence[str] = (),
+                log: Callable[[str], None] = print):
+  """Trains then evaluates `model` with runner.py on the baselines' episodes.
+
+  `--eval_seed=seed --eval_num_query=num_queries` makes the runner score the
+  exact tasks `evaluate_baselines(..., seed=seed)` scored.
+  """
   checkpoint = os.path.join(run_dir, f"{model}_{ways}w{shots}s")
-  common = [sys.executable, runner, f"--model={model}", f"--data_path={data_path}",
-            f"--dataset_name={dataset_name}", "--embedding_crop=center",
-            f"--num_classes={ways}", f"--num_tr_examples_per_class={shots}",
-            f"--num_val_examples_per_class={num_queries}", f"--eval_num_query={num_queries}",
-            f"--checkpoint_path={checkpoint}", f"--num_steps_limit={num_steps}",
-            f"--checkpoint_steps={max(1, num_steps // 2)}", "--num_val_batches=1",
-            f"--metavalid_batch_size={min(200, num_test_tasks)}",
-            f"--metatest_batch_size={min(200, num_test_tasks)}",
-            f"--num_test_tasks={num_test_tasks}", *extra_flags]
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  started = time.time()
-  for phase, cmd in (("train", common), ("evaluate", common + ["--evaluation_mode"])):
-    try:
-      proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-      return {"status": f"failed: {phase} timed out after {timeout_s:.0f} s"}
-    if proc.returncode != 0:
-      tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
-      log(f"{model} {ways}w{shots}s {phase} failed (exit {proc.returncode}): {tail}")
-      return {"status": f"failed in {phase} (exit {proc.returncode}): {tail}"}
-  result_path = os.path.join(checkpoint, "result_test.json")
-  try:
-    with open(result_path) as handle:
-      result = json.load(handle)
-    accuracy, ci95 = float(result["accuracy"]), float(result["ci95"])
-  except (OSError, ValueError, KeyError, TypeError) as exc:
-    return {"status": f"failed: unreadable {result_path} ({exc})"}
-  if accuracy <= 1.0:  # a fraction: report percent like the baselines
-    accuracy, ci95 = 100 * accuracy, 100 * ci95
-  return {"accuracy": accuracy, "ci95": ci95,
-          "num_tasks": int(result.get("num_tasks", num_test_tasks)),
-          "seconds": time.time() - started}
+  flags = [f"--data_path={data_path}", f"--dataset_name={dataset_name}",
+           "--embedding_crop=center", f"--num_classes={ways}",
+           f"--num_tr_examples_per_class={shots}", f"--num_val_examples_per_class={num_queries}",
+           f"--eval_num_query={num_queries}", f"--eval_seed={seed}",
+           f"--num_steps_limit={num_steps}", f"--checkpoint_steps={max(1, num_steps // 2)}",
+           f"--log_steps={max(1, num_steps // 10)}", "--num_val_batches=1",
+           f"--metavalid_batch_size={min(200, num_test_tasks)}",
+           f"--metatest_batch_size={min(200, num_test_tasks)}",
+           f"--num_test_tasks={num_test_tasks}", "--baselines=", *extra_flags]
+  return compare.run_learner(model, checkpoint, flags, log=log)
 
 
 def markdown_table(rows: List[dict], settings=SETTINGS) -> str:
@@ -158,7 +121,4 @@ def pixel_split(by_class, classes, image_size, invert) -> embeddings_lib.Embeddi
   images, labels, _ = decode_classes(by_class, classes,
                                      images_lib.DecodeOptions(image_size, 1))
   features = tf.reshape(train_lib.preprocess(images, invert), [len(labels), -1]).numpy()
-  starts, counts = class_index(labels)
-  return embeddings_lib.EmbeddingSplit(
-      embeddings=features, class_names=list(classes), class_start=starts.astype(np.int64),
-      class_count=counts.astype(np.int64), image_names=[], source={"pixels": ""})
+  return embeddings_lib.split_from_labels(features, labels, list(classes), {"pixels": ""})
