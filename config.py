@@ -61,6 +61,14 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Floating-point ty
 flags.DEFINE_boolean("deterministic", False,
                      "Enable TF op determinism: same seed, same result, bit for bit (slower).")
 flags.DEFINE_boolean("jit_compile", False, "Compile the meta-training step with XLA.")
+flags.DEFINE_enum("distribution_strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "default: one device; mirrored: all local GPUs (or --devices, or "
+                  "--num_cpu_devices logical CPUs); multi_worker: MultiWorkerMirroredStrategy "
+                  "from TF_CONFIG. The meta-batch is split over replicas (must divide evenly).")
+flags.DEFINE_string("devices", "", "With --distribution_strategy=mirrored: comma list of "
+                    "devices, e.g. /gpu:0,/gpu:1 or /cpu:0,/cpu:1 ('' = all local GPUs, else CPUs).")
+flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many logical devices "
+                     "/cpu:0.. (0 = leave as is); for testing mirrored on a machine without GPUs.")
 flags.DEFINE_string("baselines", "ncm",
                     "Comma list of non-learned baselines scored on the same test episodes in "
                     "evaluation mode: ncm (nearest class mean, cosine), logreg (per-episode "

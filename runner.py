@@ -18,6 +18,7 @@ from absl import logging
 import tensorflow as tf
 
 import config  # defines the flags
+from leo_suite import distribute
 from leo_suite import errors
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
@@ -67,10 +68,17 @@ def load_splits(names):
   return loaded
 
 
-def build_learner(dim):
+def build_learner(dim, strategy):
   tf.random.set_seed(FLAGS.seed)
-  return registry.build(FLAGS.model, config.learner_config(), FLAGS.num_classes, dim,
-                        FLAGS.dtype)
+  with strategy.scope():  # distributed variables under mirrored / multi_worker
+    return registry.build(FLAGS.model, config.learner_config(), FLAGS.num_classes, dim,
+                          FLAGS.dtype)
+
+
+def make_strategy():
+  """The --distribution_strategy (--num_cpu_devices was applied in main)."""
+  return distribute.make_strategy(FLAGS.distribution_strategy,
+                                  distribute.parse_devices(FLAGS.devices))
 
 
 def train_config():
@@ -130,9 +138,10 @@ def train():
   train_sampler = episodes.EpisodeSampler(splits["train"], spec, "meta-training", dtype)
   val_sampler = episodes.EpisodeSampler(splits["val"], eval_spec(splits["val"]),
                                         "meta-validation", dtype)
-  learner = build_learner(dim)
+  strategy = make_strategy()
+  learner = build_learner(dim, strategy)
   trainer = trainer_lib.Trainer(learner, train_config(), train_sampler, val_sampler,
-                                run_config(splits, dim))
+                                run_config(splits, dim), strategy=strategy)
   logging.info("Training %s on %s/%s (D=%d, %d train classes, %d-way %d-shot, %d queries) "
                "into %s", FLAGS.model, FLAGS.dataset_name, FLAGS.embedding_crop, dim,
                splits["train"].num_classes, spec.num_ways, spec.num_shots,
@@ -145,8 +154,9 @@ def evaluate():
   test = splits["test"]
   spec = eval_spec(test)
   sampler = episodes.EpisodeSampler(test, spec, "meta-test", FLAGS.dtype)
-  learner = build_learner(test.dim)
-  trainer = trainer_lib.Trainer(learner, train_config(), sampler)
+  strategy = make_strategy()
+  learner = build_learner(test.dim, strategy)
+  trainer = trainer_lib.Trainer(learner, train_config(), sampler, strategy=strategy)
   path = trainer.restore_for_evaluation()
   dataset = sampler.fixed_set(FLAGS.eval_seed, FLAGS.num_test_tasks, FLAGS.metatest_batch_size)
   result = trainer.evaluator.evaluate(dataset)
@@ -198,6 +208,8 @@ def main(argv):
   try:
     config.apply_preset()
     check_flags()
+    if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
+      distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
     if FLAGS.evaluation_mode:

@@ -7,6 +7,11 @@ checkpoint as the latest); the best-validation checkpoint is staged in a
 temporary directory and swapped in atomically. A step's episodes and random
 draws are functions of (seed, step) only, so a resumed run replays the
 uninterrupted one.
+
+Under a tf.distribute strategy (`strategy=`, see leo_suite/distribute.py) each
+replica computes its share of the meta-batch; the scaled gradients are summed
+across replicas BEFORE the NaN guard and clipping, so the update is the
+single-device one. The learner must be built inside `strategy.scope()`.
 """
 
 import dataclasses
@@ -20,6 +25,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.models.base import Episode
@@ -51,31 +57,80 @@ class Trainer:
   """Meta-trains `learner` on episodes from `train_sampler`."""
 
   def __init__(self, learner, config: TrainConfig, train_sampler, val_sampler=None,
-               run_config: Optional[dict] = None):
+               run_config: Optional[dict] = None, strategy=None):
     self.learner = learner
     self.config = config
     self.train_sampler = train_sampler
     self.val_sampler = val_sampler
     self.run_config = run_config or {}
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.distributed = not distribute.is_default(self.strategy)
+    self.is_chief, self.worker_index, _ = distribute.worker_info(self.strategy)
     variables = learner.trainable_variables
-    self.optimizer = optim.AdamState(variables, optim.AdamHyper(config.outer_lr))
+    if self.distributed:
+      distribute.check_batch(self.strategy, config.metatrain_batch_size)
+      outside = [v.name for v in variables
+                 if not self.strategy.extended.variable_created_in_scope(v)]
+      if outside:
+        raise ValueError(f"build the learner inside strategy.scope(); {outside} are not "
+                         "distributed variables")
+    with self.strategy.scope():
+      self.optimizer = optim.AdamState(variables, optim.AdamHyper(config.outer_lr))
     self.checkpoint = tf.train.Checkpoint(learner=learner, optimizer=self.optimizer)
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, config.checkpoint_path, max_to_keep=3,
         step_counter=self.optimizer.step, checkpoint_name="ckpt")
-    self.evaluator = evaluation.Evaluator(learner, jit_compile=config.jit_compile)
-    self._train_step = tf.function(self._step, jit_compile=config.jit_compile)
+    # A non-chief worker of multi_worker saves (every worker must) into a
+    # private scratch directory that is removed after each save.
+    self._scratch = (None if self.is_chief else os.path.join(
+        config.checkpoint_path, f".worker-{self.worker_index}"))
+    if self.distributed and not isinstance(self.strategy,
+                                           tf.distribute.MultiWorkerMirroredStrategy):
+      self.evaluator = distribute.DistributedEvaluator(self.strategy, learner,
+                                                       jit_compile=config.jit_compile)
+    else:  # one device, or every worker evaluates the full set locally
+      self.evaluator = evaluation.Evaluator(learner, jit_compile=config.jit_compile)
+    if self.distributed:
+      compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
+      # XLA per replica (a compiled function inside strategy.run); the
+      # all-reduce and the update stay outside it.
+      self._replica_compute = (tf.function(compute, jit_compile=True)
+                               if config.jit_compile else compute)
+      self._train_step = tf.function(self._distributed_step)
+    else:
+      self._train_step = tf.function(self._step, jit_compile=config.jit_compile)
 
   # -- one meta-training step -------------------------------------------------
-  def _step(self, episode: Episode, seed):
+  def _apply(self, loss, grads, metrics):
+    """NaN guard, clipping (of the full meta-batch gradient) and Adam."""
     learner = self.learner
-    loss, grads, metrics = learner.loss_and_gradients(episode, seed=seed)
     grads, skipped = optim.guard_nan(loss, grads, learner.nan_fallback_gradients())
     grads = optim.clip_gradients(grads, self.config.gradient_threshold,
                                  self.config.gradient_norm_threshold)
     self.optimizer.apply(grads, learner.trainable_variables)
-    metrics = dict(metrics, loss=loss, skipped=tf.cast(skipped, tf.float32))
-    return metrics
+    return dict(metrics, loss=loss, skipped=tf.cast(skipped, tf.float32))
+
+  def _step(self, episode: Episode, seed):
+    loss, grads, metrics = self.learner.loss_and_gradients(episode, seed=seed)
+    return self._apply(loss, grads, metrics)
+
+  def _distributed_step(self, episode, seed):
+    """Per-replica shares, summed across replicas, then one update everywhere."""
+    batch = self.config.metatrain_batch_size
+    shares = self.strategy.run(
+        lambda e, s: distribute.scaled_loss_and_gradients(self._replica_compute, e, s, batch),
+        args=(episode, seed))
+    loss, grads, metrics = distribute.sum_over_replicas(self.strategy, shares)
+    return self._apply(loss, list(grads), metrics)
+
+  def train_dataset(self, start_step):
+    """Meta-batches from `start_step` on (per replica under a strategy)."""
+    cfg = self.config
+    start = start_step * cfg.metatrain_batch_size
+    if self.distributed:
+      return distribute.distributed_episodes(self.strategy, self.train_sampler, cfg.seed,
+                                             cfg.metatrain_batch_size, start=start)
+    return self.train_sampler.dataset(cfg.seed, cfg.metatrain_batch_size, start=start)
 
   def step_seed(self, step):
     return tf.constant([self.config.seed, step], tf.int32)
@@ -102,16 +157,25 @@ class Trainer:
         raise errors.ConfigError(
             f"{self.config.checkpoint_path} holds a run with a different setup ({details}); "
             "use a new --checkpoint_path or the original flags")
-    fileio.atomic_write_text(path, json.dumps(self.run_config, indent=1, sort_keys=True))
+    if self.is_chief:
+      fileio.atomic_write_text(path, json.dumps(self.run_config, indent=1, sort_keys=True))
+
+  def _save(self, step):
+    if self.is_chief:
+      self.manager.save(checkpoint_number=step)
+    else:
+      self.checkpoint.write(os.path.join(self._scratch, "ckpt"))
+      shutil.rmtree(self._scratch, ignore_errors=True)
 
   def restore(self):
     """Restores the latest complete checkpoint; returns the step reached."""
-    fileio.recover_directory(self.best_dir)
+    if self.is_chief:
+      fileio.recover_directory(self.best_dir)
     latest = self.manager.latest_checkpoint
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("Resumed from %s at step %d", latest, int(self.optimizer.step))
-    return int(self.optimizer.step)
+      logging.info("Resumed from %s at step %d", latest, int(self.optimizer.step.numpy()))
+    return int(self.optimizer.step.numpy())
 
   def restore_for_evaluation(self, prefer_best=True):
     fileio.recover_directory(self.best_dir)
@@ -160,10 +224,10 @@ class Trainer:
     if step >= cfg.num_steps_limit:
       logging.info("Step %d >= num_steps_limit %d: nothing to train", step, cfg.num_steps_limit)
       return step
-    writer = tf.summary.create_file_writer(os.path.join(cfg.checkpoint_path, "summaries"))
+    writer = (tf.summary.create_file_writer(os.path.join(cfg.checkpoint_path, "summaries"))
+              if self.is_chief else tf.summary.create_noop_writer())
     best = self._best_accuracy()
-    dataset = self.train_sampler.dataset(cfg.seed, cfg.metatrain_batch_size,
-                                         start=step * cfg.metatrain_batch_size)
+    dataset = self.train_dataset(step)
     window_start, window_steps, sums = time.time(), 0, {}
     for episode in dataset:
       metrics = {k: float(v) for k, v in self.train_step(episode, step).items()}
@@ -188,8 +252,8 @@ class Trainer:
           tf.summary.scalar("train/steps_per_second", rate)
         window_start, window_steps, sums = time.time(), 0, {}
       if step % cfg.checkpoint_steps == 0 or step == cfg.num_steps_limit:
-        result = self.validate()
-        self.manager.save(checkpoint_number=step)
+        result = self.validate() if self.is_chief else None
+        self._save(step)
         if result is not None:
           logging.info("step %d  validation accuracy %s", step, result.as_percent())
           with writer.as_default(step=step):

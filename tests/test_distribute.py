@@ -1,0 +1,155 @@
+"""tf.distribute: mirrored (2 and 4 logical CPUs) and multi-worker (2 processes
+on 127.0.0.1) meta-training match one device for every learner.
+
+The multi-device work runs in subprocesses (tests/distribute_helper.py):
+logical devices must be configured before TensorFlow initialises, and
+MultiWorkerMirroredStrategy needs one process per worker.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from leo_suite import distribute
+from leo_suite import errors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPER = os.path.join(REPO, "tests", "distribute_helper.py")
+MODELS = ("leo", "maml", "imaml", "r2d2", "l2f")
+TOLERANCE = 1e-5
+
+
+def _env():
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  env.pop("TF_CONFIG", None)
+  return env
+
+
+def variables(path):
+  reader = tf.train.load_checkpoint(path)
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if name.startswith(("learner/", "optimizer/")) and "OBJECT_GRAPH" not in name}
+
+
+def max_difference(a, b):
+  assert a.keys() == b.keys()
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) if a[k].size else 0.0
+             for k in a)
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("mirrored")
+  proc = subprocess.run([sys.executable, HELPER, "mirrored", str(out)], capture_output=True,
+                        text=True, env=_env(), timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out / "report.json") as handle:
+    return out, json.load(handle)
+
+
+def _free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("replicas", ["mirrored2", "mirrored4"])
+def test_mirrored_training_matches_one_device(mirrored_run, model, replicas):
+  out, report = mirrored_run
+  assert report["num_replicas"][replicas] == int(replicas[-1])
+  single = variables(str(out / "default" / model / "ckpt-2"))
+  mirrored = variables(str(out / replicas / model / "ckpt-2"))
+  assert max_difference(single, mirrored) < TOLERANCE  # variables and Adam's m, v, step
+  # Two real steps with non-zero gradients (Adam's first moments), so the
+  # comparison is not vacuous.
+  assert int(single["optimizer/step/.ATTRIBUTES/VARIABLE_VALUE"]) == 2
+  assert max(np.abs(v).max() for k, v in single.items() if k.startswith("optimizer/m/")) > 1e-4
+
+
+@pytest.mark.parametrize("model", ["leo", "maml"])
+def test_clipping_per_replica_would_differ(mirrored_run, model):
+  """Control: clipping each replica's gradient before the sum changes Adam's
+  moments by far more than the tolerance, so the tests above can tell."""
+  out, _ = mirrored_run
+  single = variables(str(out / "default" / model / "ckpt-2"))
+  wrong = variables(str(out / "per_replica_clip" / model / "ckpt-2"))
+  assert max_difference(single, wrong) > 100 * TOLERANCE
+
+
+def test_uneven_meta_batch_is_a_config_error(mirrored_run):
+  _, report = mirrored_run
+  assert report["uneven_error"].startswith("ConfigError")
+  assert "6 tasks cannot be split evenly over 4 replicas" in report["uneven_error"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_evaluation_under_strategy_gives_same_accuracies(mirrored_run, model):
+  _, report = mirrored_run
+  results = report["evaluation"][model]
+  assert len(results["default"]) == 13  # batches of 6: a partial batch of 1 on 2/4 replicas
+  assert set(results) == {"default", "mirrored2"} | ({"mirrored4"} if model == "maml" else set())
+  for name in set(results) - {"default"}:
+    np.testing.assert_allclose(results[name], results["default"], atol=1e-6)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_checkpoints_restore_across_strategies(mirrored_run, model):
+  _, report = mirrored_run
+  to_none = report["restore"][f"mirrored4->none/{model}"]
+  to_mirrored = report["restore"][f"default->mirrored/{model}"]
+  assert to_none["exact"] and to_none["step"] == 2 and to_none["num_stored"] > 3
+  assert to_mirrored["exact"] and to_mirrored["step"] == 2
+  assert to_mirrored["num_copies"] == 2 and to_mirrored["copies_agree"]
+
+
+def test_multi_worker_matches_one_device(mirrored_run, tmp_path):
+  out, _ = mirrored_run
+  ports = ",".join(map(str, _free_ports(2)))
+  workers = [subprocess.Popen([sys.executable, HELPER, "multi_worker", str(tmp_path), str(i),
+                               ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_env(), cwd=REPO) for i in range(2)]
+  try:
+    outputs = [w.communicate(timeout=420) for w in workers]
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+  for w, (_, stderr) in zip(workers, outputs):
+    assert w.returncode == 0, stderr[-4000:]
+  infos = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
+  assert [i["num_replicas"] for i in infos] == [2, 2]
+  assert [i["worker_info"] for i in infos] == [[True, 0, 2], [False, 1, 2]]
+  for model in MODELS:
+    single = variables(str(out / "default" / model / "ckpt-2"))
+    multi = variables(str(tmp_path / "multi_worker" / model / "ckpt-2"))
+    assert max_difference(single, multi) < TOLERANCE, model
+    # Only the chief keeps checkpoints; the other worker's scratch is gone.
+    assert not os.path.exists(tmp_path / "multi_worker" / model / ".worker-1")
+
+
+def test_bad_strategy_settings_are_config_errors(monkeypatch):
+  with pytest.raises(errors.ConfigError, match="choose one of"):
+    distribute.make_strategy("ring")
+  with pytest.raises(errors.ConfigError, match="needs --distribution_strategy=mirrored"):
+    distribute.make_strategy("default", ["/cpu:0"])
+  with pytest.raises(errors.ConfigError, match="not a device of this machine"):
+    distribute.make_strategy("mirrored", ["/gpu:7"])
+  monkeypatch.delenv("TF_CONFIG", raising=False)
+  with pytest.raises(errors.ConfigError, match="TF_CONFIG"):
+    distribute.make_strategy("multi_worker")
+  monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"index": 3}}')
+  with pytest.raises(errors.ConfigError, match="task.index=3"):
+    distribute.make_strategy("multi_worker")
+  assert distribute.parse_devices(" /cpu:0, /cpu:1 ,") == ["/cpu:0", "/cpu:1"]
+  assert distribute.parse_devices("") is None
