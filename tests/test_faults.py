@@ -64,7 +64,8 @@ if point == "ckpt_state":         # checkpoint data written, not yet recorded as
 if point == "half_file":          # a split file half written, before fsync + rename
   real_fsync = os.fsync
   def fsync(fd):
-    if due():
+    import stat
+    if stat.S_ISREG(os.fstat(fd).st_mode) and due():   # files, not directory syncs
       os.ftruncate(fd, max(os.fstat(fd).st_size // 2, 1))
       die()
     return real_fsync(fd)
