@@ -253,16 +253,18 @@ class Trainer:
         window_start, window_steps, sums = time.time(), 0, {}
       if step % cfg.checkpoint_steps == 0 or step == cfg.num_steps_limit:
         result = self.validate() if self.is_chief else None
-        self._save(step)
         if result is not None:
           logging.info("step %d  validation accuracy %s", step, result.as_percent())
           with writer.as_default(step=step):
             tf.summary.scalar("valid/accuracy", result.accuracy)
           if result.accuracy > best:
+            # Before the regular save: a kill in between replays this step,
+            # which validates to the same accuracy, so best/ never misses it.
             best = result.accuracy
             self._save_best(step, result)
             logging.info("step %d  new best validation accuracy: saved to %s",
                          step, self.best_dir)
+        self._save(step)
       if step >= cfg.num_steps_limit:
         break
     writer.flush()
