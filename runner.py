@@ -8,7 +8,6 @@ Training resumes from the latest checkpoint in --checkpoint_path. Evaluation
 restores the best-validation checkpoint and writes result_test.json beside it.
 """
 
-import errno
 import json
 import os
 import sys
@@ -177,31 +176,6 @@ def evaluate():
   return result
 
 
-def environment_error(exc):
-  """One-line message for a disk-full / permission / I/O failure, else None.
-
-  Checkpoints, best/ and result files are written atomically, so whatever
-  failed, the latest complete checkpoint is intact and a rerun resumes.
-  """
-  text = str(exc)
-  disk_full = (getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or
-               (isinstance(exc, tf.errors.ResourceExhaustedError) and "space" in text))
-  denied = (getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or
-            isinstance(exc, tf.errors.PermissionDeniedError) or "Read-only file system" in text)
-  if not (disk_full or denied or isinstance(exc, OSError)):
-    return None  # a TF error that is not about the file system: a bug, keep the traceback
-  where = getattr(exc, "filename", None) or FLAGS.checkpoint_path
-  detail = getattr(exc, "strerror", None) or " ".join(text.split())[:300]
-  if disk_full:
-    advice = "the disk is full: free some space (or use another --checkpoint_path)"
-  elif denied:
-    advice = "no permission to write there: choose a writable --checkpoint_path"
-  else:
-    advice = "an I/O error occurred"
-  return (f"{where}: {detail}; {advice}. The latest complete checkpoint in "
-          f"{FLAGS.checkpoint_path} is intact; rerun the same command to resume.")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -219,9 +193,11 @@ def main(argv):
   except errors.UserError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
-  except (OSError, tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError,
-          tf.errors.UnknownError, tf.errors.FailedPreconditionError) as exc:
-    message = environment_error(exc)
+  except (OSError, tf.errors.OpError) as exc:
+    message = errors.environment_error(
+        exc, FLAGS.checkpoint_path,
+        f"The latest complete checkpoint in {FLAGS.checkpoint_path} is intact; rerun the "
+        "same command to resume.", "--checkpoint_path")
     if message is None:
       raise
     print(f"error: {message}", file=sys.stderr)

@@ -173,6 +173,9 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.Im
   options = images_lib.DecodeOptions(load_size, int(description["channels"]),
                                      expected_size, tuple(allowed_modes), skip_bad)
   features_fn = feature_function(model, crop, image_size, bool(description["invert"]))
+  unknown = [s for s in split_classes if s not in embeddings_lib.SPLITS]
+  if unknown:  # split names become file names: only the known ones
+    raise errors.UserError(f"unknown split name(s) {unknown}; expected {embeddings_lib.SPLITS}")
   all_classes = [c for split in split_classes for c in split_classes[split]]
   tokens = class_tokens(all_classes)
   target_dir = os.path.join(out_dir, dataset_name, crop)
