@@ -7,6 +7,26 @@ gives each task its own inner gradient (tasks do not interact).
 
 Layout of the parameter list (L = 2 * (len(hidden_sizes) + 1) tensors):
   [W_1 [D, H_1], b_1 [H_1], ..., W_out [H_last or D, N], b_out [N]]
+
+Output-layer initialisation (`HEAD_INITS`, the learners' `head_init` flag):
+  "zeros":  W_out = 0, b_out = 0 (hidden layers Glorot). Under LEO's sampler
+            the N output slots are an arbitrary order of the task's classes,
+            so anything theta writes into one slot rather than another is
+            noise for an unseen task; the expected meta-gradient is symmetric
+            in the slots and meta-training drifts towards a slot-symmetric
+            head (Ye & Chao, ICLR'22, "How to train your MAML to excel in
+            few-shot classification", make the same point for MAML). Zero is
+            the symmetric point from which adaptation alone decides: at
+            W_out = 0 the softmax is uniform, so one step of size alpha on the
+            mean support cross-entropy (K shots per class, features h) gives
+                W_c = alpha / N * (mean_k h_{c,k} - mean_{c',k} h_{c',k}),
+            a nearest-centred-class-mean (prototype) classifier, which is why
+            the gradient-based learners then start at the NCM baseline.
+  "glorot": W_out ~ Glorot uniform as the hidden layers (cbfinn/maml's
+            xavier). Its random logits differ per slot by O(1) while one
+            adaptation step changes them by O(alpha / N * class-mean gap):
+            on L2-normalised embeddings a short meta-training cannot undo
+            that (the measured cause of iMAML at chance on Omniglot).
 """
 
 from typing import List, Sequence
@@ -18,19 +38,40 @@ from leo_suite.models import base
 
 from leo_suite import errors
 
+HEAD_INITS = ("zeros", "glorot")
+HEAD_INIT_HELP = (
+    "Initial output layer of the head theta: 'zeros' (W_out = 0: the N "
+    "output slots are arbitrary under LEO's sampler, so the symmetric head "
+    "is what meta-learning converges to; one inner step from it is a "
+    "nearest-class-mean classifier) or 'glorot' (random, as cbfinn/maml; "
+    "its random per-slot logits can swamp the adaptation on embeddings). "
+    "Hidden layers are always Glorot; output biases start at 0.")
+
+
+def check_head_init(value, flag_name="head_init"):
+  """Raises ConfigError naming the flag unless value is one of HEAD_INITS."""
+  if value not in HEAD_INITS:
+    raise errors.ConfigError(
+        f"--{flag_name}={value!r}: choose one of {', '.join(HEAD_INITS)}")
+
 
 class HeadParams(snt.Module):
   """The meta-learned initialisation theta of a linear or MLP head."""
 
   def __init__(self, num_ways: int, embedding_dim: int,
                hidden_sizes: Sequence[int] = (), dtype=tf.float32,
-               name="head"):
+               name="head", output_init: str = "glorot"):
     super().__init__(name=name)
+    check_head_init(output_init)
     sizes = [embedding_dim] + list(hidden_sizes) + [num_ways]
     self.params: List[tf.Variable] = []
+    num_layers = len(sizes) - 1
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-      self.params.append(tf.Variable(
-          base.glorot_uniform([fan_in, fan_out], dtype), name=f"w_{layer}"))
+      if layer == num_layers - 1 and output_init == "zeros":
+        weights = tf.zeros([fan_in, fan_out], dtype)
+      else:
+        weights = base.glorot_uniform([fan_in, fan_out], dtype)
+      self.params.append(tf.Variable(weights, name=f"w_{layer}"))
       self.params.append(tf.Variable(
           tf.zeros([fan_out], dtype), name=f"b_{layer}"))
 

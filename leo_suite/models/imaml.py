@@ -51,7 +51,8 @@ import tensorflow as tf
 
 from leo_suite.errors import ConfigError
 from leo_suite.models import base
-from leo_suite.models.heads import HeadParams, head_logits, parse_hidden_sizes
+from leo_suite.models.heads import (HEAD_INIT_HELP, HeadParams, check_head_init,
+                                    head_logits, parse_hidden_sizes)
 
 FLAG_PREFIX = "imaml_"
 
@@ -90,6 +91,8 @@ class Config:
               "'reference': imaml_dev's form: plain inner SGD, one pull-back "
               "step phi <- phi - inner_lr*lam*(phi - theta), and "
               "((1 + cg_damping) I + H/(lam + 10)) v = g."})
+  head_init: str = dataclasses.field(default="zeros", metadata={
+      "help": HEAD_INIT_HELP})
 
 
 def validate_config(config: Config):
@@ -109,6 +112,7 @@ def validate_config(config: Config):
   if config.cg_damping < 0:
     bad("cg_damping", "must be >= 0")
   parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes")
+  check_head_init(config.head_init, FLAG_PREFIX + "head_init")
 
 
 # -- pure functions over lists of per-task tensors [B, ...] --------------------
@@ -279,7 +283,7 @@ class IMAML(base.Learner):
     self.config = config
     self.head = HeadParams(num_ways, embedding_dim,
                            parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes"),
-                           dtype=self.dtype)
+                           dtype=self.dtype, output_init=config.head_init)
 
   def _cast(self, x):
     return tf.cast(x, self.dtype)

@@ -50,6 +50,12 @@ class Config(maml.Config):
               "attenuator has L = 2 * (layers) inputs and outputs. '64' "
               "(default) gives L = 4; '' = linear head (L = 2), whose "
               "task embedding g is identically 0 (gamma not task-dependent)."})
+  head_init: str = dataclasses.field(default="glorot", metadata={
+      "help": "Initial output layer of the head: 'glorot' (default) or "
+              "'zeros'. L2F keeps 'glorot' unlike MAML: its task embedding "
+              "is the layer-wise mean support gradient at theta, and with "
+              "W_out = 0 nothing flows back to the hidden layers, so g = 0 "
+              "for every task and gamma would not depend on the task."})
 
 
 def attenuate(params, gamma):

@@ -61,6 +61,8 @@ class Config:
   meta_sgd: bool = dataclasses.field(default=False, metadata={
       "help": "Meta-SGD: learn a per-parameter step size alpha (same shape "
               "as each parameter of theta), initialised to inner_lr."})
+  head_init: str = dataclasses.field(default="zeros", metadata={
+      "help": heads.HEAD_INIT_HELP})
 
 
 LossFn = Callable[[List[tf.Tensor]], tf.Tensor]
@@ -134,7 +136,8 @@ class MAML(base.Learner):
     hidden_sizes = heads.parse_hidden_sizes(
         config.hidden_sizes, self.flag_prefix + "hidden_sizes")
     self.head = heads.HeadParams(num_ways, embedding_dim, hidden_sizes,
-                                 dtype=self.dtype)
+                                 dtype=self.dtype,
+                                 output_init=config.head_init)
     self.inner_lrs = None
     if config.meta_sgd:
       self.inner_lrs = [
@@ -195,6 +198,7 @@ def validate_config(config, flag_prefix):
     raise errors.ConfigError(
         f"--{flag_prefix}inner_lr={config.inner_lr}: the inner step size must "
         "be a positive number")
+  heads.check_head_init(config.head_init, flag_prefix + "head_init")
 
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):
