@@ -507,6 +507,35 @@ def test_meta_training_lowers_held_out_query_loss():
   assert held_out_loss() < 0.7 * before
 
 
+def _trained_accuracy(tmp_path, **overrides):
+  from tests import test_maml
+  learner = imaml.build(imaml.Config(**overrides), test_maml.NUM_WAYS,
+                        test_maml.DIM, "float32")
+  return test_maml.meta_train_and_score(learner, tmp_path)
+
+
+def test_meta_trained_imaml_matches_the_class_mean_baseline(tmp_path):
+  """Regression: iMAML meta-trained by the real Trainer (LEO's sampler with
+  random class-to-slot order, clipping 0.1/0.1) was at chance on Omniglot."""
+  accuracy, ncm, at_init = _trained_accuracy(tmp_path)
+  assert ncm > 0.5  # learnable; chance is 0.2
+  assert at_init >= ncm - 0.03 and accuracy >= ncm - 0.03, (at_init, accuracy, ncm)
+
+
+@pytest.mark.parametrize("head_init,expect_init_at_chance", [
+    ("glorot", True), ("zeros", False)])
+def test_old_defaults_fail_the_regression_problem(tmp_path, head_init,
+                                                  expect_init_at_chance):
+  """The root cause, pinned: with the paper's lam = 2 (inner_lr 0.1) the
+  adaptation phi* - theta = -grad L_S(phi*)/lam is tiny on unit-norm
+  embeddings, so random Glorot slot logits swamp it (chance from the start),
+  and from a zero head Adam's slot-asymmetric noise on theta outgrows it."""
+  accuracy, ncm, at_init = _trained_accuracy(tmp_path, lam=2.0, inner_lr=0.1,
+                                             head_init=head_init)
+  assert (at_init < 0.4) == expect_init_at_chance, at_init
+  assert accuracy < ncm - 0.2, (accuracy, ncm)
+
+
 # -- configuration --------------------------------------------------------------
 
 def test_config_fields_have_help_and_flag_types():
@@ -515,13 +544,15 @@ def test_config_fields_have_help_and_flag_types():
     assert type(field.default) in (int, float, bool, str)
   assert imaml.FLAG_PREFIX == "imaml_"
   defaults = imaml.Config()
-  assert (defaults.lam, defaults.cg_steps, defaults.variant) == (2.0, 5, "paper")
+  assert (defaults.lam, defaults.cg_steps, defaults.variant) == (0.2, 5, "paper")
+  assert (defaults.inner_lr, defaults.head_init) == (1.0, "zeros")
 
 
 @pytest.mark.parametrize("overrides,flag", [
     (dict(variant="hf"), "imaml_variant"), (dict(lam=0.0), "imaml_lam"),
     (dict(hidden_sizes="64,x"), "imaml_hidden_sizes"),
-    (dict(inner_steps=-1), "imaml_inner_steps"), (dict(cg_steps=-2), "imaml_cg_steps")])
+    (dict(inner_steps=-1), "imaml_inner_steps"), (dict(cg_steps=-2), "imaml_cg_steps"),
+    (dict(head_init="ones"), "imaml_head_init")])
 def test_bad_config_is_a_clear_config_error(overrides, flag):
   with pytest.raises(ConfigError, match=flag):
     build(**overrides)

@@ -413,3 +413,93 @@ def test_every_config_field_has_help():
   for name, default, help_text in base.config_fields(maml.Config):
     assert len(help_text) > 20, name
     assert isinstance(default, (int, float, bool, str)), name
+
+
+# -- output-layer initialisation (heads.HEAD_INITS) --------------------------------
+
+def test_zero_head_one_step_is_the_centred_class_mean_classifier():
+  """From W_out = 0 the softmax is uniform, so one step of size alpha on the
+  mean CE gives W_c = alpha/N (mean of class c - mean of all), b = 0."""
+  alpha, num_shots = 0.7, 2
+  learner = build64(inner_steps=1, inner_lr=alpha)  # head_init="zeros"
+  assert all(np.all(p.numpy() == 0) for p in learner.head.params)
+  episode = make_episode(num_shots=num_shots)
+  w, b = learner.adapt(episode.support_x, episode.support_y, training=True,
+                       seed=SEED)
+  x = episode.support_x.numpy()                      # [B, N, K, D]
+  class_means = x.mean(axis=2)                       # [B, N, D]
+  centred = class_means - x.mean(axis=(1, 2))[:, None]
+  np.testing.assert_allclose(w.numpy(), alpha / NUM_WAYS *
+                             np.swapaxes(centred, 1, 2), rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(b.numpy(), 0.0, atol=1e-15)
+  logits = learner.predict([w, b], episode.query_x, training=False, seed=SEED)
+  prototype = np.einsum("bnvd,bcd->bnvc", episode.query_x.numpy(), centred)
+  np.testing.assert_array_equal(np.argmax(logits.numpy(), -1),
+                                np.argmax(prototype, -1))
+
+
+def test_head_init_zeros_only_zeroes_the_output_layer():
+  tf.random.set_seed(11)
+  zeros = build64(hidden_sizes="8", head_init="zeros")
+  tf.random.set_seed(11)
+  glorot = build64(hidden_sizes="8", head_init="glorot")
+  w1_z, b1_z, w2_z, b2_z = (p.numpy() for p in zeros.head.params)
+  w1_g, b1_g, w2_g, b2_g = (p.numpy() for p in glorot.head.params)
+  np.testing.assert_array_equal(w1_z, w1_g)          # hidden layer: Glorot
+  assert np.abs(w1_z).max() > 0.1
+  np.testing.assert_array_equal(w2_z, 0.0)
+  limit = np.sqrt(6.0 / (8 + NUM_WAYS))
+  assert np.abs(w2_g).max() > 0.5 * limit and np.abs(w2_g).max() <= limit
+  for bias in (b1_z, b2_z, b1_g, b2_g):
+    np.testing.assert_array_equal(bias, 0.0)
+  with pytest.raises(errors.ConfigError, match="--maml_head_init='normal'"):
+    build64(head_init="normal")
+
+
+# -- meta-training through the real Trainer, LEO's sampler (random slots) ------
+
+def random_slot_splits(seed=0, dim=16, images=12):
+  """Train/test splits like ReLU embeddings: a strong shared direction plus a
+  weaker class signal and noise (after L2 normalisation all cosines are high,
+  as on Omniglot). The sampler assigns classes to slots at random."""
+  from leo_suite.data import embeddings
+  rng = np.random.default_rng(seed)
+  common = unit_rows(rng, (dim,))
+  def split(num_classes):
+    centers = unit_rows(rng, (num_classes, 1, dim))
+    x = (common + 0.5 * centers +
+         0.3 * rng.normal(size=(num_classes, images, dim)) / np.sqrt(dim))
+    labels = np.repeat(np.arange(num_classes), images)
+    return embeddings.split_from_labels(x.reshape(-1, dim), labels)
+  return split(40), split(20)
+
+
+def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
+                         num_shots=1):
+  """(test accuracy after `steps` Trainer steps, NCM accuracy, accuracy at
+  init) on 200 fixed 5-way test tasks; LEO's clipping 0.1/0.1 and Adam."""
+  from leo_suite.data import episodes
+  from leo_suite.pretrain import baselines
+  from leo_suite.training import evaluation
+  from leo_suite.training import trainer as trainer_lib
+  train, test = random_slot_splits()
+  spec = episodes.EpisodeSpec(NUM_WAYS, num_shots, 5)
+  sampler = episodes.EpisodeSampler(train, spec, "meta-training", learner.dtype)
+  test_set = episodes.EpisodeSampler(test, spec, "meta-test",
+                                     learner.dtype).fixed_set(1, 200, 100)
+  config = trainer_lib.TrainConfig(
+      checkpoint_path=str(tmp_path), num_steps_limit=steps,
+      metatrain_batch_size=8, checkpoint_steps=10**6, log_steps=10**6,
+      outer_lr=outer_lr)
+  trainer = trainer_lib.Trainer(learner, config, sampler)
+  at_init = trainer.evaluator.evaluate(test_set).accuracy
+  assert trainer.train() == steps
+  ncm = evaluation.evaluate_baseline(baselines.ncm_cosine_logits, test_set)
+  return trainer.evaluator.evaluate(test_set).accuracy, ncm.accuracy, at_init
+
+
+def test_meta_trained_maml_matches_the_class_mean_baseline(tmp_path):
+  learner = maml.build(maml.Config(), NUM_WAYS, DIM, "float32")
+  accuracy, ncm, _ = meta_train_and_score(learner, tmp_path)
+  assert ncm > 0.5  # the problem is learnable, chance is 0.2
+  assert accuracy >= ncm - 0.03, (accuracy, ncm)
