@@ -194,3 +194,25 @@ def test_config_defaults_to_an_mlp_head_and_has_help():
   assert l2f.Config().hidden_sizes == "64"
   for name, _, help_text in base.config_fields(l2f.Config):
     assert len(help_text) > 20, name
+
+
+def test_zero_output_layer_would_silence_the_task_embedding():
+  """Why L2F keeps head_init='glorot': with W_out = 0 no gradient reaches the
+  hidden layers at theta, so g = 0 for every task (gamma task-independent)."""
+  episode = common.make_episode()
+  zeros = build64(hidden_sizes="8", head_init="zeros")
+  g = zeros.task_embedding(episode.support_x, episode.support_y).numpy()
+  np.testing.assert_array_equal(g[:, :2], 0.0)  # hidden layer: exactly 0
+  np.testing.assert_allclose(g, 0.0, atol=1e-15)  # output: 0 up to rounding
+  assert l2f.Config().head_init == "glorot"
+  glorot = build64(hidden_sizes="8")
+  randomise_biases(glorot)
+  g = glorot.task_embedding(episode.support_x, episode.support_y).numpy()
+  assert np.abs(g[:, :2]).min() > 1e-9  # hidden layer: task-dependent
+
+
+def test_meta_trained_l2f_is_near_the_class_mean_baseline(tmp_path):
+  learner = l2f.build(l2f.Config(), NUM_WAYS, DIM, "float32")
+  accuracy, ncm, _ = common.meta_train_and_score(learner, tmp_path)
+  assert ncm > 0.5
+  assert accuracy >= ncm - 0.03, (accuracy, ncm)
