@@ -39,6 +39,18 @@ In both, CG starts from x_0 = 0 and stops a task once r.r < 1e-10; a task
 whose operator turns out not positive along the search direction (possible
 for an MLP head away from the optimum) keeps its current iterate.
 
+Defaults on embeddings (measured; root cause of iMAML at chance on Omniglot):
+phi* - theta = -grad L_S(phi*)/lam, and on unit-norm embeddings the mean-CE
+gradient of a head is ~ (class-mean gap)/N, so with the paper's lam = 2 the
+adapted head differs from theta by O(0.01) per logit. A Glorot output layer
+gives each of the N (randomly assigned) slots O(0.2) random logits, which
+swamp that: 24% on Omniglot 5w1s before and after 300 steps (chance 20%).
+From a zero output layer iMAML starts at the class-mean baseline, but Adam's
+slot-asymmetric noise on theta (~ outer_lr per step) outgrows the tiny
+adaptation (95% -> 51% in 300 steps). Hence head_init = "zeros" and lam =
+0.2 (1/lam = MAML's alpha*T), inner_lr = 1.0 (still 16 steps, contraction
+0.8 per step). tests/test_imaml.py pins both failures on a toy problem.
+
 The losses are per-task means of the softmax cross-entropy (the reference uses
 torch's mean CrossEntropyLoss); the meta-loss and meta-gradient are averaged
 over tasks. The same inner procedure (same lam) runs at evaluation.

@@ -21,6 +21,12 @@ would be 2.0 here). On unit-norm 640-d embeddings one step changes a logit by
 about alpha * (cosine) * (y - p) / (N*K), so alpha must be O(1), much larger
 than the conv-net values; the default 1.0 reflects that.
 
+Head initialisation (`head_init`, see heads.py): the output layer starts at
+zero by default, the slot-symmetric head from which one inner step is a
+centred class-mean classifier (Omniglot 5w1s, 300 steps: 95.1% vs 92.5% with
+Glorot; NCM 95.4%). The per-class inner step shrinks as 1/N with a mean
+loss: for N-way use inner_lr ~ N/5 (20-way: 4.0; 1.0 drifts to 79%).
+
 The inner loop is vectorised over tasks: fast weights carry a leading task
 axis [B, ...] (`heads.HeadParams.tiled`), the loss summed over tasks of the
 per-task means gives each task exactly its own gradient.
