@@ -25,7 +25,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 MODELS = tuple(os.environ.get("LEO_SUITE_MODELS", "leo,maml,imaml,r2d2,l2f").split(","))
 NUM_WAYS, NUM_SHOTS, NUM_QUERIES, DIM, BATCH = 3, 2, 3, 16, 4
 # Small but non-trivial: every learner's inner loop, LEO's relation network.
-OVERRIDES = {"leo": dict(num_latents=4), "maml": {}, "imaml": dict(inner_steps=4),
+OVERRIDES = {"leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
+             "maml": dict(inner_steps=3), "imaml": dict(inner_steps=3, cg_steps=3),
              "r2d2": dict(projection_dim=8), "l2f": dict(hidden_sizes="8", inner_steps=2)}
 
 
@@ -186,7 +187,7 @@ def run_mirrored(out_dir):
                     os.path.join(out_dir, "default", model))
     for name, strategy in strategies.items():
       train_two_steps(strategy, model, os.path.join(out_dir, name, model))
-    if model in ("leo", "maml"):
+    if model == "maml":
       train_two_steps(strategies["mirrored4"], model,
                       os.path.join(out_dir, "per_replica_clip", model), per_replica_clip=True)
   # An uneven meta-batch is refused with a ConfigError.
