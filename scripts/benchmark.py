@@ -214,6 +214,9 @@ def print_table(results):
     print("\n== evaluation (fixed set via EpisodeSampler, V = 600-K queries/class) ==")
     for model, per_model in results["eval"].items():
       for shots, row in per_model.items():
+        if "error" in row:
+          print(f"{model:8s} K={shots}: error {row['error']}")
+          continue
         print(f"{model:8s} K={shots}: {row['tasks_per_s']:8.1f} tasks/s "
               f"({row['tasks']} tasks in {row['seconds']:.1f} s)")
     for shots, seconds in results.get("sampler_seconds", {}).items():
@@ -237,8 +240,8 @@ def main():
                       help="fewer steps/tasks (smoke run; figures are noisier)")
   parser.add_argument("--output", default="", help="write the results as JSON here")
   parser.add_argument("--skip", default="",
-                      help="comma list of sections to skip: xla,map_fn,eval,memory,extraction,"
-                           "serving")
+                      help="comma list of sections to skip: train,xla,map_fn,eval,memory,"
+                           "extraction,serving")
   parser.add_argument("--eval_tasks", type=int, default=0,
                       help="tasks per learner in the evaluation benchmark (default 2000, "
                            "quick 200); LEO 1-shot runs --leo_eval_tasks unless --quick")
@@ -273,7 +276,7 @@ def main():
              "train": {}, "eval": {}, "memory": {}}
   start = time.time()
   train_split = synthetic_split(64, 40)
-  for model in models:
+  for model in (models if "train" not in skip else []):
     results["train"][model] = {}
     for shots in (1, 5):
       row = train_throughput(model, shots, train_split, num_steps,
@@ -295,7 +298,10 @@ def main():
       for shots in (1, 5):
         tasks = (args.leo_eval_tasks if (model == "leo" and shots == 1 and not args.quick)
                  else eval_tasks)
-        row = eval_throughput(model, shots, test_split, tasks, args.eval_batch_size)
+        try:
+          row = eval_throughput(model, shots, test_split, tasks, args.eval_batch_size)
+        except Exception as exc:  # pylint: disable=broad-except
+          row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         results["eval"][model][str(shots)] = row
         print(f"[{time.time() - start:6.0f}s] eval {model} {shots}-shot: {row}", flush=True)
 
