@@ -77,6 +77,9 @@ class Trainer:
     with self.strategy.scope():
       self.optimizer = optim.AdamState(variables, optim.AdamHyper(config.outer_lr))
     self.checkpoint = tf.train.Checkpoint(learner=learner, optimizer=self.optimizer)
+    # Create the (lazy) save counter now, so best/ (written before the first
+    # regular save) holds it too and restores with assert_existing_objects_matched.
+    _ = self.checkpoint.save_counter
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, config.checkpoint_path, max_to_keep=3,
         step_counter=self.optimizer.step, checkpoint_name="ckpt")
