@@ -196,7 +196,11 @@ def scaled_loss_and_gradients(compute, episode, seed, global_batch: int):
 
 def sum_over_replicas(strategy, per_replica):
   """All-reduce sum of a nest of per-replica values to one (cross-replica) value."""
-  return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+  # One reduce per tensor: MultiWorkerMirroredStrategy's packed reduce of a
+  # nest fails on tensors of different ranks.
+  return tf.nest.map_structure(
+      lambda value: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None),
+      per_replica)
 
 
 def local_concat(strategy, per_replica):
