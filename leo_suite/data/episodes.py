@@ -67,7 +67,12 @@ class EpisodeSampler:
     self.dtype = tf.as_dtype(dtype)
     # Read-only tables; a variable is captured by reference by tf.data, so a
     # large split is not copied into the dataset graph.
-    self._table = tf.Variable(split.embeddings, trainable=False, name="embeddings")
+    # Each row is L2-normalised once here: normalising a vector does not
+    # depend on which task draws it, so this equals the release's per-task
+    # normalisation after sampling and saves that work on every task.
+    norms = np.linalg.norm(split.embeddings, axis=1, keepdims=True)
+    self._table = tf.Variable(split.embeddings / np.maximum(norms, 1e-6),
+                              trainable=False, name="embeddings")
     self._class_start = tf.constant(split.class_start, tf.int64)
     self._class_count = tf.constant(split.class_count, tf.int64)
     self._max_count = int(split.class_count.max())
@@ -88,8 +93,7 @@ class EpisodeSampler:
     keys = tf.where(valid, keys, 2.0)  # images a class lacks sort last
     picks = tf.argsort(keys, axis=1)[:, :self.spec.examples_per_class]  # [N, K+V]
     rows = starts[:, tf.newaxis] + tf.cast(picks, tf.int64)
-    x = tf.nn.l2_normalize(tf.gather(self._table, rows), axis=-1)
-    x = tf.cast(x, self.dtype)                                          # [N, K+V, D]
+    x = tf.cast(tf.gather(self._table, rows), self.dtype)              # [N, K+V, D], unit rows
     labels = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis],
                      [1, self.spec.examples_per_class])
     return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
