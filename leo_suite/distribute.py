@@ -35,7 +35,6 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
-from leo_suite.models import base
 from leo_suite.training import evaluation
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -220,13 +219,7 @@ class DistributedEvaluator:
     self.strategy = strategy
     self.learner = learner
 
-    def task_accuracy(episode):
-      zero_seed = tf.zeros([2], tf.int32)
-      state = learner.adapt(episode.support_x, episode.support_y, training=False,
-                            seed=zero_seed)
-      logits = learner.predict(state, episode.query_x, training=False, seed=zero_seed)
-      return base.accuracy(logits, episode.query_y)
-
+    task_accuracy = lambda episode: evaluation.task_accuracy(learner, episode)
     if jit_compile:  # XLA per replica; the split and concatenation stay outside
       task_accuracy = tf.function(task_accuracy, jit_compile=True)
 

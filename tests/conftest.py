@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +24,21 @@ def omniglot_archives():
   if missing:
     pytest.skip(f"Omniglot archives not found ({missing}); set {OMNIGLOT_ENV}")
   return archives
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  """A tiny LEO-format dataset 'tiny' (D=12; 6/4/4 classes of 8+ images, unequal)."""
+  from leo_suite.data import embeddings  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  for split, num_classes in (("train", 6), ("val", 4), ("test", 4)):
+    keys, rows = [], []
+    for c in range(num_classes):
+      center = rng.standard_normal(12)
+      for i in range(8 + c):
+        keys.append(embeddings.make_key(f"{split}{c}", i))
+        rows.append(center + 0.5 * rng.standard_normal(12))
+    embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
+                           keys, np.asarray(rows))
+  return str(root)

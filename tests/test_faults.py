@@ -112,22 +112,6 @@ def wrapper(tmp_path_factory):
   return str(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  rng = np.random.default_rng(0)
-  for split, num_classes in (("train", 6), ("val", 4), ("test", 4)):
-    keys, rows = [], []
-    for c in range(num_classes):
-      center = rng.standard_normal(12)
-      for i in range(8 + c):
-        keys.append(embeddings.make_key(f"{split}{c}", i))
-        rows.append(center + 0.5 * rng.standard_normal(12))
-    embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
-                           keys, np.asarray(rows))
-  return str(root)
-
-
 def env(**fault):
   return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
               **{f"FAULT_{k.upper()}": str(v) for k, v in fault.items()})

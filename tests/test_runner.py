@@ -18,22 +18,6 @@ TINY_FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--nu
               "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--baselines=ncm"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  rng = np.random.default_rng(0)
-  for split, num_classes in (("train", 6), ("val", 4), ("test", 4)):
-    keys, rows = [], []
-    for c in range(num_classes):
-      center = rng.standard_normal(12)
-      for i in range(8 + c):          # unequal class sizes
-        keys.append(embeddings.make_key(f"{split}{c}", i))
-        rows.append(center + 0.5 * rng.standard_normal(12))
-    embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
-                           keys, np.asarray(rows))
-  return str(root)
-
-
 def run(*args, check=True):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([sys.executable, os.path.join(REPO, "runner.py"), *args],

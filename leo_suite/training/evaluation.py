@@ -32,6 +32,14 @@ def summarise(per_task_accuracy) -> Result:
   return Result(float(acc.mean()), 1.96 * std / math.sqrt(len(acc)), len(acc), std)
 
 
+def task_accuracy(learner, episode):
+  """Per-task query accuracy [B] after adapting on the support set (eval mode)."""
+  zero_seed = tf.zeros([2], tf.int32)
+  state = learner.adapt(episode.support_x, episode.support_y, training=False, seed=zero_seed)
+  logits = learner.predict(state, episode.query_x, training=False, seed=zero_seed)
+  return base.accuracy(logits, episode.query_y)
+
+
 class Evaluator:
   """Adapts on each task's support set and scores its query set (no dropout,
   latent/weight means: training=False)."""
@@ -39,15 +47,8 @@ class Evaluator:
   def __init__(self, learner, jit_compile=False):
     self.learner = learner
 
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-    def task_accuracy(episode):
-      zero_seed = tf.zeros([2], tf.int32)
-      state = learner.adapt(episode.support_x, episode.support_y, training=False,
-                            seed=zero_seed)
-      logits = learner.predict(state, episode.query_x, training=False, seed=zero_seed)
-      return base.accuracy(logits, episode.query_y)
-
-    self._task_accuracy = task_accuracy
+    self._task_accuracy = tf.function(lambda episode: task_accuracy(learner, episode),
+                                      jit_compile=jit_compile, reduce_retracing=True)
 
   def per_task_accuracy(self, dataset):
     values = []
