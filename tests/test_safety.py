@@ -17,11 +17,10 @@ import pytest
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import convert as convert_embeddings
 from leo_suite.data import embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import convert_embeddings  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # -- hand-built Python 2 pickles (protocol 2, py2 `str` = SHORT_BINSTRING/BINSTRING) --
