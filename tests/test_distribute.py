@@ -77,6 +77,7 @@ def _free_ports(count):
   return ports
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("replicas", ["mirrored2", "mirrored4"])
 def test_mirrored_training_matches_one_device(mirrored_run, model, replicas):
@@ -94,6 +95,7 @@ def test_mirrored_training_matches_one_device(mirrored_run, model, replicas):
   assert max(np.abs(v).max() for k, v in single.items() if k.startswith("optimizer/m/")) > 1e-4
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 @pytest.mark.parametrize("model", ["maml"])
 def test_clipping_per_replica_would_differ(mirrored_run, model):
   """Control: clipping each replica's gradient before the sum changes Adam's
@@ -104,12 +106,14 @@ def test_clipping_per_replica_would_differ(mirrored_run, model):
   assert max_difference(single, wrong) > 100 * TOLERANCE
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 def test_uneven_meta_batch_is_a_config_error(mirrored_run):
   _, report = mirrored_run
   assert report["uneven_error"].startswith("ConfigError")
   assert "6 tasks cannot be split evenly over 4 replicas" in report["uneven_error"]
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 @pytest.mark.parametrize("model", MODELS)
 def test_evaluation_under_strategy_gives_same_accuracies(mirrored_run, model):
   _, report = mirrored_run
@@ -120,6 +124,7 @@ def test_evaluation_under_strategy_gives_same_accuracies(mirrored_run, model):
     np.testing.assert_allclose(results[name], results["default"], atol=1e-6)
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 @pytest.mark.parametrize("model", MODELS)
 def test_checkpoints_restore_across_strategies(mirrored_run, model):
   _, report = mirrored_run
@@ -130,6 +135,7 @@ def test_checkpoints_restore_across_strategies(mirrored_run, model):
   assert to_mirrored["num_copies"] == 2 and to_mirrored["copies_agree"]
 
 
+@pytest.mark.slow  # subprocesses with several logical devices / workers
 def test_multi_worker_matches_one_device(mirrored_run, tmp_path):
   out, _ = mirrored_run
   ports = ",".join(map(str, _free_ports(2)))
