@@ -1,10 +1,12 @@
 """Command-line flags: the release's names and defaults, plus the suite's.
 
-Groups: data, episodes, outer loop / checkpoints (the release's flags, same
-names and defaults), runner extras, and one group per learner generated from
-that learner's `Config` dataclass (`--<prefix><field>`, help in the paper's
-notation). The library never reads flags: `run_config()` turns them into
-plain config objects once.
+Groups (as `--helpfull` lists them): LEO's release flags (data, episodes,
+outer loop and checkpoints: same names and defaults), the runner's, and one
+group per learner generated from that learner's `Config` dataclass
+(`--<prefix><field>`, help in the paper's notation). The outer-loop flags
+default to the chosen learner's reference values (its OUTER_DEFAULTS; LEO's
+are the release's). The library never reads flags: `settings()` turns them
+into the plain dict a run directory stores (leo_suite/training/run.py).
 """
 
 import dataclasses
@@ -14,6 +16,12 @@ from absl import flags
 
 from leo_suite import errors
 from leo_suite.models import registry
+from leo_suite.training import optim
+from leo_suite.training import run as run_lib
+
+_D = run_lib.DEFAULTS
+RELEASE = "leo_suite: 1. LEO release flags"
+RUNNER = "leo_suite: 2. runner"
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "embeddings")
@@ -21,59 +29,76 @@ DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "embeddings")
 # -- data (release names) -----------------------------------------------------
 flags.DEFINE_string("data_path", DEFAULT_DATA_PATH,
                     "Root of the embeddings: <data_path>/<dataset_name>/<embedding_crop>/"
-                    "<split>_embeddings.pkl (or .npz).")
-flags.DEFINE_string("dataset_name", "miniImageNet",
+                    "<split>_embeddings.pkl (or .npz).", module_name=RELEASE)
+flags.DEFINE_string("dataset_name", _D["dataset_name"],
                     "miniImageNet, tieredImageNet (LEO's release), 'synthetic' (the embedded "
-                    "default, generated on first use) or any dataset directory under data_path.")
-flags.DEFINE_enum("embedding_crop", "center", ["center", "multiview"],
-                  "Which embeddings: center crop or multiview (miniImageNet only in the release).")
-flags.DEFINE_boolean("train_on_val", False, "Meta-train on train + val classes (as the paper's final runs).")
+                    "default, generated on first use) or any dataset directory under data_path.", module_name=RELEASE)
+flags.DEFINE_enum("embedding_crop", _D["embedding_crop"], ["center", "multiview"],
+                  "Which embeddings: center crop or multiview (miniImageNet only in the release).", module_name=RELEASE)
+flags.DEFINE_boolean("train_on_val", _D["train_on_val"], "Meta-train on train + val classes (as the paper's final runs).", module_name=RELEASE)
 
 # -- episodes (release names) ---------------------------------------------------
-flags.DEFINE_integer("num_classes", 5, "N: classes per task (N-way).")
-flags.DEFINE_integer("num_tr_examples_per_class", 1, "K: support examples per class (K-shot).")
-flags.DEFINE_integer("num_val_examples_per_class", 15, "V: query examples per class in meta-training.")
-flags.DEFINE_integer("metatrain_batch_size", 12, "Tasks per meta-training step.")
-flags.DEFINE_integer("metavalid_batch_size", 200, "Tasks per meta-validation batch.")
-flags.DEFINE_integer("metatest_batch_size", 200, "Tasks per meta-test batch.")
+flags.DEFINE_integer("num_classes", _D["num_classes"], "N: classes per task (N-way).", module_name=RELEASE)
+flags.DEFINE_integer("num_tr_examples_per_class", _D["num_tr_examples_per_class"], "K: support examples per class (K-shot).", module_name=RELEASE)
+flags.DEFINE_integer("num_val_examples_per_class", _D["num_val_examples_per_class"], "V: query examples per class in meta-training.", module_name=RELEASE)
+flags.DEFINE_integer("metatrain_batch_size", _D["metatrain_batch_size"], "Tasks per meta-training step.", module_name=RELEASE)
+flags.DEFINE_integer("metavalid_batch_size", _D["metavalid_batch_size"], "Tasks per meta-validation batch.", module_name=RELEASE)
+flags.DEFINE_integer("metatest_batch_size", _D["metatest_batch_size"], "Tasks per meta-test batch.", module_name=RELEASE)
 
 # -- outer loop and checkpoints (release names) ---------------------------------
-flags.DEFINE_integer("num_steps_limit", int(1e5), "Meta-training steps.")
-flags.DEFINE_float("outer_lr", 1e-4, "Adam learning rate of the outer loop.")
-flags.DEFINE_float("gradient_threshold", 0.1, "Clip each meta-gradient element to +-this (0 = off).")
-flags.DEFINE_float("gradient_norm_threshold", 0.1, "Then clip each meta-gradient tensor to this norm (0 = off).")
-flags.DEFINE_string("checkpoint_path", "/tmp/leo", "Run directory: checkpoints, best/, config.json, results.")
-flags.DEFINE_integer("checkpoint_steps", 1000, "Validate and checkpoint every this many steps.")
-flags.DEFINE_boolean("evaluation_mode", False, "Evaluate the best (else latest) checkpoint on the test split.")
+flags.DEFINE_integer("num_steps_limit", _D["num_steps_limit"], "Meta-training steps.", module_name=RELEASE)
+flags.DEFINE_float("outer_lr", None, "Learning rate of the outer loop (default: the "
+                   "learner's; LEO 1e-4 as the release).", module_name=RELEASE)
+flags.DEFINE_float("gradient_threshold", None, "Clip each meta-gradient element to "
+                   "+-this, 0 = off (default: the learner's; LEO 0.1).", module_name=RELEASE)
+flags.DEFINE_float("gradient_norm_threshold", None, "Then clip each meta-gradient tensor "
+                   "to this norm, 0 = off (default: the learner's; LEO 0.1).",
+                   module_name=RELEASE)
+flags.DEFINE_string("checkpoint_path", "/tmp/leo", "Run directory: checkpoints, best/, config.json, results.", module_name=RELEASE)
+flags.DEFINE_integer("checkpoint_steps", _D["checkpoint_steps"], "Validate and checkpoint every this many steps.", module_name=RELEASE)
+flags.DEFINE_boolean("evaluation_mode", False, "Evaluate the best (else latest) checkpoint on the test split.", module_name=RELEASE)
 
 # -- runner extras ------------------------------------------------------------------
-flags.DEFINE_enum("model", "leo", sorted(registry.LEARNERS), "Which meta-learner.")
-flags.DEFINE_string("preset", "", "Named hyper-parameters, overridden by explicit flags: " +
-                    ", ".join(["demo", "mini_1shot", "mini_5shot", "tiered_1shot", "tiered_5shot"]) + ".")
-flags.DEFINE_integer("seed", 0, "Seed of initialisation, training episodes, dropout and sampling.")
-flags.DEFINE_integer("eval_seed", 1, "Seed of the fixed validation/test episode sets.")
-flags.DEFINE_integer("num_val_batches", 10, "Validation = mean over this many metavalid batches.")
-flags.DEFINE_integer("num_test_tasks", 10000, "Test tasks in evaluation mode.")
-flags.DEFINE_integer("eval_num_query", 0,
+flags.DEFINE_enum("model", "leo", sorted(registry.LEARNERS), "Which meta-learner.", module_name=RUNNER)
+flags.DEFINE_string("preset", _D["preset"], "Named hyper-parameters, overridden by explicit flags: " +
+                    ", ".join(["demo", "mini_1shot", "mini_5shot", "tiered_1shot", "tiered_5shot"]) + ".", module_name=RUNNER)
+flags.DEFINE_integer("seed", _D["seed"], "Seed of initialisation, training episodes, dropout and sampling.", module_name=RUNNER)
+flags.DEFINE_integer("eval_seed", _D["eval_seed"], "Seed of the fixed validation/test episode sets.", module_name=RUNNER)
+flags.DEFINE_integer("num_val_batches", _D["num_val_batches"], "Validation = mean over this many metavalid batches.", module_name=RUNNER)
+flags.DEFINE_integer("num_test_tasks", _D["num_test_tasks"], "Test tasks in evaluation mode.", module_name=RUNNER)
+flags.DEFINE_integer("eval_num_query", _D["eval_num_query"],
                      "V at validation/test; 0 = all remaining images of each class (the release: "
-                     "images_per_class - K, using the smallest class of the split).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float64"], "Floating-point type of the model.")
-flags.DEFINE_boolean("deterministic", False,
-                     "Enable TF op determinism: same seed, same result, bit for bit (slower).")
-flags.DEFINE_boolean("jit_compile", False, "Compile the meta-training step with XLA.")
+                     "images_per_class - K, using the smallest class of the split).", module_name=RUNNER)
+flags.DEFINE_enum("dtype", _D["dtype"], ["float32", "float64"], "Floating-point type of the model.", module_name=RUNNER)
+flags.DEFINE_boolean("deterministic", _D["deterministic"],
+                     "Enable TF op determinism: same seed, same result, bit for bit (slower).", module_name=RUNNER)
+flags.DEFINE_boolean("jit_compile", _D["jit_compile"], "Compile the meta-training step with XLA.", module_name=RUNNER)
 flags.DEFINE_enum("distribution_strategy", "default", ["default", "mirrored", "multi_worker"],
                   "default: one device; mirrored: all local GPUs (or --devices, or "
                   "--num_cpu_devices logical CPUs); multi_worker: MultiWorkerMirroredStrategy "
-                  "from TF_CONFIG. The meta-batch is split over replicas (must divide evenly).")
+                  "from TF_CONFIG. The meta-batch is split over replicas (must divide evenly).", module_name=RUNNER)
 flags.DEFINE_string("devices", "", "With --distribution_strategy=mirrored: comma list of "
-                    "devices, e.g. /gpu:0,/gpu:1 or /cpu:0,/cpu:1 ('' = all local GPUs, else CPUs).")
+                    "devices, e.g. /gpu:0,/gpu:1 or /cpu:0,/cpu:1 ('' = all local GPUs, else CPUs).", module_name=RUNNER)
 flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many logical devices "
-                     "/cpu:0.. (0 = leave as is); for testing mirrored on a machine without GPUs.")
-flags.DEFINE_string("baselines", "ncm",
+                     "/cpu:0.. (0 = leave as is); for testing mirrored on a machine without GPUs.", module_name=RUNNER)
+flags.DEFINE_string("baselines", _D["baselines"],
                     "Comma list of non-learned baselines scored on the same test episodes in "
                     "evaluation mode: ncm (nearest class mean, cosine), logreg (per-episode "
-                    "logistic regression); empty for none.")
-flags.DEFINE_integer("log_steps", 100, "Log and write summaries every this many steps.")
+                    "logistic regression); empty for none.", module_name=RUNNER)
+flags.DEFINE_integer("log_steps", _D["log_steps"], "Log and write summaries every this many steps.", module_name=RUNNER)
+flags.DEFINE_enum("outer_optimizer", None, list(optim.OPTIMIZERS),
+                  "Outer optimizer (default: the learner's; adam for all five).",
+                  module_name=RUNNER)
+flags.DEFINE_float("adam_epsilon", None, "Adam's epsilon (default: the learner's "
+                   "reference: 1e-8, iMAML's imaml_dev 1e-3).", module_name=RUNNER)
+flags.DEFINE_enum("nan_guard", "skip", list(optim.NAN_GUARDS),
+                  "A step whose loss or gradient is not finite: 'skip' leaves every "
+                  "variable and optimizer slot unchanged (counted in the log and "
+                  "TensorBoard); 'release' feeds the variables to clipping and Adam as "
+                  "LEO's release does.", module_name=RUNNER)
+flags.DEFINE_boolean("allow_data_change", False, "Accept embeddings whose sha256 differ "
+                     "from those the run was trained with (recorded in results).",
+                     module_name=RUNNER)
 
 # The release's tuned hyper-parameters (LEO README), and the demo's.
 PRESETS = {
@@ -102,42 +127,67 @@ _FLAG_TYPES = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
                bool: flags.DEFINE_boolean, str: flags.DEFINE_string}
 
 
+def _learner_group(name):
+  return f"leo_suite: 3. learner {name}"
+
+
 def _define_learner_flags():
   """One flag per learner Config field, named <FLAG_PREFIX><field>."""
   for name in registry.available():
     module = registry.learner_module(name)
     for field in dataclasses.fields(module.Config):
       define = _FLAG_TYPES[type(field.default)]
-      help_text = f"[{name}] " + field.metadata.get("help", field.name)
-      define(module.FLAG_PREFIX + field.name, field.default, help_text)
+      define(module.FLAG_PREFIX + field.name, field.default,
+             field.metadata.get("help", field.name), module_name=_learner_group(name))
 
 
 _define_learner_flags()
 FLAGS = flags.FLAGS
+GROUPS = [RELEASE, RUNNER] + [_learner_group(n) for n in registry.available()]
+# Where to run, not what the run is: never stored in config.json.
+RUNTIME_FLAGS = ("checkpoint_path", "evaluation_mode", "data_path", "allow_data_change",
+                 "distribution_strategy", "devices", "num_cpu_devices")
 
 
 def apply_preset():
-  """Sets the preset's values on flags the user did not give explicitly."""
+  """Sets the preset's values on flags the user did not give; returns their names."""
   if not FLAGS.preset:
-    return
+    return []
   if FLAGS.preset not in PRESETS:
     raise errors.ConfigError(f"--preset={FLAGS.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+  applied = []
   for key, value in PRESETS[FLAGS.preset].items():
     if key in FLAGS and not FLAGS[key].present:
       FLAGS[key].value = value
+      applied.append(key)
+  return applied
 
 
-def learner_config(model=None):
-  module = registry.learner_module(model or FLAGS.model)
-  values = {f.name: FLAGS[module.FLAG_PREFIX + f.name].value
-            for f in dataclasses.fields(module.Config)}
-  return module.Config(**values)
+def all_learner_flags():
+  """Flag name -> the model it belongs to, for every learner."""
+  return {flag: name for name in registry.available()
+          for flag in run_lib.learner_flag_names(name)}
 
 
-def flag_values():
-  """Every flag this module defines (release, runner and learner flags)."""
-  return {name: FLAGS[name].value for name in sorted(FLAGS)
-          if FLAGS.find_module_defining_flag(name) == _MODULE_NAME}
+def flag_names():
+  """Every flag this module defines."""
+  return [name for name in sorted(FLAGS) if FLAGS.find_module_defining_flag(name) in GROUPS]
 
 
-_MODULE_NAME = FLAGS.find_module_defining_flag("data_path")
+def explicit_flags(preset_applied=()):
+  """Names of the flags set on the command line or by the preset."""
+  return sorted({n for n in flag_names() if FLAGS[n].present} | set(preset_applied))
+
+
+def settings(model):
+  """What the flags say a run of `model` is: flag name -> value.
+
+  The other learners' flags and the runtime flags are left out; outer-loop
+  flags left unset take the learner's defaults.
+  """
+  others = all_learner_flags()
+  values = {n: FLAGS[n].value for n in flag_names()
+            if n not in RUNTIME_FLAGS and n not in others and n != "model"
+            and FLAGS[n].value is not None}
+  values.update({n: FLAGS[n].value for n in run_lib.learner_flag_names(model)})
+  return run_lib.default_settings(model, **values)

@@ -2,76 +2,75 @@
 
   python runner.py --model=leo --dataset_name=tieredImageNet --num_tr_examples_per_class=5
   python runner.py --preset=demo --checkpoint_path=runs/demo            # embedded synthetic data
-  python runner.py --preset=demo --checkpoint_path=runs/demo --evaluation_mode
+  python runner.py --checkpoint_path=runs/demo --evaluation_mode          # the run's own settings
 
-Training resumes from the latest checkpoint in --checkpoint_path. Evaluation
-restores the best-validation checkpoint and writes result_test.json beside it.
+The run directory (--checkpoint_path) is the record of the run: the first
+training command writes its settings to config.json; resuming and evaluating
+read them back. Flags given later must agree with it, except the ones that
+only change how a command runs (steps limit, logging, test-set size and seed,
+evaluation-time inner steps...), which are applied and recorded as overrides.
 """
 
-import json
 import os
+import signal
 import sys
 
-from absl import app
-from absl import logging
-import tensorflow as tf
+from leo_suite import console
 
-import config  # defines the flags
-from leo_suite import distribute
-from leo_suite import errors
-from leo_suite.data import embeddings
-from leo_suite.data import episodes
-from leo_suite.data import synthetic
-from leo_suite.models import registry
-from leo_suite.pretrain import baselines as baselines_lib
-from leo_suite.training import evaluation
-from leo_suite.training import trainer as trainer_lib
+tf = console.import_tensorflow()
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from leo_suite import distribute  # pylint: disable=wrong-import-position
+from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.data import embeddings  # pylint: disable=wrong-import-position
+from leo_suite.data import episodes  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import baselines as baselines_lib  # pylint: disable=wrong-import-position
+from leo_suite.training import evaluation  # pylint: disable=wrong-import-position
+from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
+from leo_suite.training import trainer as trainer_lib  # pylint: disable=wrong-import-position
 
 FLAGS = config.FLAGS
 # Non-learned baselines evaluated on the same fixed episodes (--baselines).
 BASELINES = {"ncm": baselines_lib.ncm_cosine_logits,
              "logreg": baselines_lib.logistic_regression_logits}
-RELEASED = ("miniImageNet", "tieredImageNet")
+POSITIVE = ("num_classes", "num_tr_examples_per_class", "num_val_examples_per_class",
+            "metatrain_batch_size", "metavalid_batch_size", "metatest_batch_size",
+            "num_steps_limit", "checkpoint_steps", "num_val_batches", "num_test_tasks",
+            "log_steps")
 
 
-def _how_to_get(dataset_name):
-  if dataset_name in RELEASED:
-    return ("LEO's released embeddings are not bundled: run `python "
-            "scripts/download_embeddings.py --dest embeddings` (needs internet; offline, "
-            "pass --archive path/to/embeddings.zip), or pass "
-            "--data_path=<directory holding miniImageNet/ and tieredImageNet/>. "
-            "To try the suite without them use --dataset_name=synthetic.")
-  found = sorted(d for d in os.listdir(FLAGS.data_path)
-                 if os.path.isdir(os.path.join(FLAGS.data_path, d))) if os.path.isdir(
-                     FLAGS.data_path) else []
-  return f"datasets found under {FLAGS.data_path}: {found or 'none'}"
+def check_settings(settings):
+  for name in POSITIVE:
+    if settings[name] < 1:
+      raise errors.ConfigError(f"--{name}={settings[name]}: must be at least 1")
+  if settings["eval_num_query"] < 0:
+    raise errors.ConfigError(f"--eval_num_query={settings['eval_num_query']}: must be >= 0")
+  unknown = [b for b in settings["baselines"].split(",") if b and b not in BASELINES]
+  if unknown:
+    raise errors.ConfigError(f"--baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
 
 
-def load_splits(names):
-  """Loads and cross-checks the named splits (train merges val with --train_on_val)."""
-  if FLAGS.dataset_name == "tieredImageNet" and FLAGS.embedding_crop != "center":
-    raise errors.ConfigError(
-        "tieredImageNet has only the center crop in LEO's release; use --embedding_crop=center")
-  if FLAGS.dataset_name == synthetic.DATASET_NAME:
-    synthetic.ensure(FLAGS.data_path)
-  hint = _how_to_get(FLAGS.dataset_name)
-
-  def load(split):
-    return embeddings.load_dataset_split(FLAGS.data_path, FLAGS.dataset_name,
-                                         FLAGS.embedding_crop, split, hint)
-
-  loaded = {name: load(name) for name in names}
-  if "train" in loaded and FLAGS.train_on_val:
-    loaded["train"] = embeddings.merge_splits([loaded["train"], loaded.get("val") or load("val")])
-  embeddings.check_compatible(list(loaded.values()))
-  return loaded
-
-
-def build_learner(dim, strategy):
-  tf.random.set_seed(FLAGS.seed)
-  with strategy.scope():  # distributed variables under mirrored / multi_worker
-    return registry.build(FLAGS.model, config.learner_config(), FLAGS.num_classes, dim,
-                          FLAGS.dtype)
+def resolve(evaluation_mode):
+  """(saved record or None, settings, overrides, data path) of this command."""
+  preset_applied = config.apply_preset()
+  explicit = config.explicit_flags(preset_applied)
+  record = run_lib.Run.read_record(FLAGS.checkpoint_path)
+  if record is None and evaluation_mode:
+    run_lib.Run.open(FLAGS.checkpoint_path)  # raises: not a run directory
+  saved = record["settings"] if record else None
+  model = saved["model"] if saved and "model" not in explicit else FLAGS.model
+  run_lib.check_learner_flags(model, explicit, config.all_learner_flags())
+  settings, overrides = run_lib.resolve(saved, config.settings(model), explicit,
+                                        evaluation_mode)
+  check_settings(settings)
+  data_path = (record["data"]["data_path"] if record and not FLAGS["data_path"].present
+               else FLAGS.data_path)
+  for name, change in overrides.items():
+    logging.info("--%s=%r overrides the run's %r", name, change["used"], change["saved"])
+  return record, settings, overrides, data_path
 
 
 def make_strategy():
@@ -80,124 +79,149 @@ def make_strategy():
                                   distribute.parse_devices(FLAGS.devices))
 
 
-def train_config():
-  return trainer_lib.TrainConfig(
-      checkpoint_path=FLAGS.checkpoint_path, num_steps_limit=FLAGS.num_steps_limit,
-      metatrain_batch_size=FLAGS.metatrain_batch_size,
-      metavalid_batch_size=FLAGS.metavalid_batch_size,
-      num_val_batches=FLAGS.num_val_batches, checkpoint_steps=FLAGS.checkpoint_steps,
-      outer_lr=FLAGS.outer_lr, gradient_threshold=FLAGS.gradient_threshold,
-      gradient_norm_threshold=FLAGS.gradient_norm_threshold, seed=FLAGS.seed,
-      eval_seed=FLAGS.eval_seed, log_steps=FLAGS.log_steps, jit_compile=FLAGS.jit_compile)
+def check_width(run, split):
+  if split.dim != run.embedding_dim:
+    raise errors.DataError(
+        f"{next(iter(split.source))}: D={split.dim}, but the run was trained on D="
+        f"{run.embedding_dim}; use the embeddings it was trained with")
 
 
-def eval_spec(split):
-  k = FLAGS.num_tr_examples_per_class
-  v = FLAGS.eval_num_query or episodes.all_remaining_queries(split, k)
-  return episodes.EpisodeSpec(FLAGS.num_classes, k, v)
+class StopSignals:
+  """SIGTERM / SIGINT during training: save at the next step boundary, then stop.
 
+  A second signal of the same kind ends the process at once (SIGINT raises
+  KeyboardInterrupt as usual).
+  """
 
-def run_config(splits, dim):
-  identity = {"model": FLAGS.model, "dataset_name": FLAGS.dataset_name,
-              "embedding_crop": FLAGS.embedding_crop, "train_on_val": FLAGS.train_on_val,
-              "num_classes": FLAGS.num_classes,
-              "num_tr_examples_per_class": FLAGS.num_tr_examples_per_class,
-              "dtype": FLAGS.dtype, "seed": FLAGS.seed, "embedding_dim": dim,
-              "learner": json.loads(json.dumps(config.learner_config().__dict__))}
-  hashes = {}
-  for split in splits.values():
-    hashes.update(split.source)
-  return {"identity": identity, "flags": config.flag_values(), "data_sha256": hashes,
-          "code_version": evaluation.code_version()}
+  def __init__(self):
+    self.reason = None
+    self._previous = {}
 
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
 
-def check_flags():
-  positive = ["num_classes", "num_tr_examples_per_class", "num_val_examples_per_class",
-              "metatrain_batch_size", "metavalid_batch_size", "metatest_batch_size",
-              "num_steps_limit", "checkpoint_steps", "num_val_batches", "num_test_tasks",
-              "log_steps"]
-  for name in positive:
-    if FLAGS[name].value < 1:
-      raise errors.ConfigError(f"--{name}={FLAGS[name].value}: must be at least 1")
-  if FLAGS.eval_num_query < 0:
-    raise errors.ConfigError(f"--eval_num_query={FLAGS.eval_num_query}: must be >= 0")
-  unknown = [b for b in FLAGS.baselines.split(",") if b and b not in BASELINES]
-  if unknown:
-    raise errors.ConfigError(f"--baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
-  if FLAGS.outer_lr <= 0:
-    raise errors.ConfigError(f"--outer_lr={FLAGS.outer_lr}: must be positive")
+  def _handle(self, signum, frame):
+    if self.reason:  # the second one: no more waiting
+      signal.signal(signum, self._previous[signum])
+      signal.raise_signal(signum)
+      return
+    self.reason = signal.Signals(signum).name
+    logging.warning("%s received: saving a checkpoint at the end of this step", self.reason)
+
+  def __exit__(self, *exc_info):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+  def __call__(self):
+    return self.reason
 
 
 def train():
-  splits = load_splits(["train", "val"])
-  dim = splits["train"].dim
-  spec = episodes.EpisodeSpec(FLAGS.num_classes, FLAGS.num_tr_examples_per_class,
-                              FLAGS.num_val_examples_per_class)
-  dtype = FLAGS.dtype
-  train_sampler = episodes.EpisodeSampler(splits["train"], spec, "meta-training", dtype)
-  val_sampler = episodes.EpisodeSampler(splits["val"], eval_spec(splits["val"]),
+  record, settings, _, data_path = resolve(evaluation_mode=False)
+  names = ["train", "val"] + (["test"] if settings["train_on_val"] else [])
+  loaded = run_lib.load_splits(settings, data_path, names)
+  if record:
+    run_lib.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
+    run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
+  else:
+    run = run_lib.Run.new(FLAGS.checkpoint_path, settings, loaded["train"].dim,
+                          run_lib.data_record(settings, data_path, loaded))
+  train_split = loaded["train"]
+  if settings["train_on_val"]:
+    train_split = embeddings.merge_splits([loaded["train"], loaded["val"]])
+  check_width(run, train_split)
+  dtype = settings["dtype"]
+  train_sampler = episodes.EpisodeSampler(train_split, run.train_spec(), "meta-training", dtype)
+  val_sampler = episodes.EpisodeSampler(loaded["val"], run.eval_spec(loaded["val"]),
                                         "meta-validation", dtype)
   strategy = make_strategy()
-  learner = build_learner(dim, strategy)
-  trainer = trainer_lib.Trainer(learner, train_config(), train_sampler, val_sampler,
-                                run_config(splits, dim), strategy=strategy)
+  learner = run.build_learner(strategy)
+  trainer = trainer_lib.Trainer(learner, trainer_lib.TrainConfig.from_run(run),
+                                train_sampler, val_sampler, strategy=strategy)
+  if not record:
+    run.create()  # the first write of a new run, after every check
+  spec = run.train_spec()
   logging.info("Training %s on %s/%s (D=%d, %d train classes, %d-way %d-shot, %d queries) "
-               "into %s", FLAGS.model, FLAGS.dataset_name, FLAGS.embedding_crop, dim,
-               splits["train"].num_classes, spec.num_ways, spec.num_shots,
-               spec.num_queries, FLAGS.checkpoint_path)
-  trainer.train()
+               "into %s", run.model, settings["dataset_name"], settings["embedding_crop"],
+               run.embedding_dim, train_split.num_classes, spec.num_ways, spec.num_shots,
+               spec.num_queries, run.directory)
+  if settings["train_on_val"]:
+    logging.warning(
+        "--train_on_val: meta-training on train + val (%d classes). Validation still runs "
+        "on val, as the release did, but those classes are now training classes: its "
+        "accuracy is not held out, so no best/ checkpoint is kept and evaluation uses the "
+        "last checkpoint. Test classes are disjoint from both.", train_split.num_classes)
+  with StopSignals() as stop:
+    step = trainer.train(stop_requested=stop)
+  if trainer.stopped_by:
+    print(f"stopped by {trainer.stopped_by}: checkpoint of step {step} saved in "
+          f"{run.directory}; rerun the same command to resume", file=sys.stderr)
+    sys.exit(128 + getattr(signal, trainer.stopped_by))
 
 
 def evaluate():
-  splits = load_splits(["test"])
-  test = splits["test"]
-  spec = eval_spec(test)
-  sampler = episodes.EpisodeSampler(test, spec, "meta-test", FLAGS.dtype)
+  record, settings, overrides, data_path = resolve(evaluation_mode=True)
+  run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
+  loaded = run_lib.load_splits(settings, data_path, ["test"])
+  data = run_lib.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
+  test = loaded["test"]
+  check_width(run, test)
+  spec = run.eval_spec(test)
+  sampler = episodes.EpisodeSampler(test, spec, "meta-test", settings["dtype"])
   strategy = make_strategy()
-  learner = build_learner(test.dim, strategy)
-  trainer = trainer_lib.Trainer(learner, train_config(), sampler, strategy=strategy)
-  path = trainer.restore_for_evaluation()
-  dataset = sampler.fixed_set(FLAGS.eval_seed, FLAGS.num_test_tasks, FLAGS.metatest_batch_size)
-  result = trainer.evaluator.evaluate(dataset)
+  learner, checkpoint = run.restored_learner(strategy)
+  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=settings["jit_compile"])
+  num_tasks = settings["num_test_tasks"]
+  dataset = sampler.fixed_set(settings["eval_seed"], num_tasks, settings["metatest_batch_size"])
+  result = evaluator.evaluate(dataset, evaluation.Progress("test", num_tasks))
   header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
-            f"{FLAGS.dataset_name} test")
-  print(f"{FLAGS.model:>8s} test accuracy ({header}): {result.as_percent()}")
+            f"{settings['dataset_name']} test")
+  print(f"{run.model:>8s} test accuracy ({header}): {result.as_percent()}")
   baselines = {}
-  for name in [b for b in FLAGS.baselines.split(",") if b]:
+  for name in [b for b in settings["baselines"].split(",") if b]:
     baseline = evaluation.evaluate_baseline(BASELINES[name], dataset)
-    baselines[name] = {"accuracy": baseline.accuracy, "ci95": baseline.ci95,
-                       "num_tasks": baseline.num_tasks}
+    baselines[name] = baseline.as_dict()
     print(f"{name:>8s} test accuracy ({header}): {baseline.as_percent()}")
-  out = os.path.join(FLAGS.checkpoint_path, "result_test.json")
-  evaluation.write_result(out, result, config.flag_values(), test.source, "test",
-                          {"checkpoint": path, "num_queries": spec.num_queries,
-                           "baselines": baselines})
-  print(f"result written to {out}")
+  out = "result_test.json"
+  run.write_result(out, {"split": "test", **result.as_dict(), "checkpoint": checkpoint,
+                         "num_queries": spec.num_queries, "baselines": baselines,
+                         "settings": settings, "overrides": overrides, "data": data})
+  print(f"result written to {os.path.join(run.directory, out)}")
   return result
+
+
+def _environment_error_recovery():
+  latest = run_lib.latest_checkpoint(FLAGS.checkpoint_path) if os.path.isdir(
+      FLAGS.checkpoint_path) else None
+  if latest:
+    return (f"The latest complete checkpoint ({os.path.basename(latest)}) is intact; fix "
+            "that, then rerun the same command to resume.")
+  return "No checkpoint was written; fix that, then rerun the same command."
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    config.apply_preset()
-    check_flags()
     if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
       distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    if FLAGS.evaluation_mode:
-      evaluate()
-    else:
-      train()
+    with run_lib.RunLock(FLAGS.checkpoint_path, log=logging.warning,
+                         create=not FLAGS.evaluation_mode):
+      if FLAGS.evaluation_mode:
+        evaluate()
+      else:
+        train()
   except errors.UserError as exc:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
   except (OSError, tf.errors.OpError) as exc:
-    message = errors.environment_error(
-        exc, FLAGS.checkpoint_path,
-        f"The latest complete checkpoint in {FLAGS.checkpoint_path} is intact; rerun the "
-        "same command to resume.", "--checkpoint_path")
+    message = errors.environment_error(exc, FLAGS.checkpoint_path,
+                                       _environment_error_recovery(), "--checkpoint_path")
     if message is None:
       raise
     print(f"error: {message}", file=sys.stderr)

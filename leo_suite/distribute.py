@@ -31,11 +31,9 @@ import json
 import os
 from typing import Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
-from leo_suite.training import evaluation
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -126,6 +124,16 @@ def is_default(strategy) -> bool:
   return strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
 
 
+def splits_batches(strategy) -> bool:
+  """True where a batch is split over local replicas (mirrored, several devices).
+
+  Not for one device, nor for MultiWorkerMirroredStrategy, whose workers each
+  evaluate the whole set locally.
+  """
+  return not (is_default(strategy) or
+              isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy))
+
+
 def num_replicas(strategy) -> int:
   return 1 if strategy is None else int(strategy.num_replicas_in_sync)
 
@@ -205,34 +213,3 @@ def sum_over_replicas(strategy, per_replica):
 def local_concat(strategy, per_replica):
   """Concatenates this worker's replicas' values in replica order (no collectives)."""
   return tf.concat(strategy.experimental_local_results(per_replica), axis=0)
-
-
-class DistributedEvaluator:
-  """`evaluation.Evaluator` over the replicas of one machine (mirrored).
-
-  Each global batch of the fixed evaluation set is split over the replicas
-  (a partial last batch too) and the per-task accuracies are gathered back in
-  order, so the result is the single-device one (evaluation has no noise).
-  """
-
-  def __init__(self, strategy, learner, jit_compile=False):
-    self.strategy = strategy
-    self.learner = learner
-
-    task_accuracy = lambda episode: evaluation.task_accuracy(learner, episode)
-    if jit_compile:  # XLA per replica; the split and concatenation stay outside
-      task_accuracy = tf.function(task_accuracy, jit_compile=True)
-
-    @tf.function(reduce_retracing=True)
-    def batch_accuracy(episode):
-      return local_concat(strategy, strategy.run(task_accuracy, args=(episode,)))
-
-    self._batch_accuracy = batch_accuracy
-
-  def per_task_accuracy(self, dataset):
-    values = [self._batch_accuracy(episode).numpy()
-              for episode in self.strategy.experimental_distribute_dataset(dataset)]
-    return np.concatenate(values) if values else np.zeros([0])
-
-  def evaluate(self, dataset):
-    return evaluation.summarise(self.per_task_accuracy(dataset))

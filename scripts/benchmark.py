@@ -44,6 +44,7 @@ from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
 from leo_suite.models import base  # pylint: disable=g-import-not-at-top
 from leo_suite.models import registry  # pylint: disable=g-import-not-at-top
 from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
+from leo_suite.training import run as run_lib  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
 MODELS = ("leo", "maml", "imaml", "r2d2", "l2f")
@@ -66,10 +67,16 @@ def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
       [f"i{i}" for i in range(len(table))], {})
 
 
-def build(model, overrides=None):
+def make_run(model, directory, overrides=None, **settings):
+  """A run (not written to disk) of `model` with its defaults and `settings`."""
   module = registry.learner_module(model)
-  tf.random.set_seed(0)
-  return registry.build(model, module.Config(**(overrides or {})), NUM_WAYS, DIM)
+  settings = run_lib.default_settings(model, module.Config(**(overrides or {})),
+                                      num_classes=NUM_WAYS, **settings)
+  return run_lib.Run.new(directory, settings, DIM, data={})
+
+
+def build(model, overrides=None):
+  return make_run(model, "", overrides).build_learner()
 
 
 def map_fn_step(trainer):
@@ -109,10 +116,11 @@ def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, wit
   variants = [("batched", False)] + ([("xla", True)] if with_xla else [])
   for name, jit in variants:
     with tempfile.TemporaryDirectory() as scratch:
-      learner = build(model)
-      config = trainer_lib.TrainConfig(checkpoint_path=scratch, metatrain_batch_size=BATCH,
-                                       jit_compile=jit)
-      trainer = trainer_lib.Trainer(learner, config, sampler)
+      run = make_run(model, scratch, num_tr_examples_per_class=shots,
+                     num_val_examples_per_class=TRAIN_QUERIES,
+                     metatrain_batch_size=BATCH, jit_compile=jit)
+      trainer = trainer_lib.Trainer(run.build_learner(), trainer_lib.TrainConfig.from_run(run),
+                                    sampler)
       data = iter(sampler.dataset(0, BATCH))
       try:
         row[name] = time_steps(trainer._train_step, data, num_steps)  # pylint: disable=protected-access

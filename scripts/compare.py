@@ -27,7 +27,8 @@ flags.DEFINE_integer("num_classes", 5, "N.")
 flags.DEFINE_integer("num_shots", 1, "K.")
 flags.DEFINE_integer("steps", 1500, "Meta-training steps per learner.")
 flags.DEFINE_integer("num_test_tasks", 1000, "Fixed test tasks (the same for every learner).")
-flags.DEFINE_float("outer_lr", 1e-3, "Outer learning rate for every learner.")
+flags.DEFINE_float("outer_lr", 0.0, "Outer learning rate for every learner (0 = each "
+                   "learner's own default, its reference code's).")
 flags.DEFINE_string("model_flags", "maml=--maml_hidden_sizes=64;imaml=--imaml_hidden_sizes=64;"
                     "r2d2=--r2d2_projection_dim=32",
                     "Extra runner flags per model: 'model=--a --b;model2=--c'.")
@@ -47,7 +48,8 @@ def main(argv):
             f"--num_classes={FLAGS.num_classes}", f"--num_tr_examples_per_class={FLAGS.num_shots}",
             f"--num_steps_limit={FLAGS.steps}", f"--checkpoint_steps={max(1, FLAGS.steps // 3)}",
             f"--num_test_tasks={FLAGS.num_test_tasks}", "--metatest_batch_size=100",
-            "--metavalid_batch_size=100", "--num_val_batches=2", f"--outer_lr={FLAGS.outer_lr}",
+            "--metavalid_batch_size=100", "--num_val_batches=2",
+            *([f"--outer_lr={FLAGS.outer_lr}"] if FLAGS.outer_lr > 0 else []),
             f"--log_steps={max(1, FLAGS.steps // 10)}", "--baselines=ncm,logreg",
             *FLAGS.extra_flags.split()]
   rows = []

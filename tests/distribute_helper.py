@@ -86,15 +86,17 @@ def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
     learner = build_learner(model)
   config = trainer_lib.TrainConfig(checkpoint_path=checkpoint_path, num_steps_limit=2,
                                    metatrain_batch_size=BATCH, checkpoint_steps=2,
-                                   outer_lr=1e-2, seed=3, log_steps=1)
+                                   outer=optim.OuterConfig(learning_rate=1e-2), seed=3,
+                                   log_steps=1)
   trainer = trainer_lib.Trainer(learner, config, sampler, strategy=strategy)
   if per_replica_clip:  # the wrong order, to show the test can tell
     def wrong_step(episode, seed):
       def share(e, s):
         loss, grads, metrics = distribute.scaled_loss_and_gradients(
             trainer._replica_compute, e, s, BATCH)
-        return loss, optim.clip_gradients([g * strategy.num_replicas_in_sync for g in grads],
-                                          0.1, 0.1), metrics
+        clip = optim.chain(optim.clip_by_value(0.1), optim.clip_by_tensor_norm(0.1))
+        grads = [g * strategy.num_replicas_in_sync for g in grads]
+        return loss, clip.update(grads, clip.init(grads))[0], metrics
       loss, grads, metrics = distribute.sum_over_replicas(
           strategy, strategy.run(share, args=(episode, seed)))
       grads = [g / strategy.num_replicas_in_sync for g in grads]
@@ -123,8 +125,7 @@ def evaluation_check(strategies):
         continue  # tracing each learner per replica is slow; 2 replicas cover the cases
       with strategy.scope():
         learner = build_learner(model)
-      results[name] = distribute.DistributedEvaluator(strategy, learner).per_task_accuracy(
-          dataset)
+      results[name] = evaluation.Evaluator(learner, strategy).per_task_accuracy(dataset)
     out[model] = {k: v.tolist() for k, v in results.items()}
   return out
 

@@ -92,6 +92,12 @@ if point in ("fill_disk", "enospc"):  # the disk fills up while training
     return real_validate(self)
   trainer.Trainer.validate = validate
 
+if point == "erofs":              # the file system is read-only from the first write on
+  real_atomic_write = fileio.atomic_write
+  def atomic_write(path, mode="wb"):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+  fileio.atomic_write = atomic_write
+
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 if script == "runner":
@@ -267,6 +273,7 @@ def test_disk_full_is_a_clear_error_and_a_later_run_resumes(wrapper, tiny_data, 
 def test_nan_batch_is_skipped_and_every_variable_stays_finite(tiny_data, tmp_path, caplog):
   from leo_suite.data import episodes  # pylint: disable=import-outside-toplevel
   from leo_suite.models import registry  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import optim  # pylint: disable=import-outside-toplevel
   from leo_suite.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   split = embeddings.load_dataset_split(tiny_data, "tiny", "center", "train")
   sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 4), "train")
@@ -286,27 +293,36 @@ def test_nan_batch_is_skipped_and_every_variable_stays_finite(tiny_data, tmp_pat
   sampler.dataset = dataset
   config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / "run"), num_steps_limit=6,
                                    metatrain_batch_size=4, checkpoint_steps=6, log_steps=1,
-                                   outer_lr=1e-2)
+                                   outer=optim.OuterConfig(learning_rate=1e-2))
   trainer = trainer_lib.Trainer(learner, config, sampler)
   poisoned = next(e for i, e in enumerate(dataset(0, 4)) if i == 2)
   loss, grads, _ = learner.loss_and_gradients(poisoned, seed=tf.constant([0, 2]))
   assert not np.isfinite(loss.numpy())           # the injection really produces NaN
+  state = lambda: [v.numpy().copy() for v in [*learner.trainable_variables,
+                                               *trainer.optimizer.trainable_variables,
+                                               *trainer.optimizer.variables]]
   snapshots = []
   real_step = trainer.train_step
 
   def train_step(episode, step):
-    snapshots.append([v.numpy().copy() for v in learner.trainable_variables])
+    snapshots.append(state())
     metrics = real_step(episode, step)
     assert float(metrics["skipped"]) == float(step in poisoned_steps), step
     return metrics
   trainer.train_step = train_step
   with caplog.at_level("WARNING"):
     assert trainer.train() == 6
-  snapshots.append([v.numpy().copy() for v in learner.trainable_variables])
-  for v in [*learner.trainable_variables, *trainer.optimizer.m, *trainer.optimizer.v]:
-    assert np.isfinite(v.numpy()).all(), v.name
-  skipped = [r.getMessage() for r in caplog.records if "NaN guard" in r.getMessage()]
+  snapshots.append(state())
+  for values in snapshots:
+    assert all(np.isfinite(v).all() for v in values)
+  # A skipped step changes nothing, bit for bit: variables and optimizer slots.
+  for step in poisoned_steps:
+    for before, after in zip(snapshots[step], snapshots[step + 1]):
+      assert before.tobytes() == after.tobytes(), step
+  assert int(trainer.optimizer.num_skipped.numpy()) == len(poisoned_steps)
+  skipped = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
   assert [m.split(":")[0] for m in skipped] == ["step 3", "step 4"]  # 1-based step numbers
+  assert "2 such steps so far" in skipped[-1]
   # Training went on: the steps after the NaN ones still moved the variables.
   assert any(not np.array_equal(a, b) for a, b in zip(snapshots[4], snapshots[6]))
 
@@ -364,3 +380,13 @@ def test_sigkill_during_extraction_leaves_no_partial_file_and_rerun_completes(
   assert os.path.exists(folder / "manifest.json")
   for split in embeddings.SPLITS:
     assert embeddings.load_dataset_split(str(out), "tiny", "center", split).dim == 64
+
+
+def test_read_only_disk_on_a_new_run_gives_honest_advice(wrapper, tiny_data, tmp_path):
+  run_dir = tmp_path / "run"
+  proc = run_runner(wrapper, tiny_data, str(run_dir), point="erofs")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(error) == 1 and "Read-only file system" in error[0]
+  assert "No checkpoint was written" in error[0] and "intact" not in error[0]
+  assert not run_dir.exists()   # nothing half-made left behind

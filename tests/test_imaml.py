@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite.errors import ConfigError
-from leo_suite.models import base, imaml
+from leo_suite.models import base, heads, imaml
 
 SEED = tf.constant([3, 7], tf.int32)
 
@@ -63,7 +63,7 @@ def exact_task_hessians(params, inputs, labels):
       with tf.GradientTape() as inner:
         inner.watch(point)
         weights = [w[tf.newaxis] for w in unflat(point, like)]
-        loss = imaml.task_losses(weights, inputs[task:task + 1],
+        loss = heads.head_task_losses(weights, inputs[task:task + 1],
                                  labels[task:task + 1])[0]
       grad = inner.gradient(loss, point)
     hessians.append(outer.jacobian(grad, point, experimental_use_pfor=False).numpy())
@@ -124,7 +124,7 @@ def test_hessian_vector_product_matches_exact_hessian(hidden_sizes):
   episode = make_episode(rng, num_tasks=2, num_ways=3, num_shots=2, dim=3)
   params = random_fast_weights(learner, rng, 2)
   vector = random_fast_weights(learner, rng, 2, scale=1.0)
-  loss_fn = learner.support_loss_fn(episode.support_x, episode.support_y)
+  loss_fn = learner.support_losses_fn(episode.support_x, episode.support_y)
   hv = imaml.hessian_vector_product(loss_fn, params, vector)
   hessians = exact_task_hessians(params, episode.support_x, episode.support_y)
   assert np.abs(hessians).max() > 1e-2  # a non-trivial Hessian
@@ -271,7 +271,7 @@ def test_reference_variant_learner_gradient_uses_reference_operator():
   phi = learner.adapt(episode.support_x, episode.support_y, training=True, seed=SEED)
   with tf.GradientTape() as tape:
     tape.watch(phi)
-    total = tf.reduce_sum(imaml.task_losses(phi, episode.query_x, episode.query_y))
+    total = tf.reduce_sum(heads.head_task_losses(phi, episode.query_x, episode.query_y))
   query_grads = tape.gradient(total, phi)
   hessians = exact_task_hessians(phi, episode.support_x, episode.support_y)
   expected = np.mean([np.linalg.solve(2.0 * np.eye(12) + hessians[b] / 12.0,
@@ -292,7 +292,7 @@ def test_reference_pull_back_step_on_learner():
   theta = learner.head.tiled(2)
   with tf.GradientTape() as tape:
     tape.watch(theta)
-    total = tf.reduce_sum(imaml.task_losses(theta, episode.support_x,
+    total = tf.reduce_sum(heads.head_task_losses(theta, episode.support_x,
                                             episode.support_y))
   grads = tape.gradient(total, theta)
   phi = learner.adapt(episode.support_x, episode.support_y, training=True, seed=SEED)
@@ -394,10 +394,10 @@ def test_adaptation_lowers_support_loss(variant, hidden_sizes):
   rng = np.random.default_rng(11)
   learner = build(variant=variant, hidden_sizes=hidden_sizes)
   episode = make_episode(rng)
-  before = imaml.task_losses(learner.head.tiled(3), episode.support_x,
+  before = heads.head_task_losses(learner.head.tiled(3), episode.support_x,
                              episode.support_y).numpy()
   phi = learner.adapt(episode.support_x, episode.support_y, training=True, seed=SEED)
-  after = imaml.task_losses(phi, episode.support_x, episode.support_y).numpy()
+  after = heads.head_task_losses(phi, episode.support_x, episode.support_y).numpy()
   assert np.all(after < before - 1e-3)
 
 

@@ -57,10 +57,14 @@ def test_attenuator_init_is_pytorch_linear_default_without_dead_units():
   g = learner.task_embedding(episode.support_x, episode.support_y)
   hidden = g @ learner.attenuator.w_1 + learner.attenuator.b_1
   assert np.all(hidden.numpy() > 0)
-  # Same seed, same init (checkpoints restore onto a deterministic build).
-  again = l2f.Attenuator(4, dtype=tf.float64)
-  for a, b in zip(attenuator.trainable_variables, again.trainable_variables):
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  # The init follows TF's global seed (the runner's --seed): the same seed
+  # gives the same attenuator, another seed another one.
+  def attenuator_at(seed):
+    tf.random.set_seed(seed)
+    return [v.numpy() for v in l2f.Attenuator(4, dtype=tf.float64).trainable_variables]
+  for a, b in zip(attenuator_at(3), attenuator_at(3)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(attenuator_at(3)[0], attenuator_at(4)[0])
 
 
 def test_task_embedding_is_layerwise_mean_support_gradient_under_stop_gradient():
@@ -134,7 +138,8 @@ def test_gamma_scales_weights_and_biases():
 @pytest.mark.parametrize("hidden_sizes", ["", "8"])
 def test_gamma_one_reproduces_maml_exactly(hidden_sizes):
   learner = build64(hidden_sizes=hidden_sizes)
-  reference = common.build64(hidden_sizes=hidden_sizes)
+  reference = common.build64(hidden_sizes=hidden_sizes,
+                             eval_inner_steps=learner.config.eval_inner_steps)
   common.perturb_variables(reference, seed=4)
   for mine, theirs in zip(learner.head.params, reference.head.params):
     mine.assign(theirs)
@@ -212,6 +217,7 @@ def test_zero_output_layer_would_silence_the_task_embedding():
 
 
 def test_meta_trained_l2f_is_near_the_class_mean_baseline(tmp_path):
+  tf.random.set_seed(0)   # the initialisation follows the seed, as in the runner
   learner = l2f.build(l2f.Config(), NUM_WAYS, DIM, "float32")
   accuracy, ncm, _ = common.meta_train_and_score(learner, tmp_path)
   assert ncm > 0.5

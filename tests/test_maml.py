@@ -124,8 +124,8 @@ def test_closed_form_head_gradients_match_autodiff_to_second_order(hidden_sizes)
           for p in head.params]
   x = tf.constant(rng.normal(size=(3, NUM_WAYS, 2, DIM)))
   y = tf.constant(rng.integers(0, NUM_WAYS, size=(3, NUM_WAYS, 2)), tf.int32)
-  loss_fn = lambda p: maml.summed_task_mean_cross_entropy(
-      heads.head_logits(p, x), y)
+  loss_fn = lambda p: tf.reduce_sum(heads.task_mean_cross_entropy(
+      heads.head_logits(p, x), y))
   probe = [tf.constant(rng.normal(size=p.shape)) for p in fast]
 
   def probed_gradient(grads):  # a scalar function of the gradients
@@ -481,6 +481,7 @@ def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
   from leo_suite.data import episodes
   from leo_suite.pretrain import baselines
   from leo_suite.training import evaluation
+  from leo_suite.training import optim
   from leo_suite.training import trainer as trainer_lib
   train, test = random_slot_splits()
   spec = episodes.EpisodeSpec(NUM_WAYS, num_shots, 5)
@@ -490,7 +491,7 @@ def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
   config = trainer_lib.TrainConfig(
       checkpoint_path=str(tmp_path), num_steps_limit=steps,
       metatrain_batch_size=8, checkpoint_steps=10**6, log_steps=10**6,
-      outer_lr=outer_lr)
+      outer=optim.OuterConfig(learning_rate=outer_lr))
   trainer = trainer_lib.Trainer(learner, config, sampler)
   at_init = trainer.evaluator.evaluate(test_set).accuracy
   assert trainer.train() == steps

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,11 +77,149 @@ def test_resume_replays_the_uninterrupted_run_and_evaluates(tmp_path, tiny_data)
   assert result["num_tasks"] == 20 and 0 <= result["accuracy"] <= 1
   assert result["ci95"] == pytest.approx(1.96 * result["std"] / np.sqrt(20))
   assert result["num_queries"] == 8 - 1   # all remaining images of the smallest class
-  assert any(p.endswith("test_embeddings.pkl") for p in result["data_sha256"])
+  assert len(result["data"]["sha256"]["test"]) == 64
+  assert result["run_config"]["data"]["sha256"]["test"] == result["data"]["sha256"]["test"]
   assert "ncm" in result["baselines"]
   second = run(*common, f"--checkpoint_path={tmp_path}/straight", "--evaluation_mode")
   assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0]  # fixed episodes
 
   proc = run(*common, f"--checkpoint_path={tmp_path}/straight", "--num_steps_limit=30",
              "--num_latents=5", check=False)
-  assert proc.returncode == 2 and "different setup" in proc.stderr
+  assert proc.returncode == 2 and "--num_latents: saved 4, given 5" in proc.stderr
+
+
+# -- the run directory is the record of the run ------------------------------------------
+def tree_state(path):
+  """{relative path: (size, mtime_ns)} of everything under path."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(root, name)
+      stat = os.lstat(full)
+      out[os.path.relpath(full, path)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def result_of(run_dir):
+  with open(os.path.join(run_dir, "result_test.json")) as handle:
+    return json.load(handle)
+
+
+MAML_FLAGS = [f for f in TINY_FLAGS if not f.startswith("--num_latents")] + [
+    "--model=maml", "--maml_inner_lr=1.0", "--maml_eval_inner_steps=10",
+    "--num_steps_limit=10", "--checkpoint_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def maml_run(tmp_path_factory, tiny_data):
+  run_dir = str(tmp_path_factory.mktemp("runs") / "maml")
+  run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={run_dir}")
+  return run_dir
+
+
+def test_evaluation_rebuilds_the_run_from_its_directory(maml_run, tiny_data):
+  run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={maml_run}",
+      "--evaluation_mode")
+  full = result_of(maml_run)
+  alone = run(f"--checkpoint_path={maml_run}", "--evaluation_mode")
+  assert "cuInit" not in alone.stderr and "oneDNN" not in alone.stderr  # quiet start-up
+  result = result_of(maml_run)
+  assert result["accuracy"] == full["accuracy"] and result["num_tasks"] == 20
+  assert result["overrides"] == {}
+  assert result["settings"]["maml_inner_lr"] == 1.0
+  assert result["run_config"]["settings"]["model"] == "maml"
+  # The issue's case: evaluation-time flags that change the model are refused...
+  before = tree_state(maml_run)
+  proc = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", "--maml_inner_lr=0.001",
+             "--maml_eval_inner_steps=0", "--model=leo", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "--maml_inner_lr: saved 1.0, given 0.001" in proc.stderr
+  assert "--model: saved 'maml', given 'leo'" in proc.stderr
+  assert tree_state(maml_run) == before
+  # ... while evaluation-only ones are applied and recorded as overrides.
+  run(f"--checkpoint_path={maml_run}", "--evaluation_mode", "--maml_eval_inner_steps=0",
+      "--num_test_tasks=10")
+  result = result_of(maml_run)
+  assert result["overrides"] == {"maml_eval_inner_steps": {"saved": 10, "used": 0},
+                                 "num_test_tasks": {"saved": 20, "used": 10}}
+  assert result["num_tasks"] == 10
+
+
+def test_conflicting_model_or_preset_is_refused_before_any_write(maml_run, tiny_data):
+  before = tree_state(maml_run)
+  for extra in (["--model=leo"], ["--preset=tiered_5shot"], ["--outer_lr=0.5"]):
+    proc = run(f"--data_path={tiny_data}", f"--checkpoint_path={maml_run}",
+               "--num_steps_limit=20", *extra, check=False)
+    assert proc.returncode == 2 and "disagrees with the flags given" in proc.stderr, extra
+    assert "Traceback" not in proc.stderr
+    assert tree_state(maml_run) == before, extra
+  proc = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", "--preset=tiered_5shot",
+             check=False)
+  assert proc.returncode == 2 and "--dataset_name: saved 'tiny', given 'tieredImageNet'" in (
+      proc.stderr)
+  assert tree_state(maml_run) == before
+
+
+def test_checkpoints_without_config_and_failed_new_runs_leave_nothing(tmp_path, tiny_data,
+                                                                     maml_run):
+  orphan = tmp_path / "orphan"
+  shutil.copytree(maml_run, orphan)
+  os.remove(orphan / "config.json")
+  before = tree_state(orphan)
+  proc = run(f"--data_path={tiny_data}", *TINY_FLAGS, f"--checkpoint_path={orphan}",
+             check=False)
+  assert proc.returncode == 2 and "no config.json" in proc.stderr
+  assert tree_state(orphan) == before
+  fresh = tmp_path / "fresh"
+  proc = run(f"--data_path={tiny_data}", *TINY_FLAGS, "--num_classes=9",
+             f"--checkpoint_path={fresh}", check=False)
+  assert proc.returncode == 2 and not fresh.exists()
+  as_file = tmp_path / "file"
+  as_file.write_text("x")
+  proc = run(f"--data_path={tiny_data}", *TINY_FLAGS, f"--checkpoint_path={as_file}",
+             check=False)
+  assert proc.returncode == 2 and "is a file, not a run directory" in proc.stderr
+  assert "rerun" not in proc.stderr
+
+
+def test_moved_data_evaluates_and_changed_data_is_refused(tmp_path, tiny_data, maml_run):
+  run(f"--checkpoint_path={maml_run}", "--evaluation_mode")
+  reference = result_of(maml_run)["accuracy"]
+  moved = tmp_path / "moved"
+  shutil.copytree(tiny_data, moved)
+  run(f"--checkpoint_path={maml_run}", "--evaluation_mode", f"--data_path={moved}")
+  result = result_of(maml_run)
+  assert result["accuracy"] == reference and result["data"]["moved"]
+  test_file = moved / "tiny" / "center" / "test_embeddings.pkl"
+  split = embeddings.load_split(str(test_file))
+  keys = [embeddings.make_key(name, i) for name, count in
+          zip(split.class_names, split.class_count) for i in range(count)]
+  embeddings.write_split(str(test_file), keys, split.embeddings * 2.0)
+  proc = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", f"--data_path={moved}",
+             check=False)
+  assert proc.returncode == 2 and "--allow_data_change" in proc.stderr
+  assert "test: trained with sha256" in proc.stderr
+  run(f"--checkpoint_path={maml_run}", "--evaluation_mode", f"--data_path={moved}",
+      "--allow_data_change")
+  assert result_of(maml_run)["data"]["changed_splits"] == ["test"]
+
+
+def test_train_on_val_trains_and_evaluates(tmp_path, tiny_data):
+  run_dir = tmp_path / "tov"
+  proc = run(f"--data_path={tiny_data}", *TINY_FLAGS, "--train_on_val",
+             "--num_steps_limit=4", "--checkpoint_steps=2", f"--checkpoint_path={run_dir}")
+  assert "--train_on_val: meta-training on train + val (10 classes)" in proc.stderr
+  assert not (run_dir / "best").exists()  # validation is not held out: no best/
+  run(f"--checkpoint_path={run_dir}", "--evaluation_mode")
+  result = result_of(run_dir)
+  assert result["checkpoint"].endswith("ckpt-4") and result["settings"]["train_on_val"]
+
+
+def test_helpfull_groups_flags_by_release_runner_and_learner():
+  text = run("--helpfull").stdout
+  groups = [line.strip() for line in text.splitlines() if line.startswith("leo_suite:")]
+  assert groups[:2] == ["leo_suite: 1. LEO release flags:", "leo_suite: 2. runner:"]
+  assert {"leo_suite: 3. learner maml:", "leo_suite: 3. learner leo:"} <= set(groups)
+  release = text.split("leo_suite: 1. LEO release flags:")[1].split("leo_suite: 2. runner:")[0]
+  assert "--outer_lr" in release and "--num_tr_examples_per_class" in release
+  assert "--maml_inner_lr" not in release

@@ -80,8 +80,7 @@ class Learner(snt.Module):
   """Base class: a meta-learner over a fixed (num_ways, embedding_dim).
 
   Subclasses implement `adapt` and `predict`, and may extend `meta_loss`
-  (extra penalties), `loss_and_gradients` (implicit meta-gradients) and
-  `nan_fallback_gradients` (what the NaN guard applies instead).
+  (extra penalties) and `loss_and_gradients` (implicit meta-gradients).
   """
 
   def __init__(self, num_ways: int, embedding_dim: int, dtype=tf.float32,
@@ -122,10 +121,6 @@ class Learner(snt.Module):
     grads = tape.gradient(loss, variables,
                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return loss, grads, metrics
-
-  def nan_fallback_gradients(self):
-    """The 'gradient' the NaN guard applies when loss or gradients are NaN."""
-    return [tf.zeros_like(v) for v in self.trainable_variables]
 
   def check_episode_shape(self, support_x):
     """Raises if N or D differ from what the learner was built for."""

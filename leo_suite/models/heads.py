@@ -29,14 +29,14 @@ Output-layer initialisation (`HEAD_INITS`, the learners' `head_init` flag):
             that (the measured cause of iMAML at chance on Omniglot).
 """
 
-from typing import List, Sequence
+import dataclasses
+from typing import ClassVar, List, Sequence
 
 import sonnet as snt
 import tensorflow as tf
 
-from leo_suite.models import base
-
 from leo_suite import errors
+from leo_suite.models import base
 
 HEAD_INITS = ("zeros", "glorot")
 HEAD_INIT_HELP = (
@@ -151,3 +151,84 @@ def head_cross_entropy_gradients(fast_weights, inputs, labels):
       mask = tf.cast(pre_activations[layer - 1] > 0, delta.dtype)
       delta = tf.einsum("bmo,bdo->bmd", delta, fast_weights[2 * layer]) * mask
   return grads
+
+
+def task_mean_cross_entropy(logits, labels):
+  """Each task's mean softmax cross-entropy [B] (logits [B, ..., N], labels [B, ...])."""
+  per_example = base.cross_entropy(logits, labels)
+  return tf.reduce_mean(tf.reshape(per_example, [tf.shape(per_example)[0], -1]), axis=1)
+
+
+def head_task_losses(fast_weights, inputs, labels):
+  """Each task's mean cross-entropy [B] of heads `fast_weights` on inputs [B, ..., D]."""
+  return task_mean_cross_entropy(head_logits(fast_weights, inputs), labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """Fields every head learner has (flags --<flag_prefix><field>)."""
+  flag_prefix: ClassVar[str] = ""
+  hidden_sizes: str = dataclasses.field(default="", metadata={
+      "help": "Hidden layer widths of the head f_theta, comma separated: '' = "
+              "linear softmax head (W, b), '128,64' = ReLU MLP head."})
+  inner_steps: int = dataclasses.field(default=5, metadata={
+      "help": "Inner gradient steps per task."})
+  inner_lr: float = dataclasses.field(default=1.0, metadata={
+      "help": "alpha, the inner step size on the MEAN support cross-entropy."})
+  head_init: str = dataclasses.field(default="zeros", metadata={"help": HEAD_INIT_HELP})
+
+  def validate(self):
+    """Raises ConfigError naming the flag for a value the method cannot run with."""
+    flag_prefix = self.flag_prefix
+    if self.inner_steps < 0:
+      raise errors.ConfigError(
+          f"--{flag_prefix}inner_steps={self.inner_steps}: must be >= 0")
+    if not self.inner_lr > 0:
+      raise errors.ConfigError(
+          f"--{flag_prefix}inner_lr={self.inner_lr}: the inner step size must be "
+          "a positive number")
+    parse_hidden_sizes(self.hidden_sizes, flag_prefix + "hidden_sizes")
+    check_head_init(self.head_init, flag_prefix + "head_init")
+
+
+class HeadLearner(base.Learner):
+  """The core of MAML, iMAML and L2F: a meta-learned head theta adapted per task.
+
+  Subclasses say how the fast weights are adapted (`adapt`); this class holds
+  theta (`self.head`), the per-task mean support cross-entropy and its
+  closed-form gradient, and prediction with adapted fast weights.
+  """
+
+  def __init__(self, config: HeadConfig, num_ways: int, embedding_dim: int,
+               dtype=tf.float32, name=None):
+    super().__init__(num_ways, embedding_dim, dtype, name=name)
+    config.validate()
+    self.config = config
+    self.head = HeadParams(num_ways, embedding_dim,
+                           parse_hidden_sizes(config.hidden_sizes),
+                           dtype=self.dtype, output_init=config.head_init)
+
+  def cast(self, x):
+    return tf.cast(x, self.dtype)
+
+  def support_losses_fn(self, support_x, support_y):
+    """fast weights [B, ...] -> each task's mean support cross-entropy [B]."""
+    support_x = self.cast(support_x)
+    return lambda fast_weights: head_task_losses(fast_weights, support_x, support_y)
+
+  def support_loss_fn(self, support_x, support_y):
+    """fast weights -> the sum over tasks of the task losses (a scalar whose
+    gradient gives every task its own)."""
+    losses = self.support_losses_fn(support_x, support_y)
+    return lambda fast_weights: tf.reduce_sum(losses(fast_weights))
+
+  def support_gradient_fn(self, support_x, support_y):
+    """fast weights -> closed-form gradients of `support_loss_fn`."""
+    support_x = self.cast(support_x)
+    return lambda fast_weights: head_cross_entropy_gradients(
+        fast_weights, support_x, support_y)
+
+  def predict(self, state, query_x, *, training, seed):
+    """Logits [B, N, V, N] of the adapted heads `state` on query_x [B, N, V, D]."""
+    del training, seed
+    return head_logits(list(state), self.cast(query_x))

@@ -57,14 +57,13 @@ over tasks. The same inner procedure (same lam) runs at evaluation.
 """
 
 import dataclasses
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, ClassVar, List, Sequence, Tuple
 
 import tensorflow as tf
 
 from leo_suite.errors import ConfigError
 from leo_suite.models import base
-from leo_suite.models.heads import (HEAD_INIT_HELP, HeadParams, check_head_init,
-                                    head_logits, parse_hidden_sizes)
+from leo_suite.models import heads
 
 FLAG_PREFIX = "imaml_"
 
@@ -75,17 +74,17 @@ REFERENCE_LAM_DAMPING = 10.0
 CG_RESIDUAL_TOL = 1e-10
 
 
+# imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
+# clipping. Fields of leo_suite.training.optim.OuterConfig.
+OUTER_DEFAULTS = dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0)
+EVAL_FIELDS = ()
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(heads.HeadConfig):
   """iMAML hyper-parameters (paper + imaml_dev defaults, except lam, inner_lr
   and head_init: see "Defaults on embeddings" in the module docstring)."""
-  lam: float = dataclasses.field(default=0.2, metadata={
-      "help": "lambda: strength of the proximal term lam/2 ||phi - theta||^2 "
-              "(paper Eq. 4). phi* - theta = -grad L_S(phi*)/lam, so 1/lam is "
-              "the total step of the adaptation (MAML's alpha*T = 1.0*5 <-> "
-              "0.2). The paper's 2.0 (conv net on pixels) barely moves a head "
-              "on unit-norm embeddings, whose mean-CE gradient is ~ class-mean "
-              "gap / N; for N-way use about 0.2 * 5/N (20-way: 0.05)."})
+  flag_prefix: ClassVar[str] = FLAG_PREFIX
   inner_steps: int = dataclasses.field(default=16, metadata={
       "help": "Number of inner gradient steps approximating phi* (paper "
               "GD variant: 16 for 5-way). Not backpropagated through."})
@@ -95,6 +94,13 @@ class Config:
               "by 1 - alpha*lam per step: 1.0 with lam 0.2 leaves 0.8^16 = 3% "
               "of the initial error after 16 steps; keep alpha*(lam + 1) "
               "< 2 for stability on unit-norm embeddings."})
+  lam: float = dataclasses.field(default=0.2, metadata={
+      "help": "lambda: strength of the proximal term lam/2 ||phi - theta||^2 "
+              "(paper Eq. 4). phi* - theta = -grad L_S(phi*)/lam, so 1/lam is "
+              "the total step of the adaptation (MAML's alpha*T = 1.0*5 <-> "
+              "0.2). The paper's 2.0 (conv net on pixels) barely moves a head "
+              "on unit-norm embeddings, whose mean-CE gradient is ~ class-mean "
+              "gap / N; for N-way use about 0.2 * 5/N (20-way: 0.05)."})
   cg_steps: int = dataclasses.field(default=5, metadata={
       "help": "Conjugate-gradient iterations solving (I + H/lam) v = g for "
               "the implicit meta-gradient v (paper: 5). 0 (paper variant) or "
@@ -103,36 +109,25 @@ class Config:
       "help": "variant=reference only: the operator is (1 + cg_damping) v + "
               "H v/(lam + 10) (imaml_dev's cg_damping, default 1.0). Ignored "
               "by variant=paper, which solves (I + H/lam) v = g exactly."})
-  hidden_sizes: str = dataclasses.field(default="", metadata={
-      "help": "Hidden layer widths of the head as a comma list, e.g. "
-              "'128,64' (ReLU MLP); '' = linear softmax head (W, b)."})
   variant: str = dataclasses.field(default="paper", metadata={
       "help": "'paper': proximal inner GD and (I + H/lam) v = g. "
               "'reference': imaml_dev's form: plain inner SGD, one pull-back "
               "step phi <- phi - inner_lr*lam*(phi - theta), and "
               "((1 + cg_damping) I + H/(lam + 10)) v = g."})
-  head_init: str = dataclasses.field(default="zeros", metadata={
-      "help": HEAD_INIT_HELP})
 
-
-def validate_config(config: Config):
-  """Raises ConfigError naming the flag if a value is out of range."""
-  def bad(field, why):
-    raise ConfigError(f"--{FLAG_PREFIX}{field}={getattr(config, field)!r}: {why}")
-  if config.variant not in VARIANTS:
-    bad("variant", f"choose one of {', '.join(VARIANTS)}")
-  if not config.lam > 0:
-    bad("lam", "lambda must be > 0 (the implicit gradient divides by it)")
-  if config.inner_steps < 0:
-    bad("inner_steps", "must be >= 0")
-  if not config.inner_lr > 0:
-    bad("inner_lr", "must be > 0")
-  if config.cg_steps < 0:
-    bad("cg_steps", "must be >= 0")
-  if config.cg_damping < 0:
-    bad("cg_damping", "must be >= 0")
-  parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes")
-  check_head_init(config.head_init, FLAG_PREFIX + "head_init")
+  def validate(self):
+    """Raises ConfigError naming the flag if a value is out of range."""
+    super().validate()
+    def bad(field, why):
+      raise ConfigError(f"--{self.flag_prefix}{field}={getattr(self, field)!r}: {why}")
+    if self.variant not in VARIANTS:
+      bad("variant", f"choose one of {', '.join(VARIANTS)}")
+    if not self.lam > 0:
+      bad("lam", "lambda must be > 0 (the implicit gradient divides by it)")
+    if self.cg_steps < 0:
+      bad("cg_steps", "must be >= 0")
+    if self.cg_damping < 0:
+      bad("cg_damping", "must be >= 0")
 
 
 # -- pure functions over lists of per-task tensors [B, ...] --------------------
@@ -285,46 +280,22 @@ def implicit_meta_gradient(support_loss_fn: Callable,
   return v, relative_residual
 
 
-def task_losses(fast_weights, inputs, labels):
-  """Per-task mean cross-entropy [B] of heads `fast_weights` on [B, N, M, D]."""
-  logits = head_logits(fast_weights, inputs)
-  per_example = base.cross_entropy(logits, labels)
-  return tf.reduce_mean(
-      tf.reshape(per_example, [tf.shape(per_example)[0], -1]), axis=1)
-
-
-class IMAML(base.Learner):
+class IMAML(heads.HeadLearner):
   """iMAML over a linear/MLP head on embeddings (see module docstring)."""
 
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="imaml"):
-    super().__init__(num_ways, embedding_dim, dtype=dtype, name=name)
-    validate_config(config)
-    self.config = config
-    self.head = HeadParams(num_ways, embedding_dim,
-                           parse_hidden_sizes(config.hidden_sizes, FLAG_PREFIX + "hidden_sizes"),
-                           dtype=self.dtype, output_init=config.head_init)
-
-  def _cast(self, x):
-    return tf.cast(x, self.dtype)
-
-  def support_loss_fn(self, support_x, support_y):
-    support_x = self._cast(support_x)
-    return lambda phi: task_losses(phi, support_x, support_y)
+    super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
 
   def adapt(self, support_x, support_y, *, training, seed):
     """phi* per task (list of [B, ...] tensors), no gradient path to theta."""
     del training, seed  # iMAML's adaptation is deterministic.
     self.check_episode_shape(support_x)
     theta = self.head.tiled(tf.shape(support_x)[0])
-    return inner_solve(self.support_loss_fn(support_x, support_y), theta,
+    return inner_solve(self.support_losses_fn(support_x, support_y), theta,
                        num_steps=self.config.inner_steps,
                        inner_lr=self.config.inner_lr, lam=self.config.lam,
                        variant=self.config.variant)
-
-  def predict(self, state, query_x, *, training, seed):
-    del training, seed
-    return head_logits(list(state), self._cast(query_x))
 
   def loss_and_gradients(self, episode: base.Episode, *, seed):
     """Query loss at phi* and the implicit meta-gradient (Algorithm 2).
@@ -332,16 +303,13 @@ class IMAML(base.Learner):
     grad_theta = mean_b v_b with (I + H_b/lam) v_b = grad L_Q,b(phi*_b).
     """
     config = self.config
-    support_fn = self.support_loss_fn(episode.support_x, episode.support_y)
+    support_fn = self.support_losses_fn(episode.support_x, episode.support_y)
     phi_star = self.adapt(episode.support_x, episode.support_y,
                           training=True, seed=seed)
-    query_x = self._cast(episode.query_x)
     with tf.GradientTape() as tape:
       tape.watch(phi_star)
-      logits = head_logits(phi_star, query_x)
-      per_example = base.cross_entropy(logits, episode.query_y)
-      per_task = tf.reduce_mean(
-          tf.reshape(per_example, [tf.shape(per_example)[0], -1]), axis=1)
+      logits = self.predict(phi_star, episode.query_x, training=True, seed=seed)
+      per_task = heads.task_mean_cross_entropy(logits, episode.query_y)
       total = tf.reduce_sum(per_task)
     query_grads = tape.gradient(total, phi_star)  # per task: grad L_Q,b
     v, residual = implicit_meta_gradient(

@@ -26,6 +26,12 @@ first layer's biases are drawn from the non-negative half U(0, 1/sqrt(L)):
 since g is tiny, a hidden unit with a negative bias would output 0 for
 every task and never receive a gradient (a dead unit); with L = 4 a seed
 can leave every unit dead.
+The attenuator's initial weights are drawn from TensorFlow's global seed
+(the runner sets it from --seed), like every other learner's initialisation.
+Evaluation runs 5 inner steps, as training and as the reference (MAML's
+default is 10). Measured on the toy problem of tests/test_maml.py (60
+meta-training steps, seed 0): 97.14% with 5 evaluation steps, 97.70% with
+10, nearest class mean 99.20%.
 Reference-code details not reproduced: a fixed first-to-second-order switch
 at epoch 10, first-order evaluation, summing (not averaging) the outer loss
 over tasks, and the top-3-checkpoint ensemble at test time.
@@ -33,6 +39,7 @@ over tasks, and the top-3-checkpoint ensemble at test time.
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import sonnet as snt
 import tensorflow as tf
@@ -40,16 +47,25 @@ import tensorflow as tf
 from leo_suite.models import maml
 
 FLAG_PREFIX = "l2f_"
+# The reference (MAML++ code): Adam 1e-3; it clamps the classifier's
+# gradients to +-10 (not the attenuator's): here every tensor's. Fields of
+# leo_suite.training.optim.OuterConfig.
+OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
+EVAL_FIELDS = maml.EVAL_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(maml.Config):
   """MAML's hyperparameters (flags --l2f_<field>), an MLP head by default."""
+  flag_prefix: ClassVar[str] = FLAG_PREFIX
   hidden_sizes: str = dataclasses.field(default="64", metadata={
       "help": "Hidden layer widths of the head f_theta, comma separated; the "
               "attenuator has L = 2 * (layers) inputs and outputs. '64' "
               "(default) gives L = 4; '' = linear head (L = 2), whose "
               "task embedding g is identically 0 (gamma not task-dependent)."})
+  eval_inner_steps: int = dataclasses.field(default=5, metadata={
+      "help": "Inner gradient steps per task at evaluation (the reference: "
+              "5, as in training)."})
   head_init: str = dataclasses.field(default="glorot", metadata={
       "help": "Initial output layer of the head: 'glorot' (default) or "
               "'zeros'. L2F keeps 'glorot' unlike MAML: its task embedding "
@@ -70,20 +86,16 @@ class Attenuator(snt.Module):
   Init: see the module docstring (PyTorch default, b_1 >= 0: no dead units).
   """
 
-  def __init__(self, num_tensors: int, dtype=tf.float32, seed=(0, 0),
-               name="attenuator"):
+  def __init__(self, num_tensors: int, dtype=tf.float32, name="attenuator"):
     super().__init__(name=name)
     bound = 1.0 / math.sqrt(num_tensors)  # PyTorch nn.Linear default
-    seeds = tf.random.experimental.stateless_split(
-        tf.constant(seed, tf.int32), 4)
-    def uniform(shape, index, low=-bound):
-      return tf.random.stateless_uniform(
-          shape, seeds[index], low, bound, dtype=tf.as_dtype(dtype))
+    def uniform(shape, low=-bound):  # TF's global seed, as glorot_uniform
+      return tf.random.uniform(shape, low, bound, dtype=tf.as_dtype(dtype))
     size = [num_tensors, num_tensors]
-    self.w_1 = tf.Variable(uniform(size, 0), name="w_1")
-    self.b_1 = tf.Variable(uniform([num_tensors], 1, low=0.0), name="b_1")
-    self.w_2 = tf.Variable(uniform(size, 2), name="w_2")
-    self.b_2 = tf.Variable(uniform([num_tensors], 3), name="b_2")
+    self.w_1 = tf.Variable(uniform(size), name="w_1")
+    self.b_1 = tf.Variable(uniform([num_tensors], low=0.0), name="b_1")
+    self.w_2 = tf.Variable(uniform(size), name="w_2")
+    self.b_2 = tf.Variable(uniform([num_tensors]), name="b_2")
 
   def __call__(self, task_embedding):
     hidden = tf.nn.relu(tf.matmul(task_embedding, self.w_1) + self.b_1)
@@ -92,7 +104,6 @@ class Attenuator(snt.Module):
 
 class L2F(maml.MAML):
   """MAML whose per-task initialisation is attenuated by gamma(task)."""
-  flag_prefix = FLAG_PREFIX
 
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="l2f"):
@@ -101,7 +112,6 @@ class L2F(maml.MAML):
 
   def task_embedding(self, support_x, support_y):
     """g [B, L]: layer-wise mean support gradient at theta, a constant."""
-    support_x = tf.cast(support_x, self.dtype)
     theta = self.head.tiled(tf.shape(support_x)[0])
     grads = self.support_gradient_fn(support_x, support_y)(theta)
     means = [tf.reduce_mean(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)

@@ -20,9 +20,10 @@ Release behaviours kept on purpose (each checked in tests/test_leo.py):
 - encoder penalty MSE(z_0, stop_gradient(z_T)) in meta-training only; L2
   lambda_1 * sum(w^2) / 2 on encoder, relation and decoder weights only;
   orthogonality penalty mean((C - I)^2) on the decoder's rows (eq. 8).
-The one departure: the release's NaN guard zips its lists the wrong way round
-and so applies the *variables* as the fallback gradient; `nan_guard` picks the
-documented intent ("intended", default) or that behaviour ("release").
+The release's NaN guard (it zips its lists the wrong way round and so feeds
+the *variables* to Adam as the fallback gradient) is the trainer's
+`--nan_guard=release`; the default skips a non-finite step entirely
+(leo_suite/training/optim.py).
 
 The first relation-network layer acts on concatenated pairs [h_i, h_j]; it is
 computed as W_a h_i + W_b h_j (same weights, same result) so the (NK)^2 pair
@@ -34,9 +35,15 @@ import math
 
 import tensorflow as tf
 
+from leo_suite import errors
 from leo_suite.models import base
 
 FLAG_PREFIX = ""  # LEO keeps the release's flag names.
+# The release's outer loop: clip by value 0.1, then each tensor to norm 0.1,
+# then Adam(1e-4, TF1 epsilon 1e-8): leo_suite.training.optim.OuterConfig's
+# defaults.
+OUTER_DEFAULTS = {}
+EVAL_FIELDS = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +68,26 @@ class Config:
       "help": "lambda_1: weight of sum(w^2)/2 over encoder, relation and decoder weights."})
   orthogonality_penalty_weight: float = dataclasses.field(default=1e-3, metadata={
       "help": "lambda_2: weight of the decoder row-orthogonality penalty Omega (eq. 8)."})
-  nan_guard: str = dataclasses.field(default="intended", metadata={
-      "help": "Fallback 'gradient' when the loss or a gradient is NaN: 'intended' "
-              "(1e-4 * w on regularised weights, 0 on step sizes, as the release "
-              "documents) or 'release' (the variables themselves, the release's bug)."})
+
+  def validate(self):
+    """Raises ConfigError naming the flag for a value the release cannot run with."""
+    for name in ("inner_unroll_length", "num_latents"):
+      if getattr(self, name) < 1:
+        raise errors.ConfigError(
+            f"--{name}={getattr(self, name)}: must be >= 1 (the release asserts it)")
+    if self.finetuning_unroll_length < 0:
+      raise errors.ConfigError(
+          f"--finetuning_unroll_length={self.finetuning_unroll_length}: must be >= 0")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise errors.ConfigError(f"--dropout_rate={self.dropout_rate}: must be in [0, 1)")
+    for name in ("kl_weight", "encoder_penalty_weight", "l2_penalty_weight",
+                 "orthogonality_penalty_weight"):
+      if not getattr(self, name) >= 0:
+        raise errors.ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
 
 
 def build(config, num_ways, embedding_dim, dtype="float32"):
+  config.validate()
   return LEO(config, num_ways, embedding_dim, dtype)
 
 
@@ -114,8 +134,7 @@ class LEO(base.Learner):
   def __init__(self, config: Config, num_ways, embedding_dim, dtype="float32",
                name="leo"):
     super().__init__(num_ways, embedding_dim, dtype, name=name)
-    if config.inner_unroll_length < 1:
-      raise ValueError("LEO needs inner_unroll_length >= 1 (the release asserts it)")
+    config.validate()
     self.config = config
     d, latents = self.embedding_dim, config.num_latents
     with tf.name_scope("encoder"):
@@ -244,11 +263,3 @@ class LEO(base.Learner):
             self.config.encoder_penalty_weight * penalty + self.regularization())
     return loss, {"query_loss": query_loss, "kl": kl, "encoder_penalty": penalty,
                   "accuracy": tf.reduce_mean(base.accuracy(logits, episode.query_y))}
-
-  def nan_fallback_gradients(self):
-    if self.config.nan_guard == "release":
-      return [tf.identity(v) for v in self.trainable_variables]
-    regularised = {id(w) for w in self.regularised_weights}
-    # d/dw of (1e-4 / lambda_1) * lambda_1 * sum(w^2) / 2 = 1e-4 * w.
-    return [1e-4 * v if id(v) in regularised else tf.zeros_like(v)
-            for v in self.trainable_variables]

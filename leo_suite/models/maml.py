@@ -33,42 +33,43 @@ per-task means gives each task exactly its own gradient.
 """
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, ClassVar, List, Optional, Sequence, Union
 
 import tensorflow as tf
 
 from leo_suite import errors
-from leo_suite.models import base
 from leo_suite.models import heads
 
 FLAG_PREFIX = "maml_"
 
 
+# The reference's outer loop (cbfinn/maml): Adam at meta_lr 1e-3; its only
+# clipping is by value to +-10 (miniImageNet); TF1 Adam epsilon 1e-8. Fields
+# of leo_suite.training.optim.OuterConfig (the rest keep its defaults).
+OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
+EVAL_FIELDS = ("eval_inner_steps",)
+
+
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(heads.HeadConfig):
   """MAML / Meta-SGD hyperparameters (flags --maml_<field>)."""
-  hidden_sizes: str = dataclasses.field(default="", metadata={
-      "help": "Hidden layer widths of the head f_theta, comma separated: '' = "
-              "linear softmax head (W, b), '128,64' = ReLU MLP head."})
-  inner_steps: int = dataclasses.field(default=5, metadata={
-      "help": "T, inner gradient steps per task during meta-training "
-              "(cbfinn/maml miniImageNet: 5)."})
+  flag_prefix: ClassVar[str] = FLAG_PREFIX
   eval_inner_steps: int = dataclasses.field(default=10, metadata={
       "help": "Inner gradient steps per task at evaluation (the MAML paper "
-              "tests with 10)."})
-  inner_lr: float = dataclasses.field(default=1.0, metadata={
-      "help": "alpha, the inner step size (initial value of the learned "
-              "rates with meta_sgd). Scaled for a MEAN support "
-              "cross-entropy: the reference's alpha (summed CE / K) is this "
-              "value divided by N."})
+              "tests with 10); inner_steps is T during meta-training "
+              "(cbfinn/maml miniImageNet: 5)."})
   first_order: bool = dataclasses.field(default=False, metadata={
       "help": "First-order MAML: stop_gradient on the inner gradients "
               "(cbfinn/maml --stop_grad). Default: exact second order."})
   meta_sgd: bool = dataclasses.field(default=False, metadata={
       "help": "Meta-SGD: learn a per-parameter step size alpha (same shape "
               "as each parameter of theta), initialised to inner_lr."})
-  head_init: str = dataclasses.field(default="zeros", metadata={
-      "help": heads.HEAD_INIT_HELP})
+
+  def validate(self):
+    super().validate()
+    if self.eval_inner_steps < 0:
+      raise errors.ConfigError(
+          f"--{self.flag_prefix}eval_inner_steps={self.eval_inner_steps}: must be >= 0")
 
 
 LossFn = Callable[[List[tf.Tensor]], tf.Tensor]
@@ -118,32 +119,12 @@ def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
   return params
 
 
-def summed_task_mean_cross_entropy(logits, labels):
-  """Sum over tasks of each task's mean cross-entropy (a scalar).
-
-  logits [B, ..., N], labels [B, ...]. Tasks are independent, so the gradient
-  with respect to a task's fast weights is the gradient of its own mean loss.
-  """
-  per_example = base.cross_entropy(logits, labels)
-  num_tasks = tf.shape(per_example)[0]
-  per_task = tf.reduce_mean(tf.reshape(per_example, [num_tasks, -1]), axis=1)
-  return tf.reduce_sum(per_task)
-
-
-class MAML(base.Learner):
+class MAML(heads.HeadLearner):
   """MAML / Meta-SGD with a functional linear or MLP head."""
-  flag_prefix = FLAG_PREFIX  # names flags in configuration errors
 
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="maml"):
-    super().__init__(num_ways, embedding_dim, dtype, name=name)
-    validate_config(config, self.flag_prefix)
-    self.config = config
-    hidden_sizes = heads.parse_hidden_sizes(
-        config.hidden_sizes, self.flag_prefix + "hidden_sizes")
-    self.head = heads.HeadParams(num_ways, embedding_dim, hidden_sizes,
-                                 dtype=self.dtype,
-                                 output_init=config.head_init)
+    super().__init__(config, num_ways, embedding_dim, dtype, name=name)
     self.inner_lrs = None
     if config.meta_sgd:
       self.inner_lrs = [
@@ -157,20 +138,6 @@ class MAML(base.Learner):
       return list(self.inner_lrs)
     return [tf.constant(self.config.inner_lr, self.dtype)] * len(self.head.params)
 
-  def support_loss_fn(self, support_x, support_y) -> LossFn:
-    """fast weights [B, ...] -> sum over tasks of the mean support CE."""
-    def loss_fn(fast_weights):
-      return summed_task_mean_cross_entropy(
-          heads.head_logits(fast_weights, support_x), support_y)
-    return loss_fn
-
-  def support_gradient_fn(self, support_x, support_y) -> GradFn:
-    """fast weights -> closed-form gradients of `support_loss_fn`."""
-    def gradient_fn(fast_weights):
-      return heads.head_cross_entropy_gradients(fast_weights, support_x,
-                                                support_y)
-    return gradient_fn
-
   def initial_fast_weights(self, support_x, support_y):
     """theta'_0 per task [B, ...]: theta itself (L2F attenuates it)."""
     del support_y
@@ -180,31 +147,11 @@ class MAML(base.Learner):
     """Fast weights theta'_T [B, ...] after the inner loop (no randomness)."""
     del seed
     self.check_episode_shape(support_x)
-    support_x = tf.cast(support_x, self.dtype)
     steps = self.config.inner_steps if training else self.config.eval_inner_steps
     return inner_loop(self.support_loss_fn(support_x, support_y),
                       self.initial_fast_weights(support_x, support_y),
                       self.inner_rates(), steps, self.config.first_order,
                       self.support_gradient_fn(support_x, support_y))
-
-  def predict(self, state, query_x, *, training, seed):
-    """Logits [B, N, V, N] of the adapted heads on query_x [B, N, V, D]."""
-    del training, seed
-    return heads.head_logits(list(state), tf.cast(query_x, self.dtype))
-
-
-def validate_config(config, flag_prefix):
-  """Raises ConfigError for values the method cannot run with."""
-  if config.inner_steps < 0 or config.eval_inner_steps < 0:
-    raise errors.ConfigError(
-        f"--{flag_prefix}inner_steps={config.inner_steps} / "
-        f"--{flag_prefix}eval_inner_steps={config.eval_inner_steps}: the "
-        "number of inner steps must be >= 0")
-  if not config.inner_lr > 0:
-    raise errors.ConfigError(
-        f"--{flag_prefix}inner_lr={config.inner_lr}: the inner step size must "
-        "be a positive number")
-  heads.check_head_init(config.head_init, flag_prefix + "head_init")
 
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):

@@ -53,6 +53,10 @@ from leo_suite import errors
 from leo_suite.models import base
 
 FLAG_PREFIX = "r2d2_"
+# bertinetto/r2d2: Adam 5e-3 (halved every 20 epochs there), no clipping;
+# PyTorch's Adam epsilon 1e-8. Fields of leo_suite.training.optim.OuterConfig.
+OUTER_DEFAULTS = dict(learning_rate=5e-3, clip_value=0.0, clip_norm=0.0)
+EVAL_FIELDS = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,24 @@ class Config:
       "help": "Dropout rate on the input embeddings during meta-training "
               "(support and query; none at evaluation). Not in R2D2 on "
               "embeddings; LEO uses 0.5 on the same features."})
+
+  def validate(self):
+    """Raises ConfigError naming the flag for a value R2D2 cannot run with."""
+    if not self.lambda_init > 0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}lambda_init must be > 0, got {self.lambda_init}")
+    if self.log_scale and not self.scale_init > 0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}scale_init must be > 0 with --{FLAG_PREFIX}log_scale, "
+          f"got {self.scale_init}; pass --no{FLAG_PREFIX}log_scale to learn "
+          "the scale directly")
+    if self.projection_dim < 0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}projection_dim must be >= 0 (0 = no projection), got "
+          f"{self.projection_dim}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
 
 def ridge_woodbury(x, y, lam):
@@ -237,22 +259,5 @@ class R2D2(base.Learner):
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> R2D2:
   """Validates `config` and builds the learner."""
-  if not config.lambda_init > 0:
-    raise errors.ConfigError(
-        f"--{FLAG_PREFIX}lambda_init must be > 0, got {config.lambda_init}")
-  if config.log_scale and not config.scale_init > 0:
-    raise errors.ConfigError(
-        f"--{FLAG_PREFIX}scale_init must be > 0 with --{FLAG_PREFIX}log_scale, "
-        f"got {config.scale_init}; pass --no{FLAG_PREFIX}log_scale to learn "
-        "the scale directly")
-  if config.projection_dim < 0:
-    raise errors.ConfigError(
-        f"--{FLAG_PREFIX}projection_dim must be >= 0 (0 = no projection), got "
-        f"{config.projection_dim}")
-  if not 0.0 <= config.dropout_rate < 1.0:
-    raise errors.ConfigError(
-        f"--{FLAG_PREFIX}dropout_rate must be in [0, 1), got "
-        f"{config.dropout_rate}")
-  if dtype not in ("float32", "float64"):
-    raise errors.ConfigError(f"dtype must be float32 or float64, got {dtype!r}")
+  config.validate()
   return R2D2(config, num_ways, embedding_dim, dtype=dtype)

@@ -4,6 +4,11 @@ Each learner module defines:
   FLAG_PREFIX: prefix of its command-line flags ("" for LEO's release names);
   Config: a frozen dataclass whose fields carry `metadata={"help": ...}`;
           config.py turns every field into a flag `--<FLAG_PREFIX><field>`;
+          `Config.validate()` raises errors.ConfigError naming the flag;
+  OUTER_DEFAULTS: the learner's outer-loop defaults, a dict of fields of
+          leo_suite.training.optim.OuterConfig (its reference code's chain);
+  EVAL_FIELDS: Config fields that only change evaluation (e.g. the number of
+          inner steps at test time), which evaluation may override;
   build(config, num_ways, embedding_dim, dtype) -> base.Learner.
 """
 
@@ -37,4 +42,6 @@ def available():
 
 
 def build(name, config, num_ways, embedding_dim, dtype="float32"):
+  """Validates `config` (ConfigError naming the flag) and builds the learner."""
+  config.validate()
   return learner_module(name).build(config, num_ways, embedding_dim, dtype)

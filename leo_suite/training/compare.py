@@ -1,8 +1,9 @@
 """Train and evaluate several learners through runner.py on identical episodes.
 
-Each learner runs in its own process (train, then --evaluation_mode) with the
-same data, episode shape, seeds and fixed test tasks, so the numbers compare
-like for like. Reported per run: test accuracy and 95% CI (result_test.json),
+Each learner runs in its own process (train, then --evaluation_mode with only
+--checkpoint_path: the run directory says how it was trained and which test
+tasks to score) with the same data, episode shape, seeds and fixed test tasks,
+so the numbers compare like for like. Reported per run: test accuracy and 95% CI (result_test.json),
 meta-training steps/s (the run's TensorBoard summaries), and the peak resident
 memory of the training process (getrusage of that child alone, via wait4).
 """
@@ -54,11 +55,11 @@ def mean_steps_per_second(run_dir):
 def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float = 3600,
                 log: Callable[[str], None] = print) -> Dict:
   """Trains then evaluates `model`; returns accuracy/ci95 (percent), speed, memory."""
-  common = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}",
-            *flags]
+  train = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}", *flags]
+  evaluate = [sys.executable, RUNNER, f"--checkpoint_path={run_dir}", "--evaluation_mode"]
   started = time.time()
   peak = 0.0
-  for phase, cmd in (("train", common), ("evaluate", common + ["--evaluation_mode"])):
+  for phase, cmd in (("train", train), ("evaluate", evaluate)):
     code, tail, rss = _run(cmd, timeout_s)
     peak = max(peak, rss) if phase == "train" else peak
     if code != 0:

@@ -1,17 +1,22 @@
-"""Evaluation on fixed episode sets: per-task accuracy, mean and 95% CI."""
+"""Evaluation on fixed episode sets: per-task accuracy, mean and 95% CI.
+
+One `Evaluator` serves one device and a tf.distribute strategy: under
+MirroredStrategy each batch of the fixed set is split over the replicas and
+the per-task accuracies come back in order, so the result is the
+single-device one (evaluation draws no noise). Under MultiWorkerMirrored
+every worker scores the whole set locally (no collectives to deadlock on).
+"""
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-from typing import Optional
+import time
+from typing import Callable, Optional
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
-import leo_suite
-from leo_suite import fileio
+from leo_suite import distribute
 from leo_suite.models import base
 
 
@@ -25,11 +30,43 @@ class Result:
   def as_percent(self):
     return f"{100 * self.accuracy:.2f} +- {100 * self.ci95:.2f} % ({self.num_tasks} tasks)"
 
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
 
 def summarise(per_task_accuracy) -> Result:
   acc = np.asarray(per_task_accuracy, np.float64)
   std = float(acc.std())
   return Result(float(acc.mean()), 1.96 * std / math.sqrt(len(acc)), len(acc), std)
+
+
+class Progress:
+  """Logs `done/total <unit>, rate, ETA` at most every `interval_s` seconds."""
+
+  def __init__(self, what: str, total: Optional[int], unit: str = "tasks",
+               interval_s: float = 10.0, log: Callable[..., None] = logging.info):
+    self.what, self.total, self.unit, self.interval_s, self.log = (
+        what, total, unit, interval_s, log)
+    self.start = self.last = time.time()
+    self.done = 0
+
+  def update(self, count: int):
+    self.done += count
+    now = time.time()
+    if now - self.last < self.interval_s and (not self.total or self.done < self.total):
+      return
+    self.last = now
+    rate = self.done / max(now - self.start, 1e-9)
+    eta = (f", ETA {format_seconds((self.total - self.done) / max(rate, 1e-9))}"
+           if self.total else "")
+    of = f"/{self.total}" if self.total else ""
+    self.log("%s: %d%s %s, %.1f %s/s%s", self.what, self.done, of, self.unit, rate,
+             self.unit, eta)
+
+
+def format_seconds(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def task_accuracy(learner, episode):
@@ -42,22 +79,36 @@ def task_accuracy(learner, episode):
 
 class Evaluator:
   """Adapts on each task's support set and scores its query set (no dropout,
-  latent/weight means: training=False)."""
+  latent/weight means: training=False), on one device or a strategy."""
 
-  def __init__(self, learner, jit_compile=False):
+  def __init__(self, learner, strategy=None, jit_compile=False):
     self.learner = learner
+    score = lambda episode: task_accuracy(learner, episode)
+    self.strategy = strategy if distribute.splits_batches(strategy) else None
+    if self.strategy is None:
+      self._batch_accuracy = tf.function(score, jit_compile=jit_compile,
+                                         reduce_retracing=True)
+    else:
+      per_replica = tf.function(score, jit_compile=True) if jit_compile else score
 
-    self._task_accuracy = tf.function(lambda episode: task_accuracy(learner, episode),
-                                      jit_compile=jit_compile, reduce_retracing=True)
+      @tf.function(reduce_retracing=True)
+      def batch_accuracy(episode):
+        return distribute.local_concat(self.strategy,
+                                       self.strategy.run(per_replica, args=(episode,)))
+      self._batch_accuracy = batch_accuracy
 
-  def per_task_accuracy(self, dataset):
+  def per_task_accuracy(self, dataset, progress: Optional[Progress] = None):
+    if self.strategy is not None:
+      dataset = self.strategy.experimental_distribute_dataset(dataset)
     values = []
     for episode in dataset:
-      values.append(self._task_accuracy(episode).numpy())
+      values.append(self._batch_accuracy(episode).numpy())
+      if progress:
+        progress.update(len(values[-1]))
     return np.concatenate(values) if values else np.zeros([0])
 
-  def evaluate(self, dataset) -> Result:
-    return summarise(self.per_task_accuracy(dataset))
+  def evaluate(self, dataset, progress: Optional[Progress] = None) -> Result:
+    return summarise(self.per_task_accuracy(dataset, progress))
 
 
 def evaluate_baseline(logits_fn, dataset) -> Result:
@@ -66,28 +117,3 @@ def evaluate_baseline(logits_fn, dataset) -> Result:
   values = [base.accuracy(compiled(e.support_x, e.query_x), e.query_y).numpy()
             for e in dataset]
   return summarise(np.concatenate(values))
-
-
-def code_version():
-  """Package version plus the git commit of the checkout, when there is one."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(leo_suite.__file__)))
-  try:
-    commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                            text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return leo_suite.__version__
-  return f"{leo_suite.__version__}+{commit[:12]}{'-dirty' if dirty else ''}"
-
-
-def write_result(path, result: Result, config: dict, data_hashes: dict, split: str,
-                 extra: Optional[dict] = None):
-  """Writes the result JSON atomically."""
-  payload = {"split": split, "accuracy": result.accuracy, "ci95": result.ci95,
-             "std": result.std, "num_tasks": result.num_tasks, "config": config,
-             "seed": config.get("seed"), "data_sha256": data_hashes,
-             "code_version": code_version()}
-  payload.update(extra or {})
-  fileio.atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True))
-  return payload

@@ -1,80 +1,251 @@
-"""Outer-loop optimisation: LEO's gradient pipeline and a pure Adam.
+"""The outer-loop update as a chain of pure (init, update) pairs, optax style.
 
-`adam_init` / `adam_update` are pure functions (optax style); `AdamState`
-holds the moments as tf.Variables so they checkpoint with the model. Keeping
-the optimiser ours (not Keras 3's or Sonnet's) means the same code runs on one
-device, under MirroredStrategy and under MultiWorkerMirroredStrategy, with
-clipping applied to the *full-batch* gradient as LEO does.
+A `Transform` is two pure functions over lists of tensors (one per
+meta-parameter):
+
+    state = init(params)
+    updates, state = update(grads, state, params, loss=loss)
+
+`chain(t1, t2, ...)` feeds each transform's output to the next; the updates of
+the last one are added to the parameters. `OptimizerState` keeps a chain's
+state in checkpointable tf.Variables and applies one step.
+
+Each learner names its chain's defaults (`OuterConfig`, the learner module's
+`OUTER_DEFAULTS`): LEO's release uses
+
+    chain(nan_guard, clip_by_value(0.1), clip_by_tensor_norm(0.1), adam(1e-4))
+
+The NaN guard comes in two forms:
+  skip     a step whose loss or gradient is not finite changes nothing: the
+           updates are -0.0 (x + -0.0 == x bit for bit, for every x) and the
+           state of everything after the guard is kept; the guard counts it.
+  release  LEO's release: its guard zips two lists the wrong way round, so the
+           "gradient" it feeds on to clipping and Adam is the variables
+           themselves (Adam's moments and step count move).
 """
 
-from typing import List, NamedTuple
+import dataclasses
+from typing import Any, Callable, List, NamedTuple, Sequence
 
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite import errors
 
-class AdamHyper(NamedTuple):
-  learning_rate: float
-  beta1: float = 0.9
-  beta2: float = 0.999
-  epsilon: float = 1e-8   # tf.compat.v1.train.AdamOptimizer's default, as the release
+OPTIMIZERS = ("adam", "sgd")
+NAN_GUARDS = ("skip", "release")
 
 
-def adam_update(grads, moments1, moments2, step, hyper: AdamHyper):
-  """One Adam step. Returns (updates to add, new m, new v).
+class Transform(NamedTuple):
+  """init(params) -> state; update(grads, state, params, loss=) -> (updates, state)."""
+  init: Callable[[Sequence[tf.Tensor]], Any]
+  update: Callable[..., Any]
 
-  step is the 1-based step count. Uses the TF1 form the release used:
-  lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); update = -lr_t * m / (sqrt(v) + eps).
+
+def _no_state(params):
+  del params
+  return ()
+
+
+def _stateless(fn):
+  """A Transform mapping each gradient tensor through fn (no state)."""
+  def update(grads, state, params=None, loss=None):
+    del params, loss
+    return [fn(g) for g in grads], state
+  return Transform(_no_state, update)
+
+
+def identity() -> Transform:
+  return _stateless(lambda g: g)
+
+
+def clip_by_value(threshold: float) -> Transform:
+  """Each element to [-threshold, threshold] (LEO's `gradient_threshold`)."""
+  return _stateless(lambda g: tf.clip_by_value(g, -threshold, threshold))
+
+
+def clip_by_tensor_norm(threshold: float) -> Transform:
+  """Each tensor to norm <= threshold, separately (not the global norm)."""
+  return _stateless(lambda g: tf.clip_by_norm(g, threshold))
+
+
+def scale(factor: float) -> Transform:
+  return _stateless(lambda g: tf.cast(factor, g.dtype) * g)
+
+
+def sgd(learning_rate: float) -> Transform:
+  """updates = -learning_rate * grads."""
+  return scale(-learning_rate)
+
+
+def adam(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999,
+         epsilon: float = 1e-8) -> Transform:
+  """Adam in TF1's form (tf.compat.v1.train.AdamOptimizer, as LEO's release):
+
+  t <- t + 1; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+  lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); update = -lr_t m / (sqrt(v) + eps).
+  State: (t int64, [m], [v]).
   """
-  step = tf.cast(step, grads[0].dtype)
-  new_m = [hyper.beta1 * m + (1 - hyper.beta1) * g for m, g in zip(moments1, grads)]
-  new_v = [hyper.beta2 * v + (1 - hyper.beta2) * tf.square(g)
-           for v, g in zip(moments2, grads)]
-  rate = hyper.learning_rate * tf.sqrt(1 - hyper.beta2 ** step) / (1 - hyper.beta1 ** step)
-  updates = [-tf.cast(rate, m.dtype) * m / (tf.sqrt(v) + hyper.epsilon)
-             for m, v in zip(new_m, new_v)]
-  return updates, new_m, new_v
+  def init(params):
+    return (tf.zeros([], tf.int64), [tf.zeros_like(p) for p in params],
+            [tf.zeros_like(p) for p in params])
+
+  def update(grads, state, params=None, loss=None):
+    del params, loss
+    count, moments1, moments2 = state
+    count = count + 1
+    new_m = [beta1 * m + (1 - beta1) * g for m, g in zip(moments1, grads)]
+    new_v = [beta2 * v + (1 - beta2) * tf.square(g) for v, g in zip(moments2, grads)]
+    updates = []
+    for m, v in zip(new_m, new_v):
+      t = tf.cast(count, m.dtype)
+      rate = learning_rate * tf.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+      updates.append(-rate * m / (tf.sqrt(v) + epsilon))
+    return updates, (count, new_m, new_v)
+
+  return Transform(init, update)
 
 
-class AdamState(snt.Module):
-  """Adam's moments for a list of variables, as checkpointable variables."""
+def chain(*transforms: Transform) -> Transform:
+  """Applies the transforms in order; the state is the tuple of their states."""
+  def init(params):
+    return tuple(t.init(params) for t in transforms)
 
-  def __init__(self, variables, hyper: AdamHyper, name="adam"):
+  def update(grads, state, params=None, loss=None):
+    new_state = []
+    for transform, sub_state in zip(transforms, state):
+      grads, sub_state = transform.update(grads, sub_state, params, loss=loss)
+      new_state.append(sub_state)
+    return grads, tuple(new_state)
+
+  return Transform(init, update)
+
+
+def all_finite(loss, grads):
+  """True iff the loss and every gradient element are finite (a bool tensor)."""
+  finite = tf.reduce_all(tf.math.is_finite(loss))
+  for g in grads:
+    finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+  return finite
+
+
+def skip_non_finite(inner: Transform) -> Transform:
+  """Runs `inner` unless the loss or a gradient is non-finite; then skips.
+
+  A skipped step returns updates of -0.0 (adding them leaves every variable
+  bit-identical) and `inner`'s unchanged state. State: (skipped count, inner).
+  """
+  def init(params):
+    return (tf.zeros([], tf.int64), inner.init(params))
+
+  def update(grads, state, params=None, loss=None):
+    skipped, inner_state = state
+    finite = all_finite(loss, grads)
+    safe = [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+    updates, new_inner = inner.update(safe, inner_state, params, loss=loss)
+    updates = [tf.where(finite, u, tf.fill(tf.shape(u), tf.constant(-0.0, u.dtype)))
+               for u in updates]
+    new_inner = tf.nest.map_structure(lambda new, old: tf.where(finite, new, old),
+                                      new_inner, inner_state)
+    return updates, (skipped + tf.cast(tf.logical_not(finite), tf.int64), new_inner)
+
+  return Transform(init, update)
+
+
+def release_nan_fallback(inner: Transform) -> Transform:
+  """LEO's release guard: a non-finite step feeds the variables to `inner`."""
+  def init(params):
+    return (tf.zeros([], tf.int64), inner.init(params))
+
+  def update(grads, state, params=None, loss=None):
+    skipped, inner_state = state
+    finite = all_finite(loss, grads)
+    grads = [tf.where(finite, g, tf.convert_to_tensor(p)) for g, p in zip(grads, params)]
+    updates, inner_state = inner.update(grads, inner_state, params, loss=loss)
+    return updates, (skipped + tf.cast(tf.logical_not(finite), tf.int64), inner_state)
+
+  return Transform(init, update)
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterConfig:
+  """What a meta-training step does with the meta-gradient.
+
+  Fields map to the runner's flags --outer_optimizer, --outer_lr,
+  --adam_epsilon, --gradient_threshold, --gradient_norm_threshold and
+  --nan_guard. A threshold of 0 switches that clipping off.
+  """
+  optimizer: str = "adam"
+  learning_rate: float = 1e-4
+  adam_epsilon: float = 1e-8
+  clip_value: float = 0.1
+  clip_norm: float = 0.1
+  nan_guard: str = "skip"
+
+  def validate(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise errors.ConfigError(
+          f"--outer_optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if self.nan_guard not in NAN_GUARDS:
+      raise errors.ConfigError(
+          f"--nan_guard={self.nan_guard!r}: choose one of {', '.join(NAN_GUARDS)}")
+    if not self.learning_rate > 0:
+      raise errors.ConfigError(f"--outer_lr={self.learning_rate}: must be positive")
+    if not self.adam_epsilon > 0:
+      raise errors.ConfigError(f"--adam_epsilon={self.adam_epsilon}: must be positive")
+    for flag, value in (("gradient_threshold", self.clip_value),
+                        ("gradient_norm_threshold", self.clip_norm)):
+      if not value >= 0:
+        raise errors.ConfigError(f"--{flag}={value}: must be >= 0 (0 = no clipping)")
+    return self
+
+
+def build_chain(config: OuterConfig) -> Transform:
+  """The guard, the clipping the config asks for, then the optimizer."""
+  config.validate()
+  steps = []
+  if config.clip_value > 0:
+    steps.append(clip_by_value(config.clip_value))
+  if config.clip_norm > 0:
+    steps.append(clip_by_tensor_norm(config.clip_norm))
+  steps.append(adam(config.learning_rate, epsilon=config.adam_epsilon)
+               if config.optimizer == "adam" else sgd(config.learning_rate))
+  guard = skip_non_finite if config.nan_guard == "skip" else release_nan_fallback
+  return guard(chain(*steps))
+
+
+def _skip_count(state):
+  return state[0]
+
+
+class OptimizerState(snt.Module):
+  """A chain's state as tf.Variables (checkpointed with the model), and apply().
+
+  Built under the strategy's scope (as the learner), so under MirroredStrategy
+  the state is mirrored and every replica applies the same update.
+  """
+
+  def __init__(self, transform: Transform, variables: Sequence[tf.Variable],
+               name="outer_optimizer"):
     super().__init__(name=name)
-    self.hyper = hyper
-    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in variables]
-    self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
+    self.transform = transform
+    initial = transform.init([tf.convert_to_tensor(v) for v in variables])
+    self.state = tf.nest.map_structure(
+        lambda t: tf.Variable(t, trainable=False, name="state"), initial)
+    self._flat_state: List[tf.Variable] = tf.nest.flatten(self.state)
 
-  def apply(self, grads, variables):
-    step = self.step + 1
-    updates, new_m, new_v = adam_update(grads, self.m, self.v, step, self.hyper)
-    for var, update, m, m_new, v, v_new in zip(variables, updates, self.m, new_m,
-                                               self.v, new_v):
+  @property
+  def num_skipped(self):
+    """Steps the NaN guard skipped (or replaced, in release mode) so far."""
+    return _skip_count(self.state)
+
+  def apply(self, loss, grads, variables):
+    """One update of `variables` from `grads`; returns whether it was finite."""
+    params = [tf.convert_to_tensor(v) for v in variables]
+    current = tf.nest.map_structure(tf.convert_to_tensor, self.state)
+    updates, new_state = self.transform.update(list(grads), current, params, loss=loss)
+    for var, update in zip(variables, updates):
       var.assign_add(update)
-      m.assign(m_new)
-      v.assign(v_new)
-    self.step.assign(step)
-
-
-def clip_gradients(grads: List[tf.Tensor], value_threshold, norm_threshold):
-  """LEO's clipping: by value, then each tensor by its own norm (not global)."""
-  out = []
-  for g in grads:
-    if value_threshold and value_threshold > 0:
-      g = tf.clip_by_value(g, -value_threshold, value_threshold)
-    if norm_threshold and norm_threshold > 0:
-      g = tf.clip_by_norm(g, norm_threshold)
-    out.append(g)
-  return out
-
-
-def guard_nan(loss, grads, fallback):
-  """LEO's NaN guard: if loss or any gradient is non-finite, use `fallback`.
-
-  Returns (gradients, skipped) where skipped is a bool tensor.
-  """
-  bad = tf.logical_not(tf.math.is_finite(loss))
-  for g in grads:
-    bad = tf.logical_or(bad, tf.logical_not(tf.reduce_all(tf.math.is_finite(g))))
-  return [tf.where(bad, f, g) for g, f in zip(grads, fallback)], bad
+    for var, value in zip(self._flat_state, tf.nest.flatten(new_state)):
+      var.assign(value)
+    return all_finite(loss, grads)

@@ -1,17 +1,17 @@
 """The one meta-training loop every learner shares.
 
-A step: `learner.loss_and_gradients` on a meta-batch (one compiled, vectorised
-call), LEO's NaN guard, clip by value then per-tensor norm, Adam. Checkpoints
-go through tf.train.CheckpointManager (a killed save leaves the previous
-checkpoint as the latest); the best-validation checkpoint is staged in a
-temporary directory and swapped in atomically. A step's episodes and random
-draws are functions of (seed, step) only, so a resumed run replays the
-uninterrupted one.
-
-Under a tf.distribute strategy (`strategy=`, see leo_suite/distribute.py) each
-replica computes its share of the meta-batch; the scaled gradients are summed
-across replicas BEFORE the NaN guard and clipping, so the update is the
-single-device one. The learner must be built inside `strategy.scope()`.
+A step, on one device or under any tf.distribute strategy (the default
+strategy is one device): under `strategy.run` each replica computes
+`learner.loss_and_gradients` on its share of the meta-batch (one compiled,
+vectorised call), scaled so that the sum over replicas is the meta-batch
+mean; the sum goes through the learner's outer chain (optim.build_chain: NaN
+guard, clip by value, clip each tensor by its norm, Adam), so clipping sees
+the full meta-batch gradient as LEO's release does. Checkpoints go through
+tf.train.CheckpointManager (a killed save leaves the previous checkpoint as
+the latest); the best-validation checkpoint is staged in a temporary
+directory and swapped in atomically. A step's episodes and random draws are
+functions of (seed, step) only, so a resumed run replays the uninterrupted
+one. The run directory's config.json is written by `run.Run`, not here.
 """
 
 import dataclasses
@@ -19,21 +19,17 @@ import json
 import os
 import shutil
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
-import numpy as np
 import tensorflow as tf
 
 from leo_suite import distribute
-from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.models.base import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
-
-BEST_DIR = "best"
-CONFIG_FILE = "config.json"
+from leo_suite.training import run as run_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,30 +40,39 @@ class TrainConfig:
   metavalid_batch_size: int = 200
   num_val_batches: int = 10
   checkpoint_steps: int = 1000
-  outer_lr: float = 1e-4
-  gradient_threshold: float = 0.1
-  gradient_norm_threshold: float = 0.1
+  outer: optim.OuterConfig = optim.OuterConfig()
   seed: int = 0
   eval_seed: int = 1
   log_steps: int = 100
   jit_compile: bool = False
+  keep_best: bool = True   # False: validation is logged, best/ is not written
+
+  @classmethod
+  def from_run(cls, run: run_lib.Run) -> "TrainConfig":
+    """The run's training settings (its directory is the checkpoint path)."""
+    s = run.settings
+    return cls(checkpoint_path=run.directory, num_steps_limit=s["num_steps_limit"],
+               metatrain_batch_size=s["metatrain_batch_size"],
+               metavalid_batch_size=s["metavalid_batch_size"],
+               num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
+               outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
+               log_steps=s["log_steps"], jit_compile=s["jit_compile"],
+               keep_best=not s["train_on_val"])
 
 
 class Trainer:
   """Meta-trains `learner` on episodes from `train_sampler`."""
 
   def __init__(self, learner, config: TrainConfig, train_sampler, val_sampler=None,
-               run_config: Optional[dict] = None, strategy=None):
+               strategy=None):
     self.learner = learner
     self.config = config
     self.train_sampler = train_sampler
     self.val_sampler = val_sampler
-    self.run_config = run_config or {}
     self.strategy = strategy or tf.distribute.get_strategy()
-    self.distributed = not distribute.is_default(self.strategy)
     self.is_chief, self.worker_index, _ = distribute.worker_info(self.strategy)
     variables = learner.trainable_variables
-    if self.distributed:
+    if not distribute.is_default(self.strategy):
       distribute.check_batch(self.strategy, config.metatrain_batch_size)
       outside = [v.name for v in variables
                  if not self.strategy.extended.variable_created_in_scope(v)]
@@ -75,50 +80,38 @@ class Trainer:
         raise ValueError(f"build the learner inside strategy.scope(); {outside} are not "
                          "distributed variables")
     with self.strategy.scope():
-      self.optimizer = optim.AdamState(variables, optim.AdamHyper(config.outer_lr))
-    self.checkpoint = tf.train.Checkpoint(learner=learner, optimizer=self.optimizer)
+      self.optimizer = optim.OptimizerState(optim.build_chain(config.outer), variables)
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    self.checkpoint = tf.train.Checkpoint(learner=learner, optimizer=self.optimizer,
+                                          step=self.step)
     # Create the (lazy) save counter now, so best/ (written before the first
     # regular save) holds it too and restores with assert_existing_objects_matched.
     _ = self.checkpoint.save_counter
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, config.checkpoint_path, max_to_keep=3,
-        step_counter=self.optimizer.step, checkpoint_name="ckpt")
+        step_counter=self.step, checkpoint_name="ckpt")
     # A non-chief worker of multi_worker saves (every worker must) into a
     # private scratch directory that is removed after each save.
     self._scratch = (None if self.is_chief else os.path.join(
         config.checkpoint_path, f".worker-{self.worker_index}"))
-    if self.distributed and not isinstance(self.strategy,
-                                           tf.distribute.MultiWorkerMirroredStrategy):
-      self.evaluator = distribute.DistributedEvaluator(self.strategy, learner,
-                                                       jit_compile=config.jit_compile)
-    else:  # one device, or every worker evaluates the full set locally
-      self.evaluator = evaluation.Evaluator(learner, jit_compile=config.jit_compile)
-    if self.distributed:
-      compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
-      # XLA per replica (a compiled function inside strategy.run); the
-      # all-reduce and the update stay outside it.
-      self._replica_compute = (tf.function(compute, jit_compile=True)
-                               if config.jit_compile else compute)
-      self._train_step = tf.function(self._distributed_step)
-    else:
-      self._train_step = tf.function(self._step, jit_compile=config.jit_compile)
+    self.evaluator = evaluation.Evaluator(learner, self.strategy,
+                                          jit_compile=config.jit_compile)
+    compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
+    # XLA per replica (a compiled function inside strategy.run); the
+    # all-reduce and the update stay outside it.
+    self._replica_compute = (tf.function(compute, jit_compile=True)
+                             if config.jit_compile else compute)
+    self._train_step = tf.function(self._step)
 
   # -- one meta-training step -------------------------------------------------
   def _apply(self, loss, grads, metrics):
-    """NaN guard, clipping (of the full meta-batch gradient) and Adam."""
-    learner = self.learner
-    grads, skipped = optim.guard_nan(loss, grads, learner.nan_fallback_gradients())
-    grads = optim.clip_gradients(grads, self.config.gradient_threshold,
-                                 self.config.gradient_norm_threshold)
-    self.optimizer.apply(grads, learner.trainable_variables)
-    return dict(metrics, loss=loss, skipped=tf.cast(skipped, tf.float32))
+    """The outer chain on the full meta-batch gradient: guard, clipping, Adam."""
+    finite = self.optimizer.apply(loss, grads, self.learner.trainable_variables)
+    self.step.assign_add(1)
+    return dict(metrics, loss=loss, skipped=1.0 - tf.cast(finite, tf.float32))
 
   def _step(self, episode: Episode, seed):
-    loss, grads, metrics = self.learner.loss_and_gradients(episode, seed=seed)
-    return self._apply(loss, grads, metrics)
-
-  def _distributed_step(self, episode, seed):
-    """Per-replica shares, summed across replicas, then one update everywhere."""
+    """Per-replica shares (one replica on one device), summed, one update."""
     batch = self.config.metatrain_batch_size
     shares = self.strategy.run(
         lambda e, s: distribute.scaled_loss_and_gradients(self._replica_compute, e, s, batch),
@@ -129,11 +122,9 @@ class Trainer:
   def train_dataset(self, start_step):
     """Meta-batches from `start_step` on (per replica under a strategy)."""
     cfg = self.config
-    start = start_step * cfg.metatrain_batch_size
-    if self.distributed:
-      return distribute.distributed_episodes(self.strategy, self.train_sampler, cfg.seed,
-                                             cfg.metatrain_batch_size, start=start)
-    return self.train_sampler.dataset(cfg.seed, cfg.metatrain_batch_size, start=start)
+    return distribute.distributed_episodes(
+        self.strategy, self.train_sampler, cfg.seed, cfg.metatrain_batch_size,
+        start=start_step * cfg.metatrain_batch_size)
 
   def step_seed(self, step):
     return tf.constant([self.config.seed, step], tf.int32)
@@ -144,24 +135,7 @@ class Trainer:
   # -- checkpoints --------------------------------------------------------------
   @property
   def best_dir(self):
-    return os.path.join(self.config.checkpoint_path, BEST_DIR)
-
-  def check_or_write_config(self):
-    """Refuses to resume a run whose model-defining config differs."""
-    path = os.path.join(self.config.checkpoint_path, CONFIG_FILE)
-    identity = self.run_config.get("identity", {})
-    if os.path.exists(path):
-      with open(path) as handle:
-        saved = json.load(handle)
-      differ = {k: (saved.get("identity", {}).get(k), v) for k, v in identity.items()
-                if saved.get("identity", {}).get(k) != v}
-      if differ:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
-        raise errors.ConfigError(
-            f"{self.config.checkpoint_path} holds a run with a different setup ({details}); "
-            "use a new --checkpoint_path or the original flags")
-    if self.is_chief:
-      fileio.atomic_write_text(path, json.dumps(self.run_config, indent=1, sort_keys=True))
+    return os.path.join(self.config.checkpoint_path, run_lib.BEST_DIR)
 
   def _save(self, step):
     if self.is_chief:
@@ -173,25 +147,12 @@ class Trainer:
   def restore(self):
     """Restores the latest complete checkpoint; returns the step reached."""
     if self.is_chief:
-      fileio.recover_directory(self.best_dir)
+      run_lib.recover_best(self.config.checkpoint_path)
     latest = self.manager.latest_checkpoint
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("Resumed from %s at step %d", latest, int(self.optimizer.step.numpy()))
-    return int(self.optimizer.step.numpy())
-
-  def restore_for_evaluation(self, prefer_best=True):
-    fileio.recover_directory(self.best_dir)
-    path = None
-    if prefer_best and os.path.exists(os.path.join(self.best_dir, "ckpt.index")):
-      path = os.path.join(self.best_dir, "ckpt")
-    path = path or self.manager.latest_checkpoint
-    if not path:
-      raise errors.UserError(
-          f"{self.config.checkpoint_path}: no checkpoint to evaluate; train first "
-          "(run without --evaluation_mode) or point --checkpoint_path at a run")
-    self.checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-    return path
+      logging.info("Resumed from %s at step %d", latest, int(self.step.numpy()))
+    return int(self.step.numpy())
 
   def _best_accuracy(self):
     path = os.path.join(self.best_dir, "best.json")
@@ -214,15 +175,20 @@ class Trainer:
   def validate(self):
     if self.val_sampler is None:
       return None
-    dataset = self.val_sampler.fixed_set(
-        self.config.eval_seed, self.config.num_val_batches * self.config.metavalid_batch_size,
-        self.config.metavalid_batch_size)
-    return self.evaluator.evaluate(dataset)
+    num_tasks = self.config.num_val_batches * self.config.metavalid_batch_size
+    dataset = self.val_sampler.fixed_set(self.config.eval_seed, num_tasks,
+                                         self.config.metavalid_batch_size)
+    return self.evaluator.evaluate(dataset, evaluation.Progress("validation", num_tasks))
 
-  def train(self):
+  def train(self, stop_requested: Optional[Callable[[], Optional[str]]] = None):
+    """Trains to num_steps_limit; returns the step reached.
+
+    `stop_requested()` is polled at every step boundary: when it returns a
+    reason (e.g. "SIGTERM"), a checkpoint of the step just finished is saved
+    and training returns early.
+    """
     cfg = self.config
-    os.makedirs(cfg.checkpoint_path, exist_ok=True)
-    self.check_or_write_config()
+    self.stopped_by = None
     step = self.restore()
     if step >= cfg.num_steps_limit:
       logging.info("Step %d >= num_steps_limit %d: nothing to train", step, cfg.num_steps_limit)
@@ -239,8 +205,12 @@ class Trainer:
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v
       if metrics["skipped"]:
-        logging.warning("step %d: loss or gradient not finite; NaN guard applied "
-                        "the fallback update (step skipped)", step)
+        logging.warning(
+            "step %d: loss or gradient not finite: %s (%d such steps so far)", step,
+            "step skipped, variables and optimizer state unchanged"
+            if cfg.outer.nan_guard == "skip" else
+            "the release's fallback (the variables as gradient) was applied",
+            int(self.optimizer.num_skipped.numpy()))
       if step % cfg.log_steps == 0 or step == cfg.num_steps_limit:
         elapsed = time.time() - window_start
         rate = window_steps / max(elapsed, 1e-9)
@@ -248,32 +218,41 @@ class Trainer:
         eta = (cfg.num_steps_limit - step) / max(rate, 1e-9)
         logging.info("step %d  loss %.4f  query_loss %.4f  train_acc %.4f  "
                      "%.1f steps/s  ETA %s", step, means["loss"], means["query_loss"],
-                     means["accuracy"], rate, _format_seconds(eta))
+                     means["accuracy"], rate, evaluation.format_seconds(eta))
         with writer.as_default(step=step):
           for k, v in means.items():
             tf.summary.scalar("train/" + k, v)
           tf.summary.scalar("train/steps_per_second", rate)
+          tf.summary.scalar("train/skipped_steps_total",
+                            float(self.optimizer.num_skipped.numpy()))
         window_start, window_steps, sums = time.time(), 0, {}
-      if step % cfg.checkpoint_steps == 0 or step == cfg.num_steps_limit:
-        result = self.validate() if self.is_chief else None
-        if result is not None:
-          logging.info("step %d  validation accuracy %s", step, result.as_percent())
-          with writer.as_default(step=step):
-            tf.summary.scalar("valid/accuracy", result.accuracy)
-          if result.accuracy > best:
-            # Before the regular save: a kill in between replays this step,
-            # which validates to the same accuracy, so best/ never misses it.
-            best = result.accuracy
-            self._save_best(step, result)
-            logging.info("step %d  new best validation accuracy: saved to %s",
-                         step, self.best_dir)
+      scheduled = step % cfg.checkpoint_steps == 0 or step == cfg.num_steps_limit
+      if scheduled:
+        best = self._validate_and_keep_best(step, best, writer)
         self._save(step)
+      self.stopped_by = stop_requested() if stop_requested else None
+      if self.stopped_by:
+        if not scheduled:
+          self._save(step)
+        logging.warning("%s: saved a checkpoint at step %d", self.stopped_by, step)
+        break
       if step >= cfg.num_steps_limit:
         break
     writer.flush()
     return step
 
-
-def _format_seconds(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+  def _validate_and_keep_best(self, step, best, writer):
+    result = self.validate() if self.is_chief else None
+    if result is None:
+      return best
+    logging.info("step %d  validation accuracy %s", step, result.as_percent())
+    with writer.as_default(step=step):
+      tf.summary.scalar("valid/accuracy", result.accuracy)
+    if self.config.keep_best and result.accuracy > best:
+      # Before the regular save: a kill in between replays this step,
+      # which validates to the same accuracy, so best/ never misses it.
+      self._save_best(step, result)
+      logging.info("step %d  new best validation accuracy: saved to %s",
+                   step, self.best_dir)
+      return result.accuracy
+    return best
