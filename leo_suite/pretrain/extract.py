@@ -8,7 +8,13 @@ alphanumerics, e.g. `Japanese_(katakana)/character01` ->
 `Japanesekatakanacharacter01`, suffixed if two collide); the manifest records
 token -> original name.
 
-Crops (the preprocessing is the pretraining one: resize, [0, 1], invert):
+Images are checked by PIL (corrupt files, mode, size: errors name the file)
+and decoded by `images.decode_encoded`, the TensorFlow function exported
+models run on the images they are sent (decode, grey/colour conversion,
+antialiased Lanczos-3 resize; see `images.decode_image`), then scaled to
+[0, 1] and inverted as in pretraining (`train.preprocess`).
+
+Crops:
   center     the whole image resized to image_size x image_size (the single
              central view, as during pretraining);
   multiview  the image resized to round(image_size * 8 / 7) (28 -> 32,
@@ -85,16 +91,20 @@ def num_views(crop: str) -> int:
   return 1 if crop == "center" else 10
 
 
+def embed(model, batch_uint8, crop: str, image_size: int, invert: bool):
+  """uint8 images [B, S', S', C] -> float32 features [B, D] (views averaged).
+
+  Exported models with a bundled backbone call it too (crop "center").
+  """
+  x = train_lib.preprocess(batch_uint8, invert)
+  flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
+  return tf.reduce_mean(tf.reshape(flat, [-1, num_views(crop), flat.shape[-1]]), axis=1)
+
+
 def feature_function(model, crop: str, image_size: int, invert: bool):
   """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]."""
-  views = num_views(crop)
-
-  @tf.function(reduce_retracing=True)
-  def features(batch_uint8):
-    x = train_lib.preprocess(batch_uint8, invert)
-    flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
-    return tf.reduce_mean(tf.reshape(flat, [-1, views, flat.shape[-1]]), axis=1)
-  return features
+  return tf.function(lambda batch: embed(model, batch, crop, image_size, invert),
+                     reduce_retracing=True)
 
 
 def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size,

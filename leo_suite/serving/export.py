@@ -10,17 +10,21 @@ polls. Versions are integers that only increase; an existing version is never
 overwritten. The SavedModel is written into a hidden temporary directory beside
 the versions (`.tmp-export-*`, a name TF Serving ignores) and renamed to its
 number only when complete, so a killed export never leaves a half-written
-version that the server would try to load.
+version that the server would try to load. Its directories are made 0755 and
+its files 0644 whatever the umask, so a model server running as another user
+can read them (`private=True`: 0700 / 0600, readable by the owner only).
 
 Signatures (all inputs float32 / string / int32, outputs float32 unless said):
 
   serving_default   embeddings [batch, D] -> probabilities [batch, N],
                     classes [batch] (string: argmax class name), logits [batch, N].
                     With a bundled backbone the input is instead `images`
-                    [batch] (encoded PNG/JPEG/BMP/GIF strings, REST {"b64": ...}),
-                    decoded, resized to the backbone's image size and embedded
-                    inside the graph; `predict_embeddings` then keeps the
-                    embeddings input.
+                    [batch] (encoded PNG/JPEG/GIF/WebP/BMP strings, REST
+                    {"b64": ...}), decoded, resized and embedded inside the graph
+                    by the very functions extraction uses
+                    (`images.decode_encoded`, `extract.embed`), with the backbone
+                    features as the extra output `embeddings` [batch, D];
+                    `predict_embeddings` then keeps the embeddings input.
   classify          inputs [batch] serialized tf.Example with float feature
                     `embedding` (length D) -> classes [batch, N] (string: all
                     class names), scores [batch, N] (probabilities). This is the
@@ -32,7 +36,12 @@ Signatures (all inputs float32 / string / int32, outputs float32 unless said):
                     (N and K fixed to the exported support set's).
 
 Embeddings are L2-normalised inside the graph (as the episode sampler does in
-training), so clients send raw backbone features. The exported graph uses only
+training; rows are first divided by their largest magnitude, so 1e38 does not
+overflow), so clients send raw backbone features. Every embeddings input
+(`embeddings`, the `embedding` feature of `classify`, `support_embeddings`,
+`query_embeddings`) with a NaN or inf, or with an all-zero row (no direction
+to normalise), is refused with an InvalidArgumentError saying so. The
+exported graph uses only
 TensorFlow ops: `tf.saved_model.load` needs nothing from leo_suite.
 
 TF2 writes the method name `tensorflow/serving/predict` on every signature;
@@ -137,6 +146,11 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
                            f"got {stacked.shape}")
   if not np.isfinite(stacked).all():
     raise errors.DataError(f"{origin}: the support embeddings contain NaN or inf")
+  zero = np.argwhere(~stacked.any(axis=-1))
+  if len(zero):
+    raise errors.DataError(
+        f"{origin}: support example {zero[0][1]} of class {names[zero[0][0]]!r} is all "
+        "zeros: it has no direction to L2-normalise; remove it or re-extract it")
   return SupportSet(tuple(names), stacked, origin)
 
 
@@ -273,20 +287,17 @@ def restore_learner(run_dir: str) -> RestoredRun:
 
 
 # -- the serving module -----------------------------------------------------------
-def _decode_image(encoded, image_size, channels):
-  """Encoded image string -> uint8 [S, S, C], resized (Lanczos) if needed."""
-  image = tf.io.decode_image(encoded, channels=channels, dtype=tf.uint8,
-                             expand_animations=False)
-  image.set_shape([None, None, channels])
-  same = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))
-
-  def resize():
-    resized = tf.image.resize(image, [image_size, image_size], method="lanczos3",
-                              antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-  image = tf.cond(same, lambda: image, resize)
-  return tf.reshape(image, [image_size, image_size, channels])
+def checked_embeddings(x, name: str):
+  """`x` [batch, D] once asserted finite with no all-zero row (else InvalidArgumentError)."""
+  x = tf.debugging.assert_all_finite(
+      x, f"{name} must be finite: found NaN or inf; send the raw backbone features")
+  nonzero = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
+  check = tf.debugging.Assert(tf.reduce_all(nonzero), [
+      f"{name} has an all-zero row, which has no direction to L2-normalise; send "
+      "the raw, non-zero backbone features. First zero row:",
+      tf.argmin(tf.cast(nonzero, tf.int32), output_type=tf.int32)])
+  with tf.control_dependencies([check]):
+    return tf.identity(x)
 
 
 class AdaptedClassifier(tf.Module):
@@ -342,9 +353,14 @@ class AdaptedClassifier(tf.Module):
           input_signature=[tf.TensorSpec([None], tf.string, name="images")])
 
   def normalise(self, embeddings):
-    """L2-normalise in float32 then cast, as the training sampler does."""
-    x = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=-1)
-    return tf.cast(x, self.learner.dtype)
+    """L2-normalise in float32 then cast, as the training sampler does.
+
+    Rows are divided by their largest magnitude first, so the norm neither
+    overflows (1e38) nor underflows (1e-38); all-zero rows stay zero.
+    """
+    x = tf.cast(embeddings, tf.float32)
+    x = tf.math.divide_no_nan(x, tf.reduce_max(tf.abs(x), axis=-1, keepdims=True))
+    return tf.cast(tf.math.l2_normalize(x, axis=-1), self.learner.dtype)
 
   def query_logits(self, state, embeddings):
     """Embeddings [batch, D] -> logits [batch, N] (float32) of an adapted state."""
@@ -359,13 +375,16 @@ class AdaptedClassifier(tf.Module):
 
   def _predict_embeddings(self, embeddings):
     embeddings = tf.ensure_shape(embeddings, [None, self.dim], name="embeddings")
+    embeddings = checked_embeddings(embeddings, "embeddings")
     return self._outputs(self.query_logits(self.state, embeddings))
 
   def _classify(self, inputs):
     inputs = tf.ensure_shape(inputs, [None], name="inputs")
     features = tf.io.parse_example(
         inputs, {EXAMPLE_FEATURE: tf.io.FixedLenFeature([self.dim], tf.float32)})
-    scores = tf.nn.softmax(self.query_logits(self.state, features[EXAMPLE_FEATURE]))
+    embeddings = checked_embeddings(features[EXAMPLE_FEATURE],
+                                    f"the {EXAMPLE_FEATURE} feature of classify inputs")
+    scores = tf.nn.softmax(self.query_logits(self.state, embeddings))
     classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(scores)[0], 1])
     return {"classes": classes, "scores": scores}
 
@@ -376,6 +395,8 @@ class AdaptedClassifier(tf.Module):
     support_labels = tf.ensure_shape(support_labels, [n * k], name="support_labels")
     query_embeddings = tf.ensure_shape(query_embeddings, [None, self.dim],
                                        name="query_embeddings")
+    support_embeddings = checked_embeddings(support_embeddings, "support_embeddings")
+    query_embeddings = checked_embeddings(query_embeddings, "query_embeddings")
     tf.debugging.assert_greater_equal(
         support_labels, 0, message=f"support_labels must be in 0..{n - 1}")
     tf.debugging.assert_less(support_labels, n,
@@ -394,19 +415,23 @@ class AdaptedClassifier(tf.Module):
             "class_ids": tf.argmax(logits, axis=-1, output_type=tf.int32)}
 
   def embed_images(self, images):
-    """Encoded image strings [batch] -> backbone features [batch, D] float32."""
+    """Encoded image strings [batch] -> backbone features [batch, D] float32.
+
+    Decoded and embedded by extraction's own functions (center crop).
+    """
+    from leo_suite.pretrain import extract as extract_lib  # pylint: disable=g-import-not-at-top
+    from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
-    decoded = tf.map_fn(lambda s: _decode_image(s, size, channels), images,
+    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, size, channels), images,
                         fn_output_signature=tf.TensorSpec([size, size, channels], tf.uint8))
-    x = tf.cast(decoded, tf.float32) / 255.0        # = pretrain.train.preprocess
-    if info.get("invert"):
-      x = 1.0 - x
-    return tf.cast(self.backbone(x, training=False), tf.float32)
+    return extract_lib.embed(self.backbone, decoded, "center", size, bool(info.get("invert")))
 
   def _predict_images(self, images):
     images = tf.ensure_shape(images, [None], name="images")
-    return self._outputs(self.query_logits(self.state, self.embed_images(images)))
+    embeddings = self.embed_images(images)
+    outputs = self._outputs(self.query_logits(self.state, embeddings))
+    return dict(outputs, embeddings=embeddings)
 
   def signatures(self):
     """{signature name: tf.function} as exported."""
@@ -434,6 +459,33 @@ def existing_versions(model_dir: str):
                 if n.isdigit() and os.path.isdir(os.path.join(model_dir, n)))
 
 
+def _modes(private: bool):
+  """(directory mode, file mode) of an export."""
+  return (0o700, 0o600) if private else (0o755, 0o644)
+
+
+def _set_modes(root: str, private: bool):
+  """chmod every directory and file under `root` (the umask does not matter)."""
+  dir_mode, file_mode = _modes(private)
+  for directory, _, files in os.walk(root):
+    os.chmod(directory, dir_mode)
+    for name in files:
+      os.chmod(os.path.join(directory, name), file_mode)
+
+
+def _make_dirs(path: str, private: bool) -> bool:
+  """os.makedirs(path) with export modes on what it creates; True if it did."""
+  missing = []
+  while path and not os.path.isdir(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  if missing:
+    os.makedirs(missing[0], exist_ok=True)
+  for directory in missing:
+    os.chmod(directory, _modes(private)[0])
+  return bool(missing)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
   path: str          # <export_base>/<model_name>/<version>
@@ -442,8 +494,13 @@ class ExportResult:
 
 
 def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
-                  version: int = 0, info: Optional[dict] = None) -> ExportResult:
-  """Saves `module` as the next (or the given, new) version of `model_name`."""
+                  version: int = 0, info: Optional[dict] = None, *,
+                  private: bool = False) -> ExportResult:
+  """Saves `module` as the next (or the given, new) version of `model_name`.
+
+  Directories it creates are 0755 and files 0644, for a model server running
+  as another user; `private` makes them 0700 and 0600.
+  """
   check_model_name(model_name)
   if version < 0:
     raise errors.ConfigError(f"--version={version}: must be >= 1 (0 = next)")
@@ -452,8 +509,7 @@ def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
     raise errors.UserError(
         f"{os.path.join(model_dir, str(version))} exists; versions are never "
         "overwritten: omit --version to write the next one")
-  created_base = not os.path.isdir(model_dir)
-  os.makedirs(model_dir, exist_ok=True)
+  created_base = _make_dirs(model_dir, private)
   staging = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=model_dir)
   try:
     tf.saved_model.save(module, staging, signatures=module.signatures())
@@ -461,6 +517,7 @@ def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
     os.makedirs(os.path.join(staging, os.path.dirname(EXPORT_INFO)), exist_ok=True)
     with open(os.path.join(staging, EXPORT_INFO), "w") as handle:
       json.dump(info, handle, indent=1, sort_keys=True)
+    _set_modes(staging, private)
     while True:
       taken = [int(n) for n in os.listdir(model_dir) if n.isdigit()]   # files too
       number = version or (max(taken, default=0) + 1)
