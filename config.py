@@ -26,79 +26,103 @@ RUNNER = "leo_suite: 2. runner"
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_PATH = os.path.join(REPO_ROOT, "embeddings")
 
-# -- data (release names) -----------------------------------------------------
-flags.DEFINE_string("data_path", DEFAULT_DATA_PATH,
-                    "Root of the embeddings: <data_path>/<dataset_name>/<embedding_crop>/"
-                    "<split>_embeddings.pkl (or .npz).", module_name=RELEASE)
-flags.DEFINE_string("dataset_name", _D["dataset_name"],
-                    "miniImageNet, tieredImageNet (LEO's release), 'synthetic' (the embedded "
-                    "default, generated on first use) or any dataset directory under data_path.", module_name=RELEASE)
-flags.DEFINE_enum("embedding_crop", _D["embedding_crop"], ["center", "multiview"],
-                  "Which embeddings: center crop or multiview (miniImageNet only in the release).", module_name=RELEASE)
-flags.DEFINE_boolean("train_on_val", _D["train_on_val"], "Meta-train on train + val classes (as the paper's final runs).", module_name=RELEASE)
+def _flag(define, name, help_text, *args, group=RUNNER, default=None):
+  """Defines --name (default from run.DEFAULTS, else `default`) in `group`.
 
-# -- episodes (release names) ---------------------------------------------------
-flags.DEFINE_integer("num_classes", _D["num_classes"], "N: classes per task (N-way).", module_name=RELEASE)
-flags.DEFINE_integer("num_tr_examples_per_class", _D["num_tr_examples_per_class"], "K: support examples per class (K-shot).", module_name=RELEASE)
-flags.DEFINE_integer("num_val_examples_per_class", _D["num_val_examples_per_class"], "V: query examples per class in meta-training.", module_name=RELEASE)
-flags.DEFINE_integer("metatrain_batch_size", _D["metatrain_batch_size"], "Tasks per meta-training step.", module_name=RELEASE)
-flags.DEFINE_integer("metavalid_batch_size", _D["metavalid_batch_size"], "Tasks per meta-validation batch.", module_name=RELEASE)
-flags.DEFINE_integer("metatest_batch_size", _D["metatest_batch_size"], "Tasks per meta-test batch.", module_name=RELEASE)
+  `args` come between the default and the help (DEFINE_enum's values).
+  """
+  define(name, _D.get(name, default), *args, help_text, module_name=group)
 
-# -- outer loop and checkpoints (release names) ---------------------------------
-flags.DEFINE_integer("num_steps_limit", _D["num_steps_limit"], "Meta-training steps.", module_name=RELEASE)
-flags.DEFINE_float("outer_lr", None, "Learning rate of the outer loop (default: the "
-                   "learner's; LEO 1e-4 as the release).", module_name=RELEASE)
-flags.DEFINE_float("gradient_threshold", None, "Clip each meta-gradient element to "
-                   "+-this, 0 = off (default: the learner's; LEO 0.1).", module_name=RELEASE)
-flags.DEFINE_float("gradient_norm_threshold", None, "Then clip each meta-gradient tensor "
-                   "to this norm, 0 = off (default: the learner's; LEO 0.1).",
-                   module_name=RELEASE)
-flags.DEFINE_string("checkpoint_path", "/tmp/leo", "Run directory: checkpoints, best/, config.json, results.", module_name=RELEASE)
-flags.DEFINE_integer("checkpoint_steps", _D["checkpoint_steps"], "Validate and checkpoint every this many steps.", module_name=RELEASE)
-flags.DEFINE_boolean("evaluation_mode", False, "Evaluate the best (else latest) checkpoint on the test split.", module_name=RELEASE)
 
-# -- runner extras ------------------------------------------------------------------
-flags.DEFINE_enum("model", "leo", sorted(registry.LEARNERS), "Which meta-learner.", module_name=RUNNER)
-flags.DEFINE_string("preset", _D["preset"], "Named hyper-parameters, overridden by explicit flags: " +
-                    ", ".join(["demo", "mini_1shot", "mini_5shot", "tiered_1shot", "tiered_5shot"]) + ".", module_name=RUNNER)
-flags.DEFINE_integer("seed", _D["seed"], "Seed of initialisation, training episodes, dropout and sampling.", module_name=RUNNER)
-flags.DEFINE_integer("eval_seed", _D["eval_seed"], "Seed of the fixed validation/test episode sets.", module_name=RUNNER)
-flags.DEFINE_integer("num_val_batches", _D["num_val_batches"], "Validation = mean over this many metavalid batches.", module_name=RUNNER)
-flags.DEFINE_integer("num_test_tasks", _D["num_test_tasks"], "Test tasks in evaluation mode.", module_name=RUNNER)
-flags.DEFINE_integer("eval_num_query", _D["eval_num_query"],
-                     "V at validation/test; 0 = all remaining images of each class (the release: "
-                     "images_per_class - K, using the smallest class of the split).", module_name=RUNNER)
-flags.DEFINE_enum("dtype", _D["dtype"], ["float32", "float64"], "Floating-point type of the model.", module_name=RUNNER)
-flags.DEFINE_boolean("deterministic", _D["deterministic"],
-                     "Enable TF op determinism: same seed, same result, bit for bit (slower).", module_name=RUNNER)
-flags.DEFINE_boolean("jit_compile", _D["jit_compile"], "Compile the meta-training step with XLA.", module_name=RUNNER)
-flags.DEFINE_enum("distribution_strategy", "default", ["default", "mirrored", "multi_worker"],
-                  "default: one device; mirrored: all local GPUs (or --devices, or "
-                  "--num_cpu_devices logical CPUs); multi_worker: MultiWorkerMirroredStrategy "
-                  "from TF_CONFIG. The meta-batch is split over replicas (must divide evenly).", module_name=RUNNER)
-flags.DEFINE_string("devices", "", "With --distribution_strategy=mirrored: comma list of "
-                    "devices, e.g. /gpu:0,/gpu:1 or /cpu:0,/cpu:1 ('' = all local GPUs, else CPUs).", module_name=RUNNER)
-flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many logical devices "
-                     "/cpu:0.. (0 = leave as is); for testing mirrored on a machine without GPUs.", module_name=RUNNER)
-flags.DEFINE_string("baselines", _D["baselines"],
-                    "Comma list of non-learned baselines scored on the same test episodes in "
-                    "evaluation mode: ncm (nearest class mean, cosine), logreg (per-episode "
-                    "logistic regression); empty for none.", module_name=RUNNER)
-flags.DEFINE_integer("log_steps", _D["log_steps"], "Log and write summaries every this many steps.", module_name=RUNNER)
-flags.DEFINE_enum("outer_optimizer", None, list(optim.OPTIMIZERS),
-                  "Outer optimizer (default: the learner's; adam for all five).",
-                  module_name=RUNNER)
-flags.DEFINE_float("adam_epsilon", None, "Adam's epsilon (default: the learner's "
-                   "reference: 1e-8, iMAML's imaml_dev 1e-3).", module_name=RUNNER)
-flags.DEFINE_enum("nan_guard", "skip", list(optim.NAN_GUARDS),
-                  "A step whose loss or gradient is not finite: 'skip' leaves every "
-                  "variable and optimizer slot unchanged (counted in the log and "
-                  "TensorBoard); 'release' feeds the variables to clipping and Adam as "
-                  "LEO's release does.", module_name=RUNNER)
-flags.DEFINE_boolean("allow_data_change", False, "Accept embeddings whose sha256 differ "
-                     "from those the run was trained with (recorded in results).",
-                     module_name=RUNNER)
+def _release(define, name, help_text, *args, default=None):
+  _flag(define, name, help_text, *args, group=RELEASE, default=default)
+
+
+# -- LEO's release flags: data ------------------------------------------------------
+_release(flags.DEFINE_string, "data_path",
+         "Root of the embeddings: <data_path>/<dataset_name>/<embedding_crop>/"
+         "<split>_embeddings.pkl (or .npz). An existing run uses the path it was trained "
+         "with unless given (then the files' sha256 must match).", default=DEFAULT_DATA_PATH)
+_release(flags.DEFINE_string, "dataset_name",
+         "miniImageNet, tieredImageNet (LEO's release), 'synthetic' (the embedded default, "
+         "generated on first use) or any dataset directory under data_path.")
+_release(flags.DEFINE_enum, "embedding_crop",
+         "Which embeddings: center crop or multiview (miniImageNet only in the release).",
+         ["center", "multiview"])
+_release(flags.DEFINE_boolean, "train_on_val",
+         "Meta-train on train + val classes (as the paper's final runs); validation still "
+         "runs on val but is not held out, so no best/ checkpoint is kept.")
+# -- LEO's release flags: episodes --------------------------------------------------
+_release(flags.DEFINE_integer, "num_classes", "N: classes per task (N-way).")
+_release(flags.DEFINE_integer, "num_tr_examples_per_class", "K: support examples per class.")
+_release(flags.DEFINE_integer, "num_val_examples_per_class",
+         "V: query examples per class in meta-training.")
+_release(flags.DEFINE_integer, "metatrain_batch_size", "Tasks per meta-training step.")
+_release(flags.DEFINE_integer, "metavalid_batch_size", "Tasks per meta-validation batch.")
+_release(flags.DEFINE_integer, "metatest_batch_size", "Tasks per meta-test batch.")
+# -- LEO's release flags: outer loop and checkpoints -----------------------------------
+_release(flags.DEFINE_integer, "num_steps_limit", "Meta-training steps.")
+_release(flags.DEFINE_float, "outer_lr",
+         "Learning rate of the outer loop (default: the learner's; LEO 1e-4 as the release).")
+_release(flags.DEFINE_float, "gradient_threshold",
+         "Clip each meta-gradient element to +-this, 0 = off (default: the learner's; LEO 0.1).")
+_release(flags.DEFINE_float, "gradient_norm_threshold",
+         "Then clip each meta-gradient tensor to this norm, 0 = off (default: the learner's; "
+         "LEO 0.1).")
+_release(flags.DEFINE_string, "checkpoint_path",
+         "Run directory: config.json (the run's settings), checkpoints, best/, results.",
+         default="/tmp/leo")
+_release(flags.DEFINE_integer, "checkpoint_steps", "Validate and checkpoint every this many steps.")
+_release(flags.DEFINE_boolean, "evaluation_mode",
+         "Evaluate the best (else latest) checkpoint of --checkpoint_path on the test split, "
+         "with the settings the run was trained with.", default=False)
+
+# -- the runner's flags ---------------------------------------------------------------
+_flag(flags.DEFINE_enum, "model", "Which meta-learner.", sorted(registry.LEARNERS),
+      default="leo")
+_flag(flags.DEFINE_string, "preset", "Named hyper-parameters, overridden by explicit flags: " +
+      ", ".join(["demo", "mini_1shot", "mini_5shot", "tiered_1shot", "tiered_5shot"]) + ".")
+_flag(flags.DEFINE_integer, "seed", "Seed of initialisation, training episodes, dropout and "
+      "sampling.")
+_flag(flags.DEFINE_integer, "eval_seed", "Seed of the fixed validation/test episode sets.")
+_flag(flags.DEFINE_integer, "num_val_batches", "Validation = mean over this many metavalid "
+      "batches.")
+_flag(flags.DEFINE_integer, "num_test_tasks", "Test tasks in evaluation mode.")
+_flag(flags.DEFINE_integer, "eval_num_query",
+      "V at validation/test; 0 = all remaining images of each class (the release: "
+      "images_per_class - K, using the smallest class of the split).")
+_flag(flags.DEFINE_enum, "dtype", "Floating-point type of the model.", ["float32", "float64"])
+_flag(flags.DEFINE_boolean, "deterministic",
+      "Enable TF op determinism: same seed, same result, bit for bit (slower).")
+_flag(flags.DEFINE_boolean, "jit_compile", "Compile the meta-training step with XLA.")
+_flag(flags.DEFINE_enum, "distribution_strategy",
+      "default: one device; mirrored: all local GPUs (or --devices, or --num_cpu_devices "
+      "logical CPUs); multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG. The "
+      "meta-batch is split over replicas (must divide evenly).",
+      ["default", "mirrored", "multi_worker"], default="default")
+_flag(flags.DEFINE_string, "devices",
+      "With --distribution_strategy=mirrored: comma list of devices, e.g. /gpu:0,/gpu:1 or "
+      "/cpu:0,/cpu:1 ('' = all local GPUs, else CPUs).", default="")
+_flag(flags.DEFINE_integer, "num_cpu_devices",
+      "Split the CPU into this many logical devices /cpu:0.. (0 = leave as is); for "
+      "testing mirrored on a machine without GPUs.", default=0)
+_flag(flags.DEFINE_string, "baselines",
+      "Comma list of non-learned baselines scored on the same test episodes in evaluation "
+      "mode: ncm (nearest class mean, cosine), logreg (per-episode logistic regression); "
+      "empty for none.")
+_flag(flags.DEFINE_integer, "log_steps", "Log and write summaries every this many steps.")
+_flag(flags.DEFINE_enum, "outer_optimizer",
+      "Outer optimizer (default: the learner's; adam for all five).", list(optim.OPTIMIZERS))
+_flag(flags.DEFINE_float, "adam_epsilon",
+      "Adam's epsilon (default: the learner's reference: 1e-8, iMAML's imaml_dev 1e-3).")
+_flag(flags.DEFINE_enum, "nan_guard",
+      "A step whose loss or gradient is not finite: 'skip' leaves every variable and "
+      "optimizer slot unchanged (counted in the log and TensorBoard); 'release' feeds the "
+      "variables to clipping and Adam as LEO's release does.", list(optim.NAN_GUARDS),
+      default="skip")
+_flag(flags.DEFINE_boolean, "allow_data_change",
+      "Accept embeddings whose sha256 differ from those the run was trained with "
+      "(recorded in results).", default=False)
 
 # The release's tuned hyper-parameters (LEO README), and the demo's.
 PRESETS = {

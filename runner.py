@@ -61,10 +61,10 @@ def resolve(evaluation_mode):
   if record is None and evaluation_mode:
     run_lib.Run.open(FLAGS.checkpoint_path)  # raises: not a run directory
   saved = record["settings"] if record else None
-  model = saved["model"] if saved and "model" not in explicit else FLAGS.model
+  model = saved["model"] if saved else FLAGS.model  # a different --model is a conflict
+  given = dict(config.settings(model), model=FLAGS.model)
+  settings, overrides = run_lib.resolve(saved, given, explicit, evaluation_mode)
   run_lib.check_learner_flags(model, explicit, config.all_learner_flags())
-  settings, overrides = run_lib.resolve(saved, config.settings(model), explicit,
-                                        evaluation_mode)
   check_settings(settings)
   data_path = (record["data"]["data_path"] if record and not FLAGS["data_path"].present
                else FLAGS.data_path)

@@ -47,7 +47,7 @@ from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import run as run_lib  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
-MODELS = ("leo", "maml", "imaml", "r2d2", "l2f")
+MODELS = tuple(registry.LEARNERS)
 NUM_WAYS, DIM, BATCH, TRAIN_QUERIES, IMAGES_PER_CLASS = 5, 640, 12, 15, 600
 MEMORY_INNER_STEPS = (1, 5, 10, 20)
 TARGETS = {  # issue 6, this 2-core CPU

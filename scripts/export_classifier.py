@@ -29,10 +29,11 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.serving import export  # pylint: disable=wrong-import-position
+from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("checkpoint_path", None,
-                    "Run directory of `runner.py` training (config.json + checkpoints); "
-                    "best/ckpt is used if present, else the latest checkpoint.")
+                    "Run directory of `runner.py` training: the learner is rebuilt from its "
+                    "config.json; best/ckpt is used if present, else the latest checkpoint.")
 flags.DEFINE_string("support", None,
                     "Support set: an embeddings .pkl/.npz in LEO format, or a "
                     "class-per-folder image directory (needs --backbone_dir).")
@@ -46,6 +47,9 @@ flags.DEFINE_string("model_name", "", "Served model name (default: the learner's
 flags.DEFINE_integer("version", 0, "Version number to write (0 = one above the highest).")
 flags.DEFINE_integer("num_shots", 0, "Use the first K examples of each class (0 = all; "
                      "then every class must have the same number).")
+flags.DEFINE_boolean("private", False, "Make the exported directories 0700 and files 0600 "
+                     "(default 0755 / 0644, so a model server running as another user can "
+                     "read them).")
 flags.DEFINE_boolean("benchmark", False, "Measure predictions/s of the written version.")
 FLAGS = flags.FLAGS
 
@@ -62,7 +66,8 @@ def main(argv):
     export.check_model_name(FLAGS.model_name)
   if FLAGS.version < 0:
     raise errors.ConfigError(f"--version={FLAGS.version}: must be >= 1 (0 = next)")
-  run = export.restore_learner(FLAGS.checkpoint_path)
+  with run_lib.RunLock(FLAGS.checkpoint_path, create=False):
+    run = export.restore_learner(FLAGS.checkpoint_path)
   backbone = description = None
   if os.path.isdir(FLAGS.support):
     if not FLAGS.backbone_dir:
@@ -78,8 +83,8 @@ def main(argv):
       backbone, description = train_lib.load_backbone(FLAGS.backbone_dir)
   result = export.export_classifier(
       FLAGS.checkpoint_path, support, FLAGS.export_base, FLAGS.model_name or None,
-      FLAGS.version, backbone, description, restored=run)
-  print(f"exported {run.identity['model']} ({run.checkpoint}) adapted to "
+      FLAGS.version, backbone, description, restored=run, private=FLAGS.private)
+  print(f"exported {run.run.model} ({run.checkpoint}) adapted to "
         f"{support.num_ways} classes x {support.num_shots} shots "
         f"{list(support.class_names)} -> {result.path}")
   print(f"signatures: {', '.join(result.info['signatures'])}")

@@ -28,6 +28,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import registry  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
@@ -49,7 +50,7 @@ flags.DEFINE_integer("val_episodes", 200, "Meta-val NCM 5w1s episodes after each
 flags.DEFINE_integer("num_episodes", 1000, "Fixed meta-test episodes per setting.")
 flags.DEFINE_integer("episode_seed", 0, "Seed of the fixed meta-test episodes.")
 flags.DEFINE_boolean("pixel_baseline", True, "Also report NCM on raw pixels.")
-flags.DEFINE_list("learners", ["leo", "maml", "imaml", "r2d2", "l2f"],
+flags.DEFINE_list("learners", list(registry.LEARNERS),
                   "runner.py models to train and evaluate ('' for none).")
 flags.DEFINE_integer("runner_steps", 300, "Meta-training steps per learner and setting.")
 flags.DEFINE_multi_string("runner_flag", [], "Extra flag passed to every runner.py call.")

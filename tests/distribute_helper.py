@@ -22,7 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-MODELS = tuple(os.environ.get("LEO_SUITE_MODELS", "leo,maml,imaml,r2d2,l2f").split(","))
+def _models():
+  """$LEO_SUITE_MODELS (comma list), else every registered learner."""
+  chosen = [m for m in os.environ.get("LEO_SUITE_MODELS", "").split(",") if m]
+  if chosen:
+    return tuple(chosen)
+  from leo_suite.models import registry  # pylint: disable=import-outside-toplevel
+  return tuple(registry.LEARNERS)
+
+
+MODELS = _models()
 NUM_WAYS, NUM_SHOTS, NUM_QUERIES, DIM, BATCH = 3, 2, 3, 16, 4
 # Small but non-trivial: every learner's inner loop, LEO's relation network.
 OVERRIDES = {"leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
@@ -48,7 +57,7 @@ def build_learner(model):
   from leo_suite.models import leo
   from leo_suite.models import registry
   module = registry.learner_module(model)
-  config = module.Config(**OVERRIDES[model])
+  config = module.Config(**OVERRIDES.get(model, {}))
   tf.random.set_seed(7)
   if model == "leo":
     return DeterministicLEO(config, NUM_WAYS, DIM)

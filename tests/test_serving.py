@@ -25,6 +25,7 @@ from leo_suite.models import base
 from leo_suite.models import registry
 from leo_suite.serving import export
 from leo_suite.serving import rest
+from leo_suite.training import run as run_lib
 from leo_suite.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,16 +53,12 @@ def random_episode(rng, dim, batch=2):
 def make_run(run_dir, model, steps=2, dim=D, seed=0):
   """A runner-style run directory (config.json + CheckpointManager checkpoints)."""
   config = registry.learner_module(model).Config(**TINY[model])
-  tf.random.set_seed(seed)
-  learner = registry.build(model, config, N, dim)
-  identity = {"model": model, "num_classes": N, "num_tr_examples_per_class": K,
-              "embedding_dim": dim, "dtype": "float32", "seed": seed,
-              "learner": json.loads(json.dumps(dataclasses.asdict(config)))}
-  trainer = trainer_lib.Trainer(
-      learner, trainer_lib.TrainConfig(checkpoint_path=str(run_dir), outer_lr=1e-2),
-      None, None, {"identity": identity})
-  os.makedirs(run_dir, exist_ok=True)
-  trainer.check_or_write_config()
+  settings = run_lib.default_settings(model, config, num_classes=N,
+                                      num_tr_examples_per_class=K, seed=seed, outer_lr=1e-2)
+  run = run_lib.Run.new(str(run_dir), settings, dim, {"data_path": "", "sha256": {}})
+  learner = run.build_learner()
+  trainer = trainer_lib.Trainer(learner, trainer_lib.TrainConfig.from_run(run), None)
+  run.create()
   rng = np.random.default_rng(seed)
   for step in range(steps):
     trainer.train_step(random_episode(rng, dim), step)
@@ -387,20 +384,21 @@ def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
     config = json.load(handle)
   (empty_run / "config.json").write_text(json.dumps(config))
   assert_refused(lambda: support, "no checkpoint", run=str(empty_run))
-  assert_refused(lambda: support, "not a runner run directory", run=str(tmp_path))
+  assert_refused(lambda: support, "not a run directory", run=str(tmp_path))
   assert_refused(lambda: support, "no such run directory", run=str(tmp_path / "nope"))
   # Mismatched checkpoint: config.json claims another model (r2d2 weights) or
   # another width (maml weights: the head's W is [16, 3]).
-  for index, (source, change) in enumerate(((run_dir, {"model": "maml", "learner": {}}),
+  maml_settings = run_lib.default_settings("maml", num_classes=N)
+  for index, (source, change) in enumerate(((run_dir, {"settings": maml_settings}),
                                             (maml_dir, {"embedding_dim": 12}))):
     bad_run = str(tmp_path / f"bad_{index}")
     shutil.copytree(source, bad_run)
     with open(os.path.join(source, "config.json")) as handle:
       bad = json.load(handle)
-    bad["identity"].update(change)
+    bad.update(change)
     with open(os.path.join(bad_run, "config.json"), "w") as handle:
       json.dump(bad, handle)
-    bad_support = support_set(np.random.default_rng(7), dim=bad["identity"]["embedding_dim"])
+    bad_support = support_set(np.random.default_rng(7), dim=bad["embedding_dim"])
     assert_refused(lambda s=bad_support: s, "does not match", run=bad_run)
   with pytest.raises(errors.UserError, match="model_name"):
     export.export_classifier(run_dir, support, out, model_name="../evil")

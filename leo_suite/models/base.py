@@ -134,6 +134,11 @@ class Learner(snt.Module):
           f"dimension {self.embedding_dim}, got support_x of shape {shape}")
 
 
+def option(default, help_text: str):
+  """A learner Config field: its default and its flag's help (paper notation)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 def config_fields(config_cls):
   """(name, default, help) of a learner's frozen config dataclass."""
   return [(f.name, f.default, f.metadata.get("help", ""))

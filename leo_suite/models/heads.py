@@ -168,14 +168,13 @@ def head_task_losses(fast_weights, inputs, labels):
 class HeadConfig:
   """Fields every head learner has (flags --<flag_prefix><field>)."""
   flag_prefix: ClassVar[str] = ""
-  hidden_sizes: str = dataclasses.field(default="", metadata={
-      "help": "Hidden layer widths of the head f_theta, comma separated: '' = "
-              "linear softmax head (W, b), '128,64' = ReLU MLP head."})
-  inner_steps: int = dataclasses.field(default=5, metadata={
-      "help": "Inner gradient steps per task."})
-  inner_lr: float = dataclasses.field(default=1.0, metadata={
-      "help": "alpha, the inner step size on the MEAN support cross-entropy."})
-  head_init: str = dataclasses.field(default="zeros", metadata={"help": HEAD_INIT_HELP})
+  hidden_sizes: str = base.option(
+      "", "Hidden layer widths of the head f_theta, comma separated: '' = "
+              "linear softmax head (W, b), '128,64' = ReLU MLP head.")
+  inner_steps: int = base.option(5, "Inner gradient steps per task.")
+  inner_lr: float = base.option(
+      1.0, "alpha, the inner step size on the MEAN support cross-entropy.")
+  head_init: str = base.option("zeros", HEAD_INIT_HELP)
 
   def validate(self):
     """Raises ConfigError naming the flag for a value the method cannot run with."""

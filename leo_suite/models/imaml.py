@@ -85,35 +85,30 @@ class Config(heads.HeadConfig):
   """iMAML hyper-parameters (paper + imaml_dev defaults, except lam, inner_lr
   and head_init: see "Defaults on embeddings" in the module docstring)."""
   flag_prefix: ClassVar[str] = FLAG_PREFIX
-  inner_steps: int = dataclasses.field(default=16, metadata={
-      "help": "Number of inner gradient steps approximating phi* (paper "
-              "GD variant: 16 for 5-way). Not backpropagated through."})
-  inner_lr: float = dataclasses.field(default=1.0, metadata={
-      "help": "Inner step size alpha of the inner gradient steps (imaml_dev "
+  inner_steps: int = base.option(16, "Number of inner gradient steps approximating phi* (paper "
+              "GD variant: 16 for 5-way). Not backpropagated through.")
+  inner_lr: float = base.option(1.0, "Inner step size alpha of the inner gradient steps (imaml_dev "
               "README: 0.1 with lam 2). GD on the proximal objective contracts "
               "by 1 - alpha*lam per step: 1.0 with lam 0.2 leaves 0.8^16 = 3% "
               "of the initial error after 16 steps; keep alpha*(lam + 1) "
-              "< 2 for stability on unit-norm embeddings."})
-  lam: float = dataclasses.field(default=0.2, metadata={
-      "help": "lambda: strength of the proximal term lam/2 ||phi - theta||^2 "
+              "< 2 for stability on unit-norm embeddings.")
+  lam: float = base.option(0.2, "lambda: strength of the proximal term lam/2 ||phi - theta||^2 "
               "(paper Eq. 4). phi* - theta = -grad L_S(phi*)/lam, so 1/lam is "
               "the total step of the adaptation (MAML's alpha*T = 1.0*5 <-> "
               "0.2). The paper's 2.0 (conv net on pixels) barely moves a head "
               "on unit-norm embeddings, whose mean-CE gradient is ~ class-mean "
-              "gap / N; for N-way use about 0.2 * 5/N (20-way: 0.05)."})
-  cg_steps: int = dataclasses.field(default=5, metadata={
-      "help": "Conjugate-gradient iterations solving (I + H/lam) v = g for "
+              "gap / N; for N-way use about 0.2 * 5/N (20-way: 0.05).")
+  cg_steps: int = base.option(5, "Conjugate-gradient iterations solving (I + H/lam) v = g for "
               "the implicit meta-gradient v (paper: 5). 0 (paper variant) or "
-              "<= 1 (reference variant) uses the first-order v = g."})
-  cg_damping: float = dataclasses.field(default=1.0, metadata={
-      "help": "variant=reference only: the operator is (1 + cg_damping) v + "
+              "<= 1 (reference variant) uses the first-order v = g.")
+  cg_damping: float = base.option(
+      1.0, "variant=reference only: the operator is (1 + cg_damping) v + "
               "H v/(lam + 10) (imaml_dev's cg_damping, default 1.0). Ignored "
-              "by variant=paper, which solves (I + H/lam) v = g exactly."})
-  variant: str = dataclasses.field(default="paper", metadata={
-      "help": "'paper': proximal inner GD and (I + H/lam) v = g. "
+              "by variant=paper, which solves (I + H/lam) v = g exactly.")
+  variant: str = base.option("paper", "'paper': proximal inner GD and (I + H/lam) v = g. "
               "'reference': imaml_dev's form: plain inner SGD, one pull-back "
               "step phi <- phi - inner_lr*lam*(phi - theta), and "
-              "((1 + cg_damping) I + H/(lam + 10)) v = g."})
+              "((1 + cg_damping) I + H/(lam + 10)) v = g.")
 
   def validate(self):
     """Raises ConfigError naming the flag if a value is out of range."""

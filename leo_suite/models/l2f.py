@@ -44,6 +44,7 @@ from typing import ClassVar
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite.models import base
 from leo_suite.models import maml
 
 FLAG_PREFIX = "l2f_"
@@ -58,20 +59,19 @@ EVAL_FIELDS = maml.EVAL_FIELDS
 class Config(maml.Config):
   """MAML's hyperparameters (flags --l2f_<field>), an MLP head by default."""
   flag_prefix: ClassVar[str] = FLAG_PREFIX
-  hidden_sizes: str = dataclasses.field(default="64", metadata={
-      "help": "Hidden layer widths of the head f_theta, comma separated; the "
+  hidden_sizes: str = base.option(
+      "64", "Hidden layer widths of the head f_theta, comma separated; the "
               "attenuator has L = 2 * (layers) inputs and outputs. '64' "
               "(default) gives L = 4; '' = linear head (L = 2), whose "
-              "task embedding g is identically 0 (gamma not task-dependent)."})
-  eval_inner_steps: int = dataclasses.field(default=5, metadata={
-      "help": "Inner gradient steps per task at evaluation (the reference: "
-              "5, as in training)."})
-  head_init: str = dataclasses.field(default="glorot", metadata={
-      "help": "Initial output layer of the head: 'glorot' (default) or "
+              "task embedding g is identically 0 (gamma not task-dependent).")
+  eval_inner_steps: int = base.option(
+      5, "Inner gradient steps per task at evaluation (the reference: "
+              "5, as in training).")
+  head_init: str = base.option("glorot", "Initial output layer of the head: 'glorot' (default) or "
               "'zeros'. L2F keeps 'glorot' unlike MAML: its task embedding "
               "is the layer-wise mean support gradient at theta, and with "
               "W_out = 0 nothing flows back to the hidden layers, so g = 0 "
-              "for every task and gamma would not depend on the task."})
+              "for every task and gamma would not depend on the task.")
 
 
 def attenuate(params, gamma):

@@ -48,26 +48,24 @@ EVAL_FIELDS = ()
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  inner_unroll_length: int = dataclasses.field(default=5, metadata={
-      "help": "T_z: latent-space adaptation steps z <- z - alpha grad_z L_tr (eq. 6)."})
-  finetuning_unroll_length: int = dataclasses.field(default=5, metadata={
-      "help": "T_w: fine-tuning steps on the decoded weights w <- w - eta grad_w L_tr (eq. 7)."})
-  num_latents: int = dataclasses.field(default=64, metadata={
-      "help": "d_z: size of the latent code z per (class, shot)."})
-  inner_lr_init: float = dataclasses.field(default=1.0, metadata={
-      "help": "Initial alpha, the learned latent step size, shape [1, 1, d_z]."})
-  finetuning_lr_init: float = dataclasses.field(default=0.001, metadata={
-      "help": "Initial eta, the learned fine-tuning step size, shape [1, 1, D]."})
-  dropout_rate: float = dataclasses.field(default=0.5, metadata={
-      "help": "Dropout on the inputs x of the encoder and the classifier (meta-training only)."})
-  kl_weight: float = dataclasses.field(default=1e-3, metadata={
-      "help": "beta: weight of the KL(q(z|D_tr) || N(0, I)) term (eq. 8)."})
-  encoder_penalty_weight: float = dataclasses.field(default=1e-9, metadata={
-      "help": "gamma: weight of ||stopgrad(z_T) - z_0||^2 (eq. 8)."})
-  l2_penalty_weight: float = dataclasses.field(default=1e-8, metadata={
-      "help": "lambda_1: weight of sum(w^2)/2 over encoder, relation and decoder weights."})
-  orthogonality_penalty_weight: float = dataclasses.field(default=1e-3, metadata={
-      "help": "lambda_2: weight of the decoder row-orthogonality penalty Omega (eq. 8)."})
+  inner_unroll_length: int = base.option(
+      5, "T_z: latent-space adaptation steps z <- z - alpha grad_z L_tr (eq. 6).")
+  finetuning_unroll_length: int = base.option(
+      5, "T_w: fine-tuning steps on the decoded weights w <- w - eta grad_w L_tr (eq. 7).")
+  num_latents: int = base.option(64, "d_z: size of the latent code z per (class, shot).")
+  inner_lr_init: float = base.option(
+      1.0, "Initial alpha, the learned latent step size, shape [1, 1, d_z].")
+  finetuning_lr_init: float = base.option(
+      0.001, "Initial eta, the learned fine-tuning step size, shape [1, 1, D].")
+  dropout_rate: float = base.option(
+      0.5, "Dropout on the inputs x of the encoder and the classifier (meta-training only).")
+  kl_weight: float = base.option(1e-3, "beta: weight of the KL(q(z|D_tr) || N(0, I)) term (eq. 8).")
+  encoder_penalty_weight: float = base.option(
+      1e-9, "gamma: weight of ||stopgrad(z_T) - z_0||^2 (eq. 8).")
+  l2_penalty_weight: float = base.option(
+      1e-8, "lambda_1: weight of sum(w^2)/2 over encoder, relation and decoder weights.")
+  orthogonality_penalty_weight: float = base.option(
+      1e-3, "lambda_2: weight of the decoder row-orthogonality penalty Omega (eq. 8).")
 
   def validate(self):
     """Raises ConfigError naming the flag for a value the release cannot run with."""

@@ -38,6 +38,7 @@ from typing import Callable, ClassVar, List, Optional, Sequence, Union
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.models import base
 from leo_suite.models import heads
 
 FLAG_PREFIX = "maml_"
@@ -54,16 +55,14 @@ EVAL_FIELDS = ("eval_inner_steps",)
 class Config(heads.HeadConfig):
   """MAML / Meta-SGD hyperparameters (flags --maml_<field>)."""
   flag_prefix: ClassVar[str] = FLAG_PREFIX
-  eval_inner_steps: int = dataclasses.field(default=10, metadata={
-      "help": "Inner gradient steps per task at evaluation (the MAML paper "
+  eval_inner_steps: int = base.option(
+      10, "Inner gradient steps per task at evaluation (the MAML paper "
               "tests with 10); inner_steps is T during meta-training "
-              "(cbfinn/maml miniImageNet: 5)."})
-  first_order: bool = dataclasses.field(default=False, metadata={
-      "help": "First-order MAML: stop_gradient on the inner gradients "
-              "(cbfinn/maml --stop_grad). Default: exact second order."})
-  meta_sgd: bool = dataclasses.field(default=False, metadata={
-      "help": "Meta-SGD: learn a per-parameter step size alpha (same shape "
-              "as each parameter of theta), initialised to inner_lr."})
+              "(cbfinn/maml miniImageNet: 5).")
+  first_order: bool = base.option(False, "First-order MAML: stop_gradient on the inner gradients "
+              "(cbfinn/maml --stop_grad). Default: exact second order.")
+  meta_sgd: bool = base.option(False, "Meta-SGD: learn a per-parameter step size alpha (same shape "
+              "as each parameter of theta), initialised to inner_lr.")
 
   def validate(self):
     super().validate()

@@ -62,25 +62,25 @@ EVAL_FIELDS = ()
 @dataclasses.dataclass(frozen=True)
 class Config:
   """R2D2 hyperparameters (flags --r2d2_<field>)."""
-  lambda_init: float = dataclasses.field(default=50.0, metadata={
-      "help": "Initial ridge penalty lambda in W = X^T (X X^T + lambda I)^-1 Y "
-              "(reference init_lambda = 50). Must be > 0."})
-  learn_lambda: bool = dataclasses.field(default=False, metadata={
-      "help": "Meta-learn lambda (parametrised as log lambda so it stays "
+  lambda_init: float = base.option(
+      50.0, "Initial ridge penalty lambda in W = X^T (X X^T + lambda I)^-1 Y "
+              "(reference init_lambda = 50). Must be > 0.")
+  learn_lambda: bool = base.option(
+      False, "Meta-learn lambda (parametrised as log lambda so it stays "
               "positive). The paper learns it; the released runs keep it "
-              "fixed (reference default False)."})
-  scale_by_num_examples: bool = dataclasses.field(default=False, metadata={
-      "help": "Reference quirk: divide support X and Y by sqrt(N*K) before "
+              "fixed (reference default False).")
+  scale_by_num_examples: bool = base.option(
+      False, "Reference quirk: divide support X and Y by sqrt(N*K) before "
               "the solve, which equals using lambda_eff = N*K*lambda. Off by "
               "default: on unit-norm embeddings lambda = 50 already dominates "
               "the Gram matrix (diagonal 1, or 2 with the ones column), and "
               "the scaling makes the logit temperature depend on K "
-              "(the best scale grows ~4x from 1-shot to 5-shot)."})
-  bias_column: bool = dataclasses.field(default=True, metadata={
-      "help": "Append a column of ones to the support features so W holds a "
-              "ridge-penalised per-class bias (as the reference)."})
-  scale_init: float = dataclasses.field(default=500.0, metadata={
-      "help": "Initial adjust-layer scale alpha in logits = alpha * X_q W + "
+              "(the best scale grows ~4x from 1-shot to 5-shot).")
+  bias_column: bool = base.option(
+      True, "Append a column of ones to the support features so W holds a "
+              "ridge-penalised per-class bias (as the reference).")
+  scale_init: float = base.option(
+      500.0, "Initial adjust-layer scale alpha in logits = alpha * X_q W + "
               "beta. The reference's 1e-4 was for ~72k-d unnormalised conv "
               "features. On unit-norm 640-d features with lambda = 50 the "
               "ridge outputs are O(0.01-0.1) and differ between classes by "
@@ -88,24 +88,22 @@ class Config:
               "log N). Where lambda dominates X X^T, logits ~ (alpha / lambda) "
               "* sum_k cos(q, x_ck); alpha = 10 * lambda = 500 is a cosine "
               "temperature of 10. Measured CE-optimal alpha on unit-norm "
-              "synthetic data: 250-2200, the same for 1- and 5-shot."})
-  log_scale: bool = dataclasses.field(default=True, metadata={
-      "help": "Learn log(alpha) instead of alpha, so alpha stays positive "
+              "synthetic data: 250-2200, the same for 1- and 5-shot.")
+  log_scale: bool = base.option(True, "Learn log(alpha) instead of alpha, so alpha stays positive "
               "and Adam changes it by a relative amount per step (a plain "
               "alpha ~ 500 barely moves at outer lr 1e-4..1e-3). False = the "
-              "reference AdjustLayer with base 1 (alpha learned directly)."})
-  projection_dim: int = dataclasses.field(default=0, metadata={
-      "help": "d of a learned linear map D -> d (Glorot init, no bias) "
+              "reference AdjustLayer with base 1 (alpha learned directly).")
+  projection_dim: int = base.option(0, "d of a learned linear map D -> d (Glorot init, no bias) "
               "applied to support and query embeddings before the ridge "
-              "head; 0 = none (the paper's head on the raw embeddings)."})
-  normalize_projection: bool = dataclasses.field(default=True, metadata={
-      "help": "L2-normalise the projected features, so lambda and alpha keep "
+              "head; 0 = none (the paper's head on the raw embeddings).")
+  normalize_projection: bool = base.option(
+      True, "L2-normalise the projected features, so lambda and alpha keep "
               "their unit-norm meaning whatever d and the learned map's "
-              "norm (only used when projection_dim > 0)."})
-  dropout_rate: float = dataclasses.field(default=0.0, metadata={
-      "help": "Dropout rate on the input embeddings during meta-training "
+              "norm (only used when projection_dim > 0).")
+  dropout_rate: float = base.option(
+      0.0, "Dropout rate on the input embeddings during meta-training "
               "(support and query; none at evaluation). Not in R2D2 on "
-              "embeddings; LEO uses 0.5 on the same features."})
+              "embeddings; LEO uses 0.5 on the same features.")
 
   def validate(self):
     """Raises ConfigError naming the flag for a value R2D2 cannot run with."""

@@ -63,7 +63,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.models import registry
+from leo_suite.training import run as run_lib
 
 SIGNATURE_PREDICT = "serving_default"
 SIGNATURE_PREDICT_EMBEDDINGS = "predict_embeddings"
@@ -230,60 +230,17 @@ def load_support_images(root: str, backbone_dir: str, num_shots: int = 0,
 # -- the meta-learner checkpoint --------------------------------------------------
 @dataclasses.dataclass
 class RestoredRun:
+  """A run directory's learner with its evaluation checkpoint's weights."""
+  run: run_lib.Run
   learner: object
-  identity: dict
   checkpoint: str
-  run_dir: str
-
-
-def find_checkpoint(run_dir: str) -> Optional[str]:
-  """`best/ckpt` (or a half-swapped `best.old/ckpt`) else the latest checkpoint."""
-  for best in ("best", "best.old"):
-    path = os.path.join(run_dir, best, "ckpt")
-    if os.path.exists(path + ".index"):
-      return path
-  return tf.train.latest_checkpoint(run_dir)
 
 
 def restore_learner(run_dir: str) -> RestoredRun:
-  """Rebuilds the learner from `<run_dir>/config.json` and restores its weights."""
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.isdir(run_dir):
-    raise errors.UserError(f"{run_dir}: no such run directory (pass the runner's "
-                           "--checkpoint_path)")
-  if not os.path.exists(config_path):
-    raise errors.UserError(
-        f"{config_path}: missing; {run_dir} is not a runner run directory (pass "
-        "the --checkpoint_path a `python runner.py` training run wrote)")
-  try:
-    with open(config_path) as handle:
-      identity = json.load(handle)["identity"]
-    model = identity["model"]
-    module = registry.learner_module(model)
-    learner_config = module.Config(**identity["learner"])
-    num_ways, dim = int(identity["num_classes"]), int(identity["embedding_dim"])
-    dtype = identity.get("dtype", "float32")
-  except (OSError, ValueError, KeyError, TypeError) as exc:
-    raise errors.ConfigError(
-        f"{config_path}: cannot rebuild the learner ({type(exc).__name__}: {exc}); "
-        "the file is damaged or from an incompatible leo-suite version") from None
-  checkpoint = find_checkpoint(run_dir)
-  if not checkpoint:
-    raise errors.UserError(
-        f"{run_dir}: no checkpoint (neither best/ckpt nor a ckpt-N); train first "
-        "with `python runner.py --checkpoint_path=...`")
-  tf.random.set_seed(int(identity.get("seed", 0)))
-  learner = registry.build(model, learner_config, num_ways, dim, dtype)
-  try:
-    status = tf.train.Checkpoint(learner=learner).read(checkpoint)
-    status.expect_partial().assert_existing_objects_matched()
-  except (ValueError, AssertionError, tf.errors.OpError) as exc:
-    first = str(exc).strip().splitlines()[0][:300]
-    raise errors.UserError(
-        f"{checkpoint}: does not match {config_path} (model {model!r}, "
-        f"{num_ways}-way, D={dim}): {first}. Use the config.json written with "
-        "this checkpoint") from None
-  return RestoredRun(learner, identity, checkpoint, run_dir)
+  """Rebuilds the learner from the run's config.json (best, else latest weights)."""
+  run = run_lib.Run.open(run_dir)
+  learner, checkpoint = run.restored_learner()
+  return RestoredRun(run, learner, checkpoint)
 
 
 # -- the serving module -----------------------------------------------------------
@@ -543,26 +500,30 @@ def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
 def export_classifier(run_dir: str, support: SupportSet, export_base: str,
                       model_name: Optional[str] = None, version: int = 0,
                       backbone=None, backbone_description: Optional[dict] = None,
-                      restored: Optional[RestoredRun] = None) -> ExportResult:
+                      restored: Optional[RestoredRun] = None,
+                      private: bool = False) -> ExportResult:
   """Restores `run_dir`, adapts to `support` once and writes a new version.
 
-  Everything is validated before anything is written.
+  Everything is validated before anything is written; `private` makes the
+  export readable by its owner only (see `write_version`).
   """
-  run = restored or restore_learner(run_dir)
-  model_name = model_name or run.identity["model"]
+  restored = restored or restore_learner(run_dir)
+  run = restored.run
+  model_name = model_name or run.model
   check_model_name(model_name)
-  module = AdaptedClassifier(run.learner, support, backbone, backbone_description)
+  module = AdaptedClassifier(restored.learner, support, backbone, backbone_description)
   info = {
-      "model": run.identity["model"], "run_dir": os.path.abspath(run_dir),
-      "checkpoint": os.path.abspath(run.checkpoint),
+      "model": run.model, "run_dir": os.path.abspath(run.directory),
+      "checkpoint": os.path.abspath(restored.checkpoint),
       "class_names": list(support.class_names), "num_ways": support.num_ways,
       "num_shots": support.num_shots, "embedding_dim": support.dim,
-      "support": support.origin, "dtype": run.identity.get("dtype", "float32"),
+      "support": support.origin, "dtype": run.settings["dtype"],
+      "run_settings": run.settings, "data_sha256": run.record.get("data", {}).get("sha256"),
       "backbone": ({k: backbone_description[k] for k in
                     ("backbone", "image_size", "channels", "invert", "feature_dim")
                     if k in backbone_description} if backbone is not None else None),
   }
-  return write_version(module, export_base, model_name, version, info)
+  return write_version(module, export_base, model_name, version, info, private=private)
 
 
 def read_export_info(export_dir: str) -> dict:

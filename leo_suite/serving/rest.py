@@ -35,6 +35,20 @@ import numpy as np
 import tensorflow as tf
 
 
+def error_text(exc) -> str:
+  """One line for a client: an op error's own message, without TF's "Graph
+  execution error" header, the stack of where the op was built and the node
+  names."""
+  message = (getattr(exc, "message", None) or str(exc)).strip()
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  useful = [l for l in lines if not l.startswith(
+      ("Graph execution error", "Detected at node", "File ", "Traceback", "[[{{node"))]
+  if not isinstance(exc, tf.errors.OpError):
+    useful = lines
+  return (useful[-1 if isinstance(exc, tf.errors.OpError) else 0] if useful
+          else type(exc).__name__)[:500]
+
+
 class RequestError(ValueError):
   """A REST body that does not fit the signature (the server answers 400)."""
 
@@ -266,8 +280,7 @@ class LoopbackServer:
           body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
           return self._reply(200, server.handle(match["verb"], body))
         except (RequestError, ValueError, KeyError, TypeError, tf.errors.OpError) as exc:
-          message = getattr(exc, "message", None) or str(exc)
-          return self._reply(400, {"error": message.strip().splitlines()[0]})
+          return self._reply(400, {"error": error_text(exc)})
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     self.port = self.httpd.server_address[1]
