@@ -9,12 +9,12 @@ are the release's). The library never reads flags: `settings()` turns them
 into the plain dict a run directory stores (leo_suite/training/run.py).
 """
 
-import dataclasses
 import os
 
 from absl import flags
 
 from leo_suite import errors
+from leo_suite.models import base
 from leo_suite.models import registry
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
@@ -159,10 +159,9 @@ def _define_learner_flags():
   """One flag per learner Config field, named <FLAG_PREFIX><field>."""
   for name in registry.available():
     module = registry.learner_module(name)
-    for field in dataclasses.fields(module.Config):
-      define = _FLAG_TYPES[type(field.default)]
-      define(module.FLAG_PREFIX + field.name, field.default,
-             field.metadata.get("help", field.name), module_name=_learner_group(name))
+    for field, default, help_text in base.config_fields(module.Config):
+      _FLAG_TYPES[type(default)](module.FLAG_PREFIX + field, default, help_text or field,
+                                 module_name=_learner_group(name))
 
 
 _define_learner_flags()

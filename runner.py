@@ -56,15 +56,18 @@ def check_settings(settings):
 def resolve(evaluation_mode):
   """(saved record or None, settings, overrides, data path) of this command."""
   preset_applied = config.apply_preset()
-  explicit = config.explicit_flags(preset_applied)
   record = run_lib.Run.read_record(FLAGS.checkpoint_path)
   if record is None and evaluation_mode:
     run_lib.Run.open(FLAGS.checkpoint_path)  # raises: not a run directory
   saved = record["settings"] if record else None
   model = saved["model"] if saved else FLAGS.model  # a different --model is a conflict
+  # The release's presets carry LEO's settings: they apply to LEO runs only.
+  learner_flags = config.all_learner_flags()
+  explicit = config.explicit_flags(
+      [n for n in preset_applied if learner_flags.get(n, model) == model])
   given = dict(config.settings(model), model=FLAGS.model)
   settings, overrides = run_lib.resolve(saved, given, explicit, evaluation_mode)
-  run_lib.check_learner_flags(model, explicit, config.all_learner_flags())
+  run_lib.check_learner_flags(model, explicit, learner_flags)
   check_settings(settings)
   data_path = (record["data"]["data_path"] if record and not FLAGS["data_path"].present
                else FLAGS.data_path)

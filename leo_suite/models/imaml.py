@@ -196,11 +196,6 @@ def gradient_and_hvp(loss_fn: Callable, params: Sequence[tf.Tensor]):
   return grads, hvp
 
 
-def hessian_vector_product(loss_fn, params, vector):
-  """H v per task, H = Hessian of loss_fn at params (see gradient_and_hvp)."""
-  return gradient_and_hvp(loss_fn, params)[1](vector)
-
-
 def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
                 num_steps: int, inner_lr: float, lam: float,
                 variant: str = "paper") -> List[tf.Tensor]:
@@ -330,23 +325,3 @@ class IMAML(heads.HeadLearner):
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> IMAML:
   return IMAML(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
-
-
-def benchmark_step(learner: base.Learner):
-  """A tf.function running one meta-gradient step, for peak-memory benchmarks.
-
-  Works for any learner (it only calls `loss_and_gradients`); compare iMAML
-  and MAML (both have a `Config.inner_steps`) at 1/5/10/20 steps with the same
-  episode. Peak memory of one call, after a warm-up call that traces:
-    GPU: tf.config.experimental.reset_memory_stats / get_memory_info("GPU:0");
-    CPU: the same calls on "CPU:0", which only keep statistics when the
-         environment has TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow
-         starts (so use a fresh process); report peak - current-before.
-  Process RSS (resource.getrusage) also counts tracing and never decreases,
-  so it needs one process per configuration and is much noisier.
-  """
-  @tf.function
-  def step(episode, seed):
-    loss, grads, _ = learner.loss_and_gradients(episode, seed=seed)
-    return loss, grads
-  return step

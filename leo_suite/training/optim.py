@@ -55,10 +55,6 @@ def _stateless(fn):
   return Transform(_no_state, update)
 
 
-def identity() -> Transform:
-  return _stateless(lambda g: g)
-
-
 def clip_by_value(threshold: float) -> Transform:
   """Each element to [-threshold, threshold] (LEO's `gradient_threshold`)."""
   return _stateless(lambda g: tf.clip_by_value(g, -threshold, threshold))
