@@ -107,6 +107,28 @@ def test_shift_augmentation_is_an_integer_translation_and_stateless():
   assert len(shifts) > 1
 
 
+def test_affine_augmentation_is_stateless_mild_and_varied():
+  x = np.zeros([32, 28, 28, 1], np.float32)
+  x[:, 10:18, 12:16] = 1.0
+  seed = tf.constant([5, 6])
+  out = train_lib.augment_batch(tf.constant(x), seed, "affine", 2).numpy()
+  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "affine", 2))
+  assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0 + 1e-6
+  mass = out.sum(axis=(1, 2, 3)) / x[0].sum()   # scale in [0.8, 1.2]^2, shear keeps area
+  assert np.all(mass > 0.6) and np.all(mass < 1.5)
+  changed = [not np.allclose(o, x[0]) for o in out]
+  assert 0 < sum(changed) <= 32 and sum(changed) > 20  # each component on with p = 0.5
+
+
+def test_cosine_head_logits_are_scaled_cosines():
+  config = train_lib.PretrainConfig(head="cosine")
+  _, classifier = train_lib.build_classifier(config, 7)
+  logits = classifier(np.random.default_rng(0).random([3, 28, 28, 1]).astype(np.float32)).numpy()
+  assert logits.shape == (3, 7) and np.all(np.abs(logits) <= 10.0 + 1e-4)
+  with pytest.raises(errors.ConfigError, match="--head"):
+    train_lib.validate_config(train_lib.PretrainConfig(head="arc"))
+
+
 def _blob_images(num_per_class=10, size=28, seed=0):
   """4 classes: a bright square in a class-specific quadrant (uint8, strokes dark)."""
   rng = np.random.default_rng(seed)

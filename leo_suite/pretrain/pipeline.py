@@ -105,7 +105,12 @@ def markdown_table(rows: List[dict], settings=SETTINGS) -> str:
       if not match:
         cells.append("-")
       elif "accuracy" in match[0]:
-        cells.append(f"{match[0]['accuracy']:.2f} ± {match[0]['ci95']:.2f}")
+        cell = f"{match[0]['accuracy']:.2f} ± {match[0]['ci95']:.2f}"
+        if "best_step" in match[0]:  # learners: best validation accuracy @ its step
+          cell += f" (val {match[0]['val_accuracy']:.2f} @ {match[0]['best_step']})"
+        elif "model" in match[0]:
+          cell += " (no best checkpoint)"
+        cells.append(cell)
       else:
         cells.append(match[0]["status"])
     lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -38,6 +38,8 @@ from leo_suite.pretrain import backbones
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 BACKBONE_CONFIG = "backbone.json"
+AUGMENTS = ("none", "shift", "shift_flip", "affine")
+HEADS = ("linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +57,10 @@ class PretrainConfig:
   warmup_steps: int = 0
   momentum: float = 0.9
   weight_decay: float = 5e-4   # L2 on conv/dense kernels
-  augment: str = "shift"       # "none", "shift" (random translation), "shift_flip"
+  augment: str = "shift"       # "none", "shift" (random translation), "shift_flip",
+                               # "affine" (Koch et al. 2015 affine warp + translation)
   max_shift: int = 2
+  head: str = "linear"         # "linear" or "cosine" (scale * cos, learnable scale)
   dropout: float = 0.0
   seed: int = 0
   mixed_precision: str = "auto"  # "auto" (on a GPU only), "off", "on" (needs a GPU)
@@ -75,8 +79,9 @@ def validate_config(config: PretrainConfig):
       (config.batch_size >= 1, f"--batch_size={config.batch_size} must be >= 1"),
       (config.learning_rate > 0, f"--learning_rate={config.learning_rate} must be > 0"),
       (config.schedule in ("cosine", "step"), f"--schedule={config.schedule!r}: use cosine or step"),
-      (config.augment in ("none", "shift", "shift_flip"),
-       f"--augment={config.augment!r}: use none, shift or shift_flip"),
+      (config.augment in AUGMENTS,
+       f"--augment={config.augment!r}: use one of {list(AUGMENTS)}"),
+      (config.head in HEADS, f"--head={config.head!r}: use one of {list(HEADS)}"),
       (config.mixed_precision in ("auto", "on", "off"),
        f"--mixed_precision={config.mixed_precision!r}: use auto, on or off"),
       (0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)"),
@@ -106,6 +111,8 @@ def augment_batch(x, seed, augment: str, max_shift: int):
   """
   if augment == "none" or (augment == "shift" and max_shift <= 0):
     return x
+  if augment == "affine":
+    return affine_batch(x, seed, max_shift)
   batch = tf.shape(x)[0]
   size = x.shape[1]
   if max_shift > 0:
@@ -121,6 +128,42 @@ def augment_batch(x, seed, augment: str, max_shift: int):
     flip = tf.random.stateless_uniform([batch, 1, 1, 1], flip_seed) < 0.5
     x = tf.where(flip, tf.reverse(x, axis=[2]), x)
   return x
+
+
+def affine_batch(x, seed, max_shift: float, rotation_deg: float = 10.0, shear: float = 0.3,
+                 scale: tuple = (0.8, 1.2)):
+  """Koch et al. (2015) affine warp, drawn independently per image (stateless).
+
+  Rotation +-10 degrees, shears rho_x, rho_y in [-0.3, 0.3], scales s_x, s_y in
+  [0.8, 1.2] and a translation of up to `max_shift` pixels; each component is
+  applied with probability 0.5. Bilinear, zero fill (strokes are already
+  inverted to 1 on 0). The matrix maps output to input coordinates around the
+  image centre (the distribution of each component is symmetric).
+  """
+  batch = tf.shape(x)[0]
+  size = x.shape[1]
+  u = tf.random.stateless_uniform([batch, 7], seed, -1.0, 1.0)
+  on = tf.cast(tf.random.stateless_uniform(
+      [batch, 4], tf.random.experimental.stateless_fold_in(seed, 2)) < 0.5, tf.float32)
+  theta = on[:, 0] * u[:, 0] * rotation_deg * np.pi / 180.0
+  rho_x, rho_y = on[:, 1] * u[:, 1] * shear, on[:, 1] * u[:, 2] * shear
+  mid, half = (scale[0] + scale[1]) / 2, (scale[1] - scale[0]) / 2
+  s_x = 1.0 + on[:, 2] * (mid + half * u[:, 3] - 1.0)
+  s_y = 1.0 + on[:, 2] * (mid + half * u[:, 4] - 1.0)
+  t_x, t_y = on[:, 3] * u[:, 5] * max_shift, on[:, 3] * u[:, 6] * max_shift
+  cos, sin = tf.cos(theta), tf.sin(theta)
+  # M = R(theta) @ [[1, rho_x], [rho_y, 1]] @ diag(s_x, s_y)
+  m00 = (cos - sin * rho_y) * s_x
+  m01 = (cos * rho_x - sin) * s_y
+  m10 = (sin + cos * rho_y) * s_x
+  m11 = (sin * rho_x + cos) * s_y
+  c = (size - 1) / 2.0
+  transforms = tf.stack([m00, m01, c + t_x - m00 * c - m01 * c,
+                         m10, m11, c + t_y - m10 * c - m11 * c,
+                         tf.zeros_like(m00), tf.zeros_like(m00)], axis=1)
+  return tf.raw_ops.ImageProjectiveTransformV3(
+      images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
+      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
 def _scalar_summary(name, value):
@@ -155,6 +198,25 @@ def _use_mixed_precision(config: PretrainConfig) -> bool:
   return has_gpu and config.mixed_precision in ("auto", "on")
 
 
+class CosineHead(keras.layers.Layer):
+  """scale * cos(feature, w_c) with a learnable scale from 10 (Baseline++ / CC)."""
+
+  def __init__(self, num_classes, initial_scale=10.0, **kwargs):
+    super().__init__(dtype="float32", **kwargs)
+    self.num_classes = num_classes
+    self.initial_scale = initial_scale
+
+  def build(self, input_shape):
+    self.kernel = self.add_weight(name="kernel", shape=(int(input_shape[-1]), self.num_classes),
+                                  initializer="glorot_uniform")
+    self.scale = self.add_weight(name="scale", shape=(),
+                                 initializer=keras.initializers.Constant(self.initial_scale))
+
+  def call(self, features):
+    features = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)
+    return self.scale * tf.matmul(features, tf.math.l2_normalize(self.kernel, axis=0))
+
+
 def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = False):
   """(backbone, classifier) where classifier = linear head over backbone features."""
   if mixed:
@@ -164,7 +226,10 @@ def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = Fal
                                         config.channels, config.dropout)
     inputs = keras.Input(backbone.input_shape[1:], name="images")
     features = backbone(inputs)
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="head")(features)
+    if config.head == "cosine":
+      logits = CosineHead(num_classes, name="head")(features)
+    else:
+      logits = keras.layers.Dense(num_classes, dtype="float32", name="head")(features)
   finally:
     if mixed:
       keras.mixed_precision.set_global_policy("float32")

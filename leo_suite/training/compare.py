@@ -52,6 +52,16 @@ def mean_steps_per_second(run_dir):
   return float(np.mean(values[1:] if len(values) > 1 else values)) if values else float("nan")
 
 
+def best_checkpoint(run_dir) -> Dict:
+  """{val_accuracy (%), best_step} of the run's best/best.json, or {} without one."""
+  path = os.path.join(run_dir, "best", "best.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as handle:
+    best = json.load(handle)
+  return {"val_accuracy": 100 * best["val_accuracy"], "best_step": int(best["step"])}
+
+
 def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float = 3600,
                 log: Callable[[str], None] = print) -> Dict:
   """Trains then evaluates `model`; returns accuracy/ci95 (percent), speed, memory."""
@@ -68,26 +78,35 @@ def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float
       return {"model": model, "status": f"failed in {phase} (exit {code}): {last}"}
   with open(os.path.join(run_dir, "result_test.json")) as handle:
     result = json.load(handle)
-  return {"model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
+  best = best_checkpoint(run_dir)
+  return {**best, "model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
           "num_tasks": result["num_tasks"], "steps_per_second": mean_steps_per_second(run_dir),
           "peak_rss_mib": peak, "seconds": time.time() - started,
           "baselines": {k: {"accuracy": 100 * v["accuracy"], "ci95": 100 * v["ci95"]}
                         for k, v in result.get("baselines", {}).items()}}
 
 
+def _best_cell(row) -> str:
+  if "val_accuracy" not in row:
+    return "none (no validation)"
+  return f"{row['val_accuracy']:.2f} @ {row['best_step']}"
+
+
 def markdown_table(rows: List[Dict], title: Optional[str] = None) -> str:
   lines = ([f"**{title}**", ""] if title else []) + [
-      "| method | test accuracy (%) | 95% CI | meta-train steps/s | peak RSS (MiB) |",
-      "| --- | --- | --- | --- | --- |"]
+      "| method | test accuracy (%) | 95% CI | meta-train steps/s | peak RSS (MiB) | "
+      "best validation (%) @ step |",
+      "| --- | --- | --- | --- | --- | --- |"]
   for row in rows:
     if "status" in row:
-      lines.append(f"| {row['model']} | {row['status']} | | | |")
+      lines.append(f"| {row['model']} | {row['status']} | | | | |")
     else:
       lines.append(f"| {row['model']} | {row['accuracy']:.2f} | {row['ci95']:.2f} | "
-                   f"{row['steps_per_second']:.1f} | {row['peak_rss_mib']:.0f} |")
+                   f"{row['steps_per_second']:.1f} | {row['peak_rss_mib']:.0f} | "
+                   f"{_best_cell(row)} |")
   baselines = {}
   for row in rows:
     baselines.update(row.get("baselines", {}))
   for name, value in baselines.items():  # identical episodes for every run
-    lines.append(f"| {name} (no meta-learning) | {value['accuracy']:.2f} | {value['ci95']:.2f} | - | - |")
+    lines.append(f"| {name} (no meta-learning) | {value['accuracy']:.2f} | {value['ci95']:.2f} | - | - | - |")
   return "\n".join(lines) + "\n"
