@@ -35,8 +35,9 @@ flags.DEFINE_string("checkpoint_path", None,
                     "Run directory of `runner.py` training: the learner is rebuilt from its "
                     "config.json; best/ckpt is used if present, else the latest checkpoint.")
 flags.DEFINE_string("support", None,
-                    "Support set: an embeddings .pkl/.npz in LEO format, or a "
-                    "class-per-folder image directory (needs --backbone_dir).")
+                    "Support set: an embeddings .pkl/.npz in LEO format, or images "
+                    "(needs --backbone_dir): a class-per-folder directory (or .zip), a "
+                    "folder with labels.csv, or a file,label .csv.")
 flags.DEFINE_string("backbone_dir", None,
                     "The backbone/ folder written by scripts/pretrain.py. Required for an "
                     "image support set; when given, the backbone is bundled and "
@@ -68,19 +69,9 @@ def main(argv):
     raise errors.ConfigError(f"--version={FLAGS.version}: must be >= 1 (0 = next)")
   with run_lib.RunLock(FLAGS.checkpoint_path, create=False):
     run = export.restore_learner(FLAGS.checkpoint_path)
-  backbone = description = None
-  if os.path.isdir(FLAGS.support):
-    if not FLAGS.backbone_dir:
-      raise errors.ConfigError(
-          f"--support={FLAGS.support} is an image folder: pass --backbone_dir (the "
-          "pretrained backbone that produced the learner's training embeddings)")
-    support, backbone, description = export.load_support_images(
-        FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots)
-  else:
-    support = export.load_support_embeddings(FLAGS.support, FLAGS.num_shots)
-    if FLAGS.backbone_dir:
-      from leo_suite.pretrain import train as train_lib  # pylint: disable=g-import-not-at-top
-      backbone, description = train_lib.load_backbone(FLAGS.backbone_dir)
+  # Every support form of scripts/predict.py (leo_suite.serving.sets.load_set).
+  support, backbone, description = export.load_support(
+      FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots)
   result = export.export_classifier(
       FLAGS.checkpoint_path, support, FLAGS.export_base, FLAGS.model_name or None,
       FLAGS.version, backbone, description, restored=run, private=FLAGS.private)

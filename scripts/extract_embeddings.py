@@ -8,6 +8,14 @@
 writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
 --format=npz) and manifest.json; `runner.py --data_path=<out>
 --dataset_name=<dataset_name>` reads them.
+
+Without --split, every image under the source(s) is embedded (classes from
+folders where there are folders, else `unlabelled`) into
+<out>/<dataset_name>/<crop>/all_embeddings.pkl, whose keys keep each image's relative
+path (leo_suite.data.embeddings.key_file_path decodes it) and whose
+manifest.json lists file -> row; --dataset_name defaults to the source's name:
+
+  python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone --source=my_photos/
 """
 
 import os
@@ -24,7 +32,9 @@ from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-imp
 
 flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
 flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
-flags.DEFINE_string("split", "omniglot_small", "Class split: protocol name, JSON file or 'csv'.")
+flags.DEFINE_string("split", None, "Class split: protocol name (omniglot_small), JSON file "
+                    "or 'csv'. Omitted: embed every image of the source(s) into "
+                    "all_embeddings.<format>, keyed by relative path.")
 flags.DEFINE_list("splits", ["train", "val", "test"], "Which splits to extract.")
 flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are.")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
@@ -47,6 +57,22 @@ def main(argv):
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.backbone_dir:
     raise errors.ConfigError("--backbone_dir is required (the backbone/ folder of a pretraining run)")
+  if not FLAGS.split:
+    from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
+    records = extract_files.scan_all(FLAGS.source, FLAGS.tfds_data_dir, FLAGS.tfds_download)
+    name = (FLAGS.dataset_name if FLAGS["dataset_name"].present
+            else extract_files.default_dataset_name(FLAGS.source))
+    manifest = extract_files.extract_all(
+        FLAGS.backbone_dir, records, FLAGS.out, name, FLAGS.crop, FLAGS.format,
+        FLAGS.batch_size, FLAGS.skip_bad_images,
+        images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
+        FLAGS.source)
+    folder = os.path.join(FLAGS.out, name, FLAGS.crop)
+    written = manifest["splits"][extract_files.ALL]
+    print(f"embeddings: {os.path.join(folder, written['file'])} "
+          f"({extract_files.describe_counts(written)}); "
+          f"manifest: {os.path.join(folder, extract.MANIFEST)}")
+    return
   by_class, split_classes, origin = images_lib.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
       FLAGS.tfds_download)

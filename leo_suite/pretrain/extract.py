@@ -55,9 +55,9 @@ CROP_DESCRIPTIONS = {
 }
 
 
-def class_tokens(class_names: Sequence[str]) -> Dict[str, str]:
-  """{original class name: safe key token} ([A-Za-z0-9]+, unique)."""
-  tokens, used = {}, set()
+def class_tokens(class_names: Sequence[str], reserved: Sequence[str] = ()) -> Dict[str, str]:
+  """{original class name: safe key token} ([A-Za-z0-9]+, unique, none in `reserved`)."""
+  tokens, used = {}, set(reserved)
   for name in class_names:
     base = re.sub(r"[^A-Za-z0-9]", "", name) or "class"
     token, suffix = base, 2

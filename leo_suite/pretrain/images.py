@@ -80,8 +80,12 @@ def _is_image(name):
 
 
 # -- folder trees and zip archives --------------------------------------------
-def scan_directory(root: str) -> List[ImageRecord]:
-  """Records of every image under `root`; class = folder path relative to root."""
+def scan_directory(root: str, unlabelled: bool = False) -> List[ImageRecord]:
+  """Records of every image under `root`; class = folder path relative to root.
+
+  An image directly under `root` is an error, or with `unlabelled` a record of
+  class "" (no class).
+  """
   if not os.path.isdir(root):
     raise errors.DataError(f"{root}: not a directory (expected a class-per-folder tree)")
   records = []
@@ -92,18 +96,22 @@ def scan_directory(root: str) -> List[ImageRecord]:
       if not _is_image(name):
         continue
       path = os.path.join(directory, name)
-      if relative == ".":
+      if relative == "." and not unlabelled:
         raise errors.DataError(
             f"{path}: image directly under the root {root}; put each class's "
             "images in its own folder (<root>/<class>/.../<image>)")
-      records.append(ImageRecord(relative, name, path, ("file", path)))
+      records.append(ImageRecord("" if relative == "." else relative, name, path,
+                                 ("file", path)))
   if not records:
     raise errors.DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) found")
   return records
 
 
-def scan_zip(path: str) -> List[ImageRecord]:
-  """Records of every image inside zip `path`, read in place (not unpacked)."""
+def scan_zip(path: str, unlabelled: bool = False) -> List[ImageRecord]:
+  """Records of every image inside zip `path`, read in place (not unpacked).
+
+  With `unlabelled`, an image in no class folder is a record of class "".
+  """
   try:
     with zipfile.ZipFile(path) as archive:
       members = [m for m in archive.namelist()
@@ -123,7 +131,7 @@ def scan_zip(path: str) -> List[ImageRecord]:
   for member in sorted(members):
     relative = member.split("/", 1)[1] if strip else member
     class_name = posixpath.dirname(relative)
-    if not class_name:
+    if not class_name and not unlabelled:
       raise errors.DataError(
           f"{path}:{member}: image outside any class folder; the archive must "
           "hold <class>/.../<image> (optionally under one top-level folder)")
@@ -232,17 +240,20 @@ def scan_tfds(name: str, split: str = "train", data_dir: Optional[str] = None,
 
 
 def scan_source(source: str, tfds_data_dir: Optional[str] = None,
-                tfds_download: bool = False) -> List[ImageRecord]:
-  """Dispatches on the source string: `tfds:name[:split]`, *.zip, or a directory."""
+                tfds_download: bool = False, unlabelled: bool = False) -> List[ImageRecord]:
+  """Dispatches on the source string: `tfds:name[:split]`, *.zip, or a directory.
+
+  `unlabelled`: images in no class folder are kept, as class "" (see scan_directory).
+  """
   if source.startswith("tfds:"):
     parts = source.split(":")
     return scan_tfds(parts[1], parts[2] if len(parts) > 2 else "train", tfds_data_dir,
                      download=tfds_download)
   if source.lower().endswith(".zip"):
-    return scan_zip(source)
+    return scan_zip(source, unlabelled)
   if not os.path.exists(source):
     raise errors.DataError(f"{source}: no such file or directory")
-  return scan_directory(source)
+  return scan_directory(source, unlabelled)
 
 
 def collect(sources: Sequence[str], tfds_data_dir=None) -> List[ImageRecord]:

@@ -62,7 +62,6 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
-from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.training import run as run_lib
 
 SIGNATURE_PREDICT = "serving_default"
@@ -154,77 +153,32 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
   return SupportSet(tuple(names), stacked, origin)
 
 
-def _manifest_names(path):
-  """Token -> original class name from extraction's manifest.json beside `path`."""
-  manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
-  try:
-    with open(manifest) as handle:
-      names = json.load(handle).get("class_names", {})
-    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
-  except (OSError, ValueError, AttributeError):
-    return {}
+def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int = 0,
+                 batch_size: int = 64):
+  """Any support form of `leo_suite.serving.sets` -> (SupportSet, backbone, description).
+
+  Images (a class-per-folder tree, or a folder/CSV of `file,label`) are
+  embedded by the backbone in `backbone_dir` exactly as extraction does
+  (center crop: what the exported graph runs); embeddings files need no
+  backbone. The backbone and its description are None without `backbone_dir`.
+  """
+  from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
+  from leo_suite.serving import sets  # pylint: disable=g-import-not-at-top
+  embedder = (extract_files.ImageEmbedder(backbone_dir, "center", batch_size)
+              if backbone_dir else None)
+  support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
+  return (support, embedder and embedder.model, embedder and embedder.description)
 
 
 def load_support_embeddings(path: str, num_shots: int = 0) -> SupportSet:
-  """A LEO-format .pkl/.npz (keys give the classes) -> SupportSet.
-
-  Class names are the keys' class field, mapped back to the original names
-  when an extraction manifest.json sits beside the file.
-  """
-  split = embeddings_lib.load_split(path)   # DataError with the reason
-  originals = _manifest_names(path)
-  groups = {}
-  for name, start, count in zip(split.class_names, split.class_start, split.class_count):
-    groups[originals.get(name, name)] = split.embeddings[start:start + count]
-  if len(groups) != split.num_classes:
-    groups = {name: split.embeddings[s:s + c] for name, s, c in
-              zip(split.class_names, split.class_start, split.class_count)}
-  return support_from_groups(groups, path, num_shots)
-
-
-def _empty_class_folders(root):
-  """Leaf folders under `root` that hold no image (classes without examples)."""
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
-  empty = []
-  for directory, subdirs, files in os.walk(root):
-    if directory != root and not subdirs and not any(
-        f.lower().endswith(images_lib.IMAGE_EXTENSIONS) for f in files):
-      empty.append(os.path.relpath(directory, root).replace(os.sep, "/"))
-  return sorted(empty)
+  """A LEO-format .pkl/.npz (keys give the classes, the manifest beside their names)."""
+  return load_support(path, None, num_shots)[0]
 
 
 def load_support_images(root: str, backbone_dir: str, num_shots: int = 0,
                         batch_size: int = 64):
-  """A class-per-folder image tree -> (SupportSet, backbone model, description).
-
-  Images are decoded, resized and embedded exactly as `scripts/extract_embeddings.py`
-  does (center crop), with the pretrained backbone in `backbone_dir`.
-  """
-  from leo_suite.pretrain import extract as extract_lib  # pylint: disable=g-import-not-at-top
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
-  from leo_suite.pretrain import train as train_lib  # pylint: disable=g-import-not-at-top
-  records = images_lib.scan_directory(root)
-  empty = _empty_class_folders(root)
-  if empty:
-    raise errors.DataError(
-        f"{root}: class folder {empty[0]!r} has no images; every class needs at "
-        "least one support image (remove the folder or add images)")
-  by_class = images_lib.group_by_class(records)
-  # Fail on unequal shots before decoding anything.
-  k = check_shots({n: len(r) for n, r in by_class.items()}, root, num_shots)
-  by_class = {n: r[:k] for n, r in by_class.items()}
-  model, description = train_lib.load_backbone(backbone_dir)
-  size, channels = int(description["image_size"]), int(description["channels"])
-  options = images_lib.DecodeOptions(size, channels)
-  features_fn = extract_lib.feature_function(model, "center", size,
-                                             bool(description["invert"]))
-  groups = {}
-  for name, class_records in by_class.items():
-    arrays, _, _ = images_lib.load_arrays(class_records, options)
-    feats = [features_fn(tf.constant(arrays[i:i + batch_size])).numpy()
-             for i in range(0, len(arrays), batch_size)]
-    groups[name] = np.concatenate(feats)
-  return support_from_groups(groups, root, num_shots), model, description
+  """A class-per-folder image tree -> (SupportSet, backbone model, description)."""
+  return load_support(root, backbone_dir, num_shots, batch_size)
 
 
 # -- the meta-learner checkpoint --------------------------------------------------
@@ -257,6 +211,33 @@ def checked_embeddings(x, name: str):
     return tf.identity(x)
 
 
+def normalise(embeddings, dtype=tf.float32):
+  """Rows L2-normalised in float32, then cast to `dtype`, as the training sampler does.
+
+  Rows are divided by their largest magnitude first, so the norm neither
+  overflows (1e38) nor underflows (1e-38); all-zero rows stay zero.
+  (`AdaptedClassifier` and `leo_suite.serving.predict` both call it.)
+  """
+  x = tf.cast(embeddings, tf.float32)
+  x = tf.math.divide_no_nan(x, tf.reduce_max(tf.abs(x), axis=-1, keepdims=True))
+  return tf.cast(tf.math.l2_normalize(x, axis=-1), dtype)
+
+
+def adapt_support(learner, support_embeddings):
+  """Adapted task state of `learner` on raw support embeddings [N, K, D] (eval mode)."""
+  support_x = normalise(support_embeddings, learner.dtype)[tf.newaxis]
+  n, k = support_x.shape[1], support_x.shape[2]
+  support_y = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis], [1, k])[tf.newaxis]
+  return learner.adapt(support_x, support_y, training=False, seed=tf.zeros([2], tf.int32))
+
+
+def query_logits(learner, state, embeddings):
+  """Raw query embeddings [batch, D] -> float32 logits [batch, N] of an adapted state."""
+  queries = normalise(embeddings, learner.dtype)[tf.newaxis, tf.newaxis]   # [1, 1, batch, D]
+  logits = learner.predict(state, queries, training=False, seed=tf.zeros([2], tf.int32))
+  return tf.cast(tf.reshape(logits, [-1, learner.num_ways]), tf.float32)
+
+
 class AdaptedClassifier(tf.Module):
   """A learner adapted to one support set, with TF Serving signatures."""
 
@@ -283,10 +264,7 @@ class AdaptedClassifier(tf.Module):
     self.num_ways, self.num_shots, self.dim = support.num_ways, support.num_shots, support.dim
     self.class_names = tf.constant(list(support.class_names), tf.string)
     self._zero_seed = tf.zeros([2], tf.int32)
-    support_x = self.normalise(tf.constant(support.embeddings))[tf.newaxis]
-    support_y = tf.tile(tf.range(self.num_ways, dtype=tf.int32)[:, tf.newaxis],
-                        [1, self.num_shots])[tf.newaxis]
-    state = learner.adapt(support_x, support_y, training=False, seed=self._zero_seed)
+    state = adapt_support(learner, tf.constant(support.embeddings))
     self.state = tf.nest.map_structure(
         lambda t: tf.Variable(t, trainable=False, name="adapted_state"), state)
     self.backbone = backbone
@@ -315,15 +293,11 @@ class AdaptedClassifier(tf.Module):
     Rows are divided by their largest magnitude first, so the norm neither
     overflows (1e38) nor underflows (1e-38); all-zero rows stay zero.
     """
-    x = tf.cast(embeddings, tf.float32)
-    x = tf.math.divide_no_nan(x, tf.reduce_max(tf.abs(x), axis=-1, keepdims=True))
-    return tf.cast(tf.math.l2_normalize(x, axis=-1), self.learner.dtype)
+    return normalise(embeddings, self.learner.dtype)
 
   def query_logits(self, state, embeddings):
     """Embeddings [batch, D] -> logits [batch, N] (float32) of an adapted state."""
-    queries = self.normalise(embeddings)[tf.newaxis, tf.newaxis]   # [1, 1, batch, D]
-    logits = self.learner.predict(state, queries, training=False, seed=self._zero_seed)
-    return tf.cast(tf.reshape(logits, [-1, self.num_ways]), tf.float32)
+    return query_logits(self.learner, state, embeddings)
 
   def _outputs(self, logits):
     return {"probabilities": tf.nn.softmax(logits),
