@@ -47,7 +47,10 @@ flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak SGD learning 
 flags.DEFINE_enum("schedule", _DEFAULTS.schedule, ["cosine", "step"], "Learning-rate schedule.")
 flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warm-up steps.")
 flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "L2 on kernels.")
-flags.DEFINE_enum("augment", _DEFAULTS.augment, ["none", "shift", "shift_flip"], "Augmentation.")
+flags.DEFINE_enum("augment", _DEFAULTS.augment, list(train_lib.AUGMENTS), "Augmentation "
+                  "(affine: Koch et al. 2015 rotation/shear/scale + translation, p = 0.5 each).")
+flags.DEFINE_enum("head", _DEFAULTS.head, list(train_lib.HEADS), "Classifier head: linear or "
+                  "cosine (learnable scale from 10).")
 flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Random translation in pixels.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout (ResNet-12 last stages, WRN blocks).")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order, augmentation.")
@@ -69,6 +72,7 @@ def config_from_flags():
       schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
       weight_decay=FLAGS.weight_decay, augment=FLAGS.augment, max_shift=FLAGS.max_shift,
       dropout=FLAGS.dropout, seed=FLAGS.seed, mixed_precision=FLAGS.mixed_precision,
+      head=FLAGS.head,
       checkpoint_every=FLAGS.checkpoint_every)
 
 
