@@ -100,7 +100,11 @@ SMALL_EVAL_BATCHES = ["--metavalid_batch_size=25", "--num_val_batches=8",
 #         1024 + inner_lr 4: 87.57 @10 (its random hidden layer keeps more of the 64-d input)
 #   reptile epsilon 1.0 (default), hidden 64: 84.81 @10; epsilon 0.1: 88.41 @10;
 #         epsilon 0.1, linear head: 89.51 @40
-#   relation 20-way: 0.035 steps/s and 5.9 GB RSS, validation 5.00 (chance) at step 20
+#   relation 20-way: 0.035 steps/s and 5.9 GB RSS, validation 5.00 (chance) at step 20;
+#         5w1s (60 steps): 20.00 (chance) at every checkpoint: constant logits
+#   hallucination 87.81 @10, 88.54 @30 of 60 (492 s for 60 steps under load)
+#   meta_lstm 53.57 @20 of 60 (far below NCM: its learned optimiser is untrained here)
+#   snail 20-way: killed by the kernel OOM killer (19 GB RSS) even with 25-task batches
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 200, "every": 25, "flags": ["--outer_lr=3e-3"]},
     ("maml", 20, 1): {"flags": ["--maml_inner_lr=4.0"]},
@@ -109,8 +113,10 @@ LEARNER_PRESETS = {
     ("l2f", 20, 1): {"flags": ["--l2f_inner_lr=4.0"]},
     ("reptile", None, None): {"flags": ["--outer_lr=0.1", "--reptile_hidden_sizes="]},
     ("snail", None, None): {"flags": SMALL_EVAL_BATCHES},  # 200 tasks at once: 9.7 GB, OOM
-    ("relation", 20, 1): {"skip": "20-way measured at 0.035 steps/s and 5.9 GB, chance "
-                                  "validation accuracy after 20 steps"},
+    ("snail", 20, 1): {"skip": "20-way training is killed by the OOM killer (19 GB RSS)"},
+    ("hallucination", None, None): {"steps": 30},
+    ("relation", None, None): {"skip": "validation at chance on these embeddings (5w1s 20.00 "
+                                       "at every checkpoint; 20-way 0.035 steps/s, 5.9 GB)"},
 }
 
 
@@ -125,8 +131,21 @@ def learner_preset(model, ways, shots):
   return preset
 
 
-def stage_done(stage, timings):
+def stage_done(stage, timings, ledger_path=None):
+  """Prints the stage's wall time and adds it to <work_dir>/stage_seconds.json.
+
+  The ledger sums each stage over the invocations that built the work dir (a
+  resumed run adds what it redid), so results.md reports the whole run's cost.
+  """
   print(f"[stage] {stage} done in {timings[stage + '_s']:.0f} s", flush=True)
+  if ledger_path:
+    ledger = {}
+    if os.path.exists(ledger_path):
+      with open(ledger_path) as handle:
+        ledger = json.load(handle)
+    ledger[stage] = ledger.get(stage, 0.0) + timings[stage + "_s"]
+    ledger["invocations"] = max(ledger.get("invocations", 0), timings.get("_invocation", 1))
+    pipeline.write_json(ledger_path, ledger)
 
 
 def extracted_manifest(data_path, summary):
@@ -195,6 +214,10 @@ def main(argv):
   except ValueError:
     raise errors.ConfigError(f"--settings={FLAGS.settings}: use e.g. 5w1s,20w1s") from None
   timings = {}
+  ledger_path = os.path.join(work, "stage_seconds.json")
+  if os.path.exists(ledger_path):
+    with open(ledger_path) as handle:
+      timings["_invocation"] = json.load(handle).get("invocations", 0) + 1
 
   # 1. data and pretraining.
   by_class, split_classes, origin = images_lib.load_labelled_splits(
@@ -214,7 +237,7 @@ def main(argv):
                                         FLAGS.val_episodes) if FLAGS.val_episodes else None)
   summary = trainer.train(epoch_callback=callback)
   timings["pretrain_s"] = time.time() - t0
-  stage_done("pretrain", timings)
+  stage_done("pretrain", timings, ledger_path)
 
   # 2. extraction.
   t0 = time.time()
@@ -226,7 +249,7 @@ def main(argv):
         "center", "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
         sources=archives, split_origin=origin)
   timings["extract_s"] = time.time() - t0
-  stage_done("extract", timings)
+  stage_done("extract", timings, ledger_path)
 
   # 3. baselines on meta-test.
   t0 = time.time()
@@ -239,7 +262,7 @@ def main(argv):
                                         num_episodes=FLAGS.num_episodes,
                                         seed=FLAGS.episode_seed, methods=("ncm_cosine",))
   timings["baselines_s"] = time.time() - t0
-  stage_done("baselines", timings)
+  stage_done("baselines", timings, ledger_path)
   for row in rows:
     print(f"{row['method']:<45} {row['setting']:>6}: {row['accuracy']:.2f} ± {row['ci95']:.2f}")
 
@@ -276,8 +299,12 @@ def main(argv):
     timings[f"learner_{model}_s"] = sum(r.get("seconds", 0.0) for r in learner_rows
                                         if r["method"] == f"{model} (runner.py)")
   timings["learners_s"] = time.time() - t0
-  stage_done("learners", timings)
+  stage_done("learners", timings, ledger_path)
   timings["total_s"] = time.time() - started
+  with open(ledger_path) as handle:
+    ledger = json.load(handle)
+  stages = ("pretrain", "extract", "baselines", "learners")
+  timings.pop("_invocation", None)
 
   table = pipeline.markdown_table(rows, settings)
   history = summary.get("history") or []
@@ -289,8 +316,13 @@ def main(argv):
            f"{len(split_classes['train'])} meta-train characters x 4 rotations"
            + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
            f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
-           f"Wall time {timings['total_s'] / 60:.1f} min (" +
-           ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items() if k != "total_s") + ").")
+           f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "
+           f"that built this directory: " + ", ".join(
+               f"{k} {ledger.get(k, 0) / 60:.1f} min" for k in stages) +
+           f"; total {sum(ledger.get(k, 0) for k in stages) / 60:.1f} min. Learner runs (train "
+           f"+ evaluate, {FLAGS.parallel_learners} at a time): " + ", ".join(
+               f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
+           + ".")
   text = table + "\n\n" + notes + "\n"
   fileio.atomic_write_text(os.path.join(work, "results.md"), text)
   pipeline.write_json(os.path.join(work, "results.json"),
