@@ -44,6 +44,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.pretrain import backbones
 from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import train as train_lib
+from leo_suite.training import evaluation
 
 CROPS = ("center", "multiview")
 FORMATS = ("pkl", "npz")
@@ -135,17 +136,13 @@ def extract_split(features_fn, records: List[images_lib.ImageRecord],
   """Features [n_kept, D] float32, kept record indices, skipped (origin, reason)."""
   decoder = images_lib.Decoder(options)
   kept, chunks = [], []
-  start = last = time.time()
-  done = 0
+  progress = evaluation.Progress(label, len(records), unit="images", interval_s=log_every_s,
+                                 log=log)
   failures = []
   for indices, batch in _image_dataset(records, options, decoder, batch_size, failures):
     chunks.append(features_fn(batch).numpy())
     kept.append(indices.numpy())
-    done += int(indices.shape[0])
-    now = time.time()
-    if now - last >= log_every_s or done == len(records):
-      log(f"{label}: {done}/{len(records)} images, {done / max(now - start, 1e-9):.1f} images/s")
-      last = now
+    progress.update(int(indices.shape[0]))
   if failures:
     raise failures[0]
   if not chunks:

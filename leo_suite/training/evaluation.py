@@ -41,7 +41,8 @@ def summarise(per_task_accuracy) -> Result:
 
 
 class Progress:
-  """Logs `done/total <unit>, rate, ETA` at most every `interval_s` seconds."""
+  """Logs `what: done/total <unit>, rate, ETA` at most every `interval_s` seconds
+  (and at the end), through `log(message)`."""
 
   def __init__(self, what: str, total: Optional[int], unit: str = "tasks",
                interval_s: float = 10.0, log: Callable[..., None] = logging.info):
@@ -60,8 +61,7 @@ class Progress:
     eta = (f", ETA {format_seconds((self.total - self.done) / max(rate, 1e-9))}"
            if self.total else "")
     of = f"/{self.total}" if self.total else ""
-    self.log("%s: %d%s %s, %.1f %s/s%s", self.what, self.done, of, self.unit, rate,
-             self.unit, eta)
+    self.log(f"{self.what}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{eta}")
 
 
 def format_seconds(seconds):

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -116,7 +116,7 @@ def shorten(value, limit=200):
 
 
 def resolve(saved: Optional[dict], given: dict, explicit: Sequence[str],
-            evaluation: bool) -> (dict, dict):
+            evaluation: bool) -> Tuple[dict, dict]:
   """The settings a command runs with, and the overrides it applies.
 
   saved: the run's settings (None for a new run); given: every setting as
