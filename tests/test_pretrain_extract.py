@@ -417,6 +417,37 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_archives,
+                                                                     tmp_path):
+  """Learners with their Omniglot presets (best validation checkpoint) on real features:
+  each at or above nearest class mean on the same episodes, within NCM's 95% CI."""
+  work = tmp_path / "work"
+  command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
+             f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
+             "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s",
+             "--learners=protonet,r2d2", "--pixel_baseline=false"]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[stage] learners done in" in proc.stdout
+  results = json.loads((work / "results.json").read_text())
+  ncm = next(r for r in results["rows"] if r["method"].startswith("ncm_cosine"))
+  learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]
+  assert {r["method"] for r in learners} == {"protonet (runner.py)", "r2d2 (runner.py)"}
+  for row in learners:
+    assert "accuracy" in row, row
+    assert row["best_step"] >= 1 and row["val_accuracy"] > 20  # trained, validated
+    assert row["accuracy"] >= ncm["accuracy"] - ncm["ci95"], (row, ncm)
+  text = (work / "results.md").read_text()
+  assert "(val " in text and "learners" in text
+  # Resumes: a second run reuses every finished stage and prints the same table.
+  again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "reusing" in again.stdout
+  assert json.loads((work / "results.json").read_text())["rows"] == results["rows"]
+
+
 @pytest.mark.slow
 def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
   split = tmp_path / "split.json"
