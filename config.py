@@ -179,7 +179,12 @@ def apply_preset():
   if FLAGS.preset not in PRESETS:
     raise errors.ConfigError(f"--preset={FLAGS.preset!r} is unknown; choose one of {sorted(PRESETS)}")
   applied = []
+  # The presets' outer_lr values are Adam step sizes: an SGD outer loop keeps
+  # its learner's rate (Reptile's is its epsilon; 1e-3 would freeze it).
+  optimizer = FLAGS.outer_optimizer or run_lib.outer_defaults(FLAGS.model)["outer_optimizer"]
   for key, value in PRESETS[FLAGS.preset].items():
+    if key == "outer_lr" and optimizer != "adam":
+      continue
     if key in FLAGS and not FLAGS[key].present:
       FLAGS[key].value = value
       applied.append(key)

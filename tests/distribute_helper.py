@@ -36,7 +36,14 @@ NUM_WAYS, NUM_SHOTS, NUM_QUERIES, DIM, BATCH = 3, 2, 3, 16, 4
 # Small but non-trivial: every learner's inner loop, LEO's relation network.
 OVERRIDES = {"leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
              "maml": dict(inner_steps=3), "imaml": dict(inner_steps=3, cg_steps=3),
-             "r2d2": dict(projection_dim=8), "l2f": dict(hidden_sizes="8", inner_steps=2)}
+             "r2d2": dict(projection_dim=8), "l2f": dict(hidden_sizes="8", inner_steps=2),
+             "hallucination": dict(num_hallucinated=2, noise_dim=4, hidden_sizes="8"),
+             "snail": dict(input_dim=8, key_sizes="8,8", value_sizes="4,4", tc_filters=8,
+                           sequence_length=7),
+             "protonet": dict(map_dim=8), "matching": dict(fce=True, map_dim=8),
+             "relation": dict(map_dim=8, module_hidden_sizes="8,4"),
+             "reptile": dict(hidden_sizes="8", inner_steps=3),
+             "meta_lstm": dict(hidden_sizes="8", inner_steps=3, lstm_units=3)}
 
 
 def make_split():
@@ -59,28 +66,29 @@ def build_learner(model):
   module = registry.learner_module(model)
   config = module.Config(**OVERRIDES.get(model, {}))
   tf.random.set_seed(7)
-  if model == "leo":
-    return DeterministicLEO(config, NUM_WAYS, DIM)
+  if model in NOISY:
+    return _deterministic_class(model)(config, NUM_WAYS, DIM)
   return registry.build(model, config, NUM_WAYS, DIM)
 
 
-def _deterministic_leo_class():
-  from leo_suite.models import leo
+# Learners whose training step draws noise: model -> class.
+NOISY = {"leo": "LEO", "hallucination": "Hallucination"}
 
-  class _DeterministicLEO(leo.LEO):
-    """LEO without dropout/latent noise (its training=False path), everything else
-    (relation net, both second-order inner loops, penalties) unchanged: replicas
+
+def _deterministic_class(model):
+  from leo_suite.models import registry
+
+  class _Deterministic(getattr(registry.learner_module(model), NOISY[model])):
+    """The learner on its training=False path (LEO: no dropout/latent noise;
+    hallucination: G's fixed evaluation noise), everything else (relation net,
+    both second-order inner loops, penalties, G's gradients) unchanged: replicas
     draw their own noise, so only the noise-free step can match one device."""
 
     def meta_loss(self, episode, *, training, seed):
       del training
       return super().meta_loss(episode, training=False, seed=seed)
 
-  return _DeterministicLEO
-
-
-def DeterministicLEO(*args):  # pylint: disable=invalid-name
-  return _deterministic_leo_class()(*args)
+  return _Deterministic
 
 
 def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
@@ -157,11 +165,14 @@ def restore_check(strategy, out_dir):
       scope = target.scope() if target else tf.distribute.get_strategy().scope()
       with scope:
         learner = build_learner(model)
-        adam = optim.AdamState(learner.trainable_variables, optim.AdamHyper(1e-2))
-      tf.train.Checkpoint(learner=learner, optimizer=adam).restore(
+        outer = optim.OptimizerState(
+            optim.build_chain(optim.OuterConfig(learning_rate=1e-2)),
+            learner.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+      tf.train.Checkpoint(learner=learner, optimizer=outer, step=step).restore(
           path).assert_existing_objects_matched()
       restored, copies_agree, num_copies = [], True, 1
-      for var in list(learner.variables) + list(adam.variables):
+      for var in list(learner.variables) + list(outer.variables) + [step]:
         copies = [np.asarray(c.numpy()) for c in (
             target.experimental_local_results(var) if target else [var])]
         num_copies = max(num_copies, len(copies))
@@ -170,7 +181,7 @@ def restore_check(strategy, out_dir):
       key = lambda a: (str(a.dtype), a.shape, a.tobytes())
       report[f"{source}->{'mirrored' if target else 'none'}/{model}"] = {
           "num_copies": num_copies, "copies_agree": bool(copies_agree),
-          "step": int(adam.step.numpy()), "num_stored": len(stored),
+          "step": int(step.numpy()), "num_stored": len(stored),
           "exact": collections.Counter(map(key, restored)) ==
                    collections.Counter(map(key, stored.values()))}
   return report
@@ -180,7 +191,7 @@ def checkpoint_variables(path):
   import tensorflow as tf
   reader = tf.train.load_checkpoint(path)
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if name.startswith(("learner/", "optimizer/")) and "OBJECT_GRAPH" not in name}
+          if name.startswith(("learner/", "optimizer/", "step/")) and "OBJECT_GRAPH" not in name}
 
 
 def run_mirrored(out_dir):

@@ -475,9 +475,10 @@ def random_slot_splits(seed=0, dim=16, images=12):
 
 
 def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
-                         num_shots=1):
+                         num_shots=1, outer=None):
   """(test accuracy after `steps` Trainer steps, NCM accuracy, accuracy at
-  init) on 200 fixed 5-way test tasks; LEO's clipping 0.1/0.1 and Adam."""
+  init) on 200 fixed 5-way test tasks; LEO's clipping 0.1/0.1 and Adam
+  unless `outer` (an optim.OuterConfig) is given."""
   from leo_suite.data import episodes
   from leo_suite.pretrain import baselines
   from leo_suite.training import evaluation
@@ -491,7 +492,7 @@ def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
   config = trainer_lib.TrainConfig(
       checkpoint_path=str(tmp_path), num_steps_limit=steps,
       metatrain_batch_size=8, checkpoint_steps=10**6, log_steps=10**6,
-      outer=optim.OuterConfig(learning_rate=outer_lr))
+      outer=outer or optim.OuterConfig(learning_rate=outer_lr))
   trainer = trainer_lib.Trainer(learner, config, sampler)
   at_init = trainer.evaluator.evaluate(test_set).accuracy
   assert trainer.train() == steps

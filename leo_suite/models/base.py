@@ -24,6 +24,8 @@ from typing import Any, Dict, NamedTuple, Tuple
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite import errors
+
 
 class Episode(NamedTuple):
   """A meta-batch of few-shot tasks (see module docstring for shapes)."""
@@ -137,6 +139,16 @@ class Learner(snt.Module):
 def option(default, help_text: str):
   """A learner Config field: its default and its flag's help (paper notation)."""
   return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+def check_at_least(config, flag_prefix: str, minimums):
+  """Raises ConfigError naming --<flag_prefix><field> unless each config field
+  in `minimums` ({field: smallest allowed value}) is at least its minimum."""
+  for field, minimum in minimums.items():
+    value = getattr(config, field)
+    if value < minimum:
+      raise errors.ConfigError(
+          f"--{flag_prefix}{field}={value}: must be >= {minimum}")
 
 
 def config_fields(config_cls):

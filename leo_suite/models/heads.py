@@ -176,6 +176,11 @@ class HeadConfig:
       1.0, "alpha, the inner step size on the MEAN support cross-entropy.")
   head_init: str = base.option("zeros", HEAD_INIT_HELP)
 
+  def refuse(self, field, why):
+    """Raises ConfigError naming --<flag_prefix><field> and its value."""
+    raise errors.ConfigError(
+        f"--{self.flag_prefix}{field}={getattr(self, field)!r}: {why}")
+
   def validate(self):
     """Raises ConfigError naming the flag for a value the method cannot run with."""
     flag_prefix = self.flag_prefix

@@ -20,6 +20,11 @@ LEARNERS = {
     "imaml": "leo_suite.models.imaml",
     "r2d2": "leo_suite.models.r2d2",
     "l2f": "leo_suite.models.l2f",
+    "protonet": "leo_suite.models.protonet",
+    "matching": "leo_suite.models.matching",
+    "relation": "leo_suite.models.relation",
+    "reptile": "leo_suite.models.reptile",
+    "meta_lstm": "leo_suite.models.meta_lstm",
 }
 
 

@@ -1,0 +1,194 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra,
+NeurIPS 2016) on embeddings, with the optional Full Context Embeddings.
+
+Prediction for a query x^ with support S = {(x_i, y_i)}, i = 1..M = N*K
+(Eq. 1-2):
+
+    y^ = sum_i a(x^, x_i) y_i,     a(x^, x_i) = softmax_i(s sim(f(x^, S), g(x_i, S)))
+
+with sim = cosine (the paper; squared Euclidean by flag, as oscarknagg's
+reproduction) and s = 1 (fixed or learned by flag). `predict` returns
+log y^, computed stably as
+
+    log y^_k = LSE_{i: y_i = k}(z_i) - LSE_i(z_i),   z_i = s sim(f, g_i),
+
+so softmax(logits) = y^ and the cross-entropy of base.Learner.meta_loss is
+the paper's -log P(y | x^, S).
+
+f' = g' is one meta-learned map on the embeddings (embedding_maps.py; tied,
+as the paper's shared CNN and twitter/meta-learning-lstm's FCE). Without FCE
+f(x^, S) = f'(x^) and g(x_i, S) = g'(x_i). With `fce` (the paper's
+Appendix A.1-A.2), both see the whole support set:
+
+  g (support): a bidirectional LSTM over the support sequence g'(x_1..x_M),
+      hidden size d, zero initial states:
+          g(x_i, S) = h->_i + h<-_i + g'(x_i)
+  f (query): `fce_steps` = T processing steps of an LSTM whose recurrent
+      input is [h, r] (2d) and whose cell has width d, from h_0 = f'(x^),
+      c_0 = 0:
+          r_{k-1} = sum_i softmax_i(h_{k-1}^T g(x_i, S)) g(x_i, S)
+          h^_k, c_k = LSTM(f'(x^), [h_{k-1}, r_{k-1}], c_{k-1})
+          h_k = h^_k + f'(x^),        f(x^, S) = h_T
+
+Order: the support sequence is the class-major flattening of [N, K] as given
+(LEO's sampler and the exporter give classes in label order). Without FCE the
+prediction is invariant to any permutation of the support (with its labels).
+With FCE it is not: the BiLSTM reads a sequence, so permuting the support
+changes g and the logits (tests/test_matching.py). One exact symmetry is
+left: reversing the sequence swaps the roles of the forward and backward
+LSTMs, so with tied directions (equal weights) it leaves the logits
+unchanged. Every query is embedded independently (no transduction).
+
+With every LSTM weight and bias at zero the gates are 1/2 and the candidate
+0, so c = h = 0 throughout and FCE reduces to f = f', g = g' exactly.
+
+Outer loop: twitter/meta-learning-lstm (the code behind Ravi & Larochelle's
+Matching Networks numbers): Adam 1e-4, no clipping.
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import sonnet as snt
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite.models import base
+from leo_suite.models import embedding_maps
+
+FLAG_PREFIX = "matching_"
+OUTER_DEFAULTS = dict(learning_rate=1e-4, clip_value=0.0, clip_norm=0.0)
+EVAL_FIELDS = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(embedding_maps.MapMetricConfig):
+  """Matching Networks hyperparameters (flags --matching_<field>)."""
+  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  metric: str = embedding_maps.metric_field("cosine")
+  map_dim: int = embedding_maps.map_dim_field(64)
+  fce: bool = dataclasses.field(default=False, metadata={
+      "help": "Full Context Embeddings: g = bidirectional LSTM over the "
+              "support sequence (+ g'), f = attention LSTM over g(S) for "
+              "fce_steps steps (+ f'). The paper's miniImageNet model; the "
+              "reference code's shipped config (twitter/meta-learning-lstm) "
+              "and the Omniglot model have none."})
+  fce_steps: int = dataclasses.field(default=3, metadata={
+      "help": "T, processing steps of the query-side attention LSTM with "
+              "FCE (twitter/meta-learning-lstm: 3; low-shot-shrink-"
+              "hallucinate: 5). 0 = f = f'."})
+
+  def validate(self):
+    super().validate()
+    if self.fce_steps < 0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}fce_steps={self.fce_steps}: must be >= 0")
+
+
+class LSTMCell(snt.Module):
+  """One LSTM step with gates from [input, recurrent input] (Hochreiter &
+  Schmidhuber; no peepholes, no forget-gate bias): i, f, o = sigma(.),
+  c' = f c + i tanh(.), h' = o tanh(c'). Glorot kernel, zero bias."""
+
+  def __init__(self, input_dim, recurrent_dim, cell_dim, dtype, name):
+    super().__init__(name=name)
+    self.kernel = tf.Variable(base.glorot_uniform(
+        [input_dim + recurrent_dim, 4 * cell_dim], dtype), name="kernel")
+    self.bias = tf.Variable(tf.zeros([4 * cell_dim], dtype), name="bias")
+
+  def __call__(self, inputs, recurrent, cell):
+    gates = tf.einsum("...i,ig->...g", tf.concat([inputs, recurrent], -1),
+                      self.kernel) + self.bias
+    input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=-1)
+    cell = (tf.sigmoid(forget_gate) * cell +
+            tf.sigmoid(input_gate) * tf.tanh(candidate))
+    return tf.sigmoid(output_gate) * tf.tanh(cell), cell
+
+
+def unroll(cell_fn, sequence):
+  """Hidden states [B, M, d] of an LSTM over sequence [B, M, d] from zero states."""
+  time_major = tf.transpose(sequence, [1, 0, 2])
+  zeros = tf.zeros_like(time_major[0])
+  hidden, _ = tf.scan(lambda state, x: cell_fn(x, state[0], state[1]),
+                      time_major, initializer=(zeros, zeros))
+  return tf.transpose(hidden, [1, 0, 2])
+
+
+class FullContextEmbeddings(snt.Module):
+  """The paper's g (bidirectional LSTM) and f (attention LSTM), width d."""
+
+  def __init__(self, dim, steps, dtype, name="fce"):
+    super().__init__(name=name)
+    self.steps = int(steps)
+    self.forward_lstm = LSTMCell(dim, dim, dim, dtype, name="forward")
+    self.backward_lstm = LSTMCell(dim, dim, dim, dtype, name="backward")
+    self.attention_lstm = LSTMCell(dim, 2 * dim, dim, dtype, name="attention")
+
+  def support(self, support_features):
+    """g(x_i, S) = h->_i + h<-_i + g'(x_i): [B, M, d] -> [B, M, d]."""
+    forward = unroll(self.forward_lstm, support_features)
+    backward = tf.reverse(
+        unroll(self.backward_lstm, tf.reverse(support_features, [1])), [1])
+    return forward + backward + support_features
+
+  def query(self, query_features, support_embeddings):
+    """f(x^, S) = h_T: query f'(x^) [B, Q, d], g(S) [B, M, d] -> [B, Q, d]."""
+    hidden, cell = query_features, tf.zeros_like(query_features)
+    for _ in range(self.steps):
+      attention = tf.nn.softmax(
+          tf.einsum("bqd,bmd->bqm", hidden, support_embeddings), axis=-1)
+      readout = tf.einsum("bqm,bmd->bqd", attention, support_embeddings)
+      output, cell = self.attention_lstm(
+          query_features, tf.concat([hidden, readout], -1), cell)
+      hidden = output + query_features
+    return hidden
+
+
+class MatchingNetwork(embedding_maps.EmbeddingLearner):
+  """Attention over the support set; log y^ as logits.
+
+  Task state: (g(x_i, S) [B, M, d], one-hot support labels [B, M, N]).
+  """
+
+  def __init__(self, config: Config, num_ways: int, embedding_dim: int,
+               dtype=tf.float32, name="matching"):
+    super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
+    self.metric = config.build_metric(self.dtype)
+    self.fce = None
+    if config.fce:
+      self.fce = FullContextEmbeddings(self.embedding_map.output_dim,
+                                       config.fce_steps, self.dtype)
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    """(g(x_i, S), y_i one-hot) of the flattened support, class-major order."""
+    del training, seed
+    support, one_hot = self.embed_support(support_x, support_y)
+    if self.fce is not None:
+      support = self.fce.support(support)
+    return support, one_hot
+
+  def attention_logits(self, state, query_x):
+    """z [B, Q, M] = s sim(f(x^, S), g(x_i, S)) of the flattened queries."""
+    support, _ = state
+    queries = self.embed(query_x)
+    if self.fce is not None:
+      queries = self.fce.query(queries, support)
+    return self.metric(queries, support)
+
+  def predict(self, state, query_x, *, training, seed):
+    """log y^ [B, N', V, N] = log sum_i a(x^, x_i) y_i (LSE form, see above)."""
+    del training, seed
+    _, one_hot = state
+    z = self.attention_logits(state, query_x)[:, :, tf.newaxis, :]  # [B, Q, 1, M]
+    in_class = tf.transpose(one_hot, [0, 2, 1])[:, tf.newaxis] > 0  # [B, 1, N, M]
+    masked = tf.where(in_class, z, tf.constant(-float("inf"), z.dtype))
+    log_y = (tf.reduce_logsumexp(masked, axis=-1) -
+             tf.reduce_logsumexp(z, axis=-1))                        # [B, Q, N]
+    return embedding_maps.per_query(log_y, query_x)
+
+
+def build(config: Config, num_ways: int, embedding_dim: int,
+          dtype="float32") -> MatchingNetwork:
+  """Validates `config` and builds the learner."""
+  config.validate()
+  return MatchingNetwork(config, num_ways, embedding_dim, dtype=dtype)
