@@ -133,7 +133,7 @@ def run_runner(wrapper, data, run_dir, limit=LIMIT, **fault):
 def variables(prefix):
   reader = tf.train.load_checkpoint(prefix)
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if "learner" in name or "optimizer" in name}
+          if name.startswith(("learner/", "optimizer/", "step/"))}
 
 
 def assert_same(a, b):
@@ -169,7 +169,7 @@ def resume_and_check(wrapper, data, run_dir):
   expected = latest_step(run_dir)
   if expected:
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
-    assert reader.get_tensor("optimizer/step/.ATTRIBUTES/VARIABLE_VALUE") == expected
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == expected
   proc = run_runner(wrapper, data, run_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   if expected:
