@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
-from leo_suite.models import base
 from leo_suite.models import matching
 from leo_suite.models import protonet
 from tests import learner_checks

@@ -114,6 +114,23 @@ def test_learned_map_logits_follow_the_formula(overrides):
                              rtol=1e-12, atol=1e-12)
 
 
+def test_linear_map_starts_orthogonal_so_protonet_starts_at_its_identity_control():
+  tf.random.set_seed(4)
+  square = build64()                                  # d = D: an isometry
+  w = square.embedding_map.mlp.weights[0].numpy()
+  np.testing.assert_allclose(w @ w.T, np.eye(DIM), atol=1e-13)
+  episode = permuted_episode(seed=5)
+  np.testing.assert_allclose(logits_of(square, *episode[:3]),
+                             logits_of(build64(embedding_map="identity"), *episode[:3]),
+                             rtol=1e-12, atol=1e-12)
+  wide = build64(map_dim=3 * DIM).embedding_map.mlp.weights[0].numpy()
+  np.testing.assert_allclose(wide @ wide.T, np.eye(DIM), atol=1e-13)   # isometry too
+  narrow = build64(map_dim=4).embedding_map.mlp.weights[0].numpy()
+  np.testing.assert_allclose(narrow.T @ narrow, np.eye(4), atol=1e-13)  # a projection
+  other = build64().embedding_map.mlp.weights[0].numpy()
+  assert np.abs(other - w).max() > 0.1                # random, from the global seed
+
+
 # -- invariants -----------------------------------------------------------------
 
 def test_class_permutation_permutes_logits_and_shot_order_is_irrelevant():

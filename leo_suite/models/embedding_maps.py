@@ -13,7 +13,7 @@ f_phi: R^D -> R^d on top of the embeddings (survey_learners.md, section 0):
             random orthogonal projection. A Glorot D x D map starts with
             distorted distances that the loss barely corrects: measured on
             tests/test_maml.py's toy problem, ProtoNet at 94.0% at init and
-            94.9% after 200 steps against 99.2% for NCM;
+            94.9% after 200 steps at Adam 3e-3, against 99.2% for NCM;
   mlp       f(x) = relu(... relu(x W_1 + b_1) ...) W_L (Wang et al. 2018's
             ProtoNet on frozen ResNet features: Linear-ReLU-Linear).
 
@@ -22,7 +22,7 @@ and would only add a trainable variable with zero gradient there.
 
 Also here: the similarity of a query to a point (a prototype or a support
 example), `-||f(q) - p||^2` or `cos(f(q), p)`, times a fixed or learned scale
-s (`LogitScale`), and the one-hot/class-sum plumbing every learner needs.
+s (`ScaledMetric`), and the one-hot/class-sum plumbing every learner needs.
 Shapes: support [B, N, K, D] is handled as M = N*K examples [B, M, D], queries
 [B, N', V, D] as Q = N'*V examples [B, Q, D] (N' = 1 when serving).
 """

@@ -29,21 +29,26 @@ Reference quirks kept or changed (survey_learners.md, section 3):
     so g is affine, g(c, q) = a.c + b.q + const, additive in (class, query):
     every query gets the same argmax and accuracy is exactly 1/N; it stays
     there (measured: 20.0% after 300 steps on tests/test_maml.py's toy
-    problem and after 200 on the synthetic data). In the paper the conv
-    blocks' batch norm re-centres g's activations, which is what the bias-1
-    init relied on. The default is therefore Glorot with zero biases.
+    problem). In the paper the conv blocks' batch norm re-centres g's
+    activations, which is what the bias-1 init relied on. The default is
+    therefore Glorot with zero biases.
   * Feature scale. The reference's relation module reads conv features that
     end in batch norm, unit variance per channel; unit-norm embeddings give
     coordinates of RMS d^-1/2. With `normalize_features` (default) f(x) is
     rescaled to sqrt(d) f(x) / ||f(x)||, unit RMS per coordinate, before the
     class sum. Without it the MSE objective sits on a plateau at the
     constant output 1/N before g learns to compare (toy problem, Glorot g,
-    Adam 1e-3: 44% after 120 steps with it off, 92% with it on).
+    120 Trainer steps at Adam 3e-3: 45% with it off, 91% with it on).
   * No batch norm: the reference's results rely on query-batch statistics at
     test time (it never calls .eval()), a transductive effect not ported.
   * Outer loop: Adam 1e-3 with a gradient-norm clip of 0.5 per module; the
     suite clips each tensor to norm 0.5 (the closest of its chains), and has
     no learning-rate schedule (the reference halves it every 100k episodes).
+
+Measured with the runner on the synthetic data (demo preset, 5-way 1-shot,
+300 steps): 75.4% test accuracy against 49.7% for NCM. On the toy problem,
+where NCM is near-optimal, the learned comparator stays below NCM in short
+runs (95.3% after 300 steps, 96.6% after 1000, NCM 99.2%).
 """
 
 import dataclasses
