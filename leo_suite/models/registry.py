@@ -25,6 +25,8 @@ LEARNERS = {
     "relation": "leo_suite.models.relation",
     "reptile": "leo_suite.models.reptile",
     "meta_lstm": "leo_suite.models.meta_lstm",
+    "hallucination": "leo_suite.models.hallucination",
+    "snail": "leo_suite.models.snail",
 }
 
 
