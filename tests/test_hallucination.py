@@ -52,6 +52,10 @@ def base_twin(learner):
 
 @pytest.mark.parametrize("base_model", ["protonet", "maml", "leo", "snail"])
 def test_zero_generated_examples_is_exactly_the_base_learner(base_model):
+  # LEO's default inner loop (rate 1, 5 steps) diverges from about 3 in 10
+  # random initialisations on these 16-d toy tasks (measured over global seeds
+  # 0-39): fix the draw so the test compares finite losses.
+  tf.random.set_seed(0)
   learner = build(base_model=base_model, num_hallucinated=0)
   twin = base_twin(learner)
   episode = common.make_episode(num_shots=2)

@@ -60,6 +60,17 @@ def glorot_uniform(shape, dtype):
   return tf.random.uniform(shape, -limit, limit, dtype=tf.as_dtype(dtype))
 
 
+def dense(x, weights):
+  """x [..., C] @ weights [C, O] for any number of leading axes.
+
+  tensordot, not einsum("...c,co->...o"): TF's gradient of that einsum
+  broadcasts to [..., C, O] before reducing (measured, gradient of a sum of
+  squares on CPU: 34 ms against 0.7 ms for x [25, 100, 64], O = 64; 2.9 GB
+  for SNAIL's x [12, 75, 1200], O = 256).
+  """
+  return tf.tensordot(x, weights, 1)
+
+
 def cross_entropy(logits, labels):
   """Per-example softmax cross-entropy with one-hot targets.
 

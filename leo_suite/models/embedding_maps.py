@@ -184,7 +184,7 @@ class MLP(snt.Module):
   def __call__(self, x):
     num_layers = len(self.weights)
     for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-      x = tf.einsum("...i,io->...o", x, w)
+      x = base.dense(x, w)
       if b is not None:
         x += b
       if layer < num_layers - 1:

@@ -105,8 +105,8 @@ class LSTMCell(snt.Module):
     self.bias = tf.Variable(tf.zeros([4 * cell_dim], dtype), name="bias")
 
   def __call__(self, inputs, recurrent, cell):
-    gates = tf.einsum("...i,ig->...g", tf.concat([inputs, recurrent], -1),
-                      self.kernel) + self.bias
+    gates = base.dense(tf.concat([inputs, recurrent], -1),
+                       self.kernel) + self.bias
     input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=-1)
     cell = (tf.sigmoid(forget_gate) * cell +
             tf.sigmoid(input_gate) * tf.tanh(candidate))

@@ -208,7 +208,7 @@ class R2D2(base.Learner):
     if training and rate > 0.0:
       x = tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
     if self.projection is not None:
-      x = tf.einsum("...d,de->...e", x, self.projection)
+      x = base.dense(x, self.projection)
       if self.config.normalize_projection:
         x = tf.math.l2_normalize(x, axis=-1)
     return x

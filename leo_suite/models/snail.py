@@ -133,16 +133,6 @@ def dilations(sequence_length):
   return [2 ** i for i in range(1, math.ceil(math.log2(sequence_length)) + 1)]
 
 
-def _dense(x, weights, bias):
-  """x [..., C] @ weights [C, O] + bias.
-
-  tensordot, not einsum("...c,co->...o"): TF's gradient of that einsum
-  broadcasts to [..., C, O] before reducing (measured: 2.9 GB and 36x the
-  time for x [12, 75, 1200], O = 256).
-  """
-  return tf.tensordot(x, weights, 1) + bias
-
-
 class DenseBlock(snt.Module):
   """[X, tanh(conv^f(X)) * sigmoid(conv^g(X))], causal, kernel 2, dilation d.
 
@@ -165,13 +155,14 @@ class DenseBlock(snt.Module):
     """x [S, T, C] -> ([S, T, C + F], cache: the past tap of step T+1 [S, 2F])."""
     padded = tf.pad(x, [[0, 0], [self.dilation, 0], [0, 0]])
     length = tf.shape(x)[1]
-    past = _dense(padded[:, :length], self.kernel[0], self.bias)
+    past = base.dense(padded[:, :length], self.kernel[0]) + self.bias
     cache = tf.matmul(padded[:, length], self.kernel[0])
-    return self._output(x, past + tf.tensordot(x, self.kernel[1], 1)), cache
+    return self._output(x, past + base.dense(x, self.kernel[1])), cache
 
   def step(self, x, cache):
     """The step after the cached prefix, for Q sequences per task: x [S, Q, C]."""
-    pre_activation = cache[:, tf.newaxis] + _dense(x, self.kernel[1], self.bias)
+    pre_activation = (cache[:, tf.newaxis] + base.dense(x, self.kernel[1]) +
+                      self.bias)
     return self._output(x, pre_activation)
 
 
@@ -198,7 +189,7 @@ class AttentionBlock(snt.Module):
                       self.bias[key_size:]], axis=0)
 
   def _queries_keys_values(self, x):
-    queries, keys, values = tf.split(_dense(x, self.kernel, self.full_bias()),
+    queries, keys, values = tf.split(base.dense(x, self.kernel) + self.full_bias(),
                                      self.sizes, axis=-1)
     return queries * self.scale, keys, values
 
@@ -286,7 +277,7 @@ class SNAIL(base.Learner):
     x = sequences
     for block in self.blocks:
       x, _ = block.sequence(x)
-    return _dense(x, self.output_weights, self.output_bias)
+    return base.dense(x, self.output_weights) + self.output_bias
 
   def adapt(self, support_x, support_y, *, training, seed):
     """Runs the support prefix once per task; state = the blocks' caches."""
@@ -308,7 +299,7 @@ class SNAIL(base.Learner):
     x = tf.reshape(x, [query_shape[0], -1, self.step_width])  # [B, N*V, .]
     for block, cache in zip(self.blocks, state):
       x = block.step(x, cache)
-    logits = _dense(x, self.output_weights, self.output_bias)
+    logits = base.dense(x, self.output_weights) + self.output_bias
     return tf.reshape(logits, tf.concat([query_shape, [self.num_ways]], 0))
 
 
