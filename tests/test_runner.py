@@ -223,3 +223,27 @@ def test_helpfull_groups_flags_by_release_runner_and_learner():
   release = text.split("leo_suite: 1. LEO release flags:")[1].split("leo_suite: 2. runner:")[0]
   assert "--outer_lr" in release and "--num_tr_examples_per_class" in release
   assert "--maml_inner_lr" not in release
+
+
+def test_the_initialisation_is_a_best_checkpoint_candidate(tmp_path, tiny_data):
+  """Validation runs at step 0 too: when meta-training only lowers validation
+  accuracy (here a ruinous outer rate), best/ keeps the initial variables and
+  evaluation scores them."""
+  run_dir = str(tmp_path / "ruined")
+  flags = [f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={run_dir}",
+           "--outer_lr=1000", "--num_steps_limit=4", "--checkpoint_steps=2"]
+  proc = run(*flags)
+  assert "step 0  validation accuracy" in proc.stderr
+  with open(os.path.join(run_dir, "best", "best.json")) as handle:
+    best = json.load(handle)
+  assert best["step"] == 0, best
+  initial, last = variables(os.path.join(run_dir, "best", "ckpt")), variables(run_dir)
+  learner_names = [n for n in initial if n.startswith("learner")]
+  assert any(not np.array_equal(initial[n], last[n]) for n in learner_names)
+  # The initial MAML head is zero (class-symmetric): best/ holds exactly that.
+  output_layer = [initial[n] for n in learner_names
+                  if "OPTIMIZER" not in n and initial[n].ndim == 2 and initial[n].shape[-1] == 3]
+  assert output_layer and not any(np.any(w) for w in output_layer)
+  run(*flags, "--evaluation_mode")
+  result = result_of(run_dir)
+  assert result["checkpoint"].endswith(os.path.join("best", "ckpt")), result["checkpoint"]

@@ -8,10 +8,11 @@ mean; the sum goes through the learner's outer chain (optim.build_chain: NaN
 guard, clip by value, clip each tensor by its norm, Adam), so clipping sees
 the full meta-batch gradient as LEO's release does. Checkpoints go through
 tf.train.CheckpointManager (a killed save leaves the previous checkpoint as
-the latest); the best-validation checkpoint is staged in a temporary
-directory and swapped in atomically. A step's episodes and random draws are
-functions of (seed, step) only, so a resumed run replays the uninterrupted
-one. The run directory's config.json is written by `run.Run`, not here.
+the latest); the best-validation checkpoint (the initialisation, step 0,
+included) is staged in a temporary directory and swapped in atomically. A
+step's episodes and random draws are functions of (seed, step) only, so a
+resumed run replays the uninterrupted one. The run directory's config.json
+is written by `run.Run`, not here.
 """
 
 import dataclasses
@@ -196,6 +197,12 @@ class Trainer:
     writer = (tf.summary.create_file_writer(os.path.join(cfg.checkpoint_path, "summaries"))
               if self.is_chief else tf.summary.create_noop_writer())
     best = self._best_accuracy()
+    if step == 0 and cfg.keep_best and best < 0:
+      # The initialisation is a candidate too: several learners start at a
+      # nearest-class-mean classifier, and on features pretrained on the
+      # meta-train classes meta-training can lower validation accuracy from
+      # there (README, Omniglot-small). best/ then holds step 0.
+      best = self._validate_and_keep_best(0, best, writer)
     dataset = self.train_dataset(step)
     window_start, window_steps, sums = time.time(), 0, {}
     for episode in dataset:
