@@ -47,8 +47,10 @@ _release(flags.DEFINE_string, "dataset_name",
          "miniImageNet, tieredImageNet (LEO's release), 'synthetic' (the embedded default, "
          "generated on first use) or any dataset directory under data_path.")
 _release(flags.DEFINE_enum, "embedding_crop",
-         "Which embeddings: center crop or multiview (miniImageNet only in the release).",
-         ["center", "multiview"])
+         "Which embeddings: center crop or multiview (miniImageNet only in the release); "
+         "warps: the center view averaged with 15 fixed affine warps (this suite's "
+         "extraction, for characters; leo_suite/pretrain/extract.py).",
+         ["center", "multiview", "warps"])
 _release(flags.DEFINE_boolean, "train_on_val",
          "Meta-train on train + val classes (as the paper's final runs); validation still "
          "runs on val but is not held out, so no best/ checkpoint is kept.")

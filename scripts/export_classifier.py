@@ -71,7 +71,7 @@ def main(argv):
     run = export.restore_learner(FLAGS.checkpoint_path)
   # Every support form of scripts/predict.py (leo_suite.serving.sets.load_set).
   support, backbone, description = export.load_support(
-      FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots)
+      FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots, crop=export.run_crop(run.run))
   result = export.export_classifier(
       FLAGS.checkpoint_path, support, FLAGS.export_base, FLAGS.model_name or None,
       FLAGS.version, backbone, description, restored=run, private=FLAGS.private)

@@ -6,9 +6,11 @@
    Koch-style affine augmentation, cosine schedule, chosen on meta-val) on the
    meta-train alphabets (Balinese, Korean, Japanese_(katakana), Sanskrit,
    Greek: 177 characters) read straight from the two archives;
-2. extracts center embeddings of all three splits to
-   <work_dir>/embeddings/omniglot_small/center/ (runner.py --data_path=
-   <work_dir>/embeddings --dataset_name=omniglot_small reads them);
+2. extracts embeddings of all three splits with --crop (default warps: the
+   center view averaged with 15 fixed affine warps, chosen on meta-val) to
+   <work_dir>/embeddings/omniglot_small/<crop>/ (runner.py --data_path=
+   <work_dir>/embeddings --dataset_name=omniglot_small --embedding_crop=<crop>
+   reads them);
 3. evaluates nearest-class-mean (cosine) and per-episode logistic regression
    on meta-test (Latin, 26 characters): 5w1s, 5w5s, 20w1s, 15 queries,
    --num_episodes fixed episodes (seed --episode_seed), mean and 95% CI;
@@ -52,6 +54,9 @@ DATASET = "omniglot_small"
 DEFAULT_EPOCHS = 30
 DEFAULT_AUGMENT = "affine"
 DEFAULT_HEAD = "linear"
+# Extraction crop chosen on meta-val (same backbone, cosine NCM 5w1s / 5w5s /
+# 20w1s): center 96.91 / 98.92 / 89.78, warps 97.44 / 99.02 / 91.08.
+DEFAULT_CROP = "warps"
 
 flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives and "
                     "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
@@ -63,6 +68,9 @@ flags.DEFINE_string("augment", DEFAULT_AUGMENT, "Pretraining augmentation: none,
                     "translation), shift_flip or affine (Koch et al. 2015 affine warp).")
 flags.DEFINE_integer("max_shift", 2, "Translation range of the augmentation (pixels at 28x28).")
 flags.DEFINE_string("head", DEFAULT_HEAD, "Pretraining classifier head: linear or cosine.")
+flags.DEFINE_enum("crop", DEFAULT_CROP, list(extract.CROPS), "Extraction crop of every "
+                  "split (leo_suite/pretrain/extract.py); the learners train on it and "
+                  "exports of their runs embed images the same way.")
 flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
 flags.DEFINE_float("learning_rate", 0.05, "Pretraining peak SGD learning rate.")
 flags.DEFINE_integer("seed", 0, "Pretraining seed.")
@@ -82,29 +90,35 @@ FLAGS = flags.FLAGS
 
 # Per-learner, per-setting meta-training: steps, validation interval and
 # runner.py flags, chosen by the validation sweep in the README (Omniglot-small;
-# meta-val alphabets only, never Latin). Training validates every `every` steps
-# on 200 fixed meta-val tasks and keeps the best checkpoint (best/), which
-# evaluation uses. Key (model, ways, shots), or (model, None, None) for every
-# setting; "skip" gives the measured reason a setting is not run.
+# meta-val alphabets only, never Latin; scripts/omniglot_learner_sweep.py, on
+# the center embeddings of the default backbone). Training validates at step 0
+# (the initialisation) and every `every` steps on 200 fixed meta-val tasks and
+# keeps the best checkpoint (best/), which evaluation uses. Key (model, ways,
+# shots), or (model, None, None) for every setting; "skip" gives the measured
+# reason a setting is not run.
 # Measured at 20w1s on these features: for the learners that start at nearest
-# class mean (ProtoNet, Matching, R2D2, MAML/iMAML with a zero head) the best
-# checkpoint is the first (10-20 steps); longer meta-training on meta-train
-# embeddings (classes the backbone was trained on) lowers validation accuracy.
+# class mean (ProtoNet, Matching, R2D2, MAML/iMAML/Meta-LSTM with a zero linear
+# head) the best checkpoint is the first (10-20 steps; Meta-LSTM 88.86 @2,
+# 86.67 @10); longer meta-training on meta-train embeddings (classes the
+# backbone was trained on) lowers validation accuracy.
 LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
-SMALL_EVAL_BATCHES = ["--metavalid_batch_size=25", "--num_val_batches=8",
-                      "--metatest_batch_size=25"]
-# Validation 20w1s (200 tasks; NCM 89.49 on the same tasks), best @ step:
-#   leo   outer_lr 1e-4 (default): 81.4 @100 of 100 (10-epoch features); 1e-3: 86.20 @200;
-#         3e-3: 87.15 @200 of 300
-#   l2f   hidden 64 (default): 37.32; 512: 74.10 @100; 512 + inner_lr 4: 86.81 @25;
+# Validation (200 tasks; NCM 96.57 / 98.76 / 89.49 on the same tasks), best @ step:
+#   leo   20w1s outer_lr 1e-4 (default): 81.4 @100 of 100 (10-epoch features); 1e-3:
+#         86.20 @200; 3e-3: 87.15 @200 of 300
+#   l2f   20w1s hidden 64 (default): 37.32; 512: 74.10 @100; 512 + inner_lr 4: 86.81 @25;
 #         1024 + inner_lr 4: 87.57 @10 (its random hidden layer keeps more of the 64-d input)
-#   reptile epsilon 1.0 (default), hidden 64: 84.81 @10; epsilon 0.1: 88.41 @10;
+#   reptile 20w1s epsilon 1.0 (default), hidden 64: 84.81 @10; epsilon 0.1: 88.41 @10;
 #         epsilon 0.1, linear head: 89.51 @40
-#   relation 20-way: 0.035 steps/s and 5.9 GB RSS, validation 5.00 (chance) at step 20;
-#         5w1s (60 steps): 20.00 (chance) at every checkpoint: constant logits
-#   hallucination 87.81 @10, 88.54 @30 of 60 (492 s for 60 steps under load)
-#   meta_lstm 53.57 @20 of 60 (far below NCM: its learned optimiser is untrained here)
-#   snail 20-way: killed by the kernel OOM killer (19 GB RSS) even with 25-task batches
+#   relation (defaults: Glorot module, normalised features) 5w1s: 20.74 @60 of 60,
+#         92.26 @800 of 1000, 93.66 @3500 of 4000, 93.63 @5000 of 20000 (plateau, 337 s);
+#         5w5s: 96.63 @4000 of 4000 (55 s); 20w1s: 82.46 @1750 of 2000 (209 s)
+#   meta_lstm 20w1s hidden 64 (default): 53.57 @20 of 60; linear head: 86.67 @10,
+#         88.86 @2 of 20 (every 2); 5w1s linear: 96.41 @10
+#   hallucination 20w1s: 87.81 @10, 88.54 @30 of 60 (492 s for 60 steps under load)
+#   snail 5w1s: 20.74 @60, 61.93 @800, 79.65 @4000 of 4000 (207 s; still rising);
+#         20w1s: 4.92 @300, 59.16 @3000 of 3000 (441 s; still rising): a black box
+#         that must learn the comparison NCM gets for free needs far more steps
+#         than this pipeline's budget (the paper trains for tens of thousands)
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 200, "every": 25, "flags": ["--outer_lr=3e-3"]},
     ("maml", 20, 1): {"flags": ["--maml_inner_lr=4.0"]},
@@ -112,11 +126,12 @@ LEARNER_PRESETS = {
     ("l2f", None, None): {"flags": ["--l2f_hidden_sizes=1024"]},
     ("l2f", 20, 1): {"flags": ["--l2f_inner_lr=4.0"]},
     ("reptile", None, None): {"flags": ["--outer_lr=0.1", "--reptile_hidden_sizes="]},
-    ("snail", None, None): {"flags": SMALL_EVAL_BATCHES},  # 200 tasks at once: 9.7 GB, OOM
-    ("snail", 20, 1): {"skip": "20-way training is killed by the OOM killer (19 GB RSS)"},
+    ("meta_lstm", None, None): {"flags": ["--meta_lstm_hidden_sizes="]},
+    ("relation", None, None): {"steps": 5000, "every": 500},
+    ("relation", 20, 1): {"steps": 2000, "every": 250},
+    ("snail", None, None): {"steps": 4000, "every": 500},
+    ("snail", 20, 1): {"steps": 3000, "every": 500},
     ("hallucination", None, None): {"steps": 30},
-    ("relation", None, None): {"skip": "validation at chance on these embeddings (5w1s 20.00 "
-                                       "at every checkpoint; 20-way 0.035 steps/s, 5.9 GB)"},
 }
 
 
@@ -150,7 +165,7 @@ def stage_done(stage, timings, ledger_path=None):
 
 def extracted_manifest(data_path, summary):
   """The manifest of embeddings already extracted from this very backbone, else None."""
-  path = os.path.join(data_path, DATASET, "center", extract.MANIFEST)
+  path = os.path.join(data_path, DATASET, FLAGS.crop, extract.MANIFEST)
   sha = (summary.get("export") or {}).get("weights_sha256")
   if not sha or not os.path.exists(path):
     return None
@@ -246,14 +261,14 @@ def main(argv):
   if manifest is None:  # not yet extracted from this backbone (a resumed run skips it)
     manifest = extract.extract_embeddings(
         os.path.join(work, "pretrain", "backbone"), by_class, split_classes, data_path, DATASET,
-        "center", "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
+        FLAGS.crop, "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
         sources=archives, split_origin=origin)
   timings["extract_s"] = time.time() - t0
   stage_done("extract", timings, ledger_path)
 
   # 3. baselines on meta-test.
   t0 = time.time()
-  test = embeddings_lib.load_dataset_split(data_path, DATASET, "center", "test")
+  test = embeddings_lib.load_dataset_split(data_path, DATASET, FLAGS.crop, "test")
   rows = pipeline.evaluate_baselines(test, "Conv-4 embeddings", settings,
                                      num_episodes=FLAGS.num_episodes, seed=FLAGS.episode_seed)
   if FLAGS.pixel_baseline:
@@ -283,7 +298,8 @@ def main(argv):
         learners_root, model, ways, shots, steps, preset["flags"] + FLAGS.runner_flag, manifest,
         lambda flags_: pipeline.run_learner(model, data_path, DATASET, ways, shots,
                                             learners_root, steps, FLAGS.num_episodes,
-                                            seed=FLAGS.episode_seed, extra_flags=flags_))
+                                            seed=FLAGS.episode_seed, extra_flags=flags_,
+                                            crop=FLAGS.crop))
     print(f"{model} {ways}w{shots}s ({steps} steps): " + (
         f"{result['accuracy']:.2f} ± {result['ci95']:.2f}, best val "
         f"{result.get('val_accuracy', float('nan')):.2f} @ step {result.get('best_step')}, "
@@ -313,7 +329,8 @@ def main(argv):
            f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
            f"(meta-val alphabets) @ its step, the checkpoint evaluated. Conv-4 pretrained "
            f"{FLAGS.epochs} epochs (augment {FLAGS.augment}, {FLAGS.head} head) on "
-           f"{len(split_classes['train'])} meta-train characters x 4 rotations"
+           f"{len(split_classes['train'])} meta-train characters x 4 rotations; "
+           f"embeddings: {FLAGS.crop} crop ({extract.CROP_DESCRIPTIONS[FLAGS.crop]})"
            + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
            f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
            f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "

@@ -437,7 +437,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   assert {r["method"] for r in learners} == {"protonet (runner.py)", "r2d2 (runner.py)"}
   for row in learners:
     assert "accuracy" in row, row
-    assert row["best_step"] >= 1 and row["val_accuracy"] > 20  # trained, validated
+    # Validated (step 0, the initialisation, is a candidate: see the trainer).
+    assert row["best_step"] >= 0 and row["val_accuracy"] > 20
     assert row["accuracy"] >= ncm["accuracy"] - ncm["ci95"], (row, ncm)
   text = (work / "results.md").read_text()
   assert "(val " in text and "learners" in text

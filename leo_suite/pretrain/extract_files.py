@@ -52,7 +52,7 @@ class ImageEmbedder:
     self.model, self.description = train_lib.load_backbone(backbone_dir)
     size = int(self.description["image_size"])
     self.options = images_lib.DecodeOptions(
-        size if crop == "center" else extract.multiview_size(size),
+        extract.load_size(crop, size),
         int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad)
     self.features_fn = extract.feature_function(self.model, crop, size,
                                                 bool(self.description["invert"]))

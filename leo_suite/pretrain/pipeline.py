@@ -69,7 +69,7 @@ def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
 
 def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots: int,
                 run_dir: str, num_steps: int, num_test_tasks: int, num_queries: int = 15,
-                seed: int = 0, extra_flags: Sequence[str] = (),
+                seed: int = 0, extra_flags: Sequence[str] = (), crop: str = "center",
                 log: Callable[[str], None] = print):
   """Trains then evaluates `model` with runner.py on the baselines' episodes.
 
@@ -78,7 +78,7 @@ def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots:
   """
   checkpoint = os.path.join(run_dir, f"{model}_{ways}w{shots}s")
   flags = [f"--data_path={data_path}", f"--dataset_name={dataset_name}",
-           "--embedding_crop=center", f"--num_classes={ways}",
+           f"--embedding_crop={crop}", f"--num_classes={ways}",
            f"--num_tr_examples_per_class={shots}", f"--num_val_examples_per_class={num_queries}",
            f"--eval_num_query={num_queries}", f"--eval_seed={seed}",
            f"--num_steps_limit={num_steps}", f"--checkpoint_steps={max(1, num_steps // 2)}",

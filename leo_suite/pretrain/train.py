@@ -130,21 +130,19 @@ def augment_batch(x, seed, augment: str, max_shift: int):
   return x
 
 
-def affine_batch(x, seed, max_shift: float, rotation_deg: float = 10.0, shear: float = 0.3,
-                 scale: tuple = (0.8, 1.2)):
-  """Koch et al. (2015) affine warp, drawn independently per image (stateless).
+def affine_transforms(count, seed, size: int, max_shift: float, rotation_deg: float = 10.0,
+                      shear: float = 0.3, scale: tuple = (0.8, 1.2)):
+  """[count, 8] projective transforms of Koch et al.'s (2015) affine warp (stateless).
 
   Rotation +-10 degrees, shears rho_x, rho_y in [-0.3, 0.3], scales s_x, s_y in
   [0.8, 1.2] and a translation of up to `max_shift` pixels; each component is
-  applied with probability 0.5. Bilinear, zero fill (strokes are already
-  inverted to 1 on 0). The matrix maps output to input coordinates around the
-  image centre (the distribution of each component is symmetric).
+  applied with probability 0.5. Each row maps output to input coordinates
+  around the centre of a `size` x `size` image (the distribution of each
+  component is symmetric).
   """
-  batch = tf.shape(x)[0]
-  size = x.shape[1]
-  u = tf.random.stateless_uniform([batch, 7], seed, -1.0, 1.0)
+  u = tf.random.stateless_uniform([count, 7], seed, -1.0, 1.0)
   on = tf.cast(tf.random.stateless_uniform(
-      [batch, 4], tf.random.experimental.stateless_fold_in(seed, 2)) < 0.5, tf.float32)
+      [count, 4], tf.random.experimental.stateless_fold_in(seed, 2)) < 0.5, tf.float32)
   theta = on[:, 0] * u[:, 0] * rotation_deg * np.pi / 180.0
   rho_x, rho_y = on[:, 1] * u[:, 1] * shear, on[:, 1] * u[:, 2] * shear
   mid, half = (scale[0] + scale[1]) / 2, (scale[1] - scale[0]) / 2
@@ -158,12 +156,22 @@ def affine_batch(x, seed, max_shift: float, rotation_deg: float = 10.0, shear: f
   m10 = (sin + cos * rho_y) * s_x
   m11 = (sin * rho_x + cos) * s_y
   c = (size - 1) / 2.0
-  transforms = tf.stack([m00, m01, c + t_x - m00 * c - m01 * c,
-                         m10, m11, c + t_y - m10 * c - m11 * c,
-                         tf.zeros_like(m00), tf.zeros_like(m00)], axis=1)
+  return tf.stack([m00, m01, c + t_x - m00 * c - m01 * c,
+                   m10, m11, c + t_y - m10 * c - m11 * c,
+                   tf.zeros_like(m00), tf.zeros_like(m00)], axis=1)
+
+
+def warp(x, transforms):
+  """Images [B, S, S, C] warped by transforms [B, 8] (bilinear, zero fill:
+  strokes are already inverted to 1 on 0)."""
   return tf.raw_ops.ImageProjectiveTransformV3(
       images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
       fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def affine_batch(x, seed, max_shift: float):
+  """Each image of the batch under its own random Koch affine warp."""
+  return warp(x, affine_transforms(tf.shape(x)[0], seed, x.shape[1], max_shift))
 
 
 def _scalar_summary(name, value):

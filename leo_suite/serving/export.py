@@ -153,18 +153,27 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
   return SupportSet(tuple(names), stacked, origin)
 
 
+def run_crop(run) -> str:
+  """The extraction crop of the run's embeddings, which image inputs get too
+  (a dataset named by another pipeline's crop: the center view)."""
+  from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
+  crop = run.settings.get("embedding_crop", "center")
+  return crop if crop in extract.CROPS else "center"
+
+
 def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int = 0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, crop: str = "center"):
   """Any support form of `leo_suite.serving.sets` -> (SupportSet, backbone, description).
 
   Images (a class-per-folder tree, or a folder/CSV of `file,label`) are
-  embedded by the backbone in `backbone_dir` exactly as extraction does
-  (center crop: what the exported graph runs); embeddings files need no
-  backbone. The backbone and its description are None without `backbone_dir`.
+  embedded by the backbone in `backbone_dir` exactly as extraction does with
+  `crop` (give the run's, `run_crop`: the exported graph embeds images the
+  same way); embeddings files need no backbone. The backbone and its
+  description are None without `backbone_dir`.
   """
   from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
   from leo_suite.serving import sets  # pylint: disable=g-import-not-at-top
-  embedder = (extract_files.ImageEmbedder(backbone_dir, "center", batch_size)
+  embedder = (extract_files.ImageEmbedder(backbone_dir, crop, batch_size)
               if backbone_dir else None)
   support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
   return (support, embedder and embedder.model, embedder and embedder.description)
@@ -173,12 +182,6 @@ def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int =
 def load_support_embeddings(path: str, num_shots: int = 0) -> SupportSet:
   """A LEO-format .pkl/.npz (keys give the classes, the manifest beside their names)."""
   return load_support(path, None, num_shots)[0]
-
-
-def load_support_images(root: str, backbone_dir: str, num_shots: int = 0,
-                        batch_size: int = 64):
-  """A class-per-folder image tree -> (SupportSet, backbone model, description)."""
-  return load_support(root, backbone_dir, num_shots, batch_size)
 
 
 # -- the meta-learner checkpoint --------------------------------------------------
@@ -242,7 +245,7 @@ class AdaptedClassifier(tf.Module):
   """A learner adapted to one support set, with TF Serving signatures."""
 
   def __init__(self, learner, support: SupportSet, backbone=None,
-               backbone_description: Optional[dict] = None):
+               backbone_description: Optional[dict] = None, crop: str = "center"):
     super().__init__(name="adapted_classifier")
     if support.num_ways != learner.num_ways:
       raise errors.DataError(
@@ -269,6 +272,7 @@ class AdaptedClassifier(tf.Module):
         lambda t: tf.Variable(t, trainable=False, name="adapted_state"), state)
     self.backbone = backbone
     self.backbone_description = dict(backbone_description or {})
+    self.crop = crop
     d = self.dim
     self.predict_embeddings = tf.function(
         self._predict_embeddings,
@@ -348,15 +352,17 @@ class AdaptedClassifier(tf.Module):
   def embed_images(self, images):
     """Encoded image strings [batch] -> backbone features [batch, D] float32.
 
-    Decoded and embedded by extraction's own functions (center crop).
+    Decoded and embedded by extraction's own functions, with the crop the
+    run's embeddings were extracted with.
     """
     from leo_suite.pretrain import extract as extract_lib  # pylint: disable=g-import-not-at-top
     from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
-    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, size, channels), images,
-                        fn_output_signature=tf.TensorSpec([size, size, channels], tf.uint8))
-    return extract_lib.embed(self.backbone, decoded, "center", size, bool(info.get("invert")))
+    loaded = extract_lib.load_size(self.crop, size)
+    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels), images,
+                        fn_output_signature=tf.TensorSpec([loaded, loaded, channels], tf.uint8))
+    return extract_lib.embed(self.backbone, decoded, self.crop, size, bool(info.get("invert")))
 
   def _predict_images(self, images):
     images = tf.ensure_shape(images, [None], name="images")
@@ -485,7 +491,8 @@ def export_classifier(run_dir: str, support: SupportSet, export_base: str,
   run = restored.run
   model_name = model_name or run.model
   check_model_name(model_name)
-  module = AdaptedClassifier(restored.learner, support, backbone, backbone_description)
+  crop = run_crop(run)
+  module = AdaptedClassifier(restored.learner, support, backbone, backbone_description, crop)
   info = {
       "model": run.model, "run_dir": os.path.abspath(run.directory),
       "checkpoint": os.path.abspath(restored.checkpoint),
@@ -496,6 +503,7 @@ def export_classifier(run_dir: str, support: SupportSet, export_base: str,
       "backbone": ({k: backbone_description[k] for k in
                     ("backbone", "image_size", "channels", "invert", "feature_dim")
                     if k in backbone_description} if backbone is not None else None),
+      "crop": crop if backbone is not None else None,
   }
   return write_version(module, export_base, model_name, version, info, private=private)
 

@@ -83,9 +83,7 @@ class Predictor:
       self.restored = export.restore_learner(run_dir)
     self.run, self.learner = self.restored.run, self.restored.learner
     self.num_shots, self.batch_size, self.backbone_dir = num_shots, batch_size, backbone_dir
-    from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
-    crop = self.run.settings.get("embedding_crop", "center")
-    self.crop = crop if crop in extract.CROPS else "center"
+    self.crop = export.run_crop(self.run)
     self.manifest_path, self.manifest = self._data_manifest()
     self._embedder = None
     self._logits = tf.function(self._adapt_and_predict, reduce_retracing=True)
