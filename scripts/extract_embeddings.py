@@ -16,6 +16,31 @@ path (leo_suite.data.embeddings.key_file_path decodes it) and whose
 manifest.json lists file -> row; --dataset_name defaults to the source's name:
 
   python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone --source=my_photos/
+
+Beyond one device: with --num_shards=S --shard_index=i, S processes (or
+machines sharing --out, or copying their shard folder into it) each embed a
+disjoint part of every split (batch b = record // --batch_size when
+b % S == i, in the order one process extracts) into
+<out>/<dataset_name>/<crop>/shards/shard-0000i-of-0000S/, its manifest.json
+written last; rerunning a finished shard with the same flags does nothing.
+Then the same command with --merge instead of --shard_index (no
+--backbone_dir needed; given, it must be the shards') checks that all S
+shards are there, finished, unchanged (sha256) and made with the same
+backbone and flags, and writes the split files (byte for byte those of one
+process with the same --batch_size, unless images were skipped) and the
+manifest, last; it then removes the shards folder (--keep_shards keeps it).
+Works with and without --split:
+
+  for i in 0 1; do
+    python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
+        --source=images/ --split=split.json --out=embeddings --dataset_name=mine \
+        --num_shards=2 --shard_index=$i &
+  done; wait
+  python scripts/extract_embeddings.py --source=images/ --split=split.json \
+      --out=embeddings --dataset_name=mine --num_shards=2 --merge
+
+A missing, unfinished, changed or mismatched shard is refused in one line
+naming the shard and the command to rerun; nothing is written then.
 """
 
 import os
@@ -28,7 +53,10 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import extract_shards  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
 flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
@@ -49,19 +77,75 @@ flags.DEFINE_integer("batch_size", 256, "Images per batch.")
 flags.DEFINE_boolean("skip_bad_images", False, "Skip and report unreadable images (default: fail).")
 flags.DEFINE_string("expected_size", "any", "Required source size WIDTHxHEIGHT, or 'any'.")
 flags.DEFINE_list("allowed_modes", list(images_lib.DEFAULT_MODES), "Accepted PIL image modes.")
+flags.DEFINE_integer("num_shards", 1, "Split the extraction into this many shards (one "
+                     "process or machine each): pass --shard_index, then --merge.")
+flags.DEFINE_integer("shard_index", None, "Which shard (0 .. --num_shards-1) this run embeds.")
+flags.DEFINE_boolean("merge", False, "Combine the finished shards into the split files and "
+                     "manifest (same --out/--dataset_name/--crop as the shard runs).")
+flags.DEFINE_boolean("keep_shards", False, "With --merge: keep the shards folder (default: "
+                     "removed after a successful merge).")
 FLAGS = flags.FLAGS
+
+
+def describe_splits(manifest):
+  return ", ".join(f"{k}: {v['num_images']} images" for k, v in manifest["splits"].items())
+
+
+def merge_expectations():
+  """The settings the merge command names itself, which the shards must share."""
+  expected = {}
+  if FLAGS["source"].present:
+    expected["sources"] = list(FLAGS.source)
+  if FLAGS.split or FLAGS["source"].present:
+    expected["mode"] = extract_shards.SPLIT_MODE if FLAGS.split else extract_shards.ALL_MODE
+  if FLAGS["format"].present:
+    expected["format"] = FLAGS.format
+  if FLAGS.backbone_dir:
+    weights = os.path.join(FLAGS.backbone_dir, train_lib.BACKBONE_WEIGHTS)
+    if not os.path.isfile(weights):
+      raise errors.ConfigError(f"{weights}: no such file; pass the backbone/ folder the "
+                               "shards used, or no --backbone_dir with --merge")
+    expected["checkpoint_sha256"] = train_lib.file_sha256(weights)
+  return expected
+
+
+def merge(name):
+  manifest = extract_shards.merge_shards(
+      FLAGS.out, name, FLAGS.crop, FLAGS.num_shards if FLAGS["num_shards"].present else None,
+      merge_expectations(), FLAGS.keep_shards)
+  counts = describe_splits(manifest)
+  print(f"merged {manifest['shards']['num_shards']} shards; manifest: "
+        f"{os.path.join(FLAGS.out, name, FLAGS.crop, extract.MANIFEST)} ({counts})")
+
+
+def run_shard(plan, name):
+  manifest = extract_shards.extract_shard(
+      FLAGS.backbone_dir, plan, FLAGS.out, name, FLAGS.num_shards, FLAGS.shard_index,
+      FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
+      images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes))
+  counts = describe_splits(manifest)
+  folder = os.path.join(extract_shards.shards_dir(FLAGS.out, name, FLAGS.crop),
+                        extract_shards.shard_name(FLAGS.shard_index, FLAGS.num_shards))
+  print(f"shard {FLAGS.shard_index} of {FLAGS.num_shards}: {folder} ({counts}); when every "
+        "shard is done, rerun with --merge instead of --shard_index")
 
 
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
+  extract_shards.check_flags(FLAGS.num_shards, FLAGS.shard_index, FLAGS.merge)
+  if FLAGS.keep_shards and not FLAGS.merge:
+    raise errors.ConfigError("--keep_shards goes with --merge")
+  name = (FLAGS.dataset_name if FLAGS["dataset_name"].present or FLAGS.split
+          else extract_files.default_dataset_name(FLAGS.source))
+  if FLAGS.merge:
+    return merge(name)
   if not FLAGS.backbone_dir:
     raise errors.ConfigError("--backbone_dir is required (the backbone/ folder of a pretraining run)")
   if not FLAGS.split:
-    from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
     records = extract_files.scan_all(FLAGS.source, FLAGS.tfds_data_dir, FLAGS.tfds_download)
-    name = (FLAGS.dataset_name if FLAGS["dataset_name"].present
-            else extract_files.default_dataset_name(FLAGS.source))
+    if FLAGS.shard_index is not None:
+      return run_shard(extract_shards.plan_all(records, FLAGS.source), name)
     manifest = extract_files.extract_all(
         FLAGS.backbone_dir, records, FLAGS.out, name, FLAGS.crop, FLAGS.format,
         FLAGS.batch_size, FLAGS.skip_bad_images,
@@ -79,12 +163,15 @@ def main(argv):
   unknown = [s for s in FLAGS.splits if s not in split_classes]
   if unknown:
     raise errors.ConfigError(f"--splits={unknown}: {origin} defines only {sorted(split_classes)}")
+  if FLAGS.shard_index is not None:
+    return run_shard(extract_shards.plan_splits(
+        by_class, {s: split_classes[s] for s in FLAGS.splits}, FLAGS.source, origin), name)
   manifest = extract.extract_embeddings(
       FLAGS.backbone_dir, by_class, {s: split_classes[s] for s in FLAGS.splits}, FLAGS.out,
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
-  counts = ", ".join(f"{k}: {v['num_images']} images" for k, v in manifest["splits"].items())
+  counts = describe_splits(manifest)
   path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)
   print(f"manifest: {path} ({counts})")
 

@@ -165,8 +165,12 @@ def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_si
 def extract_split(features_fn, records: List[images_lib.ImageRecord],
                   options: images_lib.DecodeOptions, batch_size: int,
                   label: str, log: Callable[[str], None] = print,
-                  log_every_s: float = 5.0):
-  """Features [n_kept, D] float32, kept record indices, skipped (origin, reason)."""
+                  log_every_s: float = 5.0, empty_dim: Optional[int] = None):
+  """Features [n_kept, D] float32, kept record indices, skipped (origin, reason).
+
+  No decodable image is an error, unless `empty_dim` is given (a shard may
+  hold no image, or only bad ones, of a split): then [0, empty_dim] features.
+  """
   decoder = images_lib.Decoder(options)
   kept, chunks = [], []
   progress = evaluation.Progress(label, len(records), unit="images", interval_s=log_every_s,
@@ -178,6 +182,8 @@ def extract_split(features_fn, records: List[images_lib.ImageRecord],
     progress.update(int(indices.shape[0]))
   if failures:
     raise failures[0]
+  if not chunks and empty_dim is not None:
+    return np.zeros([0, empty_dim], np.float32), np.zeros([0], np.int64), decoder.skipped
   if not chunks:
     raise errors.DataError(f"{label}: none of the {len(records)} images could be decoded")
   return (np.concatenate(chunks).astype(np.float32), np.concatenate(kept),
@@ -187,6 +193,87 @@ def extract_split(features_fn, records: List[images_lib.ImageRecord],
 def _extension(file_name):
   ext = os.path.splitext(file_name)[1].lstrip(".").lower()
   return ext if re.fullmatch(r"[a-z0-9]{1,5}", ext) else "png"
+
+
+def check_output_names(fmt: str, dataset_name: str):
+  """Refuses a --format or --dataset_name that cannot name the output files."""
+  if fmt not in FORMATS:
+    raise errors.ConfigError(f"--format={fmt!r}: use one of {list(FORMATS)}")
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", dataset_name or ""):
+    raise errors.ConfigError(
+        f"--dataset_name={dataset_name!r}: use letters, digits, '.' and '_' only")
+
+
+def backbone_entry(backbone_dir: str, description: dict) -> dict:
+  """The manifest's "backbone" record of a `train.load_backbone` description."""
+  return {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
+          "checkpoint_sha256": description["weights_sha256"],
+          "image_size": int(description["image_size"]),
+          "feature_dim": description["feature_dim"], "invert": bool(description["invert"])}
+
+
+def manifest_header(dataset_name: str, crop: str, fmt: str, backbone: dict,
+                    sources: Sequence[str], split_origin: str, class_names: dict) -> dict:
+  """A manifest without its splits (`backbone`: a `backbone_entry`)."""
+  return {
+      "dataset_name": dataset_name, "crop": crop,
+      "crop_description": CROP_DESCRIPTIONS[crop], "format": fmt,
+      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "backbone": backbone, "sources": list(sources), "split_origin": split_origin,
+      "class_names": class_names, "splits": {},
+  }
+
+
+def split_records(by_class: Dict[str, List[images_lib.ImageRecord]],
+                  classes: Sequence[str]) -> List[images_lib.ImageRecord]:
+  """A split's records in extraction order: class by class, each in file order."""
+  return [r for c in classes for r in by_class[c]]
+
+
+def split_keys(split: str, classes: Sequence[str], tokens: Dict[str, str],
+               kept_records: Sequence, num_skipped: int) -> List[str]:
+  """The keys of a split's kept records (each with .class_name and .file_name), in order."""
+  counters: Dict[str, int] = {}
+  keys = []
+  for record in kept_records:
+    token = tokens[record.class_name]
+    counters[token] = counters.get(token, 0) + 1
+    keys.append(embeddings_lib.make_key(token, counters[token], prefix=split,
+                                        ext=_extension(record.file_name)))
+  empty = [c for c in classes if tokens[c] not in counters]
+  if empty:
+    raise errors.DataError(
+        f"class {empty[0]!r} ({split}) has no readable images left after skipping "
+        f"{num_skipped} bad image(s); nothing was written for {split}")
+  return keys
+
+
+def write_verified(path: str, keys: Sequence[str], feats: np.ndarray, num_classes: int):
+  """Writes a split file atomically, drops a stale one of the other format, reads it back."""
+  embeddings_lib.write_split(path, keys, feats)
+  stem = path[:-len(".npz")] if path.endswith(".npz") else path[:-len(".pkl")]
+  other = stem + (".pkl" if path.endswith(".npz") else ".npz")
+  if os.path.exists(other):  # a stale file of the other format would shadow/confuse
+    os.remove(other)
+  check = embeddings_lib.load_split(path)
+  if check.embeddings.shape != feats.shape or check.num_classes != num_classes:
+    raise errors.DataError(f"{path}: read back {check.embeddings.shape} / "
+                           f"{check.num_classes} classes, wrote {feats.shape} / {num_classes}")
+
+
+def write_split_file(target_dir: str, split: str, fmt: str, keys: Sequence[str],
+                     num_classes: int, feats: np.ndarray, skipped, elapsed: float,
+                     log: Callable[[str], None] = print) -> dict:
+  """Writes <split>_embeddings.<fmt>; returns its manifest entry."""
+  path = os.path.join(target_dir, f"{split}_embeddings.{fmt}")
+  write_verified(path, keys, feats, num_classes)
+  log(f"wrote {path}: {feats.shape[0]} images, {num_classes} classes, D={feats.shape[1]}")
+  return {
+      "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+      "num_images": int(feats.shape[0]), "num_classes": num_classes,
+      "embedding_dim": int(feats.shape[1]), "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
+      "skipped": [{"image": o, "reason": r} for o, r in skipped],
+  }
 
 
 def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.ImageRecord]],
@@ -199,78 +286,42 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.Im
   """Extracts every split; returns the manifest (also written beside the files)."""
   if crop not in CROPS:
     raise errors.ConfigError(f"--crop={crop!r}: use one of {list(CROPS)}")
-  if fmt not in FORMATS:
-    raise errors.ConfigError(f"--format={fmt!r}: use one of {list(FORMATS)}")
+  check_output_names(fmt, dataset_name)
   if batch_size < 1:
     raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
-  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", dataset_name or ""):
-    raise errors.ConfigError(
-        f"--dataset_name={dataset_name!r}: use letters, digits, '.' and '_' only")
   images_lib.check_nonempty(split_classes, by_class, split_origin or "splits")
   model, description = train_lib.load_backbone(backbone_dir)
   image_size = int(description["image_size"])
   options = images_lib.DecodeOptions(load_size(crop, image_size), int(description["channels"]),
                                      expected_size, tuple(allowed_modes), skip_bad)
   features_fn = feature_function(model, crop, image_size, bool(description["invert"]))
-  unknown = [s for s in split_classes if s not in embeddings_lib.SPLITS]
-  if unknown:  # split names become file names: only the known ones
-    raise errors.UserError(f"unknown split name(s) {unknown}; expected {embeddings_lib.SPLITS}")
+  check_split_names(split_classes)
   all_classes = [c for split in split_classes for c in split_classes[split]]
   tokens = class_tokens(all_classes)
   target_dir = os.path.join(out_dir, dataset_name, crop)
   os.makedirs(target_dir, exist_ok=True)
-  manifest = {
-      "dataset_name": dataset_name, "crop": crop,
-      "crop_description": CROP_DESCRIPTIONS[crop], "format": fmt,
-      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "backbone": {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
-                   "checkpoint_sha256": description["weights_sha256"],
-                   "image_size": image_size, "feature_dim": description["feature_dim"],
-                   "invert": bool(description["invert"])},
-      "sources": list(sources), "split_origin": split_origin,
-      "class_names": {tokens[c]: c for c in all_classes},
-      "splits": {},
-  }
+  manifest = manifest_header(dataset_name, crop, fmt, backbone_entry(backbone_dir, description),
+                             sources, split_origin, {tokens[c]: c for c in all_classes})
   for split, classes in split_classes.items():
-    records = [r for c in classes for r in by_class[c]]
+    records = split_records(by_class, classes)
     t0 = time.time()
     feats, kept, skipped = extract_split(features_fn, records, options, batch_size,
                                          f"{dataset_name}/{crop}/{split}", log)
     elapsed = time.time() - t0
     for origin, reason in skipped:
       log(f"skipped {origin}: {reason}")
-    counters: Dict[str, int] = {}
-    keys = []
-    for index in kept:
-      record = records[index]
-      token = tokens[record.class_name]
-      counters[token] = counters.get(token, 0) + 1
-      keys.append(embeddings_lib.make_key(token, counters[token], prefix=split,
-                                          ext=_extension(record.file_name)))
-    empty = [c for c in classes if tokens[c] not in counters]
-    if empty:
-      raise errors.DataError(
-          f"class {empty[0]!r} ({split}) has no readable images left after skipping "
-          f"{len(skipped)} bad image(s); nothing was written for {split}")
-    path = os.path.join(target_dir, f"{split}_embeddings.{fmt}")
-    embeddings_lib.write_split(path, keys, feats)
-    other = os.path.join(target_dir, f"{split}_embeddings.{'npz' if fmt == 'pkl' else 'pkl'}")
-    if os.path.exists(other):  # a stale file of the other format would shadow/confuse
-      os.remove(other)
-    check = embeddings_lib.load_split(path)
-    if (check.embeddings.shape != feats.shape or check.num_classes != len(classes)):
-      raise errors.DataError(f"{path}: read back {check.embeddings.shape} / "
-                             f"{check.num_classes} classes, wrote {feats.shape} / {len(classes)}")
-    manifest["splits"][split] = {
-        "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
-        "num_images": int(feats.shape[0]), "num_classes": len(classes),
-        "embedding_dim": int(feats.shape[1]), "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
-        "skipped": [{"image": o, "reason": r} for o, r in skipped],
-    }
-    log(f"wrote {path}: {feats.shape[0]} images, {len(classes)} classes, D={feats.shape[1]}")
+    keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
+    manifest["splits"][split] = write_split_file(target_dir, split, fmt, keys, len(classes),
+                                                 feats, skipped, elapsed, log)
   fileio.atomic_write_text(os.path.join(target_dir, MANIFEST),
                            json.dumps(manifest, indent=2, sort_keys=True))
   return manifest
+
+
+def check_split_names(split_classes: Dict[str, List[str]]):
+  unknown = [s for s in split_classes if s not in embeddings_lib.SPLITS]
+  if unknown:  # split names become file names: only the known ones
+    raise errors.UserError(f"unknown split name(s) {unknown}; expected {embeddings_lib.SPLITS}")
 
 
 def benchmark_extraction(backbone: str = "conv4", image_size: int = 28, channels: int = 1,

@@ -16,7 +16,6 @@ extraction: the backbone of a pretraining run, `images.decode_encoded` and
 them. Support and query sets (`leo_suite.serving.sets`) use it too.
 """
 
-import datetime
 import json
 import os
 import posixpath
@@ -62,10 +61,15 @@ class ImageEmbedder:
   def feature_dim(self) -> int:
     return int(self.description["feature_dim"])
 
-  def embed_records(self, records: Sequence[images_lib.ImageRecord], label: str):
-    """(features [n_kept, D] float32, kept record indices, skipped (origin, reason))."""
+  def embed_records(self, records: Sequence[images_lib.ImageRecord], label: str,
+                    allow_empty: bool = False):
+    """(features [n_kept, D] float32, kept record indices, skipped (origin, reason)).
+
+    No decodable record raises, unless `allow_empty` (then [0, D] features).
+    """
     return extract.extract_split(self.features_fn, list(records), self.options,
-                                 self.batch_size, label, self.log)
+                                 self.batch_size, label, self.log,
+                                 empty_dim=self.feature_dim if allow_empty else None)
 
   def __call__(self, records: Sequence[images_lib.ImageRecord], label: str) -> np.ndarray:
     """Features [n, D] of every record (a bad image raises, naming its file)."""
@@ -91,61 +95,63 @@ def scan_all(sources: Sequence[str], tfds_data_dir=None, tfds_download=False):
       for s in sources])
 
 
-def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_dir: str,
-                dataset_name: str, crop: str = "center", fmt: str = "pkl",
-                batch_size: int = 256, skip_bad: bool = False, expected_size=None,
-                allowed_modes=images_lib.DEFAULT_MODES, sources: Sequence[str] = (),
-                log: Callable[[str], None] = print) -> dict:
-  """Embeds `records` into all_embeddings.<fmt> + manifest.json; returns the manifest."""
-  if fmt not in extract.FORMATS:
-    raise errors.ConfigError(f"--format={fmt!r}: use one of {list(extract.FORMATS)}")
-  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._]*", dataset_name or ""):
-    raise errors.ConfigError(
-        f"--dataset_name={dataset_name!r}: use letters, digits, '.' and '_' only")
-  target_dir = os.path.join(out_dir, dataset_name, crop)
+def check_all_target(target_dir: str):
+  """Refuses a folder that holds a train/val/test extraction (before any work)."""
   manifest_path = os.path.join(target_dir, extract.MANIFEST)
   previous = _read_json(manifest_path)
   if previous is not None and set(previous.get("splits", {})) - {ALL}:
     raise errors.UserError(
         f"{manifest_path}: {target_dir} holds a train/val/test extraction; choose another "
         "--dataset_name or --out for this whole-source extraction")
-  embedder = ImageEmbedder(backbone_dir, crop, batch_size, skip_bad, expected_size,
-                           allowed_modes, log)
+
+
+def all_tokens(records: Sequence[images_lib.ImageRecord]) -> dict:
+  """{class name: key token} over every record ('' -> embeddings.UNLABELLED)."""
   classes = sorted({r.class_name for r in records} - {""})
   tokens = extract.class_tokens(classes, reserved=(embeddings_lib.UNLABELLED,))
   tokens[""] = embeddings_lib.UNLABELLED
+  return tokens
+
+
+def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_dir: str,
+                dataset_name: str, crop: str = "center", fmt: str = "pkl",
+                batch_size: int = 256, skip_bad: bool = False, expected_size=None,
+                allowed_modes=images_lib.DEFAULT_MODES, sources: Sequence[str] = (),
+                log: Callable[[str], None] = print) -> dict:
+  """Embeds `records` into all_embeddings.<fmt> + manifest.json; returns the manifest."""
+  extract.check_output_names(fmt, dataset_name)
+  target_dir = os.path.join(out_dir, dataset_name, crop)
+  check_all_target(target_dir)
+  embedder = ImageEmbedder(backbone_dir, crop, batch_size, skip_bad, expected_size,
+                           allowed_modes, log)
   started = time.time()
   feats, kept, skipped = embedder.embed_records(records, f"{dataset_name}/{crop}/{ALL}")
   elapsed = time.time() - started
   for origin, reason in skipped:
     log(f"skipped {origin}: {reason}")
-  kept_records = [records[i] for i in kept]
+  header = extract.manifest_header(
+      dataset_name, crop, fmt, extract.backbone_entry(backbone_dir, embedder.description),
+      sources, "", {})
+  return write_all(target_dir, header, all_tokens(records), [records[i] for i in kept], feats,
+                   skipped, elapsed, log)
+
+
+def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Sequence,
+              feats: np.ndarray, skipped, elapsed: float,
+              log: Callable[[str], None] = print) -> dict:
+  """Writes all_embeddings.<fmt>, then `manifest` (an `extract.manifest_header`) completed.
+
+  `kept_records` (each with .class_name and .file_name) are the rows of `feats`.
+  """
   files = [relative_path(r) for r in kept_records]
   keys = [embeddings_lib.make_path_key(tokens[r.class_name], f)
           for r, f in zip(kept_records, files)]
-  path = os.path.join(target_dir, f"{ALL}_embeddings.{fmt}")
-  embeddings_lib.write_split(path, keys, feats)
-  other = os.path.join(target_dir, f"{ALL}_embeddings.{'npz' if fmt == 'pkl' else 'pkl'}")
-  if os.path.exists(other):   # a stale file of the other format would confuse
-    os.remove(other)
-  check = embeddings_lib.load_split(path)
+  path = os.path.join(target_dir, f"{ALL}_embeddings.{manifest['format']}")
   used = sorted({r.class_name for r in kept_records})
-  if check.embeddings.shape != feats.shape or check.num_classes != len(used):
-    raise errors.DataError(f"{path}: read back {check.embeddings.shape} / "
-                           f"{check.num_classes} classes, wrote {feats.shape} / {len(used)}")
-  description = embedder.description
+  extract.write_verified(path, keys, feats, len(used))
   counts = {"num_images": int(feats.shape[0]), "num_classes": len([c for c in used if c]),
             "num_unlabelled": sum(not r.class_name for r in kept_records)}
-  manifest = {
-      "dataset_name": dataset_name, "crop": crop, "format": fmt,
-      "crop_description": extract.CROP_DESCRIPTIONS[crop],
-      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "backbone": {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
-                   "checkpoint_sha256": description["weights_sha256"],
-                   "image_size": int(description["image_size"]),
-                   "feature_dim": description["feature_dim"],
-                   "invert": bool(description["invert"])},
-      "sources": list(sources), "split_origin": "",
+  manifest.update({
       "key_format": KEY_FORMAT,
       "class_names": {tokens[c]: c for c in used},   # "" = in no class folder
       "splits": {ALL: {
@@ -155,8 +161,9 @@ def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_di
           "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
           "skipped": [{"image": o, "reason": r} for o, r in skipped]}},
       "files": {f: row for row, f in enumerate(files)},
-  }
-  fileio.atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True))
+  })
+  fileio.atomic_write_text(os.path.join(target_dir, extract.MANIFEST),
+                           json.dumps(manifest, indent=2, sort_keys=True))
   log(f"wrote {path}: {describe_counts(counts)}, D={feats.shape[1]}")
   return manifest
 
