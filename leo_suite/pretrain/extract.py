@@ -31,7 +31,8 @@ Crops:
              96.91 / 98.92 / 89.78; random per-image warps averaged over 4,
              8 and 16 views 97.21 / 98.95 / 90.29, 97.31 / 98.98 / 90.68,
              97.37 / 99.00 / 90.84; these 16 fixed views 97.44 / 99.02 / 91.08.
-             An image's features do not depend on its batch.
+             The warps do not depend on the other images of a batch (only
+             float rounding does: about 1e-7 for batches of 1-2 images).
 
 Every split file is written atomically (temporary file + rename) and read back
 with `load_split` before the manifest (`manifest.json`, written last) records
