@@ -113,6 +113,9 @@ _flag(flags.DEFINE_string, "baselines",
       "mode: ncm (nearest class mean, cosine), logreg (per-episode logistic regression); "
       "empty for none.")
 _flag(flags.DEFINE_integer, "log_steps", "Log and write summaries every this many steps.")
+_flag(flags.DEFINE_string, "profile_steps",
+      "A,B: record a TensorBoard profile (tf.profiler) of meta-training steps A to B into "
+      "<checkpoint_path>/profile/; empty = off. May change between commands of a run.")
 _flag(flags.DEFINE_enum, "outer_optimizer",
       "Outer optimizer (default: the learner's; adam for all five).", list(optim.OPTIMIZERS))
 _flag(flags.DEFINE_float, "adam_epsilon",

@@ -46,6 +46,7 @@ def check_settings(settings):
   for name in POSITIVE:
     if settings[name] < 1:
       raise errors.ConfigError(f"--{name}={settings[name]}: must be at least 1")
+  trainer_lib.parse_profile_steps(settings.get("profile_steps", ""))  # ConfigError if bad
   if settings["eval_num_query"] < 0:
     raise errors.ConfigError(f"--eval_num_query={settings['eval_num_query']}: must be >= 0")
   unknown = [b for b in settings["baselines"].split(",") if b and b not in BASELINES]

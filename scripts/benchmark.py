@@ -16,13 +16,30 @@ meta-training):
   * peak memory of one meta-training step (resident-set high-water mark
     increase, measured in a fresh subprocess per configuration), and for MAML
     and iMAML against the number of inner steps (1, 5, 10, 20).
+  * data wait: in the Trainer's own input pipeline (EpisodeSampler ->
+    tf.data -> step), the mean time per step spent in `next(iterator)` and
+    its share of the step (the step's results fetched with .numpy(), as the
+    Trainer does), the train/data_wait_fraction the Trainer logs.
 Also embedding extraction (Conv-4 28x28, ResNet-12 84x84) and, if the serving
 module provides `benchmark_latency`, serving latency. Embeddings are synthetic
 (random, unit-norm after the sampler), so accuracies are meaningless here.
 The machine may be shared: compare ratios measured in the same run.
+
+Issue 14's targets are checked per learner and shot (`target_checks`; the
+JSON's "targets" list of {name, learner, shots, value, threshold, holds}):
+XLA never slower than plain; LEO meta-training >= 1,500 tasks/s at 1-shot and
+>= 700 at 5-shot and MAML (linear head, 5 second-order inner steps, meta-batch
+12) >= 6,000 at 1-shot, each the faster of plain and XLA; the batched step >=
+3x its per-task map_fn form; evaluation >= 1,000 test tasks/s, and LEO's
+10,000 1-shot test tasks at V = 600 - K in <= 5 s.
+
+  python scripts/benchmark.py --markdown=runs/benchmark.json   # README's table
+  python scripts/benchmark.py --only=maml --profile_dir=runs/profile
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -49,10 +66,25 @@ from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-impor
 
 MODELS = tuple(registry.LEARNERS)
 NUM_WAYS, DIM, BATCH, TRAIN_QUERIES, IMAGES_PER_CLASS = 5, 640, 12, 15, 600
+SHOTS = (1, 5)
 MEMORY_INNER_STEPS = (1, 5, 10, 20)
-TARGETS = {  # issue 6, this 2-core CPU
-    ("leo", 1): 20.0, ("leo", 5): 8.0,                     # steps/s
-    ("maml", 1): 1500.0 / BATCH,                            # 1,500 tasks/s
+# Learner settings the targets are stated for (others: the learner's defaults).
+LEARNER_CONFIGS = {"maml": dict(hidden_sizes="", inner_steps=5, first_order=False,
+                                meta_sgd=False)}  # linear head, 5 second-order steps
+
+# Issue 14's targets (short label for the tables, what it means).
+XLA_MIN, BATCHED_MIN, EVAL_TASKS_MIN = 1.0, 3.0, 1000.0
+TRAIN_TASKS_MIN = {("leo", 1): 1500.0, ("leo", 5): 700.0, ("maml", 1): 6000.0}
+LEO_EVAL_TASKS, LEO_EVAL_SECONDS = 10000, 5.0
+TARGET_LABELS = {
+    "xla_not_slower": ("XLA", "XLA/plain >= 1.0"),
+    "batched_vs_map_fn": ("3x", "batched step >= 3x its per-task map_fn form"),
+    "train_tasks_per_s": ("tasks/s", "meta-training tasks/s (faster of plain and XLA) >= "
+                                     "LEO 1,500 at 1-shot, 700 at 5-shot; MAML 6,000 at "
+                                     "1-shot"),
+    "eval_tasks_per_s": ("eval", "evaluation >= 1,000 test tasks/s"),
+    "leo_eval_10000_tasks_seconds": ("10k", "LEO's 10,000 1-shot test tasks at V = 600 - K "
+                                            "in <= 5 s"),
 }
 
 
@@ -67,10 +99,15 @@ def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
       [f"i{i}" for i in range(len(table))], {})
 
 
+def learner_config(model, overrides=None):
+  """The learner's Config benchmarked: its defaults, LEARNER_CONFIGS, `overrides`."""
+  fields = dict(LEARNER_CONFIGS.get(model, {}), **(overrides or {}))
+  return registry.learner_module(model).Config(**fields)
+
+
 def make_run(model, directory, overrides=None, **settings):
-  """A run (not written to disk) of `model` with its defaults and `settings`."""
-  module = registry.learner_module(model)
-  settings = run_lib.default_settings(model, module.Config(**(overrides or {})),
+  """A run (not written to disk) of `model` with the benchmark's config and `settings`."""
+  settings = run_lib.default_settings(model, learner_config(model, overrides),
                                       num_classes=NUM_WAYS, **settings)
   return run_lib.Run.new(directory, settings, DIM, data={})
 
@@ -109,7 +146,32 @@ def time_steps(step_fn, dataset_iter, num_steps, warmup=2):
   return num_steps / (time.perf_counter() - start)
 
 
-def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, with_xla=True):
+def data_wait(trainer, num_steps, warmup=2):
+  """Per step of the Trainer's own pipeline: mean wait for data, compute, wait share."""
+  iterator = iter(trainer.train_dataset(0))
+  timer = trainer_lib.DataWait()
+  for step in range(warmup + num_steps):
+    if step == warmup:
+      timer = trainer_lib.DataWait()
+    episode = timer.next(iterator)
+    tf.nest.map_structure(lambda t: t.numpy(), trainer.train_step(episode, step))
+    timer.stepped()
+  return {"data_wait_ms": 1000 * timer.mean_wait,
+          "step_compute_ms": 1000 * timer.compute / timer.steps,
+          "data_wait_fraction": timer.fraction}
+
+
+def profile_window(step_fn, dataset_iter, directory, num_steps=10):
+  """A TensorBoard profile of `num_steps` steps (after the timed window)."""
+  tf.profiler.experimental.start(directory)
+  try:
+    time_steps(step_fn, dataset_iter, num_steps, warmup=1)
+  finally:
+    tf.profiler.experimental.stop()
+
+
+def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, with_xla=True,
+                     profile_dir=""):
   spec = episodes.EpisodeSpec(NUM_WAYS, shots, TRAIN_QUERIES)
   sampler = episodes.EpisodeSampler(train_split, spec)
   row = {}
@@ -127,7 +189,13 @@ def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, wit
       except Exception as exc:  # pylint: disable=broad-except
         row[name] = None
         row[name + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-      if name == "batched" and with_map_fn:
+        continue
+      if name != "batched":
+        continue
+      row.update(data_wait(trainer, num_steps))
+      if profile_dir:
+        profile_window(trainer._train_step, data, profile_dir)  # pylint: disable=protected-access
+      if with_map_fn:
         row["map_fn"] = time_steps(map_fn_step(trainer), data, max(2, num_steps // 4), warmup=1)
   return row
 
@@ -156,6 +224,27 @@ def sampler_only(shots, test_split, num_tasks, batch_size=200):
 
 
 # -- peak memory, one fresh process per configuration --------------------------
+def peak_rss_mb(reset=False):
+  """The process's RSS high-water mark (MB); `reset` first sets it to the current RSS.
+
+  Linux's VmHWM, reset through /proc/self/clear_refs: getrusage's ru_maxrss
+  is kept across fork and exec, so a probe started by a large benchmark
+  process would report the parent's peak. Elsewhere, ru_maxrss.
+  """
+  if reset:
+    with contextlib.suppress(OSError):
+      with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+  try:
+    with open("/proc/self/status") as handle:
+      for line in handle:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def memory_probe(model, shots, inner_steps):
   """Runs in a subprocess: RSS high-water increase (MB) of 3 meta-training steps."""
   overrides = {}
@@ -179,15 +268,14 @@ def memory_probe(model, shots, inner_steps):
     return loss, grads
 
   step.get_concrete_function(tf.TensorSpec([2], tf.int32))  # trace outside the window
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  before = peak_rss_mb(reset=True)
   for i in range(3):
     tf.nest.map_structure(lambda t: t.numpy(), step(tf.constant([0, i], tf.int32)))
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  after = peak_rss_mb()
   gpu = None
   if tf.config.list_physical_devices("GPU"):
     gpu = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-  return {"peak_rss_increase_mb": (after - before) / 1024.0, "peak_rss_mb": after / 1024.0,
-          "gpu_peak_mb": gpu}
+  return {"peak_rss_increase_mb": after - before, "peak_rss_mb": after, "gpu_peak_mb": gpu}
 
 
 def run_memory_probe(model, shots, inner_steps=None, timeout=600):
@@ -200,24 +288,124 @@ def run_memory_probe(model, shots, inner_steps=None, timeout=600):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# -- the report ---------------------------------------------------------------------
+# -- the report: targets and tables (from the results alone) -------------------------
 def fmt(value, spec=".1f"):
   return "-" if value is None else format(value, spec)
 
 
-def print_table(results):
-  print("\n== meta-training (5-way, meta-batch 12, D=640, V=15; steps/s, tasks/s = 12x) ==")
-  print(f"{'learner':8s} {'K':>2s} {'steps/s':>8s} {'tasks/s':>8s} {'XLA st/s':>8s} "
-        f"{'map_fn st/s':>11s} {'batched/map_fn':>14s} {'XLA/plain':>9s} {'target':>8s}")
-  for model, per_model in results["train"].items():
+def ratio(numerator, denominator):
+  return numerator / denominator if numerator and denominator else None
+
+
+def check(name, model, shots, value, threshold, at_most=False, **details):
+  """One target: holds is None when not measured (a relative 1e-9 absorbs rounding)."""
+  holds = None
+  if value is not None:
+    holds = (value <= threshold * (1 + 1e-9) if at_most
+             else value >= threshold * (1 - 1e-9))
+  return dict(name=name, learner=model, shots=shots, value=value, threshold=threshold,
+              holds=holds, **details)
+
+
+def target_checks(results):
+  """Issue 14's targets for every learner and shot measured in `results`."""
+  batch = results.get("settings", {}).get("meta_batch", BATCH)
+  configs = results.get("settings", {}).get("learner_configs", {})
+  checks = []
+  for model, per_model in results.get("train", {}).items():
     for shots, row in per_model.items():
-      ratio = row["batched"] / row["map_fn"] if row.get("map_fn") and row.get("batched") else None
-      xla = row["xla"] / row["batched"] if row.get("xla") and row.get("batched") else None
-      target = TARGETS.get((model, int(shots)))
-      print(f"{model:8s} {shots:>2s} {fmt(row.get('batched')):>8s} "
-            f"{fmt(row['batched'] * BATCH if row.get('batched') else None, '.0f'):>8s} "
-            f"{fmt(row.get('xla')):>8s} {fmt(row.get('map_fn'), '.2f'):>11s} "
-            f"{fmt(ratio, '.1f'):>14s} {fmt(xla, '.2f'):>9s} {fmt(target):>8s}")
+      k = int(shots)
+      checks.append(check("xla_not_slower", model, k,
+                          ratio(row.get("xla"), row.get("batched")), XLA_MIN))
+      checks.append(check("batched_vs_map_fn", model, k,
+                          ratio(row.get("batched"), row.get("map_fn")), BATCHED_MIN))
+      if (model, k) in TRAIN_TASKS_MIN:
+        variants = {v: row[v] for v in ("batched", "xla") if row.get(v)}
+        best = max(variants, key=variants.get) if variants else None
+        details = {"variant": {"batched": "plain", "xla": "xla"}.get(best),
+                   "meta_batch": batch}
+        if model in configs:
+          details["config"] = configs[model]
+        checks.append(check("train_tasks_per_s", model, k,
+                            variants[best] * batch if best else None,
+                            TRAIN_TASKS_MIN[(model, k)], **details))
+  for model, per_model in results.get("eval", {}).items():
+    for shots, row in per_model.items():
+      rate = row.get("tasks_per_s")
+      checks.append(check("eval_tasks_per_s", model, int(shots), rate, EVAL_TASKS_MIN))
+      if model == "leo" and int(shots) == 1:
+        checks.append(check(
+            "leo_eval_10000_tasks_seconds", model, 1,
+            LEO_EVAL_TASKS / rate if rate else None, LEO_EVAL_SECONDS, at_most=True,
+            tasks_measured=row.get("tasks"), queries_per_class=row.get("queries_per_class")))
+  return checks
+
+
+def mark(holds):
+  return {True: "\u2713", False: "\u2717", None: "?"}[holds]
+
+
+def table(results):
+  """(header, rows): one row per learner and shot, every cell a string."""
+  header = ["learner", "K", "steps/s", "tasks/s", "XLA steps/s", "map_fn steps/s",
+            "batched / map_fn", "XLA / plain", "data wait", "eval tasks/s", "peak MB",
+            "targets"]
+  batch = results.get("settings", {}).get("meta_batch", BATCH)
+  checks = target_checks(results)
+  models = [m for m in MODELS if m in results.get("train", {}) or m in results.get("eval", {})]
+  rows = []
+  for model in models:
+    for k in SHOTS:
+      train = results.get("train", {}).get(model, {}).get(str(k), {})
+      evaluation_row = results.get("eval", {}).get(model, {}).get(str(k), {})
+      memory = results.get("memory", {}).get(f"{model} {k}-shot default", {})
+      if not (train or evaluation_row):
+        continue
+      plain = train.get("batched")
+      wait = (f"{train['data_wait_ms']:.1f} ms ({100 * train['data_wait_fraction']:.0f}%)"
+              if train.get("data_wait_ms") is not None else "-")
+      marks = " ".join(f"{TARGET_LABELS[c['name']][0]} {mark(c['holds'])}"
+                       for c in checks if c["learner"] == model and c["shots"] == k)
+      rows.append([model, str(k), fmt(plain), fmt(plain * batch if plain else None, ",.0f"),
+                   fmt(train.get("xla")), fmt(train.get("map_fn"), ".2f"),
+                   fmt(ratio(plain, train.get("map_fn")), ".2f"),
+                   fmt(ratio(train.get("xla"), plain), ".2f"), wait,
+                   fmt(evaluation_row.get("tasks_per_s"), ",.0f"),
+                   fmt(memory.get("peak_rss_increase_mb")), marks or "-"])
+  return header, rows
+
+
+def markdown(results):
+  """The README's speed table, its legend and where it was measured."""
+  header, rows = table(results)
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  legend = "; ".join(f"{label} = {meaning}" for label, meaning in TARGET_LABELS.values())
+  lines += ["", f"Targets: {legend}; {mark(True)} holds, {mark(False)} does not, ? not "
+                "measured."]
+  machine, settings = results.get("machine", {}), results.get("settings", {})
+  if machine:
+    load = ", ".join(f"{x:.1f}" for x in machine.get("load_average", []))
+    lines.append(f"Measured on {machine.get('cpus')} CPUs, {machine.get('gpus', 0)} GPUs, "
+                 f"TensorFlow {machine.get('tf')}, load average {load}"
+                 + (" (--quick)" if settings.get("quick") else "") + ".")
+  return "\n".join(lines)
+
+
+def print_table(results):
+  header, rows = table(results)
+  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+  print(f"\n== meta-training (5-way, meta-batch {BATCH}, D={DIM}, V={TRAIN_QUERIES}; "
+        f"tasks/s = {BATCH}x steps/s), evaluation, memory ==")
+  for row in [header] + rows:
+    print("  ".join(cell.rjust(w) if i > 0 else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths))))
+  if results.get("targets"):
+    print("\n== targets (issue 14) ==")
+    for c in results["targets"]:
+      print(f"{mark(c['holds'])} {c['name']:30s} {c['learner']:13s} K={c['shots']}  "
+            f"{fmt(c['value'], ',.2f'):>10s} {'<=' if c['name'].endswith('seconds') else '>='} "
+            f"{c['threshold']:,g}")
   if results.get("eval"):
     print("\n== evaluation (fixed set via EpisodeSampler, V = 600-K queries/class) ==")
     for model, per_model in results["eval"].items():
@@ -260,9 +448,19 @@ def main():
                       help="tasks per evaluation batch (V=600-K: 25 tasks = 190 MB)")
   parser.add_argument("--leo_eval_tasks", type=int, default=10000,
                       help="LEO 1-shot evaluation tasks (the release's test protocol)")
+  parser.add_argument("--profile_dir", default="",
+                      help="write a TensorBoard profile of the first --only learner's 1-shot "
+                           "step here (10 steps after its timed window)")
+  parser.add_argument("--markdown", default="", metavar="JSON",
+                      help="print the README's speed table from a benchmark JSON (written "
+                           "by --output) and exit; nothing is measured")
   parser.add_argument("--memory_probe", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
 
+  if args.markdown:
+    with open(args.markdown) as handle:
+      print(markdown(json.load(handle)))
+    return
   if args.memory_probe:
     model, shots, steps = args.memory_probe.split(":")
     print(json.dumps(memory_probe(model, int(shots), int(steps) if steps else None)))
@@ -280,15 +478,21 @@ def main():
                          "load_average": os.getloadavg()},
              "settings": {"num_ways": NUM_WAYS, "dim": DIM, "meta_batch": BATCH,
                           "train_queries": TRAIN_QUERIES, "steps_timed": num_steps,
-                          "quick": args.quick},
+                          "quick": args.quick,
+                          "learner_configs": {m: dataclasses.asdict(learner_config(m))
+                                              for m in models}},
              "train": {}, "eval": {}, "memory": {}}
   start = time.time()
   train_split = synthetic_split(64, 40)
   for model in (models if "train" not in skip else []):
     results["train"][model] = {}
-    for shots in (1, 5):
+    for shots in SHOTS:
+      profile = args.profile_dir if (model, shots) == (models[0], 1) else ""
       row = train_throughput(model, shots, train_split, num_steps,
-                             with_map_fn="map_fn" not in skip, with_xla="xla" not in skip)
+                             with_map_fn="map_fn" not in skip, with_xla="xla" not in skip,
+                             profile_dir=profile)
+      if profile:
+        results["profile"] = {"learner": model, "shots": shots, "directory": profile}
       results["train"][model][str(shots)] = row
       print(f"[{time.time() - start:6.0f}s] train {model} {shots}-shot: "
             f"{json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})}",
@@ -297,13 +501,13 @@ def main():
   if "eval" not in skip:
     test_split = synthetic_split(20, IMAGES_PER_CLASS, seed=1)
     results["sampler_seconds"] = {}
-    for shots in (1, 5):
+    for shots in SHOTS:
       results["sampler_seconds"][str(shots)] = {
           "tasks": eval_tasks,
           "seconds": sampler_only(shots, test_split, eval_tasks, args.eval_batch_size)}
     for model in models:
       results["eval"][model] = {}
-      for shots in (1, 5):
+      for shots in SHOTS:
         tasks = (args.leo_eval_tasks if (model == "leo" and shots == 1 and not args.quick)
                  else eval_tasks)
         try:
@@ -315,7 +519,8 @@ def main():
 
   if "memory" not in skip:
     for model in models:
-      results["memory"][f"{model} 5-shot default"] = run_memory_probe(model, 5)
+      for shots in SHOTS:
+        results["memory"][f"{model} {shots}-shot default"] = run_memory_probe(model, shots)
     for model in [m for m in ("maml", "imaml") if m in models]:
       for steps in MEMORY_INNER_STEPS:
         results["memory"][f"{model} 5-shot T={steps}"] = run_memory_probe(model, 5, steps)
@@ -353,6 +558,7 @@ def main():
         results["serving"] = {"status": f"benchmark_latency failed: {type(exc).__name__}: {exc}"}
 
   results["total_seconds"] = time.time() - start
+  results["targets"] = target_checks(results)
   print_table(results)
   if args.output:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

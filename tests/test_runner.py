@@ -247,3 +247,39 @@ def test_the_initialisation_is_a_best_checkpoint_candidate(tmp_path, tiny_data):
   run(*flags, "--evaluation_mode")
   result = result_of(run_dir)
   assert result["checkpoint"].endswith(os.path.join("best", "ckpt")), result["checkpoint"]
+
+
+def summary_scalars(directory, tag):
+  """{step: value} of a TensorBoard scalar written with tf.summary under `directory`."""
+  values = {}
+  for path in tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_profile_steps_writes_a_profile_and_bad_values_are_one_line(tmp_path, tiny_data):
+  run_dir = tmp_path / "profiled"
+  common = [f"--data_path={tiny_data}", *TINY_FLAGS, "--num_steps_limit=4",
+            "--checkpoint_steps=4"]
+  proc = run(*common, "--profile_steps=2,3", f"--checkpoint_path={run_dir}")
+  assert "profiling steps 2 to 3" in proc.stderr
+  profiles = list((run_dir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(profiles) == 1 and profiles[0].stat().st_size > 0, proc.stderr[-2000:]
+  # The log line and TensorBoard carry the share of time spent waiting for data.
+  assert "data wait" in proc.stderr
+  fraction = summary_scalars(str(run_dir / "summaries"), "train/data_wait_fraction")
+  assert list(fraction) == [4] and 0.0 <= fraction[4] < 1.0
+  # A free setting: evaluating with another value is not refused.
+  run(f"--checkpoint_path={run_dir}", "--evaluation_mode", "--profile_steps=1,1")
+  for bad in ("3,2", "2.5,3"):
+    proc = run(*common, f"--profile_steps={bad}", f"--checkpoint_path={tmp_path}/bad",
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --profile_steps='{bad}': expected A,B with integers 1 <= A <= B (profile "
+        "steps A to B, e.g. --profile_steps=10,15); empty = off"]
+    assert not (tmp_path / "bad").exists()

@@ -49,7 +49,7 @@ SPLITS = ("train", "val", "test")
 # Settings that never change what a run is: they may differ between the
 # command that created a run and a later one (resume, evaluation).
 FREE_SETTINGS = ("num_steps_limit", "log_steps", "jit_compile", "deterministic",
-                 "num_test_tasks", "metatest_batch_size", "baselines")
+                 "num_test_tasks", "metatest_batch_size", "baselines", "profile_steps")
 # Settings evaluation may override (recorded as overrides in the result);
 # each learner adds its own EVAL_FIELDS (prefixed flag names).
 EVAL_SETTINGS = ("eval_seed", "eval_num_query")
@@ -69,7 +69,7 @@ DEFAULTS = {
     "num_steps_limit": 100000, "checkpoint_steps": 1000, "seed": 0, "eval_seed": 1,
     "num_val_batches": 10, "num_test_tasks": 10000, "eval_num_query": 0,
     "dtype": "float32", "deterministic": False, "jit_compile": False, "baselines": "ncm",
-    "log_steps": 100, "preset": "",
+    "log_steps": 100, "preset": "", "profile_steps": "",
 }
 
 

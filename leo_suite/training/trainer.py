@@ -13,6 +13,11 @@ included) is staged in a temporary directory and swapped in atomically. A
 step's episodes and random draws are functions of (seed, step) only, so a
 resumed run replays the uninterrupted one. The run directory's config.json
 is written by `run.Run`, not here.
+
+Each periodic log line (and TensorBoard's train/data_wait_fraction) gives
+the share of the steps' time spent waiting for the next meta-batch from the
+input pipeline (`DataWait`). `profile_steps` (A, B) records a TensorBoard
+profile of steps A..B into <checkpoint_path>/profile/.
 """
 
 import dataclasses
@@ -20,17 +25,107 @@ import json
 import os
 import shutil
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from absl import logging
 import tensorflow as tf
 
 from leo_suite import distribute
+from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.models.base import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
+
+PROFILE_DIR = "profile"
+
+
+def parse_profile_steps(text: str) -> Optional[Tuple[int, int]]:
+  """--profile_steps 'A,B' -> (A, B) (1 <= A <= B); '' -> None (off)."""
+  if not text:
+    return None
+  try:
+    first, last = [int(part) for part in text.split(",")]
+  except ValueError:  # not two integers
+    first, last = 0, -1
+  if not 1 <= first <= last:
+    raise errors.ConfigError(
+        f"--profile_steps={text!r}: expected A,B with integers 1 <= A <= B (profile "
+        "steps A to B, e.g. --profile_steps=10,15); empty = off")
+  return first, last
+
+
+class DataWait:
+  """How long steps wait for their meta-batch, against the time they compute.
+
+  `next(iterator)` is timed apart from the step; `stepped()` is called once
+  the step's results are fetched (so asynchronous dispatch cannot hide the
+  compute in the next wait). fraction = wait / (wait + compute).
+  """
+
+  def __init__(self):
+    self.wait = self.compute = 0.0
+    self.steps = 0
+    self._received = None
+
+  def next(self, iterator):
+    start = time.perf_counter()
+    element = next(iterator)
+    self._received = time.perf_counter()
+    self.wait += self._received - start
+    return element
+
+  def stepped(self):
+    self.compute += time.perf_counter() - self._received
+    self.steps += 1
+
+  @property
+  def fraction(self) -> float:
+    total = self.wait + self.compute
+    return self.wait / total if total > 0 else 0.0
+
+  @property
+  def mean_wait(self) -> float:
+    return self.wait / max(self.steps, 1)
+
+
+class Profiler:
+  """tf.profiler over steps `steps` = (A, B) (numbered from 1) into `directory`.
+
+  TensorBoard's profile tab (the tensorboard-plugin-profile package) reads
+  the <directory>/plugins/profile/<time>/*.xplane.pb it writes. A profiler
+  that cannot start is logged and training goes on.
+  """
+
+  def __init__(self, steps: Optional[Tuple[int, int]], directory: str):
+    self.steps = steps
+    self.directory = directory
+    self.active = False
+
+  def before(self, step):
+    """Starts before step A (or the first step run inside A..B, on resume)."""
+    if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
+      try:
+        tf.profiler.experimental.start(self.directory)
+      except (tf.errors.OpError, RuntimeError) as exc:
+        logging.warning("--profile_steps: the profiler did not start (%s); training "
+                        "without it", str(exc).splitlines()[0] if str(exc) else exc)
+        self.steps = None
+        return
+      self.active = True
+      logging.info("profiling steps %d to %d into %s", step, self.steps[1], self.directory)
+
+  def after(self, step):
+    if self.active and step >= self.steps[1]:
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      tf.profiler.experimental.stop()
+      self.active, self.steps = False, None
+      logging.info("profile written to %s (TensorBoard --logdir=%s, Profile tab)",
+                   self.directory, self.directory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +142,7 @@ class TrainConfig:
   log_steps: int = 100
   jit_compile: bool = False
   keep_best: bool = True   # False: validation is logged, best/ is not written
+  profile_steps: Optional[Tuple[int, int]] = None  # (A, B): profile steps A..B
 
   @classmethod
   def from_run(cls, run: run_lib.Run) -> "TrainConfig":
@@ -58,7 +154,9 @@ class TrainConfig:
                num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
                outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
                log_steps=s["log_steps"], jit_compile=s["jit_compile"],
-               keep_best=not s["train_on_val"])
+               keep_best=not s["train_on_val"],
+               # .get: runs created before the setting existed lack it.
+               profile_steps=parse_profile_steps(s.get("profile_steps", "")))
 
 
 class Trainer:
@@ -203,11 +301,30 @@ class Trainer:
       # meta-train classes meta-training can lower validation accuracy from
       # there (README, Omniglot-small). best/ then holds step 0.
       best = self._validate_and_keep_best(0, best, writer)
-    dataset = self.train_dataset(step)
-    window_start, window_steps, sums = time.time(), 0, {}
-    for episode in dataset:
+    iterator = iter(self.train_dataset(step))
+    profiler = Profiler(cfg.profile_steps if self.is_chief else None,
+                        os.path.join(cfg.checkpoint_path, PROFILE_DIR))
+    try:
+      step = self._loop(step, iterator, stop_requested, writer, best, profiler)
+    finally:
+      profiler.stop()
+    writer.flush()
+    return step
+
+  def _loop(self, step, iterator, stop_requested, writer, best, profiler):
+    """The steps from `step` on: log, validate, checkpoint; returns the step reached."""
+    cfg = self.config
+    window_start, window_steps, sums, data_wait = time.time(), 0, {}, DataWait()
+    while True:
+      profiler.before(step + 1)
+      try:
+        episode = data_wait.next(iterator)
+      except StopIteration:
+        break
       metrics = {k: float(v) for k, v in self.train_step(episode, step).items()}
+      data_wait.stepped()
       step += 1
+      profiler.after(step)
       window_steps += 1
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + v
@@ -224,15 +341,17 @@ class Trainer:
         means = {k: v / window_steps for k, v in sums.items()}
         eta = (cfg.num_steps_limit - step) / max(rate, 1e-9)
         logging.info("step %d  loss %.4f  query_loss %.4f  train_acc %.4f  "
-                     "%.1f steps/s  ETA %s", step, means["loss"], means["query_loss"],
-                     means["accuracy"], rate, evaluation.format_seconds(eta))
+                     "%.1f steps/s  data wait %.0f%%  ETA %s", step, means["loss"],
+                     means["query_loss"], means["accuracy"], rate,
+                     100 * data_wait.fraction, evaluation.format_seconds(eta))
         with writer.as_default(step=step):
           for k, v in means.items():
             tf.summary.scalar("train/" + k, v)
           tf.summary.scalar("train/steps_per_second", rate)
+          tf.summary.scalar("train/data_wait_fraction", data_wait.fraction)
           tf.summary.scalar("train/skipped_steps_total",
                             float(self.optimizer.num_skipped.numpy()))
-        window_start, window_steps, sums = time.time(), 0, {}
+        window_start, window_steps, sums, data_wait = time.time(), 0, {}, DataWait()
       scheduled = step % cfg.checkpoint_steps == 0 or step == cfg.num_steps_limit
       if scheduled:
         best = self._validate_and_keep_best(step, best, writer)
@@ -245,7 +364,6 @@ class Trainer:
         break
       if step >= cfg.num_steps_limit:
         break
-    writer.flush()
     return step
 
   def _validate_and_keep_best(self, step, best, writer):
