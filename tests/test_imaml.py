@@ -555,10 +555,17 @@ def test_config_fields_have_help_and_flag_types():
     (dict(variant="hf"), "imaml_variant"), (dict(lam=0.0), "imaml_lam"),
     (dict(hidden_sizes="64,x"), "imaml_hidden_sizes"),
     (dict(inner_steps=-1), "imaml_inner_steps"), (dict(cg_steps=-2), "imaml_cg_steps"),
-    (dict(head_init="ones"), "imaml_head_init")])
+    (dict(head_init="ones"), "imaml_head_init"),
+    (dict(lam=5.0), "imaml_inner_lr=1.0: with --imaml_lam=5.0 the proximal term alone diverges"),
+    (dict(lam=0.5, inner_lr=4.0), "use inner_lr < 4 ")])
 def test_bad_config_is_a_clear_config_error(overrides, flag):
   with pytest.raises(ConfigError, match=flag):
     build(**overrides)
+
+
+def test_stable_proximal_steps_build():
+  build(lam=5.0, inner_lr=0.39)              # alpha * lam = 1.95 < 2
+  build(lam=5.0, variant="reference")        # its pull-back is one step, not iterated
 
 
 def test_wrong_episode_shape_raises():

@@ -119,6 +119,11 @@ class Config(heads.HeadConfig):
       bad("variant", f"choose one of {', '.join(VARIANTS)}")
     if not self.lam > 0:
       bad("lam", "lambda must be > 0 (the implicit gradient divides by it)")
+    if self.variant == "paper" and self.inner_lr * self.lam >= 2.0:
+      # GD on lam/2 ||phi - theta||^2 alone maps the error e to (1 - alpha lam) e.
+      bad("inner_lr", f"with --{self.flag_prefix}lam={self.lam!r} the proximal term alone "
+          f"diverges (|1 - inner_lr*lam| >= 1 per step); use inner_lr < "
+          f"{2.0 / self.lam:.4g} (2/lam), or a smaller lam")
     if self.cg_steps < 0:
       bad("cg_steps", "must be >= 0")
     if self.cg_damping < 0:
