@@ -149,13 +149,13 @@ def worker_info(strategy):
   return is_chief, int(task_id), num_workers
 
 
-def check_batch(strategy, global_batch: int, flag="metatrain_batch_size"):
-  """Raises a ConfigError unless the meta-batch splits evenly over the replicas."""
+def check_batch(strategy, global_batch: int, flag="metatrain_batch_size", unit="tasks"):
+  """The per-replica batch; a ConfigError unless the batch splits evenly over the replicas."""
   replicas = num_replicas(strategy)
   if global_batch % replicas:
     divisible = [b for b in range(replicas, 4 * replicas + 1, replicas)]
     raise errors.ConfigError(
-        f"--{flag}={global_batch} tasks cannot be split evenly over {replicas} replicas; "
+        f"--{flag}={global_batch} {unit} cannot be split evenly over {replicas} replicas; "
         f"use a multiple of {replicas} (e.g. {divisible[:3]}) or fewer devices")
   return global_batch // replicas
 

@@ -8,6 +8,13 @@
 
 Rerunning the same command after a kill resumes from the last checkpoint.
 The exported feature extractor is <out_dir>/backbone/ (for extract_embeddings.py).
+
+Beyond one device, with the runner's flags: --distribution_strategy=mirrored
+(local GPUs, --devices, or --num_cpu_devices logical CPUs) or multi_worker
+(one process per worker, TF_CONFIG). The global --batch_size is split evenly
+over the replicas and the update is the single-device one (batch norm over the
+global batch, see leo_suite/pretrain/train.py); only the chief writes
+<out_dir>.
 """
 
 import os
@@ -17,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
@@ -61,6 +69,21 @@ flags.DEFINE_string("expected_size", "any", "Required source size WIDTHxHEIGHT, 
 flags.DEFINE_list("allowed_modes", list(images_lib.DEFAULT_MODES), "Accepted PIL image modes.")
 flags.DEFINE_integer("val_episodes", 200, "Meta-val 5-way 1-shot NCM episodes after each "
                      "epoch (0: off).")
+# The runner's (config.py) flags, same values and meaning; a bad value is a
+# one-line error (exit 2), so the strategy is a string checked by make_strategy.
+flags.DEFINE_string("distribution_strategy", "default", "One of " +
+                    ", ".join(distribute.STRATEGIES) + ". default: one device; mirrored: all "
+                    "local GPUs (or --devices, or --num_cpu_devices logical CPUs); "
+                    "multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG. The global "
+                    "--batch_size is split over the replicas (must divide evenly).")
+flags.DEFINE_string("devices", "", "With --distribution_strategy=mirrored: comma list of "
+                    "devices, e.g. /gpu:0,/gpu:1 or /cpu:0,/cpu:1 ('' = all local GPUs, "
+                    "else CPUs).")
+flags.DEFINE_integer("num_cpu_devices", 0, "Split the CPU into this many logical devices "
+                     "/cpu:0.. (0 = leave as is); for testing mirrored without GPUs.")
+flags.DEFINE_boolean("sync_batch_norm", True, "With several replicas, batch norm uses the "
+                     "statistics of the global batch (all-reduced): the single-device update. "
+                     "--nosync_batch_norm: each replica's own share (cheaper, differs).")
 FLAGS = flags.FLAGS
 
 
@@ -79,6 +102,8 @@ def config_from_flags():
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
+    distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
   if FLAGS.print_params:
     print(f"{'backbone':<10} {'parameters':>12} {'feature dim':>12}   "
           f"(input {FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels})")
@@ -87,6 +112,10 @@ def main(argv):
     return
   config = config_from_flags()
   train_lib.validate_config(config)
+  # Before the data are read (multi_worker must start before other TF ops).
+  strategy = distribute.make_strategy(FLAGS.distribution_strategy,
+                                      distribute.parse_devices(FLAGS.devices))
+  distribute.check_batch(strategy, config.batch_size, "batch_size", "images")
   by_class, split_classes, origin = images_lib.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
       FLAGS.tfds_download)
@@ -105,13 +134,18 @@ def main(argv):
       callback = pipeline.val_ncm_callback(val_images, val_labels, config.invert,
                                            FLAGS.val_episodes, config.seed)
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
-                                 class_names=split_classes["train"])
+                                 class_names=split_classes["train"], strategy=strategy,
+                                 sync_batch_norm=FLAGS.sync_batch_norm)
+  replicas = (f" on {trainer.replicas} replicas ({trainer.replica_batch} images each)"
+              if trainer.replicas > 1 else "")
   print(f"training {config.backbone} on {len(labels)} images of {trainer.num_base_classes} "
-        f"classes ({trainer.num_classes} with rotations), {trainer.total_steps} steps")
+        f"classes ({trainer.num_classes} with rotations), {trainer.total_steps} steps"
+        f"{replicas}")
   summary = trainer.train(epoch_callback=callback)
-  pipeline.write_json(os.path.join(FLAGS.out_dir, "pretrain_summary.json"),
-                      {**summary, "skipped": skipped})
-  print(f"backbone exported to {os.path.join(FLAGS.out_dir, 'backbone')}")
+  if trainer.is_chief:
+    pipeline.write_json(os.path.join(FLAGS.out_dir, "pretrain_summary.json"),
+                        {**summary, "skipped": skipped})
+    print(f"backbone exported to {os.path.join(FLAGS.out_dir, 'backbone')}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ MultiWorkerMirroredStrategy needs one process per worker.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from leo_suite import distribute
 from leo_suite import errors
 from leo_suite.models import registry
 from leo_suite.training import run as run_lib
+from tests import workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO, "tests", "distribute_helper.py")
@@ -66,16 +66,6 @@ def mirrored_run(tmp_path_factory):
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out / "report.json") as handle:
     return out, json.load(handle)
-
-
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 @pytest.mark.slow  # subprocesses with several logical devices / workers
@@ -144,18 +134,12 @@ def test_checkpoints_restore_across_strategies(mirrored_run, model):
 @pytest.mark.slow  # subprocesses with several logical devices / workers
 def test_multi_worker_matches_one_device(mirrored_run, tmp_path):
   out, _ = mirrored_run
-  ports = ",".join(map(str, _free_ports(2)))
-  workers = [subprocess.Popen([sys.executable, HELPER, "multi_worker", str(tmp_path), str(i),
-                               ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env(), cwd=REPO) for i in range(2)]
-  try:
-    outputs = [w.communicate(timeout=600) for w in workers]
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-  for w, (_, stderr) in zip(workers, outputs):
-    assert w.returncode == 0, stderr[-4000:]
+  ports = ",".join(map(str, workers.free_ports(2)))
+  results = workers.run_workers(
+      [[sys.executable, HELPER, "multi_worker", str(tmp_path), str(i), ports] for i in range(2)],
+      [_env()] * 2, cwd=REPO)
+  for returncode, _, stderr in results:
+    assert returncode == 0, stderr[-4000:]
   infos = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
   assert [i["num_replicas"] for i in infos] == [2, 2]
   assert [i["worker_info"] for i in infos] == [[True, 0, 2], [False, 1, 2]]

@@ -20,28 +20,30 @@ gamma and beta; BN moving statistics are not parameters). No classifier head
 is included: `train.py` adds one.
 """
 
+import functools
+
 import keras
 
 BACKBONES = ("conv4", "resnet12", "wrn28_10")
 
 
-def _conv4(inputs):
+def _conv4(inputs, bn):
   h = inputs
   for block in range(4):
     h = keras.layers.Conv2D(64, 3, padding="same", name=f"conv{block}")(h)
-    h = keras.layers.BatchNormalization(name=f"bn{block}")(h)
+    h = bn(name=f"bn{block}")(h)
     h = keras.layers.ReLU(name=f"relu{block}")(h)
     h = keras.layers.MaxPooling2D(2, name=f"pool{block}")(h)
   return keras.layers.Flatten(name="features")(h)
 
 
-def _resnet12_block(h, width, name):
+def _resnet12_block(h, width, name, bn):
   shortcut = keras.layers.Conv2D(width, 1, use_bias=False, name=f"{name}_short")(h)
-  shortcut = keras.layers.BatchNormalization(name=f"{name}_short_bn")(shortcut)
+  shortcut = bn(name=f"{name}_short_bn")(shortcut)
   for conv in range(3):
     h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False,
                             name=f"{name}_conv{conv}")(h)
-    h = keras.layers.BatchNormalization(name=f"{name}_bn{conv}")(h)
+    h = bn(name=f"{name}_bn{conv}")(h)
     if conv < 2:
       h = keras.layers.LeakyReLU(0.1, name=f"{name}_act{conv}")(h)
   h = keras.layers.Add(name=f"{name}_add")([h, shortcut])
@@ -49,23 +51,23 @@ def _resnet12_block(h, width, name):
   return keras.layers.MaxPooling2D(2, name=f"{name}_pool")(h)
 
 
-def _resnet12(inputs, dropout=0.0):
+def _resnet12(inputs, bn, dropout=0.0):
   h = inputs
   for index, width in enumerate((64, 160, 320, 640)):
-    h = _resnet12_block(h, width, f"block{index}")
+    h = _resnet12_block(h, width, f"block{index}", bn)
     if dropout and index >= 2:
       h = keras.layers.Dropout(dropout, name=f"block{index}_drop")(h)
   return keras.layers.GlobalAveragePooling2D(name="features")(h)
 
 
-def _wrn_block(h, width, stride, dropout, name):
+def _wrn_block(h, width, stride, dropout, name, bn):
   """Pre-activation wide basic block: BN-ReLU-conv3x3-(dropout)-BN-ReLU-conv3x3."""
   in_width = h.shape[-1]
-  pre = keras.layers.BatchNormalization(name=f"{name}_bn0")(h)
+  pre = bn(name=f"{name}_bn0")(h)
   pre = keras.layers.ReLU(name=f"{name}_relu0")(pre)
   out = keras.layers.Conv2D(width, 3, strides=stride, padding="same",
                             use_bias=False, name=f"{name}_conv0")(pre)
-  out = keras.layers.BatchNormalization(name=f"{name}_bn1")(out)
+  out = bn(name=f"{name}_bn1")(out)
   out = keras.layers.ReLU(name=f"{name}_relu1")(out)
   if dropout:
     out = keras.layers.Dropout(dropout, name=f"{name}_drop")(out)
@@ -79,33 +81,40 @@ def _wrn_block(h, width, stride, dropout, name):
   return keras.layers.Add(name=f"{name}_add")([out, shortcut])
 
 
-def _wrn(inputs, depth=28, widen=10, dropout=0.0):
+def _wrn(inputs, bn, depth=28, widen=10, dropout=0.0):
   blocks_per_group = (depth - 4) // 6
   h = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(inputs)
   for group, (width, stride) in enumerate(
       ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2))):
     for block in range(blocks_per_group):
       h = _wrn_block(h, width, stride if block == 0 else 1, dropout,
-                     f"group{group}_block{block}")
-  h = keras.layers.BatchNormalization(name="final_bn")(h)
+                     f"group{group}_block{block}", bn)
+  h = bn(name="final_bn")(h)
   h = keras.layers.ReLU(name="final_relu")(h)
   return keras.layers.GlobalAveragePooling2D(name="features")(h)
 
 
 def build_backbone(name: str, image_size: int, channels: int = 3,
-                   dropout: float = 0.0) -> keras.Model:
-  """Builds backbone `name` for square inputs [batch, image_size, image_size, channels]."""
+                   dropout: float = 0.0, synchronized_batch_norm: bool = False) -> keras.Model:
+  """Builds backbone `name` for square inputs [batch, image_size, image_size, channels].
+
+  `synchronized_batch_norm`: in training, every BatchNormalization layer
+  normalises with the statistics of the global batch, all-reduced over the
+  replicas of a tf.distribute strategy (Keras `synchronized=True`; the same
+  weights, so a backbone trained this way loads into a default one).
+  """
   if name not in BACKBONES:
     raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
   if image_size < 16:
     raise ValueError(f"image_size {image_size} is too small (need >= 16)")
   inputs = keras.Input((image_size, image_size, channels), name="images")
+  bn = functools.partial(keras.layers.BatchNormalization, synchronized=synchronized_batch_norm)
   if name == "conv4":
-    features = _conv4(inputs)
+    features = _conv4(inputs, bn)
   elif name == "resnet12":
-    features = _resnet12(inputs, dropout)
+    features = _resnet12(inputs, bn, dropout)
   else:
-    features = _wrn(inputs, dropout=dropout)
+    features = _wrn(inputs, bn, dropout=dropout)
   return keras.Model(inputs, features, name=name)
 
 

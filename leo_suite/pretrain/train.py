@@ -17,12 +17,40 @@ Outputs under `out_dir`:
   checkpoints/          CheckpointManager checkpoints (resume state)
   logs/                 TensorBoard summaries (loss, accuracy, learning rate)
   backbone/backbone.weights.h5 + backbone.json   the exported feature extractor
+
+Several devices or workers (a tf.distribute strategy from
+`leo_suite.distribute.make_strategy`: mirrored, multi_worker): the global batch
+of step s (the same images as on one device) is split into R equal, disjoint
+shares of consecutive rows, one per replica, before it reaches the devices;
+each share carries its row offset, so its augmentation is its rows of the
+global batch's draw. Each replica's loss (mean cross-entropy over its share
+plus the weight decay) is scaled by share / global batch, and the optimizer
+sums the replicas' gradients: the update is the single-device one on the same
+global batch (the optimizer, a Keras 3 one, is built inside the strategy's
+scope before the first step). Batch norm is synchronised (Keras
+`synchronized=True`: the mean and variance of the global batch, all-reduced;
+the moving statistics follow, identical on every replica), so the forward
+pass and the gradients match one device up to float reassociation (the
+synchronised variance is E[x^2] - E[x]^2, one pass, where one device takes
+E[(x - mean)^2]): ~1e-5 relative per step (tests/test_pretrain_distribute.py,
+which also shows two float32 effects that are not distribution's: oneDNN's
+shape-dependent convolution kernels, and max-pooling ties on images with a
+constant background, which let any two float32 evaluations of a step differ
+by up to ~1e-2 in the first layers). With `sync_batch_norm=False` each replica
+normalises with its own share's statistics (cheaper; no longer the
+single-device update). Dropout draws differ per replica (not the
+single-device draw, the same distribution). Checkpoints, summaries and the
+export are written by the chief only; other workers write theirs (every
+worker must take part) into a scratch directory that is removed at once.
+Checkpoints hold the same objects under every strategy, so a run may resume
+under another one.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,6 +60,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.pretrain import backbones
@@ -104,28 +133,42 @@ def rotated_copies(images: np.ndarray, labels: np.ndarray):
   return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys).astype(np.int32)
 
 
-def augment_batch(x, seed, augment: str, max_shift: int):
+def _rows(draw, batch, rows):
+  """`draw(n)` (n leading rows) for a batch: rows offset .. offset + batch - 1 of
+  the draw for the whole batch of `total` when `rows` = (offset, total)."""
+  if rows is None:
+    return draw(batch)
+  offset, total = rows
+  offset = tf.cast(offset, tf.int32)
+  return draw(total)[offset:offset + tf.cast(batch, tf.int32)]
+
+
+def augment_batch(x, seed, augment: str, max_shift: int, rows=None):
   """Random translation by up to `max_shift` pixels (zero padding), optional flips.
 
-  Stateless: the same (batch, seed) always gives the same result.
+  Stateless: the same (batch, seed) always gives the same result. `rows` =
+  (offset, total): `x` is rows offset.. of a batch of `total` images, and each
+  image gets the draw it gets in that batch (a replica's share of a step).
   """
   if augment == "none" or (augment == "shift" and max_shift <= 0):
     return x
   if augment == "affine":
-    return affine_batch(x, seed, max_shift)
+    return affine_batch(x, seed, max_shift, rows)
   batch = tf.shape(x)[0]
   size = x.shape[1]
   if max_shift > 0:
     padded = tf.pad(x, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
     span = size + 2 * max_shift - 1
-    offsets = tf.random.stateless_uniform([batch, 2], seed, 0, 2 * max_shift + 1, tf.int32)
+    offsets = _rows(lambda n: tf.random.stateless_uniform(
+        [n, 2], seed, 0, 2 * max_shift + 1, tf.int32), batch, rows)
     offsets = tf.cast(offsets, tf.float32)
     boxes = tf.concat([offsets, offsets + (size - 1)], axis=1) / span
     boxes = tf.gather(boxes, [0, 1, 2, 3], axis=1)  # (y1, x1, y2, x2)
     x = tf.image.crop_and_resize(padded, boxes, tf.range(batch), [size, size])
   if augment == "shift_flip":
     flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    flip = tf.random.stateless_uniform([batch, 1, 1, 1], flip_seed) < 0.5
+    flip = _rows(lambda n: tf.random.stateless_uniform([n, 1, 1, 1], flip_seed),
+                 batch, rows) < 0.5
     x = tf.where(flip, tf.reverse(x, axis=[2]), x)
   return x
 
@@ -169,9 +212,10 @@ def warp(x, transforms):
       fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
-def affine_batch(x, seed, max_shift: float):
+def affine_batch(x, seed, max_shift: float, rows=None):
   """Each image of the batch under its own random Koch affine warp."""
-  return warp(x, affine_transforms(tf.shape(x)[0], seed, x.shape[1], max_shift))
+  return warp(x, _rows(lambda n: affine_transforms(n, seed, x.shape[1], max_shift),
+                       tf.shape(x)[0], rows))
 
 
 def _scalar_summary(name, value):
@@ -225,13 +269,15 @@ class CosineHead(keras.layers.Layer):
     return self.scale * tf.matmul(features, tf.math.l2_normalize(self.kernel, axis=0))
 
 
-def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = False):
+def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = False,
+                     synchronized_batch_norm: bool = False):
   """(backbone, classifier) where classifier = linear head over backbone features."""
   if mixed:
     keras.mixed_precision.set_global_policy("mixed_float16")
   try:
     backbone = backbones.build_backbone(config.backbone, config.image_size,
-                                        config.channels, config.dropout)
+                                        config.channels, config.dropout,
+                                        synchronized_batch_norm)
     inputs = keras.Input(backbone.input_shape[1:], name="images")
     features = backbone(inputs)
     if config.head == "cosine":
@@ -310,12 +356,33 @@ def load_backbone(export_dir: str):
   return model, description
 
 
+def replica_shares(order, replicas: int, share: int, pipelines: int = 1,
+                   pipeline_id: int = 0):
+  """One input pipeline's shares of consecutive global batches of `order`.
+
+  `order` holds whole global batches of replicas * share rows. Pipeline p of
+  P serves replicas p*L .. (p+1)*L - 1 (L = replicas / P): per global batch,
+  its L shares of `share` consecutive rows, in replica order. Returns (rows
+  [steps * L, share], the offset of each share in its global batch).
+  """
+  local = replicas // pipelines
+  first = pipeline_id * local
+  rows = np.asarray(order).reshape(-1, replicas, share)[:, first:first + local]
+  offsets = np.tile(np.arange(first, first + local) * share, rows.shape[0])
+  return rows.reshape(-1, share), offsets
+
+
 class Pretrainer:
-  """Trains `config.backbone` on (images uint8 [n, S, S, C], labels [n])."""
+  """Trains `config.backbone` on (images uint8 [n, S, S, C], labels [n]).
+
+  `strategy`: a tf.distribute strategy (default: one device); see the module
+  docstring for how the global batch is split and what is synchronised.
+  """
 
   def __init__(self, config: PretrainConfig, images: np.ndarray, labels: np.ndarray,
                out_dir: str, class_names: Sequence[str] = (),
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, strategy=None,
+               sync_batch_norm: bool = True):
     validate_config(config)
     if images.ndim != 4 or images.shape[1:] != (config.image_size, config.image_size,
                                                 config.channels):
@@ -340,17 +407,30 @@ class Pretrainer:
     self.steps_per_epoch = self.num_images // config.batch_size
     self.total_steps = self.steps_per_epoch * config.epochs
 
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self.replicas = distribute.num_replicas(self.strategy)
+    self.replica_batch = distribute.check_batch(self.strategy, config.batch_size,
+                                                "batch_size", "images")
+    self.is_chief, self.worker_index, _ = distribute.worker_info(self.strategy)
+    # A non-chief worker writes its checkpoints and export here (then removes them).
+    self._scratch = None if self.is_chief else os.path.join(out_dir,
+                                                            f".worker-{self.worker_index}")
+
     keras.utils.set_random_seed(config.seed)
     self.mixed = _use_mixed_precision(config)
-    self.backbone, self.classifier = build_classifier(config, self.num_classes, self.mixed)
-    optimizer = keras.optimizers.SGD(_learning_rate(config, self.total_steps),
-                                     momentum=config.momentum, nesterov=True)
-    if self.mixed:
-      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-    # Keras 3: build slots before the first (traced) step.
-    optimizer.build(self.classifier.trainable_variables)
-    self.optimizer = optimizer
-    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    with self.strategy.scope():
+      self.backbone, self.classifier = build_classifier(
+          config, self.num_classes, self.mixed,
+          synchronized_batch_norm=sync_batch_norm and self.replicas > 1)
+      optimizer = keras.optimizers.SGD(_learning_rate(config, self.total_steps),
+                                       momentum=config.momentum, nesterov=True)
+      if self.mixed:
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+      # Keras 3: build slots (inside the strategy's scope) before the first
+      # (traced) step.
+      optimizer.build(self.classifier.trainable_variables)
+      self.optimizer = optimizer
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.checkpoint = tf.train.Checkpoint(
         classifier=self.classifier, optimizer=self.optimizer, step=self.step)
     self.manager = tf.train.CheckpointManager(
@@ -387,48 +467,73 @@ class Pretrainer:
     return int(self.step.numpy())
 
   def _save(self):
+    if not self.is_chief:  # every worker must save; only the chief keeps it
+      self.checkpoint.write(os.path.join(self._scratch, "ckpt"))
+      shutil.rmtree(self._scratch, ignore_errors=True)
+      return
     fileio.atomic_write_text(self._config_path(), json.dumps(
         {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
          "num_images": self.num_images}, indent=2, sort_keys=True))
     self.manager.save(checkpoint_number=int(self.step.numpy()))
 
   # -- the step ----------------------------------------------------------------
-  def _step_fn(self, batch_images, batch_labels, seed):
+  def _replica_step(self, batch_images, batch_labels, offset, seed):
+    """One replica's share (rows offset.. of the global batch): its loss scaled
+    by share / global batch; the optimizer sums the replicas' gradients."""
     config = self.config
+    scale = self.replica_batch / config.batch_size  # 1.0 on one replica
     x = preprocess(batch_images, config.invert)
-    x = augment_batch(x, seed, config.augment, config.max_shift)
+    x = augment_batch(x, seed, config.augment, config.max_shift,
+                      rows=(offset, config.batch_size))
     with tf.GradientTape() as tape:
       logits = self.classifier(x, training=True)
       loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
           batch_labels, tf.cast(logits, tf.float32)))
       total = loss + 0.5 * config.weight_decay * tf.add_n(
           [tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in self._kernels])
+      total = total * scale
       if self.mixed:
         total = self.optimizer.scale_loss(total)
     grads = tape.gradient(total, self.classifier.trainable_variables)
     self.optimizer.apply_gradients(zip(grads, self.classifier.trainable_variables))
-    self.step.assign_add(1)
     hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), batch_labels)
-    return loss, tf.reduce_mean(tf.cast(hits, tf.float32))
+    return loss * scale, tf.reduce_mean(tf.cast(hits, tf.float32)) * scale
+
+  def _step_fn(self, batch_images, batch_labels, offsets, seed):
+    shares = self.strategy.run(self._replica_step,
+                               args=(batch_images, batch_labels, offsets, seed))
+    self.step.assign_add(1)
+    return distribute.sum_over_replicas(self.strategy, shares)
 
   def _epoch_order(self, epoch):
     rng = np.random.default_rng([self.config.seed, epoch])
     return rng.permutation(self.num_images)[:self.steps_per_epoch * self.config.batch_size]
 
   def _dataset(self, epoch, first_batch):
+    """Per step, each replica's share of global batch s (rows s*B .. of the
+    epoch's order, as on one device): (images, labels, row offset); each input
+    pipeline (worker) builds its replicas' shares (`replica_shares`)."""
     order = self._epoch_order(epoch)[first_batch * self.config.batch_size:]
     images, labels = self.images, self.labels
-    return (tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
-            .batch(self.config.batch_size, drop_remainder=True)
-            .map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)))
-            .prefetch(2))
+
+    def dataset_fn(context: tf.distribute.InputContext):
+      rows, offsets = replica_shares(order, self.replicas, self.replica_batch,
+                                     context.num_input_pipelines, context.input_pipeline_id)
+      return (tf.data.Dataset.from_tensor_slices((rows.astype(np.int64),
+                                                  offsets.astype(np.int64)))
+              .map(lambda idx, offset: (tf.gather(images, idx), tf.gather(labels, idx),
+                                        offset))
+              .prefetch(2))
+
+    return self.strategy.distribute_datasets_from_function(dataset_fn)
 
   def train(self, stop_after_steps: Optional[int] = None,
             epoch_callback: Optional[Callable[[int, keras.Model], Dict[str, float]]] = None):
     """Runs (or resumes) training; returns a summary dict. Exports at the end."""
     config = self.config
     step = self.restore()
-    writer = tf.summary.create_file_writer(os.path.join(self.out_dir, "logs"))
+    writer = (tf.summary.create_file_writer(os.path.join(self.out_dir, "logs"))
+              if self.is_chief else tf.summary.create_noop_writer())
     history: List[dict] = []
     base_seed = tf.constant([config.seed, 0], tf.int32)
     start_time = time.time()
@@ -437,9 +542,9 @@ class Pretrainer:
     while step < self.total_steps and not stopped:
       epoch, first_batch = divmod(step, self.steps_per_epoch)
       losses, accs = [], []
-      for batch_images, batch_labels in self._dataset(epoch, first_batch):
+      for batch_images, batch_labels, offsets in self._dataset(epoch, first_batch):
         seed = tf.random.experimental.stateless_fold_in(base_seed, step)
-        loss, acc = self._train_step(batch_images, batch_labels, seed)
+        loss, acc = self._train_step(batch_images, batch_labels, offsets, seed)
         step += 1
         images_done += config.batch_size
         losses.append(float(loss))
@@ -479,9 +584,12 @@ class Pretrainer:
                "history": history, "num_classes": self.num_classes,
                "num_base_classes": self.num_base_classes, "num_images": self.num_images}
     if summary["finished"]:
+      export_dir = os.path.join(self._scratch or self.out_dir, "backbone")
       summary["export"] = export_backbone(
-          self.backbone, config, os.path.join(self.out_dir, "backbone"),
+          self.backbone, config, export_dir,
           {"train_classes": self.class_names, "num_train_images": self.num_images,
            "rotations_as_classes": config.rotations, "epochs": config.epochs,
            "final_train_loss": history[-1]["loss"] if history else None})
+      if self._scratch:
+        shutil.rmtree(self._scratch, ignore_errors=True)
     return summary
