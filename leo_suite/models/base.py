@@ -60,6 +60,21 @@ def glorot_uniform(shape, dtype):
   return tf.random.uniform(shape, -limit, limit, dtype=tf.as_dtype(dtype))
 
 
+# The stateless RNG algorithm of every learner's random draw (dropout, latent
+# and weight samples, generated noise). Philox is what TF's default
+# ("auto_select") picks without XLA, so plain runs draw the same numbers as
+# before; under XLA on CPU the default instead lowers to a generator that
+# fuses into the consuming dot and made LEO's XLA step 3.5x SLOWER than plain
+# (scripts/leo_xla_probe.py; random uniform -> tensordot, [12, 5, 15, 640] x
+# [640, 64]: 107 ms with the default against 1.5 ms with Philox).
+RNG_ALG = "philox"
+
+
+def dropout(x, rate, seed):
+  """Stateless inverted dropout with the suite's RNG algorithm."""
+  return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed, rng_alg=RNG_ALG)
+
+
 def dense(x, weights):
   """x [..., C] @ weights [C, O] for any number of leading axes.
 

@@ -119,7 +119,8 @@ def _sample_normal(means, raw_std, std_offset, training, seed):
   if not training:
     return means, tf.zeros(tf.shape(means)[:1], means.dtype)
   std = stddev(raw_std, std_offset)
-  noise = tf.random.stateless_normal(tf.shape(means), seed, dtype=means.dtype)
+  noise = tf.random.stateless_normal(tf.shape(means), seed, dtype=means.dtype,
+                                     alg=base.RNG_ALG)
   samples = means + std * noise
   # log N(s; m, std) - log N(s; 0, 1); the log(2 pi)/2 terms cancel.
   log_ratio = -0.5 * tf.square(noise) - tf.math.log(std) + 0.5 * tf.square(samples)
@@ -161,7 +162,7 @@ class LEO(base.Learner):
   def _dropout(self, x, training, seed):
     if not training or self.config.dropout_rate == 0:
       return x
-    return tf.nn.experimental.stateless_dropout(x, self.config.dropout_rate, seed)
+    return base.dropout(x, self.config.dropout_rate, seed)
 
   def encode(self, support_x, training, seeds):
     """Returns the latent mean/raw-std parameters [B, N, K, 2 d_z]."""

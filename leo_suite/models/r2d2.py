@@ -206,7 +206,7 @@ class R2D2(base.Learner):
     x = tf.cast(x, self.dtype)
     rate = self.config.dropout_rate
     if training and rate > 0.0:
-      x = tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed)
+      x = base.dropout(x, rate, seed)
     if self.projection is not None:
       x = base.dense(x, self.projection)
       if self.config.normalize_projection:
