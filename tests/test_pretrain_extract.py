@@ -404,8 +404,9 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
   assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
+  assert manifest["crop"] == "warps"        # the pipeline's default crop (chosen on meta-val)
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
-    embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "center", split)
+    embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
           for r in results["rows"]}
   ncm, pixels = rows[("ncm_cosine", "5w1s")], rows[("ncm_cosine px", "5w1s")]
