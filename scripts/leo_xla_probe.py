@@ -3,15 +3,17 @@
   .venv/bin/python scripts/leo_xla_probe.py [--steps=30]
 
 Times `loss_and_gradients` of a 5-way meta-batch of 12 tasks (D = 640, 15
-queries) under tf.function with and without jit_compile, for ablations that
-isolate the suspects: the stateless dropout, the latent/weight sampling
-(training=False skips both), K = 1 vs 5. Prints steps/s and the XLA/plain
-ratio per row; run it on a quiet machine.
+queries) under tf.function with and without jit_compile (the benchmark's
+`time_steps`), for ablations that isolate the suspects: the stateless
+dropout, the latent/weight sampling (training=False skips both), K = 1 vs 5,
+and the stateless RNG algorithm (`base.RNG_ALG`: 'auto_select', TF's default
+and what the learners used before, against 'philox', what they use now).
+Prints steps/s and the XLA/plain ratio per row; run it on a quiet machine.
 """
 import argparse
+import itertools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,6 +23,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from leo_suite.models import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_suite.models import leo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from scripts.benchmark import time_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
@@ -33,37 +36,32 @@ def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
                       unit((batch, ways, queries, dim)), labels(queries))
 
 
-def steps_per_second(fn, ep, steps):
-  seed = tf.constant([0, 0], tf.int32)
-  tf.nest.map_structure(lambda t: t.numpy(), fn(ep, seed))   # trace / compile
-  start = time.perf_counter()
-  for i in range(steps):
-    tf.nest.map_structure(lambda t: t.numpy(), fn(ep, tf.constant([0, i], tf.int32)))
-  return steps / (time.perf_counter() - start)
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--rng_algs", default="auto_select,philox",
+                      help="comma list of stateless RNG algorithms to try")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   rows = [("default", {}, True), ("dropout 0", {"dropout_rate": 0.0}, True),
           ("training=False (no dropout, no sampling)", {}, False)]
   print(f"load average {os.getloadavg()[0]:.2f}")
-  for shots in (1, 5):
-    ep = episode(shots, rng)
-    for name, overrides, training in rows:
-      learner = leo.LEO(leo.Config(**overrides), 5, 640)
+  for alg in args.rng_algs.split(","):
+    base.RNG_ALG = alg   # read by the learners at trace time
+    for shots in (1, 5):
+      episodes = itertools.repeat(episode(shots, rng))
+      for name, overrides, training in rows:
+        learner = leo.LEO(leo.Config(**overrides), 5, 640)
 
-      def compute(e, seed, learner=learner, training=training):
-        with tf.GradientTape() as tape:
-          loss, _ = learner.meta_loss(e, training=training, seed=seed)
-        return loss, tape.gradient(loss, learner.trainable_variables,
-                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-      plain = steps_per_second(tf.function(compute), ep, args.steps)
-      xla = steps_per_second(tf.function(compute, jit_compile=True), ep, args.steps)
-      print(f"K={shots} {name:42s} plain {plain:7.1f} st/s  XLA {xla:7.1f} st/s  "
-            f"XLA/plain {xla / plain:5.2f}", flush=True)
+        def compute(e, seed, learner=learner, training=training):
+          with tf.GradientTape() as tape:
+            loss, _ = learner.meta_loss(e, training=training, seed=seed)
+          return loss, tape.gradient(loss, learner.trainable_variables,
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        plain = time_steps(tf.function(compute), episodes, args.steps)
+        xla = time_steps(tf.function(compute, jit_compile=True), episodes, args.steps)
+        print(f"{alg:11s} K={shots} {name:42s} plain {plain:7.1f} st/s  XLA {xla:7.1f} "
+              f"st/s  XLA/plain {xla / plain:5.2f}", flush=True)
   print(f"load average {os.getloadavg()[0]:.2f}")
 
 

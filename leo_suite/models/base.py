@@ -64,9 +64,10 @@ def glorot_uniform(shape, dtype):
 # and weight samples, generated noise). Philox is what TF's default
 # ("auto_select") picks without XLA, so plain runs draw the same numbers as
 # before; under XLA on CPU the default instead lowers to a generator that
-# fuses into the consuming dot and made LEO's XLA step 3.5x SLOWER than plain
-# (scripts/leo_xla_probe.py; random uniform -> tensordot, [12, 5, 15, 640] x
-# [640, 64]: 107 ms with the default against 1.5 ms with Philox).
+# fuses into the consuming dot and made LEO's XLA step 3.2x SLOWER than plain
+# (scripts/leo_xla_probe.py: XLA/plain 0.31 with the default, 0.95 with
+# Philox, 1-shot; a random uniform -> tensordot, [12, 5, 15, 640] x [640, 64],
+# took 107 ms with the default against 1.5 ms with Philox).
 RNG_ALG = "philox"
 
 
