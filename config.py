@@ -96,7 +96,17 @@ _flag(flags.DEFINE_integer, "eval_num_query",
 _flag(flags.DEFINE_enum, "dtype", "Floating-point type of the model.", ["float32", "float64"])
 _flag(flags.DEFINE_boolean, "deterministic",
       "Enable TF op determinism: same seed, same result, bit for bit (slower).")
-_flag(flags.DEFINE_boolean, "jit_compile", "Compile the meta-training step with XLA.")
+_flag(flags.DEFINE_enum, "jit_compile",
+      "Compile the meta-training step (and evaluation's adaptation) with XLA: 'auto' "
+      "does for the learners whose XLA step measured faster (scripts/benchmark.py: "
+      "imaml, l2f, meta_lstm, snail); a graph XLA cannot compile falls back to plain "
+      "TF with one log line.", ["auto", "true", "false"])
+_flag(flags.DEFINE_enum, "evaluation_method",
+      "How validation/test tasks are scored (same accuracies): 'table' reads only the "
+      "support sets per task and scores each class's images once per group of tasks; "
+      "'gather' copies every task's query set; 'auto' takes the table when the queries "
+      "are at least half of an average class (e.g. V = all remaining) and one replica "
+      "scores.", ["auto", "table", "gather"])
 _flag(flags.DEFINE_enum, "distribution_strategy",
       "default: one device; mirrored: all local GPUs (or --devices, or --num_cpu_devices "
       "logical CPUs); multi_worker: MultiWorkerMirroredStrategy from TF_CONFIG. The "

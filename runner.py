@@ -31,11 +31,11 @@ from leo_suite.pretrain import baselines as baselines_lib  # pylint: disable=wro
 from leo_suite.training import evaluation  # pylint: disable=wrong-import-position
 from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=wrong-import-position
+from leo_suite.training import xla  # pylint: disable=wrong-import-position
 
 FLAGS = config.FLAGS
 # Non-learned baselines evaluated on the same fixed episodes (--baselines).
-BASELINES = {"ncm": baselines_lib.ncm_cosine_logits,
-             "logreg": baselines_lib.logistic_regression_logits}
+BASELINES = {"ncm": baselines_lib.NCMCosine, "logreg": baselines_lib.LogisticRegression}
 POSITIVE = ("num_classes", "num_tr_examples_per_class", "num_val_examples_per_class",
             "metatrain_batch_size", "metavalid_batch_size", "metatest_batch_size",
             "num_steps_limit", "checkpoint_steps", "num_val_batches", "num_test_tasks",
@@ -177,21 +177,29 @@ def evaluate():
   sampler = episodes.EpisodeSampler(test, spec, "meta-test", settings["dtype"])
   strategy = make_strategy()
   learner, checkpoint = run.restored_learner(strategy)
-  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=settings["jit_compile"])
+  evaluator = evaluation.Evaluator(learner, strategy,
+                                   jit_compile=xla.resolve(settings["jit_compile"], run.model))
   num_tasks = settings["num_test_tasks"]
-  dataset = sampler.fixed_set(settings["eval_seed"], num_tasks, settings["metatest_batch_size"])
-  result = evaluator.evaluate(dataset, evaluation.Progress("test", num_tasks))
+  fixed = dict(sampler=sampler, seed=settings["eval_seed"], num_tasks=num_tasks,
+               batch_size=settings["metatest_batch_size"],
+               method=settings.get("evaluation_method", "auto"))
+  method = evaluator.method(sampler, fixed["method"])
+  logging.info("Scoring %d test tasks by the %s path (--evaluation_method=%s)", num_tasks,
+               method, fixed["method"])
+  result = evaluator.evaluate_fixed(progress=evaluation.Progress("test", num_tasks), **fixed)
   header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
             f"{settings['dataset_name']} test")
   print(f"{run.model:>8s} test accuracy ({header}): {result.as_percent()}")
   baselines = {}
   for name in [b for b in settings["baselines"].split(",") if b]:
-    baseline = evaluation.evaluate_baseline(BASELINES[name], dataset)
+    scorer = evaluation.Evaluator(BASELINES[name](spec.num_ways, run.embedding_dim))
+    baseline = scorer.evaluate_fixed(**fixed)
     baselines[name] = baseline.as_dict()
     print(f"{name:>8s} test accuracy ({header}): {baseline.as_percent()}")
   out = "result_test.json"
   run.write_result(out, {"split": "test", **result.as_dict(), "checkpoint": checkpoint,
                          "num_queries": spec.num_queries, "baselines": baselines,
+                         "evaluation_method": method,
                          "settings": settings, "overrides": overrides, "data": data})
   print(f"result written to {os.path.join(run.directory, out)}")
   return result

@@ -77,9 +77,12 @@ class EpisodeSampler:
     self._class_count = tf.constant(split.class_count, tf.int64)
     self._max_count = int(split.class_count.max())
 
-  def sample_task(self, seed, index):
-    """Task `index` of the stream `seed`: (support_x, support_y, query_x, query_y)."""
-    n, k = self.spec.num_ways, self.spec.num_shots
+  def draw(self, seed, index):
+    """Which images task `index` of stream `seed` uses, without reading them:
+    classes [N] (split class ids, label = position) and picks [N, K+V] (image
+    positions within each class: the first K are the support, the rest the
+    queries)."""
+    n = self.spec.num_ways
     task_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
     class_seed, image_seed = tf.unstack(
         tf.random.experimental.stateless_split(task_seed, 2))
@@ -87,16 +90,51 @@ class EpisodeSampler:
     class_order = tf.argsort(tf.random.stateless_uniform([num_classes], class_seed))
     classes = class_order[:n]
     counts = tf.gather(self._class_count, classes)                      # [N]
-    starts = tf.gather(self._class_start, classes)                      # [N]
     keys = tf.random.stateless_uniform([n, self._max_count], image_seed)
     valid = tf.range(self._max_count, dtype=tf.int64)[tf.newaxis] < counts[:, tf.newaxis]
     keys = tf.where(valid, keys, 2.0)  # images a class lacks sort last
     picks = tf.argsort(keys, axis=1)[:, :self.spec.examples_per_class]  # [N, K+V]
-    rows = starts[:, tf.newaxis] + tf.cast(picks, tf.int64)
-    x = tf.cast(tf.gather(self._table, rows), self.dtype)              # [N, K+V, D], unit rows
+    return classes, picks
+
+  def rows(self, classes, picks):
+    """Table rows of `picks` [..., N, P] within `classes` [..., N]."""
+    starts = tf.gather(self._class_start, classes)
+    return starts[..., tf.newaxis] + tf.cast(picks, tf.int64)
+
+  def images(self, rows):
+    """The unit-norm embeddings of table `rows`, in the sampler's dtype."""
+    return tf.cast(tf.gather(self._table, rows), self.dtype)
+
+  def sample_task(self, seed, index):
+    """Task `index` of the stream `seed`: (support_x, support_y, query_x, query_y)."""
+    n, k = self.spec.num_ways, self.spec.num_shots
+    classes, picks = self.draw(seed, index)
+    x = self.images(self.rows(classes, picks))                          # [N, K+V, D], unit rows
     labels = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis],
                      [1, self.spec.examples_per_class])
     return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
+
+  def class_rows(self, class_id):
+    """Every unit-norm embedding of one class [count, D] (a slice of the table)."""
+    start = int(self.split.class_start[class_id])
+    count = int(self.split.class_count[class_id])
+    return tf.cast(self._table[start:start + count], self.dtype)
+
+  def drawn_supports(self, seed: int, batch_size: int, start: int = 0, count=None):
+    """Batches of (classes [B, N], picks [B, N, K+V], support_x, support_y) of
+    tasks start, ...: the fixed set's draws with only its support sets read."""
+    n, k = self.spec.num_ways, self.spec.num_shots
+
+    def task(index):
+      classes, picks = self.draw(seed, index)
+      support_x = self.images(self.rows(classes, picks[:, :k]))
+      support_y = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis], [1, k])
+      return classes, tf.cast(picks, tf.int32), support_x, support_y
+
+    stop = None if count is None else start + count
+    return (tf.data.Dataset.range(start, stop)
+            .map(task, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
   def dataset(self, seed: int, batch_size: int, start: int = 0, count=None,
               num_shards: int = 1, shard_index: int = 0):

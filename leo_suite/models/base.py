@@ -19,7 +19,7 @@ a resumed run replay an uninterrupted one exactly.
 """
 
 import dataclasses
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import sonnet as snt
 import tensorflow as tf
@@ -33,6 +33,19 @@ class Episode(NamedTuple):
   support_y: tf.Tensor
   query_x: tf.Tensor
   query_y: tf.Tensor
+
+
+class Readout(NamedTuple):
+  """An adapted task's classifier read out of a linear map of query rows:
+  scores(x) = row_map(x) @ weights^T + bias for every query row x [D], and
+  argmax logits(x) = argmax scores(x), or argmax of
+  `learner.finish_readout(scores, state)` when `finish`. row_map is
+  task-independent, so evaluation applies it once to a class's rows and
+  scores them against every task that holds the class with one product."""
+  row_map: Callable[[tf.Tensor], tf.Tensor]  # [R, D] -> [R, d]
+  weights: tf.Tensor                         # [B, M, d]
+  bias: Optional[tf.Tensor]                  # [B, M] or None
+  finish: bool = False                       # scores [B, R, M] -> logits via finish_readout
 
 
 class SeedStream:
@@ -125,6 +138,18 @@ class Learner(snt.Module):
 
   def predict(self, state, query_x, *, training, seed) -> tf.Tensor:
     raise NotImplementedError
+
+  def readout(self, state) -> Optional[Readout]:
+    """The evaluation-mode (`training=False`) classifier of `state` as a
+    `Readout`, or None when it is not linear in a shared row map."""
+    del state
+    return None
+
+  def finish_readout(self, scores, state):
+    """Logits [B, R, N] from a `Readout`'s scores [B, R, M] of the tasks of
+    `state` (row-wise; only called when the readout says `finish`)."""
+    del state
+    return scores
 
   def regularization(self) -> tf.Tensor:
     """Penalties on the meta-parameters added once to the meta-loss."""

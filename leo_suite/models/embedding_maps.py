@@ -252,6 +252,15 @@ class ScaledMetric(snt.Module):
       similarity = cosine_similarities(queries, points)
     return self.scale * similarity
 
+  def readout(self, row_map, points):
+    """`base.Readout` of queries scored against points [B, N, d] (argmax-exact:
+    the squared distance drops the per-row -s ||f(x)||^2)."""
+    if self.metric == "squared_euclidean":
+      return base.Readout(row_map, 2 * self.scale * points,
+                          -self.scale * tf.reduce_sum(tf.square(points), -1))
+    return base.Readout(lambda x: tf.math.l2_normalize(row_map(x), axis=-1),
+                        self.scale * tf.math.l2_normalize(points, axis=-1), None)
+
 
 class EmbeddingLearner(base.Learner):
   """Base of the metric learners: holds the config and f_phi (`embedding_map`)."""

@@ -191,6 +191,9 @@ class Hallucination(base.Learner):
   def predict(self, state, query_x, *, training, seed):
     return self.base_learner.predict(state, query_x, training=training, seed=seed)
 
+  def readout(self, state):
+    return self.base_learner.readout(state)
+
   def regularization(self):
     return self.base_learner.regularization()
 

@@ -236,3 +236,12 @@ class HeadLearner(base.Learner):
     """Logits [B, N, V, N] of the adapted heads `state` on query_x [B, N, V, D]."""
     del training, seed
     return head_logits(list(state), self.cast(query_x))
+
+  def readout(self, state):
+    """The first layer x W_1 + b_1; an MLP head's other layers finish it."""
+    weights, bias = state[0], state[1]
+    return base.Readout(self.cast, tf.transpose(weights, [0, 2, 1]), bias,
+                        finish=len(state) > 2)
+
+  def finish_readout(self, scores, state):
+    return head_logits(list(state[2:]), tf.nn.relu(scores))

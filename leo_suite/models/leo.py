@@ -235,6 +235,10 @@ class LEO(base.Learner):
   def predict(self, state, query_x, *, training, seed):
     return tf.einsum("bnkd,bcd->bnkc", self._dropout(query_x, training, seed), state)
 
+  def readout(self, state):
+    """The adapted weights w_n [B, N, D] score x by x . w_n (no bias)."""
+    return base.Readout(lambda x: tf.cast(x, self.dtype), state, None)
+
   # -- meta-objective (eq. 8) -------------------------------------------------
   def l2_penalty(self):
     return self.config.l2_penalty_weight * tf.add_n(

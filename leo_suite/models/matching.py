@@ -187,12 +187,24 @@ class MatchingNetwork(embedding_maps.EmbeddingLearner):
     """log y^ [B, N', V, N] = log sum_i a(x^, x_i) y_i (LSE form, see above)."""
     del training, seed
     _, one_hot = state
-    z = self.attention_logits(state, query_x)[:, :, tf.newaxis, :]  # [B, Q, 1, M]
+    return embedding_maps.per_query(
+        self.finish_readout(self.attention_logits(state, query_x), state), query_x)
+
+  def readout(self, state):
+    """Without FCE, z = s sim(f(x^), g(x_i)) is the metric's readout of the
+    support points (up to a per-row shift the softmax ignores)."""
+    if self.fce is not None:
+      return None
+    support, _ = state
+    return self.metric.readout(self.embedding_map, support)._replace(finish=True)
+
+  def finish_readout(self, scores, state):
+    """log y^ [B, Q, N] = log sum_i a(x^, x_i) y_i of attention logits z [B, Q, M]."""
+    _, one_hot = state
+    z = scores[:, :, tf.newaxis, :]                                   # [B, Q, 1, M]
     in_class = tf.transpose(one_hot, [0, 2, 1])[:, tf.newaxis] > 0  # [B, 1, N, M]
     masked = tf.where(in_class, z, tf.constant(-float("inf"), z.dtype))
-    log_y = (tf.reduce_logsumexp(masked, axis=-1) -
-             tf.reduce_logsumexp(z, axis=-1))                        # [B, Q, N]
-    return embedding_maps.per_query(log_y, query_x)
+    return tf.reduce_logsumexp(masked, axis=-1) - tf.reduce_logsumexp(z, axis=-1)
 
 
 def build(config: Config, num_ways: int, embedding_dim: int,

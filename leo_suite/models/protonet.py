@@ -69,6 +69,11 @@ class ProtoNet(embedding_maps.EmbeddingLearner):
     del training, seed
     return embedding_maps.per_query(self.metric(self.embed(query_x), state), query_x)
 
+  def readout(self, state):
+    """-s ||f(x) - c||^2 = s (2 f(x).c - ||c||^2) - s ||f(x)||^2, whose last term
+    is the same for every class; s cos(f(x), c) = f(x)/|f(x)| . s c/|c|."""
+    return self.metric.readout(self.embedding_map, state)
+
 
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> ProtoNet:

@@ -253,6 +253,13 @@ class R2D2(base.Learner):
     out += bias[:, tf.newaxis, tf.newaxis, :]
     return self.scale * out + self.adjust_bias
 
+  def readout(self, state):
+    """scale * (f(x) W + b) + adjust_bias as f(x) (scale W) + (scale b + adjust_bias)."""
+    weights, bias = state
+    return base.Readout(lambda x: self.features(x, training=False, seed=None),
+                        self.scale * tf.transpose(weights, [0, 2, 1]),
+                        self.scale * bias + self.adjust_bias)
+
 
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> R2D2:

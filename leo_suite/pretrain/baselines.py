@@ -103,10 +103,50 @@ def logistic_regression_logits(support, query, c=1.0, steps=100):
   return tf.einsum("bnvd,bdm->bnvm", query, weights) + bias[:, tf.newaxis, tf.newaxis, :]
 
 
+class BaselineLearner(base.Learner):
+  """A non-learned method behind the learner interface (no variables), so an
+  `evaluation.Evaluator` scores it on the same fixed tasks by the same paths
+  (table or gather) as the learners it is compared with."""
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    raise NotImplementedError
+
+  def predict(self, state, query_x, *, training, seed):
+    del training, seed
+    readout = self.readout(state)
+    scores = tf.einsum("bnvd,bmd->bnvm", readout.row_map(query_x), readout.weights)
+    return scores if readout.bias is None else scores + readout.bias[:, tf.newaxis, tf.newaxis]
+
+
+class NCMCosine(BaselineLearner):
+  """ncm_cosine_logits: state = the L2-normalised class means [B, N, D]."""
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    del support_y, training, seed
+    support = tf.convert_to_tensor(support_x, tf.float32)
+    return _normalize(tf.reduce_mean(_normalize(support), axis=2))
+
+  def readout(self, state):
+    return base.Readout(_normalize, state, None)
+
+
+class LogisticRegression(BaselineLearner):
+  """logistic_regression_logits: state = the fitted (W [B, D, N], b [B, N])."""
+
+  def adapt(self, support_x, support_y, *, training, seed):
+    del support_y, training, seed
+    return fit_logistic_regression(support_x)
+
+  def readout(self, state):
+    weights, bias = state
+    return base.Readout(_normalize, tf.transpose(weights, [0, 2, 1]), bias)
+
+
 METHODS: Dict[str, Callable] = {
     "ncm_cosine": ncm_cosine_logits,
     "logistic_regression": logistic_regression_logits,
 }
+LEARNERS = {"ncm_cosine": NCMCosine, "logistic_regression": LogisticRegression}
 
 
 def evaluate(method: Callable, split, num_ways: int, num_shots: int, num_queries: int = 15,

@@ -5,6 +5,20 @@ MirroredStrategy each batch of the fixed set is split over the replicas and
 the per-task accuracies come back in order, so the result is the
 single-device one (evaluation draws no noise). Under MultiWorkerMirrored
 every worker scores the whole set locally (no collectives to deadlock on).
+
+Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
+  * gather: every task's query set is copied out of the embedding table and
+    passed to `predict` (the tf.data path; the only one under a strategy
+    that splits batches).
+  * table: only the support sets are read per task. The adapted tasks are
+    scored in groups: each class's rows are taken once, as a slice of the
+    table, and scored against every task of the group that holds the class,
+    as one matrix product when the learner's classifier starts with a linear
+    map of the query (`Readout`: LEO, MAML-style heads, R2D2, ProtoNet,
+    Matching without FCE) and through `predict` on those rows otherwise; a mask keeps each task's own query images. This
+    removes the copy of N*V*D floats per task that bounds the gather path
+    when V is most of a class (the release's V = all remaining images).
+Both give the same per-task accuracies (tests/test_evaluation.py).
 """
 
 import dataclasses
@@ -18,6 +32,7 @@ import tensorflow as tf
 
 from leo_suite import distribute
 from leo_suite.models import base
+from leo_suite.training import xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,21 @@ def task_accuracy(learner, episode):
   return base.accuracy(logits, episode.query_y)
 
 
+# Tasks adapted before their query images are scored from the table: larger
+# groups share each class's slice among more tasks.
+TABLE_GROUP_TASKS = 1000
+# Floats of query rows broadcast to a chunk of tasks when a learner without a
+# linear readout is scored from the table (bounds the memory of one call).
+TABLE_CHUNK_FLOATS = 1 << 24
+EVALUATION_METHODS = ("auto", "table", "gather")
+
+
+def table_pays(spec, split) -> bool:
+  """Whether scoring whole class slices beats gathering queries: the queries
+  are at least half of an average class (else most scored rows are masked)."""
+  return spec.examples_per_class >= 0.5 * float(np.mean(split.class_count))
+
+
 class Evaluator:
   """Adapts on each task's support set and scores its query set (no dropout,
   latent/weight means: training=False), on one device or a strategy."""
@@ -84,18 +114,43 @@ class Evaluator:
   def __init__(self, learner, strategy=None, jit_compile=False):
     self.learner = learner
     score = lambda episode: task_accuracy(learner, episode)
+    zero_seed = tf.zeros([2], tf.int32)
+    adapt = lambda x, y: learner.adapt(x, y, training=False, seed=zero_seed)
+    self._adapt = xla.WithFallback(
+        lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True),
+        jit_compile, f"{type(learner).__name__} evaluation (adapt)")
+
+    def score_readout(features, weights, bias, state, labels, mask):
+      """features [R, d] of one class's rows under P tasks' readouts."""
+      pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
+      scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]), transpose_b=True)
+      scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
+      scores += bias[:, tf.newaxis]
+      if state is not None:
+        scores = learner.finish_readout(scores, state)
+      return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
+    self._score_readout = tf.function(score_readout, reduce_retracing=True)
+
+    def score_generic(state, rows, labels, mask):
+      shape = tf.shape(labels)[0:1]
+      query_x = tf.broadcast_to(rows, tf.concat([shape, [1], tf.shape(rows)], 0))
+      logits = learner.predict(state, query_x, training=False, seed=zero_seed)
+      return _hits(tf.argmax(logits[:, 0], -1, output_type=tf.int32), labels, mask)
+    self._score_generic = tf.function(score_generic, reduce_retracing=True)
     self.strategy = strategy if distribute.splits_batches(strategy) else None
     if self.strategy is None:
-      self._batch_accuracy = tf.function(score, jit_compile=jit_compile,
-                                         reduce_retracing=True)
+      build = lambda jit: tf.function(score, jit_compile=jit, reduce_retracing=True)
     else:
-      per_replica = tf.function(score, jit_compile=True) if jit_compile else score
+      def build(jit):
+        per_replica = tf.function(score, jit_compile=True) if jit else score
 
-      @tf.function(reduce_retracing=True)
-      def batch_accuracy(episode):
-        return distribute.local_concat(self.strategy,
-                                       self.strategy.run(per_replica, args=(episode,)))
-      self._batch_accuracy = batch_accuracy
+        @tf.function(reduce_retracing=True)
+        def batch_accuracy(episode):
+          return distribute.local_concat(self.strategy,
+                                         self.strategy.run(per_replica, args=(episode,)))
+        return batch_accuracy
+    self._batch_accuracy = xla.WithFallback(build, jit_compile,
+                                            f"{type(learner).__name__} evaluation")
 
   def per_task_accuracy(self, dataset, progress: Optional[Progress] = None):
     if self.strategy is not None:
@@ -109,6 +164,90 @@ class Evaluator:
 
   def evaluate(self, dataset, progress: Optional[Progress] = None) -> Result:
     return summarise(self.per_task_accuracy(dataset, progress))
+
+  # -- fixed sets of an EpisodeSampler ---------------------------------------
+  def method(self, sampler, requested: str = "auto") -> str:
+    """The scoring path `evaluate_fixed` takes ('table' or 'gather')."""
+    if requested not in EVALUATION_METHODS:
+      raise ValueError(f"evaluation method must be one of {EVALUATION_METHODS}, "
+                       f"got {requested!r}")
+    if self.strategy is not None:
+      return "gather"  # batches split over replicas
+    if requested == "auto":
+      return "table" if table_pays(sampler.spec, sampler.split) else "gather"
+    return requested
+
+  def fixed_accuracy(self, sampler, seed: int, num_tasks: int, batch_size: int,
+                     progress: Optional[Progress] = None, method: str = "auto"):
+    """Per-task accuracies [num_tasks] of `sampler.fixed_set(seed, num_tasks, ...)`."""
+    if self.method(sampler, method) == "gather":
+      return self.per_task_accuracy(sampler.fixed_set(seed, num_tasks, batch_size), progress)
+    group = batch_size * max(1, TABLE_GROUP_TASKS // batch_size)
+    correct = np.zeros([num_tasks], np.int64)
+    pending, first, row_features = [], 0, {}
+    draws = sampler.drawn_supports(seed, batch_size, 0, num_tasks)
+    for batch_index, (classes, picks, support_x, support_y) in enumerate(draws):
+      pending.append((classes.numpy(), picks.numpy(), self._adapt(support_x, support_y)))
+      done = (batch_index + 1) * batch_size >= num_tasks
+      if sum(len(p[0]) for p in pending) >= group or done:
+        size = self._score_group(sampler, pending, correct[first:], row_features)
+        first += size
+        pending = []
+        if progress:
+          progress.update(size)
+    spec = sampler.spec
+    # float32 hits / queries, correctly rounded, as base.accuracy's mean is.
+    return correct.astype(np.float32) / np.float32(spec.num_ways * spec.num_queries)
+
+  def evaluate_fixed(self, sampler, seed, num_tasks, batch_size, progress=None,
+                     method="auto") -> Result:
+    return summarise(self.fixed_accuracy(sampler, seed, num_tasks, batch_size,
+                                         progress, method))
+
+  def _score_group(self, sampler, pending, correct, row_features):
+    """Adds each task's correct queries of a group of adapted batches to
+    `correct` (the group's slice); returns the number of tasks.
+    `row_features` caches each class's readout row_map across groups."""
+    classes = np.concatenate([p[0] for p in pending])          # [T, N]
+    picks = np.concatenate([p[1] for p in pending])            # [T, N, K+V]
+    state = tf.nest.map_structure(lambda *parts: tf.concat(parts, 0),
+                                  *[p[2] for p in pending])
+    readout = self.learner.readout(state)
+    num_shots = sampler.spec.num_shots
+    for class_id in np.unique(classes):
+      tasks, labels = np.nonzero(classes == class_id)
+      rows = sampler.class_rows(class_id)
+      mask = np.zeros([len(tasks), rows.shape[0]], bool)
+      mask[np.arange(len(tasks))[:, np.newaxis], picks[tasks, labels, num_shots:]] = True
+      if readout is not None and class_id not in row_features:
+        row_features[class_id] = readout.row_map(rows)
+      # Tasks per call: at most TABLE_CHUNK_FLOATS floats of rows x width.
+      width = rows.shape[1] if readout is None else readout.weights.shape[1]
+      chunk = max(1, TABLE_CHUNK_FLOATS // (rows.shape[0] * width))
+      hits = []
+      for first in range(0, len(tasks), chunk):
+        part = tf.constant(tasks[first:first + chunk])
+        gather = lambda value, part=part: tf.gather(value, part)
+        labels_part = tf.constant(labels[first:first + chunk], tf.int32)
+        mask_part = tf.constant(mask[first:first + chunk])
+        if readout is None:
+          hits.append(self._score_generic(tf.nest.map_structure(gather, state), rows,
+                                          labels_part, mask_part))
+          continue
+        bias = (tf.zeros(readout.weights.shape[:2], readout.weights.dtype)
+                if readout.bias is None else readout.bias)
+        hits.append(self._score_readout(
+            row_features[class_id], gather(readout.weights), gather(bias),
+            tf.nest.map_structure(gather, state) if readout.finish else None,
+            labels_part, mask_part))
+      np.add.at(correct, tasks, tf.concat(hits, 0).numpy())
+    return len(classes)
+
+
+def _hits(predictions, labels, mask):
+  """Correct masked rows per task: predictions [P, R], labels [P], mask [P, R]."""
+  right = tf.equal(predictions, labels[:, tf.newaxis])
+  return tf.reduce_sum(tf.cast(tf.logical_and(right, mask), tf.int64), axis=1)
 
 
 def evaluate_baseline(logits_fn, dataset) -> Result:

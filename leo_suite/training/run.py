@@ -49,7 +49,8 @@ SPLITS = ("train", "val", "test")
 # Settings that never change what a run is: they may differ between the
 # command that created a run and a later one (resume, evaluation).
 FREE_SETTINGS = ("num_steps_limit", "log_steps", "jit_compile", "deterministic",
-                 "num_test_tasks", "metatest_batch_size", "baselines", "profile_steps")
+                 "num_test_tasks", "metatest_batch_size", "baselines", "profile_steps",
+                 "evaluation_method")
 # Settings evaluation may override (recorded as overrides in the result);
 # each learner adds its own EVAL_FIELDS (prefixed flag names).
 EVAL_SETTINGS = ("eval_seed", "eval_num_query")
@@ -68,8 +69,8 @@ DEFAULTS = {
     "metatrain_batch_size": 12, "metavalid_batch_size": 200, "metatest_batch_size": 200,
     "num_steps_limit": 100000, "checkpoint_steps": 1000, "seed": 0, "eval_seed": 1,
     "num_val_batches": 10, "num_test_tasks": 10000, "eval_num_query": 0,
-    "dtype": "float32", "deterministic": False, "jit_compile": False, "baselines": "ncm",
-    "log_steps": 100, "preset": "", "profile_steps": "",
+    "dtype": "float32", "deterministic": False, "jit_compile": "auto", "baselines": "ncm",
+    "log_steps": 100, "preset": "", "profile_steps": "", "evaluation_method": "auto",
 }
 
 

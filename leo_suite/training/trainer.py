@@ -37,6 +37,7 @@ from leo_suite.models.base import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
+from leo_suite.training import xla
 
 PROFILE_DIR = "profile"
 
@@ -141,6 +142,7 @@ class TrainConfig:
   eval_seed: int = 1
   log_steps: int = 100
   jit_compile: bool = False
+  evaluation_method: str = "auto"  # evaluation.EVALUATION_METHODS
   keep_best: bool = True   # False: validation is logged, best/ is not written
   profile_steps: Optional[Tuple[int, int]] = None  # (A, B): profile steps A..B
 
@@ -153,7 +155,8 @@ class TrainConfig:
                metavalid_batch_size=s["metavalid_batch_size"],
                num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
                outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
-               log_steps=s["log_steps"], jit_compile=s["jit_compile"],
+               log_steps=s["log_steps"], jit_compile=xla.resolve(s["jit_compile"], run.model),
+               evaluation_method=s.get("evaluation_method", "auto"),
                keep_best=not s["train_on_val"],
                # .get: runs created before the setting existed lack it.
                profile_steps=parse_profile_steps(s.get("profile_steps", "")))
@@ -196,11 +199,18 @@ class Trainer:
     self.evaluator = evaluation.Evaluator(learner, self.strategy,
                                           jit_compile=config.jit_compile)
     compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
-    # XLA per replica (a compiled function inside strategy.run); the
-    # all-reduce and the update stay outside it.
-    self._replica_compute = (tf.function(compute, jit_compile=True)
-                             if config.jit_compile else compute)
-    self._train_step = tf.function(self._step)
+
+    def build_step(jit):
+      # On one device XLA compiles the whole step, update included (the
+      # outer chain is plain TF ops; one compiled call per step instead of
+      # one per op). Under a strategy, XLA per replica (a compiled function
+      # inside strategy.run); the all-reduce and the update stay outside it.
+      whole = jit and distribute.is_default(self.strategy)
+      self._replica_compute = (tf.function(compute, jit_compile=True) if jit and not whole
+                               else compute)
+      return tf.function(self._step, jit_compile=True if whole else None)
+    self._train_step = xla.WithFallback(build_step, config.jit_compile,
+                                        f"{type(learner).__name__} meta-training step")
 
   # -- one meta-training step -------------------------------------------------
   def _apply(self, loss, grads, metrics):
@@ -275,9 +285,9 @@ class Trainer:
     if self.val_sampler is None:
       return None
     num_tasks = self.config.num_val_batches * self.config.metavalid_batch_size
-    dataset = self.val_sampler.fixed_set(self.config.eval_seed, num_tasks,
-                                         self.config.metavalid_batch_size)
-    return self.evaluator.evaluate(dataset, evaluation.Progress("validation", num_tasks))
+    return self.evaluator.evaluate_fixed(
+        self.val_sampler, self.config.eval_seed, num_tasks, self.config.metavalid_batch_size,
+        evaluation.Progress("validation", num_tasks), self.config.evaluation_method)
 
   def train(self, stop_requested: Optional[Callable[[], Optional[str]]] = None):
     """Trains to num_steps_limit; returns the step reached.

@@ -1,0 +1,126 @@
+"""Evaluation: the table path (class slices scored once per group of tasks)
+gives exactly the per-task accuracies of the gather path on the same tasks."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from leo_suite.data import embeddings
+from leo_suite.data import episodes
+from leo_suite.models import base
+from leo_suite.models import registry
+from leo_suite.pretrain import baselines
+from leo_suite.training import evaluation
+
+DIM = 16
+# Learners whose default classifier starts with a linear map of the query
+# (a `Readout`); the others go through `predict` on class slices.
+LINEAR_READOUT = {"leo", "maml", "imaml", "r2d2", "protonet", "hallucination", "l2f",
+                  "reptile", "meta_lstm", "matching"}
+
+
+def clustered_split(counts, dim=DIM, spread=1.3, seed=0):
+  """Classes around random centres, noisy enough that learners make mistakes."""
+  rng = np.random.default_rng(seed)
+  blocks, keys = [], []
+  for c, count in enumerate(counts):
+    centre = rng.standard_normal(dim)
+    blocks.append(centre + spread * rng.standard_normal((count, dim)))
+    keys += [embeddings.make_key(f"c{c}", i) for i in range(count)]
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+  return embeddings.EmbeddingSplit(
+      np.concatenate(blocks).astype(np.float32), [f"c{c}" for c in range(len(counts))],
+      starts, np.asarray(counts, np.int64), keys, {})
+
+
+def learner(model, num_ways):
+  tf.random.set_seed(3)
+  module = registry.learner_module(model)
+  return registry.build(model, module.Config(), num_ways, DIM)
+
+
+def both_paths(model, split, spec, num_tasks=37, batch_size=8):
+  evaluator = evaluation.Evaluator(learner(model, spec.num_ways))
+  sampler = episodes.EpisodeSampler(split, spec)
+  gather = evaluator.fixed_accuracy(sampler, 5, num_tasks, batch_size, method="gather")
+  table = evaluator.fixed_accuracy(sampler, 5, num_tasks, batch_size, method="table")
+  return gather, table
+
+
+@pytest.mark.parametrize("model", registry.available())
+def test_table_equals_gather_with_all_remaining_queries(model):
+  split = clustered_split([9] * 8)
+  gather, table = both_paths(model, split, episodes.EpisodeSpec(4, 2, 7))
+  assert len(gather) == 37
+  assert 0.0 < gather.mean() < 1.0 and np.ptp(gather) > 0  # mistakes that vary by task
+  np.testing.assert_array_equal(table, gather)
+
+
+@pytest.mark.parametrize("model", ["leo", "matching", "r2d2"])
+def test_table_equals_gather_when_queries_are_part_of_unequal_classes(model):
+  # Classes of 7..14 images, V = 4: the mask must keep exactly the drawn queries.
+  split = clustered_split([7, 14, 9, 11, 8, 12, 10])
+  gather, table = both_paths(model, split, episodes.EpisodeSpec(3, 1, 4))
+  np.testing.assert_array_equal(table, gather)
+
+
+@pytest.mark.parametrize("model", sorted(LINEAR_READOUT))
+def test_linear_readouts_match_predict_and_the_generic_table_path(model, monkeypatch):
+  split = clustered_split([9] * 8)
+  spec = episodes.EpisodeSpec(4, 2, 7)
+  sampler = episodes.EpisodeSampler(split, spec)
+  built = learner(model, spec.num_ways)
+  episode = next(iter(sampler.fixed_set(1, 6, 6)))
+  state = built.adapt(episode.support_x, episode.support_y, training=False,
+                      seed=tf.zeros([2], tf.int32))
+  readout = built.readout(state)
+  assert readout is not None
+  logits = built.predict(state, episode.query_x, training=False, seed=tf.zeros([2], tf.int32))
+  rows = tf.reshape(episode.query_x, [6, -1, DIM])
+  scores = tf.einsum("bqd,bnd->bqn", tf.stack([readout.row_map(r) for r in rows]),
+                     readout.weights)
+  if readout.bias is not None:
+    scores += readout.bias[:, tf.newaxis]
+  if readout.finish:
+    scores = built.finish_readout(scores, state)
+  np.testing.assert_array_equal(np.argmax(scores, -1),
+                                np.argmax(np.reshape(logits, [6, -1, spec.num_ways]), -1))
+  evaluator = evaluation.Evaluator(built)
+  linear = evaluator.fixed_accuracy(sampler, 5, 20, 4, method="table")
+  monkeypatch.setattr(type(built), "readout", lambda self, state: None)
+  generic = evaluation.Evaluator(built).fixed_accuracy(sampler, 5, 20, 4, method="table")
+  np.testing.assert_array_equal(linear, generic)
+
+
+def test_learners_without_a_linear_readout_say_so():
+  for model in sorted(set(registry.available()) - LINEAR_READOUT):
+    built = learner(model, 3)
+    split = clustered_split([9] * 5)
+    sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 4))
+    episode = next(iter(sampler.fixed_set(1, 2, 2)))
+    state = built.adapt(episode.support_x, episode.support_y, training=False,
+                        seed=tf.zeros([2], tf.int32))
+    assert built.readout(state) is None, model
+
+
+def test_auto_method_takes_the_table_only_when_queries_fill_the_classes():
+  split = clustered_split([20] * 6)
+  evaluator = evaluation.Evaluator(learner("protonet", 3))
+  assert evaluator.method(episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 19))) == "table"
+  assert evaluator.method(episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 5))) == "gather"
+  with pytest.raises(ValueError, match="evaluation method"):
+    evaluator.method(episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 5)), "fast")
+
+
+@pytest.mark.parametrize("name", sorted(baselines.LEARNERS))
+def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
+  split = clustered_split([9] * 8)
+  spec = episodes.EpisodeSpec(4, 2, 7)
+  sampler = episodes.EpisodeSampler(split, spec)
+  reference = np.concatenate([
+      base.accuracy(baselines.METHODS[name](e.support_x, e.query_x), e.query_y).numpy()
+      for e in sampler.fixed_set(5, 37, 8)])
+  evaluator = evaluation.Evaluator(baselines.LEARNERS[name](spec.num_ways, DIM))
+  for method in ("table", "gather"):
+    np.testing.assert_array_equal(
+        evaluator.fixed_accuracy(sampler, 5, 37, 8, method=method), reference)
