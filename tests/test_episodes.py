@@ -107,3 +107,12 @@ def test_impossible_specs_are_refused():
 def test_float64_episodes():
   sampler = episodes.EpisodeSampler(make_split(), episodes.EpisodeSpec(2, 1, 1), dtype=tf.float64)
   assert next(iter(sampler.dataset(0, 1))).support_x.dtype == tf.float64
+
+
+def test_smallest_is_argsort_prefix_including_ties():
+  rng = np.random.default_rng(0)
+  keys = rng.integers(0, 7, size=(50, 40)).astype(np.float32)  # many ties
+  keys[:, -5:] = 2.0
+  for count in (1, 6, 16, 40):
+    np.testing.assert_array_equal(episodes.smallest(tf.constant(keys), count).numpy(),
+                                  tf.argsort(keys, axis=-1).numpy()[:, :count])

@@ -51,6 +51,14 @@ def check_spec(split: EmbeddingSplit, spec: EpisodeSpec, what: str):
         "lower the number of support/query examples")
 
 
+def smallest(keys, count):
+  """Positions of the `count` smallest keys along the last axis, in order:
+  tf.argsort(keys)[..., :count] exactly (ties to the lower position, as
+  argsort's top_k does), without sorting the whole row (argsort of [5, 600]
+  keys was 85% of a task's draw in tf.data)."""
+  return tf.math.top_k(-keys, count).indices
+
+
 def all_remaining_queries(split: EmbeddingSplit, num_shots: int) -> int:
   """The release's evaluation V: every image left after K (smallest class)."""
   return int(split.class_count.min()) - num_shots
@@ -87,14 +95,12 @@ class EpisodeSampler:
     class_seed, image_seed = tf.unstack(
         tf.random.experimental.stateless_split(task_seed, 2))
     num_classes = tf.shape(self._class_count)[0]
-    class_order = tf.argsort(tf.random.stateless_uniform([num_classes], class_seed))
-    classes = class_order[:n]
+    classes = smallest(tf.random.stateless_uniform([num_classes], class_seed), n)
     counts = tf.gather(self._class_count, classes)                      # [N]
     keys = tf.random.stateless_uniform([n, self._max_count], image_seed)
     valid = tf.range(self._max_count, dtype=tf.int64)[tf.newaxis] < counts[:, tf.newaxis]
     keys = tf.where(valid, keys, 2.0)  # images a class lacks sort last
-    picks = tf.argsort(keys, axis=1)[:, :self.spec.examples_per_class]  # [N, K+V]
-    return classes, picks
+    return classes, smallest(keys, self.spec.examples_per_class)        # [N, K+V]
 
   def rows(self, classes, picks):
     """Table rows of `picks` [..., N, P] within `classes` [..., N]."""
