@@ -16,7 +16,7 @@ DIM = 16
 # Learners whose default classifier starts with a linear map of the query
 # (a `Readout`); the others go through `predict` on class slices.
 LINEAR_READOUT = {"leo", "maml", "imaml", "r2d2", "protonet", "hallucination", "l2f",
-                  "reptile", "meta_lstm", "matching"}
+                  "reptile", "meta_lstm", "matching", "relation"}
 
 
 def clustered_split(counts, dim=DIM, spread=1.3, seed=0):
@@ -77,8 +77,9 @@ def test_linear_readouts_match_predict_and_the_generic_table_path(model, monkeyp
   assert readout is not None
   logits = built.predict(state, episode.query_x, training=False, seed=tf.zeros([2], tf.int32))
   rows = tf.reshape(episode.query_x, [6, -1, DIM])
-  scores = tf.einsum("bqd,bnd->bqn", tf.stack([readout.row_map(r) for r in rows]),
-                     readout.weights)
+  scores = tf.stack([readout.row_map(r) for r in rows])
+  if readout.weights is not None:
+    scores = tf.einsum("bqd,bnd->bqn", scores, readout.weights)
   if readout.bias is not None:
     scores += readout.bias[:, tf.newaxis]
   if readout.finish:

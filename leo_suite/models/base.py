@@ -37,13 +37,14 @@ class Episode(NamedTuple):
 
 class Readout(NamedTuple):
   """An adapted task's classifier read out of a linear map of query rows:
-  scores(x) = row_map(x) @ weights^T + bias for every query row x [D], and
-  argmax logits(x) = argmax scores(x), or argmax of
-  `learner.finish_readout(scores, state)` when `finish`. row_map is
-  task-independent, so evaluation applies it once to a class's rows and
-  scores them against every task that holds the class with one product."""
+  scores(x) = row_map(x) @ weights^T + bias for every query row x [D]
+  (row_map(x) itself when weights is None), and argmax logits(x) = argmax
+  scores(x), or argmax of `learner.finish_readout(scores, state)` when
+  `finish`. row_map is task-independent, so evaluation applies it once to a
+  class's rows and scores them against every task that holds the class with
+  one product."""
   row_map: Callable[[tf.Tensor], tf.Tensor]  # [R, D] -> [R, d]
-  weights: tf.Tensor                         # [B, M, d]
+  weights: Optional[tf.Tensor]               # [B, M, d] or None (scores = row_map(x))
   bias: Optional[tf.Tensor]                  # [B, M] or None
   finish: bool = False                       # scores [B, R, M] -> logits via finish_readout
 

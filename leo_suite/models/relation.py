@@ -153,6 +153,28 @@ class RelationNetwork(embedding_maps.EmbeddingLearner):
     logits = self.relation_module(pairs)[..., 0]               # [B, Q, N]
     return embedding_maps.per_query(logits, query_x)
 
+  def readout(self, state):
+    """g's first layer on [c_k ; f(x)] is c_k W_c + f(x) W_q + b_1: f(x) W_q
+    depends on the query alone (the row map); the class term and g's other
+    layers finish it."""
+    query_weights = self.relation_module.weights[0][self.embedding_map.output_dim:]
+    return base.Readout(lambda x: base.dense(self.embed(x[tf.newaxis, tf.newaxis])[0], query_weights),
+                        None, None, finish=True)
+
+  def finish_readout(self, scores, state):
+    """Relation logits [B, R, N] from f(x) W_q [B, R, h] and class features [B, N, d]."""
+    module = self.relation_module
+    first = base.dense(state, module.weights[0][:self.embedding_map.output_dim])
+    if module.biases[0] is not None:
+      first += module.biases[0]
+    x = scores[:, :, tf.newaxis, :] + first[:, tf.newaxis]       # [B, R, N, h]
+    num_layers = len(module.weights)
+    for layer in range(1, num_layers):
+      x = base.dense(tf.nn.relu(x), module.weights[layer])
+      if module.biases[layer] is not None:
+        x += module.biases[layer]
+    return x[..., 0]
+
   def meta_loss(self, episode: base.Episode, *, training, seed):
     """Mean squared error of the relation scores to one-hot (Eq. 2)."""
     seeds = base.SeedStream(seed)

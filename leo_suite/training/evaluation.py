@@ -122,10 +122,16 @@ class Evaluator:
 
     def score_readout(features, weights, bias, state, labels, mask):
       """features [R, d] of one class's rows under P tasks' readouts."""
-      pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
-      scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]), transpose_b=True)
-      scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
-      scores += bias[:, tf.newaxis]
+      if weights is None:  # scores = the row features, the same for every task
+        shape = tf.concat([tf.shape(labels)[0:1], tf.shape(features)], 0)
+        scores = tf.broadcast_to(features, shape)
+      else:
+        pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
+        scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]),
+                           transpose_b=True)
+        scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
+      if bias is not None:
+        scores += bias[:, tf.newaxis]
       if state is not None:
         scores = learner.finish_readout(scores, state)
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
@@ -222,7 +228,8 @@ class Evaluator:
       if readout is not None and class_id not in row_features:
         row_features[class_id] = readout.row_map(rows)
       # Tasks per call: at most TABLE_CHUNK_FLOATS floats of rows x width.
-      width = rows.shape[1] if readout is None else readout.weights.shape[1]
+      width = (rows.shape[1] if readout is None or readout.weights is None
+               else readout.weights.shape[1])
       chunk = max(1, TABLE_CHUNK_FLOATS // (rows.shape[0] * width))
       hits = []
       for first in range(0, len(tasks), chunk):
@@ -234,10 +241,10 @@ class Evaluator:
           hits.append(self._score_generic(tf.nest.map_structure(gather, state), rows,
                                           labels_part, mask_part))
           continue
-        bias = (tf.zeros(readout.weights.shape[:2], readout.weights.dtype)
-                if readout.bias is None else readout.bias)
         hits.append(self._score_readout(
-            row_features[class_id], gather(readout.weights), gather(bias),
+            row_features[class_id],
+            None if readout.weights is None else gather(readout.weights),
+            None if readout.bias is None else gather(readout.bias),
             tf.nest.map_structure(gather, state) if readout.finish else None,
             labels_part, mask_part))
       np.add.at(correct, tasks, tf.concat(hits, 0).numpy())
