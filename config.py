@@ -187,8 +187,12 @@ RUNTIME_FLAGS = ("checkpoint_path", "evaluation_mode", "data_path", "allow_data_
                  "distribution_strategy", "devices", "num_cpu_devices")
 
 
-def apply_preset():
-  """Sets the preset's values on flags the user did not give; returns their names."""
+def apply_preset(model=None):
+  """Sets the preset's values on flags the user did not give; returns their names.
+
+  `model`: the run's learner (a saved run's, not --model's default), whose
+  outer optimizer decides whether the preset's outer_lr applies.
+  """
   if not FLAGS.preset:
     return []
   if FLAGS.preset not in PRESETS:
@@ -196,7 +200,8 @@ def apply_preset():
   applied = []
   # The presets' outer_lr values are Adam step sizes: an SGD outer loop keeps
   # its learner's rate (Reptile's is its epsilon; 1e-3 would freeze it).
-  optimizer = FLAGS.outer_optimizer or run_lib.outer_defaults(FLAGS.model)["outer_optimizer"]
+  optimizer = (FLAGS.outer_optimizer or
+               run_lib.outer_defaults(model or FLAGS.model)["outer_optimizer"])
   for key, value in PRESETS[FLAGS.preset].items():
     if key == "outer_lr" and optimizer != "adam":
       continue

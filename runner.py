@@ -56,12 +56,12 @@ def check_settings(settings):
 
 def resolve(evaluation_mode):
   """(saved record or None, settings, overrides, data path) of this command."""
-  preset_applied = config.apply_preset()
   record = run_lib.Run.read_record(FLAGS.checkpoint_path)
   if record is None and evaluation_mode:
     run_lib.Run.open(FLAGS.checkpoint_path)  # raises: not a run directory
   saved = record["settings"] if record else None
   model = saved["model"] if saved else FLAGS.model  # a different --model is a conflict
+  preset_applied = config.apply_preset(model)
   # The release's presets carry LEO's settings: they apply to LEO runs only.
   learner_flags = config.all_learner_flags()
   explicit = config.explicit_flags(

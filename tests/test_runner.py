@@ -283,3 +283,17 @@ def test_profile_steps_writes_a_profile_and_bad_values_are_one_line(tmp_path, ti
         f"error: --profile_steps='{bad}': expected A,B with integers 1 <= A <= B (profile "
         "steps A to B, e.g. --profile_steps=10,15); empty = off"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_preset_given_again_applies_to_the_saved_learner_not_the_default_model(tmp_path):
+  """Reptile's outer loop is SGD, so --preset=demo leaves its outer_lr alone;
+  evaluating with the same preset (and no --model) must judge by the saved
+  learner, not by --model's default (LEO, Adam), or outer_lr would conflict."""
+  flags = ["--preset=demo", f"--data_path={tmp_path / 'data'}",
+           f"--checkpoint_path={tmp_path / 'run'}", "--num_test_tasks=10",
+           "--metatest_batch_size=10", "--num_val_batches=1", "--metavalid_batch_size=10",
+           "--checkpoint_steps=2"]
+  run("--model=reptile", "--num_steps_limit=2", *flags)
+  proc = run("--evaluation_mode", *flags, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert result_of(tmp_path / "run")["settings"]["outer_lr"] == 1.0  # Reptile's epsilon
