@@ -269,3 +269,13 @@ def test_a_share_gets_its_rows_of_the_global_augmentation(augment):
   # Not vacuous: the shares' own draws would differ.
   alone = train_lib.augment_batch(x[2:4], seed, augment, 2)
   assert not np.array_equal(alone.numpy(), whole[2:4].numpy())
+
+
+def test_the_run_records_how_it_was_distributed(single, mirrored):
+  def distribution(run_dir):
+    with open(os.path.join(run_dir, "checkpoints", "pretrain_config.json")) as handle:
+      return json.load(handle)["distribution"]
+  assert distribution(single) == [{"strategy": "_DefaultDistributionStrategy", "replicas": 1,
+                                   "workers": 1, "from_step": 0}]
+  assert distribution(mirrored) == [{"strategy": "MirroredStrategy", "replicas": 2,
+                                     "workers": 1, "from_step": 0}]

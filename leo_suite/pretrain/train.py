@@ -438,6 +438,7 @@ class Pretrainer:
     self._kernels = [v for v in self.classifier.trainable_variables
                      if "kernel" in v.path]
     self._train_step = tf.function(self._step_fn)
+    self._first_step = 0
 
   # -- state -------------------------------------------------------------------
   def _config_path(self):
@@ -473,8 +474,24 @@ class Pretrainer:
       return
     fileio.atomic_write_text(self._config_path(), json.dumps(
         {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
-         "num_images": self.num_images}, indent=2, sort_keys=True))
+         "num_images": self.num_images, "distribution": self._distribution_history()},
+        indent=2, sort_keys=True))
     self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+  def _distribution_history(self):
+    """[{from_step, strategy, replicas, workers}]: how each stretch of steps
+    was distributed (a resumed run may use another strategy; the steps are
+    the same maths, the record says which ran)."""
+    history = []
+    if os.path.exists(self._config_path()):
+      with open(self._config_path()) as handle:
+        history = json.load(handle).get("distribution", [])
+    now = {"strategy": type(self.strategy).__name__, "replicas": self.replicas,
+           "workers": int(getattr(self.strategy.extended, "_num_workers", 1) or 1)}
+    if not history or {k: history[-1][k] for k in now} != now:
+      # Steps before this process's first save ran under the previous entry.
+      history.append(dict(now, from_step=self._first_step))
+    return history
 
   # -- the step ----------------------------------------------------------------
   def _replica_step(self, batch_images, batch_labels, offset, seed):
@@ -531,7 +548,7 @@ class Pretrainer:
             epoch_callback: Optional[Callable[[int, keras.Model], Dict[str, float]]] = None):
     """Runs (or resumes) training; returns a summary dict. Exports at the end."""
     config = self.config
-    step = self.restore()
+    step = self._first_step = self.restore()
     writer = (tf.summary.create_file_writer(os.path.join(self.out_dir, "logs"))
               if self.is_chief else tf.summary.create_noop_writer())
     history: List[dict] = []
