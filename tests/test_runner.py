@@ -297,3 +297,19 @@ def test_a_preset_given_again_applies_to_the_saved_learner_not_the_default_model
   proc = run("--evaluation_mode", *flags, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert result_of(tmp_path / "run")["settings"]["outer_lr"] == 1.0  # Reptile's epsilon
+
+
+def test_both_evaluation_methods_give_the_same_figures(maml_run):
+  """--evaluation_method=table (the default here: V = all remaining images of
+  unequal classes) and =gather score the same tasks identically, learner and
+  baselines alike, and the result says which path ran."""
+  results = {}
+  for method in ("table", "gather"):
+    run(f"--checkpoint_path={maml_run}", "--evaluation_mode", f"--evaluation_method={method}",
+        "--baselines=ncm,logreg")
+    results[method] = result_of(maml_run)
+    assert results[method]["evaluation_method"] == method
+  for key in ("accuracy", "ci95", "num_tasks"):
+    assert results["table"][key] == results["gather"][key]
+  assert results["table"]["baselines"] == results["gather"]["baselines"]
+  assert sorted(results["table"]["baselines"]) == ["logreg", "ncm"]
