@@ -132,6 +132,27 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #   l2f   hidden 1024: 96.63 @50 / 98.39 @50 / 88.95 @10 (20-way inner_lr 4); hidden
 #         4096: 89.55 @0 at 20w1s (inner_lr 8: 88.01); 4096 with a zero output layer:
 #         96.99 @0 / 98.59 @0 / 89.93 @0
+#   relation (200 tasks, runs/sweep_helper; module hidden 64,8 + linear map before:
+#         94.67 @2500 of 5000 / 97.31 @3500 of 5000 / 85.10 @1750 of 2000)
+#         5w1s hidden 256,8 (linear map): 94.93 @1250 of 2000 (20 s); 256,8 + identity
+#         map: 95.61 @1750 of 2000 (25 s); 1024,8 + identity: 95.50 @1750 (46 s);
+#         256,8 + identity, outer_lr 3e-4: 95.61 @4000 of 4000 (46 s); 256,8 + identity,
+#         meta-batch 32: 95.73 @2000 of 2000 (46 s, kept)
+#         5w5s 256,8 + identity: 97.72 @3000 of 3000 (47 s, kept); outer_lr 3e-4: 97.16
+#         @4000 of 4000 (36 s)
+#         20w1s 256,8 + identity: 85.67 @500 of 2000, then falls (82.29 @2000; 174 s);
+#         outer_lr 3e-4: 87.11 @1500 of 1500 (207 s), 87.58 @2500 of 2500 (233 s, kept)
+#   snail (200 tasks, runs/sweep_helper; before: 1e-3, meta-batch 12, T = 6 at every
+#         setting: 93.23 @3500 / 94.83 @4000 / 82.61 @2500)
+#         5w1s outer_lr 3e-3: 93.07 @3000 of 3000 (88 s); half widths (16,32,64 /
+#         8,16,32 / F 16): 93.15 @3000 of 3000 (88 s); paper widths (64,256,512 /
+#         32,128,256 / F 128) at 1e-3: 91.19 @1500 of 1500 (109 s; default 90.85 @1500);
+#         3e-3, meta-batch 32: 93.16 @2000 of 2000 (76 s), 94.03 @3000 of 5000 (143 s, kept)
+#         5w5s sequence_length 26 (TC sized for T = N*K + 1 = 26, as the paper; 6 gives a
+#         receptive field of 15 < 26 steps): 95.92 @2500 of 3000 (149 s); + 3e-3,
+#         meta-batch 32: 97.06 @3500 of 4000 (273 s, kept)
+#         20w1s sequence_length 21: 81.36 @2500 of 3000 (267 s); 3e-3, meta-batch 32:
+#         82.50 @1250 of 2500 (329 s), then falls; 1e-3, batch 12, T = 6 kept
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 600, "every": 50, "flags": ["--outer_lr=3e-3"]},
     ("leo", 5, 5): {"steps": 200, "every": 25, "flags": ["--outer_lr=3e-4"]},
@@ -142,10 +163,14 @@ LEARNER_PRESETS = {
     ("l2f", 20, 1): {"flags": ["--l2f_inner_lr=4.0"]},
     ("reptile", None, None): {"flags": ["--outer_lr=0.1", "--reptile_hidden_sizes="]},
     ("meta_lstm", None, None): {"flags": ["--meta_lstm_hidden_sizes="]},
-    ("relation", None, None): {"steps": 5000, "every": 500},
-    ("relation", 20, 1): {"steps": 2000, "every": 250},
-    ("snail", None, None): {"steps": 4000, "every": 500},
-    ("snail", 20, 1): {"steps": 3000, "every": 500},
+    ("relation", None, None): {"steps": 3000, "every": 250, "flags": [
+        "--relation_module_hidden_sizes=256,8", "--relation_embedding_map=identity"]},
+    ("relation", 5, 1): {"steps": 2000, "flags": ["--metatrain_batch_size=32"]},
+    ("relation", 20, 1): {"steps": 2500, "flags": ["--outer_lr=3e-4"]},
+    ("snail", None, None): {"steps": 5000, "every": 500, "flags": [
+        "--outer_lr=3e-3", "--metatrain_batch_size=32"]},
+    ("snail", 5, 5): {"steps": 4000, "flags": ["--snail_sequence_length=26"]},
+    ("snail", 20, 1): {"steps": 3000, "flags": ["--outer_lr=1e-3", "--metatrain_batch_size=12"]},
     ("hallucination", None, None): {"steps": 30},
 }
 
