@@ -152,7 +152,8 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         receptive field of 15 < 26 steps): 95.92 @2500 of 3000 (149 s); + 3e-3,
 #         meta-batch 32: 97.06 @3500 of 4000 (273 s, kept)
 #         20w1s sequence_length 21: 81.36 @2500 of 3000 (267 s); 3e-3, meta-batch 32:
-#         82.50 @1250 of 2500 (329 s), then falls; 1e-3, batch 12, T = 6 kept
+#         82.50 @1250 of 2500 (329 s), then falls; 1e-3, meta-batch 32: 84.13 @2500 of
+#         2500 (349 s, kept)
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 600, "every": 50, "flags": ["--outer_lr=3e-3"]},
     ("leo", 5, 5): {"steps": 200, "every": 25, "flags": ["--outer_lr=3e-4"]},
@@ -170,7 +171,7 @@ LEARNER_PRESETS = {
     ("snail", None, None): {"steps": 5000, "every": 500, "flags": [
         "--outer_lr=3e-3", "--metatrain_batch_size=32"]},
     ("snail", 5, 5): {"steps": 4000, "flags": ["--snail_sequence_length=26"]},
-    ("snail", 20, 1): {"steps": 3000, "flags": ["--outer_lr=1e-3", "--metatrain_batch_size=12"]},
+    ("snail", 20, 1): {"steps": 2500, "every": 250, "flags": ["--outer_lr=1e-3"]},
     ("hallucination", None, None): {"steps": 30},
 }
 
