@@ -153,7 +153,7 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         meta-batch 32: 97.06 @3500 of 4000 (273 s, kept)
 #         20w1s sequence_length 21: 81.36 @2500 of 3000 (267 s); 3e-3, meta-batch 32:
 #         82.50 @1250 of 2500 (329 s), then falls; 1e-3, meta-batch 32: 84.13 @2500 of
-#         2500 (349 s, kept)
+#         2500 (349 s, kept); of 4000: 84.24 @2750, 83.59 @4000 (308 s; plateau)
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 600, "every": 50, "flags": ["--outer_lr=3e-3"]},
     ("leo", 5, 5): {"steps": 200, "every": 25, "flags": ["--outer_lr=3e-4"]},
