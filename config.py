@@ -98,8 +98,9 @@ _flag(flags.DEFINE_boolean, "deterministic",
       "Enable TF op determinism: same seed, same result, bit for bit (slower).")
 _flag(flags.DEFINE_enum, "jit_compile",
       "Compile the meta-training step (and evaluation's adaptation) with XLA: 'auto' "
-      "does for the learners whose XLA step measured faster (scripts/benchmark.py: "
-      "imaml, l2f, meta_lstm, snail); a graph XLA cannot compile falls back to plain "
+      "does for the learners whose XLA step measured faster at 1 and 5 shots "
+      "(scripts/benchmark.py: maml, imaml, l2f, protonet, meta_lstm, hallucination, "
+      "snail); a graph XLA cannot compile falls back to plain "
       "TF with one log line.", ["auto", "true", "false"])
 _flag(flags.DEFINE_enum, "evaluation_method",
       "How validation/test tasks are scored (same accuracies): 'table' reads only the "

@@ -152,6 +152,8 @@ def train():
                "into %s", run.model, settings["dataset_name"], settings["embedding_crop"],
                run.embedding_dim, train_split.num_classes, spec.num_ways, spec.num_shots,
                spec.num_queries, run.directory)
+  logging.info("XLA %s for %s's step (--jit_compile=%s)",
+               "on" if trainer.config.jit_compile else "off", run.model, settings["jit_compile"])
   if settings["train_on_val"]:
     logging.warning(
         "--train_on_val: meta-training on train + val (%d classes). Validation still runs "
@@ -177,8 +179,8 @@ def evaluate():
   sampler = episodes.EpisodeSampler(test, spec, "meta-test", settings["dtype"])
   strategy = make_strategy()
   learner, checkpoint = run.restored_learner(strategy)
-  evaluator = evaluation.Evaluator(learner, strategy,
-                                   jit_compile=xla.resolve(settings["jit_compile"], run.model))
+  jit = xla.resolve(settings["jit_compile"], run.model)
+  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=jit)
   num_tasks = settings["num_test_tasks"]
   fixed = dict(sampler=sampler, seed=settings["eval_seed"], num_tasks=num_tasks,
                batch_size=settings["metatest_batch_size"],
@@ -199,7 +201,7 @@ def evaluate():
   out = "result_test.json"
   run.write_result(out, {"split": "test", **result.as_dict(), "checkpoint": checkpoint,
                          "num_queries": spec.num_queries, "baselines": baselines,
-                         "evaluation_method": method,
+                         "evaluation_method": method, "jit_compile_used": jit,
                          "settings": settings, "overrides": overrides, "data": data})
   print(f"result written to {os.path.join(run.directory, out)}")
   return result

@@ -18,7 +18,7 @@ from tests import test_evaluation
 
 def test_auto_follows_each_learners_measured_default():
   assert {m for m in registry.available() if xla.resolve("auto", m)} == {
-      "imaml", "l2f", "meta_lstm", "snail"}
+      "maml", "imaml", "l2f", "protonet", "meta_lstm", "hallucination", "snail"}
   assert xla.resolve("true", "leo") and not xla.resolve("false", "snail")
   assert xla.resolve(True, "leo") and not xla.resolve(False, "snail")  # older runs
   with pytest.raises(ValueError, match="jit_compile"):

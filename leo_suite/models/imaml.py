@@ -77,8 +77,9 @@ CG_RESIDUAL_TOL = 1e-10
 # imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
 # clipping. Fields of leo_suite.training.optim.OuterConfig.
 OUTER_DEFAULTS = dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA: XLA/plain steps/s
-# 1.38 / 1.15 at 1 / 5 shots (scripts/benchmark.py, runs/benchmark.json).
+# --jit_compile=auto compiles this learner's step with XLA (on one device the
+# whole step): XLA/plain steps/s 1.51 / 1.32 at 1 / 5 shots (scripts/benchmark.py,
+# runs/benchmark.json).
 XLA_DEFAULT = True
 EVAL_FIELDS = ()
 

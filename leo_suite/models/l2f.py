@@ -52,8 +52,9 @@ FLAG_PREFIX = "l2f_"
 # gradients to +-10 (not the attenuator's): here every tensor's. Fields of
 # leo_suite.training.optim.OuterConfig.
 OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA: XLA/plain steps/s
-# 1.19 / 1.35 at 1 / 5 shots (scripts/benchmark.py, runs/benchmark.json).
+# --jit_compile=auto compiles this learner's step with XLA (on one device the
+# whole step): XLA/plain steps/s 1.28 / 1.12 at 1 / 5 shots (scripts/benchmark.py,
+# runs/benchmark.json).
 XLA_DEFAULT = True
 EVAL_FIELDS = maml.EVAL_FIELDS
 

@@ -86,8 +86,9 @@ FORGET_BIAS_RANGE = (4.0, 5.0)  # its b_F ~ U(4, 5): f ~ 0.98-0.99 at first
 # twitter/meta-learning-lstm: Adam 1e-3, gradient clipped to global norm
 # 0.25 (here per tensor). Fields of leo_suite.training.optim.OuterConfig.
 OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.25)
-# --jit_compile=auto compiles this learner's step with XLA: XLA/plain steps/s
-# 2.44 / 1.75 at 1 / 5 shots (scripts/benchmark.py, runs/benchmark.json).
+# --jit_compile=auto compiles this learner's step with XLA (on one device the
+# whole step): XLA/plain steps/s 2.52 / 2.53 at 1 / 5 shots (scripts/benchmark.py,
+# runs/benchmark.json).
 XLA_DEFAULT = True
 EVAL_FIELDS = ()
 

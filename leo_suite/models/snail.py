@@ -88,8 +88,9 @@ FLAG_PREFIX = "snail_"
 # (below NCM, 49.73%), see the README's compare table at 1e-3. `--outer_lr=1e-4`
 # restores the paper's rate. Fields of leo_suite.training.optim.OuterConfig.
 OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA: XLA/plain steps/s
-# 1.39 / 1.38 at 1 / 5 shots (scripts/benchmark.py, runs/benchmark.json).
+# --jit_compile=auto compiles this learner's step with XLA (on one device the
+# whole step): XLA/plain steps/s 1.28 / 1.31 at 1 / 5 shots (scripts/benchmark.py,
+# runs/benchmark.json).
 XLA_DEFAULT = True
 EVAL_FIELDS = ()
 

@@ -3,7 +3,10 @@ cannot be compiled.
 
 `auto` (the default) compiles a learner's meta-training step with XLA when
 its module says `XLA_DEFAULT = True`: the learners whose XLA step was faster
-than the plain one at 1 and 5 shots in `scripts/benchmark.py`. `true` and
+than the plain one at 1 and 5 shots in `scripts/benchmark.py` (on one device
+XLA compiles the whole step, update included). A run records the flag as
+given ("auto"); its results record the code version that resolved it, and
+evaluation's result_test.json the resolved value (`jit_compile_used`). `true` and
 `false` force it. If XLA cannot compile a learner's graph (an op without an
 XLA kernel), the step runs without XLA and says so once in the log.
 """
