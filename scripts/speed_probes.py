@@ -1,0 +1,123 @@
+"""Where the time of a step goes: the probes behind the README's "What falls
+short" (run on a quiet machine; ratios within one run).
+
+  python scripts/speed_probes.py
+
+Prints:
+  * this CPU's matmul rate ([960, 640] x [640, 640], GFLOP/s) and ProtoNet's
+    1-shot step in FLOP (TensorFlow's profiler on the step's graph), hence
+    its arithmetic floor;
+  * LEO (benchmark config, 12 one-shot tasks): adaptation with and without
+    its random draws (training vs evaluation mode), the query logits with
+    and without dropout, and Philox's rate for uniforms and normals;
+  * the Trainer's whole step on cached episodes (no input pipeline), plain
+    and XLA, for MAML and LEO, in tasks/s;
+  * the episode sampler's wall and CPU time per meta-batch of 12 tasks.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+import benchmark  # pylint: disable=g-import-not-at-top
+from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
+from leo_suite.models import base  # pylint: disable=g-import-not-at-top
+from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+
+BATCH = 12
+SEED = tf.constant([0, 1])
+
+
+def seconds_per_call(function, repeats=200):
+  """Mean wall seconds of a traced `function()` (after one warm-up call)."""
+  compiled = tf.function(function)
+  compiled()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = compiled()
+  tf.nest.map_structure(lambda t: t.numpy(), out)
+  return (time.perf_counter() - start) / repeats
+
+
+def matmul_and_protonet_floor(sampler):
+  a, b = tf.random.normal([960, 640]), tf.random.normal([640, 640])
+  rate = 2 * 960 * 640 * 640 / seconds_per_call(lambda: tf.matmul(a, b), 300) / 1e9
+  learner = benchmark.build("protonet")
+  episode = next(iter(sampler.dataset(0, BATCH)))
+  graph = tf.function(lambda e, s: learner.loss_and_gradients(e, seed=s)).get_concrete_function(
+      episode, SEED).graph
+  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+  options["output"] = "none"
+  flop = tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+  print(f"matmul: {rate:.0f} GFLOP/s; ProtoNet 1-shot step: {flop / 1e9:.3f} GFLOP, "
+        f"floor {1e3 * flop / (rate * 1e9):.1f} ms")
+
+
+def leo_randomness(sampler):
+  learner = benchmark.build("leo")
+  e = next(iter(sampler.dataset(0, BATCH)))
+  weights = tf.random.normal([BATCH, 5, 1, benchmark.DIM])
+  adapt = lambda training: (lambda: learner._adapt(  # pylint: disable=protected-access
+      e.support_x, e.support_y, training, base.SeedStream(SEED)))
+  rows = {
+      "adapt, training (weight samples, dropout)": adapt(True),
+      "adapt, evaluation (means, no dropout)": adapt(False),
+      "query logits with dropout": lambda: learner.logits(e.query_x, weights, True, SEED),
+      "query logits without dropout": lambda: learner.logits(e.query_x, weights, False, SEED),
+  }
+  for name, function in rows.items():
+    print(f"LEO {name}: {1e3 * seconds_per_call(function):.2f} ms")
+  count = 1_000_000
+  for name, draw in (("uniform", tf.random.stateless_uniform),
+                     ("normal", tf.random.stateless_normal)):
+    seconds = seconds_per_call(lambda draw=draw: draw([count], SEED, alg=base.RNG_ALG), 50)
+    print(f"Philox {name}: {count / seconds / 1e6:.0f} million/s")
+
+
+def cached_steps(split):
+  for model in ("maml", "leo"):
+    for shots in (1, 5):
+      sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(5, shots, 15))
+      cached = list(sampler.dataset(0, BATCH).take(10))
+      for jit in (False, True):
+        with tempfile.TemporaryDirectory() as scratch:
+          run = benchmark.make_run(model, scratch, num_tr_examples_per_class=shots,
+                                   num_val_examples_per_class=15,
+                                   metatrain_batch_size=BATCH, jit_compile=jit)
+          trainer = trainer_lib.Trainer(run.build_learner(),
+                                        trainer_lib.TrainConfig.from_run(run), sampler)
+          steps = benchmark.time_steps(trainer._train_step,  # pylint: disable=protected-access
+                                       iter(cached * 30), 150)
+        print(f"{model} {shots}-shot step on cached episodes, {'XLA' if jit else 'plain'}: "
+              f"{BATCH * steps:,.0f} tasks/s")
+
+
+def sampler_cost(sampler, batches=400):
+  iterator = iter(sampler.dataset(0, BATCH))
+  next(iterator)
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    next(iterator)
+  print(f"sampler: {1e3 * (time.perf_counter() - wall) / batches:.2f} ms wall, "
+        f"{1e3 * (time.process_time() - cpu) / batches:.2f} ms CPU per meta-batch of {BATCH}")
+
+
+def main():
+  split = benchmark.synthetic_split(64, benchmark.IMAGES_PER_CLASS, seed=0)
+  sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(5, 1, 15))
+  matmul_and_protonet_floor(sampler)
+  leo_randomness(sampler)
+  cached_steps(split)
+  sampler_cost(sampler)
+
+
+if __name__ == "__main__":
+  main()
