@@ -116,9 +116,12 @@ class EpisodeSampler:
     n, k = self.spec.num_ways, self.spec.num_shots
     classes, picks = self.draw(seed, index)
     x = self.images(self.rows(classes, picks))                          # [N, K+V, D], unit rows
-    labels = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis],
-                     [1, self.spec.examples_per_class])
+    labels = self.labels(self.spec.examples_per_class)
     return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
+
+  def labels(self, per_class):
+    """[N, per_class] labels: class n's examples are labelled n."""
+    return tf.tile(tf.range(self.spec.num_ways, dtype=tf.int32)[:, tf.newaxis], [1, per_class])
 
   def class_rows(self, class_id):
     """Every unit-norm embedding of one class [count, D] (a slice of the table)."""
@@ -129,13 +132,12 @@ class EpisodeSampler:
   def drawn_supports(self, seed: int, batch_size: int, start: int = 0, count=None):
     """Batches of (classes [B, N], picks [B, N, K+V], support_x, support_y) of
     tasks start, ...: the fixed set's draws with only its support sets read."""
-    n, k = self.spec.num_ways, self.spec.num_shots
+    k = self.spec.num_shots
 
     def task(index):
       classes, picks = self.draw(seed, index)
       support_x = self.images(self.rows(classes, picks[:, :k]))
-      support_y = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis], [1, k])
-      return classes, tf.cast(picks, tf.int32), support_x, support_y
+      return classes, tf.cast(picks, tf.int32), support_x, self.labels(k)
 
     stop = None if count is None else start + count
     return (tf.data.Dataset.range(start, stop)

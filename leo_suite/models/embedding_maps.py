@@ -181,9 +181,10 @@ class MLP(snt.Module):
       else:
         self.biases.append(None)
 
-  def __call__(self, x):
+  def __call__(self, x, first_layer=0):
+    """x: the input of layer `first_layer` (0: the MLP's input)."""
     num_layers = len(self.weights)
-    for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+    for layer, (w, b) in list(enumerate(zip(self.weights, self.biases)))[first_layer:]:
       x = base.dense(x, w)
       if b is not None:
         x += b

@@ -158,8 +158,8 @@ class RelationNetwork(embedding_maps.EmbeddingLearner):
     depends on the query alone (the row map); the class term and g's other
     layers finish it."""
     query_weights = self.relation_module.weights[0][self.embedding_map.output_dim:]
-    return base.Readout(lambda x: base.dense(self.embed(x[tf.newaxis, tf.newaxis])[0], query_weights),
-                        None, None, finish=True)
+    row_map = lambda x: base.dense(self.embed(x[tf.newaxis, tf.newaxis])[0], query_weights)
+    return base.Readout(row_map, None, None, finish=True)
 
   def finish_readout(self, scores, state):
     """Relation logits [B, R, N] from f(x) W_q [B, R, h] and class features [B, N, d]."""
@@ -168,11 +168,8 @@ class RelationNetwork(embedding_maps.EmbeddingLearner):
     if module.biases[0] is not None:
       first += module.biases[0]
     x = scores[:, :, tf.newaxis, :] + first[:, tf.newaxis]       # [B, R, N, h]
-    num_layers = len(module.weights)
-    for layer in range(1, num_layers):
-      x = base.dense(tf.nn.relu(x), module.weights[layer])
-      if module.biases[layer] is not None:
-        x += module.biases[layer]
+    if len(module.weights) > 1:  # the ReLU after g's first layer, then the rest of g
+      x = module(tf.nn.relu(x), first_layer=1)
     return x[..., 0]
 
   def meta_loss(self, episode: base.Episode, *, training, seed):

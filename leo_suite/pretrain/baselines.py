@@ -34,12 +34,16 @@ def _normalize(x):
   return tf.math.l2_normalize(x, axis=-1)
 
 
+def ncm_class_means(support):
+  """The L2-normalised means of the L2-normalised support [B, N, K, D] -> [B, N, D]."""
+  support = tf.convert_to_tensor(support, tf.float32)
+  return _normalize(tf.reduce_mean(_normalize(support), axis=2))
+
+
 def ncm_cosine_logits(support, query):
   """Cosine similarity of each query to each L2-normalised class mean."""
-  support = tf.convert_to_tensor(support, tf.float32)
   query = tf.convert_to_tensor(query, tf.float32)
-  means = _normalize(tf.reduce_mean(_normalize(support), axis=2))  # [B, N, D]
-  return tf.einsum("bnvd,bmd->bnvm", _normalize(query), means)
+  return tf.einsum("bnvd,bmd->bnvm", _normalize(query), ncm_class_means(support))
 
 
 def _flatten_support(support):
@@ -123,8 +127,7 @@ class NCMCosine(BaselineLearner):
 
   def adapt(self, support_x, support_y, *, training, seed):
     del support_y, training, seed
-    support = tf.convert_to_tensor(support_x, tf.float32)
-    return _normalize(tf.reduce_mean(_normalize(support), axis=2))
+    return ncm_class_means(support_x)
 
   def readout(self, state):
     return base.Readout(_normalize, state, None)

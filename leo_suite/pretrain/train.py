@@ -439,6 +439,7 @@ class Pretrainer:
                      if "kernel" in v.path]
     self._train_step = tf.function(self._step_fn)
     self._first_step = 0
+    self._saved_distribution = []  # the restored record's "distribution"
 
   # -- state -------------------------------------------------------------------
   def _config_path(self):
@@ -453,6 +454,7 @@ class Pretrainer:
     if os.path.exists(self._config_path()):
       with open(self._config_path()) as handle:
         saved = json.load(handle)
+    self._saved_distribution = saved.get("distribution", [])
     current = dataclasses.asdict(self.config)
     ignorable = {"log_every", "checkpoint_every", "mixed_precision"}
     changed = sorted(k for k in current if k not in ignorable and
@@ -482,10 +484,7 @@ class Pretrainer:
     """[{from_step, strategy, replicas, workers}]: how each stretch of steps
     was distributed (a resumed run may use another strategy; the steps are
     the same maths, the record says which ran)."""
-    history = []
-    if os.path.exists(self._config_path()):
-      with open(self._config_path()) as handle:
-        history = json.load(handle).get("distribution", [])
+    history = list(self._saved_distribution)
     now = {"strategy": type(self.strategy).__name__, "replicas": self.replicas,
            "workers": int(getattr(self.strategy.extended, "_num_workers", 1) or 1)}
     if not history or {k: history[-1][k] for k in now} != now:

@@ -15,7 +15,8 @@ Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
     table, and scored against every task of the group that holds the class,
     as one matrix product when the learner's classifier starts with a linear
     map of the query (`Readout`: LEO, MAML-style heads, R2D2, ProtoNet,
-    Matching without FCE) and through `predict` on those rows otherwise; a mask keeps each task's own query images. This
+    Matching without FCE, Relation) and through `predict` on those rows
+    otherwise; a mask keeps each task's own query images. This
     removes the copy of N*V*D floats per task that bounds the gather path
     when V is most of a class (the release's V = all remaining images).
 Both give the same per-task accuracies (tests/test_evaluation.py).
