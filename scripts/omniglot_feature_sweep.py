@@ -36,6 +36,9 @@ flags.DEFINE_string("head", "linear", "linear or cosine.")
 flags.DEFINE_float("learning_rate", 0.05, "Peak SGD learning rate.")
 flags.DEFINE_integer("seed", 0, "Pretraining seed.")
 flags.DEFINE_list("eval_epochs", [], "Also evaluate after these epochs.")
+flags.DEFINE_string("teacher", "", "Distil from this finished pretraining run (born-again).")
+flags.DEFINE_float("distill_alpha", 0.5, "Weight of the distillation term.")
+flags.DEFINE_float("distill_temperature", 4.0, "Distillation temperature.")
 flags.DEFINE_integer("num_episodes", 1000, "Fixed val episodes per setting.")
 FLAGS = flags.FLAGS
 
@@ -61,7 +64,9 @@ def main(argv):
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   config = train_lib.PretrainConfig(epochs=FLAGS.epochs, augment=FLAGS.augment,
                                     max_shift=FLAGS.max_shift, head=FLAGS.head,
-                                    learning_rate=FLAGS.learning_rate, seed=FLAGS.seed)
+                                    learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+                                    teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
+                                    distill_temperature=FLAGS.distill_temperature)
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
                                  class_names=split_classes["train"])
   x = train_lib.preprocess(val_images, config.invert)
@@ -74,7 +79,10 @@ def main(argv):
       return {}
     record = {"epoch": epoch, "epochs": FLAGS.epochs, "augment": FLAGS.augment,
               "head": FLAGS.head, "lr": FLAGS.learning_rate, "seed": FLAGS.seed,
-              "max_shift": FLAGS.max_shift, "elapsed_s": round(time.time() - started),
+              "max_shift": FLAGS.max_shift, "teacher": FLAGS.teacher,
+              "distill_alpha": FLAGS.distill_alpha,
+              "distill_temperature": FLAGS.distill_temperature,
+              "elapsed_s": round(time.time() - started),
               **val_scores(backbone, x, val_labels, FLAGS.num_episodes)}
     with open(log_path, "a") as handle:
       handle.write(json.dumps(record) + "\n")

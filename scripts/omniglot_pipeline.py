@@ -5,8 +5,11 @@
 1. pretrains a Conv-4 (28x28, inverted, rotations as classes; --epochs=30 of
    Koch-style affine augmentation, cosine schedule, chosen on meta-val) on the
    meta-train alphabets (Balinese, Korean, Japanese_(katakana), Sanskrit,
-   Greek: 177 characters) read straight from the two archives;
-2. extracts embeddings of all three splits with --crop (default warps: the
+   Greek: 177 characters) read straight from the two archives, then trains
+   --distill_generations born-again students (default 1: the same recipe,
+   0.5 cross-entropy + 0.5 T^2 KL to the previous network at T = 4, chosen
+   on meta-val);
+2. extracts embeddings (the last network's) of all three splits with --crop (default warps: the
    center view averaged with 15 fixed affine warps, chosen on meta-val) to
    <work_dir>/embeddings/omniglot_small/<crop>/ (runner.py --data_path=
    <work_dir>/embeddings --dataset_name=omniglot_small --embedding_crop=<crop>
@@ -26,6 +29,7 @@ an interrupted one resumes from its checkpoint.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -57,6 +61,10 @@ DEFAULT_HEAD = "linear"
 # Extraction crop chosen on meta-val (same backbone, cosine NCM 5w1s / 5w5s /
 # 20w1s): center 96.91 / 98.92 / 89.78, warps 97.44 / 99.02 / 91.08.
 DEFAULT_CROP = "warps"
+# Born-again distillation chosen on meta-val (student: same recipe, loss
+# 0.5 CE + 0.5 T^2 KL at T = 4 from the finished teacher): see the README's
+# feature table.
+DEFAULT_DISTILL_GENERATIONS = 1
 
 flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives and "
                     "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
@@ -71,6 +79,11 @@ flags.DEFINE_string("head", DEFAULT_HEAD, "Pretraining classifier head: linear o
 flags.DEFINE_enum("crop", DEFAULT_CROP, list(extract.CROPS), "Extraction crop of every "
                   "split (leo_suite/pretrain/extract.py); the learners train on it and "
                   "exports of their runs embed images the same way.")
+flags.DEFINE_integer("distill_generations", DEFAULT_DISTILL_GENERATIONS, "Born-again "
+                     "students after the first network, each distilled from the previous "
+                     "one (0: none); the last one's backbone is extracted.")
+flags.DEFINE_float("distill_alpha", 0.5, "Weight of the distillation term (students).")
+flags.DEFINE_float("distill_temperature", 4.0, "Distillation temperature (students).")
 flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
 flags.DEFINE_float("learning_rate", 0.05, "Pretraining peak SGD learning rate.")
 flags.DEFINE_integer("seed", 0, "Pretraining seed.")
@@ -297,6 +310,21 @@ def main(argv):
   summary = trainer.train(epoch_callback=callback)
   timings["pretrain_s"] = time.time() - t0
   stage_done("pretrain", timings, ledger_path)
+  backbone_run = os.path.join(work, "pretrain")
+  if FLAGS.distill_generations:
+    t0 = time.time()
+    for generation in range(1, FLAGS.distill_generations + 1):
+      student_run = os.path.join(work, f"pretrain_gen{generation}")
+      student = dataclasses.replace(config, teacher=backbone_run,
+                                    distill_alpha=FLAGS.distill_alpha,
+                                    distill_temperature=FLAGS.distill_temperature)
+      print(f"distillation generation {generation}: teacher {backbone_run}", flush=True)
+      summary = train_lib.Pretrainer(student, images, labels, student_run,
+                                     class_names=split_classes["train"]).train(
+                                         epoch_callback=callback)
+      backbone_run = student_run
+    timings["distill_s"] = time.time() - t0
+    stage_done("distill", timings, ledger_path)
 
   # 2. extraction.
   t0 = time.time()
@@ -304,7 +332,7 @@ def main(argv):
   manifest = extracted_manifest(data_path, summary)
   if manifest is None:  # not yet extracted from this backbone (a resumed run skips it)
     manifest = extract.extract_embeddings(
-        os.path.join(work, "pretrain", "backbone"), by_class, split_classes, data_path, DATASET,
+        os.path.join(backbone_run, "backbone"), by_class, split_classes, data_path, DATASET,
         FLAGS.crop, "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
         sources=archives, split_origin=origin)
   timings["extract_s"] = time.time() - t0
@@ -363,7 +391,7 @@ def main(argv):
   timings["total_s"] = time.time() - started
   with open(ledger_path) as handle:
     ledger = json.load(handle)
-  stages = ("pretrain", "extract", "baselines", "learners")
+  stages = ("pretrain", "distill", "extract", "baselines", "learners")
   timings.pop("_invocation", None)
 
   table = pipeline.markdown_table(rows, settings)
@@ -373,13 +401,16 @@ def main(argv):
            f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
            f"(meta-val alphabets) @ its step, the checkpoint evaluated. Conv-4 pretrained "
            f"{FLAGS.epochs} epochs (augment {FLAGS.augment}, {FLAGS.head} head) on "
-           f"{len(split_classes['train'])} meta-train characters x 4 rotations; "
+           f"{len(split_classes['train'])} meta-train characters x 4 rotations"
+           + (f", then {FLAGS.distill_generations} born-again generation(s) of the same "
+              f"recipe distilled from the previous one (alpha {FLAGS.distill_alpha}, "
+              f"T {FLAGS.distill_temperature})" if FLAGS.distill_generations else "") + "; "
            f"embeddings: {FLAGS.crop} crop ({extract.CROP_DESCRIPTIONS[FLAGS.crop]})"
            + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
            f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
            f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "
            f"that built this directory: " + ", ".join(
-               f"{k} {ledger.get(k, 0) / 60:.1f} min" for k in stages) +
+               f"{k} {ledger[k] / 60:.1f} min" for k in stages if k in ledger) +
            f"; total {sum(ledger.get(k, 0) for k in stages) / 60:.1f} min. Learner runs (train "
            f"+ evaluate, {FLAGS.parallel_learners} at a time): " + ", ".join(
                f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))

@@ -61,6 +61,12 @@ flags.DEFINE_enum("head", _DEFAULTS.head, list(train_lib.HEADS), "Classifier hea
                   "cosine (learnable scale from 10).")
 flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Random translation in pixels.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout (ResNet-12 last stages, WRN blocks).")
+flags.DEFINE_string("teacher", _DEFAULTS.teacher, "Born-again distillation: the --out_dir of a "
+                    "finished pretraining run on the same classes; the loss becomes "
+                    "(1 - alpha) * CE + alpha * T^2 * KL(teacher || student) at temperature T.")
+flags.DEFINE_float("distill_alpha", _DEFAULTS.distill_alpha, "alpha of --teacher's loss.")
+flags.DEFINE_float("distill_temperature", _DEFAULTS.distill_temperature,
+                   "T of --teacher's loss.")
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of initialisation, data order, augmentation.")
 flags.DEFINE_enum("mixed_precision", "auto", ["auto", "on", "off"], "float16 compute on a GPU only.")
 flags.DEFINE_integer("checkpoint_every", 0, "Steps between checkpoints (0: every epoch).")
@@ -95,7 +101,8 @@ def config_from_flags():
       schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
       weight_decay=FLAGS.weight_decay, augment=FLAGS.augment, max_shift=FLAGS.max_shift,
       dropout=FLAGS.dropout, seed=FLAGS.seed, mixed_precision=FLAGS.mixed_precision,
-      head=FLAGS.head,
+      head=FLAGS.head, teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
+      distill_temperature=FLAGS.distill_temperature,
       checkpoint_every=FLAGS.checkpoint_every)
 
 

@@ -212,6 +212,80 @@ def test_resume_with_different_settings_is_refused(trained, tmp_path):
                          log=lambda _: None).restore()
 
 
+def test_distillation_loss_is_the_temperature_scaled_kl_and_its_gradient():
+  rng = np.random.default_rng(3)
+  student, teacher = rng.normal(size=[4, 6]) * 3, rng.normal(size=[4, 6]) * 3
+  t = 4.0
+  softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
+      z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  p_t, p_s = softmax(teacher / t), softmax(student / t)
+  expected = t * t * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1))
+  s = tf.Variable(student, dtype=tf.float32)
+  with tf.GradientTape() as tape:
+    loss = train_lib.distillation_loss(s, tf.constant(teacher, tf.float32), t)
+  np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
+  # d/ds T^2 KL = T (softmax(s/T) - softmax(t/T)) / batch (Hinton et al. 2015, eq. 2)
+  np.testing.assert_allclose(tape.gradient(loss, s).numpy(), t * (p_s - p_t) / 4, atol=1e-6)
+  assert abs(float(train_lib.distillation_loss(s, s, t))) < 1e-6
+
+
+def test_born_again_student(trained, tmp_path):
+  """alpha = 0 replays the teacher-free run exactly; at alpha = 1 the student
+  learns what the teacher answers, not the labels; the export names the teacher."""
+  images, labels = trained["images"], trained["labels"]
+  keras.backend.clear_session()
+  zero = train_lib.Pretrainer(
+      train_lib.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
+                                  "distill_alpha": 0.0}),
+      images, labels, str(tmp_path / "zero"), log=lambda _: None)
+  zero.train()
+  for a, b in zip(_weights(trained["straight"]), _weights(zero)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # A teacher trained on shifted labels (y + 1 mod 4): a pure-distillation
+  # student trained on the true labels must answer like the teacher.
+  keras.backend.clear_session()
+  liar = str(tmp_path / "liar")
+  train_lib.Pretrainer(_TINY, images, (labels + 1) % 4, liar, log=lambda _: None).train()
+  keras.backend.clear_session()
+  soft = train_lib.Pretrainer(
+      train_lib.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
+                                  "distill_alpha": 1.0, "distill_temperature": 1.0}),
+      images, labels, str(tmp_path / "soft"), log=lambda _: None)
+  summary = soft.train()
+  x = train_lib.preprocess(images, True)
+  teacher_answer = np.argmax(soft.teacher(x, training=False), -1)
+  # Batch statistics: 40 steps leave the moving averages behind the weights.
+  student_answer = np.argmax(soft.classifier(x, training=True), -1)
+  assert np.mean(teacher_answer == (labels + 1) % 4) >= 0.9
+  assert np.mean(student_answer == teacher_answer) >= 0.9
+  assert np.mean(student_answer == labels) <= 0.1
+  teacher = summary["export"]["teacher"]
+  latest = tf.train.latest_checkpoint(os.path.join(liar, "checkpoints"))
+  assert teacher["checkpoint"] == os.path.basename(latest)
+  assert teacher["checkpoint_sha256"] == train_lib.file_sha256(latest + ".index")
+  with open(tmp_path / "soft" / "backbone" / train_lib.BACKBONE_CONFIG) as handle:
+    assert json.load(handle)["teacher"]["run_dir"] == os.path.abspath(liar)
+
+
+def test_a_bad_teacher_is_a_clear_error(trained, tmp_path):
+  images, labels = trained["images"], trained["labels"]
+  keras.backend.clear_session()
+  unfinished = str(tmp_path / "unfinished")
+  train_lib.Pretrainer(_TINY, images, labels, unfinished, log=lambda _: None).train(
+      stop_after_steps=3)
+  cases = [(str(tmp_path / "nothing"), _TINY, "no pretraining checkpoints"),
+           (unfinished, _TINY, "stopped at step 3 of 15"),
+           (trained["dir"], train_lib.PretrainConfig(**{**_TINY.__dict__, "rotations": True}),
+            "classifies 4 classes, this run 16")]
+  for teacher, config, message in cases:
+    keras.backend.clear_session()
+    with pytest.raises(errors.ConfigError, match=message):
+      train_lib.Pretrainer(train_lib.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
+                           images, labels, str(tmp_path / "student"), log=lambda _: None)
+  with pytest.raises(errors.ConfigError, match="--distill_alpha=1.5"):
+    train_lib.validate_config(train_lib.PretrainConfig(distill_alpha=1.5))
+
+
 def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
   model, description = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
   x = train_lib.preprocess(trained["images"][:5], True)
@@ -405,6 +479,13 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
   assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
   assert manifest["crop"] == "warps"        # the pipeline's default crop (chosen on meta-val)
+  # One born-again generation by default: the extracted backbone is the student's,
+  # distilled from the first network's last checkpoint.
+  assert "[stage] distill done in" in proc.stdout
+  student = results["pretrain"]["export"]
+  assert student["teacher"]["run_dir"] == str(work / "pretrain")
+  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+      str(work / "pretrain_gen1" / "backbone" / train_lib.BACKBONE_WEIGHTS))
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
     embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r

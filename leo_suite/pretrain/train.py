@@ -95,6 +95,12 @@ class PretrainConfig:
   mixed_precision: str = "auto"  # "auto" (on a GPU only), "off", "on" (needs a GPU)
   checkpoint_every: int = 0    # steps between checkpoints (0: once per epoch)
   log_every: int = 20
+  # Born-again distillation (Furlanello et al. 2018; Tian et al. 2020, RFS):
+  # the pretraining run directory of a finished teacher ("" = none); the loss
+  # becomes (1 - alpha) * CE + alpha * T^2 * KL(p_teacher^T || p_student^T).
+  teacher: str = ""
+  distill_alpha: float = 0.5
+  distill_temperature: float = 4.0
 
 
 def validate_config(config: PretrainConfig):
@@ -114,6 +120,10 @@ def validate_config(config: PretrainConfig):
       (config.mixed_precision in ("auto", "on", "off"),
        f"--mixed_precision={config.mixed_precision!r}: use auto, on or off"),
       (0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)"),
+      (0.0 <= config.distill_alpha <= 1.0,
+       f"--distill_alpha={config.distill_alpha} must be in [0, 1]"),
+      (config.distill_temperature > 0,
+       f"--distill_temperature={config.distill_temperature} must be > 0"),
   ]
   for ok, message in checks:
     if not ok:
@@ -216,6 +226,61 @@ def affine_batch(x, seed, max_shift: float, rows=None):
   """Each image of the batch under its own random Koch affine warp."""
   return warp(x, _rows(lambda n: affine_transforms(n, seed, x.shape[1], max_shift),
                        tf.shape(x)[0], rows))
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+  """T^2 * mean over the batch of KL(softmax(teacher / T) || softmax(student / T)).
+
+  The T^2 keeps the soft term's gradient on the scale of the hard one
+  (Hinton et al. 2015, section 2).
+  """
+  t = tf.cast(temperature, tf.float32)
+  teacher = tf.nn.softmax(tf.cast(teacher_logits, tf.float32) / t)
+  log_teacher = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
+  log_student = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / t)
+  return t * t * tf.reduce_mean(tf.reduce_sum(teacher * (log_teacher - log_student), axis=-1))
+
+
+def load_teacher(run_dir: str, num_classes: int, image_size: int, channels: int):
+  """(classifier, description) of a finished pretraining run in `run_dir`.
+
+  The teacher is the run's last checkpoint (backbone and head); it must have
+  finished its schedule and classify the same `num_classes` classes.
+  """
+  config_path = os.path.join(run_dir, "checkpoints", "pretrain_config.json")
+  latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+  if not os.path.exists(config_path) or not latest:
+    raise errors.ConfigError(
+        f"--teacher={run_dir}: no pretraining checkpoints there (expected "
+        f"{config_path} and a checkpoint); pass the --out_dir of a finished scripts/pretrain.py run")
+  try:
+    with open(config_path) as handle:
+      saved = json.load(handle)
+    teacher_config = PretrainConfig(**{k: v for k, v in saved["config"].items()
+                                       if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
+  except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    raise errors.ConfigError(f"{config_path}: malformed pretraining config ({exc})") from None
+  if saved.get("num_classes") != num_classes:
+    raise errors.ConfigError(
+        f"--teacher={run_dir} classifies {saved.get('num_classes')} classes, this run "
+        f"{num_classes}; distil from a teacher trained on the same classes")
+  if (teacher_config.image_size, teacher_config.channels) != (image_size, channels):
+    raise errors.ConfigError(
+        f"--teacher={run_dir} takes {teacher_config.image_size}x{teacher_config.image_size}x"
+        f"{teacher_config.channels} images, this run {image_size}x{image_size}x{channels}")
+  steps_per_epoch = saved.get("num_images", 0) // teacher_config.batch_size
+  step = int(latest.rsplit("-", 1)[-1])
+  if step < steps_per_epoch * teacher_config.epochs:
+    raise errors.ConfigError(
+        f"--teacher={run_dir} stopped at step {step} of {steps_per_epoch * teacher_config.epochs}; "
+        "finish its pretraining first (rerun it to resume)")
+  _, classifier = build_classifier(dataclasses.replace(teacher_config, dropout=0.0), num_classes)
+  tf.train.Checkpoint(classifier=classifier).restore(latest).expect_partial()
+  classifier.trainable = False
+  description = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.basename(latest),
+                 "checkpoint_sha256": file_sha256(latest + ".index"),
+                 "config": dataclasses.asdict(teacher_config)}
+  return classifier, description
 
 
 def _scalar_summary(name, value):
@@ -430,6 +495,9 @@ class Pretrainer:
       # (traced) step.
       optimizer.build(self.classifier.trainable_variables)
       self.optimizer = optimizer
+      self.teacher, self.teacher_description = (
+          load_teacher(config.teacher, self.num_classes, config.image_size, config.channels)
+          if config.teacher else (None, None))
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.checkpoint = tf.train.Checkpoint(
         classifier=self.classifier, optimizer=self.optimizer, step=self.step)
@@ -501,10 +569,16 @@ class Pretrainer:
     x = preprocess(batch_images, config.invert)
     x = augment_batch(x, seed, config.augment, config.max_shift,
                       rows=(offset, config.batch_size))
+    teacher_logits = (None if self.teacher is None
+                      else tf.stop_gradient(self.teacher(x, training=False)))
     with tf.GradientTape() as tape:
       logits = self.classifier(x, training=True)
       loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
           batch_labels, tf.cast(logits, tf.float32)))
+      if teacher_logits is not None:
+        alpha = config.distill_alpha
+        loss = (1.0 - alpha) * loss + alpha * distillation_loss(
+            logits, teacher_logits, config.distill_temperature)
       total = loss + 0.5 * config.weight_decay * tf.add_n(
           [tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in self._kernels])
       total = total * scale
@@ -605,6 +679,7 @@ class Pretrainer:
           self.backbone, config, export_dir,
           {"train_classes": self.class_names, "num_train_images": self.num_images,
            "rotations_as_classes": config.rotations, "epochs": config.epochs,
+           "teacher": self.teacher_description,
            "final_train_loss": history[-1]["loss"] if history else None})
       if self._scratch:
         shutil.rmtree(self._scratch, ignore_errors=True)
