@@ -127,7 +127,8 @@ class EpisodeSampler:
     """Every unit-norm embedding of one class [count, D] (a slice of the table)."""
     start = int(self.split.class_start[class_id])
     count = int(self.split.class_count[class_id])
-    return tf.cast(self._table[start:start + count], self.dtype)
+    # A gather reads only these rows (slicing the variable reads all of it first).
+    return tf.cast(tf.gather(self._table, tf.range(start, start + count)), self.dtype)
 
   def drawn_supports(self, seed: int, batch_size: int, start: int = 0, count=None):
     """Batches of (classes [B, N], picks [B, N, K+V], support_x, support_y) of
@@ -136,13 +137,17 @@ class EpisodeSampler:
 
     def task(index):
       classes, picks = self.draw(seed, index)
-      support_x = self.images(self.rows(classes, picks[:, :k]))
-      return classes, tf.cast(picks, tf.int32), support_x, self.labels(k)
+      return classes, tf.cast(picks, tf.int32)
+
+    def supports(classes, picks):  # one gather per batch, not one per task
+      support_x = self.images(self.rows(classes, picks[..., :k]))
+      support_y = tf.broadcast_to(self.labels(k), tf.shape(picks[..., :k]))
+      return classes, picks, support_x, support_y
 
     stop = None if count is None else start + count
     return (tf.data.Dataset.range(start, stop)
             .map(task, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+            .batch(batch_size).map(supports).prefetch(tf.data.AUTOTUNE))
 
   def dataset(self, seed: int, batch_size: int, start: int = 0, count=None,
               num_shards: int = 1, shard_index: int = 0):

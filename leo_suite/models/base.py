@@ -148,7 +148,9 @@ class Learner(snt.Module):
 
   def finish_readout(self, scores, state):
     """Logits [B, R, N] from a `Readout`'s scores [B, R, M] of the tasks of
-    `state` (row-wise; only called when the readout says `finish`)."""
+    `state` (row-wise; only called when the readout says `finish`). Without
+    readout weights the scores are the same for every task and come as
+    [1, R, M], to be broadcast."""
     del state
     return scores
 

@@ -124,8 +124,10 @@ class Evaluator:
     def score_readout(features, weights, bias, state, labels, mask):
       """features [R, d] of one class's rows under P tasks' readouts."""
       if weights is None:  # scores = the row features, the same for every task
-        shape = tf.concat([tf.shape(labels)[0:1], tf.shape(features)], 0)
-        scores = tf.broadcast_to(features, shape)
+        scores = features[tf.newaxis]  # [1, R, M]: finish_readout broadcasts it
+        if state is None:
+          scores = tf.broadcast_to(scores, tf.concat([tf.shape(labels)[0:1],
+                                                      tf.shape(features)], 0))
       else:
         pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
         scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]),
@@ -223,15 +225,18 @@ class Evaluator:
     num_shots = sampler.spec.num_shots
     for class_id in np.unique(classes):
       tasks, labels = np.nonzero(classes == class_id)
-      rows = sampler.class_rows(class_id)
-      mask = np.zeros([len(tasks), rows.shape[0]], bool)
+      count = int(sampler.split.class_count[class_id])
+      mask = np.zeros([len(tasks), count], bool)
       mask[np.arange(len(tasks))[:, np.newaxis], picks[tasks, labels, num_shots:]] = True
+      rows = None
+      if readout is None or class_id not in row_features:  # read once per class
+        rows = sampler.class_rows(class_id)
       if readout is not None and class_id not in row_features:
         row_features[class_id] = readout.row_map(rows)
       # Tasks per call: at most TABLE_CHUNK_FLOATS floats of rows x width.
-      width = (rows.shape[1] if readout is None or readout.weights is None
+      width = (sampler.split.embeddings.shape[1] if readout is None or readout.weights is None
                else readout.weights.shape[1])
-      chunk = max(1, TABLE_CHUNK_FLOATS // (rows.shape[0] * width))
+      chunk = max(1, TABLE_CHUNK_FLOATS // (count * width))
       hits = []
       for first in range(0, len(tasks), chunk):
         part = tf.constant(tasks[first:first + chunk])
