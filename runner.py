@@ -180,7 +180,8 @@ def evaluate():
   strategy = make_strategy()
   learner, checkpoint = run.restored_learner(strategy)
   jit = xla.resolve(settings["jit_compile"], run.model)
-  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=jit)
+  jit_readout = xla.resolve_readout(settings["jit_compile"], run.model)
+  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=jit, jit_readout=jit_readout)
   num_tasks = settings["num_test_tasks"]
   fixed = dict(sampler=sampler, seed=settings["eval_seed"], num_tasks=num_tasks,
                batch_size=settings["metatest_batch_size"],
@@ -202,6 +203,7 @@ def evaluate():
   run.write_result(out, {"split": "test", **result.as_dict(), "checkpoint": checkpoint,
                          "num_queries": spec.num_queries, "baselines": baselines,
                          "evaluation_method": method, "jit_compile_used": jit,
+                         "jit_readout_used": jit_readout and method == "table",
                          "settings": settings, "overrides": overrides, "data": data})
   print(f"result written to {os.path.join(run.directory, out)}")
   return result

@@ -10,9 +10,10 @@ meta-training):
     EpisodeSampler pipeline), without and with XLA (jit_compile);
   * the same step written per task with tf.map_fn (each task a B = 1
     meta-batch, same maths, gradients averaged) and the batched/map_fn ratio;
-  * evaluation tasks/s on the fixed-set path (real EpisodeSampler: gather +
-    L2-normalise; V = 600 - K queries per class, as LEO's test protocol),
-    for LEO also the time of 10,000 test tasks;
+  * evaluation tasks/s on the fixed-set path the runner takes (real
+    EpisodeSampler; V = 600 - K queries per class, as LEO's test protocol;
+    XLA for adaptation and the table readout as --jit_compile=auto sets
+    them), against the gather path; for LEO also the time of 10,000 test tasks;
   * peak memory of one meta-training step (resident-set high-water mark
     increase, measured in a fresh subprocess per configuration), and for MAML
     and iMAML against the number of inner steps (1, 5, 10, 20).
@@ -63,6 +64,7 @@ from leo_suite.models import registry  # pylint: disable=g-import-not-at-top
 from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import run as run_lib  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+from leo_suite.training import xla  # pylint: disable=g-import-not-at-top
 
 MODELS = tuple(registry.LEARNERS)
 NUM_WAYS, DIM, BATCH, TRAIN_QUERIES, IMAGES_PER_CLASS = 5, 640, 12, 15, 600
@@ -200,14 +202,17 @@ def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, wit
   return row
 
 
-def eval_throughput(model, shots, test_split, num_tasks, batch_size=200, jit=False):
+def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
-  table path) and of the gather path, on the same fixed tasks."""
+  table path, with the XLA settings --jit_compile=auto gives) and of the
+  gather path, on the same fixed tasks."""
   queries = IMAGES_PER_CLASS - shots
   sampler = episodes.EpisodeSampler(test_split, episodes.EpisodeSpec(NUM_WAYS, shots, queries))
-  evaluator = evaluation.Evaluator(build(model), jit_compile=jit)
+  jit, jit_readout = xla.resolve("auto", model), xla.resolve_readout("auto", model)
+  evaluator = evaluation.Evaluator(build(model), jit_compile=jit, jit_readout=jit_readout)
   chosen = evaluator.method(sampler)
-  row = {"tasks": num_tasks, "queries_per_class": queries, "method": chosen}
+  row = {"tasks": num_tasks, "queries_per_class": queries, "method": chosen,
+         "jit_adapt": jit, "jit_readout": jit_readout}
   accuracies = {}
   for method in dict.fromkeys([chosen, "gather"]):
     evaluator.fixed_accuracy(sampler, 99, batch_size, batch_size, method=method)  # trace

@@ -112,7 +112,7 @@ class Evaluator:
   """Adapts on each task's support set and scores its query set (no dropout,
   latent/weight means: training=False), on one device or a strategy."""
 
-  def __init__(self, learner, strategy=None, jit_compile=False):
+  def __init__(self, learner, strategy=None, jit_compile=False, jit_readout=False):
     self.learner = learner
     score = lambda episode: task_accuracy(learner, episode)
     zero_seed = tf.zeros([2], tf.int32)
@@ -138,7 +138,9 @@ class Evaluator:
       if state is not None:
         scores = learner.finish_readout(scores, state)
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
-    self._score_readout = tf.function(score_readout, reduce_retracing=True)
+    self._score_readout = xla.WithFallback(
+        lambda jit: tf.function(score_readout, jit_compile=jit, reduce_retracing=True),
+        jit_readout, f"{type(learner).__name__} evaluation (readout)")
 
     def score_generic(state, rows, labels, mask):
       shape = tf.shape(labels)[0:1]
@@ -239,10 +241,19 @@ class Evaluator:
       chunk = max(1, TABLE_CHUNK_FLOATS // (count * width))
       hits = []
       for first in range(0, len(tasks), chunk):
-        part = tf.constant(tasks[first:first + chunk])
+        part, labels_part, mask_part = (tasks[first:first + chunk],
+                                        labels[first:first + chunk], mask[first:first + chunk])
+        size = len(part)
+        if readout is not None and self._score_readout.jit:
+          # XLA compiles each shape once: pad to a power of two (or the chunk)
+          # with copies of the first task, masked out, and drop their hits.
+          pad = min(chunk, 1 << (size - 1).bit_length()) - size
+          part = np.concatenate([part, np.repeat(part[:1], pad)])
+          labels_part = np.concatenate([labels_part, np.repeat(labels_part[:1], pad)])
+          mask_part = np.concatenate([mask_part, np.zeros([pad, count], bool)])
+        part, labels_part = tf.constant(part), tf.constant(labels_part, tf.int32)
+        mask_part = tf.constant(mask_part)
         gather = lambda value, part=part: tf.gather(value, part)
-        labels_part = tf.constant(labels[first:first + chunk], tf.int32)
-        mask_part = tf.constant(mask[first:first + chunk])
         if readout is None:
           hits.append(self._score_generic(tf.nest.map_structure(gather, state), rows,
                                           labels_part, mask_part))
@@ -252,7 +263,7 @@ class Evaluator:
             None if readout.weights is None else gather(readout.weights),
             None if readout.bias is None else gather(readout.bias),
             tf.nest.map_structure(gather, state) if readout.finish else None,
-            labels_part, mask_part))
+            labels_part, mask_part)[:size])
       np.add.at(correct, tasks, tf.concat(hits, 0).numpy())
     return len(classes)
 

@@ -142,6 +142,7 @@ class TrainConfig:
   eval_seed: int = 1
   log_steps: int = 100
   jit_compile: bool = False
+  jit_readout: bool = False  # evaluation's table-path readout (xla.resolve_readout)
   evaluation_method: str = "auto"  # evaluation.EVALUATION_METHODS
   keep_best: bool = True   # False: validation is logged, best/ is not written
   profile_steps: Optional[Tuple[int, int]] = None  # (A, B): profile steps A..B
@@ -156,6 +157,7 @@ class TrainConfig:
                num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
                outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
                log_steps=s["log_steps"], jit_compile=xla.resolve(s["jit_compile"], run.model),
+               jit_readout=xla.resolve_readout(s["jit_compile"], run.model),
                evaluation_method=s.get("evaluation_method", "auto"),
                keep_best=not s["train_on_val"],
                # .get: runs created before the setting existed lack it.
@@ -197,7 +199,8 @@ class Trainer:
     self._scratch = (None if self.is_chief else os.path.join(
         config.checkpoint_path, f".worker-{self.worker_index}"))
     self.evaluator = evaluation.Evaluator(learner, self.strategy,
-                                          jit_compile=config.jit_compile)
+                                          jit_compile=config.jit_compile,
+                                          jit_readout=config.jit_readout)
     compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
 
     def build_step(jit):

@@ -9,6 +9,9 @@ given ("auto"); its results record the code version that resolved it, and
 evaluation's result_test.json the resolved value (`jit_compile_used`). `true` and
 `false` force it. If XLA cannot compile a learner's graph (an op without an
 XLA kernel), the step runs without XLA and says so once in the log.
+Evaluation's table-path readout has its own switch (`resolve_readout`,
+`XLA_READOUT`): XLA compiles once per shape, so where it is on the calls
+are padded to a few fixed task counts.
 """
 
 from typing import Callable, Union
@@ -30,6 +33,19 @@ def resolve(setting: Union[str, bool], model: str) -> bool:
     raise ValueError(f"jit_compile must be one of {JIT_CHOICES}, got {setting!r}")
   if setting == "auto":
     return bool(getattr(registry.learner_module(model), "XLA_DEFAULT", False))
+  return setting == "true"
+
+
+def resolve_readout(setting: Union[str, bool], model: str) -> bool:
+  """Whether evaluation's table path compiles `model`'s readout (scores and
+  `finish_readout` of a class's rows) with XLA: under `auto` where the
+  learner's module says `XLA_READOUT = True` (measured faster), else as forced."""
+  if isinstance(setting, bool):
+    return setting
+  if setting not in JIT_CHOICES:
+    raise ValueError(f"jit_compile must be one of {JIT_CHOICES}, got {setting!r}")
+  if setting == "auto":
+    return bool(getattr(registry.learner_module(model), "XLA_READOUT", False))
   return setting == "true"
 
 
