@@ -551,3 +551,29 @@ def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
   test = embeddings_lib.load_dataset_split(str(tmp_path / "emb"), "tiny", "center", "test")
   assert test.source and list(test.source)[0].endswith("test_embeddings.npz")
   assert test.num_classes == 2 and test.embeddings.shape == (6, 64)
+
+
+def test_mean_dot_is_one_gradient_step_from_a_zero_head_and_ncm_at_one_shot():
+  """scripts/score_baselines.py's mean_dot: at 1-shot it is cosine NCM; at any
+  shot its argmax is that of a zero linear head after one gradient step of the
+  support cross-entropy (W_c = lr * mean_i (y_ic - 1/N) x_i)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "score_baselines", os.path.join(REPO, "scripts", "score_baselines.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rng = np.random.default_rng(0)
+  query = rng.normal(size=[3, 5, 7, 16]).astype(np.float32)
+  one = rng.normal(size=[3, 5, 1, 16]).astype(np.float32)
+  np.testing.assert_allclose(module.mean_dot_logits(one, query),
+                             baselines.ncm_cosine_logits(one, query), atol=1e-6)
+  support = rng.normal(size=[3, 5, 4, 16]).astype(np.float32)
+  unit_s, unit_q = _normalize(support), _normalize(query)
+  x = unit_s.reshape(3, 20, 16)
+  y = np.repeat(np.eye(5), 4, axis=0)                                # [20, 5]
+  weights = np.einsum("ic,bid->bcd", y - 1.0 / 5, x) / 20            # the step's -gradient
+  head = np.einsum("bnvd,bcd->bnvc", unit_q, weights)
+  mean_dot = module.mean_dot_logits(support, query).numpy()
+  np.testing.assert_array_equal(np.argmax(mean_dot, -1), np.argmax(head, -1))
+  ncm = baselines.ncm_cosine_logits(support, query).numpy()
+  assert np.any(np.argmax(ncm, -1) != np.argmax(mean_dot, -1))       # not NCM at 5-shot
