@@ -145,6 +145,10 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #   l2f   hidden 1024: 96.63 @50 / 98.39 @50 / 88.95 @10 (20-way inner_lr 4); hidden
 #         4096: 89.55 @0 at 20w1s (inner_lr 8: 88.01); 4096 with a zero output layer:
 #         96.99 @0 / 98.59 @0 / 89.93 @0
+#         On the born-again student's features (runs/omniglot_v4, 200 tasks):
+#         4096, zero output layer: 97.12 @0 / 98.64 @0 / 89.83 @0; + signed-identity
+#         first layer ([I, -I, Glorot rest]): 97.51 @0 / 98.61 @0 / 90.54 @0 (kept: two
+#         settings up, 5w5s a tie); hidden 128 + signed identity: 97.41 / 98.63 / 90.30
 #   relation (200 tasks, runs/sweep_helper; module hidden 64,8 + linear map before:
 #         94.67 @2500 of 5000 / 97.31 @3500 of 5000 / 85.10 @1750 of 2000)
 #         5w1s hidden 256,8 (linear map): 94.93 @1250 of 2000 (20 s); 256,8 + identity
@@ -173,7 +177,8 @@ LEARNER_PRESETS = {
     ("maml", 20, 1): {"flags": ["--maml_inner_lr=4.0", "--maml_inner_steps=1",
                                 "--maml_eval_inner_steps=1"]},
     ("imaml", 20, 1): {"flags": ["--imaml_lam=0.05"]},
-    ("l2f", None, None): {"flags": ["--l2f_hidden_sizes=4096", "--l2f_head_init=zeros"]},
+    ("l2f", None, None): {"flags": ["--l2f_hidden_sizes=4096", "--l2f_head_init=zeros",
+                                    "--l2f_hidden_init=signed_identity"]},
     ("l2f", 20, 1): {"flags": ["--l2f_inner_lr=4.0"]},
     ("reptile", None, None): {"flags": ["--outer_lr=0.1", "--reptile_hidden_sizes="]},
     ("meta_lstm", None, None): {"flags": ["--meta_lstm_hidden_sizes="]},

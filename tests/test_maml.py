@@ -456,6 +456,36 @@ def test_head_init_zeros_only_zeroes_the_output_layer():
     build64(head_init="normal")
 
 
+def test_signed_identity_hidden_layer_passes_the_embedding_and_starts_at_the_mean_dot():
+  """W_1 = [I, -I, Glorot]: ReLU(x W_1) holds ReLU(x) and ReLU(-x); on
+  non-negative features a zero output layer after one step scores like the
+  unnormalised class-mean dot product, i.e. nearest class mean at 1-shot."""
+  tf.random.set_seed(5)
+  learner = build64(hidden_sizes=str(2 * DIM + 8), hidden_init="signed_identity",
+                    inner_steps=1, inner_lr=0.5)
+  w_1 = learner.head.params[0].numpy()
+  np.testing.assert_array_equal(w_1[:, :2 * DIM], np.concatenate([np.eye(DIM), -np.eye(DIM)], 1))
+  assert np.abs(w_1[:, 2 * DIM:]).max() > 0                   # the rest stays random
+  x = np.random.default_rng(0).normal(size=[4, DIM])
+  hidden = np.maximum(x @ w_1, 0.0)
+  np.testing.assert_allclose(hidden[:, :DIM] - hidden[:, DIM:2 * DIM], x, atol=1e-12)
+  # 1-shot, non-negative unit features: argmax = cosine nearest class mean.
+  learner = build64(hidden_sizes=str(2 * DIM), hidden_init="signed_identity",
+                    inner_steps=1, inner_lr=0.5)
+  episode = make_episode(num_shots=1, num_queries=6)
+  support, query = (np.abs(t.numpy()) for t in (episode.support_x, episode.query_x))
+  state = learner.adapt(tf.constant(support), episode.support_y, training=False, seed=SEED)
+  logits = learner.predict(state, tf.constant(query), training=False, seed=SEED).numpy()
+  unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)
+  ncm = np.einsum("bnvd,bcd->bnvc", unit(query), unit(support[:, :, 0]))
+  np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(ncm, -1))
+  with pytest.raises(errors.ConfigError, match="--maml_hidden_init=signed_identity needs "
+                     "a first hidden layer of at least 2 x 16 = 32 units"):
+    build64(hidden_sizes="20", hidden_init="signed_identity")
+  with pytest.raises(errors.ConfigError, match="--maml_hidden_init='eye'"):
+    build64(hidden_init="eye")
+
+
 # -- meta-training through the real Trainer, LEO's sampler (random slots) ------
 
 def random_slot_splits(seed=0, dim=16, images=12):

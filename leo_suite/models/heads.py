@@ -27,6 +27,17 @@ Output-layer initialisation (`HEAD_INITS`, the learners' `head_init` flag):
             adaptation step changes them by O(alpha / N * class-mean gap):
             on L2-normalised embeddings a short meta-training cannot undo
             that (the measured cause of iMAML at chance on Omniglot).
+
+First hidden layer initialisation (`HIDDEN_INITS`, the `hidden_init` flag):
+  "glorot":          Glorot uniform (cbfinn/maml's xavier).
+  "signed_identity": W_1 = [I_D, -I_D, Glorot for the other H_1 - 2D units],
+            b_1 = 0, so ReLU(x W_1) holds ReLU(x) and ReLU(-x): x passes the
+            first layer without loss, and the kernel h(x) . h(x') is
+            x . x' on non-negative features (ReLU backbones). With the zero
+            output layer, one inner step then scores like the unnormalised
+            class-mean dot product (= nearest class mean at 1-shot, see
+            "zeros"), where a Glorot layer starts from a random-feature
+            kernel. Deeper hidden layers stay Glorot.
 """
 
 import dataclasses
@@ -48,6 +59,14 @@ HEAD_INIT_HELP = (
     "Hidden layers are always Glorot; output biases start at 0.")
 
 
+HIDDEN_INITS = ("glorot", "signed_identity")
+HIDDEN_INIT_HELP = (
+    "Initial first hidden layer of an MLP head: 'glorot' (random, as "
+    "cbfinn/maml) or 'signed_identity' (W_1 = [I, -I, Glorot rest]: the "
+    "embedding passes ReLU without loss; needs a first hidden width >= 2 x "
+    "the embedding width).")
+
+
 def check_head_init(value, flag_name="head_init"):
   """Raises ConfigError naming the flag unless value is one of HEAD_INITS."""
   if value not in HEAD_INITS:
@@ -60,15 +79,26 @@ class HeadParams(snt.Module):
 
   def __init__(self, num_ways: int, embedding_dim: int,
                hidden_sizes: Sequence[int] = (), dtype=tf.float32,
-               name="head", output_init: str = "glorot"):
+               name="head", output_init: str = "glorot", hidden_init: str = "glorot",
+               flag_prefix: str = ""):
     super().__init__(name=name)
     check_head_init(output_init)
     sizes = [embedding_dim] + list(hidden_sizes) + [num_ways]
+    if hidden_init == "signed_identity" and hidden_sizes and (
+        hidden_sizes[0] < 2 * embedding_dim):
+      raise errors.ConfigError(
+          f"--{flag_prefix}hidden_init=signed_identity needs a first hidden layer of at "
+          f"least 2 x {embedding_dim} = {2 * embedding_dim} units (the embedding and its "
+          f"negation); --{flag_prefix}hidden_sizes starts with {hidden_sizes[0]}")
     self.params: List[tf.Variable] = []
     num_layers = len(sizes) - 1
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
       if layer == num_layers - 1 and output_init == "zeros":
         weights = tf.zeros([fan_in, fan_out], dtype)
+      elif layer == 0 and layer < num_layers - 1 and hidden_init == "signed_identity":
+        identity = tf.eye(fan_in, dtype=dtype)
+        weights = tf.concat([identity, -identity, base.glorot_uniform(
+            [fan_in, fan_out - 2 * fan_in], dtype)], axis=1)
       else:
         weights = base.glorot_uniform([fan_in, fan_out], dtype)
       self.params.append(tf.Variable(weights, name=f"w_{layer}"))
@@ -175,6 +205,7 @@ class HeadConfig:
   inner_lr: float = base.option(
       1.0, "alpha, the inner step size on the MEAN support cross-entropy.")
   head_init: str = base.option("zeros", HEAD_INIT_HELP)
+  hidden_init: str = base.option("glorot", HIDDEN_INIT_HELP)
 
   def refuse(self, field, why):
     """Raises ConfigError naming --<flag_prefix><field> and its value."""
@@ -193,6 +224,8 @@ class HeadConfig:
           "a positive number")
     parse_hidden_sizes(self.hidden_sizes, flag_prefix + "hidden_sizes")
     check_head_init(self.head_init, flag_prefix + "head_init")
+    if self.hidden_init not in HIDDEN_INITS:
+      self.refuse("hidden_init", f"choose one of {', '.join(HIDDEN_INITS)}")
 
 
 class HeadLearner(base.Learner):
@@ -210,7 +243,8 @@ class HeadLearner(base.Learner):
     self.config = config
     self.head = HeadParams(num_ways, embedding_dim,
                            parse_hidden_sizes(config.hidden_sizes),
-                           dtype=self.dtype, output_init=config.head_init)
+                           dtype=self.dtype, output_init=config.head_init,
+                           hidden_init=config.hidden_init, flag_prefix=config.flag_prefix)
 
   def cast(self, x):
     return tf.cast(x, self.dtype)
