@@ -19,7 +19,12 @@ Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
     otherwise; a mask keeps each task's own query images. This
     removes the copy of N*V*D floats per task that bounds the gather path
     when V is most of a class (the release's V = all remaining images).
-Both give the same per-task accuracies (tests/test_evaluation.py).
+Both give the same per-task accuracies (tests/test_evaluation.py). The
+table path reads a class's rows once per evaluation (cached readout row
+maps), gathers each batch's support sets in one op, and may compile the
+readout with XLA (`jit_readout`, from `xla.resolve_readout`); XLA compiles
+once per shape, so those calls are padded to power-of-two task counts with
+masked copies.
 """
 
 import dataclasses

@@ -24,29 +24,28 @@ from leo_suite.models import registry
 JIT_CHOICES = ("auto", "true", "false")
 
 
-def resolve(setting: Union[str, bool], model: str) -> bool:
-  """Whether --jit_compile=`setting` compiles `model`'s step (runs recorded
-  before `auto` existed hold a bool)."""
+def _resolve(setting: Union[str, bool], model: str, module_default: str) -> bool:
+  """`setting` as a bool; `auto` reads the learner module's `module_default`
+  attribute (runs recorded before `auto` existed hold a bool)."""
   if isinstance(setting, bool):
     return setting
   if setting not in JIT_CHOICES:
     raise ValueError(f"jit_compile must be one of {JIT_CHOICES}, got {setting!r}")
   if setting == "auto":
-    return bool(getattr(registry.learner_module(model), "XLA_DEFAULT", False))
+    return bool(getattr(registry.learner_module(model), module_default, False))
   return setting == "true"
+
+
+def resolve(setting: Union[str, bool], model: str) -> bool:
+  """Whether --jit_compile=`setting` compiles `model`'s step (`XLA_DEFAULT`)."""
+  return _resolve(setting, model, "XLA_DEFAULT")
 
 
 def resolve_readout(setting: Union[str, bool], model: str) -> bool:
   """Whether evaluation's table path compiles `model`'s readout (scores and
   `finish_readout` of a class's rows) with XLA: under `auto` where the
   learner's module says `XLA_READOUT = True` (measured faster), else as forced."""
-  if isinstance(setting, bool):
-    return setting
-  if setting not in JIT_CHOICES:
-    raise ValueError(f"jit_compile must be one of {JIT_CHOICES}, got {setting!r}")
-  if setting == "auto":
-    return bool(getattr(registry.learner_module(model), "XLA_READOUT", False))
-  return setting == "true"
+  return _resolve(setting, model, "XLA_READOUT")
 
 
 def is_compile_failure(error: Exception) -> bool:
