@@ -21,7 +21,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
@@ -40,13 +39,7 @@ flags.DEFINE_integer("seed", 0, "Episode seed.")
 FLAGS = flags.FLAGS
 
 
-def mean_dot_logits(support, query):
-  """<x, mean_k normalise(s_k)> per class: the unnormalised class mean."""
-  unit = lambda x: tf.math.l2_normalize(tf.convert_to_tensor(x, tf.float32), axis=-1)
-  return tf.einsum("bnvd,bmd->bnvm", unit(query), tf.reduce_mean(unit(support), axis=2))
-
-
-METHODS = {**baselines.METHODS, "mean_dot": mean_dot_logits}
+METHODS = {**baselines.METHODS, "mean_dot": baselines.mean_dot_logits}
 
 
 def main(argv):

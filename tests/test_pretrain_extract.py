@@ -554,14 +554,10 @@ def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
 
 
 def test_mean_dot_is_one_gradient_step_from_a_zero_head_and_ncm_at_one_shot():
-  """scripts/score_baselines.py's mean_dot: at 1-shot it is cosine NCM; at any
+  """mean_dot (scripts/score_baselines.py): at 1-shot it is cosine NCM; at any
   shot its argmax is that of a zero linear head after one gradient step of the
   support cross-entropy (W_c = lr * mean_i (y_ic - 1/N) x_i)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(
-      "score_baselines", os.path.join(REPO, "scripts", "score_baselines.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = baselines
   rng = np.random.default_rng(0)
   query = rng.normal(size=[3, 5, 7, 16]).astype(np.float32)
   one = rng.normal(size=[3, 5, 1, 16]).astype(np.float32)

@@ -46,6 +46,19 @@ def ncm_cosine_logits(support, query):
   return tf.einsum("bnvd,bmd->bnvm", _normalize(query), ncm_class_means(support))
 
 
+def mean_dot_logits(support, query):
+  """<x, mean_k normalise(s_k)> per class: the class mean left unnormalised.
+
+  What a zero linear head scores by after one gradient step of the support
+  cross-entropy (W_c = alpha/N (mean_c - mean_all)), the initialisation
+  MAML-style heads start from; equal to `ncm_cosine_logits` at 1-shot.
+  """
+  query = tf.convert_to_tensor(query, tf.float32)
+  support = tf.convert_to_tensor(support, tf.float32)
+  return tf.einsum("bnvd,bmd->bnvm", _normalize(query),
+                   tf.reduce_mean(_normalize(support), axis=2))
+
+
 def _flatten_support(support):
   """[B, N, K, D] -> x [B, N*K, D], one-hot labels [B, N*K, N]."""
   shape = tf.shape(support)
