@@ -64,8 +64,9 @@ from leo_suite.models import heads
 # Evaluation's table path compiles this learner's readout (g on every
 # query-class pair of a class's rows) with XLA under --jit_compile=auto: it
 # fuses g's first-layer sum and ReLU with the rest of g (2,000 tasks at
-# V = all remaining, one probe run: 786 -> 1,025 tasks/s at 1-shot, 700 ->
-# 1,094 at 5-shot; scripts/benchmark.py measures it).
+# V = all remaining, five alternating passes each, medians: 904 -> 1,324
+# tasks/s at 1-shot, 767 -> 765 at 5-shot: no gain there, no loss; the
+# timings are bimodal on the 2-core machine; scripts/benchmark.py measures it).
 XLA_READOUT = True
 
 FLAG_PREFIX = "relation_"

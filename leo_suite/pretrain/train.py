@@ -235,10 +235,10 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
   (Hinton et al. 2015, section 2).
   """
   t = tf.cast(temperature, tf.float32)
-  teacher = tf.nn.softmax(tf.cast(teacher_logits, tf.float32) / t)
   log_teacher = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
   log_student = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / t)
-  return t * t * tf.reduce_mean(tf.reduce_sum(teacher * (log_teacher - log_student), axis=-1))
+  return t * t * tf.reduce_mean(
+      tf.reduce_sum(tf.exp(log_teacher) * (log_teacher - log_student), axis=-1))
 
 
 def load_teacher(run_dir: str, num_classes: int, image_size: int, channels: int):
