@@ -60,7 +60,7 @@ def test_sgd_inner_loop_and_reptile_gradient_match_the_quadratic_closed_form(ste
   contraction = [np.linalg.matrix_power(np.eye(4) - alpha * a, steps) for a in curvatures]
   expected = np.stack([c + m @ (theta - c) for c, m in zip(centres, contraction)])
   np.testing.assert_allclose(adapted[0].numpy(), expected, rtol=1e-12)
-  gradient = reptile.reptile_gradient([tf.constant(theta)], adapted)[0].numpy()
+  gradient = reptile.reptile_gradient([tf.constant(np.tile(theta, [3, 1]))], adapted)[0].numpy()
   np.testing.assert_allclose(gradient, np.mean(theta - expected, axis=0), rtol=1e-12)
   if steps == 1:
     closed_form = alpha * np.einsum("bij,bj->bi", curvatures, theta - centres).mean(0)

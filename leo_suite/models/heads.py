@@ -22,6 +22,15 @@ Output-layer initialisation (`HEAD_INITS`, the learners' `head_init` flag):
                 W_c = alpha / N * (mean_k h_{c,k} - mean_{c',k} h_{c',k}),
             a nearest-centred-class-mean (prototype) classifier, which is why
             the gradient-based learners then start at the NCM baseline.
+  "proto":  Proto-MAML (Triantafillou et al., ICLR'20, "Meta-Dataset",
+            Sec. 4): each task starts from W_out = theta_W + 2 P^T,
+            b_out = theta_b - ||p_c||^2, where p_c is the mean of the
+            support features of class c at the last hidden layer (the
+            embedding for a linear head), and theta_W, theta_b start at 0.
+            At step 0 the head is the squared-Euclidean nearest-prototype
+            classifier (-||h - p_c||^2 up to a per-query constant), so the
+            learner's family holds the NCM baseline; meta-learning then
+            tunes the inner loop from there (`HeadLearner.initial_fast_weights`).
   "glorot": W_out ~ Glorot uniform as the hidden layers (cbfinn/maml's
             xavier). Its random logits differ per slot by O(1) while one
             adaptation step changes them by O(alpha / N * class-mean gap):
@@ -49,13 +58,15 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import base
 
-HEAD_INITS = ("zeros", "glorot")
+HEAD_INITS = ("zeros", "glorot", "proto")
 HEAD_INIT_HELP = (
     "Initial output layer of the head theta: 'zeros' (W_out = 0: the N "
     "output slots are arbitrary under LEO's sampler, so the symmetric head "
     "is what meta-learning converges to; one inner step from it is a "
-    "nearest-class-mean classifier) or 'glorot' (random, as cbfinn/maml; "
-    "its random per-slot logits can swamp the adaptation on embeddings). "
+    "nearest-class-mean classifier), 'glorot' (random, as cbfinn/maml; "
+    "its random per-slot logits can swamp the adaptation on embeddings) or "
+    "'proto' (Proto-MAML: each task starts from its support prototypes, "
+    "W_c = 2 p_c, b_c = -||p_c||^2, plus a meta-learned residual from 0). "
     "Hidden layers are always Glorot; output biases start at 0.")
 
 
@@ -93,7 +104,7 @@ class HeadParams(snt.Module):
     self.params: List[tf.Variable] = []
     num_layers = len(sizes) - 1
     for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-      if layer == num_layers - 1 and output_init == "zeros":
+      if layer == num_layers - 1 and output_init in ("zeros", "proto"):
         weights = tf.zeros([fan_in, fan_out], dtype)
       elif layer == 0 and layer < num_layers - 1 and hidden_init == "signed_identity":
         identity = tf.eye(fan_in, dtype=dtype)
@@ -111,6 +122,20 @@ class HeadParams(snt.Module):
             for p in self.params]
 
 
+def _dense(h, w, b):
+  return tf.einsum("bmd,bdo->bmo", h, w) + b[:, tf.newaxis, :]
+
+
+def hidden_features(hidden_weights, inputs):
+  """ReLU features [B, M, H] of the hidden layers [W_1, b_1, ...] on inputs
+  [B, ..., D] (the inputs themselves, flattened to [B, M, D], if none)."""
+  num_tasks = tf.shape(inputs)[0]
+  h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
+  for layer in range(len(hidden_weights) // 2):
+    h = tf.nn.relu(_dense(h, hidden_weights[2 * layer], hidden_weights[2 * layer + 1]))
+  return h
+
+
 def head_logits(fast_weights, inputs):
   """Logits [B, ..., N] of per-task heads on inputs [B, ..., D].
 
@@ -118,15 +143,29 @@ def head_logits(fast_weights, inputs):
   Hidden layers use ReLU; the output layer is linear.
   """
   batch_shape = tf.shape(inputs)[:-1]
-  num_tasks = tf.shape(inputs)[0]
-  h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
-  num_layers = len(fast_weights) // 2
-  for layer in range(num_layers):
-    w, b = fast_weights[2 * layer], fast_weights[2 * layer + 1]
-    h = tf.einsum("bmd,bdo->bmo", h, w) + b[:, tf.newaxis, :]
-    if layer < num_layers - 1:
-      h = tf.nn.relu(h)
+  h = _dense(hidden_features(fast_weights[:-2], inputs), fast_weights[-2], fast_weights[-1])
   return tf.reshape(h, tf.concat([batch_shape, tf.shape(h)[-1:]], 0))
+
+
+def add_prototype_layer(fast_weights, support_x, support_y):
+  """Proto-MAML's start: W_out += 2 P^T, b_out -= ||p_c||^2 (see HEAD_INITS).
+
+  p_c = mean of the hidden features of the support examples labelled c
+  (support_x [B, ..., D], support_y [B, ...] int in [0, N)). Then
+  logits_c(h) = theta_c(h) + 2 h.p_c - ||p_c||^2 = theta_c(h) - ||h - p_c||^2
+  + ||h||^2: with theta_out = 0 the argmax is the nearest prototype.
+  Differentiable in the hidden layers (the prototypes are their features).
+  """
+  weights, bias = fast_weights[-2], fast_weights[-1]
+  features = hidden_features(fast_weights[:-2], support_x)  # [B, M, H]
+  num_tasks = tf.shape(features)[0]
+  one_hot = tf.one_hot(tf.reshape(support_y, [num_tasks, -1]), tf.shape(bias)[-1],
+                       dtype=features.dtype)  # [B, M, N]
+  counts = tf.maximum(tf.reduce_sum(one_hot, axis=1), 1.0)  # [B, N]
+  prototypes = tf.einsum("bmn,bmh->bnh", one_hot, features) / counts[..., tf.newaxis]
+  return list(fast_weights[:-2]) + [
+      weights + 2.0 * tf.transpose(prototypes, [0, 2, 1]),
+      bias - tf.reduce_sum(tf.square(prototypes), axis=-1)]
 
 
 def parse_hidden_sizes(text, flag_name="hidden_sizes"):
@@ -248,6 +287,14 @@ class HeadLearner(base.Learner):
 
   def cast(self, x):
     return tf.cast(x, self.dtype)
+
+  def initial_fast_weights(self, support_x, support_y):
+    """Where each task's inner loop starts [B, ...]: theta, plus the task's
+    support prototypes in the output layer under head_init='proto'."""
+    theta = self.head.tiled(tf.shape(support_x)[0])
+    if self.config.head_init == "proto":
+      theta = add_prototype_layer(theta, self.cast(support_x), support_y)
+    return theta
 
   def support_losses_fn(self, support_x, support_y):
     """fast weights [B, ...] -> each task's mean support cross-entropy [B]."""

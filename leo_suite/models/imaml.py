@@ -286,12 +286,17 @@ class IMAML(heads.HeadLearner):
                dtype=tf.float32, name="imaml"):
     super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
 
-  def adapt(self, support_x, support_y, *, training, seed):
-    """phi* per task (list of [B, ...] tensors), no gradient path to theta."""
+  def adapt(self, support_x, support_y, *, training, seed, start=None):
+    """phi* per task (list of [B, ...] tensors), no gradient path to theta.
+
+    start: the proximal anchor per task (default `initial_fast_weights`:
+    theta, plus the task's prototypes under head_init='proto').
+    """
     del training, seed  # iMAML's adaptation is deterministic.
     self.check_episode_shape(support_x)
-    theta = self.head.tiled(tf.shape(support_x)[0])
-    return inner_solve(self.support_losses_fn(support_x, support_y), theta,
+    if start is None:
+      start = self.initial_fast_weights(support_x, support_y)
+    return inner_solve(self.support_losses_fn(support_x, support_y), start,
                        num_steps=self.config.inner_steps,
                        inner_lr=self.config.inner_lr, lam=self.config.lam,
                        variant=self.config.variant)
@@ -299,12 +304,17 @@ class IMAML(heads.HeadLearner):
   def loss_and_gradients(self, episode: base.Episode, *, seed):
     """Query loss at phi* and the implicit meta-gradient (Algorithm 2).
 
-    grad_theta = mean_b v_b with (I + H_b/lam) v_b = grad L_Q,b(phi*_b).
+    grad_theta = mean_b v_b with (I + H_b/lam) v_b = grad L_Q,b(phi*_b): v_b
+    is the gradient with respect to task b's anchor, taken back to theta
+    through `initial_fast_weights` (the identity unless head_init='proto'
+    puts the prototypes of an MLP head's hidden features in the anchor).
     """
     config = self.config
     support_fn = self.support_losses_fn(episode.support_x, episode.support_y)
+    with tf.GradientTape() as anchor_tape:
+      start = self.initial_fast_weights(episode.support_x, episode.support_y)
     phi_star = self.adapt(episode.support_x, episode.support_y,
-                          training=True, seed=seed)
+                          training=True, seed=seed, start=start)
     with tf.GradientTape() as tape:
       tape.watch(phi_star)
       logits = self.predict(phi_star, episode.query_x, training=True, seed=seed)
@@ -315,8 +325,10 @@ class IMAML(heads.HeadLearner):
         support_fn, phi_star, query_grads, lam=config.lam,
         cg_steps=config.cg_steps, cg_damping=config.cg_damping,
         variant=config.variant)
-    meta_grads = {p.ref(): tf.reduce_mean(g, axis=0)
-                  for p, g in zip(self.head.params, v)}
+    num_tasks = tf.cast(tf.shape(episode.support_x)[0], self.dtype)
+    anchor_grads = anchor_tape.gradient(start, self.head.params, output_gradients=v,
+                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    meta_grads = {p.ref(): g / num_tasks for p, g in zip(self.head.params, anchor_grads)}
     grads = [meta_grads.get(var.ref(), tf.zeros_like(var))
              for var in self.trainable_variables]
     query_loss = tf.reduce_mean(per_task)

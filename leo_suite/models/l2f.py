@@ -71,8 +71,8 @@ class Config(maml.Config):
   eval_inner_steps: int = base.option(
       5, "Inner gradient steps per task at evaluation (the reference: "
               "5, as in training).")
-  head_init: str = base.option("glorot", "Initial output layer of the head: 'glorot' (default) or "
-              "'zeros'. L2F keeps 'glorot' unlike MAML: its task embedding "
+  head_init: str = base.option("glorot", "Initial output layer of the head: 'glorot' (default), "
+              "'zeros' or 'proto' (Proto-MAML, see heads.py). L2F keeps 'glorot' unlike MAML: its task embedding "
               "is the layer-wise mean support gradient at theta, and with "
               "W_out = 0 nothing flows back to the hidden layers, so g = 0 "
               "for every task and gamma would not depend on the task.")
@@ -115,8 +115,9 @@ class L2F(maml.MAML):
     self.attenuator = Attenuator(len(self.head.params), dtype=self.dtype)
 
   def task_embedding(self, support_x, support_y):
-    """g [B, L]: layer-wise mean support gradient at theta, a constant."""
-    theta = self.head.tiled(tf.shape(support_x)[0])
+    """g [B, L]: layer-wise mean support gradient at theta, a constant
+    (at theta plus the task's prototypes under head_init='proto')."""
+    theta = super().initial_fast_weights(support_x, support_y)
     grads = self.support_gradient_fn(support_x, support_y)(theta)
     means = [tf.reduce_mean(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1)
              for g in grads]
@@ -127,8 +128,9 @@ class L2F(maml.MAML):
     return self.attenuator(self.task_embedding(support_x, support_y))
 
   def initial_fast_weights(self, support_x, support_y):
-    """theta~ = gamma o theta per task [B, ...] (where the inner loop starts)."""
-    theta = self.head.tiled(tf.shape(support_x)[0])
+    """theta~ = gamma o theta per task [B, ...] (where the inner loop starts;
+    under head_init='proto' theta holds the task's prototypes, see heads.py)."""
+    theta = super().initial_fast_weights(support_x, support_y)
     return attenuate(theta, self.attenuation(support_x, support_y))
 
 

@@ -141,11 +141,6 @@ class MAML(heads.HeadLearner):
       return list(self.inner_lrs)
     return [tf.constant(self.config.inner_lr, self.dtype)] * len(self.head.params)
 
-  def initial_fast_weights(self, support_x, support_y):
-    """theta'_0 per task [B, ...]: theta itself (L2F attenuates it)."""
-    del support_y
-    return self.head.tiled(tf.shape(support_x)[0])
-
   def adapt(self, support_x, support_y, *, training, seed):
     """Fast weights theta'_T [B, ...] after the inner loop (no randomness)."""
     del seed

@@ -282,11 +282,6 @@ class MetaLSTM(heads.HeadLearner):
     return [tf.reshape(part, [-1] + shape)
             for part, shape in zip(tf.split(flat, sizes, axis=1), self._shapes)]
 
-  def initial_fast_weights(self, support_x, support_y):
-    """c_0 = theta_0 per task [B, ...]."""
-    del support_y
-    return self.head.tiled(tf.shape(support_x)[0])
-
   def trajectory(self, support_x, support_y):
     """[theta_0, ..., theta_T], each flat [B, P]; grad_t, L_t are constants."""
     self.check_episode_shape(support_x)

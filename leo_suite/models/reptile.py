@@ -197,10 +197,11 @@ def minibatch_gradient_fn(inputs, labels, batch_size: int, seed) -> GradFn:
   return gradient_fn
 
 
-def reptile_gradient(theta: Sequence[tf.Tensor], adapted: Sequence[tf.Tensor]):
-  """g = theta - mean_b W_b per parameter (theta unbatched, W_b [B, ...])."""
-  return [tf.convert_to_tensor(t) - tf.reduce_mean(w, axis=0)
-          for t, w in zip(theta, adapted)]
+def reptile_gradient(start: Sequence[tf.Tensor], adapted: Sequence[tf.Tensor]):
+  """g = mean_b (start_b - W_b) per parameter (both [B, ...]): theta - mean_b W_b
+  when every task starts at theta; under head_init='proto' each task starts at
+  theta plus its prototypes (first order, as fo-Proto-MAML)."""
+  return [tf.reduce_mean(s - w, axis=0) for s, w in zip(start, adapted)]
 
 
 class Reptile(heads.HeadLearner):
@@ -209,11 +210,6 @@ class Reptile(heads.HeadLearner):
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="reptile"):
     super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
-
-  def initial_fast_weights(self, support_x, support_y):
-    """theta per task [B, ...], where U^k starts."""
-    del support_y
-    return self.head.tiled(tf.shape(support_x)[0])
 
   def adapt(self, support_x, support_y, *, training, seed):
     """W_b = U^k_b(theta) per task (k = inner_steps, eval_inner_steps at test).
@@ -245,8 +241,9 @@ class Reptile(heads.HeadLearner):
     adapted = self.adapt(train_x, train_y, training=True, seed=seed)
     logits = self.predict(adapted, episode.query_x, training=True, seed=seed)
     query_loss = tf.reduce_mean(base.cross_entropy(logits, episode.query_y))
+    start = self.initial_fast_weights(train_x, train_y)
     by_param = {p.ref(): g for p, g in
-                zip(self.head.params, reptile_gradient(self.head.params, adapted))}
+                zip(self.head.params, reptile_gradient(start, adapted))}
     grads = [by_param[v.ref()] for v in self.trainable_variables]
     support_loss = self.support_losses_fn(train_x, train_y)(adapted)
     return query_loss, grads, {
