@@ -194,6 +194,8 @@ def test_wrong_shape_raises():
     ({"input_dim": -1}, "--snail_input_dim=-1"),
     ({"tc_filters": 0}, "--snail_tc_filters=0"),
     ({"sequence_length": 1}, "--snail_sequence_length=1"),
+    ({"dropout_rate": 1.0}, "--snail_dropout_rate=1.0"),
+    ({"dropout_rate": -0.1}, "--snail_dropout_rate=-0.1"),
 ])
 def test_bad_config_is_a_user_error(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
@@ -202,6 +204,34 @@ def test_bad_config_is_a_user_error(overrides, message):
 
 def test_every_config_field_has_help():
   learner_checks.check_config_fields_have_help(snail.Config)
+
+
+def test_input_dropout_acts_in_meta_training_only_and_is_stateless():
+  """Training steps drop embedding entries (a mask per seed, support and
+  queries on their own streams); evaluation equals the dropout-free model."""
+  plain, dropped = build64(), build64(dropout_rate=0.5)
+  for a, b in zip(plain.trainable_variables, dropped.trainable_variables):
+    b.assign(a)
+  episode = common.make_episode(seed=7)
+  np.testing.assert_array_equal(logits_of(plain, episode), logits_of(dropped, episode))
+
+  def training_steps(learner, seed, **kwargs):
+    return learner.steps(episode.support_x, episode.support_y, training=True,
+                         seed=tf.constant(seed), **kwargs).numpy()[..., :SMALL["input_dim"]]
+  first, again = training_steps(dropped, [1, 2]), training_steps(dropped, [1, 2])
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, training_steps(dropped, [1, 3]))
+  assert not np.array_equal(first, training_steps(dropped, [1, 2], stream=snail.QUERY_STREAM))
+  np.testing.assert_array_equal(training_steps(plain, [1, 2]), plain.steps(
+      episode.support_x, episode.support_y).numpy()[..., :SMALL["input_dim"]])
+  # The mask is inverted dropout on the embedding, before the projection P.
+  x = episode.support_x.numpy()
+  kept = tf.nn.experimental.stateless_dropout(
+      episode.support_x, 0.5, seed=tf.random.experimental.stateless_fold_in(
+          tf.constant([1, 2]), 0), rng_alg="philox").numpy()
+  assert 0.3 < np.mean(kept == 0) < 0.7
+  np.testing.assert_allclose(first, kept @ dropped.projection.numpy(), rtol=1e-12)
+  np.testing.assert_allclose(kept[kept != 0], 2 * x[kept != 0], rtol=1e-12)
 
 
 # -- meta-training through the real Trainer ---------------------------------------

@@ -93,6 +93,8 @@ OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0)
 # runs/benchmark.json).
 XLA_DEFAULT = True
 EVAL_FIELDS = ()
+# fold_in stream of the queries' dropout mask (the support's uses the seed itself).
+QUERY_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,11 @@ class Config:
          "Other K still run (the convolutions are causal), with a receptive "
          "field of 2^(ceil(log2 T) + 1) - 1 steps; attention sees every step.")
 
+  dropout_rate: float = base.option(
+      0.0, "Meta-training only: inverted dropout on every input embedding "
+           "(support and query), as LEO and R2D2 regularise theirs; 0 = off "
+           "(the paper's SNAIL has none on its encoder's output).")
+
   def key_value_sizes(self):
     """[(k, v), ...] of the attention blocks (ConfigError naming the flag)."""
     keys = heads.parse_hidden_sizes(self.key_sizes, FLAG_PREFIX + "key_sizes")
@@ -135,6 +142,9 @@ class Config:
     self.key_value_sizes()
     base.check_at_least(self, FLAG_PREFIX, {"input_dim": 0, "tc_filters": 1,
                                             "sequence_length": 2})
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}dropout_rate={self.dropout_rate}: must be in [0, 1)")
 
 
 def dilations(sequence_length):
@@ -260,9 +270,16 @@ class SNAIL(base.Learner):
         base.glorot_uniform([channels, num_ways], self.dtype), name="output_weights")
     self.output_bias = tf.Variable(tf.zeros([num_ways], self.dtype), name="output_bias")
 
-  def steps(self, x, labels=None):
-    """Sequence steps [..., d_in + N]: e(x) and one-hot labels (zeros if None)."""
+  def steps(self, x, labels=None, *, training=False, seed=None, stream=0):
+    """Sequence steps [..., d_in + N]: e(x) and one-hot labels (zeros if None).
+
+    Meta-training with dropout_rate > 0 drops embedding entries (stateless:
+    `seed` folded with `stream`, 0 for the support, QUERY_STREAM for queries).
+    """
     x = tf.cast(x, self.dtype)
+    if training and self.config.dropout_rate > 0.0:
+      x = base.dropout(x, self.config.dropout_rate,
+                       tf.random.experimental.stateless_fold_in(seed, stream))
     if self.projection is not None:
       x = tf.tensordot(x, self.projection, 1)
     if labels is None:
@@ -290,10 +307,10 @@ class SNAIL(base.Learner):
 
   def adapt(self, support_x, support_y, *, training, seed):
     """Runs the support prefix once per task; state = the blocks' caches."""
-    del training, seed  # SNAIL has no randomness.
     self.check_episode_shape(support_x)
     num_tasks = tf.shape(support_x)[0]
-    x = tf.reshape(self.steps(support_x, support_y), [num_tasks, -1, self.step_width])
+    x = tf.reshape(self.steps(support_x, support_y, training=training, seed=seed),
+                   [num_tasks, -1, self.step_width])
     caches = []
     for block in self.blocks:
       x, cache = block.sequence(x)
@@ -302,8 +319,8 @@ class SNAIL(base.Learner):
 
   def predict(self, state, query_x, *, training, seed):
     """Logits [B, N, V, N]: the query step of each query's own sequence."""
-    del training, seed
-    x = self.steps(query_x)                                   # [B, N, V, d_in + N]
+    x = self.steps(query_x, training=training, seed=seed,      # [B, N, V, d_in + N]
+                   stream=QUERY_STREAM)
     query_shape = tf.shape(x)[:-1]
     x = tf.reshape(x, [query_shape[0], -1, self.step_width])  # [B, N*V, .]
     for block, cache in zip(self.blocks, state):
