@@ -508,20 +508,25 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   work = tmp_path / "work"
   command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-             "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s",
-             "--learners=protonet,r2d2", "--pixel_baseline=false"]
+             "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
+             "--learners=protonet,r2d2,maml", "--pixel_baseline=false"]
   proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[stage] learners done in" in proc.stdout
   results = json.loads((work / "results.json").read_text())
-  ncm = next(r for r in results["rows"] if r["method"].startswith("ncm_cosine"))
+  ncm = {r["setting"]: r for r in results["rows"] if r["method"].startswith("ncm_cosine")}
   learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]
-  assert {r["method"] for r in learners} == {"protonet (runner.py)", "r2d2 (runner.py)"}
+  assert {(r["method"], r["setting"]) for r in learners} == {
+      (f"{m} (runner.py)", s) for m in ("protonet", "r2d2", "maml") for s in ("5w1s", "5w5s")}
+  # MAML's 5w5s preset starts each task at its prototypes (head_init=proto).
+  config = json.loads((work / "learners" / "maml_5w5s" / "config.json").read_text())
+  assert config["settings"]["maml_head_init"] == "proto", config["settings"]
   for row in learners:
     assert "accuracy" in row, row
     # Validated (step 0, the initialisation, is a candidate: see the trainer).
     assert row["best_step"] >= 0 and row["val_accuracy"] > 20
-    assert row["accuracy"] >= ncm["accuracy"] - ncm["ci95"], (row, ncm)
+    base = ncm[row["setting"]]
+    assert row["accuracy"] >= base["accuracy"] - base["ci95"], (row, base)
   text = (work / "results.md").read_text()
   assert "(val " in text and "learners" in text
   # Resumes: a second run reuses every finished stage and prints the same table.
