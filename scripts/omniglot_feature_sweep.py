@@ -30,6 +30,7 @@ from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-impor
 
 flags.DEFINE_string("out_dir", None, "Run folder.")
 flags.DEFINE_integer("epochs", 10, "Pretraining epochs.")
+flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/pretrain/backbones.py).")
 flags.DEFINE_string("augment", "shift", "none, shift, shift_flip or affine.")
 flags.DEFINE_integer("max_shift", 2, "Translation range (pixels at 28x28).")
 flags.DEFINE_string("head", "linear", "linear or cosine.")
@@ -62,7 +63,7 @@ def main(argv):
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(epochs=FLAGS.epochs, augment=FLAGS.augment,
+  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs, augment=FLAGS.augment,
                                     max_shift=FLAGS.max_shift, head=FLAGS.head,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                     teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
@@ -78,7 +79,7 @@ def main(argv):
     if epoch not in wanted:
       return {}
     record = {"epoch": epoch, "epochs": FLAGS.epochs, "augment": FLAGS.augment,
-              "head": FLAGS.head, "lr": FLAGS.learning_rate, "seed": FLAGS.seed,
+              "head": FLAGS.head, "backbone": FLAGS.backbone, "lr": FLAGS.learning_rate, "seed": FLAGS.seed,
               "max_shift": FLAGS.max_shift, "teacher": FLAGS.teacher,
               "distill_alpha": FLAGS.distill_alpha,
               "distill_temperature": FLAGS.distill_temperature,

@@ -21,11 +21,11 @@ def _bn(c):
   return 2 * c  # gamma, beta (moving statistics are not trainable parameters)
 
 
-def conv4_count(channels):
+def conv4_count(channels, widths=(64, 64, 64, 64)):
   count, c_in = 0, channels
-  for _ in range(4):
-    count += _conv(3, c_in, 64, bias=True) + _bn(64)
-    c_in = 64
+  for width in widths:
+    count += _conv(3, c_in, width, bias=True) + _bn(width)
+    c_in = width
   return count
 
 
@@ -57,6 +57,24 @@ def test_conv4_matches_the_reference_count_and_shapes():
   assert backbones.count_parameters(omniglot) == conv4_count(1) == 111_936
   features = omniglot(tf.random.uniform([3, 28, 28, 1]), training=False)
   assert features.shape == (3, 64)  # 28 -> 14 -> 7 -> 3 -> 1
+
+
+def test_conv4_variants_counts_and_feature_sizes():
+  wide = backbones.build_backbone("conv4_wide", 28, 1)
+  assert backbones.count_parameters(wide) == conv4_count(1, (64, 96, 128, 256)) == 463_008
+  assert wide.output_shape == (None, 256)  # 256 x 1 x 1
+  flat = backbones.build_backbone("conv4_map", 28, 1)
+  assert backbones.count_parameters(flat) == conv4_count(1) == 111_936
+  assert flat.output_shape == (None, 576)  # 64 x 3 x 3: no last pool
+  x = tf.random.uniform([2, 28, 28, 1], seed=3)
+  # The map variant's features, max-pooled over the 3x3 map (2x2 window, top-left),
+  # are conv4's features with the same weights.
+  plain = backbones.build_backbone("conv4", 28, 1)
+  plain.set_weights(flat.get_weights())
+  maps = tf.reshape(flat(x, training=False), [2, 3, 3, 64])
+  pooled = tf.reduce_max(maps[:, :2, :2, :], axis=[1, 2])
+  np.testing.assert_allclose(pooled.numpy(), plain(x, training=False).numpy(), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_resnet12_count_and_640d_features_at_84():

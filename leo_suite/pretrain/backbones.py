@@ -6,6 +6,10 @@ already preprocessed) to features [batch, D]:
   conv4      4 x [3x3 conv 64 (bias), BN, ReLU, 2x2 max-pool], flattened
              (D = 64 at 28x28, 1600 at 84x84). 113,088 trainable parameters
              for C = 3 (Vinyals et al. 2016; Snell et al. 2017).
+  conv4_wide the same with widths 64-96-128-256 (D = 256 at 28x28): the
+             extra width sits where the maps are small (Omniglot validation,
+             README).
+  conv4_map  conv4 without the last block's pool (D = 576 at 28x28).
   resnet12   4 residual blocks of 3 x [3x3 conv, BN, leaky ReLU 0.1] with a
              1x1 conv + BN shortcut and 2x2 max-pool, widths 64-160-320-640,
              global average pool: D = 640, ~12.42 M parameters (Lee et al.
@@ -24,16 +28,17 @@ import functools
 
 import keras
 
-BACKBONES = ("conv4", "resnet12", "wrn28_10")
+BACKBONES = ("conv4", "conv4_wide", "conv4_map", "resnet12", "wrn28_10")
 
 
-def _conv4(inputs, bn):
+def _conv4(inputs, bn, widths=(64, 64, 64, 64), last_pool=True):
   h = inputs
-  for block in range(4):
-    h = keras.layers.Conv2D(64, 3, padding="same", name=f"conv{block}")(h)
+  for block, width in enumerate(widths):
+    h = keras.layers.Conv2D(width, 3, padding="same", name=f"conv{block}")(h)
     h = bn(name=f"bn{block}")(h)
     h = keras.layers.ReLU(name=f"relu{block}")(h)
-    h = keras.layers.MaxPooling2D(2, name=f"pool{block}")(h)
+    if last_pool or block < len(widths) - 1:
+      h = keras.layers.MaxPooling2D(2, name=f"pool{block}")(h)
   return keras.layers.Flatten(name="features")(h)
 
 
@@ -111,6 +116,10 @@ def build_backbone(name: str, image_size: int, channels: int = 3,
   bn = functools.partial(keras.layers.BatchNormalization, synchronized=synchronized_batch_norm)
   if name == "conv4":
     features = _conv4(inputs, bn)
+  elif name == "conv4_wide":
+    features = _conv4(inputs, bn, widths=(64, 96, 128, 256))
+  elif name == "conv4_map":
+    features = _conv4(inputs, bn, last_pool=False)
   elif name == "resnet12":
     features = _resnet12(inputs, bn, dropout)
   else:
