@@ -63,8 +63,8 @@ def main(argv):
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs, augment=FLAGS.augment,
-                                    max_shift=FLAGS.max_shift, head=FLAGS.head,
+  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift, head=FLAGS.head,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                     teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
                                     distill_temperature=FLAGS.distill_temperature)
@@ -79,7 +79,8 @@ def main(argv):
     if epoch not in wanted:
       return {}
     record = {"epoch": epoch, "epochs": FLAGS.epochs, "augment": FLAGS.augment,
-              "head": FLAGS.head, "backbone": FLAGS.backbone, "lr": FLAGS.learning_rate, "seed": FLAGS.seed,
+              "head": FLAGS.head, "backbone": FLAGS.backbone, "lr": FLAGS.learning_rate,
+              "seed": FLAGS.seed,
               "max_shift": FLAGS.max_shift, "teacher": FLAGS.teacher,
               "distill_alpha": FLAGS.distill_alpha,
               "distill_temperature": FLAGS.distill_temperature,
