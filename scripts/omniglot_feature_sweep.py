@@ -64,7 +64,8 @@ def main(argv):
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
-                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift, head=FLAGS.head,
+                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift,
+                                    head=FLAGS.head,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                     teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
                                     distill_temperature=FLAGS.distill_temperature)
