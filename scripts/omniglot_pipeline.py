@@ -56,6 +56,10 @@ DATASET = "omniglot_small"
 # Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):
 # shift, 10 epochs 96.10 / 98.80 / 87.08; affine, 30 epochs 97.11 / 99.09 / 89.78.
 DEFAULT_EPOCHS = 30
+# Backbone chosen on meta-val (README, Omniglot-small feature table).
+DEFAULT_BACKBONE = "conv4"
+BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": "Conv-4 map",
+                   "resnet12": "ResNet-12", "wrn28_10": "WRN-28-10"}
 DEFAULT_AUGMENT = "affine"
 DEFAULT_HEAD = "linear"
 # Extraction crop chosen on meta-val (same backbone, cosine NCM 5w1s / 5w5s /
@@ -70,6 +74,9 @@ flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives
                     "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
                     "../shared/data/omniglot).")
 flags.DEFINE_string("work_dir", "runs/omniglot_small", "Everything the pipeline writes.")
+flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(BACKBONE_LABELS), "Pretrained "
+                  "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
+                  "alphabets (README, Omniglot-small).")
 flags.DEFINE_integer("epochs", DEFAULT_EPOCHS, "Pretraining epochs (each: 4 x 3,540 images); "
                      "chosen on the meta-val alphabets (README, Omniglot-small).")
 flags.DEFINE_string("augment", DEFAULT_AUGMENT, "Pretraining augmentation: none, shift (random "
@@ -184,6 +191,9 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         1: 98.81 @0; 0 (the prototypes plus the learned residual): 98.87 @10;
 #         1 step at inner_lr 0.3: 98.85 @10 (kept: within 0.02 of not adapting, and
 #         still MAML); inner_lr 3: 98.65 @60; 1 train + 1 eval step: 98.83 @10
+#         matching (cosine attention scale s, linear map): s = 1 98.64 @0, 10: 98.70 @10,
+#         30: 98.73 @60 (kept); identity map s 10: 98.69 @0, s 30: 98.73 @0. At 1-shot
+#         s does not change the argmax (one support point per class), so 5w5s only
 #   relation (200 tasks, runs/sweep_helper; module hidden 64,8 + linear map before:
 #         94.67 @2500 of 5000 / 97.31 @3500 of 5000 / 85.10 @1750 of 2000)
 #         5w1s hidden 256,8 (linear map): 94.93 @1250 of 2000 (20 s); 256,8 + identity
@@ -216,6 +226,7 @@ LEARNER_PRESETS = {
     ("imaml", 5, 5): {"flags": ["--imaml_head_init=proto"]},
     ("imaml", 20, 1): {"flags": ["--imaml_lam=1.0"]},
     ("r2d2", 5, 5): {"flags": ["--r2d2_lambda_init=0.1"]},
+    ("matching", 5, 5): {"flags": ["--matching_logit_scale=30"]},
     ("r2d2", 20, 1): {"flags": ["--r2d2_lambda_init=1000"]},
     ("l2f", None, None): {"flags": ["--l2f_hidden_sizes=4096", "--l2f_head_init=zeros",
                                     "--l2f_hidden_init=signed_identity"]},
@@ -347,7 +358,8 @@ def main(argv):
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+                                    batch_size=FLAGS.batch_size,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                     augment=FLAGS.augment, max_shift=FLAGS.max_shift,
                                     head=FLAGS.head)
@@ -390,7 +402,8 @@ def main(argv):
   # 3. baselines on meta-test.
   t0 = time.time()
   test = embeddings_lib.load_dataset_split(data_path, DATASET, FLAGS.crop, "test")
-  rows = pipeline.evaluate_baselines(test, "Conv-4 embeddings", settings,
+  label = BACKBONE_LABELS[FLAGS.backbone]
+  rows = pipeline.evaluate_baselines(test, f"{label} embeddings", settings,
                                      num_episodes=FLAGS.num_episodes, seed=FLAGS.episode_seed)
   if FLAGS.pixel_baseline:
     pixels = pipeline.pixel_split(by_class, split_classes["test"], 28, True)
@@ -448,7 +461,7 @@ def main(argv):
   notes = (f"Omniglot-small meta-test (Latin, {test.num_classes} characters), "
            f"{FLAGS.num_episodes} fixed episodes (seed {FLAGS.episode_seed}), 15 queries "
            f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
-           f"(meta-val alphabets) @ its step, the checkpoint evaluated. Conv-4 pretrained "
+           f"(meta-val alphabets) @ its step, the checkpoint evaluated. {label} pretrained "
            f"{FLAGS.epochs} epochs (augment {FLAGS.augment}, {FLAGS.head} head) on "
            f"{len(split_classes['train'])} meta-train characters x 4 rotations"
            + (f", then {FLAGS.distill_generations} born-again generation(s) of the same "
