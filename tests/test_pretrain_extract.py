@@ -496,7 +496,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert ncm["accuracy"] - ncm["ci95"] > pixels["accuracy"] + pixels["ci95"]
   assert rows[("logistic_regression", "20w1s")]["accuracy"] > 5 + 5 * rows[
       ("logistic_regression", "20w1s")]["ci95"]
-  assert "| ncm_cosine (Conv-4 wide embeddings) |" in (work / "results.md").read_text()
+  assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
 
 
 @pytest.mark.integration
