@@ -127,6 +127,38 @@ def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
         evaluator.fixed_accuracy(sampler, 5, 37, 8, method=method), reference)
 
 
+def test_group_size_bounds_the_adapted_states_held_at_once():
+  # One batch of 8 tasks whose state is 8 x (3 x 5) + 8 x 5 floats: 20 per task.
+  state = (tf.zeros([8, 3, 5]), None, [tf.zeros([8, 5])])
+  assert evaluation.table_group_tasks(state, 8) == 8 * (evaluation.TABLE_GROUP_TASKS // 8)
+  limit = evaluation.TABLE_STATE_FLOATS
+  assert evaluation.table_group_tasks((tf.zeros([8, limit // 400]),), 8) == 400
+  assert evaluation.table_group_tasks((tf.zeros([8, limit // 399]),), 8) == 392
+  assert evaluation.table_group_tasks((tf.zeros([2, limit]),), 8) == 8  # one batch at least
+
+
+@pytest.mark.parametrize("model", ["l2f", "leo"])
+def test_small_state_budget_splits_groups_and_keeps_the_accuracies(model, monkeypatch):
+  """With room for one batch of states per group, every group is one batch
+  (adapt/score interleave) and the per-task accuracies equal the gather path's."""
+  split = clustered_split([9] * 8)
+  spec = episodes.EpisodeSpec(4, 2, 7)
+  evaluator = evaluation.Evaluator(learner(model, spec.num_ways))
+  groups = []
+  score_group = evaluator._score_group
+  def counting(sampler, pending, correct, row_features):
+    groups.append(sum(len(p[0]) for p in pending))
+    return score_group(sampler, pending, correct, row_features)
+  monkeypatch.setattr(evaluator, "_score_group", counting)
+  monkeypatch.setattr(evaluation, "TABLE_STATE_FLOATS", 1)
+  sampler = episodes.EpisodeSampler(split, spec)
+  table = evaluator.fixed_accuracy(sampler, 5, 37, 8, method="table")
+  assert groups == [8, 8, 8, 8, 5]
+  gather = evaluator.fixed_accuracy(sampler, 5, 37, 8, method="gather")
+  assert 0.0 < gather.mean() < 1.0 and np.ptp(gather) > 0
+  np.testing.assert_array_equal(table, gather)
+
+
 @pytest.mark.parametrize("model", ["relation", "leo", "l2f"])
 def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypatch):
   """With the readout compiled (calls padded to powers of two with masked

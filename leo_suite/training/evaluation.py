@@ -101,10 +101,26 @@ def task_accuracy(learner, episode):
 # Tasks adapted before their query images are scored from the table: larger
 # groups share each class's slice among more tasks.
 TABLE_GROUP_TASKS = 1000
+# Floats of adapted state held for one group (1 GiB of float32): a group has
+# fewer tasks when each task's state is large. An MLP head's adapted first
+# layer is D x H per task: L2F with 4,096 hidden units on D = 256 embeddings
+# held 1,000 x 1.1M floats and its runner was killed at 15 GB (24 GB machine).
+TABLE_STATE_FLOATS = 1 << 28
 # Floats of query rows broadcast to a chunk of tasks when a learner without a
 # linear readout is scored from the table (bounds the memory of one call).
 TABLE_CHUNK_FLOATS = 1 << 24
 EVALUATION_METHODS = ("auto", "table", "gather")
+
+
+def table_group_tasks(state, batch_size: int) -> int:
+  """Tasks adapted before a group is scored: TABLE_GROUP_TASKS, or fewer so
+  their states (one adapted batch's `state`, task axis first) stay within
+  TABLE_STATE_FLOATS; a multiple of batch_size, at least one batch."""
+  tensors = [t for t in tf.nest.flatten(state) if t is not None]
+  tasks_in_state = max(1, int(tensors[0].shape[0])) if tensors else 1
+  per_task = sum(int(np.prod(t.shape)) for t in tensors) / tasks_in_state
+  tasks = min(TABLE_GROUP_TASKS, int(TABLE_STATE_FLOATS // max(per_task, 1.0)))
+  return batch_size * max(1, tasks // batch_size)
 
 
 def table_pays(spec, split) -> bool:
@@ -198,12 +214,14 @@ class Evaluator:
     """Per-task accuracies [num_tasks] of `sampler.fixed_set(seed, num_tasks, ...)`."""
     if self.method(sampler, method) == "gather":
       return self.per_task_accuracy(sampler.fixed_set(seed, num_tasks, batch_size), progress)
-    group = batch_size * max(1, TABLE_GROUP_TASKS // batch_size)
+    group = None  # tasks per group: set by the size of the first adapted state
     correct = np.zeros([num_tasks], np.int64)
     pending, first, row_features = [], 0, {}
     draws = sampler.drawn_supports(seed, batch_size, 0, num_tasks)
     for batch_index, (classes, picks, support_x, support_y) in enumerate(draws):
-      pending.append((classes.numpy(), picks.numpy(), self._adapt(support_x, support_y)))
+      state = self._adapt(support_x, support_y)
+      group = group or table_group_tasks(state, batch_size)
+      pending.append((classes.numpy(), picks.numpy(), state))
       done = (batch_index + 1) * batch_size >= num_tasks
       if sum(len(p[0]) for p in pending) >= group or done:
         size = self._score_group(sampler, pending, correct[first:], row_features)
