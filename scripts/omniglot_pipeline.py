@@ -62,10 +62,11 @@ DEFAULT_EPOCHS = 30
 # 90.41, warps 97.68 / 99.08 / 91.56; conv4_wide (widths 64-96-128-256, D = 256)
 # center 97.47 / 99.24 / 90.87, warps 97.79 / 99.18 / 91.64. On the warps crop the
 # pipeline extracts, the wide network's gain (0.08 to 0.11) is within the seed gap
-# (0.1 to 0.2), and its pipeline ran 53 minutes (runs/omniglot_v6: pretraining 8.6
-# and distillation 8.2 minutes against Conv-4's 4.3 and 4.3 in runs/omniglot_v5,
-# learners 35.8 with a validation sweep beside them) against the 45-minute budget:
-# conv4 stays the default, conv4_wide is an option with its own presets.
+# (0.1 to 0.2): conv4 stays the default, conv4_wide is an option with its own
+# presets. Its pipeline's first invocation ran 53 minutes (runs/omniglot_v6:
+# pretraining 8.5 and distillation 8.2 minutes against Conv-4's 4.3 and 4.3 in
+# runs/omniglot_v5, measured a session earlier on a faster machine; learners 35.8
+# with a validation sweep beside them).
 DEFAULT_BACKBONE = "conv4"
 BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": "Conv-4 map",
                    "resnet12": "ResNet-12", "wrn28_10": "WRN-28-10"}
