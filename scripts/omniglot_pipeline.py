@@ -45,6 +45,7 @@ from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
 from leo_suite.models import registry  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
@@ -68,6 +69,7 @@ DEFAULT_EPOCHS = 30
 # runs/omniglot_v5, measured a session earlier on a faster machine; learners 35.8
 # with a validation sweep beside them).
 DEFAULT_BACKBONE = "conv4"
+# Table labels; a backbone missing here is labelled by its name.
 BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": "Conv-4 map",
                    "resnet12": "ResNet-12", "wrn28_10": "WRN-28-10"}
 DEFAULT_AUGMENT = "affine"
@@ -84,7 +86,7 @@ flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives
                     "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
                     "../shared/data/omniglot).")
 flags.DEFINE_string("work_dir", "runs/omniglot_small", "Everything the pipeline writes.")
-flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(BACKBONE_LABELS), "Pretrained "
+flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(backbones.BACKBONES), "Pretrained "
                   "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
                   "alphabets (README, Omniglot-small).")
 flags.DEFINE_integer("epochs", DEFAULT_EPOCHS, "Pretraining epochs (each: 4 x 3,540 images); "
@@ -434,7 +436,7 @@ def main(argv):
   # 3. baselines on meta-test.
   t0 = time.time()
   test = embeddings_lib.load_dataset_split(data_path, DATASET, FLAGS.crop, "test")
-  label = BACKBONE_LABELS[FLAGS.backbone]
+  label = BACKBONE_LABELS.get(FLAGS.backbone, FLAGS.backbone)
   rows = pipeline.evaluate_baselines(test, f"{label} embeddings", settings,
                                      num_episodes=FLAGS.num_episodes, seed=FLAGS.episode_seed)
   if FLAGS.pixel_baseline:

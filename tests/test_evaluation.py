@@ -130,11 +130,11 @@ def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
 def test_group_size_bounds_the_adapted_states_held_at_once():
   # One batch of 8 tasks whose state is 8 x (3 x 5) + 8 x 5 floats: 20 per task.
   state = (tf.zeros([8, 3, 5]), None, [tf.zeros([8, 5])])
-  assert evaluation.table_group_tasks(state, 8) == 8 * (evaluation.TABLE_GROUP_TASKS // 8)
+  assert evaluation.table_group_tasks(state, 8, 8) == 8 * (evaluation.TABLE_GROUP_TASKS // 8)
   limit = evaluation.TABLE_STATE_FLOATS
-  assert evaluation.table_group_tasks((tf.zeros([8, limit // 400]),), 8) == 400
-  assert evaluation.table_group_tasks((tf.zeros([8, limit // 399]),), 8) == 392
-  assert evaluation.table_group_tasks((tf.zeros([2, limit]),), 8) == 8  # one batch at least
+  assert evaluation.table_group_tasks((tf.zeros([8, limit // 400]),), 8, 8) == 400
+  assert evaluation.table_group_tasks((tf.zeros([8, limit // 399]),), 8, 8) == 392
+  assert evaluation.table_group_tasks((tf.zeros([2, limit]),), 2, 8) == 8  # one batch at least
 
 
 @pytest.mark.parametrize("model", ["l2f", "leo"])

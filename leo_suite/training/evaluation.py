@@ -112,13 +112,12 @@ TABLE_CHUNK_FLOATS = 1 << 24
 EVALUATION_METHODS = ("auto", "table", "gather")
 
 
-def table_group_tasks(state, batch_size: int) -> int:
+def table_group_tasks(state, num_tasks: int, batch_size: int) -> int:
   """Tasks adapted before a group is scored: TABLE_GROUP_TASKS, or fewer so
-  their states (one adapted batch's `state`, task axis first) stay within
+  their states (`state`: one adapted batch of `num_tasks` tasks) stay within
   TABLE_STATE_FLOATS; a multiple of batch_size, at least one batch."""
-  tensors = [t for t in tf.nest.flatten(state) if t is not None]
-  tasks_in_state = max(1, int(tensors[0].shape[0])) if tensors else 1
-  per_task = sum(int(np.prod(t.shape)) for t in tensors) / tasks_in_state
+  floats = sum(int(np.prod(t.shape)) for t in tf.nest.flatten(state) if t is not None)
+  per_task = floats / max(1, num_tasks)
   tasks = min(TABLE_GROUP_TASKS, int(TABLE_STATE_FLOATS // max(per_task, 1.0)))
   return batch_size * max(1, tasks // batch_size)
 
@@ -220,7 +219,7 @@ class Evaluator:
     draws = sampler.drawn_supports(seed, batch_size, 0, num_tasks)
     for batch_index, (classes, picks, support_x, support_y) in enumerate(draws):
       state = self._adapt(support_x, support_y)
-      group = group or table_group_tasks(state, batch_size)
+      group = group or table_group_tasks(state, len(classes), batch_size)
       pending.append((classes.numpy(), picks.numpy(), state))
       done = (batch_index + 1) * batch_size >= num_tasks
       if sum(len(p[0]) for p in pending) >= group or done:
