@@ -32,7 +32,8 @@ flags.DEFINE_string("out_dir", None, "Run folder.")
 flags.DEFINE_integer("epochs", 10, "Pretraining epochs.")
 flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/pretrain/backbones.py).")
 flags.DEFINE_string("augment", "shift", "none, shift, shift_flip or affine.")
-flags.DEFINE_integer("max_shift", 2, "Translation range (pixels at 28x28).")
+flags.DEFINE_integer("image_size", 28, "Input size (the 105x105 drawings are resized to it).")
+flags.DEFINE_integer("max_shift", 2, "Translation range (pixels at --image_size).")
 flags.DEFINE_string("head", "linear", "linear or cosine.")
 flags.DEFINE_float("learning_rate", 0.05, "Peak SGD learning rate.")
 flags.DEFINE_integer("seed", 0, "Pretraining seed.")
@@ -60,10 +61,11 @@ def main(argv):
               ("images_background_small1.zip", "images_background_small2.zip")]
   by_class, split_classes, _ = images_lib.load_labelled_splits(
       archives, "omniglot_small", omniglot_dir)
-  options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
+  options = images_lib.DecodeOptions(FLAGS.image_size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+                                    image_size=FLAGS.image_size,
                                     augment=FLAGS.augment, max_shift=FLAGS.max_shift,
                                     head=FLAGS.head,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
@@ -80,7 +82,7 @@ def main(argv):
     if epoch not in wanted:
       return {}
     record = {"epoch": epoch, "epochs": FLAGS.epochs, "augment": FLAGS.augment,
-              "head": FLAGS.head, "backbone": FLAGS.backbone, "lr": FLAGS.learning_rate,
+              "head": FLAGS.head, "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "lr": FLAGS.learning_rate,
               "seed": FLAGS.seed,
               "max_shift": FLAGS.max_shift, "teacher": FLAGS.teacher,
               "distill_alpha": FLAGS.distill_alpha,
