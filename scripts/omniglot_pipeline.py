@@ -18,9 +18,9 @@
 3. evaluates nearest-class-mean (cosine) and per-episode logistic regression
    on meta-test (Latin, 26 characters): 5w1s, 5w5s, 20w1s, 15 queries,
    --num_episodes fixed episodes (seed --episode_seed), mean and 95% CI;
-4. trains each --learners model with its preset (leo_suite/pretrain/omniglot_presets.py: steps, flags,
-   chosen on meta-val) with runner.py, keeping the best-validation checkpoint,
-   and evaluates that checkpoint (--parallel_learners runs at a time);
+4. trains each --learners model with its preset (steps, flags, chosen on
+   meta-val: leo_suite/pretrain/omniglot_presets.py) with runner.py, keeping
+   the best-validation checkpoint, and evaluates that checkpoint (--parallel_learners runs at a time);
 5. writes <work_dir>/results.md (one table; learner cells add the best
    validation accuracy and its step) and results.json.
 Each stage prints its wall time ("[stage] ..."). Rerunning after a kill

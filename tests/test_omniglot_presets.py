@@ -40,7 +40,8 @@ def test_setting_and_backbone_entries_replace_the_same_flag_only():
   five_shot = presets.learner_preset("leo", 5, 5)
   # 5w5s replaces outer_lr and keeps the every-setting fine-tuning rate.
   assert "--outer_lr=3e-4" in five_shot["flags"] and "--outer_lr=3e-3" not in five_shot["flags"]
-  assert "--finetuning_lr_init=3.0" in every["flags"] and "--finetuning_lr_init=3.0" in five_shot["flags"]
+  for preset in (every, five_shot):
+    assert "--finetuning_lr_init=3.0" in preset["flags"]
   assert (five_shot["steps"], five_shot["every"]) == (200, 25)
   assert five_shot["flags"][:2] == ["--checkpoint_steps=25", "--log_steps=25"]
   # A backbone entry overrides the Conv-4 preset of that learner only.

@@ -100,7 +100,8 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         200 val tasks, NCM 97.55 / 98.96 / 91.44; runs/sweep/leo1s.jsonl, leo5w5s.jsonl):
 #         5w1s eta 0.001: 96.35 @600 of 600; 1: 97.31 @0; 3: 97.40 @0 (kept); 5: 96.33
 #         @450; 1 at outer_lr 3e-4: 97.36 @50. 20w1s 0.001: 89.02 @300; 1: 90.94 @0;
-#         3: 91.26 @0 (kept); 5: 88.02 @250; 10: 61.52; 30: 59.74; 1 at 3e-4: 91.00 @50. 5w5s (outer_lr 3e-4, 200 steps) 0.001: 98.49 @50;
+#         3: 91.26 @0 (kept); 5: 88.02 @250; 10: 61.52; 30: 59.74; 1 at 3e-4: 91.00 @50.
+#         5w5s (outer_lr 3e-4, 200 steps) 0.001: 98.49 @50;
 #         0.1: 98.72 @0; 0.3: 98.85 @0; 1: 98.99 @0; 3: 99.03 @125 (kept); dropout 0.2
 #         or 0 instead of 0.5: 98.49 / 98.47. Meta-training moves the 1-shot learner
 #         away from its best validation point: the best checkpoint is the first.
