@@ -20,7 +20,8 @@
    --num_episodes fixed episodes (seed --episode_seed), mean and 95% CI;
 4. trains each --learners model with its preset (steps, flags, chosen on
    meta-val: leo_suite/pretrain/omniglot_presets.py) with runner.py, keeping
-   the best-validation checkpoint, and evaluates that checkpoint (--parallel_learners runs at a time);
+   the best-validation checkpoint, and evaluates that checkpoint
+   (--parallel_learners runs at a time);
 5. writes <work_dir>/results.md (one table; learner cells add the best
    validation accuracy and its step) and results.json.
 Each stage prints its wall time ("[stage] ..."). Rerunning after a kill
