@@ -82,8 +82,8 @@ def main(argv):
     if epoch not in wanted:
       return {}
     record = {"epoch": epoch, "epochs": FLAGS.epochs, "augment": FLAGS.augment,
-              "head": FLAGS.head, "backbone": FLAGS.backbone, "image_size": FLAGS.image_size, "lr": FLAGS.learning_rate,
-              "seed": FLAGS.seed,
+              "head": FLAGS.head, "backbone": FLAGS.backbone, "image_size": FLAGS.image_size,
+              "lr": FLAGS.learning_rate, "seed": FLAGS.seed,
               "max_shift": FLAGS.max_shift, "teacher": FLAGS.teacher,
               "distill_alpha": FLAGS.distill_alpha,
               "distill_temperature": FLAGS.distill_temperature,
