@@ -1,6 +1,7 @@
 """scripts/compare.py's library: summary parsing and the table."""
 
 import os
+import sys
 
 import pytest
 import tensorflow as tf
@@ -34,3 +35,17 @@ def test_run_learner_reports_a_clear_failure(tmp_path):
                             log=lambda _: None)
   assert row["status"].startswith("failed in train (exit 2): error:")
   assert "missing" in row["status"]
+
+
+@pytest.mark.parametrize("threads, preset, expected", [
+    (1, None, "1 1"), (3, None, "3 3"), (None, None, "unset unset"),
+    (1, "2", "2 1")])  # a variable the caller already set wins
+def test_runs_get_the_requested_tensorflow_threads(monkeypatch, threads, preset, expected):
+  for name in compare.THREAD_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  if preset is not None:
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", preset)
+  show = ("import os, sys; sys.stderr.write(' '.join(os.environ.get(n, 'unset') "
+          f"for n in {compare.THREAD_VARIABLES!r}))")
+  code, tail, _ = compare._run([sys.executable, "-c", show], 60, threads)
+  assert (code, tail) == (0, [expected])

@@ -470,7 +470,8 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
        f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners="],
+       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners=",
+       "--distill_generations=1"],
       capture_output=True, text=True, timeout=1200, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
@@ -479,8 +480,8 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
   assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
   assert manifest["crop"] == "warps"        # the pipeline's default crop (chosen on meta-val)
-  # One born-again generation by default: the extracted backbone is the student's,
-  # distilled from the first network's last checkpoint.
+  # One born-again generation (an option, off by default): the extracted backbone
+  # is the student's, distilled from the first network's last checkpoint.
   assert "[stage] distill done in" in proc.stdout
   student = results["pretrain"]["export"]
   assert student["teacher"]["run_dir"] == str(work / "pretrain")
@@ -514,6 +515,10 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[stage] learners done in" in proc.stdout
   results = json.loads((work / "results.json").read_text())
+  # No distillation by default: the first network's backbone is extracted.
+  assert "[stage] distill" not in proc.stdout
+  assert results["manifest"]["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+      str(work / "pretrain" / "backbone" / train_lib.BACKBONE_WEIGHTS))
   ncm = {r["setting"]: r for r in results["rows"] if r["method"].startswith("ncm_cosine")}
   learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]
   assert {(r["method"], r["setting"]) for r in learners} == {
@@ -529,6 +534,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
     assert row["accuracy"] >= base["accuracy"] - base["ci95"], (row, base)
   text = (work / "results.md").read_text()
   assert "(val " in text and "learners" in text
+  threads = os.environ.get("TF_NUM_INTRAOP_THREADS", max(1, (os.cpu_count() or 1) // 2))
+  assert f"2 at a time, {threads} TensorFlow thread(s) each" in text
   # Resumes: a second run reuses every finished stage and prints the same table.
   again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
   assert again.returncode == 0, again.stderr[-3000:]

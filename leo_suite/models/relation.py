@@ -151,21 +151,27 @@ class RelationNetwork(embedding_maps.EmbeddingLearner):
     return embedding_maps.class_sums(features, one_hot)
 
   def predict(self, state, query_x, *, training, seed):
-    """Relation logits g([c_k ; f(x_q)]) [B, N', V, N]; scores = sigmoid(logits)."""
+    """Relation logits g([c_k ; f(x_q)]) [B, N', V, N]; scores = sigmoid(logits).
+
+    g's first layer is split as in `readout` (c_k W_c + f(x_q) W_q + b_1), so
+    the [B, Q, N, 2d] pairs are never formed: the product costs (Q + N) d h
+    per task instead of Q N 2d h (at 20-way 1-shot, 300 queries, d = 64,
+    h = 256: 1.3 million against 197 million multiply-adds).
+    """
     del training, seed
-    queries = self.embed(query_x)
-    num_queries, num_classes = tf.shape(queries)[1], tf.shape(state)[1]
-    pairs = tf.concat([                                        # [B, Q, N, 2d]
-        tf.tile(state[:, tf.newaxis], [1, num_queries, 1, 1]),
-        tf.tile(queries[:, :, tf.newaxis], [1, 1, num_classes, 1])], axis=-1)
-    logits = self.relation_module(pairs)[..., 0]               # [B, Q, N]
-    return embedding_maps.per_query(logits, query_x)
+    queries = self.embed(query_x)                              # [B, Q, d]
+    query_part = base.dense(queries, self._query_weights())    # [B, Q, h]
+    return embedding_maps.per_query(self.finish_readout(query_part, state), query_x)
+
+  def _query_weights(self):
+    """W_q, the rows of g's first layer that multiply f(x_q)."""
+    return self.relation_module.weights[0][self.embedding_map.output_dim:]
 
   def readout(self, state):
     """g's first layer on [c_k ; f(x)] is c_k W_c + f(x) W_q + b_1: f(x) W_q
     depends on the query alone (the row map); the class term and g's other
     layers finish it."""
-    query_weights = self.relation_module.weights[0][self.embedding_map.output_dim:]
+    query_weights = self._query_weights()
     row_map = lambda x: base.dense(self.embed(x[tf.newaxis, tf.newaxis])[0], query_weights)
     return base.Readout(row_map, None, None, finish=True)
 

@@ -132,6 +132,13 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         20w1s sequence_length 21: 81.36 @2500 of 3000 (267 s); 3e-3, meta-batch 32:
 #         82.50 @1250 of 2500 (329 s), then falls; 1e-3, meta-batch 32: 84.13 @2500 of
 #         2500 (349 s, kept); of 4000: 84.24 @2750, 83.59 @4000 (308 s; plateau)
+#   snail steps, from the validation curves of runs/omniglot_v7 (Conv-4 student,
+#         200 val tasks): 5w1s best 94.77 @2500 of 5000, then 94.44 @3000 and at most
+#         94.28 after; 5w5s 97.73 @2500 of 4000 (again @3500); 20w1s 86.08 @1750 of
+#         2500: hence 3000 / 3000 / 2000 steps. XLA off (--jit_compile=false): on
+#         D = 64 its step is slower than plain (300-step runs, one at a time, steps/s
+#         XLA / plain: 5w1s 16.5 / 22.3, 5w5s 8.8 / 9.3, 20w1s 4.8 / 5.4), unlike
+#         the benchmark's D = 640 where XLA is faster (snail.XLA_DEFAULT).
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 600, "every": 50, "flags": ["--outer_lr=3e-3",
                                                                "--finetuning_lr_init=3.0"]},
@@ -159,10 +166,11 @@ LEARNER_PRESETS = {
         "--relation_module_hidden_sizes=256,8", "--relation_embedding_map=identity"]},
     ("relation", 5, 1): {"steps": 2000, "flags": ["--metatrain_batch_size=32"]},
     ("relation", 20, 1): {"steps": 2500, "flags": ["--outer_lr=3e-4"]},
-    ("snail", None, None): {"steps": 5000, "every": 500, "flags": [
-        "--outer_lr=3e-3", "--metatrain_batch_size=32", "--snail_dropout_rate=0.3"]},
-    ("snail", 5, 5): {"steps": 4000, "flags": ["--snail_sequence_length=26"]},
-    ("snail", 20, 1): {"steps": 2500, "every": 250, "flags": ["--outer_lr=1e-3"]},
+    ("snail", None, None): {"steps": 3000, "every": 500, "flags": [
+        "--outer_lr=3e-3", "--metatrain_batch_size=32", "--snail_dropout_rate=0.3",
+        "--jit_compile=false"]},
+    ("snail", 5, 5): {"flags": ["--snail_sequence_length=26"]},
+    ("snail", 20, 1): {"steps": 2000, "every": 250, "flags": ["--outer_lr=1e-3"]},
     ("hallucination", None, None): {"steps": 30},
 }
 

@@ -7,7 +7,7 @@ and the real-data integration test calls them directly.
 
 import json
 import os
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -70,7 +70,7 @@ def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
 def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots: int,
                 run_dir: str, num_steps: int, num_test_tasks: int, num_queries: int = 15,
                 seed: int = 0, extra_flags: Sequence[str] = (), crop: str = "center",
-                log: Callable[[str], None] = print):
+                log: Callable[[str], None] = print, threads: Optional[int] = None):
   """Trains then evaluates `model` with runner.py on the baselines' episodes.
 
   `--eval_seed=seed --eval_num_query=num_queries` makes the runner score the
@@ -86,7 +86,7 @@ def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots:
            f"--metavalid_batch_size={min(200, num_test_tasks)}",
            f"--metatest_batch_size={min(200, num_test_tasks)}",
            f"--num_test_tasks={num_test_tasks}", "--baselines=", *extra_flags]
-  return compare.run_learner(model, checkpoint, flags, log=log)
+  return compare.run_learner(model, checkpoint, flags, log=log, threads=threads)
 
 
 def markdown_table(rows: List[dict], settings=SETTINGS) -> str:

@@ -23,9 +23,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 RUNNER = os.path.join(REPO_ROOT, "runner.py")
 
 
-def _run(cmd, timeout_s):
-  """Runs cmd; returns (returncode, stderr tail, peak RSS in MiB)."""
+# TensorFlow's thread pools, sized by the environment before it starts.
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def _run(cmd, timeout_s, threads=None):
+  """Runs cmd; returns (returncode, stderr tail, peak RSS in MiB).
+
+  threads: the child's TensorFlow intra- and inter-op pool sizes (None: its
+  default, one thread per core), unless the environment already sets them.
+  """
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+  if threads:
+    for name in THREAD_VARIABLES:
+      env.setdefault(name, str(int(threads)))
   with open(os.devnull, "w") as devnull, subprocess.Popen(
       cmd, cwd=REPO_ROOT, env=env, stdout=devnull, stderr=subprocess.PIPE, text=True) as proc:
     deadline = time.time() + timeout_s
@@ -63,14 +74,19 @@ def best_checkpoint(run_dir) -> Dict:
 
 
 def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float = 3600,
-                log: Callable[[str], None] = print) -> Dict:
-  """Trains then evaluates `model`; returns accuracy/ci95 (percent), speed, memory."""
+                log: Callable[[str], None] = print, threads: Optional[int] = None) -> Dict:
+  """Trains then evaluates `model`; returns accuracy/ci95 (percent), speed, memory.
+
+  threads: TensorFlow threads of each runner process (see `_run`); several
+  runs at once on a few cores go faster with one pool each than with every
+  process sizing its pools to all the cores.
+  """
   train = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}", *flags]
   evaluate = [sys.executable, RUNNER, f"--checkpoint_path={run_dir}", "--evaluation_mode"]
   started = time.time()
   peak = 0.0
   for phase, cmd in (("train", train), ("evaluate", evaluate)):
-    code, tail, rss = _run(cmd, timeout_s)
+    code, tail, rss = _run(cmd, timeout_s, threads)
     peak = max(peak, rss) if phase == "train" else peak
     if code != 0:
       last = next((l for l in reversed(tail) if l.strip()), "(no output)")[:240]
