@@ -15,7 +15,8 @@
    <work_dir>/embeddings --dataset_name=omniglot_small --embedding_crop=<crop>
    reads them);
 3. evaluates nearest-class-mean (cosine) and per-episode logistic regression
-   on meta-test (Latin, 26 characters): 5w1s, 5w5s, 20w1s, 15 queries,
+   on meta-test (Latin, 26 characters; --archives and --split choose other
+   Omniglot alphabets): 5w1s, 5w5s, 20w1s, 15 queries,
    --num_episodes fixed episodes (seed --episode_seed), mean and 95% CI;
 4. trains each --learners model with its preset (steps, flags, chosen on
    meta-val: leo_suite/pretrain/omniglot_presets.py) with runner.py, keeping
@@ -92,6 +93,13 @@ DEFAULT_DISTILL_GENERATIONS = 0
 flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives and "
                     "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
                     "../shared/data/omniglot).")
+flags.DEFINE_list("archives", list(ARCHIVES), "Omniglot image archives (zip) or folders "
+                  "(<alphabet>/<character>/<drawing>.png), relative to --omniglot_dir "
+                  "unless absolute; a character in two of them counts once.")
+flags.DEFINE_string("split", "omniglot_small", "Alphabets (or characters) of each split: a "
+                    "named protocol (omniglot_small: omniglot_small_split.json in "
+                    "--omniglot_dir) or a JSON file {\"train\": [...], \"val\": [...], "
+                    "\"test\": [...]}.")
 flags.DEFINE_string("work_dir", "runs/omniglot_small", "Everything the pipeline writes.")
 flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(backbones.BACKBONES), "Pretrained "
                   "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
@@ -200,11 +208,12 @@ def main(argv):
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   started = time.time()
   omniglot_dir = FLAGS.omniglot_dir or images_lib.default_omniglot_dir()
-  archives = [os.path.join(omniglot_dir, name) for name in ARCHIVES]
+  archives = [os.path.join(omniglot_dir, name) for name in FLAGS.archives if name]
   missing = [a for a in archives if not os.path.exists(a)]
-  if missing:
-    raise errors.DataError(f"{missing[0]}: Omniglot archive not found; pass --omniglot_dir "
-                           f"or set {images_lib.OMNIGLOT_ENV}")
+  if missing or not archives:
+    raise errors.DataError(f"{missing[0] if missing else '--archives'}: Omniglot archive not "
+                           f"found; pass --omniglot_dir or set {images_lib.OMNIGLOT_ENV}, "
+                           "and --archives")
   work = os.path.abspath(FLAGS.work_dir)
   try:
     settings = tuple(tuple(int(v) for v in s.rstrip("s").split("w")) for s in FLAGS.settings)
@@ -218,7 +227,7 @@ def main(argv):
 
   # 1. data and pretraining.
   by_class, split_classes, origin = images_lib.load_labelled_splits(
-      archives, DATASET, omniglot_dir)
+      archives, FLAGS.split, omniglot_dir)
   print(f"{origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
@@ -334,7 +343,9 @@ def main(argv):
 
   table = pipeline.markdown_table(rows, settings)
   history = summary.get("history") or []
-  notes = (f"Omniglot-small meta-test (Latin, {test.num_classes} characters), "
+  test_alphabets = sorted({name.split("/")[0] for name in split_classes["test"]})
+  title = "Omniglot-small" if FLAGS.split == "omniglot_small" else f"Omniglot ({origin})"
+  notes = (f"{title} meta-test ({', '.join(test_alphabets)}, {test.num_classes} characters), "
            f"{FLAGS.num_episodes} fixed episodes (seed {FLAGS.episode_seed}), 15 queries "
            f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
            f"(meta-val alphabets) @ its step, the checkpoint evaluated. {label} pretrained "

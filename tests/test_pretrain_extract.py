@@ -502,6 +502,38 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives, tmp_path):
+  """Other alphabets than the repository's protocol (one archive, a split of
+  its own): the table names the meta-test alphabet it scored."""
+  split = tmp_path / "split.json"
+  split.write_text(json.dumps({"train": ["Balinese", "Korean"], "val": ["Early_Aramaic"],
+                               "test": ["Greek"]}))
+  work = tmp_path / "work"
+  command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
+             f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
+             f"--archives={os.path.basename(omniglot_archives[0])}", f"--split={split}",
+             "--epochs=1", "--num_episodes=20", "--val_episodes=0", "--learners=",
+             "--settings=5w1s", "--pixel_baseline=false"]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((work / "results.json").read_text())
+  splits = results["manifest"]["splits"]
+  # Balinese 24 + Korean 40 characters; Early_Aramaic 22; Greek 24 (20 drawings each).
+  assert {k: v["num_classes"] for k, v in splits.items()} == {"train": 64, "val": 22,
+                                                              "test": 24}
+  assert all(v["num_images"] == 20 * v["num_classes"] for v in splits.values())
+  assert "meta-test (Greek, 24 characters)" in (work / "results.md").read_text()
+  # A missing archive is a one-line error.
+  bad = subprocess.run(command[:2] + [f"--work_dir={tmp_path / 'bad'}",
+                                      "--archives=images_background_large.zip"],
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "images_background_large.zip: Omniglot archive not found" in bad.stderr
+  assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_archives,
                                                                      tmp_path):
   """Learners with their Omniglot presets (best validation checkpoint) on real features:

@@ -55,7 +55,13 @@ block the dilated tap's contribution x_{NK+1-d} W_past, per attention block the
 support keys and values; the key/value cache of a causal transformer), and
 `predict` runs only the query step of all B*N*V sequences at once. This equals
 running the B*N*V full sequences [B*N*V, N*K + 1, d_in + N] (`query_sequences`,
-`sequence_logits`; tests/test_snail.py checks it).
+`sequence_logits`; tests/test_snail.py checks it). In that step every block's
+input starts with [e(x_q), 0], the same for every task, so the products of
+e(x_q) with all blocks' matrices are one matmul (`query_kernels`), and
+evaluation computes them once per query row for all the tasks that score it
+(`readout`); per task only the channels the blocks append are multiplied (at
+D = 640, 5-way 1-shot: the last layer's input has 949 channels, 304 of them
+appended).
 
 Support order: predictions depend on it (a causal model reads the support in
 sequence). The episode sampler presents a task's support class-major (slot 0's
@@ -165,10 +171,16 @@ class DenseBlock(snt.Module):
     self.kernel = tf.Variable(base.glorot_uniform([2, in_channels, 2 * filters], dtype),
                               name="kernel")
     self.bias = tf.Variable(tf.zeros([2 * filters], dtype), name="bias")
+    self.step_outputs = 2 * filters
 
-  def _output(self, x, pre_activation):
+  def step_kernel(self):
+    """The matrix applied to the current step's input: the `now` tap [C, 2F]."""
+    return self.kernel[1]
+
+  @staticmethod
+  def _gated(pre_activation):
     filters, gates = tf.split(pre_activation, 2, axis=-1)
-    return tf.concat([x, tf.tanh(filters) * tf.sigmoid(gates)], axis=-1)
+    return tf.tanh(filters) * tf.sigmoid(gates)
 
   def sequence(self, x):
     """x [S, T, C] -> ([S, T, C + F], cache: the past tap of step T+1 [S, 2F])."""
@@ -176,13 +188,13 @@ class DenseBlock(snt.Module):
     length = tf.shape(x)[1]
     past = base.dense(padded[:, :length], self.kernel[0]) + self.bias
     cache = tf.matmul(padded[:, length], self.kernel[0])
-    return self._output(x, past + base.dense(x, self.kernel[1])), cache
+    new = self._gated(past + base.dense(x, self.kernel[1]))
+    return tf.concat([x, new], axis=-1), cache
 
-  def step(self, x, cache):
-    """The step after the cached prefix, for Q sequences per task: x [S, Q, C]."""
-    pre_activation = (cache[:, tf.newaxis] + base.dense(x, self.kernel[1]) +
-                      self.bias)
-    return self._output(x, pre_activation)
+  def query_step(self, now, cache):
+    """The F new channels of the step after the cached prefix, from
+    now = x W_now [S, Q, 2F] (Q query steps per task) and cache [S, 2F]."""
+    return self._gated(cache[:, tf.newaxis] + now + self.bias)
 
 
 class AttentionBlock(snt.Module):
@@ -196,6 +208,7 @@ class AttentionBlock(snt.Module):
   def __init__(self, in_channels, key_size, value_size, dtype, name=None):
     super().__init__(name=name)
     self.sizes = [key_size, key_size, value_size]
+    self.step_outputs = sum(self.sizes)
     self.kernel = tf.Variable(
         base.glorot_uniform([in_channels, sum(self.sizes)], dtype), name="kernel")
     self.bias = tf.Variable(tf.zeros([key_size + value_size], dtype), name="bias")
@@ -207,14 +220,18 @@ class AttentionBlock(snt.Module):
     return tf.concat([self.bias[:key_size], tf.zeros([key_size], self.bias.dtype),
                       self.bias[key_size:]], axis=0)
 
-  def _queries_keys_values(self, x):
-    queries, keys, values = tf.split(base.dense(x, self.kernel) + self.full_bias(),
-                                     self.sizes, axis=-1)
+  def step_kernel(self):
+    """The matrix applied to the current step's input: [W_q, W_k, W_v] [C, 2k + v]."""
+    return self.kernel
+
+  def _queries_keys_values(self, products):
+    """Q (scaled by 1/sqrt(k)), K, V from products = X [W_q, W_k, W_v]."""
+    queries, keys, values = tf.split(products + self.full_bias(), self.sizes, axis=-1)
     return queries * self.scale, keys, values
 
   def sequence(self, x):
     """x [S, T, C] -> ([S, T, C + v], cache: keys [S, T, k], values [S, T, v])."""
-    queries, keys, values = self._queries_keys_values(x)
+    queries, keys, values = self._queries_keys_values(base.dense(x, self.kernel))
     logits = tf.einsum("stk,suk->stu", queries, keys)
     length = tf.shape(x)[1]
     causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)  # u <= t
@@ -222,16 +239,17 @@ class AttentionBlock(snt.Module):
     read = tf.einsum("stu,suv->stv", tf.nn.softmax(logits, axis=-1), values)
     return tf.concat([x, read], axis=-1), (keys, values)
 
-  def step(self, x, cache):
-    """The step after the cached prefix: x [S, Q, C] attends to the prefix and itself."""
+  def query_step(self, products, cache):
+    """The v new channels of the step after the cached prefix, from
+    products = x [W_q, W_k, W_v] [S, Q, 2k + v]: each query step attends to
+    the prefix and to itself."""
     prefix_keys, prefix_values = cache
-    queries, keys, values = self._queries_keys_values(x)
+    queries, keys, values = self._queries_keys_values(products)
     logits = tf.concat([tf.einsum("sqk,spk->sqp", queries, prefix_keys),
                         tf.reduce_sum(queries * keys, axis=-1, keepdims=True)], axis=-1)
     weights = tf.nn.softmax(logits, axis=-1)
-    read = (tf.einsum("sqp,spv->sqv", weights[..., :-1], prefix_values) +
+    return (tf.einsum("sqp,spv->sqv", weights[..., :-1], prefix_values) +
             weights[..., -1:] * values)
-    return tf.concat([x, read], axis=-1)
 
 
 class SNAIL(base.Learner):
@@ -270,8 +288,8 @@ class SNAIL(base.Learner):
         base.glorot_uniform([channels, num_ways], self.dtype), name="output_weights")
     self.output_bias = tf.Variable(tf.zeros([num_ways], self.dtype), name="output_bias")
 
-  def steps(self, x, labels=None, *, training=False, seed=None, stream=0):
-    """Sequence steps [..., d_in + N]: e(x) and one-hot labels (zeros if None).
+  def embed(self, x, *, training=False, seed=None, stream=0):
+    """e(x) [..., d_in]: the raw embedding, or x P.
 
     Meta-training with dropout_rate > 0 drops embedding entries (stateless:
     `seed` folded with `stream`, 0 for the support, QUERY_STREAM for queries).
@@ -282,6 +300,11 @@ class SNAIL(base.Learner):
                        tf.random.experimental.stateless_fold_in(seed, stream))
     if self.projection is not None:
       x = tf.tensordot(x, self.projection, 1)
+    return x
+
+  def steps(self, x, labels=None, **embed_args):
+    """Sequence steps [..., d_in + N]: e(x) and one-hot labels (zeros if None)."""
+    x = self.embed(x, **embed_args)
     if labels is None:
       slot = tf.zeros(tf.concat([tf.shape(x)[:-1], [self.num_ways]], 0), self.dtype)
     else:
@@ -317,16 +340,53 @@ class SNAIL(base.Learner):
       caches.append(cache)
     return tuple(caches)
 
+  def query_kernels(self):
+    """[d_in, H]: the rows of each block's step matrix, then of the output
+    layer, that multiply e(x), side by side in block order."""
+    width = self.step_width - self.num_ways
+    return tf.concat([block.step_kernel()[:width] for block in self.blocks] +
+                     [self.output_weights[:width]], axis=1)
+
+  def query_logits(self, products, state):
+    """Logits [B, R, N] of query steps from products = e(x) query_kernels()
+    [B or 1, R, H] and the support caches `state` (B tasks).
+
+    A query step's input to block j is [e(x), 0, t_j]: the zero label slot,
+    then t_j, the channels blocks before j appended. Its product with block
+    j's matrix W_j is e(x) W_j[:d_in] (in `products`, which does not depend
+    on the task) plus t_j W_j[d_in + N:].
+    """
+    sizes = [block.step_outputs for block in self.blocks] + [self.num_ways]
+    parts = tf.split(products, sizes, axis=-1)
+    first_cache = tf.nest.flatten(state[0])[0]
+    added = tf.zeros(tf.stack([tf.shape(first_cache)[0], tf.shape(products)[1], 0]),
+                     self.dtype)                                    # t_0: no channels yet
+    for block, cache, part in zip(self.blocks, state, parts):
+      step = part + base.dense(added, block.step_kernel()[self.step_width:])
+      added = tf.concat([added, block.query_step(step, cache)], axis=-1)
+    return (parts[-1] + base.dense(added, self.output_weights[self.step_width:]) +
+            self.output_bias)
+
   def predict(self, state, query_x, *, training, seed):
     """Logits [B, N, V, N]: the query step of each query's own sequence."""
-    x = self.steps(query_x, training=training, seed=seed,      # [B, N, V, d_in + N]
+    x = self.embed(query_x, training=training, seed=seed,      # [B, N, V, d_in]
                    stream=QUERY_STREAM)
     query_shape = tf.shape(x)[:-1]
-    x = tf.reshape(x, [query_shape[0], -1, self.step_width])  # [B, N*V, .]
-    for block, cache in zip(self.blocks, state):
-      x = block.step(x, cache)
-    logits = base.dense(x, self.output_weights) + self.output_bias
+    x = tf.reshape(x, [query_shape[0], -1, tf.shape(x)[-1]])   # [B, N*V, d_in]
+    logits = self.query_logits(base.dense(x, self.query_kernels()), state)
     return tf.reshape(logits, tf.concat([query_shape, [self.num_ways]], 0))
+
+  def readout(self, state):
+    """Evaluation's shared part: e(x) query_kernels() of each query row, the
+    same for every task; `finish_readout` adds the task's channels."""
+    del state
+    kernels = self.query_kernels()
+    return base.Readout(lambda x: base.dense(self.embed(x), kernels), None, None,
+                        finish=True)
+
+  def finish_readout(self, scores, state):
+    """Logits [B, R, N] from the rows' e(x) query_kernels() [1 or B, R, H]."""
+    return self.query_logits(scores, state)
 
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32") -> SNAIL:
