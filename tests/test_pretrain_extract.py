@@ -212,6 +212,17 @@ def test_resume_with_different_settings_is_refused(trained, tmp_path):
                          log=lambda _: None).restore()
 
 
+def test_resume_on_other_data_is_refused(trained, tmp_path):
+  keras.backend.clear_session()
+  run_dir = os.path.dirname(trained["second"].manager.directory)
+  before = trained["second"].num_images
+  after = before - 4 * (before // len(trained["labels"]))  # 4 fewer images (x rotations)
+  with pytest.raises(errors.ConfigError,
+                     match=rf"other data \(num_images {before} then, {after} now\)"):
+    train_lib.Pretrainer(_TINY, trained["images"][:-4], trained["labels"][:-4], run_dir,
+                         log=lambda _: None).restore()
+
+
 def test_distillation_loss_is_the_temperature_scaled_kl_and_its_gradient():
   rng = np.random.default_rng(3)
   student, teacher = rng.normal(size=[4, 6]) * 3, rng.normal(size=[4, 6]) * 3

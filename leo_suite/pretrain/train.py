@@ -533,6 +533,17 @@ class Pretrainer:
           f"{os.path.dirname(self._config_path())}: the checkpoint was written with "
           f"different settings ({was}); "
           "use a new --out_dir or the original flags")
+    data = {"num_classes": self.num_classes, "num_images": self.num_images}
+    if self.class_names:
+      data["train_classes"] = self.class_names
+    other = [k for k in data if k in saved and saved[k] != data[k]]
+    if other:
+      said = ", ".join("other training classes" if k == "train_classes" else
+                       f"{k} {saved[k]} then, {data[k]} now" for k in other)
+      raise errors.ConfigError(
+          f"{os.path.dirname(self._config_path())}: the checkpoint was trained on other "
+          f"data ({said}); use a new --out_dir (the pipeline's --work_dir) or the "
+          "original images and split")
     self.checkpoint.restore(latest).assert_existing_objects_matched()
     self.log(f"resumed from {latest} at step {int(self.step.numpy())}")
     return int(self.step.numpy())
@@ -544,7 +555,8 @@ class Pretrainer:
       return
     fileio.atomic_write_text(self._config_path(), json.dumps(
         {"config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
-         "num_images": self.num_images, "distribution": self._distribution_history()},
+         "num_images": self.num_images, "distribution": self._distribution_history(),
+         **({"train_classes": self.class_names} if self.class_names else {})},
         indent=2, sort_keys=True))
     self.manager.save(checkpoint_number=int(self.step.numpy()))
 
