@@ -54,6 +54,7 @@ from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-imp
 from leo_suite.pretrain import omniglot_presets  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
+from leo_suite.training import compare  # pylint: disable=wrong-import-position
 
 ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
 DATASET = "omniglot_small"
@@ -362,8 +363,8 @@ def main(argv):
                f"{k} {ledger[k] / 60:.1f} min" for k in stages if k in ledger) +
            f"; total {sum(ledger.get(k, 0) for k in stages) / 60:.1f} min. Learner runs (train "
            f"+ evaluate, {FLAGS.parallel_learners} at a time"
-           + (f", {os.environ.get('TF_NUM_INTRAOP_THREADS', threads)} TensorFlow thread(s) "
-              f"each" if threads else "") + "): " + ", ".join(
+           + (f", {compare.thread_settings(threads)['TF_NUM_INTRAOP_THREADS']} TensorFlow "
+              f"thread(s) each" if threads else "") + "): " + ", ".join(
                f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
            + ".")
   text = table + "\n\n" + notes + "\n"

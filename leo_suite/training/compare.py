@@ -27,16 +27,22 @@ RUNNER = os.path.join(REPO_ROOT, "runner.py")
 THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 
 
+def thread_settings(threads=None) -> Dict[str, str]:
+  """The THREAD_VARIABLES a child run gets for `threads` (None: none, TF's
+  default of one thread per core); a variable the environment already sets wins."""
+  if not threads:
+    return {}
+  return {name: os.environ.get(name, str(int(threads))) for name in THREAD_VARIABLES}
+
+
 def _run(cmd, timeout_s, threads=None):
   """Runs cmd; returns (returncode, stderr tail, peak RSS in MiB).
 
-  threads: the child's TensorFlow intra- and inter-op pool sizes (None: its
-  default, one thread per core), unless the environment already sets them.
+  threads: the child's TensorFlow intra- and inter-op pool sizes (see
+  `thread_settings`).
   """
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-  if threads:
-    for name in THREAD_VARIABLES:
-      env.setdefault(name, str(int(threads)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+             **thread_settings(threads))
   with open(os.devnull, "w") as devnull, subprocess.Popen(
       cmd, cwd=REPO_ROOT, env=env, stdout=devnull, stderr=subprocess.PIPE, text=True) as proc:
     deadline = time.time() + timeout_s
