@@ -271,3 +271,17 @@ def test_meta_trained_matching_network_reaches_the_class_mean_baseline(tmp_path,
   accuracy, ncm, _ = common.meta_train_and_score(learner, tmp_path, outer_lr=1e-3)
   assert ncm > 0.5
   assert accuracy >= ncm - 0.02, (accuracy, ncm)
+
+
+def test_log_attention_stays_finite_when_a_class_is_far_behind():
+  """Attention logits 2,000 apart: exp underflows to 0 for every class but
+  the nearest one, yet log y^_k = LSE over the class's points - LSE over all
+  stays exact (the per-class maximum is factored out)."""
+  learner = build64(embedding_map="identity")
+  one_hot = tf.constant(np.eye(3)[[0, 1, 1, 2]][np.newaxis], tf.float64)   # [1, M=4, N=3]
+  z = np.array([[[0.0, -2000.0, -2001.0, -3.0]]])                           # [1, Q=1, M]
+  log_y = learner.finish_readout(tf.constant(z), (None, one_hot)).numpy()
+  lse = lambda v: v.max() + np.log(np.exp(v - v.max()).sum())
+  expected = [lse(z[0, 0, [0]]), lse(z[0, 0, [1, 2]]), lse(z[0, 0, [3]])] - lse(z[0, 0])
+  np.testing.assert_allclose(log_y[0, 0], expected, rtol=1e-14)
+  assert np.all(np.isfinite(log_y)) and log_y[0, 0, 1] < -1999

@@ -199,12 +199,24 @@ class MatchingNetwork(embedding_maps.EmbeddingLearner):
     return self.metric.readout(self.embedding_map, support)._replace(finish=True)
 
   def finish_readout(self, scores, state):
-    """log y^ [B, Q, N] = log sum_i a(x^, x_i) y_i of attention logits z [B, Q, M]."""
+    """log y^ [B, Q, N] = log sum_i a(x^, x_i) y_i of attention logits z [B, Q, M].
+
+    LSE_{i: y_i = k}(z_i) = m_k + log sum_i exp(z_i - m_{y_i}) y_ik with m_k
+    the class's largest logit: one exp per support point and a product with
+    the one-hot labels, instead of an exp per (class, support point) pair of
+    a masked [B, Q, N, M] tensor (the table path scores every class row of
+    every task through here). Each class's own maximum contributes
+    exp(0) = 1, so no class underflows to log 0.
+    """
     _, one_hot = state
-    z = scores[:, :, tf.newaxis, :]                                   # [B, Q, 1, M]
     in_class = tf.transpose(one_hot, [0, 2, 1])[:, tf.newaxis] > 0  # [B, 1, N, M]
-    masked = tf.where(in_class, z, tf.constant(-float("inf"), z.dtype))
-    return tf.reduce_logsumexp(masked, axis=-1) - tf.reduce_logsumexp(z, axis=-1)
+    class_max = tf.stop_gradient(tf.reduce_max(tf.where(
+        in_class, scores[:, :, tf.newaxis, :], tf.constant(-float("inf"), scores.dtype)),
+        axis=-1))                                                     # m_k [B, Q, N]
+    point_max = tf.einsum("bqn,bmn->bqm", class_max, one_hot)          # m_{y_i}
+    class_sums = tf.einsum("bqm,bmn->bqn", tf.exp(scores - point_max), one_hot)
+    return (class_max + tf.math.log(class_sums)
+            - tf.reduce_logsumexp(scores, axis=-1, keepdims=True))
 
 
 def build(config: Config, num_ways: int, embedding_dim: int,
