@@ -131,6 +131,20 @@ def test_group_size_bounds_the_adapted_states_held_at_once():
   assert evaluation.table_group_tasks((tf.zeros([2, limit]),), 2, 8) == 8  # one batch at least
 
 
+def test_chunk_bounds_rows_times_width_and_finished_readouts_get_the_smaller_budget():
+  weights = tf.zeros([3, 64, 5])
+  linear = base.Readout(tf.identity, weights, None, finish=False)
+  finished = linear._replace(finish=True)
+  shared = base.Readout(tf.identity, None, None, finish=True)
+  big, small = evaluation.TABLE_CHUNK_FLOATS, evaluation.TABLE_FINISH_CHUNK_FLOATS
+  assert small < big
+  assert evaluation.table_chunk_tasks(linear, 600, 640) == big // (600 * 64)
+  assert evaluation.table_chunk_tasks(finished, 600, 640) == small // (600 * 64)
+  assert evaluation.table_chunk_tasks(shared, 600, 640) == small // (600 * 640)
+  assert evaluation.table_chunk_tasks(None, 600, 640) == small // (600 * 640)
+  assert evaluation.table_chunk_tasks(linear, big, 640) == 1  # one task at least
+
+
 @pytest.mark.parametrize("model", ["l2f", "leo"])
 def test_small_state_budget_splits_groups_and_keeps_the_accuracies(model, monkeypatch):
   """With room for one batch of states per group, every group is one batch
@@ -162,6 +176,7 @@ def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypat
   spec = episodes.EpisodeSpec(4, 2, 7)
   sampler = episodes.EpisodeSampler(split, spec)
   monkeypatch.setattr(evaluation, "TABLE_CHUNK_FLOATS", 12 * 16 * 5)
+  monkeypatch.setattr(evaluation, "TABLE_FINISH_CHUNK_FLOATS", 12 * 16 * 5)
   plain = evaluation.Evaluator(learner(model, spec.num_ways))
   compiled = evaluation.Evaluator(learner(model, spec.num_ways), jit_readout=True)
   gather = plain.fixed_accuracy(sampler, 5, 37, 8, method="gather")

@@ -109,6 +109,14 @@ TABLE_STATE_FLOATS = 1 << 28
 # Floats of query rows broadcast to a chunk of tasks when a learner without a
 # linear readout is scored from the table (bounds the memory of one call).
 TABLE_CHUNK_FLOATS = 1 << 24
+# The same bound when more than one product follows the rows' scores (a
+# readout's `finish`, or the learner's whole predict): each of those
+# intermediates is a fresh buffer of about this size, and above glibc's 32 MB
+# mmap ceiling every call page-faults it in again. 5-way 5-shot Relation on
+# the benchmark's table: 2.0 million minor faults and 4.7 s of system time per
+# 2,000 tasks at 1 << 24, 1,600 faults and 0.06 s at 1 << 22, 2x the tasks/s;
+# L2F 1.5x; linear readouts no faster (scripts/benchmark.py's test split).
+TABLE_FINISH_CHUNK_FLOATS = 1 << 22
 EVALUATION_METHODS = ("auto", "table", "gather")
 
 
@@ -120,6 +128,17 @@ def table_group_tasks(state, num_tasks: int, batch_size: int) -> int:
   per_task = floats / max(1, num_tasks)
   tasks = min(TABLE_GROUP_TASKS, int(TABLE_STATE_FLOATS // max(per_task, 1.0)))
   return batch_size * max(1, tasks // batch_size)
+
+
+def table_chunk_tasks(readout, rows: int, dim: int) -> int:
+  """Tasks per table call for a class of `rows` rows: at most
+  TABLE_CHUNK_FLOATS floats of rows x width (width: the readout's weights,
+  else the embedding `dim`), TABLE_FINISH_CHUNK_FLOATS when a finish or the
+  learner's predict follows."""
+  width = dim if readout is None or readout.weights is None else readout.weights.shape[1]
+  budget = (TABLE_FINISH_CHUNK_FLOATS if readout is None or readout.finish
+            else TABLE_CHUNK_FLOATS)
+  return max(1, budget // (rows * width))
 
 
 def table_pays(spec, split) -> bool:
@@ -257,10 +276,7 @@ class Evaluator:
         rows = sampler.class_rows(class_id)
       if readout is not None and class_id not in row_features:
         row_features[class_id] = readout.row_map(rows)
-      # Tasks per call: at most TABLE_CHUNK_FLOATS floats of rows x width.
-      width = (sampler.split.embeddings.shape[1] if readout is None or readout.weights is None
-               else readout.weights.shape[1])
-      chunk = max(1, TABLE_CHUNK_FLOATS // (count * width))
+      chunk = table_chunk_tasks(readout, count, sampler.split.embeddings.shape[1])
       hits = []
       for first in range(0, len(tasks), chunk):
         part, labels_part, mask_part = (tasks[first:first + chunk],
