@@ -27,8 +27,6 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
-from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import baselines  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
@@ -50,11 +48,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  omniglot_dir = images_lib.default_omniglot_dir()
-  archives = [os.path.join(omniglot_dir, n) for n in
-              ("images_background_small1.zip", "images_background_small2.zip")]
-  by_class, split_classes, _ = images_lib.load_labelled_splits(
-      archives, "omniglot_small", omniglot_dir)
+  _, by_class, split_classes, _ = pipeline.omniglot_small()
   backbone, description = train_lib.load_backbone(os.path.join(FLAGS.run, "backbone"))
   size = int(description["image_size"])
   options = images_lib.DecodeOptions(size, 1, (105, 105), ("1", "L"))
@@ -66,14 +60,6 @@ def main(argv):
   val_x = train_lib.preprocess(val_images, invert)
   rows_of = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
   ways, shots, queries = FLAGS.num_ways, FLAGS.num_shots, FLAGS.num_queries
-
-  def val_scores():
-    features = np.concatenate([backbone(val_x[i:i + 512], training=False).numpy()
-                               for i in range(0, len(val_labels), 512)])
-    split = embeddings_lib.split_from_labels(features, val_labels)
-    return {f"{w}w{s}s": round(baselines.evaluate(baselines.ncm_cosine_logits, split, w, s, 15,
-                                                   FLAGS.num_episodes, 0)["accuracy"], 2)
-            for w, s in pipeline.SETTINGS}
 
   log_tau = tf.Variable(np.log(10.0), dtype=tf.float32)
   optimizer = tf.keras.optimizers.SGD(FLAGS.learning_rate, momentum=0.9)
@@ -105,7 +91,7 @@ def main(argv):
     with open(log_path, "a") as handle:
       handle.write(line + "\n")
 
-  record({"step": 0, **val_scores()})
+  record({"step": 0, **pipeline.ncm_scores(backbone, val_x, val_labels, FLAGS.num_episodes)})
   rng, started, losses = np.random.default_rng(0), time.time(), []
   for number in range(1, FLAGS.steps + 1):
     classes = rng.choice(len(rows_of), ways, replace=False)
@@ -115,7 +101,7 @@ def main(argv):
     if number % FLAGS.eval_every == 0:
       record({"step": number, "loss": round(float(np.mean(losses[-FLAGS.eval_every:])), 4),
               "tau": round(float(tf.exp(log_tau)), 2),
-              "elapsed_s": round(time.time() - started), **val_scores()})
+              "elapsed_s": round(time.time() - started), **pipeline.ncm_scores(backbone, val_x, val_labels, FLAGS.num_episodes)})
 
 
 if __name__ == "__main__":

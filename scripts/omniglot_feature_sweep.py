@@ -19,10 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 
-from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import baselines  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
@@ -45,22 +42,9 @@ flags.DEFINE_integer("num_episodes", 1000, "Fixed val episodes per setting.")
 FLAGS = flags.FLAGS
 
 
-def val_scores(backbone, x, labels, num_episodes, post="l2"):
-  features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
-                             for i in range(0, len(labels), 512)])
-  split = embeddings_lib.split_from_labels(features, labels)
-  return {f"{w}w{s}s": round(baselines.evaluate(baselines.ncm_cosine_logits, split, w, s, 15,
-                                                 num_episodes, 0)["accuracy"], 2)
-          for w, s in pipeline.SETTINGS}
-
-
 def main(argv):
   del argv
-  omniglot_dir = images_lib.default_omniglot_dir()
-  archives = [os.path.join(omniglot_dir, n) for n in
-              ("images_background_small1.zip", "images_background_small2.zip")]
-  by_class, split_classes, _ = images_lib.load_labelled_splits(
-      archives, "omniglot_small", omniglot_dir)
+  _, by_class, split_classes, _ = pipeline.omniglot_small()
   options = images_lib.DecodeOptions(FLAGS.image_size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
@@ -88,7 +72,7 @@ def main(argv):
               "distill_alpha": FLAGS.distill_alpha,
               "distill_temperature": FLAGS.distill_temperature,
               "elapsed_s": round(time.time() - started),
-              **val_scores(backbone, x, val_labels, FLAGS.num_episodes)}
+              **pipeline.ncm_scores(backbone, x, val_labels, FLAGS.num_episodes)}
     with open(log_path, "a") as handle:
       handle.write(json.dumps(record) + "\n")
     print("VAL", json.dumps(record), flush=True)

@@ -56,7 +56,7 @@ from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 from leo_suite.training import compare  # pylint: disable=wrong-import-position
 
-ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
+ARCHIVES = pipeline.OMNIGLOT_SMALL_ARCHIVES
 DATASET = "omniglot_small"
 # Pretraining recipe chosen on the meta-val alphabets (README, Omniglot-small).
 # Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):

@@ -22,18 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 run = args[0]
 tasks = int(args[1]) if len(args) > 1 else 300
 crop = args[2] if len(args) > 2 else "center"
-omniglot_dir = images_lib.default_omniglot_dir()
-archives = [os.path.join(omniglot_dir, n) for n in
-            ("images_background_small1.zip", "images_background_small2.zip")]
-by_class, split_classes, origin = images_lib.load_labelled_splits(archives, "omniglot_small",
-                                                                  omniglot_dir)
+archives, by_class, split_classes, origin = pipeline.omniglot_small()
 data_path = os.path.join(run, "embeddings")
 if not os.path.exists(os.path.join(data_path, "omniglot_small", crop, "manifest.json")):
   extract.extract_embeddings(os.path.join(run, "backbone"), by_class, split_classes, data_path,

@@ -38,6 +38,30 @@ def decode_classes(by_class, classes: Sequence[str], options: images_lib.DecodeO
   return images, labels, skipped
 
 
+OMNIGLOT_SMALL_ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
+
+
+def omniglot_small(omniglot_dir: Optional[str] = None):
+  """(archive paths, records by class, {split: classes}, split origin) of the
+  two Omniglot background-small archives under the `omniglot_small` split."""
+  omniglot_dir = omniglot_dir or images_lib.default_omniglot_dir()
+  archives = [os.path.join(omniglot_dir, name) for name in OMNIGLOT_SMALL_ARCHIVES]
+  by_class, split_classes, origin = images_lib.load_labelled_splits(
+      archives, "omniglot_small", omniglot_dir)
+  return archives, by_class, split_classes, origin
+
+
+def ncm_scores(backbone, x, labels: np.ndarray, num_episodes: int, seed: int = 0):
+  """Cosine nearest-class-mean accuracy {'5w1s': ..., ...} (2 decimals) of
+  `backbone`'s features of images x on fixed episodes of every setting."""
+  features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
+                             for i in range(0, len(labels), 512)])
+  split = embeddings_lib.split_from_labels(features, labels)
+  return {f"{w}w{s}s": round(baselines.evaluate(baselines.ncm_cosine_logits, split, w, s, 15,
+                                                 num_episodes, seed)["accuracy"], 2)
+          for w, s in SETTINGS}
+
+
 def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
                      num_episodes: int = 200, seed: int = 0):
   """Epoch hook: nearest-class-mean 5-way 1-shot accuracy on meta-val images."""
