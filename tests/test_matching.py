@@ -274,9 +274,9 @@ def test_meta_trained_matching_network_reaches_the_class_mean_baseline(tmp_path,
 
 
 def test_log_attention_stays_finite_when_a_class_is_far_behind():
-  """Attention logits 2,000 apart: exp underflows to 0 for every class but
-  the nearest one, yet log y^_k = LSE over the class's points - LSE over all
-  stays exact (the per-class maximum is factored out)."""
+  """Attention logits 2,000 apart: exp(z - row max) underflows to 0 for every
+  class but the nearest one, and the call takes the per-class-maximum form:
+  log y^_k = LSE over the class's points - LSE over all, exact."""
   learner = build64(embedding_map="identity")
   one_hot = tf.constant(np.eye(3)[[0, 1, 1, 2]][np.newaxis], tf.float64)   # [1, M=4, N=3]
   z = np.array([[[0.0, -2000.0, -2001.0, -3.0]]])                           # [1, Q=1, M]
@@ -285,3 +285,14 @@ def test_log_attention_stays_finite_when_a_class_is_far_behind():
   expected = [lse(z[0, 0, [0]]), lse(z[0, 0, [1, 2]]), lse(z[0, 0, [3]])] - lse(z[0, 0])
   np.testing.assert_allclose(log_y[0, 0], expected, rtol=1e-14)
   assert np.all(np.isfinite(log_y)) and log_y[0, 0, 1] < -1999
+
+
+def test_row_maximum_and_class_maximum_forms_agree_on_ordinary_logits():
+  rng = np.random.default_rng(4)
+  one_hot = tf.constant(np.eye(5)[rng.permutation(np.repeat(np.arange(5), 3))][np.newaxis]
+                        .repeat(2, 0), tf.float64)                      # [2, M=15, N=5]
+  z = tf.constant(rng.normal(0.0, 8.0, [2, 7, 15]))
+  fast = build64().finish_readout(z, (None, one_hot)).numpy()
+  np.testing.assert_allclose(fast, matching._class_log_attention(z, one_hot).numpy(),
+                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.exp(fast).sum(-1), 1.0, rtol=1e-12)

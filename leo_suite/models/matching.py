@@ -57,6 +57,7 @@ Matching Networks numbers): Adam 1e-4, no clipping.
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
@@ -201,22 +202,36 @@ class MatchingNetwork(embedding_maps.EmbeddingLearner):
   def finish_readout(self, scores, state):
     """log y^ [B, Q, N] = log sum_i a(x^, x_i) y_i of attention logits z [B, Q, M].
 
-    LSE_{i: y_i = k}(z_i) = m_k + log sum_i exp(z_i - m_{y_i}) y_ik with m_k
-    the class's largest logit: one exp per support point and a product with
-    the one-hot labels, instead of an exp per (class, support point) pair of
-    a masked [B, Q, N, M] tensor (the table path scores every class row of
-    every task through here). Each class's own maximum contributes
-    exp(0) = 1, so no class underflows to log 0.
+    With m the row's largest logit, y^_k = s_k / sum_j s_j for
+    s_k = sum_i exp(z_i - m) y_ik: one exp per support point and a product
+    with the one-hot labels (the table path scores every class row of every
+    task through here). A class whose s_k falls below the smallest normal
+    float (its points all ~87 or more below m) would lose precision or
+    become log 0: then the whole call takes `_class_log_attention`, which
+    factors out each class's own maximum.
     """
     _, one_hot = state
-    in_class = tf.transpose(one_hot, [0, 2, 1])[:, tf.newaxis] > 0  # [B, 1, N, M]
-    class_max = tf.stop_gradient(tf.reduce_max(tf.where(
-        in_class, scores[:, :, tf.newaxis, :], tf.constant(-float("inf"), scores.dtype)),
-        axis=-1))                                                     # m_k [B, Q, N]
-    point_max = tf.einsum("bqn,bmn->bqm", class_max, one_hot)          # m_{y_i}
-    class_sums = tf.einsum("bqm,bmn->bqn", tf.exp(scores - point_max), one_hot)
-    return (class_max + tf.math.log(class_sums)
-            - tf.reduce_logsumexp(scores, axis=-1, keepdims=True))
+    row_max = tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
+    class_sums = tf.einsum("bqm,bmn->bqn", tf.exp(scores - row_max), one_hot)
+    tiny = tf.constant(np.finfo(scores.dtype.as_numpy_dtype).tiny, scores.dtype)
+    return tf.cond(
+        tf.reduce_any(class_sums < tiny),
+        lambda: _class_log_attention(scores, one_hot),
+        lambda: (tf.math.log(class_sums)
+                 - tf.math.log(tf.reduce_sum(class_sums, axis=-1, keepdims=True))))
+
+
+def _class_log_attention(scores, one_hot):
+  """log y^ = LSE_{i: y_i = k}(z_i) - LSE_i(z_i), each class's maximum m_k
+  factored out (no class underflows): m_k + log sum_i exp(z_i - m_{y_i}) y_ik."""
+  in_class = tf.transpose(one_hot, [0, 2, 1])[:, tf.newaxis] > 0    # [B, 1, N, M]
+  class_max = tf.stop_gradient(tf.reduce_max(tf.where(
+      in_class, scores[:, :, tf.newaxis, :], tf.constant(-float("inf"), scores.dtype)),
+      axis=-1))                                                       # m_k [B, Q, N]
+  point_max = tf.einsum("bqn,bmn->bqm", class_max, one_hot)            # m_{y_i}
+  class_sums = tf.einsum("bqm,bmn->bqn", tf.exp(scores - point_max), one_hot)
+  return (class_max + tf.math.log(class_sums)
+          - tf.reduce_logsumexp(scores, axis=-1, keepdims=True))
 
 
 def build(config: Config, num_ways: int, embedding_dim: int,
