@@ -13,9 +13,19 @@ Prints:
   * the Trainer's whole step on cached episodes (no input pipeline), plain
     and XLA, for MAML and LEO, in tasks/s;
   * the episode sampler's wall and CPU time per meta-batch of 12 tasks.
+
+  python scripts/speed_probes.py --evaluation=relation:5,matching:1 --passes=3
+
+instead times repeated evaluation passes of those learners (2,000 fixed
+tasks of the benchmark's test split, batches of 25, the path and XLA
+settings the runner takes): per pass wall, CPU, system time and minor page
+faults, which show a pass waiting (wall above CPU / cores) or faulting its
+buffers in (system time).
 """
 
+import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -30,7 +40,9 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import benchmark  # pylint: disable=g-import-not-at-top
 from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
 from leo_suite.models import base  # pylint: disable=g-import-not-at-top
+from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+from leo_suite.training import xla  # pylint: disable=g-import-not-at-top
 
 BATCH = 12
 SEED = tf.constant([0, 1])
@@ -110,7 +122,43 @@ def sampler_cost(sampler, batches=400):
         f"{1e3 * (time.process_time() - cpu) / batches:.2f} ms CPU per meta-batch of {BATCH}")
 
 
+def evaluation_passes(model, shots, passes, num_tasks=2000, batch_size=25):
+  split = benchmark.synthetic_split(20, benchmark.IMAGES_PER_CLASS, seed=1)
+  sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(
+      benchmark.NUM_WAYS, shots, benchmark.IMAGES_PER_CLASS - shots))
+  evaluator = evaluation.Evaluator(benchmark.build(model), jit_compile=xla.resolve("auto", model),
+                                   jit_readout=xla.resolve_readout("auto", model))
+  method = evaluator.method(sampler)
+  evaluator.fixed_accuracy(sampler, 99, 8 * batch_size, batch_size, method=method)  # trace
+  for _ in range(passes):
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size, method=method)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    print(f"{model} {shots}-shot evaluation ({method}): {num_tasks / wall:,.0f} tasks/s, "
+          f"wall {wall:.2f} s, CPU {user + system:.2f} s (system {system:.2f}), "
+          f"{after.ru_minflt - before.ru_minflt:,} minor page faults", flush=True)
+
+
 def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--evaluation", default="",
+                      help="comma list of learner:shots: time evaluation passes only")
+  parser.add_argument("--passes", type=int, default=3, help="passes per --evaluation entry")
+  parser.add_argument("--table_finish_chunk_floats", type=int, default=0,
+                      help="override evaluation.TABLE_FINISH_CHUNK_FLOATS (e.g. 16777216, the "
+                           "bound before it had its own value)")
+  args = parser.parse_args()
+  if args.table_finish_chunk_floats:
+    evaluation.TABLE_FINISH_CHUNK_FLOATS = args.table_finish_chunk_floats
+  if args.evaluation:
+    for entry in args.evaluation.split(","):
+      model, _, shots = entry.partition(":")
+      if model not in benchmark.MODELS or not shots.isdigit():
+        parser.error(f"--evaluation: {entry!r} is not learner:shots with a learner of "
+                     f"{list(benchmark.MODELS)}")
+      evaluation_passes(model, int(shots), args.passes)
+    return
   split = benchmark.synthetic_split(64, benchmark.IMAGES_PER_CLASS, seed=0)
   sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(5, 1, 15))
   matmul_and_protonet_floor(sampler)
