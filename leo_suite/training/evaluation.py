@@ -114,7 +114,7 @@ TABLE_CHUNK_FLOATS = 1 << 24
 # intermediates is a fresh buffer of about this size, and above glibc's 32 MB
 # mmap ceiling every call page-faults it in again. 5-way 5-shot Relation on
 # the benchmark's table: 2.0 million minor faults and 4.7 s of system time per
-# 2,000 tasks at 1 << 24, 1,600 faults and 0.06 s at 1 << 22, 2x the tasks/s;
+# 2,000 tasks at 1 << 24, under 10,000 faults and 0.1 s at 1 << 22, 2x the tasks/s;
 # L2F 1.5x; linear readouts no faster (scripts/benchmark.py's test split).
 TABLE_FINISH_CHUNK_FLOATS = 1 << 22
 EVALUATION_METHODS = ("auto", "table", "gather")
