@@ -202,14 +202,32 @@ def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, wit
   return row
 
 
+def eval_split():
+  """The evaluation benchmark's test split: 20 classes of IMAGES_PER_CLASS rows."""
+  return synthetic_split(20, IMAGES_PER_CLASS, seed=1)
+
+
+def eval_sampler(test_split, shots):
+  """NUM_WAYS-way tasks with every remaining image of a class as a query."""
+  return episodes.EpisodeSampler(
+      test_split, episodes.EpisodeSpec(NUM_WAYS, shots, IMAGES_PER_CLASS - shots))
+
+
+def runner_evaluator(model):
+  """(Evaluator, jit_adapt, jit_readout) with the XLA settings the runner's
+  --jit_compile=auto gives `model`."""
+  jit, jit_readout = xla.resolve("auto", model), xla.resolve_readout("auto", model)
+  return (evaluation.Evaluator(build(model), jit_compile=jit, jit_readout=jit_readout),
+          jit, jit_readout)
+
+
 def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
   table path, with the XLA settings --jit_compile=auto gives) and of the
   gather path, on the same fixed tasks."""
   queries = IMAGES_PER_CLASS - shots
-  sampler = episodes.EpisodeSampler(test_split, episodes.EpisodeSpec(NUM_WAYS, shots, queries))
-  jit, jit_readout = xla.resolve("auto", model), xla.resolve_readout("auto", model)
-  evaluator = evaluation.Evaluator(build(model), jit_compile=jit, jit_readout=jit_readout)
+  sampler = eval_sampler(test_split, shots)
+  evaluator, jit, jit_readout = runner_evaluator(model)
   chosen = evaluator.method(sampler)
   row = {"tasks": num_tasks, "queries_per_class": queries, "method": chosen,
          "jit_adapt": jit, "jit_readout": jit_readout}
@@ -235,8 +253,7 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
 
 def sampler_only(shots, test_split, num_tasks, batch_size=200):
   """Seconds to draw `num_tasks` evaluation tasks (gather + L2-normalise) alone."""
-  sampler = episodes.EpisodeSampler(
-      test_split, episodes.EpisodeSpec(NUM_WAYS, shots, IMAGES_PER_CLASS - shots))
+  sampler = eval_sampler(test_split, shots)
   start = time.perf_counter()
   for _ in sampler.fixed_set(1, num_tasks, batch_size):
     pass
@@ -522,7 +539,7 @@ def main():
             flush=True)
 
   if "eval" not in skip:
-    test_split = synthetic_split(20, IMAGES_PER_CLASS, seed=1)
+    test_split = eval_split()
     results["sampler_seconds"] = {}
     for shots in SHOTS:
       results["sampler_seconds"][str(shots)] = {

@@ -91,7 +91,8 @@ def main(argv):
     with open(log_path, "a") as handle:
       handle.write(line + "\n")
 
-  record({"step": 0, **pipeline.ncm_scores(backbone, val_x, val_labels, FLAGS.num_episodes)})
+  val_scores = lambda: pipeline.ncm_scores(backbone, val_x, val_labels, FLAGS.num_episodes)
+  record({"step": 0, **val_scores()})
   rng, started, losses = np.random.default_rng(0), time.time(), []
   for number in range(1, FLAGS.steps + 1):
     classes = rng.choice(len(rows_of), ways, replace=False)
@@ -101,7 +102,7 @@ def main(argv):
     if number % FLAGS.eval_every == 0:
       record({"step": number, "loss": round(float(np.mean(losses[-FLAGS.eval_every:])), 4),
               "tau": round(float(tf.exp(log_tau)), 2),
-              "elapsed_s": round(time.time() - started), **pipeline.ncm_scores(backbone, val_x, val_labels, FLAGS.num_episodes)})
+              "elapsed_s": round(time.time() - started), **val_scores()})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
 from leo_suite.models import base  # pylint: disable=g-import-not-at-top
 from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-from leo_suite.training import xla  # pylint: disable=g-import-not-at-top
 
 BATCH = 12
 SEED = tf.constant([0, 1])
@@ -123,11 +122,8 @@ def sampler_cost(sampler, batches=400):
 
 
 def evaluation_passes(model, shots, passes, num_tasks=2000, batch_size=25):
-  split = benchmark.synthetic_split(20, benchmark.IMAGES_PER_CLASS, seed=1)
-  sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(
-      benchmark.NUM_WAYS, shots, benchmark.IMAGES_PER_CLASS - shots))
-  evaluator = evaluation.Evaluator(benchmark.build(model), jit_compile=xla.resolve("auto", model),
-                                   jit_readout=xla.resolve_readout("auto", model))
+  sampler = benchmark.eval_sampler(benchmark.eval_split(), shots)
+  evaluator, _, _ = benchmark.runner_evaluator(model)
   method = evaluator.method(sampler)
   evaluator.fixed_accuracy(sampler, 99, 8 * batch_size, batch_size, method=method)  # trace
   for _ in range(passes):

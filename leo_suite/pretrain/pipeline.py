@@ -51,12 +51,18 @@ def omniglot_small(omniglot_dir: Optional[str] = None):
   return archives, by_class, split_classes, origin
 
 
+def feature_split(backbone, x, labels: np.ndarray) -> embeddings_lib.EmbeddingSplit:
+  """`backbone`'s inference-mode features of images x (batches of 512) as a
+  split labelled `labels`."""
+  features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
+                             for i in range(0, len(labels), 512)])
+  return embeddings_lib.split_from_labels(features, labels)
+
+
 def ncm_scores(backbone, x, labels: np.ndarray, num_episodes: int, seed: int = 0):
   """Cosine nearest-class-mean accuracy {'5w1s': ..., ...} (2 decimals) of
   `backbone`'s features of images x on fixed episodes of every setting."""
-  features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
-                             for i in range(0, len(labels), 512)])
-  split = embeddings_lib.split_from_labels(features, labels)
+  split = feature_split(backbone, x, labels)
   return {f"{w}w{s}s": round(baselines.evaluate(baselines.ncm_cosine_logits, split, w, s, 15,
                                                  num_episodes, seed)["accuracy"], 2)
           for w, s in SETTINGS}
@@ -69,10 +75,8 @@ def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
 
   def callback(epoch, backbone):
     del epoch
-    features = np.concatenate([backbone(x[i:i + 512], training=False).numpy()
-                               for i in range(0, len(labels), 512)])
-    split = embeddings_lib.split_from_labels(features, labels)
-    result = baselines.evaluate(baselines.ncm_cosine_logits, split, 5, 1, 15,
+    result = baselines.evaluate(baselines.ncm_cosine_logits, feature_split(backbone, x, labels),
+                                5, 1, 15,
                                 num_episodes, seed)
     return {"val_ncm_5w1s": result["accuracy"]}
   return callback

@@ -106,16 +106,16 @@ TABLE_GROUP_TASKS = 1000
 # layer is D x H per task: L2F with 4,096 hidden units on D = 256 embeddings
 # held 1,000 x 1.1M floats and its runner was killed at 15 GB (24 GB machine).
 TABLE_STATE_FLOATS = 1 << 28
-# Floats of query rows broadcast to a chunk of tasks when a learner without a
-# linear readout is scored from the table (bounds the memory of one call).
+# Floats of a class's rows x readout width per table call when the scores are
+# the logits (a linear readout; bounds the memory of one call).
 TABLE_CHUNK_FLOATS = 1 << 24
-# The same bound when more than one product follows the rows' scores (a
-# readout's `finish`, or the learner's whole predict): each of those
+# The bound when more than one product follows the rows' scores (a readout's
+# `finish`, or the learner's whole predict without a readout): each of those
 # intermediates is a fresh buffer of about this size, and above glibc's 32 MB
 # mmap ceiling every call page-faults it in again. 5-way 5-shot Relation on
 # the benchmark's table: 2.0 million minor faults and 4.7 s of system time per
 # 2,000 tasks at 1 << 24, under 10,000 faults and 0.1 s at 1 << 22, 2x the tasks/s;
-# L2F 1.5x; linear readouts no faster (scripts/benchmark.py's test split).
+# L2F 1.5x; linear readouts no faster (`scripts/speed_probes.py --evaluation`).
 TABLE_FINISH_CHUNK_FLOATS = 1 << 22
 EVALUATION_METHODS = ("auto", "table", "gather")
 
