@@ -132,6 +132,29 @@ def test_sampling_is_deterministic_at_eval_and_stochastic_in_training():
   np.testing.assert_array_equal(train_a.numpy(), train_c.numpy())
 
 
+@pytest.mark.parametrize("num_shots", [1, 3])
+def test_evaluation_adaptation_on_the_logits_equals_the_explicit_loops(num_shots):
+  """adapt(training=False) runs both loops on the support logits; it must give
+  the classifier of the release's explicit loops (decode every latent step,
+  fine-tune the weights), with per-dimension learned rates."""
+  model = make_model()
+  rng = np.random.default_rng(1)
+  model.inner_lr.assign(rng.uniform(0.5, 2.0, model.inner_lr.shape))
+  model.finetuning_lr.assign(rng.uniform(0.1, 0.6, model.finetuning_lr.shape))
+  for v in [model.encoder_w, model.decoder_w] + model.relation_ws:
+    v.assign(v + 0.3 * rng.standard_normal(v.shape))
+  episode = make_episode(num_tasks=3, num_shots=num_shots)
+  explicit, _, _ = model._adapt(episode.support_x, episode.support_y, False,  # pylint: disable=protected-access
+                                base.SeedStream(SEED))
+  fast = model.adapt(episode.support_x, episode.support_y, training=False, seed=SEED)
+  np.testing.assert_allclose(fast.numpy(), tf.reduce_mean(explicit, axis=2).numpy(),
+                             rtol=1e-9, atol=1e-12)
+  # The loops did something: the decoded start differs from the result.
+  means, _ = tf.split(model.encode(episode.support_x, False, lambda: None), 2, axis=-1)
+  start = model.decode(means, False, None)[:, :, 0]
+  assert float(tf.reduce_max(tf.abs(fast - start))) > 1e-2
+
+
 def test_kl_and_encoder_penalty_train_vs_eval():
   model = make_model()
   episode = make_episode()

@@ -302,6 +302,36 @@ def test_tasks_are_adapted_independently():
     np.testing.assert_allclose(t[1:2].numpy(), a.numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("head_init", ["zeros", "proto"])
+def test_linear_inner_loop_equals_gradient_steps_on_the_weights(first_order, head_init):
+  """heads.linear_inner_loop (steps on the support logits, the path MAML's
+  linear head takes) gives the fast weights of explicit steps on W and b with
+  autodiff gradients, and the same second- or first-order meta-gradients."""
+  episode = make_episode(num_shots=3, num_tasks=4)
+  learner = build64(head_init=head_init, inner_steps=4)
+  perturb_variables(learner, seed=5)
+  x = tf.cast(episode.support_x, tf.float64)
+  rates = [tf.constant(0.7, tf.float64), tf.constant(1.9, tf.float64)]
+
+  def query_loss(adapt):
+    with tf.GradientTape() as tape:
+      start = learner.initial_fast_weights(x, episode.support_y)
+      fast = adapt(start)
+      logits = heads.head_logits(fast, tf.cast(episode.query_x, tf.float64))
+      loss = tf.reduce_mean(base.cross_entropy(logits, episode.query_y))
+    return fast, tape.gradient(loss, learner.head.params)
+
+  explicit = query_loss(lambda start: maml.inner_loop(
+      learner.support_loss_fn(x, episode.support_y), start, rates, 4, first_order))
+  logit_space = query_loss(lambda start: heads.linear_inner_loop(
+      start, x, episode.support_y, rates, 4, first_order))
+  for e, k in zip(explicit[0] + explicit[1], logit_space[0] + logit_space[1]):
+    np.testing.assert_allclose(k.numpy(), e.numpy(), rtol=1e-10, atol=1e-13)
+  assert float(tf.norm(explicit[0][0] - learner.initial_fast_weights(
+      x, episode.support_y)[0])) > 0.1  # the steps moved the head
+
+
 def test_first_order_meta_gradient_ignores_the_inner_jacobian():
   episode = make_episode()
   second = build64(hidden_sizes="8")

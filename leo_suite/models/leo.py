@@ -230,8 +230,51 @@ class LEO(base.Learner):
                                self.finetuning_lr, self.config.finetuning_unroll_length)
     return weights, kl, penalty
 
+  def _adapt_evaluation(self, support_x, support_y):
+    """Evaluation's adaptation (no samples, no dropout) on the support logits.
+
+    Without sampling every shot of a class has the same code z_c (the
+    encoder tiles the class mean) and decoded weights w_c = z_c W_mu, so the
+    logits are S = X w^T = P z^T with P = X W_mu^T [B, M, d_z] (M = NK
+    support rows). The gradient of the summed cross-entropy is
+    (1/K) Delta^T P for each z_c (eq. 6; Delta = softmax(S) - Y) and
+    (1/K) Delta^T X for each w_c (eq. 7), so a latent step moves S by
+    -(1/K) (P o alpha) P^T Delta and a fine-tuning step by
+    -(1/K) (X o eta) X^T Delta: both loops run on [B, M, N] logits with an
+    M x M kernel, and the adapted classifier is read off at the end. The
+    same result as the explicit loops of `_adapt` (tests), which decode
+    [B, N, K, 2D] weights at every latent step. Returns w [B, N, D].
+    """
+    self._check_shape(support_x)
+    x = tf.cast(support_x, self.dtype)
+    num_tasks, num_shots = tf.shape(x)[0], x.shape[2]
+    means, _ = tf.split(self.encode(x, False, lambda: None), 2, axis=-1)
+    codes = means[:, :, 0]                                            # z_c [B, N, d_z]
+    rows = tf.reshape(x, [num_tasks, -1, self.embedding_dim])          # X [B, M, D]
+    one_hot = tf.one_hot(tf.reshape(support_y, [num_tasks, -1]), self.num_ways,
+                         dtype=self.dtype)
+    decoder_means = self.decoder_w[:, :self.embedding_dim]             # W_mu [d_z, D]
+    projected = tf.matmul(rows, decoder_means, transpose_b=True)      # P [B, M, d_z]
+
+    def descend(features, rates, classifier, steps):
+      """(logits after `steps` steps, the classifier [B, N, F] they belong to)."""
+      logits = tf.matmul(features, classifier, transpose_b=True)
+      kernel = tf.matmul(features * rates, features, transpose_b=True) / num_shots
+      total = tf.zeros_like(logits)
+      for _ in range(steps):
+        delta = tf.nn.softmax(logits) - one_hot
+        total += delta
+        logits -= tf.matmul(kernel, delta)
+      return classifier - rates * tf.matmul(total, features, transpose_a=True) / num_shots
+
+    codes = descend(projected, self.inner_lr[0], codes, self.config.inner_unroll_length)
+    return descend(rows, self.finetuning_lr[0], base.dense(codes, decoder_means),
+                   self.config.finetuning_unroll_length)
+
   def adapt(self, support_x, support_y, *, training, seed):
     """State: the fine-tuned classifier averaged over shots, [B, N, D]."""
+    if not training:
+      return self._adapt_evaluation(support_x, support_y)
     weights, _, _ = self._adapt(support_x, support_y, training, base.SeedStream(seed))
     return tf.reduce_mean(weights, axis=2)
 
