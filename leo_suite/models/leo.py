@@ -27,7 +27,8 @@ the *variables* to Adam as the fallback gradient) is the trainer's
 
 The first relation-network layer acts on concatenated pairs [h_i, h_j]; it is
 computed as W_a h_i + W_b h_j (same weights, same result) so the (NK)^2 pair
-tensor is formed after the first matmul, not before it.
+tensor is formed after the first matmul, not before it; the last (linear)
+layer is applied after the means over partners and shots.
 """
 
 import dataclasses
@@ -179,11 +180,13 @@ class LEO(base.Learner):
     right = base.dense(flat, w_first[self.config.num_latents:])
     pairs = tf.nn.relu(left[:, :, tf.newaxis] + right[:, tf.newaxis])  # [B, NK, NK, 2d_z]
     pairs = tf.nn.relu(base.dense(pairs, self.relation_ws[1]))
-    pairs = base.dense(pairs, self.relation_ws[2])
+    # The last layer is linear, so it follows both means (over all NK
+    # partners, then over K): one product per class instead of one per pair,
+    # a third of the relation network's multiply-adds.
     per_example = tf.reduce_mean(pairs, axis=2)                       # over all NK partners
     per_example = tf.reshape(per_example, [b, n, k, 2 * self.config.num_latents])
     per_class = tf.reduce_mean(per_example, axis=2, keepdims=True)   # over K
-    return tf.tile(per_class, [1, 1, k, 1])
+    return tf.tile(base.dense(per_class, self.relation_ws[2]), [1, 1, k, 1])
 
   def decode(self, latents, training, seed):
     """Classifier weights w [B, N, K, D] (sampled in meta-training)."""
