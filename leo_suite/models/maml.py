@@ -148,7 +148,7 @@ class MAML(heads.HeadLearner):
     steps = self.config.inner_steps if training else self.config.eval_inner_steps
     if len(self.head.params) == 2 and self.inner_lrs is None:
       # A linear head with scalar step sizes: the same steps on the support
-      # logits (2.3 against 3.8 ms per 12-task 1-shot step, README).
+      # logits: XLA meta-training 237 -> 360 steps/s at 1-shot (README, Speed).
       return heads.linear_inner_loop(self.initial_fast_weights(support_x, support_y),
                                      self.cast(support_x), support_y, self.inner_rates(),
                                      steps, self.config.first_order)
