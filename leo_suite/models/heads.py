@@ -222,6 +222,21 @@ def head_cross_entropy_gradients(fast_weights, inputs, labels):
   return grads
 
 
+def logit_steps_total(logits, kernel, one_hot, steps):
+  """sum_t (softmax(S_t) - Y) over `steps` steps S_{t+1} = S_t - kernel (softmax(S_t) - Y).
+
+  The logit-space form of gradient steps on a linear classifier (see
+  `linear_inner_loop`; LEO's evaluation loops): logits, one_hot [B, M, N],
+  kernel [B, M, M] holds the step sizes and the loss scale.
+  """
+  total = tf.zeros_like(logits)
+  for _ in range(int(steps)):
+    delta = tf.nn.softmax(logits) - one_hot
+    total += delta
+    logits -= tf.matmul(kernel, delta)
+  return total
+
+
 def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=False):
   """`steps` gradient steps of linear heads on the mean support cross-entropy,
   run on the support logits instead of the weights.
@@ -245,13 +260,9 @@ def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=Fal
   one_hot = tf.one_hot(tf.reshape(support_y, [num_tasks, -1]), tf.shape(bias)[-1],
                        dtype=weights.dtype)  # [B, M, N]
   num_examples = tf.cast(tf.shape(x)[1], weights.dtype)
-  logits = _dense(x, weights, bias)
   kernel = lr_weights * tf.matmul(x, x, transpose_b=True) + lr_bias  # [B, M, M]
-  total = tf.zeros_like(logits)
-  for _ in range(int(steps)):
-    delta = (tf.nn.softmax(logits) - one_hot) / num_examples
-    total += delta
-    logits -= tf.matmul(kernel, delta)
+  total = logit_steps_total(_dense(x, weights, bias), kernel / num_examples, one_hot,
+                            steps) / num_examples
   if first_order:
     total = tf.stop_gradient(total)
   return [weights - lr_weights * tf.matmul(x, total, transpose_a=True),

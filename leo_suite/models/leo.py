@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.models import base
+from leo_suite.models import heads
 
 FLAG_PREFIX = ""  # LEO keeps the release's flag names.
 # The release's outer loop: clip by value 0.1, then each tensor to norm 0.1,
@@ -260,14 +261,10 @@ class LEO(base.Learner):
     projected = tf.matmul(rows, decoder_means, transpose_b=True)      # P [B, M, d_z]
 
     def descend(features, rates, classifier, steps):
-      """(logits after `steps` steps, the classifier [B, N, F] they belong to)."""
-      logits = tf.matmul(features, classifier, transpose_b=True)
-      kernel = tf.matmul(features * rates, features, transpose_b=True) / num_shots
-      total = tf.zeros_like(logits)
-      for _ in range(steps):
-        delta = tf.nn.softmax(logits) - one_hot
-        total += delta
-        logits -= tf.matmul(kernel, delta)
+      """The classifier [B, N, F] after `steps` steps on logits features classifier^T."""
+      total = heads.logit_steps_total(
+          tf.matmul(features, classifier, transpose_b=True),
+          tf.matmul(features * rates, features, transpose_b=True) / num_shots, one_hot, steps)
       return classifier - rates * tf.matmul(total, features, transpose_a=True) / num_shots
 
     codes = descend(projected, self.inner_lr[0], codes, self.config.inner_unroll_length)
