@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite.data import episodes
+from leo_suite.models import base
 from leo_suite.models import protonet
 from leo_suite.models import registry
 from leo_suite.training import evaluation
@@ -123,3 +124,119 @@ def test_whole_step_under_xla_matches_plain_and_keeps_the_nan_guard(tmp_path):
     assert all(np.isfinite(v).all() for v in results[jit])
   for plain, compiled in zip(results[False], results[True]):
     np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
+
+
+# -- random draws made outside XLA (xla.Predrawn) ------------------------------
+
+STOCHASTIC = {  # small configs of the learners that draw in meta-training
+    "leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2,
+                dropout_rate=0.3),
+    "r2d2": dict(projection_dim=8, dropout_rate=0.3),
+    "hallucination": dict(num_hallucinated=2, noise_dim=4, hidden_sizes="8"),
+    "snail": dict(input_dim=8, key_sizes="8,8", value_sizes="4,4", tc_filters=8,
+                  sequence_length=7, dropout_rate=0.3),
+}
+
+
+def random_episode(dtype, num_tasks=4, num_ways=3, num_shots=2, num_queries=3, seed=0):
+  rng = np.random.default_rng(seed)
+  def rows(count):
+    x = rng.standard_normal((num_tasks, num_ways, count, test_evaluation.DIM))
+    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True), dtype)
+  labels = lambda count: tf.constant(np.tile(np.arange(num_ways)[:, None], [num_tasks, 1, count])
+                                     .reshape(num_tasks, num_ways, count), tf.int32)
+  return episodes.Episode(rows(num_shots), labels(num_shots), rows(num_queries),
+                          labels(num_queries))
+
+
+def max_difference(a, b):
+  return max(float(np.max(np.abs(x.numpy() - y.numpy())))
+             for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
+
+
+@pytest.mark.parametrize("model", sorted(STOCHASTIC))
+def test_compiled_step_draws_the_plain_steps_random_numbers(model):
+  """Dropout, LEO's latent and weight samples and the generator's noise are
+  drawn outside XLA and passed in, so the compiled loss and gradients equal
+  plain TF's for the same seed (float64); another seed changes them."""
+  config = registry.learner_module(model).Config(**STOCHASTIC[model])
+  learner = registry.build(model, config, 3, test_evaluation.DIM, "float64")
+  episode = random_episode(tf.float64)
+  compute = lambda e, s: learner.loss_and_gradients(e, seed=s)[:2]
+  seed = tf.constant([7, 3], tf.int32)
+  plain = tf.function(compute)(episode, seed)
+  compiled = tf.function(xla.Predrawn(compute))(episode, seed)
+  for expected, got in zip(tf.nest.flatten(plain), tf.nest.flatten(compiled)):
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-9, atol=1e-12)
+  other = tf.function(xla.Predrawn(compute))(episode, tf.constant([7, 4], tf.int32))
+  # (Hallucination's generator starts as G = identity: its noise shows in
+  # the gradients, not yet in the loss.)
+  assert max_difference(other, plain) > 1e-6
+  if model == "leo":
+    # Control: drawn inside XLA the same seed gives other numbers (XLA's
+    # stateless normal), so the comparison above can tell.
+    inside = tf.function(compute, jit_compile=True)(episode, seed)
+    assert max_difference(inside, plain) > 1e-6
+
+
+def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path):
+  """The Trainer's whole compiled LEO step (update included) records its
+  draws with the replica's seed: its losses follow the plain step's."""
+  split = test_evaluation.clustered_split([9] * 8)
+  spec = episodes.EpisodeSpec(3, 2, 3)
+  batches = list(episodes.EpisodeSampler(split, spec).dataset(0, 4).take(3))
+  losses = {}
+  for jit in (False, True):
+    tf.random.set_seed(1)
+    learner = registry.build("leo", registry.learner_module("leo").Config(**STOCHASTIC["leo"]),
+                             spec.num_ways, test_evaluation.DIM)
+    config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / f"run_{jit}"),
+                                     metatrain_batch_size=4, jit_compile=jit)
+    trainer = trainer_lib.Trainer(learner, config, episodes.EpisodeSampler(split, spec))
+    losses[jit] = [float(trainer.train_step(e, step)["loss"]) for step, e in enumerate(batches)]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+  assert len(set(losses[False])) == 3
+
+
+def test_draws_inside_a_loop_body_are_drawn_by_the_compiled_function():
+  def draws_in_a_loop(x, seed):
+    def body(i, total):
+      step_seed = tf.random.experimental.stateless_fold_in(seed, i)
+      return i + 1, total + base.random_draw("uniform", [3], step_seed, tf.float32)
+    _, total = tf.while_loop(lambda i, _: i < 2, body, (tf.constant(0), x))
+    return total + base.random_draw("normal", [3], seed, tf.float32)
+
+  def flat(x, seed):
+    return x + base.random_draw("normal", [3], seed, tf.float32)
+
+  recorded = {}
+  @tf.function
+  def record(x, seed):
+    recorded["loop"] = xla.record_draws(draws_in_a_loop, x, seed)
+    recorded["flat"] = xla.record_draws(flat, x, seed)
+    return x
+  x, seed = tf.zeros([3]), tf.constant([1, 2])
+  record(x, seed)
+  assert recorded["loop"] is None and len(recorded["flat"]) == 1
+  result = tf.function(xla.Predrawn(draws_in_a_loop))(x, seed)
+  np.testing.assert_array_equal(
+      result.numpy(), tf.function(draws_in_a_loop, jit_compile=True)(x, seed).numpy())
+
+
+def test_replayed_draws_must_match_the_function():
+  seed = tf.constant([1, 2])
+  value = tf.ones([2])
+  with base.replaying_draws([value]):
+    assert base.random_draw("uniform", [2], seed, tf.float32) is value
+    with pytest.raises(RuntimeError, match="more random draws than were recorded"):
+      base.random_draw("uniform", [2], seed, tf.float32)
+  with pytest.raises(RuntimeError, match="1 recorded draws were not used"):
+    with base.replaying_draws([value]):
+      pass
+  with pytest.raises(RuntimeError, match="dtype"):
+    with base.replaying_draws([value]):
+      base.random_draw("bits", [2], seed, tf.uint32)
+  with pytest.raises(RuntimeError, match="already"):
+    with base.replaying_draws([]):
+      with base.recording_draws():
+        pass

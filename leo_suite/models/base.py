@@ -18,7 +18,9 @@ so a step is a pure function of (variables, episode, seed). This is what makes
 a resumed run replay an uninterrupted one exactly.
 """
 
+import contextlib
 import dataclasses
+import threading
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import sonnet as snt
@@ -85,9 +87,93 @@ def glorot_uniform(shape, dtype):
 RNG_ALG = "philox"
 
 
+DRAW_KINDS = ("uniform", "normal", "bits")
+
+
+class _DrawMode(threading.local):
+  """Where `random_draw` takes its numbers from (see `recording_draws`)."""
+  recorded: Optional[list] = None      # draws made while recording
+  graph: Any = None                    # the graph recording started in
+  nested: bool = False                 # a draw was made inside a loop or branch
+  replay: Optional[list] = None        # pre-drawn values still to hand out
+
+
+_DRAW_MODE = _DrawMode()
+
+
+def random_draw(kind, shape, seed, dtype):
+  """Every learner's stateless random draw: `kind` 'uniform' ([0, 1)),
+  'normal' (N(0, 1)) or 'bits' (uint32), of `shape`, from `seed` with RNG_ALG.
+
+  Inside `replaying_draws` it hands out the next pre-drawn value instead:
+  that is how an XLA-compiled step receives numbers drawn outside XLA
+  (training/xla.py, `Predrawn`).
+  """
+  mode = _DRAW_MODE
+  if mode.replay is not None:
+    if not mode.replay:
+      raise RuntimeError("replaying_draws: the function made more random draws "
+                         "than were recorded for it")
+    value = mode.replay.pop(0)
+    if value.dtype != tf.as_dtype(dtype if kind != "bits" else tf.uint32):
+      raise RuntimeError(f"replaying_draws: a {kind} draw of dtype {dtype} got a "
+                         f"recorded value of dtype {value.dtype.name}")
+    return value
+  if kind == "uniform":
+    value = tf.random.stateless_uniform(shape, seed, dtype=dtype, alg=RNG_ALG)
+  elif kind == "normal":
+    value = tf.random.stateless_normal(shape, seed, dtype=dtype, alg=RNG_ALG)
+  elif kind == "bits":
+    value = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None,
+                                        dtype=tf.uint32, alg=RNG_ALG)
+  else:
+    raise ValueError(f"random_draw: kind must be one of {DRAW_KINDS}, got {kind!r}")
+  if mode.recorded is not None:
+    mode.nested |= tf.compat.v1.get_default_graph() is not mode.graph
+    mode.recorded.append(value)
+  return value
+
+
+@contextlib.contextmanager
+def recording_draws():
+  """Collects every `random_draw` made inside into the yielded list. The list
+  is set to None on exit if a draw was made inside a tf.while_loop or cond
+  body (its value cannot leave that body, so it cannot be pre-drawn)."""
+  mode = _DRAW_MODE
+  if mode.recorded is not None or mode.replay is not None:
+    raise RuntimeError("recording_draws: already recording or replaying")
+  mode.recorded, mode.graph, mode.nested = [], tf.compat.v1.get_default_graph(), False
+  result = {"draws": mode.recorded}
+  try:
+    yield result
+  finally:
+    if mode.nested:
+      result["draws"] = None
+    mode.recorded, mode.graph, mode.nested = None, None, False
+
+
+@contextlib.contextmanager
+def replaying_draws(draws):
+  """`random_draw` inside hands out `draws` in order, and all must be used."""
+  mode = _DRAW_MODE
+  if mode.recorded is not None or mode.replay is not None:
+    raise RuntimeError("replaying_draws: already recording or replaying")
+  mode.replay = list(draws)
+  try:
+    yield
+    if mode.replay:
+      raise RuntimeError(f"replaying_draws: {len(mode.replay)} recorded draws were "
+                         "not used: the function drew differently when recorded")
+  finally:
+    mode.replay = None
+
+
 def dropout(x, rate, seed):
-  """Stateless inverted dropout with the suite's RNG algorithm."""
-  return tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed, rng_alg=RNG_ALG)
+  """Stateless inverted dropout with the suite's RNG algorithm: the numbers
+  of tf.nn.experimental.stateless_dropout, drawn through `random_draw`."""
+  keep = random_draw("uniform", tf.shape(x), seed, x.dtype) >= rate
+  scaled = x * tf.constant(1.0 / (1.0 - rate), x.dtype)
+  return tf.where(keep, scaled, tf.zeros([], x.dtype))
 
 
 def dense(x, weights):

@@ -113,8 +113,7 @@ def standard_normal(shape, seed, dtype):
   uniform: |z| < 5.9.
   """
   seed = tf.bitwise.bitwise_and(tf.cast(seed, tf.int32), 0x7FFFFFFF)
-  bits = tf.random.stateless_uniform(tf.concat([[2], shape], 0), seed, minval=None,
-                                     maxval=None, dtype=tf.uint32, alg=base.RNG_ALG)
+  bits = base.random_draw("bits", tf.concat([[2], shape], 0), seed, tf.uint32)
   uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), dtype) + 0.5) / 2.0 ** 24
   radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
   return radius * tf.cos((2.0 * math.pi) * uniform[1])

@@ -121,8 +121,7 @@ def _sample_normal(means, raw_std, std_offset, training, seed):
   if not training:
     return means, tf.zeros(tf.shape(means)[:1], means.dtype)
   std = stddev(raw_std, std_offset)
-  noise = tf.random.stateless_normal(tf.shape(means), seed, dtype=means.dtype,
-                                     alg=base.RNG_ALG)
+  noise = base.random_draw("normal", tf.shape(means), seed, means.dtype)
   samples = means + std * noise
   # log N(s; m, std) - log N(s; 0, 1); the log(2 pi)/2 terms cancel.
   log_ratio = -0.5 * tf.square(noise) - tf.math.log(std) + 0.5 * tf.square(samples)

@@ -208,10 +208,14 @@ class Trainer:
       # outer chain is plain TF ops; one compiled call per step instead of
       # one per op). Under a strategy, XLA per replica (a compiled function
       # inside strategy.run); the all-reduce and the update stay outside it.
+      # Either way the random draws are made outside XLA (xla.Predrawn):
+      # the whole step's draws are those of its one replica's compute.
       whole = jit and distribute.is_default(self.strategy)
-      self._replica_compute = (tf.function(compute, jit_compile=True) if jit and not whole
-                               else compute)
-      return tf.function(self._step, jit_compile=True if whole else None)
+      self._replica_compute = (xla.Predrawn(compute) if jit and not whole else compute)
+      if whole:
+        return tf.function(xla.Predrawn(self._step, draw_function=lambda e, s: compute(
+            e, distribute.replica_seed(s))))
+      return tf.function(self._step)
     self._train_step = xla.WithFallback(build_step, config.jit_compile,
                                         f"{type(learner).__name__} meta-training step")
 
