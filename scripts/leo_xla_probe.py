@@ -8,7 +8,11 @@ queries) under tf.function with and without jit_compile (the benchmark's
 dropout, the latent/weight sampling (training=False skips both), K = 1 vs 5,
 and the stateless RNG algorithm (`base.RNG_ALG`: 'auto_select', TF's default
 and what the learners used before, against 'philox', what they use now).
-Prints steps/s and the XLA/plain ratio per row; run it on a quiet machine.
+Prints steps/s and the XLA/plain ratio per row, the XLA step with its draws
+made outside XLA (training/xla.py's `Predrawn`, what the Trainer compiles),
+and the draws alone: how many numbers a step draws and how long TF's
+generators take to draw them (the floor of a step with sampling and dropout,
+with or without XLA). Run it on a quiet machine.
 """
 import argparse
 import itertools
@@ -23,6 +27,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 from leo_suite.models import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_suite.models import leo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from leo_suite.training import xla as xla_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from scripts.benchmark import time_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -60,8 +65,16 @@ def main():
                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
         plain = time_steps(tf.function(compute), episodes, args.steps)
         xla = time_steps(tf.function(compute, jit_compile=True), episodes, args.steps)
+        predrawn = time_steps(tf.function(xla_lib.Predrawn(compute)), episodes, args.steps)
+        draw_only = tf.function(lambda e, seed, compute=compute: xla_lib.record_draws(
+            compute, e, seed) or [tf.zeros([])])
+        draws = draw_only(next(episodes), tf.constant([0, 0]))
+        numbers = sum(int(tf.size(d)) for d in draws) if training else 0
+        draw_rate = time_steps(draw_only, episodes, args.steps)
         print(f"{alg:11s} K={shots} {name:42s} plain {plain:7.1f} st/s  XLA {xla:7.1f} "
-              f"st/s  XLA/plain {xla / plain:5.2f}", flush=True)
+              f"st/s  XLA/plain {xla / plain:5.2f}  XLA predrawn {predrawn:7.1f} st/s "
+              f"({predrawn / plain:5.2f})  draws {numbers / 1e6:.2f}M numbers in "
+              f"{1000 / draw_rate:6.1f} ms", flush=True)
   print(f"load average {os.getloadavg()[0]:.2f}")
 
 

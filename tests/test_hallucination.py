@@ -243,3 +243,33 @@ def test_meta_trained_hallucination_keeps_protonet_at_the_class_mean_baseline(tm
   learner_checks.check_meta_training_reaches_ncm(
       hallucination.build(hallucination.Config(), NUM_WAYS, DIM), tmp_path,
       "hallucination(protonet)", steps=60, outer_lr=1e-3, margin=0.02)
+
+
+@pytest.mark.parametrize("num_shots", [1, 3, 5])
+def test_generator_equals_its_mlp_on_concatenated_seed_and_noise(num_shots):
+  """G's first layer is split (x W_x on the K real rows when K < M, z W_z
+  on z as given): the same G(x, z) = norm(x + MLP([x; z])) as the paper's
+  concatenated input, with z per task or one z shared by every task."""
+  learner = build_perturbed(num_hallucinated=4)
+  generator = learner.generator
+  rng = np.random.default_rng(num_shots)
+  real = tf.constant(rng.standard_normal((2, NUM_WAYS, num_shots, DIM)))
+  seed_index = tf.range(4) % num_shots
+  z = tf.constant(rng.standard_normal((2, NUM_WAYS, 4, SMALL["noise_dim"])))
+
+  def reference(z):
+    seeds = tf.gather(real, seed_index, axis=2).numpy()
+    h = np.concatenate([seeds, np.broadcast_to(z, seeds.shape[:3] + z.shape[-1:])], -1)
+    layers = [p.numpy() for p in generator.params]
+    for i in range(0, len(layers), 2):
+      h = h @ layers[i] + layers[i + 1]
+      if i + 2 < len(layers):
+        h = np.maximum(h, 0.0)
+    out = seeds + h
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+  np.testing.assert_allclose(generator(real, seed_index, z).numpy(), reference(z.numpy()),
+                             rtol=1e-12, atol=1e-12)
+  shared = z[:1]
+  np.testing.assert_allclose(generator(real, seed_index, shared).numpy(),
+                             reference(shared.numpy()), rtol=1e-12, atol=1e-12)

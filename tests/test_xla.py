@@ -19,9 +19,9 @@ from tests import test_evaluation
 
 def test_auto_follows_each_learners_measured_default():
   assert {m for m in registry.available() if xla.resolve("auto", m)} == {
-      "maml", "imaml", "l2f", "protonet", "meta_lstm", "hallucination", "snail"}
-  assert xla.resolve("true", "leo") and not xla.resolve("false", "snail")
-  assert xla.resolve(True, "leo") and not xla.resolve(False, "snail")  # older runs
+      "leo", "maml", "imaml", "l2f", "protonet", "meta_lstm", "hallucination", "snail"}
+  assert xla.resolve("true", "r2d2") and not xla.resolve("false", "snail")
+  assert xla.resolve(True, "r2d2") and not xla.resolve(False, "leo")  # older runs
   with pytest.raises(ValueError, match="jit_compile"):
     xla.resolve("yes", "leo")
   # Evaluation's table readout: its own measured default.
