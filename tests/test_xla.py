@@ -196,6 +196,16 @@ def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path):
     losses[jit] = [float(trainer.train_step(e, step)["loss"]) for step, e in enumerate(batches)]
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
   assert len(set(losses[False])) == 3
+  # LEO draws, so its step is a plain graph around the compiled call; a
+  # learner that draws nothing is compiled as one call, as before.
+  assert trainer._train_step._function.predrawn is True  # pylint: disable=protected-access
+  maml = registry.build("maml", registry.learner_module("maml").Config(), spec.num_ways,
+                        test_evaluation.DIM)
+  config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / "maml"),
+                                   metatrain_batch_size=4, jit_compile=True)
+  trainer = trainer_lib.Trainer(maml, config, episodes.EpisodeSampler(split, spec))
+  assert np.isfinite(float(trainer.train_step(batches[0], 0)["loss"]))
+  assert trainer._train_step._function.predrawn is False  # pylint: disable=protected-access
 
 
 def test_draws_inside_a_loop_body_are_drawn_by_the_compiled_function():

@@ -213,8 +213,7 @@ class Trainer:
       whole = jit and distribute.is_default(self.strategy)
       self._replica_compute = (xla.Predrawn(compute) if jit and not whole else compute)
       if whole:
-        return tf.function(xla.Predrawn(self._step, draw_function=lambda e, s: compute(
-            e, distribute.replica_seed(s))))
+        return xla.WholeStep(self._step, lambda e, s: compute(e, distribute.replica_seed(s)))
       return tf.function(self._step)
     self._train_step = xla.WithFallback(build_step, config.jit_compile,
                                         f"{type(learner).__name__} meta-training step")

@@ -124,6 +124,33 @@ class Predrawn:
 
   def __call__(self, *args):
     draws = record_draws(self._draw_function, *args)
-    if draws is None:
+    if not draws:   # none to pass in, or one inside a loop body
       return self._drawing(*args)
     return self._replaying(args, draws)
+
+
+class WholeStep:
+  """`function` (a whole training step, update included) compiled with XLA.
+
+  On its first call it traces `draw_function` once to see whether the step
+  draws random numbers: if it does, the step is a plain tf.function around
+  `Predrawn(function, draw_function)`; if not, `function` is compiled as one
+  XLA call, with no plain graph around it.
+  """
+
+  def __init__(self, function: Callable, draw_function: Callable):
+    self._function, self._draw_function = function, draw_function
+    self._compiled = None
+    self.predrawn = None   # set on the first call
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      seen = {}
+      def trace(*inner_args):
+        seen["draws"] = record_draws(self._draw_function, *inner_args)
+        return tf.constant(0)
+      tf.function(trace).get_concrete_function(*args)
+      self.predrawn = bool(seen["draws"])
+      self._compiled = (tf.function(Predrawn(self._function, self._draw_function))
+                        if self.predrawn else tf.function(self._function, jit_compile=True))
+    return self._compiled(*args)
