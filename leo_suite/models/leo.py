@@ -48,7 +48,9 @@ OUTER_DEFAULTS = {}
 # --jit_compile=auto compiles this learner's step with XLA (on one device the
 # whole step), its dropout masks and samples drawn outside XLA
 # (training/xla.py's Predrawn): XLA/plain steps/s 1.19 / 1.17 at 1 / 5 shots
-# (scripts/benchmark.py --only=leo; 0.69 / 0.76 with the draws inside XLA).
+# (scripts/benchmark.py --only=leo,r2d2,snail,hallucination
+# --skip=eval,memory,extraction,serving,map_fn on df5ce73; 0.69 / 0.76 on the
+# commit before, with the draws inside XLA).
 XLA_DEFAULT = True
 EVAL_FIELDS = ()
 
