@@ -1,0 +1,393 @@
+"""Input safety: names, sizes and file kinds that come from outside are checked.
+
+Every reader of user data goes through this layer:
+  * a name read from a file or a flag (split, dataset, class folder) is one
+    path component (`check_name`), and a path built from such names stays in
+    its root (`child_path`);
+  * a file is opened without blocking and read only if it is a regular file
+    no larger than a cap, checked before anything is read (`open_regular`,
+    `read_bytes`): a FIFO does not hang, a link to /dev/zero is not read;
+  * an image's size in pixels is checked from its header before it is decoded
+    (`open_image`, `check_image_header`);
+  * a zip or npz member's declared size and compression ratio are checked
+    before it is decompressed, and reading stops at the cap even if the header
+    lied (`check_zip_members`, `read_zip_member`, `check_npz`).
+Refusals raise `errors.DataError` (or the caller's `error` class, e.g.
+`errors.ConfigError` for a flag) with one line of at most `MAX_MESSAGE`
+characters that names the file as printable text whatever its bytes.
+"""
+
+import errno
+import io
+import os
+import stat
+import warnings
+import zipfile
+import zlib
+
+from leo_suite import errors
+
+MAX_FILE_BYTES = 4 * 2**30  # default cap on one file read whole (as the arrays' cap)
+MAX_FILE_BYTES_ENV = "LEO_SUITE_MAX_FILE_BYTES"
+MAX_ARRAY_BYTES_ENV = "LEO_SUITE_MAX_ARRAY_BYTES"  # the embeddings loader's cap, honoured too
+MAX_IMAGE_PIXELS = 4096 * 4096  # default cap on width * height, checked before decoding
+MAX_IMAGE_PIXELS_ENV = "LEO_SUITE_MAX_IMAGE_PIXELS"
+MAX_ZIP_RATIO = 256  # uncompressed : compressed, as the embeddings loader's expansion limit
+MAX_ZIP_RATIO_ENV = "LEO_SUITE_MAX_ZIP_RATIO"
+RATIO_MIN_BYTES = 2**20  # smaller members may compress any amount
+MAX_NAME_BYTES = 255  # one path component, as NAME_MAX
+MAX_MESSAGE = 500  # characters in one refusal
+MAX_DISPLAY = 200  # characters of a name or value quoted in a message
+_CHUNK = 2**20
+_ENCRYPTED = 0x1  # zip general-purpose flag bit
+_SEPARATORS = ("/", "\\")
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text, limit: int = MAX_MESSAGE) -> str:
+  """`text` as one line of at most `limit` characters."""
+  text = " ".join(str(text).split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _refuse(error, text):
+  return error(one_line(text))
+
+
+def display_name(value, limit: int = MAX_DISPLAY) -> str:
+  """A file name or value printable whatever its bytes: escapes, <= `limit` chars.
+
+  Bytes are decoded as UTF-8 with invalid bytes shown as `\\xNN`; a str from
+  the file system keeps its undecodable bytes as surrogates, shown the same
+  way; control and other non-printable characters are escaped.
+  """
+  if isinstance(value, os.PathLike):
+    value = os.fspath(value)
+  if isinstance(value, (bytes, bytearray)):
+    value = bytes(value).decode("utf-8", "surrogateescape")
+  elif not isinstance(value, str):
+    value = repr(value)
+  out, size = [], 0
+  for char in value:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+      piece = f"\\x{code - 0xDC00:02x}"
+    elif char in _ESCAPES:
+      piece = _ESCAPES[char]
+    elif char.isprintable():
+      piece = char
+    else:
+      piece = f"\\x{code:02x}" if code < 0x100 else (
+          f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    size += len(piece)
+    if size > limit:
+      return "".join(out) + "..."
+    out.append(piece)
+  return "".join(out)
+
+
+def env_cap(env: str, default: int, override=None) -> int:
+  """A positive integer cap: `override`, else $`env`, else `default`."""
+  source, value = ((None, override) if override is not None else
+                   (env, os.environ.get(env) or None))
+  if value is None:
+    return default
+  try:
+    cap = int(value)
+  except (TypeError, ValueError):
+    cap = 0
+  if cap <= 0:
+    where = f"{source}=" if source else "a cap of "
+    raise errors.ConfigError(one_line(
+        f"{where}{display_name(str(value), 60)}: expected a positive whole number "
+        f"(default {default})"))
+  return cap
+
+
+def max_file_bytes(override=None) -> int:
+  """`override`, else $LEO_SUITE_MAX_FILE_BYTES, else $LEO_SUITE_MAX_ARRAY_BYTES, else 4 GiB."""
+  if override is None and not os.environ.get(MAX_FILE_BYTES_ENV):
+    return env_cap(MAX_ARRAY_BYTES_ENV, MAX_FILE_BYTES)
+  return env_cap(MAX_FILE_BYTES_ENV, MAX_FILE_BYTES, override)
+
+
+def max_image_pixels(override=None) -> int:
+  """`override`, else $LEO_SUITE_MAX_IMAGE_PIXELS, else 4096 * 4096."""
+  return env_cap(MAX_IMAGE_PIXELS_ENV, MAX_IMAGE_PIXELS, override)
+
+
+def max_zip_ratio(override=None) -> int:
+  """`override`, else $LEO_SUITE_MAX_ZIP_RATIO, else 256."""
+  return env_cap(MAX_ZIP_RATIO_ENV, MAX_ZIP_RATIO, override)
+
+
+# ------------------------------------------------------------------ names
+
+
+def check_name(name, what: str, error=errors.DataError) -> str:
+  """`name` if it is one safe path component, else `error` naming `what`.
+
+  A component is non-empty, not '.' or '..', has no '/' or '\\', no NUL or
+  other control character, is valid UTF-8 and at most 255 bytes long: a split,
+  dataset or class name read from a file or flag never leaves its folder.
+  """
+  if isinstance(name, (bytes, bytearray)):
+    try:
+      name = bytes(name).decode("utf-8")
+    except UnicodeDecodeError:
+      raise _refuse(error, f"{what} {display_name(name)!r}: not valid UTF-8; rename it") from None
+  if not isinstance(name, str):
+    raise _refuse(error, f"{what}: expected a name, got {type(name).__name__} "
+                         f"{display_name(name)}")
+  shown = display_name(name)
+  why = None
+  if not name:
+    why = "is empty"
+  elif name in (".", ".."):
+    why = "is not a name (it names a folder itself)"
+  elif "\0" in name:
+    why = "contains a NUL character"
+  elif os.path.isabs(name) or any(sep in name for sep in _SEPARATORS):
+    why = "must be a single name, without '/' or '\\' (no absolute or nested paths)"
+  elif any(0xDC80 <= ord(c) <= 0xDCFF for c in name):
+    why = "is not valid UTF-8; rename it"
+  elif any(not c.isprintable() for c in name):
+    why = "contains control characters; rename it"
+  elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+    why = f"is longer than {MAX_NAME_BYTES} bytes"
+  if why:
+    raise _refuse(error, f"{what} {shown!r} {why}")
+  return name
+
+
+def child_path(root, *names, what: str = "name", error=errors.DataError) -> str:
+  """`root` joined with checked `names`, refused if it resolves outside `root`.
+
+  Symbolic links are resolved (realpath) on both sides, so a link inside
+  `root` that points elsewhere is refused too. Returns the joined (unresolved)
+  path.
+  """
+  for name in names:
+    check_name(name, what, error)
+  path = os.path.join(root, *names)
+  real_root = os.path.realpath(root)
+  real = os.path.realpath(path)
+  if os.path.commonpath([real_root, real]) != real_root:
+    raise _refuse(error, f"{what} {display_name(os.path.join(*names))!r} in "
+                         f"{display_name(root)}: resolves to {display_name(real)}, outside "
+                         "that folder (a symbolic link?); refused")
+  return path
+
+
+# ------------------------------------------------------------------ files
+
+
+def _kind(mode) -> str:
+  for test, kind in _KINDS:
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def _too_big_text(shown, size, cap, env):
+  return (f"{shown}: {size:,} bytes, more than the cap of {cap:,} bytes; refused before "
+          f"reading (if the file is genuine, set {env} higher)")
+
+
+def open_regular(path, max_bytes=None, what: str = None, error=errors.DataError):
+  """`path` opened for binary reading if it is a regular file <= `max_bytes`.
+
+  Opened with O_NONBLOCK (a FIFO does not hang), then fstat'ed: a symbolic
+  link is followed and its target checked; a FIFO, device, socket or
+  directory is refused, and so is a size above the cap (default
+  `max_file_bytes()`), all before any byte is read. A missing or unreadable
+  file is refused as `error` too. The caller closes the returned file.
+  """
+  cap = max_file_bytes(max_bytes)
+  shown = what or display_name(path)
+  flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+  try:
+    fd = os.open(path, flags)
+  except FileNotFoundError:
+    raise _refuse(error, f"{shown}: no such file") from None
+  except NotADirectoryError:
+    raise _refuse(error, f"{shown}: no such file (a part of its path is not a folder)") from None
+  except PermissionError:
+    raise _refuse(error, f"{shown}: no permission to read it") from None
+  except OSError as exc:
+    if exc.errno in (errno.ENXIO, errno.ELOOP):  # a socket; a loop of links
+      raise _refuse(error, f"{shown}: {exc.strerror}; not a regular file") from None
+    raise
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise _refuse(error, f"{shown}: is {_kind(info.st_mode)}, not a regular file; refused")
+    if info.st_size > cap:
+      env = MAX_FILE_BYTES_ENV
+      raise _refuse(error, _too_big_text(shown, info.st_size, cap, env))
+    try:
+      import fcntl  # pylint: disable=g-import-not-at-top
+      fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except ImportError:
+      pass
+    return os.fdopen(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+def read_capped(handle, max_bytes: int, what: str, error=errors.DataError) -> bytes:
+  """At most `max_bytes` bytes of an open file, read in chunks; more is refused."""
+  chunks, total = [], 0
+  while True:
+    chunk = handle.read(min(_CHUNK, max_bytes + 1 - total))
+    if not chunk:
+      return b"".join(chunks)
+    total += len(chunk)
+    if total > max_bytes:
+      raise _refuse(error, f"{what}: holds more than the cap of {max_bytes:,} bytes (it grew "
+                           f"while being read, or lied about its size); set "
+                           f"{MAX_FILE_BYTES_ENV} higher if it is genuine")
+    chunks.append(chunk)
+
+
+def read_bytes(path, max_bytes=None, what: str = None, error=errors.DataError) -> bytes:
+  """The whole of regular file `path` (see `open_regular`), never more than the cap."""
+  cap = max_file_bytes(max_bytes)
+  shown = what or display_name(path)
+  with open_regular(path, cap, shown, error) as handle:
+    return read_capped(handle, cap, shown, error)
+
+
+# ------------------------------------------------------------------ images
+
+
+def open_image(data_or_file, what: str, max_pixels=None, error=errors.DataError):
+  """A PIL image, opened from its header only, if width * height <= the cap.
+
+  `data_or_file`: bytes, a path (read through `read_bytes`'s checks) or a
+  binary file object. The pixels are decoded later by the caller (`.load()`,
+  `.convert()`), so a huge image is refused before any memory is spent on it.
+  PIL's own DecompressionBomb warning and error become `error` too.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  cap = max_image_pixels(max_pixels)
+  if isinstance(data_or_file, (bytes, bytearray, memoryview)):
+    source = io.BytesIO(data_or_file)
+  elif isinstance(data_or_file, (str, os.PathLike)):
+    source = io.BytesIO(read_bytes(data_or_file, None, what, error))
+  else:
+    source = data_or_file
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides
+      image = Image.open(source)
+  except Image.DecompressionBombError as exc:
+    raise _refuse(error, f"{what}: refused before decoding: {exc}") from None
+  except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
+    raise _refuse(error, f"{what}: not an image PIL can read ({one_line(exc, 200)})") from None
+  width, height = image.size
+  if width * height > cap:
+    image.close()
+    raise _refuse(error, f"{what}: {width}x{height} = {width * height:,} pixels, more than the "
+                         f"cap of {cap:,}; refused before decoding (if the image is genuine, "
+                         f"set {MAX_IMAGE_PIXELS_ENV} higher)")
+  return image
+
+
+def check_image_header(data_or_file, what: str, max_pixels=None, error=errors.DataError):
+  """(width, height) from the image's header, refused above the pixel cap (see open_image)."""
+  image = open_image(data_or_file, what, max_pixels, error)
+  try:
+    return image.size
+  finally:
+    image.close()
+
+
+# ------------------------------------------------------------------ zip and npz
+
+
+def check_zip_member(info: zipfile.ZipInfo, what: str, max_member_bytes=None,
+                     max_ratio=None, error=errors.DataError) -> int:
+  """`info.file_size` if the member is not encrypted, nor too large, nor a bomb."""
+  cap = max_file_bytes(max_member_bytes)
+  ratio = max_zip_ratio(max_ratio)
+  name = f"{what}: member {display_name(info.filename)!r}"
+  if info.flag_bits & _ENCRYPTED:
+    raise _refuse(error, f"{name} is encrypted (password-protected); extract it or re-create "
+                         "the archive without a password")
+  if info.file_size > cap:
+    raise _refuse(error, f"{name} would take {info.file_size:,} bytes when decompressed, more "
+                         f"than the cap of {cap:,} bytes; refused before decompressing (if it "
+                         f"is genuine, set {MAX_FILE_BYTES_ENV} higher)")
+  if info.file_size > RATIO_MIN_BYTES and info.file_size > ratio * max(info.compress_size, 1):
+    raise _refuse(error, f"{name} expands {info.compress_size:,} bytes to {info.file_size:,}, "
+                         f"more than {ratio} times: a compression bomb; refused (if it is "
+                         f"genuine, set {MAX_ZIP_RATIO_ENV} higher)")
+  return info.file_size
+
+
+def check_zip_members(zip_file: zipfile.ZipFile, what: str, max_member_bytes=None,
+                      max_ratio=None, max_total_bytes=None, error=errors.DataError) -> int:
+  """Every member checked (`check_zip_member`); returns their declared total size.
+
+  `max_total_bytes`, if given, caps the sum of the members' declared sizes.
+  """
+  total = 0
+  for info in zip_file.infolist():
+    total += check_zip_member(info, what, max_member_bytes, max_ratio, error)
+  if max_total_bytes is not None and total > max_total_bytes:
+    raise _refuse(error, f"{what}: its members would take {total:,} bytes when decompressed, "
+                         f"more than the cap of {max_total_bytes:,} bytes; refused (if it is "
+                         f"genuine, set {MAX_FILE_BYTES_ENV} higher)")
+  return total
+
+
+def read_zip_member(zip_file: zipfile.ZipFile, info, max_bytes=None, what: str = None,
+                    error=errors.DataError) -> bytes:
+  """A member's bytes (checked first), read in chunks that stop at the cap.
+
+  `info`: a ZipInfo or a member name. A header that lies about the size, a
+  corrupt or encrypted member, an unsupported compression all become `error`.
+  """
+  cap = max_file_bytes(max_bytes)
+  shown = what or display_name(getattr(zip_file, "filename", None) or "zip archive")
+  try:
+    if not isinstance(info, zipfile.ZipInfo):
+      info = zip_file.getinfo(info)
+  except KeyError:
+    raise _refuse(error, f"{shown}: no member {display_name(info)!r}") from None
+  check_zip_member(info, shown, cap, None, error)
+  name = f"{shown}: member {display_name(info.filename)!r}"
+  try:
+    with zip_file.open(info) as handle:
+      return read_capped(handle, cap, name, error)
+  except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+          ValueError) as exc:
+    raise _refuse(error, f"{name}: cannot be read ({one_line(exc, 200)}); the archive is "
+                         "corrupt or uses an unsupported feature") from None
+
+
+def check_npz(path_or_zipfile, max_bytes=None, what: str = None, max_ratio=None,
+              error=errors.DataError) -> int:
+  """An npz's members checked before np.load decompresses them; their declared total.
+
+  Each member's declared size and compression ratio is checked, and so is
+  their sum against the cap (default `max_file_bytes()`). A path is opened
+  through `open_regular`'s checks; a broken archive becomes `error`.
+  """
+  cap = max_file_bytes(max_bytes)
+  if isinstance(path_or_zipfile, zipfile.ZipFile):
+    shown = what or display_name(path_or_zipfile.filename or "npz archive")
+    return check_zip_members(path_or_zipfile, shown, cap, max_ratio, cap, error)
+  shown = what or display_name(path_or_zipfile)
+  with open_regular(path_or_zipfile, cap, shown, error) as handle:
+    try:
+      with zipfile.ZipFile(handle) as zip_file:
+        return check_zip_members(zip_file, shown, cap, max_ratio, cap, error)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
+      raise _refuse(error, f"{shown}: not a readable npz (zip) archive "
+                           f"({one_line(exc, 200)})") from None
