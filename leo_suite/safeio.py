@@ -89,6 +89,11 @@ def display_name(value, limit: int = MAX_DISPLAY) -> str:
   return "".join(out)
 
 
+def quoted(value, limit: int = MAX_DISPLAY) -> str:
+  """`display_name(value)` in single quotes, for a message."""
+  return f"'{display_name(value, limit)}'"
+
+
 def env_cap(env: str, default: int, override=None) -> int:
   """A positive integer cap: `override`, else $`env`, else `default`."""
   source, value = ((None, override) if override is not None else
@@ -138,11 +143,10 @@ def check_name(name, what: str, error=errors.DataError) -> str:
     try:
       name = bytes(name).decode("utf-8")
     except UnicodeDecodeError:
-      raise _refuse(error, f"{what} {display_name(name)!r}: not valid UTF-8; rename it") from None
+      raise _refuse(error, f"{what} {quoted(name)}: not valid UTF-8; rename it") from None
   if not isinstance(name, str):
     raise _refuse(error, f"{what}: expected a name, got {type(name).__name__} "
                          f"{display_name(name)}")
-  shown = display_name(name)
   why = None
   if not name:
     why = "is empty"
@@ -159,7 +163,7 @@ def check_name(name, what: str, error=errors.DataError) -> str:
   elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
     why = f"is longer than {MAX_NAME_BYTES} bytes"
   if why:
-    raise _refuse(error, f"{what} {shown!r} {why}")
+    raise _refuse(error, f"{what} {quoted(name)} {why}")
   return name
 
 
@@ -176,7 +180,7 @@ def child_path(root, *names, what: str = "name", error=errors.DataError) -> str:
   real_root = os.path.realpath(root)
   real = os.path.realpath(path)
   if os.path.commonpath([real_root, real]) != real_root:
-    raise _refuse(error, f"{what} {display_name(os.path.join(*names))!r} in "
+    raise _refuse(error, f"{what} {quoted(os.path.join(*names))} in "
                          f"{display_name(root)}: resolves to {display_name(real)}, outside "
                          "that folder (a symbolic link?); refused")
   return path
@@ -315,7 +319,7 @@ def check_zip_member(info: zipfile.ZipInfo, what: str, max_member_bytes=None,
   """`info.file_size` if the member is not encrypted, nor too large, nor a bomb."""
   cap = max_file_bytes(max_member_bytes)
   ratio = max_zip_ratio(max_ratio)
-  name = f"{what}: member {display_name(info.filename)!r}"
+  name = f"{what}: member {quoted(info.filename)}"
   if info.flag_bits & _ENCRYPTED:
     raise _refuse(error, f"{name} is encrypted (password-protected); extract it or re-create "
                          "the archive without a password")
@@ -359,9 +363,9 @@ def read_zip_member(zip_file: zipfile.ZipFile, info, max_bytes=None, what: str =
     if not isinstance(info, zipfile.ZipInfo):
       info = zip_file.getinfo(info)
   except KeyError:
-    raise _refuse(error, f"{shown}: no member {display_name(info)!r}") from None
+    raise _refuse(error, f"{shown}: no member {quoted(info)}") from None
   check_zip_member(info, shown, cap, None, error)
-  name = f"{shown}: member {display_name(info.filename)!r}"
+  name = f"{shown}: member {quoted(info.filename)}"
   try:
     with zip_file.open(info) as handle:
       return read_capped(handle, cap, name, error)
