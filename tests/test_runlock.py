@@ -22,8 +22,9 @@ NUM_WORKERS = 8
 WORKER = r"""
 import json, os, sys, time
 from leo_suite import errors, runlock
-directory, go_path, events_path, hold, pauses = (
-    sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5]))
+directory, go_path, events_path, hold, pauses, turns = (
+    sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), json.loads(sys.argv[5]),
+    sys.argv[6] == "turns")
 runlock._pause = lambda point: time.sleep(pauses.get(point, 0))
 
 def record(event):
@@ -34,26 +35,30 @@ def record(event):
 record("ready")
 while not os.path.exists(go_path):
   time.sleep(0.001)
-try:
-  with runlock.RunLock(directory, log=lambda m: print("LOG", m, flush=True)):
-    record("enter")
-    time.sleep(hold)
-    record("exit")
-except errors.UserError as exc:
-  print(f"error: {exc}", file=sys.stderr)
-  sys.exit(2)
+while True:
+  try:
+    with runlock.RunLock(directory, log=lambda m: print("LOG", m, flush=True)):
+      record("enter")
+      time.sleep(hold)
+      record("exit")
+    break
+  except errors.UserError as exc:
+    if not (turns and "in use" in str(exc)):
+      print(f"error: {exc}", file=sys.stderr)
+      sys.exit(2)
+    time.sleep(0.002)  # taking turns: try again until this worker held the run once
 """
 
 PAUSES = {"directory": 0.05, "opened": 0.05, "locked": 0.3, "release": 0.05}
 
 
-def start_workers(directory, tmp_path, count, hold, pauses=None):
+def start_workers(directory, tmp_path, count, hold, pauses=None, turns=False):
   events = tmp_path / "events"
   go = tmp_path / "go"
   env = dict(os.environ, PYTHONPATH=REPO_ROOT)
   procs = [subprocess.Popen(
       [sys.executable, "-c", WORKER, str(directory), str(go), str(events), str(hold),
-       json.dumps(pauses or {})], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+       json.dumps(pauses or {}), "turns" if turns else "once"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for _ in range(count)]
   deadline = time.monotonic() + 60
   while sum(l.startswith("ready") for l in read_events(events)) < count:
@@ -102,7 +107,7 @@ def test_workers_starting_together_one_holds_the_rest_are_refused(tmp_path, star
   if start == "stale_lock":
     (tmp_path / "killed").mkdir()
     dead_pid = kill_a_holder(directory, tmp_path)
-  procs, events = start_workers(directory, tmp_path, NUM_WORKERS, hold=1.5, pauses=PAUSES)
+  procs, events = start_workers(directory, tmp_path, NUM_WORKERS, hold=1.0, pauses=PAUSES)
   results = [(p.pid, p.wait(timeout=60), *p.communicate()) for p in procs]
   winners = [r for r in results if r[1] == 0]
   assert len(winners) == 1, results
@@ -124,6 +129,19 @@ def test_workers_starting_together_one_holds_the_rest_are_refused(tmp_path, star
     assert not directory.exists() or os.listdir(directory) == []
   else:
     assert os.listdir(directory) == []
+
+
+def test_workers_taking_turns_never_overlap(tmp_path):
+  """Workers retrying while others release: the release window is raced too."""
+  directory = tmp_path / "run"
+  procs, events = start_workers(directory, tmp_path, NUM_WORKERS, hold=0.3,
+                                pauses=dict(PAUSES, locked=0.01), turns=True)
+  results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+  assert all(code == 0 for code, _, _ in results), results
+  lines = read_events(events)
+  assert sum(l.startswith("enter") for l in lines) == NUM_WORKERS
+  assert_one_holder_at_a_time(lines)
+  assert not directory.exists() or os.listdir(directory) == []
 
 
 def test_holder_details_and_cleanup(tmp_path):
