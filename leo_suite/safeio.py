@@ -208,7 +208,9 @@ def open_regular(path, max_bytes=None, what: str = None, error=errors.DataError)
   link is followed and its target checked; a FIFO, device, socket or
   directory is refused, and so is a size above the cap (default
   `max_file_bytes()`), all before any byte is read. A missing or unreadable
-  file is refused as `error` too. The caller closes the returned file.
+  file is refused as `error` too. The returned (buffered, seekable) file
+  refuses to return bytes past the cap if the file grows meanwhile. The
+  caller closes it.
   """
   cap = max_file_bytes(max_bytes)
   shown = what or display_name(path)
@@ -237,10 +239,51 @@ def open_regular(path, max_bytes=None, what: str = None, error=errors.DataError)
       fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except ImportError:
       pass
-    return os.fdopen(fd, "rb")
+    raw = _CappedFile(fd, cap, shown, error)
   except BaseException:
     os.close(fd)
     raise
+  raw.name = os.fspath(path)
+  return io.BufferedReader(raw)
+
+
+def _over_cap_text(what, cap):
+  return (f"{what}: holds more than the cap of {cap:,} bytes (it grew while being read, or "
+          f"lied about its size); set {MAX_FILE_BYTES_ENV} higher if it is genuine")
+
+
+class _CappedFile(io.FileIO):
+  """A file that refuses to return any byte past position `cap` (a file that grows)."""
+
+  def __init__(self, fd, cap, what, error):
+    super().__init__(fd, "rb", closefd=True)
+    self._cap, self._what, self._error = cap, what, error
+
+  def _check(self, start, count):
+    if count and start + count > self._cap:
+      raise _refuse(self._error, _over_cap_text(self._what, self._cap))
+
+  def readinto(self, buffer):
+    start = self.tell()
+    count = super().readinto(buffer)
+    self._check(start, count or 0)
+    return count
+
+  def read(self, size=-1):
+    if size is None or size < 0:
+      return self.readall()
+    start = self.tell()
+    data = super().read(size)
+    self._check(start, len(data or b""))
+    return data
+
+  def readall(self):
+    chunks = []
+    while True:
+      chunk = self.read(_CHUNK)
+      if not chunk:
+        return b"".join(chunks)
+      chunks.append(chunk)
 
 
 def read_capped(handle, max_bytes: int, what: str, error=errors.DataError) -> bytes:
@@ -252,9 +295,7 @@ def read_capped(handle, max_bytes: int, what: str, error=errors.DataError) -> by
       return b"".join(chunks)
     total += len(chunk)
     if total > max_bytes:
-      raise _refuse(error, f"{what}: holds more than the cap of {max_bytes:,} bytes (it grew "
-                           f"while being read, or lied about its size); set "
-                           f"{MAX_FILE_BYTES_ENV} higher if it is genuine")
+      raise _refuse(error, _over_cap_text(what, max_bytes))
     chunks.append(chunk)
 
 

@@ -133,7 +133,21 @@ def test_size_cap_is_checked_before_reading(tmp_path, monkeypatch):
     safeio.read_bytes(str(path))
 
 
-def test_a_file_that_grows_while_read_is_refused():
+def test_a_file_that_grows_while_read_is_refused(tmp_path):
+  path = tmp_path / "growing.pkl"
+  path.write_bytes(b"y" * 10)
+  for read in (lambda h: h.read(), lambda h: h.read(100), lambda h: h.readline(),
+               lambda h: h.readinto(bytearray(100)), lambda h: h.raw.readall()):
+    with safeio.open_regular(str(path), max_bytes=10) as handle:
+      assert handle.name == str(path)
+      with open(path, "ab") as grow:
+        grow.write(b"z")
+      with pytest.raises(errors.DataError, match="growing.pkl: holds more than the cap of 10"):
+        read(handle)
+    path.write_bytes(b"y" * 10)
+  with safeio.open_regular(str(path), max_bytes=10) as handle:  # seeking and reading up to the cap
+    handle.seek(4)
+    assert handle.read() == b"y" * 6 and handle.tell() == 10
   with pytest.raises(errors.DataError, match="more than the cap of 10 bytes"):
     safeio.read_capped(io.BytesIO(b"y" * 11), 10, "growing.pkl")
   assert safeio.read_capped(io.BytesIO(b"y" * 10), 10, "exact.pkl") == b"y" * 10
@@ -276,3 +290,16 @@ def test_npz_bomb_is_refused_before_decompressing(tmp_path):
   (tmp_path / "garbage.npz").write_bytes(b"not a zip")
   with pytest.raises(errors.DataError, match="not a readable npz"):
     safeio.check_npz(str(tmp_path / "garbage.npz"))
+
+
+def test_readers_work_through_open_regular(tmp_path):
+  import pickle  # pylint: disable=import-outside-toplevel
+  value = {"keys": ["a", "b"], "embeddings": np.arange(6.0).reshape(2, 3)}
+  (tmp_path / "x.pkl").write_bytes(pickle.dumps(value))
+  with safeio.open_regular(str(tmp_path / "x.pkl")) as handle:
+    loaded = pickle.load(handle)
+  assert loaded["keys"] == ["a", "b"] and np.array_equal(loaded["embeddings"], value["embeddings"])
+  np.savez_compressed(tmp_path / "x.npz", embeddings=value["embeddings"])
+  with safeio.open_regular(str(tmp_path / "x.npz")) as handle:
+    with np.load(handle) as arrays:
+      assert np.array_equal(arrays["embeddings"], value["embeddings"])
