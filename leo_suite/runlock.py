@@ -29,6 +29,7 @@ belong to the open file, which a fork shares); `O_CLOEXEC` keeps exec'd
 programs from inheriting it.
 """
 
+import contextlib
 import datetime
 import errno
 import json
@@ -183,8 +184,9 @@ class RunLock:
       if self._still_the_lock_file(fd):
         try:
           os.remove(self.path)
-        except OSError:
-          os.ftruncate(fd, 0)  # cannot remove it: leave it empty, as garbage it is harmless
+        except OSError:  # cannot remove it: left empty, harmless (the next holder overwrites it)
+          with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
       self._cleanup_dir()
     finally:
       os.close(fd)

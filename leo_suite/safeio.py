@@ -355,6 +355,19 @@ def check_image_header(data_or_file, what: str, max_pixels=None, error=errors.Da
 # ------------------------------------------------------------------ zip and npz
 
 
+def member_parts(info_or_name, what: str, error=errors.DataError) -> tuple:
+  """A zip member's path as checked components ('a/b/c.png' -> ('a', 'b', 'c.png')).
+
+  A trailing '/' (a folder entry) is dropped; an absolute path, '..', '.',
+  an empty component or a backslash is refused (`check_name`), so names
+  taken from an archive never leave the folder they are written to.
+  """
+  name = getattr(info_or_name, "filename", info_or_name)
+  parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
+  where = f"{what}: member {quoted(name)}:"
+  return tuple(check_name(part, f"{where} part", error) for part in parts)
+
+
 def check_zip_member(info: zipfile.ZipInfo, what: str, max_member_bytes=None,
                      max_ratio=None, error=errors.DataError) -> int:
   """`info.file_size` if the member is not encrypted, nor too large, nor a bomb."""

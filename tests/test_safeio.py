@@ -266,6 +266,16 @@ def test_encrypted_member_is_refused_by_name():
           "or re-create the archive without a password")
 
 
+def test_member_parts_are_checked_names():
+  assert safeio.member_parts("images/Alphabet/char01/a.png", "omniglot.zip") == (
+      "images", "Alphabet", "char01", "a.png")
+  assert safeio.member_parts(zipfile.ZipInfo("images/Alphabet/"), "o.zip") == ("images",
+                                                                                "Alphabet")
+  for name in ("/etc/passwd", "images/../../x.png", "a//b.png", "a\\b.png", "./a.png"):
+    with pytest.raises(errors.DataError, match="^o.zip: member '.*': part '.*' "):
+      safeio.member_parts(name, "o.zip")
+
+
 def test_npz_bomb_is_refused_before_decompressing(tmp_path):
   genuine = tmp_path / "train_embeddings.npz"
   rng = np.random.default_rng(0)
