@@ -66,6 +66,16 @@ def _is_tf_error(exc) -> bool:
   return tf is not None and isinstance(exc, tf.errors.OpError)
 
 
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def asks_for_help(argv) -> bool:
+  """Whether the command line asks for absl's help (--help, --helpfull, -?...)."""
+  flags_part = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(a.startswith("-") and a.lstrip("-").split("=")[0] in HELP_FLAGS
+             for a in flags_part)
+
+
 def run(main, where="the output directory",
         recovery=("Files already completed are intact (every file is written atomically); "
                   "rerun the same command to complete."),
@@ -79,8 +89,12 @@ def run(main, where="the output directory",
   error re-raised (a bug keeps its traceback); KeyboardInterrupt ->
   `interrupted`, exit 130. `where`, `recovery` and `interrupted` may be
   callables, called when the error happens (e.g. to name a parsed flag).
+  Asked for help, the tool prints it and exits 0 (absl's own exit code is 1).
   """
+  started = []
+
   def guarded(argv):
+    started.append(True)
     try:
       return main(argv)
     except errors.UserError as exc:
@@ -98,4 +112,9 @@ def run(main, where="the output directory",
       print(_value(interrupted), file=sys.stderr)
       sys.exit(130)
 
-  app.run(guarded)
+  try:
+    app.run(guarded)
+  except SystemExit as exc:
+    if exc.code == 1 and not started and asks_for_help(sys.argv):
+      sys.exit(0)
+    raise
