@@ -44,14 +44,14 @@ naming the shard and the command to rerun; nothing is written then.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_shards  # pylint: disable=wrong-import-position
@@ -177,4 +177,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)
