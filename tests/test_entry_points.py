@@ -97,3 +97,12 @@ def test_help_is_recognised_only_before_double_dash():
   assert console.asks_for_help(["x", "--help=true"])
   assert not console.asks_for_help(["x", "--helper", "--", "--help"])
   assert not console.asks_for_help(["x", "help"])
+
+
+def test_every_library_folder_is_a_package():
+  """pyproject.toml installs the packages under leo_suite: a folder of modules
+  without __init__.py would be left out of the wheel."""
+  for root, dirs, files in os.walk(os.path.join(REPO, "leo_suite")):
+    dirs[:] = [d for d in dirs if d != "__pycache__"]
+    if any(f.endswith(".py") for f in files):
+      assert "__init__.py" in files, relative(root)
