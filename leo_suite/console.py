@@ -1,4 +1,4 @@
-"""What the command-line tools print before they start: nothing from TF's C++.
+"""What the command-line tools print: nothing from TF's C++, errors as one line.
 
 TensorFlow 2.21 writes its start-up lines (oneDNN, cudart, cuInit) from C++
 straight to file descriptor 2, before TF_CPP_MIN_LOG_LEVEL or absl logging
@@ -8,12 +8,17 @@ prints only its own lines. They come back with `--verbosity=1` (or `-v 1`)
 on the command line, or LEO_SUITE_TF_LOGS=1 in the environment.
 
 Call it at the top of a command-line script, before anything imports
-TensorFlow; the library never calls it.
+TensorFlow; the library never calls it. `run(main)` is every tool's
+`app.run`: the one path from an error to a message and an exit code.
 """
 
 import contextlib
 import os
 import sys
+
+from absl import app
+
+from leo_suite import errors
 
 ENV_VAR = "LEO_SUITE_TF_LOGS"
 
@@ -50,3 +55,66 @@ def import_tensorflow(argv=None):
     tf.config.list_physical_devices()  # cuInit / cudart lines come from here
   tf.get_logger().setLevel("WARNING")  # e.g. the saver's per-save INFO lines
   return tf
+
+
+def _value(setting):
+  return setting() if callable(setting) else setting
+
+
+def _is_tf_error(exc) -> bool:
+  tf = sys.modules.get("tensorflow")  # no TF error can happen before TF is imported
+  return tf is not None and isinstance(exc, tf.errors.OpError)
+
+
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def asks_for_help(argv) -> bool:
+  """Whether the command line asks for absl's help (--help, --helpfull, -?...)."""
+  flags_part = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  return any(a.startswith("-") and a.lstrip("-").split("=")[0] in HELP_FLAGS
+             for a in flags_part)
+
+
+def run(main, where="the output directory",
+        recovery=("Files already completed are intact (every file is written atomically); "
+                  "rerun the same command to complete."),
+        location_flag="output directory",
+        interrupted="interrupted; completed files are intact, rerun to resume"):
+  """`absl.app.run(main)` with the command-line tools' one error-to-exit path.
+
+  errors.UserError -> `error: <message>`, exit 2 (no traceback); OSError or a
+  TF OpError about the file system -> errors.environment_error's one line
+  (naming `where`, `recovery` and `location_flag`), exit 2, any other TF
+  error re-raised (a bug keeps its traceback); KeyboardInterrupt ->
+  `interrupted`, exit 130. `where`, `recovery` and `interrupted` may be
+  callables, called when the error happens (e.g. to name a parsed flag).
+  Asked for help, the tool prints it and exits 0 (absl's own exit code is 1).
+  """
+  started = []
+
+  def guarded(argv):
+    started.append(True)
+    try:
+      return main(argv)
+    except errors.UserError as exc:
+      print(f"error: {exc}", file=sys.stderr)
+      sys.exit(2)
+    except Exception as exc:  # pylint: disable=broad-except
+      if not (isinstance(exc, OSError) or _is_tf_error(exc)):
+        raise
+      message = errors.environment_error(exc, _value(where), _value(recovery), location_flag)
+      if message is None:
+        raise
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print(_value(interrupted), file=sys.stderr)
+      sys.exit(130)
+
+  try:
+    app.run(guarded)
+  except SystemExit as exc:
+    if exc.code == 1 and not started and asks_for_help(sys.argv):
+      sys.exit(0)
+    raise

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates ./.venv (Python 3.11) and installs the pinned requirements into it.
-# Idempotent: re-installs only when requirements*.txt changed. Set
+# Creates ./.venv (Python 3.11), installs the pinned requirements into it, then
+# leo_suite itself, editable (pip install --no-deps -e .), so that scripts/*.py
+# import this checkout's package. Idempotent: re-installs only when
+# requirements*.txt or pyproject.toml changed. Set
 # LEO_SUITE_REQUIREMENTS=requirements-gpu.txt on a CUDA machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "[bootstrap] creating .venv with $python_bin"
   "$python_bin" -m venv .venv
 fi
-stamp=".venv/.requirements-$( (cat "$requirements" requirements-nodeps.txt 2>/dev/null || true) | sha256sum | cut -c1-16)"
+stamp=".venv/.requirements-$( (cat "$requirements" requirements-nodeps.txt pyproject.toml 2>/dev/null || true) | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "[bootstrap] installing $requirements (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
@@ -31,6 +33,7 @@ if [ ! -f "$stamp" ]; then
     # Packages whose declared dependencies would pull a second TensorFlow.
     .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
   fi
+  .venv/bin/python -m pip install --quiet --no-deps -e .
   rm -f .venv/.requirements-*
   touch "$stamp"
 fi

@@ -9,16 +9,16 @@ Writes <out_dir>/comparison.md and comparison.json. Per-model flags:
 
 import json
 import os
-import sys
 
-from absl import app
-from absl import flags
+from leo_suite import console
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
-from leo_suite import fileio  # pylint: disable=g-import-not-at-top
-from leo_suite.models import registry
-from leo_suite.training import compare
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from leo_suite import fileio  # pylint: disable=wrong-import-position
+from leo_suite.models import registry  # pylint: disable=wrong-import-position
+from leo_suite.training import compare  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("models", ",".join(registry.LEARNERS), "Learners to compare.")
 flags.DEFINE_string("data_path", os.path.join(compare.REPO_ROOT, "embeddings"), "Embeddings root.")
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

@@ -14,16 +14,14 @@ beside their inputs (under --data_path in tree mode); symbolic links are not
 followed.
 """
 
-import os
-import sys
+from leo_suite import console
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.data.convert import convert_file, convert_tree  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("input", None, "One <split>_embeddings.pkl to convert.")
 flags.DEFINE_string("output", None, "Where to write it (default: the input with .npz).")
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -18,16 +18,14 @@ assets.extra/leo_suite_export.json); the next free integer version unless
 Signatures and shapes: leo_suite/serving/export.py.
 """
 
-import os
-import sys
+from leo_suite import console
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.serving import export  # pylint: disable=wrong-import-position
 from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
 
@@ -87,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -44,19 +44,19 @@ naming the shard and the command to rerun; nothing is written then.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
+from leo_suite.pipelines import extraction  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_shards  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
 flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
@@ -87,47 +87,11 @@ flags.DEFINE_boolean("keep_shards", False, "With --merge: keep the shards folder
 FLAGS = flags.FLAGS
 
 
-def describe_splits(manifest):
-  return ", ".join(f"{k}: {v['num_images']} images" for k, v in manifest["splits"].items())
-
-
-def merge_expectations():
-  """The settings the merge command names itself, which the shards must share."""
-  expected = {}
-  if FLAGS["source"].present:
-    expected["sources"] = list(FLAGS.source)
-  if FLAGS.split or FLAGS["source"].present:
-    expected["mode"] = extract_shards.SPLIT_MODE if FLAGS.split else extract_shards.ALL_MODE
-  if FLAGS["format"].present:
-    expected["format"] = FLAGS.format
-  if FLAGS.backbone_dir:
-    weights = os.path.join(FLAGS.backbone_dir, train_lib.BACKBONE_WEIGHTS)
-    if not os.path.isfile(weights):
-      raise errors.ConfigError(f"{weights}: no such file; pass the backbone/ folder the "
-                               "shards used, or no --backbone_dir with --merge")
-    expected["checkpoint_sha256"] = train_lib.file_sha256(weights)
-  return expected
-
-
-def merge(name):
-  manifest = extract_shards.merge_shards(
-      FLAGS.out, name, FLAGS.crop, FLAGS.num_shards if FLAGS["num_shards"].present else None,
-      merge_expectations(), FLAGS.keep_shards)
-  counts = describe_splits(manifest)
-  print(f"merged {manifest['shards']['num_shards']} shards; manifest: "
-        f"{os.path.join(FLAGS.out, name, FLAGS.crop, extract.MANIFEST)} ({counts})")
-
-
 def run_shard(plan, name):
-  manifest = extract_shards.extract_shard(
-      FLAGS.backbone_dir, plan, FLAGS.out, name, FLAGS.num_shards, FLAGS.shard_index,
-      FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
-      images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes))
-  counts = describe_splits(manifest)
-  folder = os.path.join(extract_shards.shards_dir(FLAGS.out, name, FLAGS.crop),
-                        extract_shards.shard_name(FLAGS.shard_index, FLAGS.num_shards))
-  print(f"shard {FLAGS.shard_index} of {FLAGS.num_shards}: {folder} ({counts}); when every "
-        "shard is done, rerun with --merge instead of --shard_index")
+  extraction.run_shard(FLAGS.backbone_dir, plan, FLAGS.out, name, FLAGS.num_shards,
+                       FLAGS.shard_index, FLAGS.crop, FLAGS.format, FLAGS.batch_size,
+                       FLAGS.skip_bad_images, images_lib.parse_expected_size(
+                           FLAGS.expected_size), tuple(FLAGS.allowed_modes))
 
 
 def main(argv):
@@ -139,7 +103,12 @@ def main(argv):
   name = (FLAGS.dataset_name if FLAGS["dataset_name"].present or FLAGS.split
           else extract_files.default_dataset_name(FLAGS.source))
   if FLAGS.merge:
-    return merge(name)
+    return extraction.merge(
+        FLAGS.out, name, FLAGS.crop, FLAGS.num_shards if FLAGS["num_shards"].present else None,
+        extraction.merge_expectations(
+            FLAGS.source if FLAGS["source"].present else None, FLAGS.split,
+            FLAGS.format if FLAGS["format"].present else None, FLAGS.backbone_dir),
+        FLAGS.keep_shards)
   if not FLAGS.backbone_dir:
     raise errors.ConfigError("--backbone_dir is required (the backbone/ folder of a pretraining run)")
   if not FLAGS.split:
@@ -171,10 +140,9 @@ def main(argv):
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
-  counts = describe_splits(manifest)
   path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)
-  print(f"manifest: {path} ({counts})")
+  print(f"manifest: {path} ({extraction.describe_splits(manifest)})")
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -2,378 +2,94 @@
 
   python scripts/omniglot_pipeline.py --work_dir=runs/omniglot_small
 
-1. pretrains a Conv-4 (--backbone, default conv4; conv4_wide: widths 64-96-128-256;
-   28x28, inverted, rotations as classes; --epochs=30 of Koch-style affine
-   augmentation, cosine schedule, all chosen on meta-val) on the
-   meta-train alphabets (Balinese, Korean, Japanese_(katakana), Sanskrit,
-   Greek: 177 characters) read straight from the two archives, then trains
-   --distill_generations born-again students (default 0; each: the same
-   recipe, 0.5 cross-entropy + 0.5 T^2 KL to the previous network at T = 4);
-2. extracts embeddings (the last network's) of all three splits with --crop (default warps: the
-   center view averaged with 15 fixed affine warps, chosen on meta-val) to
-   <work_dir>/embeddings/omniglot_small/<crop>/ (runner.py --data_path=
-   <work_dir>/embeddings --dataset_name=omniglot_small --embedding_crop=<crop>
-   reads them);
-3. evaluates nearest-class-mean (cosine) and per-episode logistic regression
-   on meta-test (Latin, 26 characters; --archives and --split choose other
-   Omniglot alphabets): 5w1s, 5w5s, 20w1s, 15 queries,
-   --num_episodes fixed episodes (seed --episode_seed), mean and 95% CI;
-4. trains each --learners model with its preset (steps, flags, chosen on
-   meta-val: leo_suite/pretrain/omniglot_presets.py) with runner.py, keeping
-   the best-validation checkpoint, and evaluates that checkpoint
-   (--parallel_learners runs at a time, each with cores / parallel_learners
-   TensorFlow threads);
-5. writes <work_dir>/results.md (one table; learner cells add the best
-   validation accuracy and its step) and results.json.
-Each stage prints its wall time ("[stage] ..."). Rerunning after a kill
-resumes: pretraining from its last checkpoint, extraction is skipped when the
-embeddings come from the same backbone, finished learner runs are reused and
-an interrupted one resumes from its checkpoint.
+Pretrains a Conv-4 on the meta-train alphabets (30 epochs, affine augmentation),
+extracts embeddings of all three splits (warps crop), scores nearest class
+mean and logistic regression on meta-test (Latin) and trains every learner
+with its preset (leo_suite/pretrain/omniglot_presets.py) through runner.py;
+writes <work_dir>/results.md and results.json. The stages and the recipe's
+choices: leo_suite/pipelines/omniglot.py. Rerunning after a kill resumes.
 """
 
-import concurrent.futures
 import dataclasses
-import json
-import os
-import shutil
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite import fileio  # pylint: disable=wrong-import-position
-from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
-from leo_suite.models import registry  # pylint: disable=wrong-import-position
+from leo_suite.pipelines import omniglot  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import omniglot_presets  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
-from leo_suite.training import compare  # pylint: disable=wrong-import-position
 
-ARCHIVES = pipeline.OMNIGLOT_SMALL_ARCHIVES
-DATASET = "omniglot_small"
-# Pretraining recipe chosen on the meta-val alphabets (README, Omniglot-small).
-# Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):
-# shift, 10 epochs 96.10 / 98.80 / 87.08; affine, 30 epochs 97.11 / 99.09 / 89.78.
-DEFAULT_EPOCHS = 30
-# Backbone (README, Omniglot-small feature table; 1,000 val episodes, NCM 5w1s /
-# 5w5s / 20w1s of the born-again student, seed 0): conv4 center 97.30 / 99.01 /
-# 90.41, warps 97.68 / 99.08 / 91.56; conv4_wide (widths 64-96-128-256, D = 256)
-# center 97.47 / 99.24 / 90.87, warps 97.79 / 99.18 / 91.64. On the warps crop the
-# pipeline extracts, the wide network's gain (0.08 to 0.11) is within the seed gap
-# (0.1 to 0.2): conv4 stays the default, conv4_wide is an option with its own
-# presets. Its pipeline's first invocation ran 53 minutes (runs/omniglot_v6:
-# pretraining 8.5 and distillation 8.2 minutes against Conv-4's 4.3 and 4.3 in
-# runs/omniglot_v5, measured a session earlier on a faster machine; learners 35.8
-# with a validation sweep beside them).
-DEFAULT_BACKBONE = omniglot_presets.DEFAULT_BACKBONE
-# Table labels; a backbone missing here is labelled by its name.
-BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": "Conv-4 map",
-                   "resnet12": "ResNet-12", "wrn28_10": "WRN-28-10"}
-DEFAULT_AUGMENT = "affine"
-DEFAULT_HEAD = "linear"
-# Extraction crop chosen on meta-val (same backbone, cosine NCM 5w1s / 5w5s /
-# 20w1s): center 96.91 / 98.92 / 89.78, warps 97.44 / 99.02 / 91.08.
-DEFAULT_CROP = "warps"
-# Born-again distillation (student: same recipe, loss 0.5 CE + 0.5 T^2 KL at
-# T = 4 from the finished teacher), measured on meta-val (README's feature
-# table): over three teacher / student pairs the student gains +0.11 / +0.01 /
-# +0.17 NCM points on average (5w1s / 5w5s / 20w1s), within the gap between
-# two runs of one seed, and the latest pair (warps) went the other way: teacher
-# 97.85 / 99.23 / 91.99, student 97.78 / 99.17 / 91.72. A generation costs as
-# long as pretraining (9.9 minutes in runs/omniglot_v7, 16% of that run): off
-# by default, an option.
-DEFAULT_DISTILL_GENERATIONS = 0
-
-flags.DEFINE_string("omniglot_dir", None, "Folder with the two Omniglot archives and "
-                    "omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR or "
-                    "../shared/data/omniglot).")
-flags.DEFINE_list("archives", list(ARCHIVES), "Omniglot image archives (zip) or folders "
-                  "(<alphabet>/<character>/<drawing>.png), relative to --omniglot_dir "
+_DEFAULTS = omniglot.Options()
+flags.DEFINE_string("omniglot_dir", _DEFAULTS.omniglot_dir, "Folder with the two Omniglot "
+                    "archives and omniglot_small_split.json (default $LEO_SUITE_OMNIGLOT_DIR "
+                    "or ../shared/data/omniglot).")
+flags.DEFINE_list("archives", list(_DEFAULTS.archives), "Omniglot image archives (zip) or "
+                  "folders (<alphabet>/<character>/<drawing>.png), relative to --omniglot_dir "
                   "unless absolute; a character in two of them counts once.")
-flags.DEFINE_string("split", "omniglot_small", "Alphabets (or characters) of each split: a "
+flags.DEFINE_string("split", _DEFAULTS.split, "Alphabets (or characters) of each split: a "
                     "named protocol (omniglot_small: omniglot_small_split.json in "
                     "--omniglot_dir) or a JSON file {\"train\": [...], \"val\": [...], "
                     "\"test\": [...]}.")
-flags.DEFINE_string("work_dir", "runs/omniglot_small", "Everything the pipeline writes.")
-flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(backbones.BACKBONES), "Pretrained "
+flags.DEFINE_string("work_dir", _DEFAULTS.work_dir, "Everything the pipeline writes.")
+flags.DEFINE_enum("backbone", _DEFAULTS.backbone, list(backbones.BACKBONES), "Pretrained "
                   "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
                   "alphabets (README, Omniglot-small).")
-flags.DEFINE_integer("epochs", DEFAULT_EPOCHS, "Pretraining epochs (each: 4 x 3,540 images); "
-                     "chosen on the meta-val alphabets (README, Omniglot-small).")
-flags.DEFINE_string("augment", DEFAULT_AUGMENT, "Pretraining augmentation: none, shift (random "
-                    "translation), shift_flip or affine (Koch et al. 2015 affine warp).")
-flags.DEFINE_integer("max_shift", 2, "Translation range of the augmentation (pixels at 28x28).")
-flags.DEFINE_string("head", DEFAULT_HEAD, "Pretraining classifier head: linear or cosine.")
-flags.DEFINE_enum("crop", DEFAULT_CROP, list(extract.CROPS), "Extraction crop of every "
+flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Pretraining epochs (each: 4 x 3,540 "
+                     "images); chosen on the meta-val alphabets (README, Omniglot-small).")
+flags.DEFINE_string("augment", _DEFAULTS.augment, "Pretraining augmentation: none, shift "
+                    "(random translation), shift_flip or affine (Koch et al. 2015 affine "
+                    "warp).")
+flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Translation range of the "
+                     "augmentation (pixels at 28x28).")
+flags.DEFINE_string("head", _DEFAULTS.head, "Pretraining classifier head: linear or cosine.")
+flags.DEFINE_enum("crop", _DEFAULTS.crop, list(extract.CROPS), "Extraction crop of every "
                   "split (leo_suite/pretrain/extract.py); the learners train on it and "
                   "exports of their runs embed images the same way.")
-flags.DEFINE_integer("distill_generations", DEFAULT_DISTILL_GENERATIONS, "Born-again "
+flags.DEFINE_integer("distill_generations", _DEFAULTS.distill_generations, "Born-again "
                      "students after the first network, each distilled from the previous "
                      "one (0: none); the last one's backbone is extracted.")
-flags.DEFINE_float("distill_alpha", 0.5, "Weight of the distillation term (students).")
-flags.DEFINE_float("distill_temperature", 4.0, "Distillation temperature (students).")
-flags.DEFINE_integer("batch_size", 64, "Pretraining batch size.")
-flags.DEFINE_float("learning_rate", 0.05, "Pretraining peak SGD learning rate.")
-flags.DEFINE_integer("seed", 0, "Pretraining seed.")
-flags.DEFINE_integer("val_episodes", 200, "Meta-val NCM 5w1s episodes after each epoch.")
-flags.DEFINE_integer("num_episodes", 1000, "Fixed meta-test episodes per setting.")
-flags.DEFINE_integer("episode_seed", 0, "Seed of the fixed meta-test episodes.")
-flags.DEFINE_boolean("pixel_baseline", True, "Also report NCM on raw pixels.")
-flags.DEFINE_list("learners", list(registry.LEARNERS),
+flags.DEFINE_float("distill_alpha", _DEFAULTS.distill_alpha, "Weight of the distillation "
+                   "term (students).")
+flags.DEFINE_float("distill_temperature", _DEFAULTS.distill_temperature, "Distillation "
+                   "temperature (students).")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Pretraining batch size.")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Pretraining peak SGD "
+                   "learning rate.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Pretraining seed.")
+flags.DEFINE_integer("val_episodes", _DEFAULTS.val_episodes, "Meta-val NCM 5w1s episodes "
+                     "after each epoch.")
+flags.DEFINE_integer("num_episodes", _DEFAULTS.num_episodes, "Fixed meta-test episodes per "
+                     "setting.")
+flags.DEFINE_integer("episode_seed", _DEFAULTS.episode_seed, "Seed of the fixed meta-test "
+                     "episodes.")
+flags.DEFINE_boolean("pixel_baseline", _DEFAULTS.pixel_baseline, "Also report NCM on raw "
+                     "pixels.")
+flags.DEFINE_list("learners", list(_DEFAULTS.learners),
                   "runner.py models to train and evaluate ('' for none).")
-flags.DEFINE_integer("runner_steps", 0, "Meta-training steps per learner and setting "
-                     "(0: each learner's preset steps, leo_suite/pretrain/omniglot_presets.py).")
-flags.DEFINE_multi_string("runner_flag", [], "Extra flag passed to every runner.py call.")
-flags.DEFINE_list("settings", ["5w1s", "5w5s", "20w1s"], "Episode settings <ways>w<shots>s.")
-flags.DEFINE_integer("parallel_learners", 2, "runner.py trainings run at the same time, "
-                     "each with max(1, cores // parallel_learners) TensorFlow threads "
-                     "unless TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS are set.")
+flags.DEFINE_integer("runner_steps", _DEFAULTS.runner_steps, "Meta-training steps per "
+                     "learner and setting (0: each learner's preset steps, "
+                     "leo_suite/pretrain/omniglot_presets.py).")
+flags.DEFINE_multi_string("runner_flag", list(_DEFAULTS.runner_flag), "Extra flag passed to "
+                          "every runner.py call.")
+flags.DEFINE_list("settings", list(_DEFAULTS.settings), "Episode settings <ways>w<shots>s.")
+flags.DEFINE_integer("parallel_learners", _DEFAULTS.parallel_learners, "runner.py trainings "
+                     "run at the same time, each with max(1, cores // parallel_learners) "
+                     "TensorFlow threads unless TF_NUM_INTRAOP_THREADS / "
+                     "TF_NUM_INTEROP_THREADS are set.")
 FLAGS = flags.FLAGS
-
-def stage_done(stage, timings, ledger_path=None):
-  """Prints the stage's wall time and adds it to <work_dir>/stage_seconds.json.
-
-  The ledger sums each stage over the invocations that built the work dir (a
-  resumed run adds what it redid), so results.md reports the whole run's cost.
-  """
-  print(f"[stage] {stage} done in {timings[stage + '_s']:.0f} s", flush=True)
-  if ledger_path:
-    ledger = {}
-    if os.path.exists(ledger_path):
-      with open(ledger_path) as handle:
-        ledger = json.load(handle)
-    ledger[stage] = ledger.get(stage, 0.0) + timings[stage + "_s"]
-    ledger["invocations"] = max(ledger.get("invocations", 0), timings.get("_invocation", 1))
-    pipeline.write_json(ledger_path, ledger)
-
-
-def extracted_manifest(data_path, summary):
-  """The manifest of embeddings already extracted from this very backbone, else None."""
-  path = os.path.join(data_path, DATASET, FLAGS.crop, extract.MANIFEST)
-  sha = (summary.get("export") or {}).get("weights_sha256")
-  if not sha or not os.path.exists(path):
-    return None
-  with open(path) as handle:
-    manifest = json.load(handle)
-  splits = manifest.get("splits", {})
-  files_ok = all(os.path.exists(os.path.join(os.path.dirname(path), v["file"]))
-                 for v in splits.values())
-  if manifest.get("backbone", {}).get("checkpoint_sha256") == sha and len(splits) == 3 \
-      and files_ok:
-    print(f"embeddings already extracted from backbone {sha[:12]}: reusing {path}")
-    return manifest
-  return None
-
-
-def cached_learner(root, model, ways, shots, steps, extra_flags, manifest, run):
-  """run(extra_flags) unless this exact learner run already finished (resume after a kill).
-
-  The key is the learner, setting, steps, flags, test episodes and the
-  embeddings' hashes; a run directory left by a different key is removed first.
-  """
-  run_dir = os.path.join(root, f"{model}_{ways}w{shots}s")
-  key = {"model": model, "ways": ways, "shots": shots, "steps": steps, "flags": extra_flags,
-         "num_episodes": FLAGS.num_episodes, "episode_seed": FLAGS.episode_seed,
-         "embeddings": {k: v["sha256"] for k, v in manifest["splits"].items()}}
-  cache = os.path.join(root, f"{model}_{ways}w{shots}s.result.json")
-  if os.path.exists(cache):
-    with open(cache) as handle:
-      saved = json.load(handle)
-    if saved.get("key") == key:
-      return saved["result"]
-  if os.path.exists(run_dir):
-    previous = os.path.join(root, f"{model}_{ways}w{shots}s.key.json")
-    same = False
-    if os.path.exists(previous):
-      with open(previous) as handle:
-        same = json.load(handle) == key
-    if not same:
-      shutil.rmtree(run_dir)
-  os.makedirs(root, exist_ok=True)
-  pipeline.write_json(os.path.join(root, f"{model}_{ways}w{shots}s.key.json"), key)
-  result = run(extra_flags)
-  if "accuracy" in result:
-    pipeline.write_json(cache, {"key": key, "result": result})
-  return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
-  started = time.time()
-  omniglot_dir = FLAGS.omniglot_dir or images_lib.default_omniglot_dir()
-  archives = [os.path.join(omniglot_dir, name) for name in FLAGS.archives if name]
-  missing = [a for a in archives if not os.path.exists(a)]
-  if missing or not archives:
-    raise errors.DataError(f"{missing[0] if missing else '--archives'}: Omniglot archive not "
-                           f"found; pass --omniglot_dir or set {images_lib.OMNIGLOT_ENV}, "
-                           "and --archives")
-  work = os.path.abspath(FLAGS.work_dir)
-  try:
-    settings = tuple(tuple(int(v) for v in s.rstrip("s").split("w")) for s in FLAGS.settings)
-  except ValueError:
-    raise errors.ConfigError(f"--settings={FLAGS.settings}: use e.g. 5w1s,20w1s") from None
-  timings = {}
-  ledger_path = os.path.join(work, "stage_seconds.json")
-  if os.path.exists(ledger_path):
-    with open(ledger_path) as handle:
-      timings["_invocation"] = json.load(handle).get("invocations", 0) + 1
-
-  # 1. data and pretraining.
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
-      archives, FLAGS.split, omniglot_dir)
-  print(f"{origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
-  options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
-  images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
-  val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
-                                    batch_size=FLAGS.batch_size,
-                                    learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift,
-                                    head=FLAGS.head)
-  trainer = train_lib.Pretrainer(config, images, labels, os.path.join(work, "pretrain"),
-                                 class_names=split_classes["train"])
-  t0 = time.time()
-  callback = (pipeline.val_ncm_callback(val_images, val_labels, config.invert,
-                                        FLAGS.val_episodes) if FLAGS.val_episodes else None)
-  summary = trainer.train(epoch_callback=callback)
-  timings["pretrain_s"] = time.time() - t0
-  stage_done("pretrain", timings, ledger_path)
-  backbone_run = os.path.join(work, "pretrain")
-  if FLAGS.distill_generations:
-    t0 = time.time()
-    for generation in range(1, FLAGS.distill_generations + 1):
-      student_run = os.path.join(work, f"pretrain_gen{generation}")
-      student = dataclasses.replace(config, teacher=backbone_run,
-                                    distill_alpha=FLAGS.distill_alpha,
-                                    distill_temperature=FLAGS.distill_temperature)
-      print(f"distillation generation {generation}: teacher {backbone_run}", flush=True)
-      summary = train_lib.Pretrainer(student, images, labels, student_run,
-                                     class_names=split_classes["train"]).train(
-                                         epoch_callback=callback)
-      backbone_run = student_run
-    timings["distill_s"] = time.time() - t0
-    stage_done("distill", timings, ledger_path)
-
-  # 2. extraction.
-  t0 = time.time()
-  data_path = os.path.join(work, "embeddings")
-  manifest = extracted_manifest(data_path, summary)
-  if manifest is None:  # not yet extracted from this backbone (a resumed run skips it)
-    manifest = extract.extract_embeddings(
-        os.path.join(backbone_run, "backbone"), by_class, split_classes, data_path, DATASET,
-        FLAGS.crop, "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
-        sources=archives, split_origin=origin)
-  timings["extract_s"] = time.time() - t0
-  stage_done("extract", timings, ledger_path)
-
-  # 3. baselines on meta-test.
-  t0 = time.time()
-  test = embeddings_lib.load_dataset_split(data_path, DATASET, FLAGS.crop, "test")
-  label = BACKBONE_LABELS.get(FLAGS.backbone, FLAGS.backbone)
-  rows = pipeline.evaluate_baselines(test, f"{label} embeddings", settings,
-                                     num_episodes=FLAGS.num_episodes, seed=FLAGS.episode_seed)
-  if FLAGS.pixel_baseline:
-    pixels = pipeline.pixel_split(by_class, split_classes["test"], 28, True)
-    rows += pipeline.evaluate_baselines(pixels, "raw pixels", settings,
-                                        num_episodes=FLAGS.num_episodes,
-                                        seed=FLAGS.episode_seed, methods=("ncm_cosine",))
-  timings["baselines_s"] = time.time() - t0
-  stage_done("baselines", timings, ledger_path)
-  for row in rows:
-    print(f"{row['method']:<45} {row['setting']:>6}: {row['accuracy']:.2f} ± {row['ci95']:.2f}")
-
-  # 4. learners through runner.py.
-  t0 = time.time()
-  learners_root = os.path.join(work, "learners")
-  jobs = [(model, ways, shots) for model in FLAGS.learners if model for ways, shots in settings]
-  # Two runs at once on two cores: one thread pool each, not two pools sized to
-  # every core (SNAIL 5w1s, two runs at once: 12.1 -> 15.2 steps/s each).
-  threads = (max(1, (os.cpu_count() or 1) // FLAGS.parallel_learners)
-             if FLAGS.parallel_learners > 1 else None)
-
-  def run_job(job):
-    model, ways, shots = job
-    preset = omniglot_presets.learner_preset(model, ways, shots, FLAGS.backbone)
-    steps = FLAGS.runner_steps or preset["steps"]
-    if "skip" in preset:
-      print(f"{model} {ways}w{shots}s: skipped ({preset['skip']})", flush=True)
-      return {"method": f"{model} (runner.py)", "setting": f"{ways}w{shots}s", "model": model,
-              "status": f"skipped: {preset['skip']}"}
-    result = cached_learner(
-        learners_root, model, ways, shots, steps, preset["flags"] + FLAGS.runner_flag, manifest,
-        lambda flags_: pipeline.run_learner(model, data_path, DATASET, ways, shots,
-                                            learners_root, steps, FLAGS.num_episodes,
-                                            seed=FLAGS.episode_seed, extra_flags=flags_,
-                                            crop=FLAGS.crop, threads=threads))
-    print(f"{model} {ways}w{shots}s ({steps} steps): " + (
-        f"{result['accuracy']:.2f} ± {result['ci95']:.2f}, best val "
-        f"{result.get('val_accuracy', float('nan')):.2f} @ step {result.get('best_step')}, "
-        f"{result.get('seconds', 0):.0f} s" if "accuracy" in result else str(result)),
-        flush=True)
-    return {"method": f"{model} (runner.py)", "setting": f"{ways}w{shots}s", "steps": steps,
-            **result}
-
-  # Longest first (preset steps as the proxy), so that a long run does not start
-  # last beside an idle slot; the table keeps the learners' order.
-  def steps_of(job):
-    return FLAGS.runner_steps or omniglot_presets.learner_preset(*job, FLAGS.backbone)["steps"]
-
-  by_length = sorted(jobs, key=lambda job: -steps_of(job))
-  with concurrent.futures.ThreadPoolExecutor(max(1, FLAGS.parallel_learners)) as pool:
-    finished = dict(zip(by_length, pool.map(run_job, by_length)))
-  learner_rows = [finished[job] for job in jobs]
-  rows += learner_rows
-  for model in dict.fromkeys(m for m, _, _ in jobs):
-    timings[f"learner_{model}_s"] = sum(r.get("seconds", 0.0) for r in learner_rows
-                                        if r["method"] == f"{model} (runner.py)")
-  timings["learners_s"] = time.time() - t0
-  stage_done("learners", timings, ledger_path)
-  timings["total_s"] = time.time() - started
-  with open(ledger_path) as handle:
-    ledger = json.load(handle)
-  stages = ("pretrain", "distill", "extract", "baselines", "learners")
-  timings.pop("_invocation", None)
-
-  table = pipeline.markdown_table(rows, settings)
-  history = summary.get("history") or []
-  test_alphabets = sorted({name.split("/")[0] for name in split_classes["test"]})
-  title = "Omniglot-small" if FLAGS.split == "omniglot_small" else f"Omniglot ({origin})"
-  notes = (f"{title} meta-test ({', '.join(test_alphabets)}, {test.num_classes} characters), "
-           f"{FLAGS.num_episodes} fixed episodes (seed {FLAGS.episode_seed}), 15 queries "
-           f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
-           f"(meta-val alphabets) @ its step, the checkpoint evaluated. {label} pretrained "
-           f"{FLAGS.epochs} epochs (augment {FLAGS.augment}, {FLAGS.head} head) on "
-           f"{len(split_classes['train'])} meta-train characters x 4 rotations"
-           + (f", then {FLAGS.distill_generations} born-again generation(s) of the same "
-              f"recipe distilled from the previous one (alpha {FLAGS.distill_alpha}, "
-              f"T {FLAGS.distill_temperature})" if FLAGS.distill_generations else "") + "; "
-           f"embeddings: {FLAGS.crop} crop ({extract.CROP_DESCRIPTIONS[FLAGS.crop]})"
-           + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
-           f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
-           f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "
-           f"that built this directory: " + ", ".join(
-               f"{k} {ledger[k] / 60:.1f} min" for k in stages if k in ledger) +
-           f"; total {sum(ledger.get(k, 0) for k in stages) / 60:.1f} min. Learner runs (train "
-           f"+ evaluate, {FLAGS.parallel_learners} at a time"
-           + (f", {compare.thread_settings(threads)['TF_NUM_INTRAOP_THREADS']} TensorFlow "
-              f"thread(s) each" if threads else "") + "): " + ", ".join(
-               f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
-           + ".")
-  text = table + "\n\n" + notes + "\n"
-  fileio.atomic_write_text(os.path.join(work, "results.md"), text)
-  pipeline.write_json(os.path.join(work, "results.json"),
-                      {"rows": rows, "timings": timings, "pretrain": summary,
-                       "manifest": manifest})
-  print(text)
+  options = omniglot.Options(**{f.name: FLAGS[f.name].value
+                                for f in dataclasses.fields(omniglot.Options)})
+  print(omniglot.run(options))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -17,19 +17,15 @@ label, the predicted class and the probability of every class, as CSV (to
 stdout without --output) or JSON. See leo_suite/serving/predict.py.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from leo_suite import console  # pylint: disable=wrong-import-position
+from leo_suite import console
 
 console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.serving import predict  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("checkpoint_path", None,
@@ -74,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

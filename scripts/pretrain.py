@@ -17,17 +17,18 @@ global batch, see leo_suite/pretrain/train.py); only the chief writes
 <out_dir>.
 """
 
+import dataclasses
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
@@ -93,19 +94,6 @@ flags.DEFINE_boolean("sync_batch_norm", True, "With several replicas, batch norm
 FLAGS = flags.FLAGS
 
 
-def config_from_flags():
-  return train_lib.PretrainConfig(
-      backbone=FLAGS.backbone, image_size=FLAGS.image_size, channels=FLAGS.channels,
-      invert=FLAGS.invert, rotations=FLAGS.rotations, epochs=FLAGS.epochs,
-      batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-      schedule=FLAGS.schedule, warmup_steps=FLAGS.warmup_steps,
-      weight_decay=FLAGS.weight_decay, augment=FLAGS.augment, max_shift=FLAGS.max_shift,
-      dropout=FLAGS.dropout, seed=FLAGS.seed, mixed_precision=FLAGS.mixed_precision,
-      head=FLAGS.head, teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
-      distill_temperature=FLAGS.distill_temperature,
-      checkpoint_every=FLAGS.checkpoint_every)
-
-
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
@@ -117,7 +105,9 @@ def main(argv):
     for name, count, dim in backbones.parameter_table(FLAGS.image_size, FLAGS.channels):
       print(f"{name:<10} {count:>12,} {dim:>12}")
     return
-  config = config_from_flags()
+  # Every PretrainConfig field with a flag here takes it (the rest keep their defaults).
+  config = train_lib.PretrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
+      train_lib.PretrainConfig) if f.name in FLAGS})
   train_lib.validate_config(config)
   # Before the data are read (multi_worker must start before other TF ops).
   strategy = distribute.make_strategy(FLAGS.distribution_strategy,
@@ -156,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -15,17 +15,15 @@ draws), for:
                         ncm_cosine at 1-shot
 """
 
-import os
-import sys
+from leo_suite import console
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 shows them)
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import baselines  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("data_path", None, "Folder holding <dataset>/<crop>/<split>_embeddings.*")
 flags.DEFINE_string("dataset_name", None, "Dataset folder name.")
@@ -66,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  console.run(main)

@@ -7,6 +7,11 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT_ENV = "LEO_SUITE_OMNIGLOT_DIR"
+# The processes the tests start (scripts/*.py, runner.py, helpers) import this
+# checkout's leo_suite, installed or not: the repository leads their PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                   if p and os.path.abspath(p) != REPO_ROOT])
 
 
 def omniglot_dir():

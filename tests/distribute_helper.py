@@ -18,9 +18,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=g-import-not-at-top
+import numpy as np
 
 def _models():
   """$LEO_SUITE_MODELS (comma list), else every registered learner."""

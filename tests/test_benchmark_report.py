@@ -1,7 +1,6 @@
-"""scripts/benchmark.py's report: issue 14's targets and the README's speed table,
+"""leo_suite/bench/benchmark.py's report: issue 14's targets and the README's speed table,
 from a small hand-made results JSON (nothing is measured)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,15 @@ import sys
 
 import pytest
 
+from leo_suite.bench import benchmark as benchmark_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-  spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_lib
 
 
 MAML_CONFIG = {"hidden_sizes": "", "inner_steps": 5, "inner_lr": 1.0, "head_init": "zeros",

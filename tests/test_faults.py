@@ -33,7 +33,6 @@ LIMIT = 24
 
 WRAPPER = r'''
 import errno, os, signal, sys
-sys.path.insert(0, {repo!r})
 point, nth = os.environ.get("FAULT_POINT", ""), int(os.environ.get("FAULT_NTH", "1"))
 calls = [0]
 

@@ -81,7 +81,7 @@ def glorot_uniform(shape, dtype):
 # ("auto_select") picks without XLA, so plain runs draw the same numbers as
 # before; under XLA on CPU the default instead lowers to a generator that
 # fuses into the consuming dot and made LEO's XLA step 3.2x SLOWER than plain
-# (scripts/leo_xla_probe.py: XLA/plain 0.31 with the default, 0.95 with
+# (experiments/leo_xla_probe.py: XLA/plain 0.31 with the default, 0.95 with
 # Philox, 1-shot; a random uniform -> tensordot, [12, 5, 15, 640] x [640, 64],
 # took 107 ms with the default against 1.5 ms with Philox).
 RNG_ALG = "philox"

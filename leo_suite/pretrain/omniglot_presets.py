@@ -10,7 +10,7 @@ DEFAULT_BACKBONE = "conv4"
 
 # Per-learner, per-setting meta-training: steps, validation interval and
 # runner.py flags, chosen by the validation sweep in the README (Omniglot-small;
-# meta-val alphabets only, never Latin; scripts/omniglot_learner_sweep.py, on
+# meta-val alphabets only, never Latin; experiments/omniglot_learner_sweep.py, on
 # the center embeddings of the default backbone). Training validates at step 0
 # (the initialisation) and every `every` steps on 200 fixed meta-val tasks and
 # keeps the best checkpoint (best/), which evaluation uses. Key (model, ways,

@@ -1,13 +1,13 @@
 """The steps the pretraining scripts share: decode, pretrain, extract, evaluate.
 
 `scripts/pretrain.py`, `scripts/extract_embeddings.py` and
-`scripts/omniglot_pipeline.py` are thin flag wrappers over these functions,
+leo_suite/pipelines/omniglot.py are thin wrappers over these functions,
 and the real-data integration test calls them directly.
 """
 
 import json
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -115,34 +115,6 @@ def run_learner(model: str, data_path: str, dataset_name: str, ways: int, shots:
            f"--metatest_batch_size={min(200, num_test_tasks)}",
            f"--num_test_tasks={num_test_tasks}", "--baselines=", *extra_flags]
   return compare.run_learner(model, checkpoint, flags, log=log, threads=threads)
-
-
-def markdown_table(rows: List[dict], settings=SETTINGS) -> str:
-  """One row per method, one column per setting: 'acc ± ci' or the status."""
-  columns = [f"{w}w{s}s" for w, s in settings]
-  methods = []
-  for row in rows:
-    if row["method"] not in methods:
-      methods.append(row["method"])
-  header = "| method | " + " | ".join(f"{w}-way {s}-shot" for w, s in settings) + " |"
-  lines = [header, "|" + "---|" * (len(columns) + 1)]
-  for method in methods:
-    cells = []
-    for column in columns:
-      match = [r for r in rows if r["method"] == method and r["setting"] == column]
-      if not match:
-        cells.append("-")
-      elif "accuracy" in match[0]:
-        cell = f"{match[0]['accuracy']:.2f} ± {match[0]['ci95']:.2f}"
-        if "best_step" in match[0]:  # learners: best validation accuracy @ its step
-          cell += f" (val {match[0]['val_accuracy']:.2f} @ {match[0]['best_step']})"
-        elif "model" in match[0]:
-          cell += " (no best checkpoint)"
-        cells.append(cell)
-      else:
-        cells.append(match[0]["status"])
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def write_json(path, payload):

@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from leo_suite import report
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNER = os.path.join(REPO_ROOT, "runner.py")
 
@@ -115,20 +117,21 @@ def _best_cell(row) -> str:
 
 
 def markdown_table(rows: List[Dict], title: Optional[str] = None) -> str:
-  lines = ([f"**{title}**", ""] if title else []) + [
-      "| method | test accuracy (%) | 95% CI | meta-train steps/s | peak RSS (MiB) | "
-      "best validation (%) @ step |",
-      "| --- | --- | --- | --- | --- | --- |"]
+  header = ["method", "test accuracy (%)", "95% CI", "meta-train steps/s", "peak RSS (MiB)",
+            "best validation (%) @ step"]
+  cells = []
   for row in rows:
     if "status" in row:
-      lines.append(f"| {row['model']} | {row['status']} | | | | |")
+      cells.append([row["model"], row["status"], "", "", "", ""])
     else:
-      lines.append(f"| {row['model']} | {row['accuracy']:.2f} | {row['ci95']:.2f} | "
-                   f"{row['steps_per_second']:.1f} | {row['peak_rss_mib']:.0f} | "
-                   f"{_best_cell(row)} |")
+      cells.append([row["model"], f"{row['accuracy']:.2f}", f"{row['ci95']:.2f}",
+                    f"{row['steps_per_second']:.1f}", f"{row['peak_rss_mib']:.0f}",
+                    _best_cell(row)])
   baselines = {}
   for row in rows:
     baselines.update(row.get("baselines", {}))
   for name, value in baselines.items():  # identical episodes for every run
-    lines.append(f"| {name} (no meta-learning) | {value['accuracy']:.2f} | {value['ci95']:.2f} | - | - | - |")
-  return "\n".join(lines) + "\n"
+    cells.append([f"{name} (no meta-learning)", f"{value['accuracy']:.2f}",
+                  f"{value['ci95']:.2f}", "-", "-", "-"])
+  heading = f"**{title}**\n\n" if title else ""
+  return heading + report.markdown_table(header, cells) + "\n"

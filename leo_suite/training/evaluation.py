@@ -115,7 +115,7 @@ TABLE_CHUNK_FLOATS = 1 << 24
 # mmap ceiling every call page-faults it in again. 5-way 5-shot Relation on
 # the benchmark's table: 2.0 million minor faults and 4.7 s of system time per
 # 2,000 tasks at 1 << 24, under 10,000 faults and 0.1 s at 1 << 22, 2x the tasks/s;
-# L2F 1.5x; linear readouts no faster (`scripts/speed_probes.py --evaluation`).
+# L2F 1.5x; linear readouts no faster (`experiments/speed_probes.py --evaluation`).
 TABLE_FINISH_CHUNK_FLOATS = 1 << 22
 EVALUATION_METHODS = ("auto", "table", "gather")
 

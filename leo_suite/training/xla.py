@@ -13,7 +13,7 @@ A compiled meta-training step does not draw its random numbers (dropout,
 latent and weight samples, generated noise) inside XLA: `Predrawn` draws
 them with TF's own kernels in a plain graph around the compiled call and
 passes them in. XLA's CPU code for the stateless generators was the cost
-of LEO's XLA step (scripts/leo_xla_probe.py, XLA/plain steps/s at 1 / 5
+of LEO's XLA step (experiments/leo_xla_probe.py, XLA/plain steps/s at 1 / 5
 shots: 0.71 / 0.93 with the draws inside XLA, 1.11 / 1.38 with them made
 outside). So a step with XLA draws the same numbers as without it.
 Evaluation's table-path readout has its own switch (`resolve_readout`,

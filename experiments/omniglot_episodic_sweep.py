@@ -9,7 +9,7 @@ and cosine NCM on the meta-val alphabets (Early_Aramaic, Tagalog) at 5w1s /
 5w5s / 20w1s on the feature sweep's fixed episodes, before any step and
 every --eval_every steps. Latin is never loaded.
 
-  python scripts/omniglot_episodic_sweep.py --run=runs/sweep/affine_e30_s0 \
+  python experiments/omniglot_episodic_sweep.py --run=runs/sweep/affine_e30_s0 \
       --out=runs/sweep/episodic_20w1s --num_ways=20 --num_shots=1 --steps=600
 
 Appends one JSON line per evaluation to <out>/val.jsonl and prints it; the
@@ -18,16 +18,15 @@ fine-tuned backbone is not kept (the lever was not adopted).
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+tf = console.import_tensorflow()
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-import tensorflow as tf  # pylint: disable=wrong-import-position
 
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
@@ -107,4 +106,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["run", "out"])
-  cli.run(main)
+  console.run(main)

@@ -1,6 +1,6 @@
 """Where LEO's XLA step loses time (issue 14): one meta-training step, plain vs XLA.
 
-  .venv/bin/python scripts/leo_xla_probe.py [--steps=30]
+  python experiments/leo_xla_probe.py [--steps=30]
 
 Times `loss_and_gradients` of a 5-way meta-batch of 12 tasks (D = 640, 15
 queries) under tf.function with and without jit_compile (the benchmark's
@@ -14,21 +14,25 @@ and the draws alone: how many numbers a step draws and how long TF's
 generators take to draw them (the floor of a step with sampling and dropout,
 with or without XLA). Run it on a quiet machine.
 """
-import argparse
 import itertools
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from leo_suite import console
 
+tf = console.import_tensorflow()
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from leo_suite.models import base  # pylint: disable=g-import-not-at-top,wrong-import-position
-from leo_suite.models import leo  # pylint: disable=g-import-not-at-top,wrong-import-position
-from leo_suite.training import xla as xla_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from scripts.benchmark import time_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from leo_suite.bench.benchmark import time_steps  # pylint: disable=wrong-import-position
+from leo_suite.models import base  # pylint: disable=wrong-import-position
+from leo_suite.models import leo  # pylint: disable=wrong-import-position
+from leo_suite.training import xla as xla_lib  # pylint: disable=wrong-import-position
+
+flags.DEFINE_integer("steps", 30, "Timed steps per row.")
+flags.DEFINE_string("rng_algs", "auto_select,philox",
+                    "comma list of stateless RNG algorithms to try")
+FLAGS = flags.FLAGS
 
 
 def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
@@ -41,17 +45,13 @@ def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
                       unit((batch, ways, queries, dim)), labels(queries))
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--rng_algs", default="auto_select,philox",
-                      help="comma list of stateless RNG algorithms to try")
-  args = parser.parse_args()
+def main(argv):
+  del argv
   rng = np.random.default_rng(0)
   rows = [("default", {}, True), ("dropout 0", {"dropout_rate": 0.0}, True),
           ("training=False (no dropout, no sampling)", {}, False)]
   print(f"load average {os.getloadavg()[0]:.2f}")
-  for alg in args.rng_algs.split(","):
+  for alg in FLAGS.rng_algs.split(","):
     base.RNG_ALG = alg   # read by the learners at trace time
     for shots in (1, 5):
       episodes = itertools.repeat(episode(shots, rng))
@@ -63,14 +63,14 @@ def main():
             loss, _ = learner.meta_loss(e, training=training, seed=seed)
           return loss, tape.gradient(loss, learner.trainable_variables,
                                      unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        plain = time_steps(tf.function(compute), episodes, args.steps)
-        xla = time_steps(tf.function(compute, jit_compile=True), episodes, args.steps)
-        predrawn = time_steps(tf.function(xla_lib.Predrawn(compute)), episodes, args.steps)
+        plain = time_steps(tf.function(compute), episodes, FLAGS.steps)
+        xla = time_steps(tf.function(compute, jit_compile=True), episodes, FLAGS.steps)
+        predrawn = time_steps(tf.function(xla_lib.Predrawn(compute)), episodes, FLAGS.steps)
         draw_only = tf.function(lambda e, seed, compute=compute: xla_lib.record_draws(
             compute, e, seed) or [tf.zeros([])])
         draws = draw_only(next(episodes), tf.constant([0, 0]))
         numbers = sum(int(tf.size(d)) for d in draws) if training else 0
-        draw_rate = time_steps(draw_only, episodes, args.steps)
+        draw_rate = time_steps(draw_only, episodes, FLAGS.steps)
         print(f"{alg:11s} K={shots} {name:42s} plain {plain:7.1f} st/s  XLA {xla:7.1f} "
               f"st/s  XLA/plain {xla / plain:5.2f}  XLA predrawn {predrawn:7.1f} st/s "
               f"({predrawn / plain:5.2f})  draws {numbers / 1e6:.2f}M numbers in "
@@ -79,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  console.run(main)

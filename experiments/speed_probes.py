@@ -1,7 +1,7 @@
 """Where the time of a step goes: the probes behind the README's "What falls
 short" (run on a quiet machine; ratios within one run).
 
-  python scripts/speed_probes.py
+  python experiments/speed_probes.py
 
 Prints:
   * this CPU's matmul rate ([960, 640] x [640, 640], GFLOP/s) and ProtoNet's
@@ -14,7 +14,7 @@ Prints:
     and XLA, for MAML and LEO, in tasks/s;
   * the episode sampler's wall and CPU time per meta-batch of 12 tasks.
 
-  python scripts/speed_probes.py --evaluation=relation:5,matching:1 --passes=3
+  python experiments/speed_probes.py --evaluation=relation:5,matching:1 --passes=3
 
 instead times repeated evaluation passes of those learners (2,000 fixed
 tasks of the benchmark's test split, batches of 25, the path and XLA
@@ -23,25 +23,29 @@ faults, which show a pass waiting (wall above CPU / cores) or faulting its
 buffers in (system time).
 """
 
-import argparse
-import os
 import resource
-import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from leo_suite import console
 
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+tf = console.import_tensorflow()
 
-import benchmark  # pylint: disable=g-import-not-at-top
-from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
-from leo_suite.models import base  # pylint: disable=g-import-not-at-top
-from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
-from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.bench import benchmark  # pylint: disable=wrong-import-position
+from leo_suite.data import episodes  # pylint: disable=wrong-import-position
+from leo_suite.models import base  # pylint: disable=wrong-import-position
+from leo_suite.training import evaluation  # pylint: disable=wrong-import-position
+from leo_suite.training import trainer as trainer_lib  # pylint: disable=wrong-import-position
+
+flags.DEFINE_string("evaluation", "", "comma list of learner:shots: time evaluation passes only")
+flags.DEFINE_integer("passes", 3, "passes per --evaluation entry")
+flags.DEFINE_integer("table_finish_chunk_floats", 0, "override "
+                     "evaluation.TABLE_FINISH_CHUNK_FLOATS (e.g. 16777216, the bound before "
+                     "it had its own value)")
+FLAGS = flags.FLAGS
 
 BATCH = 12
 SEED = tf.constant([0, 1])
@@ -136,24 +140,17 @@ def evaluation_passes(model, shots, passes, num_tasks=2000, batch_size=25):
           f"{after.ru_minflt - before.ru_minflt:,} minor page faults", flush=True)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--evaluation", default="",
-                      help="comma list of learner:shots: time evaluation passes only")
-  parser.add_argument("--passes", type=int, default=3, help="passes per --evaluation entry")
-  parser.add_argument("--table_finish_chunk_floats", type=int, default=0,
-                      help="override evaluation.TABLE_FINISH_CHUNK_FLOATS (e.g. 16777216, the "
-                           "bound before it had its own value)")
-  args = parser.parse_args()
-  if args.table_finish_chunk_floats:
-    evaluation.TABLE_FINISH_CHUNK_FLOATS = args.table_finish_chunk_floats
-  if args.evaluation:
-    for entry in args.evaluation.split(","):
+def main(argv):
+  del argv
+  if FLAGS.table_finish_chunk_floats:
+    evaluation.TABLE_FINISH_CHUNK_FLOATS = FLAGS.table_finish_chunk_floats
+  if FLAGS.evaluation:
+    for entry in FLAGS.evaluation.split(","):
       model, _, shots = entry.partition(":")
       if model not in benchmark.MODELS or not shots.isdigit():
-        parser.error(f"--evaluation: {entry!r} is not learner:shots with a learner of "
+        raise errors.ConfigError(f"--evaluation: {entry!r} is not learner:shots with a learner of "
                      f"{list(benchmark.MODELS)}")
-      evaluation_passes(model, int(shots), args.passes)
+      evaluation_passes(model, int(shots), FLAGS.passes)
     return
   split = benchmark.synthetic_split(64, benchmark.IMAGES_PER_CLASS, seed=0)
   sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(5, 1, 15))
@@ -164,4 +161,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  console.run(main)

@@ -5,7 +5,7 @@ nearest class mean on the meta-val alphabets (Early_Aramaic, Tagalog) at
 5w1s / 5w5s / 20w1s on fixed episodes after the epochs in --eval_epochs (and
 at the end). Latin (meta-test) is never loaded here.
 
-  nice -n 10 .venv/bin/python scripts/omniglot_feature_sweep.py \
+  nice -n 10 .venv/bin/python experiments/omniglot_feature_sweep.py \
       --out_dir=runs/sweep/affine_e30_s0 --augment=affine --epochs=30
 
 Appends one JSON line per evaluation to <out_dir>/val.jsonl and prints it.
@@ -13,14 +13,14 @@ Appends one JSON line per evaluation to <out_dir>/val.jsonl and prints it.
 
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from leo_suite import console
+
+console.import_tensorflow()
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
@@ -83,4 +83,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("out_dir")
-  cli.run(main)
+  console.run(main)

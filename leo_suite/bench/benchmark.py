@@ -1,0 +1,565 @@
+"""Throughput and memory of every learner on this machine, in one run
+(scripts/benchmark.py is its command line).
+
+For each learner (5-way, meta-batch 12, D = 640, V = 15 queries per class in
+meta-training):
+  * meta-train steps/s and tasks/s at 1-shot and 5-shot (the Trainer's step:
+    loss and gradients, NaN guard, clipping, Adam; episodes from the real
+    EpisodeSampler pipeline), without and with XLA (jit_compile);
+  * the same step written per task with tf.map_fn (each task a B = 1
+    meta-batch, same maths, gradients averaged) and the batched/map_fn ratio;
+  * evaluation tasks/s on the fixed-set path the runner takes (real
+    EpisodeSampler; V = 600 - K queries per class, as LEO's test protocol;
+    XLA for adaptation and the table readout as --jit_compile=auto sets
+    them), against the gather path; for LEO also the time of 10,000 test tasks;
+  * peak memory of one meta-training step (resident-set high-water mark
+    increase, measured in a fresh subprocess per configuration), and for MAML
+    and iMAML against the number of inner steps (1, 5, 10, 20).
+  * data wait: in the Trainer's own input pipeline (EpisodeSampler ->
+    tf.data -> step), the mean time per step spent in `next(iterator)` and
+    its share of the step (the step's results fetched with .numpy(), as the
+    Trainer does), the train/data_wait_fraction the Trainer logs.
+Also embedding extraction (Conv-4 28x28, ResNet-12 84x84) and, if the serving
+module provides `benchmark_latency`, serving latency. Embeddings are synthetic
+(random, unit-norm after the sampler), so accuracies are meaningless here.
+The machine may be shared: compare ratios measured in the same run.
+
+Issue 14's targets are checked per learner and shot (`target_checks`; the
+JSON's "targets" list of {name, learner, shots, value, threshold, holds}):
+XLA never slower than plain; LEO meta-training >= 1,500 tasks/s at 1-shot and
+>= 700 at 5-shot and MAML (linear head, 5 second-order inner steps, meta-batch
+12) >= 6,000 at 1-shot, each the faster of plain and XLA; the batched step >=
+3x its per-task map_fn form; evaluation >= 1,000 test tasks/s, and LEO's
+10,000 1-shot test tasks at V = 600 - K in <= 5 s.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from leo_suite import errors
+from leo_suite import report
+from leo_suite.data import embeddings
+from leo_suite.data import episodes
+from leo_suite.models import base
+from leo_suite.models import registry
+from leo_suite.pretrain import extract
+from leo_suite.serving import export
+from leo_suite.training import evaluation
+from leo_suite.training import run as run_lib
+from leo_suite.training import trainer as trainer_lib
+from leo_suite.training import xla
+
+# The folder holding leo_suite: the memory probes' subprocesses import it from there.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS = tuple(registry.LEARNERS)
+NUM_WAYS, DIM, BATCH, TRAIN_QUERIES, IMAGES_PER_CLASS = 5, 640, 12, 15, 600
+SHOTS = (1, 5)
+MEMORY_INNER_STEPS = (1, 5, 10, 20)
+# Learner settings the targets are stated for (others: the learner's defaults).
+LEARNER_CONFIGS = {"maml": dict(hidden_sizes="", inner_steps=5, first_order=False,
+                                meta_sgd=False)}  # linear head, 5 second-order steps
+
+# Issue 14's targets (short label for the tables, what it means).
+XLA_MIN, BATCHED_MIN, EVAL_TASKS_MIN = 1.0, 3.0, 1000.0
+TRAIN_TASKS_MIN = {("leo", 1): 1500.0, ("leo", 5): 700.0, ("maml", 1): 6000.0}
+LEO_EVAL_TASKS, LEO_EVAL_SECONDS = 10000, 5.0
+TARGET_LABELS = {
+    "xla_not_slower": ("XLA", "XLA/plain >= 1.0"),
+    "batched_vs_map_fn": ("3x", "batched step >= 3x its per-task map_fn form"),
+    "train_tasks_per_s": ("tasks/s", "meta-training tasks/s (faster of plain and XLA) >= "
+                                     "LEO 1,500 at 1-shot, 700 at 5-shot; MAML 6,000 at "
+                                     "1-shot"),
+    "eval_tasks_per_s": ("eval", "evaluation >= 1,000 test tasks/s"),
+    "leo_eval_10000_tasks_seconds": ("10k", "LEO's 10,000 1-shot test tasks at V = 600 - K "
+                                            "in <= 5 s"),
+}
+
+
+def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
+  """Random embeddings in LEO's layout (classes contiguous)."""
+  rng = np.random.default_rng(seed)
+  table = rng.standard_normal((num_classes * images_per_class, dim), dtype=np.float32)
+  counts = np.full(num_classes, images_per_class, np.int64)
+  return embeddings.EmbeddingSplit(
+      table, [f"c{i}" for i in range(num_classes)],
+      np.arange(num_classes, dtype=np.int64) * images_per_class, counts,
+      [f"i{i}" for i in range(len(table))], {})
+
+
+def learner_config(model, overrides=None):
+  """The learner's Config benchmarked: its defaults, LEARNER_CONFIGS, `overrides`."""
+  fields = dict(LEARNER_CONFIGS.get(model, {}), **(overrides or {}))
+  return registry.learner_module(model).Config(**fields)
+
+
+def make_run(model, directory, overrides=None, **settings):
+  """A run (not written to disk) of `model` with the benchmark's config and `settings`."""
+  settings = run_lib.default_settings(model, learner_config(model, overrides),
+                                      num_classes=NUM_WAYS, **settings)
+  return run_lib.Run.new(directory, settings, DIM, data={})
+
+
+def build(model, overrides=None):
+  return make_run(model, "", overrides).build_learner()
+
+
+def map_fn_step(trainer):
+  """The Trainer's step with the learner applied task by task (tf.map_fn)."""
+  learner = trainer.learner
+  variables = learner.trainable_variables
+
+  def step(episode, seed):
+    def one_task(task):
+      single = base.Episode(*[t[tf.newaxis] for t in task])
+      loss, grads, _ = learner.loss_and_gradients(single, seed=seed)
+      return loss, tuple(grads)
+    signature = (tf.TensorSpec([], learner.dtype),
+                 tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables))
+    losses, grads = tf.map_fn(one_task, tuple(episode), fn_output_signature=signature)
+    grads = [tf.reduce_mean(g, axis=0) for g in grads]
+    return trainer._apply(tf.reduce_mean(losses), grads, {})  # pylint: disable=protected-access
+
+  return tf.function(step)
+
+
+def time_steps(step_fn, dataset_iter, num_steps, warmup=2):
+  for i in range(warmup):
+    out = step_fn(next(dataset_iter), tf.constant([0, i], tf.int32))
+  tf.nest.map_structure(lambda t: t.numpy(), out)
+  start = time.perf_counter()
+  for i in range(num_steps):
+    out = step_fn(next(dataset_iter), tf.constant([0, warmup + i], tf.int32))
+  tf.nest.map_structure(lambda t: t.numpy(), out)
+  return num_steps / (time.perf_counter() - start)
+
+
+def data_wait(trainer, num_steps, warmup=2):
+  """Per step of the Trainer's own pipeline: mean wait for data, compute, wait share."""
+  iterator = iter(trainer.train_dataset(0))
+  timer = trainer_lib.DataWait()
+  for step in range(warmup + num_steps):
+    if step == warmup:
+      timer = trainer_lib.DataWait()
+    episode = timer.next(iterator)
+    tf.nest.map_structure(lambda t: t.numpy(), trainer.train_step(episode, step))
+    timer.stepped()
+  return {"data_wait_ms": 1000 * timer.mean_wait,
+          "step_compute_ms": 1000 * timer.compute / timer.steps,
+          "data_wait_fraction": timer.fraction}
+
+
+def profile_window(step_fn, dataset_iter, directory, num_steps=10):
+  """A TensorBoard profile of `num_steps` steps (after the timed window)."""
+  tf.profiler.experimental.start(directory)
+  try:
+    time_steps(step_fn, dataset_iter, num_steps, warmup=1)
+  finally:
+    tf.profiler.experimental.stop()
+
+
+def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, with_xla=True,
+                     profile_dir=""):
+  spec = episodes.EpisodeSpec(NUM_WAYS, shots, TRAIN_QUERIES)
+  sampler = episodes.EpisodeSampler(train_split, spec)
+  row = {}
+  variants = [("batched", False)] + ([("xla", True)] if with_xla else [])
+  for name, jit in variants:
+    with tempfile.TemporaryDirectory() as scratch:
+      run = make_run(model, scratch, num_tr_examples_per_class=shots,
+                     num_val_examples_per_class=TRAIN_QUERIES,
+                     metatrain_batch_size=BATCH, jit_compile=jit)
+      trainer = trainer_lib.Trainer(run.build_learner(), trainer_lib.TrainConfig.from_run(run),
+                                    sampler)
+      data = iter(sampler.dataset(0, BATCH))
+      try:
+        row[name] = time_steps(trainer._train_step, data, num_steps)  # pylint: disable=protected-access
+      except Exception as exc:  # pylint: disable=broad-except
+        row[name] = None
+        row[name + "_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        continue
+      if name != "batched":
+        continue
+      row.update(data_wait(trainer, num_steps))
+      if profile_dir:
+        profile_window(trainer._train_step, data, profile_dir)  # pylint: disable=protected-access
+      if with_map_fn:
+        row["map_fn"] = time_steps(map_fn_step(trainer), data, max(2, num_steps // 4), warmup=1)
+  return row
+
+
+def eval_split():
+  """The evaluation benchmark's test split: 20 classes of IMAGES_PER_CLASS rows."""
+  return synthetic_split(20, IMAGES_PER_CLASS, seed=1)
+
+
+def eval_sampler(test_split, shots):
+  """NUM_WAYS-way tasks with every remaining image of a class as a query."""
+  return episodes.EpisodeSampler(
+      test_split, episodes.EpisodeSpec(NUM_WAYS, shots, IMAGES_PER_CLASS - shots))
+
+
+def runner_evaluator(model):
+  """(Evaluator, jit_adapt, jit_readout) with the XLA settings the runner's
+  --jit_compile=auto gives `model`."""
+  jit, jit_readout = xla.resolve("auto", model), xla.resolve_readout("auto", model)
+  return (evaluation.Evaluator(build(model), jit_compile=jit, jit_readout=jit_readout),
+          jit, jit_readout)
+
+
+def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
+  """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
+  table path, with the XLA settings --jit_compile=auto gives) and of the
+  gather path, on the same fixed tasks."""
+  queries = IMAGES_PER_CLASS - shots
+  sampler = eval_sampler(test_split, shots)
+  evaluator, jit, jit_readout = runner_evaluator(model)
+  chosen = evaluator.method(sampler)
+  row = {"tasks": num_tasks, "queries_per_class": queries, "method": chosen,
+         "jit_adapt": jit, "jit_readout": jit_readout}
+  accuracies = {}
+  for method in dict.fromkeys([chosen, "gather"]):
+    evaluator.fixed_accuracy(sampler, 99, batch_size, batch_size, method=method)  # trace
+    start = time.perf_counter()
+    accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size,
+                                                  method=method)
+    row[f"{method}_seconds"] = time.perf_counter() - start
+    assert len(accuracies[method]) == num_tasks
+  row["seconds"] = row[f"{chosen}_seconds"]
+  row["tasks_per_s"] = num_tasks / row["seconds"]
+  row["gather_tasks_per_s"] = num_tasks / row["gather_seconds"]
+  # Query predictions that differ between the paths: the same logits summed
+  # in another order can flip an argmax on a float tie (random embeddings put
+  # every task at chance, where ties are common); 0 on the test fixtures.
+  per_task = np.round((accuracies[chosen] - accuracies["gather"]) * NUM_WAYS * queries)
+  row["query_flips"] = int(np.abs(per_task).sum())
+  row["queries"] = num_tasks * NUM_WAYS * queries
+  return row
+
+
+def sampler_only(shots, test_split, num_tasks, batch_size=200):
+  """Seconds to draw `num_tasks` evaluation tasks (gather + L2-normalise) alone."""
+  sampler = eval_sampler(test_split, shots)
+  start = time.perf_counter()
+  for _ in sampler.fixed_set(1, num_tasks, batch_size):
+    pass
+  return time.perf_counter() - start
+
+
+# -- peak memory, one fresh process per configuration --------------------------
+def peak_rss_mb(reset=False):
+  """The process's RSS high-water mark (MB); `reset` first sets it to the current RSS.
+
+  Linux's VmHWM, reset through /proc/self/clear_refs: getrusage's ru_maxrss
+  is kept across fork and exec, so a probe started by a large benchmark
+  process would report the parent's peak. Elsewhere, ru_maxrss.
+  """
+  if reset:
+    with contextlib.suppress(OSError):
+      with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+  try:
+    with open("/proc/self/status") as handle:
+      for line in handle:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_probe(model, shots, inner_steps):
+  """Runs in a subprocess: RSS high-water increase (MB) of 3 meta-training steps."""
+  overrides = {}
+  if inner_steps is not None:
+    overrides = {"inner_steps": inner_steps}
+    if model == "leo":
+      overrides = {"inner_unroll_length": inner_steps}
+  learner = build(model, overrides)
+  rng = np.random.default_rng(0)
+  def tensor(shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
+  labels = lambda m: tf.constant(np.tile(np.arange(NUM_WAYS)[:, None], [BATCH, 1, m])
+                                 .reshape(BATCH, NUM_WAYS, m).astype(np.int32))
+  episode = base.Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
+                         tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
+
+  @tf.function
+  def step(seed):
+    loss, grads, _ = learner.loss_and_gradients(episode, seed=seed)
+    return loss, grads
+
+  step.get_concrete_function(tf.TensorSpec([2], tf.int32))  # trace outside the window
+  before = peak_rss_mb(reset=True)
+  for i in range(3):
+    tf.nest.map_structure(lambda t: t.numpy(), step(tf.constant([0, i], tf.int32)))
+  after = peak_rss_mb()
+  gpu = None
+  if tf.config.list_physical_devices("GPU"):
+    gpu = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+  return {"peak_rss_increase_mb": after - before, "peak_rss_mb": after, "gpu_peak_mb": gpu}
+
+
+def run_memory_probe(model, shots, inner_steps=None, timeout=600):
+  """`memory_probe` in a fresh Python process (its own RSS high-water mark)."""
+  code = ("import json, sys; from leo_suite.bench import benchmark; "
+          "steps = sys.argv[3]; print(json.dumps(benchmark.memory_probe("
+          "sys.argv[1], int(sys.argv[2]), int(steps) if steps else None)))")
+  args = [sys.executable, "-c", code, model, str(shots),
+          str(inner_steps) if inner_steps is not None else ""]
+  path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+  if proc.returncode != 0:
+    return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the report: targets and tables (from the results alone) -------------------------
+def fmt(value, spec=".1f"):
+  return "-" if value is None else format(value, spec)
+
+
+def ratio(numerator, denominator):
+  return numerator / denominator if numerator and denominator else None
+
+
+def check(name, model, shots, value, threshold, at_most=False, **details):
+  """One target: holds is None when not measured (a relative 1e-9 absorbs rounding)."""
+  holds = None
+  if value is not None:
+    holds = (value <= threshold * (1 + 1e-9) if at_most
+             else value >= threshold * (1 - 1e-9))
+  return dict(name=name, learner=model, shots=shots, value=value, threshold=threshold,
+              holds=holds, **details)
+
+
+def target_checks(results):
+  """Issue 14's targets for every learner and shot measured in `results`."""
+  batch = results.get("settings", {}).get("meta_batch", BATCH)
+  configs = results.get("settings", {}).get("learner_configs", {})
+  checks = []
+  for model, per_model in results.get("train", {}).items():
+    for shots, row in per_model.items():
+      k = int(shots)
+      checks.append(check("xla_not_slower", model, k,
+                          ratio(row.get("xla"), row.get("batched")), XLA_MIN))
+      checks.append(check("batched_vs_map_fn", model, k,
+                          ratio(row.get("batched"), row.get("map_fn")), BATCHED_MIN))
+      if (model, k) in TRAIN_TASKS_MIN:
+        variants = {v: row[v] for v in ("batched", "xla") if row.get(v)}
+        best = max(variants, key=variants.get) if variants else None
+        details = {"variant": {"batched": "plain", "xla": "xla"}.get(best),
+                   "meta_batch": batch}
+        if model in configs:
+          details["config"] = configs[model]
+        checks.append(check("train_tasks_per_s", model, k,
+                            variants[best] * batch if best else None,
+                            TRAIN_TASKS_MIN[(model, k)], **details))
+  for model, per_model in results.get("eval", {}).items():
+    for shots, row in per_model.items():
+      rate = row.get("tasks_per_s")
+      checks.append(check("eval_tasks_per_s", model, int(shots), rate, EVAL_TASKS_MIN))
+      if model == "leo" and int(shots) == 1:
+        checks.append(check(
+            "leo_eval_10000_tasks_seconds", model, 1,
+            LEO_EVAL_TASKS / rate if rate else None, LEO_EVAL_SECONDS, at_most=True,
+            tasks_measured=row.get("tasks"), queries_per_class=row.get("queries_per_class")))
+  return checks
+
+
+def mark(holds):
+  return {True: "\u2713", False: "\u2717", None: "?"}[holds]
+
+
+def table(results):
+  """(header, rows): one row per learner and shot, every cell a string."""
+  header = ["learner", "K", "steps/s", "tasks/s", "XLA steps/s", "map_fn steps/s",
+            "batched / map_fn", "XLA / plain", "data wait", "eval tasks/s", "peak MB",
+            "targets"]
+  batch = results.get("settings", {}).get("meta_batch", BATCH)
+  checks = target_checks(results)
+  models = [m for m in MODELS if m in results.get("train", {}) or m in results.get("eval", {})]
+  rows = []
+  for model in models:
+    for k in SHOTS:
+      train = results.get("train", {}).get(model, {}).get(str(k), {})
+      evaluation_row = results.get("eval", {}).get(model, {}).get(str(k), {})
+      memory = results.get("memory", {}).get(f"{model} {k}-shot default", {})
+      if not (train or evaluation_row):
+        continue
+      plain = train.get("batched")
+      wait = (f"{train['data_wait_ms']:.1f} ms ({100 * train['data_wait_fraction']:.0f}%)"
+              if train.get("data_wait_ms") is not None else "-")
+      marks = " ".join(f"{TARGET_LABELS[c['name']][0]} {mark(c['holds'])}"
+                       for c in checks if c["learner"] == model and c["shots"] == k)
+      rows.append([model, str(k), fmt(plain), fmt(plain * batch if plain else None, ",.0f"),
+                   fmt(train.get("xla")), fmt(train.get("map_fn"), ".2f"),
+                   fmt(ratio(plain, train.get("map_fn")), ".2f"),
+                   fmt(ratio(train.get("xla"), plain), ".2f"), wait,
+                   fmt(evaluation_row.get("tasks_per_s"), ",.0f"),
+                   fmt(memory.get("peak_rss_increase_mb")), marks or "-"])
+  return header, rows
+
+
+def markdown(results):
+  """The README's speed table, its legend and where it was measured."""
+  lines = [report.markdown_table(*table(results))]
+  legend = "; ".join(f"{label} = {meaning}" for label, meaning in TARGET_LABELS.values())
+  lines += ["", f"Targets: {legend}; {mark(True)} holds, {mark(False)} does not, ? not "
+                "measured."]
+  machine, settings = results.get("machine", {}), results.get("settings", {})
+  if machine:
+    load = ", ".join(f"{x:.1f}" for x in machine.get("load_average", []))
+    lines.append(f"Measured on {machine.get('cpus')} CPUs, {machine.get('gpus', 0)} GPUs, "
+                 f"TensorFlow {machine.get('tf')}, load average {load}"
+                 + (" (--quick)" if settings.get("quick") else "") + ".")
+  return "\n".join(lines)
+
+
+def print_table(results):
+  header, rows = table(results)
+  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+  print(f"\n== meta-training (5-way, meta-batch {BATCH}, D={DIM}, V={TRAIN_QUERIES}; "
+        f"tasks/s = {BATCH}x steps/s), evaluation, memory ==")
+  for row in [header] + rows:
+    print("  ".join(cell.rjust(w) if i > 0 else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths))))
+  if results.get("targets"):
+    print("\n== targets (issue 14) ==")
+    for c in results["targets"]:
+      print(f"{mark(c['holds'])} {c['name']:30s} {c['learner']:13s} K={c['shots']}  "
+            f"{fmt(c['value'], ',.2f'):>10s} {'<=' if c['name'].endswith('seconds') else '>='} "
+            f"{c['threshold']:,g}")
+  if results.get("eval"):
+    print("\n== evaluation (fixed set via EpisodeSampler, V = 600-K queries/class) ==")
+    for model, per_model in results["eval"].items():
+      for shots, row in per_model.items():
+        if "error" in row:
+          print(f"{model:8s} K={shots}: error {row['error']}")
+          continue
+        print(f"{model:8s} K={shots}: {row['tasks_per_s']:8.1f} tasks/s "
+              f"({row['tasks']} tasks in {row['seconds']:.1f} s, {row.get('method', 'gather')}"
+              f" path; gather path {row.get('gather_tasks_per_s', row['tasks_per_s']):.1f}"
+              f" tasks/s; queries predicted differently: {row.get('query_flips', '-')}"
+              f" of {row.get('queries', '-')})")
+    for shots, seconds in results.get("sampler_seconds", {}).items():
+      print(f"sampler alone K={shots}: {seconds['seconds']:.1f} s for {seconds['tasks']} tasks")
+  if results.get("memory"):
+    print("\n== peak memory of a meta-training step (RSS high-water increase, MB) ==")
+    for key, row in results["memory"].items():
+      print(f"{key:24s} {fmt(row.get('peak_rss_increase_mb')):>8s} MB"
+            + (f"  error: {row['error']}" if "error" in row else ""))
+  for key in ("extraction", "serving"):
+    if results.get(key):
+      print(f"\n== {key} ==")
+      for name, value in results[key].items():
+        print(f"{name:32s} {value}")
+
+
+def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval_tasks=10000,
+        profile_dir="", serving_export_dir=""):
+  """Measures `models` (the sections not in `skip`); the results, with their targets.
+
+  Sections: train, xla, map_fn, eval, memory, extraction, serving. `eval_tasks`
+  per learner (0: 2,000, quick 200); LEO 1-shot takes `leo_eval_tasks` unless
+  `quick`. `profile_dir`: a TensorBoard profile of models[0]'s 1-shot step.
+  """
+  unknown = [m for m in models if m not in MODELS]
+  if unknown:
+    raise errors.ConfigError(f"--only: unknown learner(s) {unknown}; choose from {list(MODELS)}")
+  skip = set(skip)
+  num_steps = 10 if quick else 40
+  eval_tasks = eval_tasks or (200 if quick else 2000)
+  results = {"machine": {"cpus": os.cpu_count(), "tf": tf.__version__,
+                         "gpus": len(tf.config.list_physical_devices("GPU")),
+                         "load_average": os.getloadavg()},
+             "settings": {"num_ways": NUM_WAYS, "dim": DIM, "meta_batch": BATCH,
+                          "train_queries": TRAIN_QUERIES, "steps_timed": num_steps,
+                          "quick": quick,
+                          "learner_configs": {m: dataclasses.asdict(learner_config(m))
+                                              for m in models}},
+             "train": {}, "eval": {}, "memory": {}}
+  start = time.time()
+  train_split = synthetic_split(64, 40)
+  for model in (models if "train" not in skip else []):
+    results["train"][model] = {}
+    for shots in SHOTS:
+      profile = profile_dir if (model, shots) == (models[0], 1) else ""
+      row = train_throughput(model, shots, train_split, num_steps,
+                             with_map_fn="map_fn" not in skip, with_xla="xla" not in skip,
+                             profile_dir=profile)
+      if profile:
+        results["profile"] = {"learner": model, "shots": shots, "directory": profile}
+      results["train"][model][str(shots)] = row
+      print(f"[{time.time() - start:6.0f}s] train {model} {shots}-shot: "
+            f"{json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})}",
+            flush=True)
+
+  if "eval" not in skip:
+    test_split = eval_split()
+    results["sampler_seconds"] = {}
+    for shots in SHOTS:
+      results["sampler_seconds"][str(shots)] = {
+          "tasks": eval_tasks,
+          "seconds": sampler_only(shots, test_split, eval_tasks, eval_batch_size)}
+    for model in models:
+      results["eval"][model] = {}
+      for shots in SHOTS:
+        tasks = (leo_eval_tasks if (model == "leo" and shots == 1 and not quick)
+                 else eval_tasks)
+        try:
+          row = eval_throughput(model, shots, test_split, tasks, eval_batch_size)
+        except Exception as exc:  # pylint: disable=broad-except
+          row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        results["eval"][model][str(shots)] = row
+        print(f"[{time.time() - start:6.0f}s] eval {model} {shots}-shot: {row}", flush=True)
+
+  if "memory" not in skip:
+    for model in models:
+      for shots in SHOTS:
+        results["memory"][f"{model} {shots}-shot default"] = run_memory_probe(model, shots)
+    for model in [m for m in ("maml", "imaml") if m in models]:
+      for steps in MEMORY_INNER_STEPS:
+        results["memory"][f"{model} 5-shot T={steps}"] = run_memory_probe(model, 5, steps)
+    print(f"[{time.time() - start:6.0f}s] memory: {results['memory']}", flush=True)
+
+  if "extraction" not in skip:
+    results["extraction"] = {}
+    for backbone, size, channels, count in (("conv4", 28, 1, 2048), ("resnet12", 84, 3, 256)):
+      count = count // 4 if quick else count
+      try:
+        rate = extract.benchmark_extraction(backbone, size, channels, batch_size=64,
+                                            num_images=count)
+        results["extraction"][f"{backbone} {size}x{size} images/s"] = round(rate, 1)
+      except Exception as exc:  # pylint: disable=broad-except
+        results["extraction"][f"{backbone} {size}x{size} images/s"] = f"error: {exc}"
+
+  if "serving" not in skip:
+    hook = getattr(export, "benchmark_latency", None)
+    if hook is None:
+      results.setdefault("serving", {"status": "leo_suite.serving.export.benchmark_latency "
+                                               "not available yet"})
+    elif not serving_export_dir:
+      results["serving"] = {"status": "pass --serving_export_dir=<an exported version> "
+                                      "to measure serving latency"}
+    else:
+      try:
+        value = hook(serving_export_dir, batch_sizes=(1, 256))
+        results["serving"] = value if isinstance(value, dict) else {"result": value}
+      except Exception as exc:  # pylint: disable=broad-except
+        results["serving"] = {"status": f"benchmark_latency failed: {type(exc).__name__}: {exc}"}
+
+  results["total_seconds"] = time.time() - start
+  results["targets"] = target_checks(results)
+  return results

@@ -1,0 +1,1 @@
+"""End-to-end pipelines over the library (pretrain, extract, baselines, learners)."""
