@@ -1,8 +1,9 @@
 """The documentation's relative links resolve, and README.md stays short.
 
-Every markdown link in README.md, CHANGELOG.md and docs/*.md whose target is
-not a URL must name an existing file or directory (relative to the linking
-file, anchor removed); an anchor must name a heading of its target file.
+Every markdown link in README.md, CHANGELOG.md, embeddings/README.md and
+docs/*.md whose target is not a URL must name an existing file or directory
+(relative to the linking file, anchor removed); an anchor must name a heading
+of its target file.
 """
 
 import glob
@@ -21,7 +22,8 @@ _URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)
 
 
 def doc_files():
-  paths = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "CHANGELOG.md")]
+  names = ("README.md", "CHANGELOG.md", os.path.join("embeddings", "README.md"))
+  paths = [os.path.join(ROOT, name) for name in names]
   return paths + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
