@@ -20,7 +20,7 @@ CONFIGS = {
                 inner_lr_init=0.2, finetuning_lr_init=0.1),
     "maml": dict(hidden_sizes="8", eval_inner_steps=3),
     "imaml": dict(hidden_sizes="8", inner_steps=4),
-    "r2d2": dict(projection_dim=6),
+    "r2d2": dict(),   # M = N K = 15 < D + 1: the Woodbury (M x M) solve, as at D = 640
     "l2f": dict(hidden_sizes="8", head_init="zeros", eval_inner_steps=3),
     "protonet": dict(map_dim=6),
     "matching": dict(map_dim=6),
