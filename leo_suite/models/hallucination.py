@@ -38,9 +38,14 @@ Details of this port:
     LEO's KL) is used on the augmented episode, and it gets the very seeds
     it would get alone, so with M = 0 this learner IS its base learner
     (same logits, loss and gradients). State = the base learner's state.
-  * A base learner with its own `loss_and_gradients` (iMAML's implicit
-    meta-gradient, which does not differentiate through its support set)
-    is refused: it would leave G untrained.
+  * A base learner through which G gets no gradient is refused with a
+    ConfigError naming it (G would stay untrained): one with its own
+    `loss_and_gradients` (iMAML's implicit meta-gradient, Reptile's
+    displacement: neither differentiates through the support set) when it
+    is built, and any other whose meta-loss has no gradient path to G's
+    weights (Meta-LSTM reads its support only through stop_gradient-ed
+    gradients and losses) at its first meta-gradient: `loss_and_gradients`
+    asks the gradient graph itself which weights the loss reaches.
 
 Measured through the runner (synthetic data, demo preset, 5-way 1-shot, 300
 steps, 1000 test tasks): 90.5% test accuracy with ProtoNet as base (NCM
@@ -216,6 +221,25 @@ class Hallucination(base.Learner):
 
   def regularization(self):
     return self.base_learner.regularization()
+
+  def loss_and_gradients(self, episode, *, seed):
+    """base.Learner's (unconnected variables get zero gradients), after
+    refusing a base learner whose meta-loss has no gradient path to G (a
+    structural check of the gradient graph: no extra computation)."""
+    variables = self.trainable_variables
+    with tf.GradientTape() as tape:
+      loss, metrics = self.meta_loss(episode, training=True, seed=seed)
+    grads = tape.gradient(loss, variables)
+    generator = {v.ref() for v in self.generator.trainable_variables}
+    unreached = [v.name for v, g in zip(variables, grads) if v.ref() in generator and g is None]
+    if self.config.num_hallucinated and unreached:
+      raise errors.ConfigError(
+          f"--{FLAG_PREFIX}base_model={self.config.base_model!r}: no gradient of its "
+          f"meta-loss reaches the generator ({', '.join(unreached)}): it does not "
+          "differentiate through its support examples, so the generator would not be "
+          "trained; choose another base learner")
+    grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+    return loss, grads, metrics
 
   def meta_loss(self, episode, *, training, seed):
     """The base learner's meta-loss (and metrics) on the augmented episode."""

@@ -16,10 +16,11 @@ unless `first_order`, which applies stop_gradient to every inner gradient.
 Loss-scale convention: L_support of a task is the MEAN softmax cross-entropy
 over its N*K support examples (as learn2learn and the L2F/MAML++ code). The
 reference cbfinn/maml divides the *summed* cross-entropy by K, i.e. uses
-N x mean, so its alpha equals N * alpha here (its Omniglot 5-way alpha = 0.4
-would be 2.0 here). On unit-norm 640-d embeddings one step changes a logit by
-about alpha * (cosine) * (y - p) / (N*K), so alpha must be O(1), much larger
-than the conv-net values; the default 1.0 reflects that.
+N x mean, whose gradient is N times ours, so alpha here equals N times its
+alpha (its Omniglot 5-way alpha = 0.4 would be 2.0 here). On unit-norm 640-d
+embeddings one step changes a logit by about alpha * (cosine) * (y - p) /
+(N*K), so alpha must be O(1), much larger than the conv-net values; the
+default 1.0 reflects that.
 
 Head initialisation (`head_init`, see heads.py): the output layer starts at
 zero by default, the slot-symmetric head from which one inner step is a

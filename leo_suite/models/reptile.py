@@ -22,7 +22,10 @@ The reference anneals epsilon linearly from 1 to 0; here epsilon is constant
 (default 1.0). The presets' --outer_lr values are Adam rates and are not
 applied to an SGD outer loop (config.apply_preset), so --preset=demo keeps
 epsilon. The returned loss (logged, NaN-guarded, never differentiated) is the
-query cross-entropy at W_b.
+query cross-entropy at W_b. With train_on_query (the default) W_b was fitted
+on those very queries, so that loss and the accuracy beside it measure the
+fit, not generalisation: the trainer prints the accuracy as "support-fit
+accuracy" (`train_accuracy_label`); validation is the held-out measure.
 
 Analysis (paper Sec. 5): for k = 1 SGD step g = alpha grad L(theta) (joint
 training); on a quadratic L = 1/2 (x - a)^T A (x - a) one step gives
@@ -210,6 +213,9 @@ class Reptile(heads.HeadLearner):
   def __init__(self, config: Config, num_ways: int, embedding_dim: int,
                dtype=tf.float32, name="reptile"):
     super().__init__(config, num_ways, embedding_dim, dtype=dtype, name=name)
+    # What the meta-training accuracy measures (the trainer's log label).
+    self.train_accuracy_label = ("support-fit accuracy" if config.train_on_query
+                                 else "train_acc")
 
   def adapt(self, support_x, support_y, *, training, seed):
     """W_b = U^k_b(theta) per task (k = inner_steps, eval_inner_steps at test).

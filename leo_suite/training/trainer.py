@@ -355,10 +355,12 @@ class Trainer:
         elapsed = time.time() - window_start
         rate = window_steps / max(elapsed, 1e-9)
         means = {k: v / window_steps for k, v in sums.items()}
+        # Reptile fits its queries: its accuracy is a support-fit accuracy.
+        accuracy_label = getattr(self.learner, "train_accuracy_label", "train_acc")
         eta = (cfg.num_steps_limit - step) / max(rate, 1e-9)
-        logging.info("step %d  loss %.4f  query_loss %.4f  train_acc %.4f  "
+        logging.info("step %d  loss %.4f  query_loss %.4f  %s %.4f  "
                      "%.1f steps/s  data wait %.0f%%  ETA %s", step, means["loss"],
-                     means["query_loss"], means["accuracy"], rate,
+                     means["query_loss"], accuracy_label, means["accuracy"], rate,
                      100 * data_wait.fraction, evaluation.format_seconds(eta))
         with writer.as_default(step=step):
           for k, v in means.items():
