@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
@@ -105,7 +106,7 @@ def merge_expectations():
     if not os.path.isfile(weights):
       raise errors.ConfigError(f"{weights}: no such file; pass the backbone/ folder the "
                                "shards used, or no --backbone_dir with --merge")
-    expected["checkpoint_sha256"] = train_lib.file_sha256(weights)
+    expected["checkpoint_sha256"] = fileio.file_sha256(weights)
   return expected
 
 

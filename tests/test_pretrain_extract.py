@@ -178,7 +178,7 @@ def test_training_learns_and_exports(trained):
   assert history[-1]["accuracy"] > 0.6
   export = trained["summary"]["export"]
   weights = os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS)
-  assert export["weights_sha256"] == train_lib.file_sha256(weights)
+  assert export["weights_sha256"] == fileio.file_sha256(weights)
   # TensorBoard event file with scalar summaries (scalars plugin).
   from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
   logs = os.path.join(trained["dir"], "logs")
@@ -273,7 +273,7 @@ def test_born_again_student(trained, tmp_path):
   teacher = summary["export"]["teacher"]
   latest = tf.train.latest_checkpoint(os.path.join(liar, "checkpoints"))
   assert teacher["checkpoint"] == os.path.basename(latest)
-  assert teacher["checkpoint_sha256"] == train_lib.file_sha256(latest + ".index")
+  assert teacher["checkpoint_sha256"] == fileio.file_sha256(latest + ".index")
   with open(tmp_path / "soft" / "backbone" / train_lib.BACKBONE_CONFIG) as handle:
     assert json.load(handle)["teacher"]["run_dir"] == os.path.abspath(liar)
 
@@ -369,7 +369,7 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
                                         "train_embeddings.pkl", "val_embeddings.pkl"]
   on_disk = json.loads((folder / "manifest.json").read_text())
   assert on_disk == json.loads(json.dumps(manifest))
-  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+  assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
       os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS))
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (6, 2), "val": (3, 1), "test": (6, 2)}
@@ -496,7 +496,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert "[stage] distill done in" in proc.stdout
   student = results["pretrain"]["export"]
   assert student["teacher"]["run_dir"] == str(work / "pretrain")
-  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+  assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
       str(work / "pretrain_gen1" / "backbone" / train_lib.BACKBONE_WEIGHTS))
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
     embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
@@ -560,7 +560,7 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   results = json.loads((work / "results.json").read_text())
   # No distillation by default: the first network's backbone is extracted.
   assert "[stage] distill" not in proc.stdout
-  assert results["manifest"]["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
+  assert results["manifest"]["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
       str(work / "pretrain" / "backbone" / train_lib.BACKBONE_WEIGHTS))
   ncm = {r["setting"]: r for r in results["rows"] if r["method"].startswith("ncm_cosine")}
   learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]

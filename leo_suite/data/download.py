@@ -24,7 +24,6 @@ Only the stdlib is used here, so the command-line wrapper starts fast.
 
 import contextlib
 import fcntl
-import hashlib
 import http.client
 import os
 import re
@@ -84,14 +83,6 @@ def check_sha256(digest):
         f"--sha256 {digest!r} is not a sha256 digest: expected 64 hexadecimal "
         "characters (as printed by `sha256sum embeddings.zip`)")
   return digest.strip().lower()
-
-
-def file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for block in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -357,7 +348,7 @@ def verify_archive(archive, sha256=None, stream=sys.stderr):
   sha256 = check_sha256(sha256)
   if sha256 is not None:
     _write_note(stream, f"checking the sha256 of {archive}")
-    actual = file_sha256(archive)
+    actual = fileio.file_sha256(archive)
     if actual != sha256:
       raise errors.DataError(
           f"{archive}: sha256 is {actual}, expected {sha256}; the file is "
@@ -576,7 +567,7 @@ def install(dest, url=DEFAULT_URL, sha256=None, archive=None, timeout=60.0,
               "rerun to download it again)") from None
         raise
       if sha256 is None:
-        _write_note(stream, f"sha256 {file_sha256(archive)} (pass it as --sha256 "
+        _write_note(stream, f"sha256 {fileio.file_sha256(archive)} (pass it as --sha256 "
                     "to check future downloads)")
       try:
         unpack(archive, dest, layout, stream)

@@ -270,7 +270,7 @@ def write_split_file(target_dir: str, split: str, fmt: str, keys: Sequence[str],
   write_verified(path, keys, feats, num_classes)
   log(f"wrote {path}: {feats.shape[0]} images, {num_classes} classes, D={feats.shape[1]}")
   return {
-      "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+      "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
       "num_images": int(feats.shape[0]), "num_classes": num_classes,
       "embedding_dim": int(feats.shape[1]), "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
       "skipped": [{"image": o, "reason": r} for o, r in skipped],

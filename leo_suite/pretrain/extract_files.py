@@ -155,7 +155,7 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
       "key_format": KEY_FORMAT,
       "class_names": {tokens[c]: c for c in used},   # "" = in no class folder
       "splits": {ALL: {
-          "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+          "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
           **counts,
           "embedding_dim": int(feats.shape[1]),
           "images_per_s": feats.shape[0] / max(elapsed, 1e-9),

@@ -181,7 +181,7 @@ def extract_shard(backbone_dir: str, plan: Plan, out_dir: str, dataset_name: str
              files=np.asarray([mine[k].file_name for k in kept], np.str_))
     fileio.atomic_write_bytes(path, buffer.getvalue())
     entries[split] = {
-        "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+        "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
         "num_records": len(mine), "num_images": int(feats.shape[0]), "elapsed_s": elapsed,
         "skipped": [{"index": i, "image": o, "reason": r}
                     for i, (o, r) in zip(skipped_rows, skipped)]}
@@ -222,7 +222,7 @@ def _check_files(folder: str, name: str, manifest: dict):
     path = os.path.join(folder, os.path.basename(str(entry.get("file", ""))))
     if not os.path.isfile(path):
       raise errors.DataError(f"{name}: {path} is missing ({split}); {_rerun(name)}")
-    if train_lib.file_sha256(path) != entry.get("sha256"):
+    if fileio.file_sha256(path) != entry.get("sha256"):
       raise errors.DataError(
           f"{name}: {path} does not match the sha256 in its manifest (changed or "
           f"truncated); {_rerun(name)}")

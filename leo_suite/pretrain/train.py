@@ -47,7 +47,6 @@ under another one.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -278,7 +277,7 @@ def load_teacher(run_dir: str, num_classes: int, image_size: int, channels: int)
   tf.train.Checkpoint(classifier=classifier).restore(latest).expect_partial()
   classifier.trainable = False
   description = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.basename(latest),
-                 "checkpoint_sha256": file_sha256(latest + ".index"),
+                 "checkpoint_sha256": fileio.file_sha256(latest + ".index"),
                  "config": dataclasses.asdict(teacher_config)}
   return classifier, description
 
@@ -355,14 +354,6 @@ def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = Fal
   return backbone, keras.Model(inputs, logits, name="classifier")
 
 
-def file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for chunk in iter(lambda: handle.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def export_backbone(backbone: keras.Model, config: PretrainConfig, export_dir: str,
                     extra: Optional[dict] = None) -> dict:
   """Writes backbone.weights.h5 (atomically) and backbone.json; returns the json."""
@@ -382,7 +373,7 @@ def export_backbone(backbone: keras.Model, config: PretrainConfig, export_dir: s
       "dropout": config.dropout,
       "feature_dim": int(backbone.output_shape[-1]),
       "parameters": backbones.count_parameters(backbone),
-      "weights_sha256": file_sha256(os.path.join(export_dir, BACKBONE_WEIGHTS)),
+      "weights_sha256": fileio.file_sha256(os.path.join(export_dir, BACKBONE_WEIGHTS)),
   }
   description.update(extra or {})
   fileio.atomic_write_text(os.path.join(export_dir, BACKBONE_CONFIG),
@@ -406,7 +397,7 @@ def load_backbone(export_dir: str):
                                      float(description.get("dropout", 0.0)))
   except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
     raise errors.DataError(f"{config_path}: malformed backbone description ({exc})") from None
-  sha = file_sha256(weights_path)
+  sha = fileio.file_sha256(weights_path)
   if description.get("weights_sha256") not in (None, sha):
     raise errors.DataError(
         f"{weights_path}: sha256 {sha[:12]}... does not match {config_path} "
