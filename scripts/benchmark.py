@@ -59,7 +59,6 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from leo_suite import fileio  # pylint: disable=g-import-not-at-top
 from leo_suite.data import embeddings  # pylint: disable=g-import-not-at-top
 from leo_suite.data import episodes  # pylint: disable=g-import-not-at-top
-from leo_suite.models import base  # pylint: disable=g-import-not-at-top
 from leo_suite.models import registry  # pylint: disable=g-import-not-at-top
 from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import run as run_lib  # pylint: disable=g-import-not-at-top
@@ -125,7 +124,7 @@ def map_fn_step(trainer):
 
   def step(episode, seed):
     def one_task(task):
-      single = base.Episode(*[t[tf.newaxis] for t in task])
+      single = episodes.Episode(*[t[tf.newaxis] for t in task])
       loss, grads, _ = learner.loss_and_gradients(single, seed=seed)
       return loss, tuple(grads)
     signature = (tf.TensorSpec([], learner.dtype),
@@ -296,7 +295,7 @@ def memory_probe(model, shots, inner_steps):
     return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
   labels = lambda m: tf.constant(np.tile(np.arange(NUM_WAYS)[:, None], [BATCH, 1, m])
                                  .reshape(BATCH, NUM_WAYS, m).astype(np.int32))
-  episode = base.Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
+  episode = episodes.Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
                          tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
 
   @tf.function

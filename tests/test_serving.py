@@ -21,7 +21,7 @@ from PIL import Image
 
 from leo_suite import errors
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.models import base
+from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.serving import export
 from leo_suite.serving import rest
@@ -54,7 +54,7 @@ def random_episode(rng, dim, batch=2):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
   centers = rng.standard_normal([batch, N, 1, dim])
   labels = np.tile(np.arange(N, dtype=np.int32)[None, :, None], [batch, 1, K])
-  return base.Episode(norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels,
+  return Episode(norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels,
                       norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels)
 
 

@@ -33,7 +33,7 @@ import tensorflow as tf
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
-from leo_suite.models.base import Episode
+from leo_suite.data.episodes import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
