@@ -12,7 +12,7 @@ writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
 Without --split, every image under the source(s) is embedded (classes from
 folders where there are folders, else `unlabelled`) into
 <out>/<dataset_name>/<crop>/all_embeddings.pkl, whose keys keep each image's relative
-path (leo_suite.data.embeddings.key_file_path decodes it) and whose
+path (leo_suite.data.embedding_keys.key_file_path decodes it) and whose
 manifest.json lists file -> row; --dataset_name defaults to the source's name:
 
   python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone --source=my_photos/

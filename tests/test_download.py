@@ -20,6 +20,7 @@ import pytest
 
 from leo_suite import errors
 from leo_suite.data import download
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def _build_tree(root, pairs=download.EXPECTED_CROPS, dim=8):
   for dataset, crop in pairs:
     for split_index, split in enumerate(download.SPLITS):
       classes = [f"n{split_index}{c:04d}" for c in range(2)]
-      keys = [embeddings.make_key(c, i, prefix=crop, ext="JPEG")
+      keys = [embedding_keys.make_key(c, i, prefix=crop, ext="JPEG")
               for c in classes for i in range(3)]
       name = f"embeddings/{dataset}/{crop}/{split}_embeddings.pkl"
       path = os.path.join(root, *name.split("/"))

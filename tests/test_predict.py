@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.pretrain import backbones
 from leo_suite.pretrain import extract_files
@@ -116,18 +117,18 @@ def extracted(world):
 # -- keys that keep the file path -------------------------------------------------------
 @pytest.mark.parametrize("path", HOSTILE + ("deep/er/ß-_.x/f.png", "plain.png", "x\udcff.png"))
 def test_path_key_round_trip_on_hostile_names(path):
-  key = embeddings_lib.make_path_key("cls", path)
+  key = embedding_keys.make_path_key("cls", path)
   assert key.isascii() and key.count("-") == 2
-  assert embeddings_lib.parse_key(key, "k", 0)[0] == "cls"
-  assert embeddings_lib.key_file_path(key) == path
-  assert embeddings_lib.decode_path(embeddings_lib.encode_path(path)) == path
+  assert embedding_keys.parse_key(key, "k", 0)[0] == "cls"
+  assert embedding_keys.key_file_path(key) == path
+  assert embedding_keys.decode_path(embedding_keys.encode_path(path)) == path
 
 
 def test_path_key_decoding_is_strict():
   for text in ("a_zz.png", "a_4", "a b", "_2F"):   # never written by encode_path
     with pytest.raises(ValueError):
-      embeddings_lib.decode_path(text)
-  assert embeddings_lib.key_file_path("train-cat-cat_00001.png") is None   # no path kept
+      embedding_keys.decode_path(text)
+  assert embedding_keys.key_file_path("train-cat-cat_00001.png") is None   # no path kept
 
 
 def test_whole_source_extraction_keeps_paths_and_lists_files(world, tmp_path):
@@ -142,7 +143,7 @@ def test_whole_source_extraction_keeps_paths_and_lists_files(world, tmp_path):
   keys, matrix = embeddings_lib.read_keys_and_embeddings(path)
   assert matrix.shape == (len(files), world.dim)
   for row, key in enumerate(keys):
-    assert manifest["files"][embeddings_lib.key_file_path(key)] == row
+    assert manifest["files"][embedding_keys.key_file_path(key)] == row
   # Images in no folder are `unlabelled` (no class); folders are classes.
   assert manifest["class_names"]["unlabelled"] == ""
   assert sorted(manifest["class_names"].values()) == ["", "cat", "Ünï-cls_1/sub dir"]
@@ -197,7 +198,7 @@ def test_predict_export_and_runner_evaluation_agree_on_an_image(world, extracted
   support_split = embeddings_lib.load_split(extracted.pkl)
   query_keys, query_rows = embeddings_lib.read_keys_and_embeddings(extracted.query)
   order = [query_keys.index(k) for f in result.files for k in query_keys
-           if embeddings_lib.key_file_path(k) == f]
+           if embedding_keys.key_file_path(k) == f]
 
   def sampler_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
@@ -337,7 +338,7 @@ def test_bad_inputs_are_one_line_errors(world, extracted, tmp_path):
   (tmp_path / "tasks" / "t1" / "support").mkdir(parents=True)
   refused(lambda: predict.find_tasks(str(tmp_path / "tasks")), "no query set")
   # D of an embeddings file that is not the run's.
-  keys = [embeddings_lib.make_key(c, i) for c in ("a", "b", "c") for i in range(K)]
+  keys = [embedding_keys.make_key(c, i) for c in ("a", "b", "c") for i in range(K)]
   embeddings_lib.write_split(str(tmp_path / "d8.npz"), keys, np.ones([len(keys), 8]))
   refused(lambda: p.load(str(tmp_path / "d8.npz"), "support"), "D=8 but .* D=64")
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import episodes
 from leo_suite.models import base
@@ -452,7 +453,7 @@ def test_class_tokens_are_safe_and_unique():
   assert tokens["Japanesekatakana/character01"] == "Japanesekatakanacharacter01x2"
   assert tokens["n01532829"] == "n01532829" and tokens["---"] == "class"
   for token in tokens.values():
-    embeddings_lib.make_key(token, 1)  # accepted by the key format
+    embedding_keys.make_key(token, 1)  # accepted by the key format
 
 
 def test_benchmark_extraction_measures_images_per_second():

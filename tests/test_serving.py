@@ -20,6 +20,7 @@ import tensorflow as tf
 from PIL import Image
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
@@ -362,7 +363,7 @@ def test_killed_export_leaves_no_version_and_no_temp_dir(exports, tmp_path, monk
 # -- bad input: UserError, nothing written -------------------------------------------
 def _write_support(path, counts, dim=D):
   rng = np.random.default_rng(5)
-  keys = [embeddings_lib.make_key(c, i) for c, n in zip(CLASS_NAMES, counts) for i in range(n)]
+  keys = [embedding_keys.make_key(c, i) for c, n in zip(CLASS_NAMES, counts) for i in range(n)]
   embeddings_lib.write_split(str(path), keys, rng.standard_normal([len(keys), dim]))
   return str(path)
 

@@ -51,6 +51,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.pretrain import backbones
 from leo_suite.pretrain import images as images_lib
@@ -239,7 +240,7 @@ def split_keys(split: str, classes: Sequence[str], tokens: Dict[str, str],
   for record in kept_records:
     token = tokens[record.class_name]
     counters[token] = counters.get(token, 0) + 1
-    keys.append(embeddings_lib.make_key(token, counters[token], prefix=split,
+    keys.append(embedding_keys.make_key(token, counters[token], prefix=split,
                                         ext=_extension(record.file_name)))
   empty = [c for c in classes if tokens[c] not in counters]
   if empty:

@@ -4,7 +4,7 @@
 `extract_all`: every image under the source is embedded, classes come from
 folders where there are folders (an image in no class folder is
 `unlabelled`), and each key keeps the image's path relative to the source
-root (`embeddings.make_path_key`, decoded by `embeddings.key_file_path`):
+root (`embedding_keys.make_path_key`, decoded by `embedding_keys.key_file_path`):
 
     <out>/<dataset_name>/<crop>/all_embeddings.{pkl,npz}
     <out>/<dataset_name>/<crop>/manifest.json   (written last: backbone, class
@@ -27,14 +27,14 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
-from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import embedding_keys
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import train as train_lib
 
 ALL = "all"   # the file stem: <out>/<dataset>/<crop>/all_embeddings.<fmt>
 KEY_FORMAT = ("path-<class>-<class>_<relative path, encoded by "
-              "leo_suite.data.embeddings.encode_path; decode a key with key_file_path>")
+              "leo_suite.data.embedding_keys.encode_path; decode a key with key_file_path>")
 
 
 class ImageEmbedder:
@@ -106,10 +106,10 @@ def check_all_target(target_dir: str):
 
 
 def all_tokens(records: Sequence[images_lib.ImageRecord]) -> dict:
-  """{class name: key token} over every record ('' -> embeddings.UNLABELLED)."""
+  """{class name: key token} over every record ('' -> embedding_keys.UNLABELLED)."""
   classes = sorted({r.class_name for r in records} - {""})
-  tokens = extract.class_tokens(classes, reserved=(embeddings_lib.UNLABELLED,))
-  tokens[""] = embeddings_lib.UNLABELLED
+  tokens = extract.class_tokens(classes, reserved=(embedding_keys.UNLABELLED,))
+  tokens[""] = embedding_keys.UNLABELLED
   return tokens
 
 
@@ -144,7 +144,7 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
   `kept_records` (each with .class_name and .file_name) are the rows of `feats`.
   """
   files = [relative_path(r) for r in kept_records]
-  keys = [embeddings_lib.make_path_key(tokens[r.class_name], f)
+  keys = [embedding_keys.make_path_key(tokens[r.class_name], f)
           for r, f in zip(kept_records, files)]
   path = os.path.join(target_dir, f"{ALL}_embeddings.{manifest['format']}")
   used = sorted({r.class_name for r in kept_records})

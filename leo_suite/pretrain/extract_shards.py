@@ -47,7 +47,6 @@ from leo_suite import fileio
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
 from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
 
 SHARDS_DIR = "shards"
 SPLIT_MODE, ALL_MODE = "splits", "all"

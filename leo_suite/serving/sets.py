@@ -14,7 +14,7 @@
                             manifest.json beside the file; class `unlabelled`
                             (images in no class folder) = no label. The file
                             of a row is the path its key keeps
-                            (`embeddings.key_file_path`), else the key's file field.
+                            (`embedding_keys.key_file_path`), else the key's file field.
 
 Images are embedded by `embed(records, origin)`, an
 `extract_files.ImageEmbedder` (`images.decode_encoded` and `extract.embed`,
@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.serving import export
 
@@ -231,13 +232,13 @@ def _from_embeddings(path):
   names = _manifest_names(path)
   tokens, files = [], []
   for index, key in enumerate(keys):
-    token, image_file = embeddings_lib.parse_key(key, path, index)
+    token, image_file = embedding_keys.parse_key(key, path, index)
     tokens.append(token)
-    files.append(embeddings_lib.key_file_path(key) or image_file)
+    files.append(embedding_keys.key_file_path(key) or image_file)
   present = sorted(set(tokens))
   originals = {t: names.get(t, t) for t in present}
   if len(set(originals.values())) != len(present):   # two tokens, one name: keep tokens
     originals = {t: t for t in present}
-  labels = [None if t == embeddings_lib.UNLABELLED and names.get(t, "") == "" else originals[t]
+  labels = [None if t == embedding_keys.UNLABELLED and names.get(t, "") == "" else originals[t]
             for t in tokens]
   return files, labels, matrix
