@@ -22,6 +22,7 @@ if REPO_ROOT not in sys.path:
 
 from leo_suite import errors  # pylint: disable=g-import-not-at-top
 from leo_suite.data import download  # pylint: disable=g-import-not-at-top
+from leo_suite.data import release_archive  # pylint: disable=g-import-not-at-top
 
 DEFAULT_DEST = os.path.join(REPO_ROOT, "embeddings")
 
@@ -32,7 +33,7 @@ def parse_args(argv):
   parser.add_argument("--dest", default=DEFAULT_DEST,
                       help="directory that receives <dataset>/<crop>/ "
                       "(default: %(default)s)")
-  parser.add_argument("--url", default=download.DEFAULT_URL,
+  parser.add_argument("--url", default=release_archive.DEFAULT_URL,
                       help="where to download embeddings.zip (default: %(default)s)")
   parser.add_argument("--sha256", default=None,
                       help="expected sha256 hex digest of embeddings.zip")
@@ -62,7 +63,7 @@ def main(argv=None):
     return 2
   except KeyboardInterrupt:
     print(f"\ninterrupted; what was downloaded stays in "
-          f"{download.download_dir(args.dest)} and the next run resumes from it "
+          f"{release_archive.download_dir(args.dest)} and the next run resumes from it "
           "(--clean removes it); nothing partial was unpacked", file=sys.stderr)
     return 130
   pairs = ", ".join(f"{d}/{c}" for d, c in sorted(layout))
