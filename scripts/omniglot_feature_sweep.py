@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
@@ -57,7 +58,7 @@ def main(argv):
                                     distill_temperature=FLAGS.distill_temperature)
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
                                  class_names=split_classes["train"])
-  x = train_lib.preprocess(val_images, config.invert)
+  x = image_views.preprocess(val_images, config.invert)
   wanted = {int(e) for e in FLAGS.eval_epochs} | {FLAGS.epochs}
   log_path = os.path.join(FLAGS.out_dir, "val.jsonl")
   started = time.time()

@@ -46,11 +46,13 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.models import registry  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import omniglot_presets  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
@@ -111,7 +113,7 @@ flags.DEFINE_string("augment", DEFAULT_AUGMENT, "Pretraining augmentation: none,
                     "translation), shift_flip or affine (Koch et al. 2015 affine warp).")
 flags.DEFINE_integer("max_shift", 2, "Translation range of the augmentation (pixels at 28x28).")
 flags.DEFINE_string("head", DEFAULT_HEAD, "Pretraining classifier head: linear or cosine.")
-flags.DEFINE_enum("crop", DEFAULT_CROP, list(extract.CROPS), "Extraction crop of every "
+flags.DEFINE_enum("crop", DEFAULT_CROP, list(image_views.CROPS), "Extraction crop of every "
                   "split (leo_suite/pretrain/extract.py); the learners train on it and "
                   "exports of their runs embed images the same way.")
 flags.DEFINE_integer("distill_generations", DEFAULT_DISTILL_GENERATIONS, "Born-again "
@@ -208,12 +210,12 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   started = time.time()
-  omniglot_dir = FLAGS.omniglot_dir or images_lib.default_omniglot_dir()
+  omniglot_dir = FLAGS.omniglot_dir or class_splits.default_omniglot_dir()
   archives = [os.path.join(omniglot_dir, name) for name in FLAGS.archives if name]
   missing = [a for a in archives if not os.path.exists(a)]
   if missing or not archives:
     raise errors.DataError(f"{missing[0] if missing else '--archives'}: Omniglot archive not "
-                           f"found; pass --omniglot_dir or set {images_lib.OMNIGLOT_ENV}, "
+                           f"found; pass --omniglot_dir or set {class_splits.OMNIGLOT_ENV}, "
                            "and --archives")
   work = os.path.abspath(FLAGS.work_dir)
   try:
@@ -227,7 +229,7 @@ def main(argv):
       timings["_invocation"] = json.load(handle).get("invocations", 0) + 1
 
   # 1. data and pretraining.
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
+  by_class, split_classes, origin = class_splits.load_labelled_splits(
       archives, FLAGS.split, omniglot_dir)
   print(f"{origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
@@ -355,7 +357,7 @@ def main(argv):
            + (f", then {FLAGS.distill_generations} born-again generation(s) of the same "
               f"recipe distilled from the previous one (alpha {FLAGS.distill_alpha}, "
               f"T {FLAGS.distill_temperature})" if FLAGS.distill_generations else "") + "; "
-           f"embeddings: {FLAGS.crop} crop ({extract.CROP_DESCRIPTIONS[FLAGS.crop]})"
+           f"embeddings: {FLAGS.crop} crop ({image_views.CROP_DESCRIPTIONS[FLAGS.crop]})"
            + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
            f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
            f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "

@@ -26,9 +26,10 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
@@ -123,7 +124,7 @@ def main(argv):
   strategy = distribute.make_strategy(FLAGS.distribution_strategy,
                                       distribute.parse_devices(FLAGS.devices))
   distribute.check_batch(strategy, config.batch_size, "batch_size", "images")
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
+  by_class, split_classes, origin = class_splits.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
       FLAGS.tfds_download)
   print(f"split {origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))

@@ -13,10 +13,10 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.pretrain import backbones
+from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
 from leo_suite.pretrain import extract_shards
-from leo_suite.pretrain import images as im
 from leo_suite.pretrain import train as train_lib
 from tests.test_pretrain_extract import CLASSES
 from tests.test_pretrain_extract import image_tree  # pylint: disable=unused-import
@@ -46,7 +46,7 @@ def _split_plan(image_tree, tmp_path):  # pylint: disable=redefined-outer-name
   """(by_class, split_classes, origin, split file) as the CLI's --split loads them."""
   split_file = tmp_path / "split.json"
   split_file.write_text(json.dumps(SPLIT))
-  by_class, split_classes, origin = im.load_labelled_splits([image_tree], str(split_file))
+  by_class, split_classes, origin = class_splits.load_labelled_splits([image_tree], str(split_file))
   assert {s: sorted(c) for s, c in split_classes.items()} == {
       s: sorted(c) for s, c in CLASSES.items()}
   return by_class, split_classes, origin, str(split_file)

@@ -365,7 +365,7 @@ def test_warps_crop_is_per_image_and_the_export_embeds_images_the_same_way(world
   """The 'warps' crop (center view + 15 fixed affine warps, averaged): an image's
   features do not depend on its batch, view 0 is the image itself, and the
   SavedModel's image path computes what extraction wrote."""
-  from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
+  from leo_suite.data import image_views  # pylint: disable=g-import-not-at-top
   records = extract_files.scan_all([str(world.root / "query")])
   warped = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=3)(records, "q")
   alone = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=1)(records, "q")
@@ -373,13 +373,13 @@ def test_warps_crop_is_per_image_and_the_export_embeds_images_the_same_way(world
   np.testing.assert_allclose(warped, alone, rtol=1e-5, atol=1e-6)
   assert np.abs(warped - center).max() > 1e-3 * np.abs(center).max()   # the views differ
   x = tf.random.uniform([2, 28, 28, 1], seed=1)
-  views = extract.make_views(x, "warps", 28)
-  assert views.shape[0] == 2 * extract.WARP_VIEWS
-  np.testing.assert_array_equal(views[::extract.WARP_VIEWS].numpy(), x.numpy())
+  views = image_views.make_views(x, "warps", 28)
+  assert views.shape[0] == 2 * image_views.WARP_VIEWS
+  np.testing.assert_array_equal(views[::image_views.WARP_VIEWS].numpy(), x.numpy())
   # Same warps for both images: a view of image 1 is the same warp of image 1.
-  swapped = extract.make_views(tf.reverse(x, [0]), "warps", 28)
-  np.testing.assert_allclose(swapped[:extract.WARP_VIEWS].numpy(),
-                             views[extract.WARP_VIEWS:].numpy(), atol=1e-6)
+  swapped = image_views.make_views(tf.reverse(x, [0]), "warps", 28)
+  np.testing.assert_allclose(swapped[:image_views.WARP_VIEWS].numpy(),
+                             views[image_views.WARP_VIEWS:].numpy(), atol=1e-6)
   # The exported module embeds sent image bytes with the same crop.
   support, model, description = export.load_support(str(world.root / "support"),
                                                     world.backbone_dir, crop="warps")

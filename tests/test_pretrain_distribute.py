@@ -53,6 +53,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from leo_suite.data import image_views
 from leo_suite.pretrain import train as train_lib
 from tests import workers
 
@@ -261,13 +262,13 @@ def test_replica_shares_split_each_global_batch_disjointly():
 def test_a_share_gets_its_rows_of_the_global_augmentation(augment):
   x = tf.random.stateless_uniform([8, 28, 28, 1], [1, 2])
   seed = tf.constant([3, 5])
-  whole = train_lib.augment_batch(x, seed, augment, 2)
+  whole = image_views.augment_batch(x, seed, augment, 2)
   for offset in (0, 2, 6):
-    share = train_lib.augment_batch(x[offset:offset + 2], seed, augment, 2,
+    share = image_views.augment_batch(x[offset:offset + 2], seed, augment, 2,
                                     rows=(tf.constant(offset, tf.int64), 8))
     np.testing.assert_array_equal(share.numpy(), whole[offset:offset + 2].numpy())
   # Not vacuous: the shares' own draws would differ.
-  alone = train_lib.augment_batch(x[2:4], seed, augment, 2)
+  alone = image_views.augment_batch(x[2:4], seed, augment, 2)
   assert not np.array_equal(alone.numpy(), whole[2:4].numpy())
 
 

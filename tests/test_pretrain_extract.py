@@ -17,10 +17,12 @@ from leo_suite import fileio
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import episodes
+from leo_suite.data import image_sources
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
 from leo_suite.models import base
 from leo_suite.pretrain import baselines
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import images as im
 from leo_suite.pretrain import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +89,7 @@ def test_evaluate_reports_mean_and_ci95_on_the_runners_episodes():
 # -- training ------------------------------------------------------------------
 def test_rotations_become_new_classes():
   images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1)
-  x, y = train_lib.rotated_copies(images, np.array([0, 1]))
+  x, y = image_views.rotated_copies(images, np.array([0, 1]))
   np.testing.assert_array_equal(y, [0, 4, 1, 5, 2, 6, 3, 7])
   np.testing.assert_array_equal(x[5], np.rot90(images[1], 2))
 
@@ -97,8 +99,8 @@ def test_shift_augmentation_is_an_integer_translation_and_stateless():
   x = np.zeros([6, 28, 28, 1], np.float32)
   x[:, 8:20, 8:20] = rng.random([6, 12, 12, 1])
   seed = tf.constant([3, 4])
-  out = train_lib.augment_batch(tf.constant(x), seed, "shift", 2).numpy()
-  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "shift", 2))
+  out = image_views.augment_batch(tf.constant(x), seed, "shift", 2).numpy()
+  np.testing.assert_array_equal(out, image_views.augment_batch(tf.constant(x), seed, "shift", 2))
   shifts = set()
   for original, moved in zip(x, out):
     found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
@@ -112,8 +114,8 @@ def test_affine_augmentation_is_stateless_mild_and_varied():
   x = np.zeros([32, 28, 28, 1], np.float32)
   x[:, 10:18, 12:16] = 1.0
   seed = tf.constant([5, 6])
-  out = train_lib.augment_batch(tf.constant(x), seed, "affine", 2).numpy()
-  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "affine", 2))
+  out = image_views.augment_batch(tf.constant(x), seed, "affine", 2).numpy()
+  np.testing.assert_array_equal(out, image_views.augment_batch(tf.constant(x), seed, "affine", 2))
   assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0 + 1e-6
   mass = out.sum(axis=(1, 2, 3)) / x[0].sum()   # scale in [0.8, 1.2]^2, shear keeps area
   assert np.all(mass > 0.6) and np.all(mass < 1.5)
@@ -264,7 +266,7 @@ def test_born_again_student(trained, tmp_path):
                                   "distill_alpha": 1.0, "distill_temperature": 1.0}),
       images, labels, str(tmp_path / "soft"), log=lambda _: None)
   summary = soft.train()
-  x = train_lib.preprocess(images, True)
+  x = image_views.preprocess(images, True)
   teacher_answer = np.argmax(soft.teacher(x, training=False), -1)
   # Batch statistics: 40 steps leave the moving averages behind the weights.
   student_answer = np.argmax(soft.classifier(x, training=True), -1)
@@ -300,7 +302,7 @@ def test_a_bad_teacher_is_a_clear_error(trained, tmp_path):
 
 def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
   model, description = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
-  x = train_lib.preprocess(trained["images"][:5], True)
+  x = image_views.preprocess(trained["images"][:5], True)
   np.testing.assert_allclose(model(x, training=False), trained["straight"].backbone(x, training=False),
                              rtol=1e-5, atol=1e-6)
   assert description["feature_dim"] == 64 and description["invert"] is True
@@ -358,7 +360,7 @@ def image_tree(tmp_path):
 
 
 def _extract(trained, image_tree, out, **kwargs):
-  by_class = im.group_by_class(im.scan_directory(image_tree))
+  by_class = image_sources.group_by_class(image_sources.scan_directory(image_tree))
   return extract.extract_embeddings(os.path.join(trained["dir"], "backbone"), by_class,
                                     CLASSES, str(out), "tiny", log=lambda _: None, **kwargs)
 
@@ -384,9 +386,9 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
     # Row = backbone(preprocess(decoded image)), in file order within each class.
     for c_index, token in enumerate(loaded.class_names):
       paths = sorted(os.listdir(os.path.join(image_tree, tokens[token])))
-      images = np.stack([im.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb")
-                                         .read(), p, im.DecodeOptions(28, 1)) for p in paths])
-      expected = model(train_lib.preprocess(images, True), training=False).numpy()
+      images = np.stack([images_lib.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb")
+                                         .read(), p, images_lib.DecodeOptions(28, 1)) for p in paths])
+      expected = model(image_views.preprocess(images, True), training=False).numpy()
       start = loaded.class_start[c_index]
       np.testing.assert_allclose(loaded.embeddings[start:start + 3], expected, rtol=1e-4,
                                  atol=1e-5)
@@ -404,8 +406,8 @@ def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, im
   loaded = embeddings_lib.load_split(str(folder / "val_embeddings.npz"))
   model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
   path = os.path.join(image_tree, "Greek/character01/d0.png")
-  big = train_lib.preprocess(im.decode_image(open(path, "rb").read(), path,
-                                             im.DecodeOptions(32, 1)), True).numpy()
+  big = image_views.preprocess(images_lib.decode_image(open(path, "rb").read(), path,
+                                             images_lib.DecodeOptions(32, 1)), True).numpy()
   views = [big[dy:dy + 28, dx:dx + 28] for dy, dx in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
   views += [v[:, ::-1] for v in views]
   expected = model(np.stack(views), training=False).numpy().mean(axis=0)

@@ -291,9 +291,9 @@ def test_join_under_never_escapes_and_gives_one_component(tmp_path):
 
 @pytest.mark.slow
 def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(tmp_path):
+  from leo_suite.data import image_sources  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import extract  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import train as train_lib  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   config = train_lib.PretrainConfig(image_size=28, channels=1)
@@ -303,7 +303,7 @@ def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(t
   Image.fromarray(np.full([28, 28], 200, np.uint8)).save(buffer, format="PNG")
   hostile = {"train": ["../../escaped", "/abs/escaped"], "val": ["a/../../b"],
              "test": ["..", "x\x00y"]}
-  by_class = {name: [images_lib.ImageRecord(name, f"../../{i}.png", f"mem:{i}",
+  by_class = {name: [image_sources.ImageRecord(name, f"../../{i}.png", f"mem:{i}",
                                              ("bytes", buffer.getvalue())) for i in range(3)]
               for names in hostile.values() for name in names}
   out = tmp_path / "sandbox" / "out"

@@ -429,9 +429,9 @@ def _png(array):
 
 @pytest.mark.slow
 def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
+  from leo_suite.data import image_views
+  from leo_suite.data import images as images_lib
   from leo_suite.pretrain import backbones
-  from leo_suite.pretrain import extract as extract_lib
-  from leo_suite.pretrain import images as images_lib
   from leo_suite.pretrain import train as train_lib
   tf.keras.utils.set_random_seed(0)
   backbone = backbones.build_backbone("conv4", 28, 1)
@@ -471,7 +471,7 @@ def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
   encoded = [_png(q) for q in queries]
   # In-process: PIL decoding + the extraction feature function + the learner.
   options = images_lib.DecodeOptions(28, 1)
-  features_fn = extract_lib.feature_function(backbone, "center", 28, invert=True)
+  features_fn = image_views.feature_function(backbone, "center", 28, invert=True)
 
   def embed(payloads):
     arrays = np.stack([images_lib.decode_image(p, "q", options) for p in payloads])

@@ -14,9 +14,10 @@ import tensorflow as tf
 from PIL import Image
 
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_sources
+from leo_suite.data import images as images_lib
 from leo_suite.pretrain import backbones
 from leo_suite.pretrain import extract as extract_lib
-from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import train as train_lib
 from leo_suite.serving import export
 from leo_suite.serving import rest
@@ -63,7 +64,7 @@ def test_image_signature_embeds_exactly_as_extraction(tmp_path, channels):
   (tmp_path / "tree" / "glyphs").mkdir(parents=True)
   for name, payload in files.items():
     (tmp_path / "tree" / "glyphs" / name).write_bytes(payload)
-  by_class = images_lib.group_by_class(images_lib.scan_directory(str(tmp_path / "tree")))
+  by_class = image_sources.group_by_class(image_sources.scan_directory(str(tmp_path / "tree")))
   extract_lib.extract_embeddings(backbone_dir, by_class, {"test": ["glyphs"]},
                                  str(tmp_path / "emb"), "t", log=lambda _: None)
   extracted = embeddings_lib.load_split(str(tmp_path / "emb" / "t" / "center" /

@@ -12,7 +12,7 @@ root (`embedding_keys.make_path_key`, decoded by `embedding_keys.key_file_path`)
 
 `ImageEmbedder` is the one way images become embeddings outside the split
 extraction: the backbone of a pretraining run, `images.decode_encoded` and
-`extract.embed` through `extract.extract_split`, exactly as extraction runs
+`image_views.embed` through `extract.extract_split`, exactly as extraction runs
 them. Support and query sets (`leo_suite.serving.sets`) use it too.
 """
 
@@ -28,8 +28,10 @@ import numpy as np
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.data import embedding_keys
+from leo_suite.data import image_sources
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import train as train_lib
 
 ALL = "all"   # the file stem: <out>/<dataset>/<crop>/all_embeddings.<fmt>
@@ -43,17 +45,17 @@ class ImageEmbedder:
   def __init__(self, backbone_dir: str, crop: str = "center", batch_size: int = 64,
                skip_bad: bool = False, expected_size=None,
                allowed_modes=images_lib.DEFAULT_MODES, log: Callable[[str], None] = None):
-    if crop not in extract.CROPS:
-      raise errors.ConfigError(f"--crop={crop!r}: use one of {list(extract.CROPS)}")
+    if crop not in image_views.CROPS:
+      raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
     if batch_size < 1:
       raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
     self.backbone_dir, self.crop, self.batch_size = backbone_dir, crop, batch_size
     self.model, self.description = train_lib.load_backbone(backbone_dir)
     size = int(self.description["image_size"])
     self.options = images_lib.DecodeOptions(
-        extract.load_size(crop, size),
+        image_views.load_size(crop, size),
         int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad)
-    self.features_fn = extract.feature_function(self.model, crop, size,
+    self.features_fn = image_views.feature_function(self.model, crop, size,
                                                 bool(self.description["invert"]))
     self.log = log or (lambda _: None)
 
@@ -61,7 +63,7 @@ class ImageEmbedder:
   def feature_dim(self) -> int:
     return int(self.description["feature_dim"])
 
-  def embed_records(self, records: Sequence[images_lib.ImageRecord], label: str,
+  def embed_records(self, records: Sequence[image_sources.ImageRecord], label: str,
                     allow_empty: bool = False):
     """(features [n_kept, D] float32, kept record indices, skipped (origin, reason)).
 
@@ -71,12 +73,12 @@ class ImageEmbedder:
                                  self.batch_size, label, self.log,
                                  empty_dim=self.feature_dim if allow_empty else None)
 
-  def __call__(self, records: Sequence[images_lib.ImageRecord], label: str) -> np.ndarray:
+  def __call__(self, records: Sequence[image_sources.ImageRecord], label: str) -> np.ndarray:
     """Features [n, D] of every record (a bad image raises, naming its file)."""
     return self.embed_records(records, label)[0]
 
 
-def relative_path(record: images_lib.ImageRecord) -> str:
+def relative_path(record: image_sources.ImageRecord) -> str:
   """The image's path under its source root ('class/folders/file.png')."""
   return posixpath.join(record.class_name, record.file_name)
 
@@ -90,8 +92,8 @@ def scan_all(sources: Sequence[str], tfds_data_dir=None, tfds_download=False):
     raise errors.ConfigError(
         f"--source={csv_sources[0]}: a miniImageNet CSV root defines its own split; "
         "pass --split=csv, or give the image folder itself as --source")
-  return images_lib.merge_records([
-      images_lib.scan_source(s, tfds_data_dir, tfds_download, unlabelled=True)
+  return image_sources.merge_records([
+      image_sources.scan_source(s, tfds_data_dir, tfds_download, unlabelled=True)
       for s in sources])
 
 
@@ -105,7 +107,7 @@ def check_all_target(target_dir: str):
         "--dataset_name or --out for this whole-source extraction")
 
 
-def all_tokens(records: Sequence[images_lib.ImageRecord]) -> dict:
+def all_tokens(records: Sequence[image_sources.ImageRecord]) -> dict:
   """{class name: key token} over every record ('' -> embedding_keys.UNLABELLED)."""
   classes = sorted({r.class_name for r in records} - {""})
   tokens = extract.class_tokens(classes, reserved=(embedding_keys.UNLABELLED,))
@@ -113,7 +115,7 @@ def all_tokens(records: Sequence[images_lib.ImageRecord]) -> dict:
   return tokens
 
 
-def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_dir: str,
+def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out_dir: str,
                 dataset_name: str, crop: str = "center", fmt: str = "pkl",
                 batch_size: int = 256, skip_bad: bool = False, expected_size=None,
                 allowed_modes=images_lib.DEFAULT_MODES, sources: Sequence[str] = (),

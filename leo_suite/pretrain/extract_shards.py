@@ -44,9 +44,11 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import image_sources
+from leo_suite.data import images as images_lib
+from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
-from leo_suite.pretrain import images as images_lib
 
 SHARDS_DIR = "shards"
 SPLIT_MODE, ALL_MODE = "splits", "all"
@@ -82,7 +84,7 @@ def check_flags(num_shards: int, shard_index: Optional[int], merge: bool):
 class Plan:
   """What a whole extraction embeds: {split: records in extraction order}."""
   mode: str
-  records: Dict[str, List[images_lib.ImageRecord]]
+  records: Dict[str, List[image_sources.ImageRecord]]
   classes: Dict[str, List[str]]     # split -> class names (SPLIT_MODE); {} in ALL_MODE
   tokens: Dict[str, str]            # class name -> key token
   sources: List[str]
@@ -92,7 +94,7 @@ class Plan:
 def plan_splits(by_class, split_classes: Dict[str, List[str]], sources: Sequence[str],
                 split_origin: str) -> Plan:
   """The plan of `extract.extract_embeddings` with the same arguments."""
-  images_lib.check_nonempty(split_classes, by_class, split_origin or "splits")
+  class_splits.check_nonempty(split_classes, by_class, split_origin or "splits")
   extract.check_split_names(split_classes)
   all_classes = [c for split in split_classes for c in split_classes[split]]
   return Plan(SPLIT_MODE, {s: extract.split_records(by_class, c) for s, c in split_classes.items()},
@@ -100,7 +102,7 @@ def plan_splits(by_class, split_classes: Dict[str, List[str]], sources: Sequence
               list(sources), split_origin)
 
 
-def plan_all(records: List[images_lib.ImageRecord], sources: Sequence[str]) -> Plan:
+def plan_all(records: List[image_sources.ImageRecord], sources: Sequence[str]) -> Plan:
   """The plan of `extract_files.extract_all` with the same arguments."""
   return Plan(ALL_MODE, {extract_files.ALL: list(records)}, {},
               extract_files.all_tokens(records), list(sources))

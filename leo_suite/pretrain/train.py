@@ -62,6 +62,7 @@ from tensorflow.core.framework import summary_pb2
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import image_views
 from leo_suite.pretrain import backbones
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
@@ -127,104 +128,6 @@ def validate_config(config: PretrainConfig):
   for ok, message in checks:
     if not ok:
       raise errors.ConfigError(message)
-
-
-def preprocess(images_uint8, invert: bool):
-  """uint8 [..., S, S, C] -> float32 in [0, 1]; Omniglot strokes inverted (1 - x)."""
-  x = tf.cast(images_uint8, tf.float32) / 255.0
-  return 1.0 - x if invert else x
-
-
-def rotated_copies(images: np.ndarray, labels: np.ndarray):
-  """Rotations by k*90 degrees as new classes: label 4 * y + k (k = 0..3)."""
-  xs = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
-  ys = [4 * labels + k for k in range(4)]
-  return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys).astype(np.int32)
-
-
-def _rows(draw, batch, rows):
-  """`draw(n)` (n leading rows) for a batch: rows offset .. offset + batch - 1 of
-  the draw for the whole batch of `total` when `rows` = (offset, total)."""
-  if rows is None:
-    return draw(batch)
-  offset, total = rows
-  offset = tf.cast(offset, tf.int32)
-  return draw(total)[offset:offset + tf.cast(batch, tf.int32)]
-
-
-def augment_batch(x, seed, augment: str, max_shift: int, rows=None):
-  """Random translation by up to `max_shift` pixels (zero padding), optional flips.
-
-  Stateless: the same (batch, seed) always gives the same result. `rows` =
-  (offset, total): `x` is rows offset.. of a batch of `total` images, and each
-  image gets the draw it gets in that batch (a replica's share of a step).
-  """
-  if augment == "none" or (augment == "shift" and max_shift <= 0):
-    return x
-  if augment == "affine":
-    return affine_batch(x, seed, max_shift, rows)
-  batch = tf.shape(x)[0]
-  size = x.shape[1]
-  if max_shift > 0:
-    padded = tf.pad(x, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
-    span = size + 2 * max_shift - 1
-    offsets = _rows(lambda n: tf.random.stateless_uniform(
-        [n, 2], seed, 0, 2 * max_shift + 1, tf.int32), batch, rows)
-    offsets = tf.cast(offsets, tf.float32)
-    boxes = tf.concat([offsets, offsets + (size - 1)], axis=1) / span
-    boxes = tf.gather(boxes, [0, 1, 2, 3], axis=1)  # (y1, x1, y2, x2)
-    x = tf.image.crop_and_resize(padded, boxes, tf.range(batch), [size, size])
-  if augment == "shift_flip":
-    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    flip = _rows(lambda n: tf.random.stateless_uniform([n, 1, 1, 1], flip_seed),
-                 batch, rows) < 0.5
-    x = tf.where(flip, tf.reverse(x, axis=[2]), x)
-  return x
-
-
-def affine_transforms(count, seed, size: int, max_shift: float, rotation_deg: float = 10.0,
-                      shear: float = 0.3, scale: tuple = (0.8, 1.2)):
-  """[count, 8] projective transforms of Koch et al.'s (2015) affine warp (stateless).
-
-  Rotation +-10 degrees, shears rho_x, rho_y in [-0.3, 0.3], scales s_x, s_y in
-  [0.8, 1.2] and a translation of up to `max_shift` pixels; each component is
-  applied with probability 0.5. Each row maps output to input coordinates
-  around the centre of a `size` x `size` image (the distribution of each
-  component is symmetric).
-  """
-  u = tf.random.stateless_uniform([count, 7], seed, -1.0, 1.0)
-  on = tf.cast(tf.random.stateless_uniform(
-      [count, 4], tf.random.experimental.stateless_fold_in(seed, 2)) < 0.5, tf.float32)
-  theta = on[:, 0] * u[:, 0] * rotation_deg * np.pi / 180.0
-  rho_x, rho_y = on[:, 1] * u[:, 1] * shear, on[:, 1] * u[:, 2] * shear
-  mid, half = (scale[0] + scale[1]) / 2, (scale[1] - scale[0]) / 2
-  s_x = 1.0 + on[:, 2] * (mid + half * u[:, 3] - 1.0)
-  s_y = 1.0 + on[:, 2] * (mid + half * u[:, 4] - 1.0)
-  t_x, t_y = on[:, 3] * u[:, 5] * max_shift, on[:, 3] * u[:, 6] * max_shift
-  cos, sin = tf.cos(theta), tf.sin(theta)
-  # M = R(theta) @ [[1, rho_x], [rho_y, 1]] @ diag(s_x, s_y)
-  m00 = (cos - sin * rho_y) * s_x
-  m01 = (cos * rho_x - sin) * s_y
-  m10 = (sin + cos * rho_y) * s_x
-  m11 = (sin * rho_x + cos) * s_y
-  c = (size - 1) / 2.0
-  return tf.stack([m00, m01, c + t_x - m00 * c - m01 * c,
-                   m10, m11, c + t_y - m10 * c - m11 * c,
-                   tf.zeros_like(m00), tf.zeros_like(m00)], axis=1)
-
-
-def warp(x, transforms):
-  """Images [B, S, S, C] warped by transforms [B, 8] (bilinear, zero fill:
-  strokes are already inverted to 1 on 0)."""
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-
-
-def affine_batch(x, seed, max_shift: float, rows=None):
-  """Each image of the batch under its own random Koch affine warp."""
-  return warp(x, _rows(lambda n: affine_transforms(n, seed, x.shape[1], max_shift),
-                       tf.shape(x)[0], rows))
 
 
 def distillation_loss(student_logits, teacher_logits, temperature: float):
@@ -452,7 +355,7 @@ class Pretrainer:
     labels = np.asarray(labels, np.int32)
     self.num_base_classes = int(labels.max()) + 1
     if config.rotations:
-      images, labels = rotated_copies(images, labels)
+      images, labels = image_views.rotated_copies(images, labels)
     self.num_classes = int(labels.max()) + 1
     if len(labels) < config.batch_size:
       raise errors.ConfigError(
@@ -569,8 +472,8 @@ class Pretrainer:
     by share / global batch; the optimizer sums the replicas' gradients."""
     config = self.config
     scale = self.replica_batch / config.batch_size  # 1.0 on one replica
-    x = preprocess(batch_images, config.invert)
-    x = augment_batch(x, seed, config.augment, config.max_shift,
+    x = image_views.preprocess(batch_images, config.invert)
+    x = image_views.augment_batch(x, seed, config.augment, config.max_shift,
                       rows=(offset, config.batch_size))
     teacher_logits = (None if self.teacher is None
                       else tf.stop_gradient(self.teacher(x, training=False)))

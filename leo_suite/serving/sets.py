@@ -145,7 +145,7 @@ def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
 
 # -- the forms ----------------------------------------------------------------------
 def _from_tree(path, role):
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
+  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path) and role == "support":
     empty = _empty_class_folders(path)
     if empty:
@@ -155,25 +155,25 @@ def _from_tree(path, role):
   if not os.path.isdir(path) and not path.lower().endswith(".zip"):
     raise errors.DataError(f"{path}: not a folder, .zip, .csv, .pkl or .npz; a {role} set "
                            f"is {FORMS_HELP}")
-  records = images_lib.scan_source(path, unlabelled=True)
+  records = image_sources.scan_source(path, unlabelled=True)
   files = [posixpath.join(r.class_name, r.file_name) for r in records]
   return records, files, [r.class_name or None for r in records]
 
 
 def _empty_class_folders(root):
   """Leaf folders under `root` that hold no image (classes without examples)."""
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
+  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   empty = []
   for directory, subdirs, names in os.walk(root):
     if directory != root and not subdirs and not any(
-        n.lower().endswith(images_lib.IMAGE_EXTENSIONS) for n in names):
+        n.lower().endswith(image_sources.IMAGE_EXTENSIONS) for n in names):
       empty.append(os.path.relpath(directory, root).replace(os.sep, "/"))
   return sorted(empty)
 
 
 def _from_csv(path):
   """Records of a `file,label` CSV (or DIR/labels.csv); paths relative to its folder."""
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
+  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   csv_path = path if path.lower().endswith(".csv") else os.path.join(path, LABELS_CSV)
   base = os.path.dirname(os.path.abspath(csv_path))
   try:
@@ -204,7 +204,7 @@ def _from_csv(path):
     image = os.path.join(base, name)
     if not os.path.isfile(image):
       missing.append(image)
-    records.append(images_lib.ImageRecord(label, posixpath.basename(name), image,
+    records.append(image_sources.ImageRecord(label, posixpath.basename(name), image,
                                           ("file", image)))
     files.append(name)
     labels.append(label or None)
