@@ -54,12 +54,12 @@ from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.data import image_views  # pylint: disable=wrong-import-position
 from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_shards  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
 flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
@@ -104,7 +104,7 @@ def merge_expectations():
   if FLAGS["format"].present:
     expected["format"] = FLAGS.format
   if FLAGS.backbone_dir:
-    weights = os.path.join(FLAGS.backbone_dir, train_lib.BACKBONE_WEIGHTS)
+    weights = os.path.join(FLAGS.backbone_dir, backbones.BACKBONE_WEIGHTS)
     if not os.path.isfile(weights):
       raise errors.ConfigError(f"{weights}: no such file; pass the backbone/ folder the "
                                "shards used, or no --backbone_dir with --merge")

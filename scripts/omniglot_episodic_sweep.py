@@ -29,9 +29,9 @@ import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from leo_suite.data import image_views  # pylint: disable=wrong-import-position
 from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("run", None, "A finished pretraining run (its backbone/ folder is read).")
 flags.DEFINE_string("out", None, "Folder for val.jsonl.")
@@ -50,7 +50,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   _, by_class, split_classes, _ = pipeline.omniglot_small()
-  backbone, description = train_lib.load_backbone(os.path.join(FLAGS.run, "backbone"))
+  backbone, description = backbones.load_backbone(os.path.join(FLAGS.run, "backbone"))
   size = int(description["image_size"])
   options = images_lib.DecodeOptions(size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)

@@ -24,11 +24,12 @@ from leo_suite.data import image_views  # pylint: disable=wrong-import-position
 from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import pretrain_config  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("out_dir", None, "Run folder.")
 flags.DEFINE_integer("epochs", 10, "Pretraining epochs.")
-flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/pretrain/backbones.py).")
+flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/models/backbones.py).")
 flags.DEFINE_string("augment", "shift", "none, shift, shift_flip or affine.")
 flags.DEFINE_integer("image_size", 28, "Input size (the 105x105 drawings are resized to it).")
 flags.DEFINE_integer("max_shift", 2, "Translation range (pixels at --image_size).")
@@ -49,7 +50,7 @@ def main(argv):
   options = images_lib.DecodeOptions(FLAGS.image_size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+  config = pretrain_config.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
                                     image_size=FLAGS.image_size,
                                     augment=FLAGS.augment, max_shift=FLAGS.max_shift,
                                     head=FLAGS.head,

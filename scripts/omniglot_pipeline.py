@@ -48,13 +48,14 @@ from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
 from leo_suite.data import image_views  # pylint: disable=wrong-import-position
 from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
 from leo_suite.models import registry  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import cli  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import omniglot_presets  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import pretrain_config  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 from leo_suite.training import compare  # pylint: disable=wrong-import-position
 
@@ -105,7 +106,7 @@ flags.DEFINE_string("split", "omniglot_small", "Alphabets (or characters) of eac
                     "\"test\": [...]}.")
 flags.DEFINE_string("work_dir", "runs/omniglot_small", "Everything the pipeline writes.")
 flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(backbones.BACKBONES), "Pretrained "
-                  "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
+                  "backbone (leo_suite/models/backbones.py); chosen on the meta-val "
                   "alphabets (README, Omniglot-small).")
 flags.DEFINE_integer("epochs", DEFAULT_EPOCHS, "Pretraining epochs (each: 4 x 3,540 images); "
                      "chosen on the meta-val alphabets (README, Omniglot-small).")
@@ -235,7 +236,7 @@ def main(argv):
   options = images_lib.DecodeOptions(28, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+  config = pretrain_config.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
                                     batch_size=FLAGS.batch_size,
                                     learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                     augment=FLAGS.augment, max_shift=FLAGS.max_shift,

@@ -12,12 +12,13 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
 from leo_suite.pretrain import class_splits
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
 from leo_suite.pretrain import extract_shards
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 from tests.test_pretrain_extract import CLASSES
 from tests.test_pretrain_extract import image_tree  # pylint: disable=unused-import
 from tests.test_predict import _script
@@ -35,8 +36,8 @@ def backbone_dirs(tmp_path_factory):
   dirs = []
   for seed in (0, 1):
     tf.keras.utils.set_random_seed(seed)
-    config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-    train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
+    config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
+    classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
                               str(root / f"backbone{seed}"))
     dirs.append(str(root / f"backbone{seed}"))
   return dirs

@@ -17,9 +17,10 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract_files
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 from leo_suite.serving import export
 from leo_suite.serving import predict
 from leo_suite.serving import sets
@@ -68,8 +69,8 @@ def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   tf.keras.utils.set_random_seed(0)
   backbone = backbones.build_backbone("conv4", 28, 1)
-  config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-  train_lib.export_backbone(backbone, config, str(root / "backbone"))
+  config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
+  classifier_lib.export_backbone(backbone, config, str(root / "backbone"))
   dim = int(backbone.output_shape[-1])
   serving.make_run(root / "run", "leo", steps=1, dim=dim)
   rng = np.random.default_rng(3)
@@ -234,8 +235,8 @@ def test_backbone_comes_from_the_runs_data_manifest(world, extracted, tmp_path):
   # Another backbone than the one that made the run's embeddings is refused.
   tf.keras.utils.set_random_seed(1)
   other = str(tmp_path / "other_backbone")
-  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
-                            train_lib.PretrainConfig(image_size=28, channels=1), other)
+  classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
+                            pretrain_config.PretrainConfig(image_size=28, channels=1), other)
   with pytest.raises(errors.ConfigError, match="differ from the"):
     predict.Predictor(run_dir, other).predict_task(str(world.root / "support"),
                                                    str(world.root / "query"))

@@ -54,6 +54,8 @@ import tensorflow as tf
 from PIL import Image
 
 from leo_suite.data import image_views
+from leo_suite.models import backbones
+from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 from tests import workers
 
@@ -131,7 +133,7 @@ def load_state(run_dir, step):
   weights (with batch-norm moving statistics), SGD's momenta, the step."""
   with open(os.path.join(run_dir, "checkpoints", "pretrain_config.json")) as handle:
     saved = json.load(handle)
-  config = train_lib.PretrainConfig(**saved["config"])
+  config = pretrain_config.PretrainConfig(**saved["config"])
   keras.backend.clear_session()
   trainer = train_lib.Pretrainer(  # the run's objects (the images are placeholders)
       config, np.zeros([config.batch_size, 28, 28, 1], np.uint8),
@@ -175,7 +177,7 @@ def assert_matches_one_device(single, other):
 
 def assert_same_export(single_dir, other_dir):
   """The exported backbones (backbone/) agree like the checkpoints."""
-  exported = [train_lib.load_backbone(os.path.join(d, "backbone"))[0]
+  exported = [backbones.load_backbone(os.path.join(d, "backbone"))[0]
               for d in (single_dir, other_dir)]
   assert_matches_one_device(*[{w.path: w.numpy() for w in m.weights} for m in exported])
 

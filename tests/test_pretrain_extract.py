@@ -20,9 +20,12 @@ from leo_suite.data import episodes
 from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
+from leo_suite.models import backbones
 from leo_suite.models import base
 from leo_suite.pretrain import baselines
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract
+from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,12 +127,12 @@ def test_affine_augmentation_is_stateless_mild_and_varied():
 
 
 def test_cosine_head_logits_are_scaled_cosines():
-  config = train_lib.PretrainConfig(head="cosine")
-  _, classifier = train_lib.build_classifier(config, 7)
+  config = pretrain_config.PretrainConfig(head="cosine")
+  _, classifier = classifier_lib.build_classifier(config, 7)
   logits = classifier(np.random.default_rng(0).random([3, 28, 28, 1]).astype(np.float32)).numpy()
   assert logits.shape == (3, 7) and np.all(np.abs(logits) <= 10.0 + 1e-4)
   with pytest.raises(errors.ConfigError, match="--head"):
-    train_lib.validate_config(train_lib.PretrainConfig(head="arc"))
+    pretrain_config.validate_config(pretrain_config.PretrainConfig(head="arc"))
 
 
 def _blob_images(num_per_class=10, size=28, seed=0):
@@ -146,7 +149,7 @@ def _blob_images(num_per_class=10, size=28, seed=0):
   return np.stack(images), np.asarray(labels)
 
 
-_TINY = train_lib.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
+_TINY = pretrain_config.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
                                  log_every=2)
 
 
@@ -180,7 +183,7 @@ def test_training_learns_and_exports(trained):
   assert history[-1]["loss"] < history[0]["loss"]
   assert history[-1]["accuracy"] > 0.6
   export = trained["summary"]["export"]
-  weights = os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS)
+  weights = os.path.join(trained["dir"], "backbone", backbones.BACKBONE_WEIGHTS)
   assert export["weights_sha256"] == fileio.file_sha256(weights)
   # TensorBoard event file with scalar summaries (scalars plugin).
   from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
@@ -208,7 +211,7 @@ def test_resume_after_kill_replays_the_uninterrupted_run(trained):
 
 def test_resume_with_different_settings_is_refused(trained, tmp_path):
   keras.backend.clear_session()
-  changed = train_lib.PretrainConfig(**{**_TINY.__dict__, "learning_rate": 0.5})
+  changed = pretrain_config.PretrainConfig(**{**_TINY.__dict__, "learning_rate": 0.5})
   with pytest.raises(errors.ConfigError, match="learning_rate=0.05"):
     train_lib.Pretrainer(changed, trained["images"], trained["labels"],
                          os.path.dirname(trained["second"].manager.directory),
@@ -236,11 +239,11 @@ def test_distillation_loss_is_the_temperature_scaled_kl_and_its_gradient():
   expected = t * t * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1))
   s = tf.Variable(student, dtype=tf.float32)
   with tf.GradientTape() as tape:
-    loss = train_lib.distillation_loss(s, tf.constant(teacher, tf.float32), t)
+    loss = classifier_lib.distillation_loss(s, tf.constant(teacher, tf.float32), t)
   np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
   # d/ds T^2 KL = T (softmax(s/T) - softmax(t/T)) / batch (Hinton et al. 2015, eq. 2)
   np.testing.assert_allclose(tape.gradient(loss, s).numpy(), t * (p_s - p_t) / 4, atol=1e-6)
-  assert abs(float(train_lib.distillation_loss(s, s, t))) < 1e-6
+  assert abs(float(classifier_lib.distillation_loss(s, s, t))) < 1e-6
 
 
 def test_born_again_student(trained, tmp_path):
@@ -249,7 +252,7 @@ def test_born_again_student(trained, tmp_path):
   images, labels = trained["images"], trained["labels"]
   keras.backend.clear_session()
   zero = train_lib.Pretrainer(
-      train_lib.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
+      pretrain_config.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
                                   "distill_alpha": 0.0}),
       images, labels, str(tmp_path / "zero"), log=lambda _: None)
   zero.train()
@@ -262,7 +265,7 @@ def test_born_again_student(trained, tmp_path):
   train_lib.Pretrainer(_TINY, images, (labels + 1) % 4, liar, log=lambda _: None).train()
   keras.backend.clear_session()
   soft = train_lib.Pretrainer(
-      train_lib.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
+      pretrain_config.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
                                   "distill_alpha": 1.0, "distill_temperature": 1.0}),
       images, labels, str(tmp_path / "soft"), log=lambda _: None)
   summary = soft.train()
@@ -277,7 +280,7 @@ def test_born_again_student(trained, tmp_path):
   latest = tf.train.latest_checkpoint(os.path.join(liar, "checkpoints"))
   assert teacher["checkpoint"] == os.path.basename(latest)
   assert teacher["checkpoint_sha256"] == fileio.file_sha256(latest + ".index")
-  with open(tmp_path / "soft" / "backbone" / train_lib.BACKBONE_CONFIG) as handle:
+  with open(tmp_path / "soft" / "backbone" / backbones.BACKBONE_CONFIG) as handle:
     assert json.load(handle)["teacher"]["run_dir"] == os.path.abspath(liar)
 
 
@@ -289,44 +292,44 @@ def test_a_bad_teacher_is_a_clear_error(trained, tmp_path):
       stop_after_steps=3)
   cases = [(str(tmp_path / "nothing"), _TINY, "no pretraining checkpoints"),
            (unfinished, _TINY, "stopped at step 3 of 15"),
-           (trained["dir"], train_lib.PretrainConfig(**{**_TINY.__dict__, "rotations": True}),
+           (trained["dir"], pretrain_config.PretrainConfig(**{**_TINY.__dict__, "rotations": True}),
             "classifies 4 classes, this run 16")]
   for teacher, config, message in cases:
     keras.backend.clear_session()
     with pytest.raises(errors.ConfigError, match=message):
-      train_lib.Pretrainer(train_lib.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
+      train_lib.Pretrainer(pretrain_config.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
                            images, labels, str(tmp_path / "student"), log=lambda _: None)
   with pytest.raises(errors.ConfigError, match="--distill_alpha=1.5"):
-    train_lib.validate_config(train_lib.PretrainConfig(distill_alpha=1.5))
+    pretrain_config.validate_config(pretrain_config.PretrainConfig(distill_alpha=1.5))
 
 
 def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
-  model, description = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  model, description = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   x = image_views.preprocess(trained["images"][:5], True)
   np.testing.assert_allclose(model(x, training=False), trained["straight"].backbone(x, training=False),
                              rtol=1e-5, atol=1e-6)
   assert description["feature_dim"] == 64 and description["invert"] is True
   copy = tmp_path / "backbone"
   copy.mkdir()
-  for name in (train_lib.BACKBONE_WEIGHTS, train_lib.BACKBONE_CONFIG):
+  for name in (backbones.BACKBONE_WEIGHTS, backbones.BACKBONE_CONFIG):
     with open(os.path.join(trained["dir"], "backbone", name), "rb") as handle:
       (copy / name).write_bytes(handle.read())
-  with open(copy / train_lib.BACKBONE_WEIGHTS, "ab") as handle:
+  with open(copy / backbones.BACKBONE_WEIGHTS, "ab") as handle:
     handle.write(b"junk")
   with pytest.raises(errors.DataError, match="does not match"):
-    train_lib.load_backbone(str(copy))
+    backbones.load_backbone(str(copy))
   with pytest.raises(errors.DataError, match="no such file"):
-    train_lib.load_backbone(str(tmp_path / "nothing"))
+    backbones.load_backbone(str(tmp_path / "nothing"))
 
 
 def test_bad_config_is_a_clear_error():
   images, labels = _blob_images(2)
   with pytest.raises(errors.ConfigError, match="--schedule='linear'"):
-    train_lib.Pretrainer(train_lib.PretrainConfig(schedule="linear"), images, labels, "/tmp/x")
+    train_lib.Pretrainer(pretrain_config.PretrainConfig(schedule="linear"), images, labels, "/tmp/x")
   if tf.config.list_physical_devices("GPU"):
     return  # mixed precision is allowed there
   with pytest.raises(errors.ConfigError, match="--mixed_precision=on needs a GPU"):
-    train_lib.Pretrainer(train_lib.PretrainConfig(mixed_precision="on", batch_size=4,
+    train_lib.Pretrainer(pretrain_config.PretrainConfig(mixed_precision="on", batch_size=4,
                                                   rotations=False),
                          images, labels, "/tmp/x")
 
@@ -373,12 +376,12 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
   on_disk = json.loads((folder / "manifest.json").read_text())
   assert on_disk == json.loads(json.dumps(manifest))
   assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
-      os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS))
+      os.path.join(trained["dir"], "backbone", backbones.BACKBONE_WEIGHTS))
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (6, 2), "val": (3, 1), "test": (6, 2)}
   assert sorted(manifest["class_names"].values()) == sorted(sum(CLASSES.values(), []))
   tokens = manifest["class_names"]
-  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   for split in ("train", "val", "test"):
     loaded = embeddings_lib.load_dataset_split(str(tmp_path / "out"), "tiny", "center", split)
     assert loaded.embeddings.dtype == np.float32 and loaded.dim == 64
@@ -404,7 +407,7 @@ def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, im
                                         "train_embeddings.npz", "val_embeddings.npz"]
   assert manifest["crop_description"].startswith("resized to round(image_size*8/7)")
   loaded = embeddings_lib.load_split(str(folder / "val_embeddings.npz"))
-  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   path = os.path.join(image_tree, "Greek/character01/d0.png")
   big = image_views.preprocess(images_lib.decode_image(open(path, "rb").read(), path,
                                              images_lib.DecodeOptions(32, 1)), True).numpy()
@@ -500,7 +503,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   student = results["pretrain"]["export"]
   assert student["teacher"]["run_dir"] == str(work / "pretrain")
   assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
-      str(work / "pretrain_gen1" / "backbone" / train_lib.BACKBONE_WEIGHTS))
+      str(work / "pretrain_gen1" / "backbone" / backbones.BACKBONE_WEIGHTS))
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
     embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
@@ -564,7 +567,7 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   # No distillation by default: the first network's backbone is extracted.
   assert "[stage] distill" not in proc.stdout
   assert results["manifest"]["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
-      str(work / "pretrain" / "backbone" / train_lib.BACKBONE_WEIGHTS))
+      str(work / "pretrain" / "backbone" / backbones.BACKBONE_WEIGHTS))
   ncm = {r["setting"]: r for r in results["rows"] if r["method"].startswith("ncm_cosine")}
   learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]
   assert {(r["method"], r["setting"]) for r in learners} == {

@@ -292,12 +292,13 @@ def test_join_under_never_escapes_and_gives_one_component(tmp_path):
 @pytest.mark.slow
 def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(tmp_path):
   from leo_suite.data import image_sources  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.models import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import classifier as classifier_lib  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import extract  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import train as train_lib  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import pretrain_config  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  config = train_lib.PretrainConfig(image_size=28, channels=1)
-  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
+  config = pretrain_config.PretrainConfig(image_size=28, channels=1)
+  classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
                             str(tmp_path / "backbone"))
   buffer = io.BytesIO()
   Image.fromarray(np.full([28, 28], 200, np.uint8)).save(buffer, format="PNG")

@@ -431,12 +431,13 @@ def _png(array):
 def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
   from leo_suite.data import image_views
   from leo_suite.data import images as images_lib
-  from leo_suite.pretrain import backbones
-  from leo_suite.pretrain import train as train_lib
+  from leo_suite.models import backbones
+  from leo_suite.pretrain import classifier as classifier_lib
+  from leo_suite.pretrain import pretrain_config
   tf.keras.utils.set_random_seed(0)
   backbone = backbones.build_backbone("conv4", 28, 1)
-  config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-  train_lib.export_backbone(backbone, config, str(tmp_path / "backbone"))
+  config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
+  classifier_lib.export_backbone(backbone, config, str(tmp_path / "backbone"))
   dim = int(backbone.output_shape[-1])
   learner, _ = make_run(tmp_path / "run", "r2d2", steps=1, dim=dim)
   rng = np.random.default_rng(8)

@@ -39,9 +39,8 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
 from leo_suite.pretrain import class_splits
-from leo_suite.pretrain import train as train_lib
 from leo_suite.training import evaluation
 
 FORMATS = ("pkl", "npz")
@@ -209,7 +208,7 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
   if batch_size < 1:
     raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
   class_splits.check_nonempty(split_classes, by_class, split_origin or "splits")
-  model, description = train_lib.load_backbone(backbone_dir)
+  model, description = backbones.load_backbone(backbone_dir)
   image_size = int(description["image_size"])
   options = images_lib.DecodeOptions(image_views.load_size(crop, image_size),
                                      int(description["channels"]), expected_size,

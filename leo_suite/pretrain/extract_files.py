@@ -31,8 +31,8 @@ from leo_suite.data import embedding_keys
 from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
+from leo_suite.models import backbones
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import train as train_lib
 
 ALL = "all"   # the file stem: <out>/<dataset>/<crop>/all_embeddings.<fmt>
 KEY_FORMAT = ("path-<class>-<class>_<relative path, encoded by "
@@ -50,7 +50,7 @@ class ImageEmbedder:
     if batch_size < 1:
       raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
     self.backbone_dir, self.crop, self.batch_size = backbone_dir, crop, batch_size
-    self.model, self.description = train_lib.load_backbone(backbone_dir)
+    self.model, self.description = backbones.load_backbone(backbone_dir)
     size = int(self.description["image_size"])
     self.options = images_lib.DecodeOptions(
         image_views.load_size(crop, size),
