@@ -296,7 +296,7 @@ def memory_probe(model, shots, inner_steps):
   labels = lambda m: tf.constant(np.tile(np.arange(NUM_WAYS)[:, None], [BATCH, 1, m])
                                  .reshape(BATCH, NUM_WAYS, m).astype(np.int32))
   episode = episodes.Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
-                         tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
+                             tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
 
   @tf.function
   def step(seed):

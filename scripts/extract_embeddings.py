@@ -52,6 +52,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
+from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
 from leo_suite.data import image_views  # pylint: disable=wrong-import-position
 from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.models import backbones  # pylint: disable=wrong-import-position
@@ -118,7 +119,7 @@ def merge(name):
       merge_expectations(), FLAGS.keep_shards)
   counts = describe_splits(manifest)
   print(f"merged {manifest['shards']['num_shards']} shards; manifest: "
-        f"{os.path.join(FLAGS.out, name, FLAGS.crop, extract.MANIFEST)} ({counts})")
+        f"{os.path.join(FLAGS.out, name, FLAGS.crop, embeddings_lib.MANIFEST)} ({counts})")
 
 
 def run_shard(plan, name):
@@ -158,7 +159,7 @@ def main(argv):
     written = manifest["splits"][extract_files.ALL]
     print(f"embeddings: {os.path.join(folder, written['file'])} "
           f"({extract_files.describe_counts(written)}); "
-          f"manifest: {os.path.join(folder, extract.MANIFEST)}")
+          f"manifest: {os.path.join(folder, embeddings_lib.MANIFEST)}")
     return
   by_class, split_classes, origin = class_splits.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
@@ -175,7 +176,7 @@ def main(argv):
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
   counts = describe_splits(manifest)
-  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)
+  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)
   print(f"manifest: {path} ({counts})")
 
 

@@ -39,7 +39,7 @@ def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
   labels = lambda count: tf.constant(np.broadcast_to(
       np.arange(ways)[None, :, None], (batch, ways, count)).astype(np.int32))
   return Episode(unit((batch, ways, shots, dim)), labels(shots),
-                      unit((batch, ways, queries, dim)), labels(queries))
+                 unit((batch, ways, queries, dim)), labels(queries))
 
 
 def main():

@@ -51,12 +51,12 @@ def main(argv):
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   config = pretrain_config.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
-                                    image_size=FLAGS.image_size,
-                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift,
-                                    head=FLAGS.head,
-                                    learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                                    teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
-                                    distill_temperature=FLAGS.distill_temperature)
+                                          image_size=FLAGS.image_size,
+                                          augment=FLAGS.augment, max_shift=FLAGS.max_shift,
+                                          head=FLAGS.head,
+                                          learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+                                          teacher=FLAGS.teacher, distill_alpha=FLAGS.distill_alpha,
+                                          distill_temperature=FLAGS.distill_temperature)
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
                                  class_names=split_classes["train"])
   x = image_views.preprocess(val_images, config.invert)

@@ -159,7 +159,7 @@ def stage_done(stage, timings, ledger_path=None):
 
 def extracted_manifest(data_path, summary):
   """The manifest of embeddings already extracted from this very backbone, else None."""
-  path = os.path.join(data_path, DATASET, FLAGS.crop, extract.MANIFEST)
+  path = os.path.join(data_path, DATASET, FLAGS.crop, embeddings_lib.MANIFEST)
   sha = (summary.get("export") or {}).get("weights_sha256")
   if not sha or not os.path.exists(path):
     return None
@@ -237,10 +237,10 @@ def main(argv):
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   config = pretrain_config.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
-                                    batch_size=FLAGS.batch_size,
-                                    learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
-                                    augment=FLAGS.augment, max_shift=FLAGS.max_shift,
-                                    head=FLAGS.head)
+                                          batch_size=FLAGS.batch_size,
+                                          learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
+                                          augment=FLAGS.augment, max_shift=FLAGS.max_shift,
+                                          head=FLAGS.head)
   trainer = train_lib.Pretrainer(config, images, labels, os.path.join(work, "pretrain"),
                                  class_names=split_classes["train"])
   t0 = time.time()

@@ -498,7 +498,8 @@ def test_concurrent_run_is_refused(tmp_path, release):
   archive, _, _ = release
   dest = tmp_path / "embeddings"
   (dest / release_archive.DOWNLOAD_DIR).mkdir(parents=True)
-  with download._exclusive(str(dest / release_archive.DOWNLOAD_DIR)):  # pylint: disable=protected-access
+  lock = str(dest / release_archive.DOWNLOAD_DIR)
+  with download._exclusive(lock):  # pylint: disable=protected-access
     with pytest.raises(errors.UserError, match="another download_embeddings run"):
       download.install(str(dest), archive=archive, stream=None)
   assert _all_files(str(dest)) == []

@@ -339,8 +339,8 @@ def extraction_inputs(tmp_path_factory):
   from leo_suite.pretrain import pretrain_config  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("extract")
   classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
-                            pretrain_config.PretrainConfig(image_size=28, channels=1),
-                            str(root / "backbone"))
+                                 pretrain_config.PretrainConfig(image_size=28, channels=1),
+                                 str(root / "backbone"))
   rng = np.random.default_rng(0)
   classes = {"train": ["a1", "a2", "a3"], "val": ["b1", "b2"], "test": ["c1", "c2"]}
   for names in classes.values():

@@ -1,4 +1,5 @@
-"""Image sources, class splits and decoding (leo_suite/data/image_sources.py, data/images.py, pretrain/class_splits.py)."""
+"""Image sources, class splits and decoding (leo_suite/data/image_sources.py,
+data/images.py, pretrain/class_splits.py)."""
 
 import io
 import json
@@ -117,7 +118,8 @@ def test_unexpected_mode_and_size_are_reported_with_the_file():
   with pytest.raises(errors.DataError, match=r"c\.jpg.*mode 'CMYK'"):
     images_lib.decode_image(cmyk, "c.jpg", images_lib.DecodeOptions(28, 1))
   with pytest.raises(errors.DataError, match=r"s\.png.*50x40, expected 105x105"):
-    images_lib.decode_image(_png(size=(50, 40)), "s.png", images_lib.DecodeOptions(28, 1, (105, 105)))
+    images_lib.decode_image(_png(size=(50, 40)), "s.png",
+                            images_lib.DecodeOptions(28, 1, (105, 105)))
   assert images_lib.parse_expected_size("105x105") == (105, 105)
   assert images_lib.parse_expected_size("any") is None
   with pytest.raises(errors.ConfigError, match="WIDTHxHEIGHT"):
@@ -129,7 +131,8 @@ def test_corrupt_images_fail_by_default_and_are_skipped_on_request(tmp_path):
   records = image_sources.scan_directory(str(tmp_path))
   with pytest.raises(errors.DataError, match=r"bad\.png.*corrupt.*--skip_bad_images"):
     images_lib.load_arrays(records, images_lib.DecodeOptions(28, 1))
-  images, kept, skipped = images_lib.load_arrays(records, images_lib.DecodeOptions(28, 1, skip_bad=True))
+  images, kept, skipped = images_lib.load_arrays(
+      records, images_lib.DecodeOptions(28, 1, skip_bad=True))
   assert images.shape == (2, 28, 28, 1)
   assert [records[i].file_name for i in kept] == ["good.png", "ok.png"]
   assert len(skipped) == 1 and skipped[0][0].endswith("bad.png")
@@ -160,10 +163,11 @@ def test_overlapping_or_unmatched_split_entries_are_errors(tmp_path):
   with pytest.raises(errors.DataError, match="'Greek' is listed in both train and test"):
     class_splits.load_split_spec(_spec_file(tmp_path, {"train": ["Greek"], "test": ["Greek"]}))
   overlap = class_splits.load_split_spec(_spec_file(tmp_path, {"train": ["Greek"],
-                                                      "test": ["Greek/c1"]}))
+                                                               "test": ["Greek/c1"]}))
   with pytest.raises(errors.DataError, match="'Greek/c1' is selected by both train and test"):
     class_splits.assign_classes(classes, overlap)
-  unmatched = class_splits.load_split_spec(_spec_file(tmp_path, {"train": ["Greek"], "val": ["Hebrew"]}))
+  unmatched = class_splits.load_split_spec(
+      _spec_file(tmp_path, {"train": ["Greek"], "val": ["Hebrew"]}))
   with pytest.raises(errors.DataError, match="'Hebrew' matches no class"):
     class_splits.assign_classes(classes, unmatched)
   with pytest.raises(errors.DataError, match="no such split file"):

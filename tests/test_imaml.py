@@ -32,7 +32,7 @@ def make_episode(rng, num_tasks=3, num_ways=3, num_shots=2, num_queries=4,
     return np.broadcast_to(np.arange(num_ways, dtype=np.int32)[None, :, None],
                            (num_tasks, num_ways, count)).copy()
   return Episode(tf.constant(draw(num_shots)), tf.constant(labels(num_shots)),
-                      tf.constant(draw(num_queries)), tf.constant(labels(num_queries)))
+                 tf.constant(draw(num_queries)), tf.constant(labels(num_queries)))
 
 
 def build(dtype="float64", num_ways=3, dim=6, **overrides):

@@ -38,7 +38,7 @@ def make_episode(num_tasks=2, num_ways=N, num_shots=K, num_queries=V, dim=D, see
   labels = lambda m: tf.constant(np.tile(np.arange(num_ways)[:, None], [num_tasks, 1, m])
                                  .reshape(num_tasks, num_ways, m), tf.int32)
   return Episode(unit([num_tasks, num_ways, num_shots, dim]), labels(num_shots),
-                      unit([num_tasks, num_ways, num_queries, dim]), labels(num_queries))
+                 unit([num_tasks, num_ways, num_queries, dim]), labels(num_queries))
 
 
 def test_inner_loop_arithmetic():

@@ -18,6 +18,7 @@ from leo_suite import errors
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.models import backbones
+from leo_suite.models import image_embedder
 from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract_files
 from leo_suite.pretrain import pretrain_config
@@ -236,7 +237,7 @@ def test_backbone_comes_from_the_runs_data_manifest(world, extracted, tmp_path):
   tf.keras.utils.set_random_seed(1)
   other = str(tmp_path / "other_backbone")
   classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
-                            pretrain_config.PretrainConfig(image_size=28, channels=1), other)
+                                 pretrain_config.PretrainConfig(image_size=28, channels=1), other)
   with pytest.raises(errors.ConfigError, match="differ from the"):
     predict.Predictor(run_dir, other).predict_task(str(world.root / "support"),
                                                    str(world.root / "query"))
@@ -368,9 +369,9 @@ def test_warps_crop_is_per_image_and_the_export_embeds_images_the_same_way(world
   SavedModel's image path computes what extraction wrote."""
   from leo_suite.data import image_views  # pylint: disable=g-import-not-at-top
   records = extract_files.scan_all([str(world.root / "query")])
-  warped = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=3)(records, "q")
-  alone = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=1)(records, "q")
-  center = extract_files.ImageEmbedder(world.backbone_dir, "center")(records, "q")
+  warped = image_embedder.ImageEmbedder(world.backbone_dir, "warps", batch_size=3)(records, "q")
+  alone = image_embedder.ImageEmbedder(world.backbone_dir, "warps", batch_size=1)(records, "q")
+  center = image_embedder.ImageEmbedder(world.backbone_dir, "center")(records, "q")
   np.testing.assert_allclose(warped, alone, rtol=1e-5, atol=1e-6)
   assert np.abs(warped - center).max() > 1e-3 * np.abs(center).max()   # the views differ
   x = tf.random.uniform([2, 28, 28, 1], seed=1)

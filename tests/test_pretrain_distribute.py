@@ -267,7 +267,7 @@ def test_a_share_gets_its_rows_of_the_global_augmentation(augment):
   whole = image_views.augment_batch(x, seed, augment, 2)
   for offset in (0, 2, 6):
     share = image_views.augment_batch(x[offset:offset + 2], seed, augment, 2,
-                                    rows=(tf.constant(offset, tf.int64), 8))
+                                      rows=(tf.constant(offset, tf.int64), 8))
     np.testing.assert_array_equal(share.numpy(), whole[offset:offset + 2].numpy())
   # Not vacuous: the shares' own draws would differ.
   alone = image_views.augment_batch(x[2:4], seed, augment, 2)

@@ -150,7 +150,7 @@ def _blob_images(num_per_class=10, size=28, seed=0):
 
 
 _TINY = pretrain_config.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
-                                 log_every=2)
+                                       log_every=2)
 
 
 def _weights(trainer):
@@ -253,7 +253,7 @@ def test_born_again_student(trained, tmp_path):
   keras.backend.clear_session()
   zero = train_lib.Pretrainer(
       pretrain_config.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
-                                  "distill_alpha": 0.0}),
+                                        "distill_alpha": 0.0}),
       images, labels, str(tmp_path / "zero"), log=lambda _: None)
   zero.train()
   for a, b in zip(_weights(trained["straight"]), _weights(zero)):
@@ -266,7 +266,7 @@ def test_born_again_student(trained, tmp_path):
   keras.backend.clear_session()
   soft = train_lib.Pretrainer(
       pretrain_config.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
-                                  "distill_alpha": 1.0, "distill_temperature": 1.0}),
+                                        "distill_alpha": 1.0, "distill_temperature": 1.0}),
       images, labels, str(tmp_path / "soft"), log=lambda _: None)
   summary = soft.train()
   x = image_views.preprocess(images, True)
@@ -297,8 +297,9 @@ def test_a_bad_teacher_is_a_clear_error(trained, tmp_path):
   for teacher, config, message in cases:
     keras.backend.clear_session()
     with pytest.raises(errors.ConfigError, match=message):
-      train_lib.Pretrainer(pretrain_config.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
-                           images, labels, str(tmp_path / "student"), log=lambda _: None)
+      train_lib.Pretrainer(
+          pretrain_config.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
+          images, labels, str(tmp_path / "student"), log=lambda _: None)
   with pytest.raises(errors.ConfigError, match="--distill_alpha=1.5"):
     pretrain_config.validate_config(pretrain_config.PretrainConfig(distill_alpha=1.5))
 
@@ -325,12 +326,13 @@ def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
 def test_bad_config_is_a_clear_error():
   images, labels = _blob_images(2)
   with pytest.raises(errors.ConfigError, match="--schedule='linear'"):
-    train_lib.Pretrainer(pretrain_config.PretrainConfig(schedule="linear"), images, labels, "/tmp/x")
+    train_lib.Pretrainer(pretrain_config.PretrainConfig(schedule="linear"), images, labels,
+                         "/tmp/x")
   if tf.config.list_physical_devices("GPU"):
     return  # mixed precision is allowed there
   with pytest.raises(errors.ConfigError, match="--mixed_precision=on needs a GPU"):
     train_lib.Pretrainer(pretrain_config.PretrainConfig(mixed_precision="on", batch_size=4,
-                                                  rotations=False),
+                                                        rotations=False),
                          images, labels, "/tmp/x")
 
 
@@ -389,8 +391,9 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
     # Row = backbone(preprocess(decoded image)), in file order within each class.
     for c_index, token in enumerate(loaded.class_names):
       paths = sorted(os.listdir(os.path.join(image_tree, tokens[token])))
-      images = np.stack([images_lib.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb")
-                                         .read(), p, images_lib.DecodeOptions(28, 1)) for p in paths])
+      images = np.stack([
+          images_lib.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb").read(),
+                                  p, images_lib.DecodeOptions(28, 1)) for p in paths])
       expected = model(image_views.preprocess(images, True), training=False).numpy()
       start = loaded.class_start[c_index]
       np.testing.assert_allclose(loaded.embeddings[start:start + 3], expected, rtol=1e-4,
@@ -409,8 +412,8 @@ def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, im
   loaded = embeddings_lib.load_split(str(folder / "val_embeddings.npz"))
   model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   path = os.path.join(image_tree, "Greek/character01/d0.png")
-  big = image_views.preprocess(images_lib.decode_image(open(path, "rb").read(), path,
-                                             images_lib.DecodeOptions(32, 1)), True).numpy()
+  big = image_views.preprocess(images_lib.decode_image(
+      open(path, "rb").read(), path, images_lib.DecodeOptions(32, 1)), True).numpy()
   views = [big[dy:dy + 28, dx:dx + 28] for dy, dx in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
   views += [v[:, ::-1] for v in views]
   expected = model(np.stack(views), training=False).numpy().mean(axis=0)

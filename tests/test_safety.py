@@ -299,13 +299,13 @@ def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(t
   from PIL import Image  # pylint: disable=import-outside-toplevel
   config = pretrain_config.PretrainConfig(image_size=28, channels=1)
   classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
-                            str(tmp_path / "backbone"))
+                                 str(tmp_path / "backbone"))
   buffer = io.BytesIO()
   Image.fromarray(np.full([28, 28], 200, np.uint8)).save(buffer, format="PNG")
   hostile = {"train": ["../../escaped", "/abs/escaped"], "val": ["a/../../b"],
              "test": ["..", "x\x00y"]}
   by_class = {name: [image_sources.ImageRecord(name, f"../../{i}.png", f"mem:{i}",
-                                             ("bytes", buffer.getvalue())) for i in range(3)]
+                                               ("bytes", buffer.getvalue())) for i in range(3)]
               for names in hostile.values() for name in names}
   out = tmp_path / "sandbox" / "out"
   with pytest.raises(errors.ConfigError, match="dataset_name"):

@@ -56,7 +56,7 @@ def random_episode(rng, dim, batch=2):
   centers = rng.standard_normal([batch, N, 1, dim])
   labels = np.tile(np.arange(N, dtype=np.int32)[None, :, None], [batch, 1, K])
   return Episode(norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels,
-                      norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels)
+                 norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels)
 
 
 def make_run(run_dir, model, steps=2, dim=D, seed=0):

@@ -50,7 +50,7 @@ def test_image_signature_embeds_exactly_as_extraction(tmp_path, channels):
   tf.keras.utils.set_random_seed(channels)
   backbone = backbones.build_backbone("conv4", 28, channels)
   config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=channels,
-                                    invert=True)
+                                          invert=True)
   backbone_dir = str(tmp_path / "backbone")
   classifier_lib.export_backbone(backbone, config, backbone_dir)
   model, description = backbones.load_backbone(backbone_dir)

@@ -155,7 +155,7 @@ def install(dest, url=DEFAULT_URL, sha256=None, archive=None, timeout=60.0,
         raise
       if sha256 is None:
         write_note(stream, f"sha256 {fileio.file_sha256(archive)} (pass it as --sha256 "
-                    "to check future downloads)")
+                   "to check future downloads)")
       try:
         unpack(archive, dest, layout, stream)
       except OSError as exc:

@@ -37,6 +37,7 @@ from leo_suite.data.safe_pickle import safe_unpickle
 SPLITS = ("train", "val", "test")
 PICKLE_SUFFIX = "_embeddings.pkl"
 NPZ_SUFFIX = "_embeddings.npz"
+MANIFEST = "manifest.json"  # written by extraction beside a <dataset>/<crop>'s files
 
 
 @dataclasses.dataclass(frozen=True)

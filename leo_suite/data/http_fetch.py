@@ -137,7 +137,7 @@ def fetch(url, part, *, timeout=60.0, stream=sys.stderr, chunk_bytes=CHUNK_BYTES
         if content_range and content_range[2] == offset:
           return offset  # the previous run received everything
         write_note(stream, f"the server refused to resume at byte {offset:,}; "
-                    "restarting from byte 0")
+                   "restarting from byte 0")
         open(part, "wb").close()
         continue
       raise DownloadError(describe_error(exc)) from None
@@ -151,15 +151,15 @@ def fetch(url, part, *, timeout=60.0, stream=sys.stderr, chunk_bytes=CHUNK_BYTES
         content_range = _parse_content_range(response.headers.get("Content-Range"))
         if not content_range or content_range[0] != offset:
           write_note(stream, "the server sent a different range than asked "
-                      f"({response.headers.get('Content-Range')!r}); restarting "
-                      "from byte 0")
+                     f"({response.headers.get('Content-Range')!r}); restarting "
+                     "from byte 0")
           open(part, "wb").close()
           continue
         total, mode = content_range[2], "ab"
       elif status == 200:
         if offset:
           write_note(stream, f"the server ignored the Range request; discarding "
-                      f"the {offset:,} bytes of {part} and restarting from byte 0")
+                     f"the {offset:,} bytes of {part} and restarting from byte 0")
         offset, mode = 0, "wb"
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
@@ -168,7 +168,7 @@ def fetch(url, part, *, timeout=60.0, stream=sys.stderr, chunk_bytes=CHUNK_BYTES
       if total is not None:
         require_free_space(os.path.dirname(part), total - offset, "the download")
       write_note(stream, (f"resuming at byte {offset:,}" if offset else
-                           "downloading") + f" from {url}")
+                          "downloading") + f" from {url}")
       progress = _Progress(stream, total, offset)
       done = offset
       try:

@@ -218,11 +218,11 @@ class ArrayPlan:
     dtype, count = self.dtype.resolve(), math.prod(self.shape)
     if isinstance(self.data, list) != (dtype == object):
       raise Refused(f"the file gives {type(self.data).__name__} data for a {dtype} array "
-                     "(object arrays list their elements, others give raw bytes); refused")
+                    "(object arrays list their elements, others give raw bytes); refused")
     if isinstance(self.data, list):
       if len(self.data) != count:
         raise Refused(f"the file gives {len(self.data):,} elements for an object array of "
-                       f"shape {self.shape}")
+                      f"shape {self.shape}")
       budget.spend(8 * count, "an object array")
       array = np.empty(count, dtype=object)
       for index, item in enumerate(self.data):
@@ -231,7 +231,7 @@ class ArrayPlan:
       raw = self.data.encode("latin1") if isinstance(self.data, str) else self.data
       if count * dtype.itemsize != len(raw):
         raise Refused(f"the file describes a {dtype} array of shape {self.shape} "
-                       f"({count * dtype.itemsize:,} bytes) but gives {len(raw):,} bytes")
+                      f"({count * dtype.itemsize:,} bytes) but gives {len(raw):,} bytes")
       budget.spend(len(raw), "an array")
       array = np.frombuffer(raw, dtype)  # read-only if `raw` is bytes: callers copy
     if self.axes is not None:
@@ -287,7 +287,7 @@ def _read_npy(archive, info, budget):
     nbytes = math.prod(shape) * dtype.itemsize
     if header_size + nbytes != info.file_size:
       raise Refused(f"member {shorten(info.filename)} describes a {dtype} array of shape {shape} "
-                     f"({nbytes:,} bytes) but holds {info.file_size - header_size:,} bytes")
+                    f"({nbytes:,} bytes) but holds {info.file_size - header_size:,} bytes")
     data = bytearray(nbytes)
     for start in range(0, nbytes, _READ_CHUNK):
       chunk = stream.read(min(_READ_CHUNK, nbytes - start))

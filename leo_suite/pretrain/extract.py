@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -40,11 +40,12 @@ from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import backbones
+from leo_suite.models import image_embedder
 from leo_suite.pretrain import class_splits
-from leo_suite.training import evaluation
 
 FORMATS = ("pkl", "npz")
-MANIFEST = "manifest.json"
+
+
 def class_tokens(class_names: Sequence[str], reserved: Sequence[str] = ()) -> Dict[str, str]:
   """{original class name: safe key token} ([A-Za-z0-9]+, unique, none in `reserved`)."""
   tokens, used = {}, set(reserved)
@@ -57,55 +58,6 @@ def class_tokens(class_names: Sequence[str], reserved: Sequence[str] = ()) -> Di
     used.add(token)
     tokens[name] = token
   return tokens
-
-
-def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size,
-                   failures: list):
-  """Batches of (record index, uint8 image); a DataError ends it into `failures`.
-
-  (tf.data would otherwise wrap the error into an opaque InvalidArgumentError.)
-  """
-  size, channels = options.image_size, options.channels
-
-  def generate():
-    try:
-      for index, array in decoder.iterate(records):
-        yield index, array
-    except errors.DataError as exc:
-      failures.append(exc)
-  return (tf.data.Dataset.from_generator(
-      generate, output_signature=(
-          tf.TensorSpec([], tf.int64),
-          tf.TensorSpec([size, size, channels], tf.uint8)))
-          .batch(batch_size).prefetch(2))
-
-
-def extract_split(features_fn, records: List[image_sources.ImageRecord],
-                  options: images_lib.DecodeOptions, batch_size: int,
-                  label: str, log: Callable[[str], None] = print,
-                  log_every_s: float = 5.0, empty_dim: Optional[int] = None):
-  """Features [n_kept, D] float32, kept record indices, skipped (origin, reason).
-
-  No decodable image is an error, unless `empty_dim` is given (a shard may
-  hold no image, or only bad ones, of a split): then [0, empty_dim] features.
-  """
-  decoder = images_lib.Decoder(options)
-  kept, chunks = [], []
-  progress = evaluation.Progress(label, len(records), unit="images", interval_s=log_every_s,
-                                 log=log)
-  failures = []
-  for indices, batch in _image_dataset(records, options, decoder, batch_size, failures):
-    chunks.append(features_fn(batch).numpy())
-    kept.append(indices.numpy())
-    progress.update(int(indices.shape[0]))
-  if failures:
-    raise failures[0]
-  if not chunks and empty_dim is not None:
-    return np.zeros([0, empty_dim], np.float32), np.zeros([0], np.int64), decoder.skipped
-  if not chunks:
-    raise errors.DataError(f"{label}: none of the {len(records)} images could be decoded")
-  return (np.concatenate(chunks).astype(np.float32), np.concatenate(kept),
-          decoder.skipped)
 
 
 def _extension(file_name):
@@ -123,7 +75,7 @@ def check_output_names(fmt: str, dataset_name: str):
 
 
 def backbone_entry(backbone_dir: str, description: dict) -> dict:
-  """The manifest's "backbone" record of a `train.load_backbone` description."""
+  """The manifest's "backbone" record of a `backbones.load_backbone` description."""
   return {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
           "checkpoint_sha256": description["weights_sha256"],
           "image_size": int(description["image_size"]),
@@ -225,15 +177,15 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
   for split, classes in split_classes.items():
     records = split_records(by_class, classes)
     t0 = time.time()
-    feats, kept, skipped = extract_split(features_fn, records, options, batch_size,
-                                         f"{dataset_name}/{crop}/{split}", log)
+    feats, kept, skipped = image_embedder.extract_split(
+        features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
     elapsed = time.time() - t0
     for origin, reason in skipped:
       log(f"skipped {origin}: {reason}")
     keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
     manifest["splits"][split] = write_split_file(target_dir, split, fmt, keys, len(classes),
                                                  feats, skipped, elapsed, log)
-  fileio.atomic_write_text(os.path.join(target_dir, MANIFEST),
+  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
                            json.dumps(manifest, indent=2, sort_keys=True))
   return manifest
 

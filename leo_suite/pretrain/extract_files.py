@@ -10,10 +10,8 @@ root (`embedding_keys.make_path_key`, decoded by `embedding_keys.key_file_path`)
     <out>/<dataset_name>/<crop>/manifest.json   (written last: backbone, class
                                                 names, files {path: row})
 
-`ImageEmbedder` is the one way images become embeddings outside the split
-extraction: the backbone of a pretraining run, `images.decode_encoded` and
-`image_views.embed` through `extract.extract_split`, exactly as extraction runs
-them. Support and query sets (`leo_suite.serving.sets`) use it too.
+Images are embedded by `leo_suite.models.image_embedder.ImageEmbedder`, exactly
+as split extraction does.
 """
 
 import json
@@ -28,54 +26,15 @@ import numpy as np
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.data import embedding_keys
+from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
-from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
-from leo_suite.models import backbones
+from leo_suite.models import image_embedder
 from leo_suite.pretrain import extract
 
 ALL = "all"   # the file stem: <out>/<dataset>/<crop>/all_embeddings.<fmt>
 KEY_FORMAT = ("path-<class>-<class>_<relative path, encoded by "
               "leo_suite.data.embedding_keys.encode_path; decode a key with key_file_path>")
-
-
-class ImageEmbedder:
-  """A pretrained backbone embedding `ImageRecord`s as extraction does."""
-
-  def __init__(self, backbone_dir: str, crop: str = "center", batch_size: int = 64,
-               skip_bad: bool = False, expected_size=None,
-               allowed_modes=images_lib.DEFAULT_MODES, log: Callable[[str], None] = None):
-    if crop not in image_views.CROPS:
-      raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
-    if batch_size < 1:
-      raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
-    self.backbone_dir, self.crop, self.batch_size = backbone_dir, crop, batch_size
-    self.model, self.description = backbones.load_backbone(backbone_dir)
-    size = int(self.description["image_size"])
-    self.options = images_lib.DecodeOptions(
-        image_views.load_size(crop, size),
-        int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad)
-    self.features_fn = image_views.feature_function(self.model, crop, size,
-                                                bool(self.description["invert"]))
-    self.log = log or (lambda _: None)
-
-  @property
-  def feature_dim(self) -> int:
-    return int(self.description["feature_dim"])
-
-  def embed_records(self, records: Sequence[image_sources.ImageRecord], label: str,
-                    allow_empty: bool = False):
-    """(features [n_kept, D] float32, kept record indices, skipped (origin, reason)).
-
-    No decodable record raises, unless `allow_empty` (then [0, D] features).
-    """
-    return extract.extract_split(self.features_fn, list(records), self.options,
-                                 self.batch_size, label, self.log,
-                                 empty_dim=self.feature_dim if allow_empty else None)
-
-  def __call__(self, records: Sequence[image_sources.ImageRecord], label: str) -> np.ndarray:
-    """Features [n, D] of every record (a bad image raises, naming its file)."""
-    return self.embed_records(records, label)[0]
 
 
 def relative_path(record: image_sources.ImageRecord) -> str:
@@ -99,7 +58,7 @@ def scan_all(sources: Sequence[str], tfds_data_dir=None, tfds_download=False):
 
 def check_all_target(target_dir: str):
   """Refuses a folder that holds a train/val/test extraction (before any work)."""
-  manifest_path = os.path.join(target_dir, extract.MANIFEST)
+  manifest_path = os.path.join(target_dir, embeddings_lib.MANIFEST)
   previous = _read_json(manifest_path)
   if previous is not None and set(previous.get("splits", {})) - {ALL}:
     raise errors.UserError(
@@ -124,8 +83,8 @@ def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out
   extract.check_output_names(fmt, dataset_name)
   target_dir = os.path.join(out_dir, dataset_name, crop)
   check_all_target(target_dir)
-  embedder = ImageEmbedder(backbone_dir, crop, batch_size, skip_bad, expected_size,
-                           allowed_modes, log)
+  embedder = image_embedder.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
+                                          expected_size, allowed_modes, log)
   started = time.time()
   feats, kept, skipped = embedder.embed_records(records, f"{dataset_name}/{crop}/{ALL}")
   elapsed = time.time() - started
@@ -164,7 +123,7 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
           "skipped": [{"image": o, "reason": r} for o, r in skipped]}},
       "files": {f: row for row, f in enumerate(files)},
   })
-  fileio.atomic_write_text(os.path.join(target_dir, extract.MANIFEST),
+  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
                            json.dumps(manifest, indent=2, sort_keys=True))
   log(f"wrote {path}: {describe_counts(counts)}, D={feats.shape[1]}")
   return manifest

@@ -44,8 +44,10 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
 from leo_suite.data import images as images_lib
+from leo_suite.models import image_embedder
 from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
@@ -146,13 +148,13 @@ def extract_shard(backbone_dir: str, plan: Plan, out_dir: str, dataset_name: str
   extract.check_output_names(fmt, dataset_name)
   if plan.mode == ALL_MODE:
     extract_files.check_all_target(os.path.join(out_dir, dataset_name, crop))
-  embedder = extract_files.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
-                                         expected_size, allowed_modes, log)
+  embedder = image_embedder.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
+                                          expected_size, allowed_modes, log)
   settings = _settings(plan, embedder.description["weights_sha256"], dataset_name, crop, fmt,
                        num_shards, batch_size, skip_bad, expected_size, allowed_modes)
   name = shard_name(shard_index, num_shards)
   folder = os.path.join(shards_dir(out_dir, dataset_name, crop), name)
-  manifest_path = os.path.join(folder, extract.MANIFEST)
+  manifest_path = os.path.join(folder, embeddings_lib.MANIFEST)
   try:
     previous = _read_manifest(folder, name)
     if previous is not None and previous.get("settings") == settings:
@@ -202,7 +204,7 @@ def _rerun(name: str) -> str:
 
 def _read_manifest(folder: str, name: str) -> Optional[dict]:
   """A shard's manifest, None if it has none; a malformed one is a DataError."""
-  path = os.path.join(folder, extract.MANIFEST)
+  path = os.path.join(folder, embeddings_lib.MANIFEST)
   if not os.path.exists(path):
     return None
   try:
@@ -304,8 +306,8 @@ def _checked_shards(root: str, num_shards: Optional[int], expected: Optional[dic
     folder = os.path.join(root, name)
     manifest = _read_manifest(folder, name)
     if manifest is None:
-      raise errors.DataError(f"{name} is unfinished (no {extract.MANIFEST} in {folder}: killed "
-                             f"or still running); {_rerun(name)}")
+      raise errors.DataError(f"{name} is unfinished (no {embeddings_lib.MANIFEST} in {folder}: "
+                             f"killed or still running); {_rerun(name)}")
     _check_files(folder, name, manifest)
     shards.append((name, folder, manifest))
   first_name, _, first = shards[0]
@@ -357,7 +359,7 @@ def merge_shards(out_dir: str, dataset_name: str, crop: str,
                            f"{exc}); rerun the shards") from None
   header["shards"] = {"num_shards": len(shards), "folder": os.path.abspath(root),
                       "kept": bool(keep_shards)}
-  manifest_path = os.path.join(target_dir, extract.MANIFEST)
+  manifest_path = os.path.join(target_dir, embeddings_lib.MANIFEST)
   if os.path.exists(manifest_path):   # no manifest may describe files being replaced
     os.remove(manifest_path)
   if settings["mode"] == ALL_MODE:

@@ -257,7 +257,7 @@ class Pretrainer:
     scale = self.replica_batch / config.batch_size  # 1.0 on one replica
     x = image_views.preprocess(batch_images, config.invert)
     x = image_views.augment_batch(x, seed, config.augment, config.max_shift,
-                      rows=(offset, config.batch_size))
+                                  rows=(offset, config.batch_size))
     teacher_logits = (None if self.teacher is None
                       else tf.stop_gradient(self.teacher(x, training=False)))
     with tf.GradientTape() as tape:

@@ -62,6 +62,9 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
+from leo_suite.models import image_embedder
 from leo_suite.training import run as run_lib
 
 SIGNATURE_PREDICT = "serving_default"
@@ -156,7 +159,6 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
 def run_crop(run) -> str:
   """The extraction crop of the run's embeddings, which image inputs get too
   (a dataset named by another pipeline's crop: the center view)."""
-  from leo_suite.data import image_views  # pylint: disable=g-import-not-at-top
   crop = run.settings.get("embedding_crop", "center")
   return crop if crop in image_views.CROPS else "center"
 
@@ -171,9 +173,8 @@ def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int =
   same way); embeddings files need no backbone. The backbone and its
   description are None without `backbone_dir`.
   """
-  from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
   from leo_suite.serving import sets  # pylint: disable=g-import-not-at-top
-  embedder = (extract_files.ImageEmbedder(backbone_dir, crop, batch_size)
+  embedder = (image_embedder.ImageEmbedder(backbone_dir, crop, batch_size)
               if backbone_dir else None)
   support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
   return (support, embedder and embedder.model, embedder and embedder.description)
@@ -355,8 +356,6 @@ class AdaptedClassifier(tf.Module):
     Decoded and embedded by extraction's own functions, with the crop the
     run's embeddings were extracted with.
     """
-    from leo_suite.data import image_views  # pylint: disable=g-import-not-at-top
-    from leo_suite.data import images as images_lib  # pylint: disable=g-import-not-at-top
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
     loaded = image_views.load_size(self.crop, size)

@@ -17,7 +17,7 @@
                             (`embedding_keys.key_file_path`), else the key's file field.
 
 Images are embedded by `embed(records, origin)`, an
-`extract_files.ImageEmbedder` (`images.decode_encoded` and `extract.embed`,
+`image_embedder.ImageEmbedder` (`images.decode_encoded` and `image_views.embed`,
 as extraction runs them). The rows of a class are kept in file order, so the
 same images in any form make the same [N, K, D] support tensor. A support set
 needs a label on every example and the same K for every class (`--num_shots`
@@ -36,6 +36,7 @@ import numpy as np
 from leo_suite import errors
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_sources
 from leo_suite.serving import export
 
 LABELS_CSV = "labels.csv"
@@ -145,7 +146,6 @@ def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
 
 # -- the forms ----------------------------------------------------------------------
 def _from_tree(path, role):
-  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path) and role == "support":
     empty = _empty_class_folders(path)
     if empty:
@@ -162,7 +162,6 @@ def _from_tree(path, role):
 
 def _empty_class_folders(root):
   """Leaf folders under `root` that hold no image (classes without examples)."""
-  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   empty = []
   for directory, subdirs, names in os.walk(root):
     if directory != root and not subdirs and not any(
@@ -173,7 +172,6 @@ def _empty_class_folders(root):
 
 def _from_csv(path):
   """Records of a `file,label` CSV (or DIR/labels.csv); paths relative to its folder."""
-  from leo_suite.data import image_sources  # pylint: disable=g-import-not-at-top
   csv_path = path if path.lower().endswith(".csv") else os.path.join(path, LABELS_CSV)
   base = os.path.dirname(os.path.abspath(csv_path))
   try:
@@ -205,7 +203,7 @@ def _from_csv(path):
     if not os.path.isfile(image):
       missing.append(image)
     records.append(image_sources.ImageRecord(label, posixpath.basename(name), image,
-                                          ("file", image)))
+                                             ("file", image)))
     files.append(name)
     labels.append(label or None)
   if missing:
