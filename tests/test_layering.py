@@ -7,6 +7,7 @@
     pretrain  leo_suite/pretrain/  } siblings: neither imports the other
     serving   leo_suite/serving/   }
     bench     leo_suite/bench/
+    entry     runner.py, config.py, scripts/, experiments/ (never imported by leo_suite)
 
 Every import of every module counts, including those inside functions (an
 in-function import still runs, and hiding an upward arrow there hides a
@@ -24,6 +25,7 @@ MAX_LINES = 400
 LAYERS = {"base": 0, "data": 1, "models": 2, "training": 3, "pretrain": 4, "serving": 4,
           "bench": 5}
 TRAINING_AT_TOP_LEVEL = {"leo_suite.distribute"}
+ENTRY_POINTS = {"runner", "config", "scripts", "experiments"}
 
 
 def module_files(root=ROOT):
@@ -134,6 +136,24 @@ def upward_imports(graph):
   return bad
 
 
+def entry_point_imports(root=ROOT):
+  """['module imports name, line n'] for imports of the top-level entry points."""
+  found = []
+  for module, path in sorted(module_files(root).items()):
+    with open(path, encoding="utf-8") as handle:
+      tree = ast.parse(handle.read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module or ""]
+      else:
+        continue
+      found += [f"{module} imports {name}, line {node.lineno}" for name in names
+                if name.split(".")[0] in ENTRY_POINTS]
+  return found
+
+
 # -- the checks themselves on small known graphs ---------------------------------------
 def test_cycles_finds_exactly_the_strongly_connected_modules():
   graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1, "d": 1}, "d": {},
@@ -167,10 +187,12 @@ def test_in_function_and_relative_imports_are_counted(tmp_path):
   (package / "data" / "__init__.py").write_text("")
   (package / "data" / "a.py").write_text(
       "def f():\n  from leo_suite.data import b\n  from .. import errors\n")
-  (package / "data" / "b.py").write_text("import leo_suite.data.a as a\n")
+  (package / "data" / "b.py").write_text("import leo_suite.data.a as a\n\n\ndef g():\n"
+                                          "  import config\n")
   graph = import_graph(str(package))
   assert graph["leo_suite.data.a"] == {"leo_suite.data.b": 2, "leo_suite.errors": 3}
   assert cycles(graph) == [["leo_suite.data.a", "leo_suite.data.b"]]
+  assert entry_point_imports(str(package)) == ["leo_suite.data.b imports config, line 5"]
 
 
 def test_every_module_has_a_layer():
@@ -188,6 +210,10 @@ def test_no_import_cycles():
 
 def test_imports_point_only_down_the_layers():
   assert upward_imports(import_graph()) == []
+
+
+def test_no_module_imports_the_entry_points():
+  assert entry_point_imports() == []
 
 
 def test_no_module_exceeds_the_line_limit():
