@@ -25,6 +25,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite import progress  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import baselines as baselines_lib  # pylint: disable=wrong-import-position
@@ -189,7 +190,7 @@ def evaluate():
   method = evaluator.method(sampler, fixed["method"])
   logging.info("Scoring %d test tasks by the %s path (--evaluation_method=%s)", num_tasks,
                method, fixed["method"])
-  result = evaluator.evaluate_fixed(progress=evaluation.Progress("test", num_tasks), **fixed)
+  result = evaluator.evaluate_fixed(progress=progress.Progress("test", num_tasks), **fixed)
   header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
             f"{settings['dataset_name']} test")
   print(f"{run.model:>8s} test accuracy ({header}): {result.as_percent()}")

@@ -25,6 +25,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite.bench.benchmark import time_steps  # pylint: disable=wrong-import-position
+from leo_suite.data.episodes import Episode  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
 from leo_suite.models import leo  # pylint: disable=wrong-import-position
 from leo_suite.training import xla as xla_lib  # pylint: disable=wrong-import-position
@@ -41,7 +42,7 @@ def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
     return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
   labels = lambda count: tf.constant(np.broadcast_to(
       np.arange(ways)[None, :, None], (batch, ways, count)).astype(np.int32))
-  return base.Episode(unit((batch, ways, shots, dim)), labels(shots),
+  return Episode(unit((batch, ways, shots, dim)), labels(shots),
                       unit((batch, ways, queries, dim)), labels(queries))
 
 

@@ -27,9 +27,10 @@ tf = console.import_tensorflow()
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("run", None, "A finished pretraining run (its backbone/ folder is read).")
 flags.DEFINE_string("out", None, "Folder for val.jsonl.")
@@ -48,15 +49,15 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   _, by_class, split_classes, _ = pipeline.omniglot_small()
-  backbone, description = train_lib.load_backbone(os.path.join(FLAGS.run, "backbone"))
+  backbone, description = backbones.load_backbone(os.path.join(FLAGS.run, "backbone"))
   size = int(description["image_size"])
   options = images_lib.DecodeOptions(size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
-  images, labels = train_lib.rotated_copies(images, labels)
+  images, labels = image_views.rotated_copies(images, labels)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
   invert = bool(description["invert"])
-  train_x = train_lib.preprocess(images, invert).numpy()
-  val_x = train_lib.preprocess(val_images, invert)
+  train_x = image_views.preprocess(images, invert).numpy()
+  val_x = image_views.preprocess(val_images, invert)
   rows_of = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
   ways, shots, queries = FLAGS.num_ways, FLAGS.num_shots, FLAGS.num_queries
 
@@ -67,7 +68,7 @@ def main(argv):
 
   @tf.function
   def step(x, seed):
-    x = train_lib.affine_batch(x, seed, 2.0)
+    x = image_views.affine_batch(x, seed, 2.0)
     with tf.GradientTape() as tape:
       features = tf.reshape(backbone(x, training=FLAGS.batch_norm_training),
                             [ways, shots + queries, -1])

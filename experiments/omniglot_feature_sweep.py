@@ -21,8 +21,10 @@ console.import_tensorflow()
 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import pretrain_config  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("out_dir", None, "Run folder.")
@@ -48,7 +50,7 @@ def main(argv):
   options = images_lib.DecodeOptions(FLAGS.image_size, 1, (105, 105), ("1", "L"))
   images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], options)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
-  config = train_lib.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
+  config = pretrain_config.PretrainConfig(backbone=FLAGS.backbone, epochs=FLAGS.epochs,
                                     image_size=FLAGS.image_size,
                                     augment=FLAGS.augment, max_shift=FLAGS.max_shift,
                                     head=FLAGS.head,
@@ -57,7 +59,7 @@ def main(argv):
                                     distill_temperature=FLAGS.distill_temperature)
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
                                  class_names=split_classes["train"])
-  x = train_lib.preprocess(val_images, config.invert)
+  x = image_views.preprocess(val_images, config.invert)
   wanted = {int(e) for e in FLAGS.eval_epochs} | {FLAGS.epochs}
   log_path = os.path.join(FLAGS.out_dir, "val.jsonl")
   started = time.time()

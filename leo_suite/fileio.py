@@ -1,4 +1,4 @@
-"""Crash-safe file writing and path sanitising.
+"""Crash-safe file writing, path sanitising and file hashes.
 
 Every file the suite writes goes through `atomic_write`: the bytes land in a
 temporary file in the same directory, are fsync'ed, and are renamed over the
@@ -7,6 +7,7 @@ one, never half of one (a stray `*.tmp-*` file at worst, which no reader opens).
 """
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -45,6 +46,15 @@ def atomic_write_bytes(path, payload):
 
 def atomic_write_text(path, text):
   atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path) -> str:
+  """The sha256 hex digest of the file at `path`, read in 1 MiB blocks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as handle:
+    for block in iter(lambda: handle.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def replace_directory(staging_dir, final_dir):

@@ -52,11 +52,14 @@ console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.data import embeddings as embeddings_lib  # pylint: disable=wrong-import-position
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
 from leo_suite.pipelines import extraction  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_files  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import extract_shards  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("backbone_dir", None, "The backbone/ folder written by pretrain.py.")
 flags.DEFINE_multi_string("source", [], "Image source(s), as for pretrain.py.")
@@ -70,7 +73,7 @@ flags.DEFINE_boolean("tfds_download", False, "Let tfds: sources download and pre
                      "dataset (needs network access); default: only read prepared data.")
 flags.DEFINE_string("out", "embeddings", "Output root (the runner's --data_path).")
 flags.DEFINE_string("dataset_name", "omniglot_small", "Dataset folder name.")
-flags.DEFINE_enum("crop", "center", list(extract.CROPS), "center: whole image; multiview: "
+flags.DEFINE_enum("crop", "center", list(image_views.CROPS), "center: whole image; multiview: "
                   "5 crops + flips averaged (see leo_suite/pretrain/extract.py).")
 flags.DEFINE_enum("format", "pkl", list(extract.FORMATS), "pkl (LEO's format) or npz.")
 flags.DEFINE_integer("batch_size", 256, "Images per batch.")
@@ -124,9 +127,9 @@ def main(argv):
     written = manifest["splits"][extract_files.ALL]
     print(f"embeddings: {os.path.join(folder, written['file'])} "
           f"({extract_files.describe_counts(written)}); "
-          f"manifest: {os.path.join(folder, extract.MANIFEST)}")
+          f"manifest: {os.path.join(folder, embeddings_lib.MANIFEST)}")
     return
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
+  by_class, split_classes, origin = class_splits.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
       FLAGS.tfds_download)
   unknown = [s for s in FLAGS.splits if s not in split_classes]
@@ -140,7 +143,7 @@ def main(argv):
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
-  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, extract.MANIFEST)
+  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)
   print(f"manifest: {path} ({extraction.describe_splits(manifest)})")
 
 

@@ -19,9 +19,9 @@ console.import_tensorflow()   # no TensorFlow C++ start-up lines (--verbosity=1 
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
+from leo_suite.data import image_views  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
 from leo_suite.pipelines import omniglot  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import extract  # pylint: disable=wrong-import-position
 
 _DEFAULTS = omniglot.Options()
 flags.DEFINE_string("omniglot_dir", _DEFAULTS.omniglot_dir, "Folder with the two Omniglot "
@@ -46,7 +46,7 @@ flags.DEFINE_string("augment", _DEFAULTS.augment, "Pretraining augmentation: non
 flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Translation range of the "
                      "augmentation (pixels at 28x28).")
 flags.DEFINE_string("head", _DEFAULTS.head, "Pretraining classifier head: linear or cosine.")
-flags.DEFINE_enum("crop", _DEFAULTS.crop, list(extract.CROPS), "Extraction crop of every "
+flags.DEFINE_enum("crop", _DEFAULTS.crop, list(image_views.CROPS), "Extraction crop of every "
                   "split (leo_suite/pretrain/extract.py); the learners train on it and "
                   "exports of their runs embed images the same way.")
 flags.DEFINE_integer("distill_generations", _DEFAULTS.distill_generations, "Born-again "

@@ -28,12 +28,14 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import backbones  # pylint: disable=wrong-import-position
-from leo_suite.pretrain import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.data import images as images_lib  # pylint: disable=wrong-import-position
+from leo_suite.models import backbones  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import class_splits  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import pipeline  # pylint: disable=wrong-import-position
+from leo_suite.pretrain import pretrain_config  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-import-position
 
-_DEFAULTS = train_lib.PretrainConfig()
+_DEFAULTS = pretrain_config.PretrainConfig()
 flags.DEFINE_multi_string("source", [], "Image source: a class-per-folder directory, a .zip "
                           "archive, tfds:<name>[:<split>] or csv:<miniImageNet root> (repeatable).")
 flags.DEFINE_string("split", "omniglot_small", "Class split: a protocol name (omniglot_small), "
@@ -56,9 +58,9 @@ flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Peak SGD learning 
 flags.DEFINE_enum("schedule", _DEFAULTS.schedule, ["cosine", "step"], "Learning-rate schedule.")
 flags.DEFINE_integer("warmup_steps", _DEFAULTS.warmup_steps, "Linear warm-up steps.")
 flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "L2 on kernels.")
-flags.DEFINE_enum("augment", _DEFAULTS.augment, list(train_lib.AUGMENTS), "Augmentation "
+flags.DEFINE_enum("augment", _DEFAULTS.augment, list(pretrain_config.AUGMENTS), "Augmentation "
                   "(affine: Koch et al. 2015 rotation/shear/scale + translation, p = 0.5 each).")
-flags.DEFINE_enum("head", _DEFAULTS.head, list(train_lib.HEADS), "Classifier head: linear or "
+flags.DEFINE_enum("head", _DEFAULTS.head, list(pretrain_config.HEADS), "Classifier head: linear or "
                   "cosine (learnable scale from 10).")
 flags.DEFINE_integer("max_shift", _DEFAULTS.max_shift, "Random translation in pixels.")
 flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Dropout (ResNet-12 last stages, WRN blocks).")
@@ -106,14 +108,14 @@ def main(argv):
       print(f"{name:<10} {count:>12,} {dim:>12}")
     return
   # Every PretrainConfig field with a flag here takes it (the rest keep their defaults).
-  config = train_lib.PretrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
-      train_lib.PretrainConfig) if f.name in FLAGS})
-  train_lib.validate_config(config)
+  config = pretrain_config.PretrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
+      pretrain_config.PretrainConfig) if f.name in FLAGS})
+  pretrain_config.validate_config(config)
   # Before the data are read (multi_worker must start before other TF ops).
   strategy = distribute.make_strategy(FLAGS.distribution_strategy,
                                       distribute.parse_devices(FLAGS.devices))
   distribute.check_batch(strategy, config.batch_size, "batch_size", "images")
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
+  by_class, split_classes, origin = class_splits.load_labelled_splits(
       FLAGS.source, FLAGS.split, FLAGS.protocol_dir, FLAGS.tfds_data_dir,
       FLAGS.tfds_download)
   print(f"split {origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))

@@ -34,6 +34,7 @@ def omniglot_archives():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
   """A tiny LEO-format dataset 'tiny' (D=12; 6/4/4 classes of 8+ images, unequal)."""
+  from leo_suite.data import embedding_keys  # pylint: disable=g-import-not-at-top
   from leo_suite.data import embeddings  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("data")
   rng = np.random.default_rng(0)
@@ -42,7 +43,7 @@ def tiny_data(tmp_path_factory):
     for c in range(num_classes):
       center = rng.standard_normal(12)
       for i in range(8 + c):
-        keys.append(embeddings.make_key(f"{split}{c}", i))
+        keys.append(embedding_keys.make_key(f"{split}{c}", i))
         rows.append(center + 0.5 * rng.standard_normal(12))
     embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
                            keys, np.asarray(rows))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,10 @@ import pytest
 
 from leo_suite import errors
 from leo_suite.data import download
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
+from leo_suite.data import http_fetch
+from leo_suite.data import release_archive
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "download_embeddings.py")
@@ -30,14 +33,14 @@ SCRIPT = os.path.join(REPO_ROOT, "scripts", "download_embeddings.py")
 # Fixtures: a tiny release and a loopback server.
 
 
-def _build_tree(root, pairs=download.EXPECTED_CROPS, dim=8):
+def _build_tree(root, pairs=release_archive.EXPECTED_CROPS, dim=8):
   """Writes <root>/embeddings/<dataset>/<crop>/<split>_embeddings.pkl files."""
   rng = np.random.default_rng(0)
   files = {}
   for dataset, crop in pairs:
-    for split_index, split in enumerate(download.SPLITS):
+    for split_index, split in enumerate(release_archive.SPLITS):
       classes = [f"n{split_index}{c:04d}" for c in range(2)]
-      keys = [embeddings.make_key(c, i, prefix=crop, ext="JPEG")
+      keys = [embedding_keys.make_key(c, i, prefix=crop, ext="JPEG")
               for c in classes for i in range(3)]
       name = f"embeddings/{dataset}/{crop}/{split}_embeddings.pkl"
       path = os.path.join(root, *name.split("/"))
@@ -191,10 +194,10 @@ def test_full_download_installs_loadable_splits(tmp_path, release):
   log = io.StringIO()
   with _Server(payload) as server:
     layout = download.install(dest, url=server.url, stream=log)
-  assert sorted(layout) == sorted(download.EXPECTED_CROPS)
+  assert sorted(layout) == sorted(release_archive.EXPECTED_CROPS)
   assert server.requests == [(None, 200, len(payload))]
   _assert_installed(dest, files)
-  assert not os.path.exists(os.path.join(dest, download.DOWNLOAD_DIR))
+  assert not os.path.exists(os.path.join(dest, release_archive.DOWNLOAD_DIR))
   assert _all_files(dest) == sorted(
       os.path.join(*n.split("/")[1:]) for n in files)
   text = log.getvalue()
@@ -210,7 +213,7 @@ def test_resume_sends_range_and_rebuilds_identical_file(tmp_path, release):
   with open(part, "wb") as handle:
     handle.write(payload[:offset])
   with _Server(payload) as server:
-    size = download.fetch(server.url, part, stream=None)
+    size = http_fetch.fetch(server.url, part, stream=None)
   assert server.requests == [(f"bytes={offset}-", 206, len(payload) - offset)]
   assert size == len(payload)
   with open(part, "rb") as handle:
@@ -222,19 +225,19 @@ def test_interrupted_download_keeps_part_and_next_run_resumes(tmp_path, release)
   dest = str(tmp_path / "embeddings")
   cut = len(payload) // 2
   with _Server(payload, drop_after=cut) as server:
-    with pytest.raises(download.DownloadError) as failure:
+    with pytest.raises(http_fetch.DownloadError) as failure:
       download.install(dest, url=server.url, stream=None)
     message = str(failure.value)
     assert server.url in message and "--archive" in message
-    assert download.part_path(dest) in message and "--clean" in message
+    assert release_archive.part_path(dest) in message and "--clean" in message
     assert "\n" not in message
     # Only the resumable .part exists; nothing where the runner reads.
-    assert _all_files(dest) == [os.path.join(download.DOWNLOAD_DIR,
+    assert _all_files(dest) == [os.path.join(release_archive.DOWNLOAD_DIR,
                                              "embeddings.zip.part")]
-    assert os.path.getsize(download.part_path(dest)) == cut
+    assert os.path.getsize(release_archive.part_path(dest)) == cut
     download.install(dest, url=server.url, keep_archive=True, stream=None)
   assert server.requests[1] == (f"bytes={cut}-", 206, len(payload) - cut)
-  with open(os.path.join(dest, download.DOWNLOAD_DIR, "embeddings.zip"), "rb") as f:
+  with open(os.path.join(dest, release_archive.DOWNLOAD_DIR, "embeddings.zip"), "rb") as f:
     assert f.read() == payload
   _assert_installed(dest, files)
 
@@ -246,7 +249,7 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path, release):
     handle.write(b"\xa5" * 1000)
   log = io.StringIO()
   with _Server(payload, support_range=False) as server:
-    download.fetch(server.url, part, stream=log)
+    http_fetch.fetch(server.url, part, stream=log)
   assert server.requests == [("bytes=1000-", 200, len(payload))]
   assert "ignored the Range request" in log.getvalue()
   with open(part, "rb") as handle:
@@ -259,7 +262,7 @@ def test_complete_part_is_accepted_on_416(tmp_path, release):
   with open(part, "wb") as handle:
     handle.write(payload)
   with _Server(payload) as server:
-    assert download.fetch(server.url, part, stream=None) == len(payload)
+    assert http_fetch.fetch(server.url, part, stream=None) == len(payload)
   assert server.requests == [(f"bytes={len(payload)}-", 416, 0)]
   with open(part, "rb") as handle:
     assert handle.read() == payload
@@ -270,7 +273,7 @@ def test_http_error_is_one_clear_line_and_leaves_nothing(tmp_path, release):
   dest = str(tmp_path / "embeddings")
   with _Server(payload) as server:
     url = server.url.replace("embeddings.zip", "missing.zip")
-    with pytest.raises(download.DownloadError, match="HTTP 404") as failure:
+    with pytest.raises(http_fetch.DownloadError, match="HTTP 404") as failure:
       download.install(dest, url=url, stream=None)
   assert url in str(failure.value) and "nothing was written" in str(failure.value)
   assert not os.path.exists(dest)
@@ -281,7 +284,7 @@ def test_stalled_server_times_out(tmp_path):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/embeddings.zip"
-    with pytest.raises(download.DownloadError, match="timed out"):
+    with pytest.raises(http_fetch.DownloadError, match="timed out"):
       download.install(str(tmp_path / "e"), url=url, timeout=0.5, stream=None)
   assert not os.path.exists(tmp_path / "e")
 
@@ -455,7 +458,7 @@ def test_failed_unpack_leaves_previous_install_untouched(tmp_path, release, monk
   old = dest / "tieredImageNet" / "center" / "train_embeddings.pkl"
   old.parent.mkdir(parents=True)
   old.write_bytes(b"previous install")
-  real_extract = download._extract_file  # pylint: disable=protected-access
+  real_extract = release_archive._extract_file  # pylint: disable=protected-access
   calls = []
 
   def extract_then_fail(zip_file, name, target):
@@ -466,7 +469,7 @@ def test_failed_unpack_leaves_previous_install_untouched(tmp_path, release, monk
       raise OSError(28, "No space left on device")
     real_extract(zip_file, name, target)
 
-  monkeypatch.setattr(download, "_extract_file", extract_then_fail)
+  monkeypatch.setattr(release_archive, "_extract_file", extract_then_fail)
   with pytest.raises(errors.DataError, match="No space left on device.*nothing was"):
     download.install(str(dest), archive=archive, stream=None)
   assert len(calls) == 5
@@ -478,7 +481,7 @@ def test_failed_unpack_leaves_previous_install_untouched(tmp_path, release, monk
 def test_leftovers_of_a_killed_run_are_recovered(tmp_path, release):
   archive, _, files = release
   dest = tmp_path / "embeddings"
-  staging = dest / download.DOWNLOAD_DIR / "unpack-killed" / "miniImageNet"
+  staging = dest / release_archive.DOWNLOAD_DIR / "unpack-killed" / "miniImageNet"
   staging.mkdir(parents=True)
   (staging / "half.pkl").write_bytes(b"half")
   # Killed between replace_directory's two renames: only center.old exists.
@@ -487,15 +490,16 @@ def test_leftovers_of_a_killed_run_are_recovered(tmp_path, release):
   (old / "train_embeddings.pkl").write_bytes(b"old")
   download.install(str(dest), archive=archive, stream=None)
   _assert_installed(str(dest), files)
-  assert not (dest / download.DOWNLOAD_DIR).exists()
+  assert not (dest / release_archive.DOWNLOAD_DIR).exists()
   assert not old.exists()
 
 
 def test_concurrent_run_is_refused(tmp_path, release):
   archive, _, _ = release
   dest = tmp_path / "embeddings"
-  (dest / download.DOWNLOAD_DIR).mkdir(parents=True)
-  with download._exclusive(str(dest / download.DOWNLOAD_DIR)):  # pylint: disable=protected-access
+  (dest / release_archive.DOWNLOAD_DIR).mkdir(parents=True)
+  lock = str(dest / release_archive.DOWNLOAD_DIR)
+  with download._exclusive(lock):  # pylint: disable=protected-access
     with pytest.raises(errors.UserError, match="another download_embeddings run"):
       download.install(str(dest), archive=archive, stream=None)
   assert _all_files(str(dest)) == []
@@ -525,11 +529,11 @@ def test_cli_interrupted_download_keeps_only_the_part(tmp_path, release):
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert "the 100 bytes received are kept in" in result.stderr
-  assert _all_files(str(dest)) == [os.path.join(download.DOWNLOAD_DIR,
+  assert _all_files(str(dest)) == [os.path.join(release_archive.DOWNLOAD_DIR,
                                                 "embeddings.zip.part")]
   result = _run_cli("--dest", str(dest), "--clean")
   assert result.returncode == 0
-  assert not (dest / download.DOWNLOAD_DIR).exists()
+  assert not (dest / release_archive.DOWNLOAD_DIR).exists()
 
 
 def test_cli_local_archive(tmp_path, release):

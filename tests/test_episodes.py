@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
 
@@ -13,7 +14,7 @@ def make_split(counts=(7, 9, 12, 8, 10, 11), dim=6, seed=0):
   rng = np.random.default_rng(seed)
   keys, rows = [], []
   for c, count in enumerate(counts):
-    keys += [embeddings.make_key(f"c{c}", i) for i in range(count)]
+    keys += [embedding_keys.make_key(f"c{c}", i) for i in range(count)]
     # Row j of class c is (c, j, noise...) scaled, so rows can be traced back.
     block = np.concatenate([np.full((count, 1), c + 1.0), np.arange(count)[:, None] + 1.0,
                             rng.standard_normal((count, dim - 2))], 1) * 3.0

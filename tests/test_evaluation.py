@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_suite.data import embedding_keys
+
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
 from leo_suite.models import base
@@ -27,7 +29,7 @@ def clustered_split(counts, dim=DIM, spread=1.3, seed=0):
   for c, count in enumerate(counts):
     centre = rng.standard_normal(dim)
     blocks.append(centre + spread * rng.standard_normal((count, dim)))
-    keys += [embeddings.make_key(f"c{c}", i) for i in range(count)]
+    keys += [embedding_keys.make_key(f"c{c}", i) for i in range(count)]
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
   return embeddings.EmbeddingSplit(
       np.concatenate(blocks).astype(np.float32), [f"c{c}" for c in range(len(counts))],

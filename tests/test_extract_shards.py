@@ -12,12 +12,13 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
+from leo_suite.pretrain import class_splits
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
 from leo_suite.pretrain import extract_shards
-from leo_suite.pretrain import images as im
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 from tests.test_pretrain_extract import CLASSES
 from tests.test_pretrain_extract import image_tree  # pylint: disable=unused-import
 from tests.test_predict import _script
@@ -35,9 +36,10 @@ def backbone_dirs(tmp_path_factory):
   dirs = []
   for seed in (0, 1):
     tf.keras.utils.set_random_seed(seed)
-    config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-    train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
-                              str(root / f"backbone{seed}"))
+    config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1,
+                                            invert=True)
+    classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
+                                   str(root / f"backbone{seed}"))
     dirs.append(str(root / f"backbone{seed}"))
   return dirs
 
@@ -46,7 +48,7 @@ def _split_plan(image_tree, tmp_path):  # pylint: disable=redefined-outer-name
   """(by_class, split_classes, origin, split file) as the CLI's --split loads them."""
   split_file = tmp_path / "split.json"
   split_file.write_text(json.dumps(SPLIT))
-  by_class, split_classes, origin = im.load_labelled_splits([image_tree], str(split_file))
+  by_class, split_classes, origin = class_splits.load_labelled_splits([image_tree], str(split_file))
   assert {s: sorted(c) for s, c in split_classes.items()} == {
       s: sorted(c) for s, c in CLASSES.items()}
   return by_class, split_classes, origin, str(split_file)
@@ -135,7 +137,7 @@ def test_whole_source_shards_merge_into_the_single_process_file(backbone_dirs, i
   assert _without_run_details(merged) == _without_run_details(single)
   root = extract_shards.shards_dir(str(tmp_path / "sharded"), "tiny", "center")
   assert merged["shards"]["kept"] and os.path.isdir(root)
-  with open(os.path.join(root, "shard-00004-of-00005", extract.MANIFEST)) as handle:
+  with open(os.path.join(root, "shard-00004-of-00005", embeddings_lib.MANIFEST)) as handle:
     assert json.load(handle)["splits"]["all"]["num_images"] == 0
   name = os.path.join("tiny", "center", "all_embeddings.pkl")
   assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "sharded" / name).read_bytes()
@@ -154,7 +156,7 @@ def test_finished_shard_is_skipped_and_an_unfinished_one_refused(backbone_dirs, 
                                batch_size=BATCH, log=logged.append)
   assert logged == ["shard-00001-of-00002: already complete with these settings; nothing to do"]
   assert stamps == {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in os.listdir(folder)}
-  os.remove(os.path.join(folder, extract.MANIFEST))   # as a killed run leaves it
+  os.remove(os.path.join(folder, embeddings_lib.MANIFEST))   # as a killed run leaves it
   with pytest.raises(errors.DataError, match=r"^shard-00001-of-00002 is unfinished .*; rerun "
                      r"it: --num_shards=2 --shard_index=1$"):
     extract_shards.merge_shards(str(tmp_path), "tiny", "center", **QUIET)

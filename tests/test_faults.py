@@ -333,12 +333,13 @@ def extraction_inputs(tmp_path_factory):
   import io  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import train as train_lib  # pylint: disable=import-outside-toplevel
+  from leo_suite.models import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import classifier as classifier_lib  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import pretrain_config  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("extract")
-  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
-                            train_lib.PretrainConfig(image_size=28, channels=1),
-                            str(root / "backbone"))
+  classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
+                                 pretrain_config.PretrainConfig(image_size=28, channels=1),
+                                 str(root / "backbone"))
   rng = np.random.default_rng(0)
   classes = {"train": ["a1", "a2", "a3"], "val": ["b1", "b2"], "test": ["c1", "c2"]}
   for names in classes.values():

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
 
@@ -31,7 +32,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scope
 
 def sample_file(fmt="pkl", seed=0, num_classes=3, per_class=4, dim=5):
   rng = np.random.default_rng(seed)
-  keys = [embeddings.make_key(f"c{c}", i) for c in range(num_classes) for i in range(per_class)]
+  keys = [embedding_keys.make_key(f"c{c}", i) for c in range(num_classes) for i in range(per_class)]
   rows = rng.standard_normal((len(keys), dim)).astype(np.float32)
   if fmt == "pkl":
     return pickle.dumps({"keys": np.asarray(keys, dtype=object), "embeddings": rows}, 2)
@@ -116,7 +117,7 @@ ROW_DTYPES = [np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, 
 def test_generated_splits_load_iff_well_formed(counts, dim, dtype, bytes_keys, duplicate,
                                                extra_row, fmt, seed):
   rng = np.random.default_rng(seed)
-  keys = [embeddings.make_key(f"c{c}", i) for c, n in enumerate(counts) for i in range(n)]
+  keys = [embedding_keys.make_key(f"c{c}", i) for c, n in enumerate(counts) for i in range(n)]
   if duplicate and keys:
     keys.append(keys[0])
   rows = (rng.standard_normal((len(keys) + extra_row, dim)) * 3).astype(
@@ -147,7 +148,7 @@ def test_splits_of_different_widths_are_refused_together(dims):
   splits = []
   with tempfile.TemporaryDirectory() as directory:
     for name, dim in zip(("train", "val"), dims):
-      keys = [embeddings.make_key(f"{name}{c}", i) for c in range(2) for i in range(2)]
+      keys = [embedding_keys.make_key(f"{name}{c}", i) for c in range(2) for i in range(2)]
       path = os.path.join(directory, f"{name}_embeddings.pkl")
       embeddings.write_split(path, keys, np.ones((4, dim)))
       splits.append(embeddings.load_split(path))
@@ -163,7 +164,7 @@ def test_splits_of_different_widths_are_refused_together(dims):
 def small_split(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("split") / "train_embeddings.pkl")
   counts = [3, 5, 6, 4]      # unequal classes, as tieredImageNet
-  keys = [embeddings.make_key(f"c{c}", i) for c, n in enumerate(counts) for i in range(n)]
+  keys = [embedding_keys.make_key(f"c{c}", i) for c, n in enumerate(counts) for i in range(n)]
   embeddings.write_split(path, keys, np.random.default_rng(0).standard_normal((len(keys), 6)))
   return embeddings.load_split(path)
 
@@ -191,7 +192,7 @@ def runner_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   rng = np.random.default_rng(0)
   for split, num_classes in (("train", 6), ("val", 4), ("test", 4)):
-    keys = [embeddings.make_key(f"{split}{c}", i) for c in range(num_classes) for i in range(8)]
+    keys = [embedding_keys.make_key(f"{split}{c}", i) for c in range(num_classes) for i in range(8)]
     embeddings.write_split(str(root / "tiny" / "center" / f"{split}_embeddings.pkl"),
                            keys, rng.standard_normal((len(keys), 8)))
   return str(root)

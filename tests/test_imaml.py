@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from leo_suite.errors import ConfigError
-from leo_suite.models import base, heads, imaml
+from leo_suite.data.episodes import Episode
+from leo_suite.models import heads, imaml
 
 SEED = tf.constant([3, 7], tf.int32)
 
@@ -30,8 +31,8 @@ def make_episode(rng, num_tasks=3, num_ways=3, num_shots=2, num_queries=4,
   def labels(count):
     return np.broadcast_to(np.arange(num_ways, dtype=np.int32)[None, :, None],
                            (num_tasks, num_ways, count)).copy()
-  return base.Episode(tf.constant(draw(num_shots)), tf.constant(labels(num_shots)),
-                      tf.constant(draw(num_queries)), tf.constant(labels(num_queries)))
+  return Episode(tf.constant(draw(num_shots)), tf.constant(labels(num_shots)),
+                 tf.constant(draw(num_queries)), tf.constant(labels(num_queries)))
 
 
 def build(dtype="float64", num_ways=3, dim=6, **overrides):
@@ -342,7 +343,7 @@ _MEMORY_SCRIPT = """
 import json, sys
 import numpy as np, tensorflow as tf
 tf.config.threading.set_inter_op_parallelism_threads(1)  # steadier peaks
-from leo_suite.models import base, imaml
+from leo_suite.models import imaml
 
 def peak_memory_bytes(inner_steps, num_tasks):
   rng = np.random.default_rng(0)
@@ -352,7 +353,7 @@ def peak_memory_bytes(inner_steps, num_tasks):
   def y(count):
     return tf.constant(np.broadcast_to(np.arange(5, dtype=np.int32)[None, :, None],
                                        (num_tasks, 5, count)).copy())
-  episode = base.Episode(x(1), y(1), x(5), y(5))
+  episode = Episode(x(1), y(1), x(5), y(5))
   learner = imaml.build(imaml.Config(inner_steps=inner_steps, hidden_sizes="256"),
                         5, 64, "float32")
   @tf.function

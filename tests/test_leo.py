@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import leo
 
@@ -36,8 +37,8 @@ def make_episode(num_tasks=2, num_ways=N, num_shots=K, num_queries=V, dim=D, see
 
   labels = lambda m: tf.constant(np.tile(np.arange(num_ways)[:, None], [num_tasks, 1, m])
                                  .reshape(num_tasks, num_ways, m), tf.int32)
-  return base.Episode(unit([num_tasks, num_ways, num_shots, dim]), labels(num_shots),
-                      unit([num_tasks, num_ways, num_queries, dim]), labels(num_queries))
+  return Episode(unit([num_tasks, num_ways, num_shots, dim]), labels(num_shots),
+                 unit([num_tasks, num_ways, num_queries, dim]), labels(num_queries))
 
 
 def test_inner_loop_arithmetic():

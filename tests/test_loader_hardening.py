@@ -27,7 +27,10 @@ import numpy as np
 import pytest
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
+from leo_suite.data import safe_arrays
+from leo_suite.data import safe_pickle
 from tests.test_safety import call, global_op, py2_float32_array, py2_int, py2_release_pickle
 from tests.test_safety import py2_str, text
 
@@ -264,27 +267,27 @@ def test_allocation_probes_are_refused_with_bounded_memory(tmp_path, probe):
 
 
 def test_cap_comes_from_the_argument_or_the_environment(tmp_path, monkeypatch):
-  keys = [embeddings.make_key(f"c{c}", i) for c in range(4) for i in range(250)]
+  keys = [embedding_keys.make_key(f"c{c}", i) for c in range(4) for i in range(250)]
   rows = np.random.default_rng(0).standard_normal((1000, 1000)).astype(np.float32)  # 4 MB
   path = str(tmp_path / "train_embeddings.npz")
   embeddings.write_split(path, keys, rows)
-  monkeypatch.setenv(embeddings.MAX_ARRAY_BYTES_ENV, str(MIB))
+  monkeypatch.setenv(safe_arrays.MAX_ARRAY_BYTES_ENV, str(MIB))
   for function in (embeddings.load_split, embeddings.read_keys_and_embeddings):
     with pytest.raises(errors.DataError, match=f"cap of 1,048,576 bytes.*"
-                       f"{embeddings.MAX_ARRAY_BYTES_ENV}"):
+                       f"{safe_arrays.MAX_ARRAY_BYTES_ENV}"):
       function(path)
   np.testing.assert_array_equal(
       embeddings.read_keys_and_embeddings(path, max_bytes=8 * MIB)[1], rows)
   assert embeddings.load_split(path, max_bytes=8 * MIB).num_classes == 4
   with pytest.raises(errors.DataError, match="cap of 1,000 bytes"):
     embeddings.load_split(path, max_bytes=1000)  # the file itself is larger
-  monkeypatch.setenv(embeddings.MAX_ARRAY_BYTES_ENV, "4G")
+  monkeypatch.setenv(safe_arrays.MAX_ARRAY_BYTES_ENV, "4G")
   with pytest.raises(errors.ConfigError, match="LEO_SUITE_MAX_ARRAY_BYTES='4G'"):
     embeddings.load_split(path)
-  monkeypatch.delenv(embeddings.MAX_ARRAY_BYTES_ENV)
-  assert embeddings.max_array_bytes() == embeddings.MAX_ARRAY_BYTES == 4 * 2**30
+  monkeypatch.delenv(safe_arrays.MAX_ARRAY_BYTES_ENV)
+  assert safe_arrays.max_array_bytes() == safe_arrays.MAX_ARRAY_BYTES == 4 * 2**30
   assert embeddings.load_split(path).num_classes == 4
-  code, stderr, _ = run_loader(path, env={embeddings.MAX_ARRAY_BYTES_ENV: "100000"})
+  code, stderr, _ = run_loader(path, env={safe_arrays.MAX_ARRAY_BYTES_ENV: "100000"})
   assert_one_error_line(code, stderr, path, "cap of 100,000 bytes")
 
 
@@ -331,10 +334,10 @@ ARRAYS = {
 def test_numpy_arrays_of_every_plain_dtype_and_layout_are_rebuilt_exactly(protocol):
   # pylint: disable=protected-access
   payload = pickle.dumps(ARRAYS, protocol)
-  budget = embeddings._Budget("memory", len(payload), embeddings.MAX_ARRAY_BYTES)
-  stand_ins = embeddings.safe_unpickle(payload)
+  budget = safe_arrays.Budget("memory", len(payload), safe_arrays.MAX_ARRAY_BYTES)
+  stand_ins = safe_pickle.safe_unpickle(payload)
   for name, expected in ARRAYS.items():
-    rebuilt = embeddings._materialise(stand_ins[name], budget)
+    rebuilt = safe_arrays.materialise(stand_ins[name], budget)
     if isinstance(expected, np.ndarray):
       assert rebuilt.dtype == expected.dtype and rebuilt.shape == expected.shape, name
     assert repr(rebuilt) == repr(expected), name
@@ -342,7 +345,7 @@ def test_numpy_arrays_of_every_plain_dtype_and_layout_are_rebuilt_exactly(protoc
 
 
 def test_splits_in_every_layout_still_load_bit_exact(tmp_path):
-  keys = [embeddings.make_key(f"c{c}", i) for c in range(2) for i in range(3)]
+  keys = [embedding_keys.make_key(f"c{c}", i) for c in range(2) for i in range(3)]
   rows = np.random.default_rng(1).standard_normal((6, 2))
   layouts = {"fortran": np.asfortranarray(rows, ">f8"), "big_endian": rows.astype(">f4"),
              "strided": np.repeat(rows, 2, axis=1)[:, ::2], "int16": (rows * 100).astype(np.int16),
@@ -380,7 +383,7 @@ def bytes_op(value: bytes, kind: int) -> bytes:
           b"\x96" + struct.pack("<Q", len(value)) + value, py2_str(value)][kind]
 
 
-GOOD_KEYS = [embeddings.make_key(c, i) for c in ("a", "b") for i in range(3)]
+GOOD_KEYS = [embedding_keys.make_key(c, i) for c in ("a", "b") for i in range(3)]
 ALLOWED = [("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
            ("numpy.core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
            ("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytearray")]

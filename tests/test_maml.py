@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import maml
@@ -174,7 +175,7 @@ def make_episode(seed=0, num_tasks=3, num_shots=2, num_queries=3, dim=DIM,
     return tf.constant(x.astype(dtype)), tf.constant(y)
   support_x, support_y = draw(num_shots)
   query_x, query_y = draw(num_queries)
-  return base.Episode(support_x, support_y, query_x, query_y)
+  return Episode(support_x, support_y, query_x, query_y)
 
 
 def per_task_support_loss(learner, fast_weights, episode):

@@ -7,7 +7,7 @@ from absl import flags
 import pytest
 
 from leo_suite.models import registry
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
 from leo_suite.pretrain import omniglot_presets as presets
 
 SETTINGS = ((5, 1), (5, 5), (20, 1))

@@ -15,10 +15,13 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
+from leo_suite.models import backbones
+from leo_suite.models import image_embedder
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract_files
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 from leo_suite.serving import export
 from leo_suite.serving import predict
 from leo_suite.serving import sets
@@ -67,8 +70,8 @@ def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
   tf.keras.utils.set_random_seed(0)
   backbone = backbones.build_backbone("conv4", 28, 1)
-  config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-  train_lib.export_backbone(backbone, config, str(root / "backbone"))
+  config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
+  classifier_lib.export_backbone(backbone, config, str(root / "backbone"))
   dim = int(backbone.output_shape[-1])
   serving.make_run(root / "run", "leo", steps=1, dim=dim)
   rng = np.random.default_rng(3)
@@ -116,18 +119,18 @@ def extracted(world):
 # -- keys that keep the file path -------------------------------------------------------
 @pytest.mark.parametrize("path", HOSTILE + ("deep/er/ß-_.x/f.png", "plain.png", "x\udcff.png"))
 def test_path_key_round_trip_on_hostile_names(path):
-  key = embeddings_lib.make_path_key("cls", path)
+  key = embedding_keys.make_path_key("cls", path)
   assert key.isascii() and key.count("-") == 2
-  assert embeddings_lib.parse_key(key, "k", 0)[0] == "cls"
-  assert embeddings_lib.key_file_path(key) == path
-  assert embeddings_lib.decode_path(embeddings_lib.encode_path(path)) == path
+  assert embedding_keys.parse_key(key, "k", 0)[0] == "cls"
+  assert embedding_keys.key_file_path(key) == path
+  assert embedding_keys.decode_path(embedding_keys.encode_path(path)) == path
 
 
 def test_path_key_decoding_is_strict():
   for text in ("a_zz.png", "a_4", "a b", "_2F"):   # never written by encode_path
     with pytest.raises(ValueError):
-      embeddings_lib.decode_path(text)
-  assert embeddings_lib.key_file_path("train-cat-cat_00001.png") is None   # no path kept
+      embedding_keys.decode_path(text)
+  assert embedding_keys.key_file_path("train-cat-cat_00001.png") is None   # no path kept
 
 
 def test_whole_source_extraction_keeps_paths_and_lists_files(world, tmp_path):
@@ -142,7 +145,7 @@ def test_whole_source_extraction_keeps_paths_and_lists_files(world, tmp_path):
   keys, matrix = embeddings_lib.read_keys_and_embeddings(path)
   assert matrix.shape == (len(files), world.dim)
   for row, key in enumerate(keys):
-    assert manifest["files"][embeddings_lib.key_file_path(key)] == row
+    assert manifest["files"][embedding_keys.key_file_path(key)] == row
   # Images in no folder are `unlabelled` (no class); folders are classes.
   assert manifest["class_names"]["unlabelled"] == ""
   assert sorted(manifest["class_names"].values()) == ["", "cat", "Ünï-cls_1/sub dir"]
@@ -197,7 +200,7 @@ def test_predict_export_and_runner_evaluation_agree_on_an_image(world, extracted
   support_split = embeddings_lib.load_split(extracted.pkl)
   query_keys, query_rows = embeddings_lib.read_keys_and_embeddings(extracted.query)
   order = [query_keys.index(k) for f in result.files for k in query_keys
-           if embeddings_lib.key_file_path(k) == f]
+           if embedding_keys.key_file_path(k) == f]
 
   def sampler_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-6)
@@ -233,8 +236,8 @@ def test_backbone_comes_from_the_runs_data_manifest(world, extracted, tmp_path):
   # Another backbone than the one that made the run's embeddings is refused.
   tf.keras.utils.set_random_seed(1)
   other = str(tmp_path / "other_backbone")
-  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
-                            train_lib.PretrainConfig(image_size=28, channels=1), other)
+  classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1),
+                                 pretrain_config.PretrainConfig(image_size=28, channels=1), other)
   with pytest.raises(errors.ConfigError, match="differ from the"):
     predict.Predictor(run_dir, other).predict_task(str(world.root / "support"),
                                                    str(world.root / "query"))
@@ -337,7 +340,7 @@ def test_bad_inputs_are_one_line_errors(world, extracted, tmp_path):
   (tmp_path / "tasks" / "t1" / "support").mkdir(parents=True)
   refused(lambda: predict.find_tasks(str(tmp_path / "tasks")), "no query set")
   # D of an embeddings file that is not the run's.
-  keys = [embeddings_lib.make_key(c, i) for c in ("a", "b", "c") for i in range(K)]
+  keys = [embedding_keys.make_key(c, i) for c in ("a", "b", "c") for i in range(K)]
   embeddings_lib.write_split(str(tmp_path / "d8.npz"), keys, np.ones([len(keys), 8]))
   refused(lambda: p.load(str(tmp_path / "d8.npz"), "support"), "D=8 but .* D=64")
 
@@ -364,21 +367,21 @@ def test_warps_crop_is_per_image_and_the_export_embeds_images_the_same_way(world
   """The 'warps' crop (center view + 15 fixed affine warps, averaged): an image's
   features do not depend on its batch, view 0 is the image itself, and the
   SavedModel's image path computes what extraction wrote."""
-  from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
+  from leo_suite.data import image_views  # pylint: disable=g-import-not-at-top
   records = extract_files.scan_all([str(world.root / "query")])
-  warped = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=3)(records, "q")
-  alone = extract_files.ImageEmbedder(world.backbone_dir, "warps", batch_size=1)(records, "q")
-  center = extract_files.ImageEmbedder(world.backbone_dir, "center")(records, "q")
+  warped = image_embedder.ImageEmbedder(world.backbone_dir, "warps", batch_size=3)(records, "q")
+  alone = image_embedder.ImageEmbedder(world.backbone_dir, "warps", batch_size=1)(records, "q")
+  center = image_embedder.ImageEmbedder(world.backbone_dir, "center")(records, "q")
   np.testing.assert_allclose(warped, alone, rtol=1e-5, atol=1e-6)
   assert np.abs(warped - center).max() > 1e-3 * np.abs(center).max()   # the views differ
   x = tf.random.uniform([2, 28, 28, 1], seed=1)
-  views = extract.make_views(x, "warps", 28)
-  assert views.shape[0] == 2 * extract.WARP_VIEWS
-  np.testing.assert_array_equal(views[::extract.WARP_VIEWS].numpy(), x.numpy())
+  views = image_views.make_views(x, "warps", 28)
+  assert views.shape[0] == 2 * image_views.WARP_VIEWS
+  np.testing.assert_array_equal(views[::image_views.WARP_VIEWS].numpy(), x.numpy())
   # Same warps for both images: a view of image 1 is the same warp of image 1.
-  swapped = extract.make_views(tf.reverse(x, [0]), "warps", 28)
-  np.testing.assert_allclose(swapped[:extract.WARP_VIEWS].numpy(),
-                             views[extract.WARP_VIEWS:].numpy(), atol=1e-6)
+  swapped = image_views.make_views(tf.reverse(x, [0]), "warps", 28)
+  np.testing.assert_allclose(swapped[:image_views.WARP_VIEWS].numpy(),
+                             views[image_views.WARP_VIEWS:].numpy(), atol=1e-6)
   # The exported module embeds sent image bytes with the same crop.
   support, model, description = export.load_support(str(world.root / "support"),
                                                     world.backbone_dir, crop="warps")

@@ -53,6 +53,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from leo_suite.data import image_views
+from leo_suite.models import backbones
+from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 from tests import workers
 
@@ -130,7 +133,7 @@ def load_state(run_dir, step):
   weights (with batch-norm moving statistics), SGD's momenta, the step."""
   with open(os.path.join(run_dir, "checkpoints", "pretrain_config.json")) as handle:
     saved = json.load(handle)
-  config = train_lib.PretrainConfig(**saved["config"])
+  config = pretrain_config.PretrainConfig(**saved["config"])
   keras.backend.clear_session()
   trainer = train_lib.Pretrainer(  # the run's objects (the images are placeholders)
       config, np.zeros([config.batch_size, 28, 28, 1], np.uint8),
@@ -174,7 +177,7 @@ def assert_matches_one_device(single, other):
 
 def assert_same_export(single_dir, other_dir):
   """The exported backbones (backbone/) agree like the checkpoints."""
-  exported = [train_lib.load_backbone(os.path.join(d, "backbone"))[0]
+  exported = [backbones.load_backbone(os.path.join(d, "backbone"))[0]
               for d in (single_dir, other_dir)]
   assert_matches_one_device(*[{w.path: w.numpy() for w in m.weights} for m in exported])
 
@@ -261,13 +264,13 @@ def test_replica_shares_split_each_global_batch_disjointly():
 def test_a_share_gets_its_rows_of_the_global_augmentation(augment):
   x = tf.random.stateless_uniform([8, 28, 28, 1], [1, 2])
   seed = tf.constant([3, 5])
-  whole = train_lib.augment_batch(x, seed, augment, 2)
+  whole = image_views.augment_batch(x, seed, augment, 2)
   for offset in (0, 2, 6):
-    share = train_lib.augment_batch(x[offset:offset + 2], seed, augment, 2,
-                                    rows=(tf.constant(offset, tf.int64), 8))
+    share = image_views.augment_batch(x[offset:offset + 2], seed, augment, 2,
+                                      rows=(tf.constant(offset, tf.int64), 8))
     np.testing.assert_array_equal(share.numpy(), whole[offset:offset + 2].numpy())
   # Not vacuous: the shares' own draws would differ.
-  alone = train_lib.augment_batch(x[2:4], seed, augment, 2)
+  alone = image_views.augment_batch(x[2:4], seed, augment, 2)
   assert not np.array_equal(alone.numpy(), whole[2:4].numpy())
 
 

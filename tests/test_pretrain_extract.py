@@ -14,12 +14,18 @@ from PIL import Image
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import episodes
+from leo_suite.data import image_sources
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
+from leo_suite.models import backbones
 from leo_suite.models import base
 from leo_suite.pretrain import baselines
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import images as im
+from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +92,7 @@ def test_evaluate_reports_mean_and_ci95_on_the_runners_episodes():
 # -- training ------------------------------------------------------------------
 def test_rotations_become_new_classes():
   images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1)
-  x, y = train_lib.rotated_copies(images, np.array([0, 1]))
+  x, y = image_views.rotated_copies(images, np.array([0, 1]))
   np.testing.assert_array_equal(y, [0, 4, 1, 5, 2, 6, 3, 7])
   np.testing.assert_array_equal(x[5], np.rot90(images[1], 2))
 
@@ -96,8 +102,8 @@ def test_shift_augmentation_is_an_integer_translation_and_stateless():
   x = np.zeros([6, 28, 28, 1], np.float32)
   x[:, 8:20, 8:20] = rng.random([6, 12, 12, 1])
   seed = tf.constant([3, 4])
-  out = train_lib.augment_batch(tf.constant(x), seed, "shift", 2).numpy()
-  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "shift", 2))
+  out = image_views.augment_batch(tf.constant(x), seed, "shift", 2).numpy()
+  np.testing.assert_array_equal(out, image_views.augment_batch(tf.constant(x), seed, "shift", 2))
   shifts = set()
   for original, moved in zip(x, out):
     found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
@@ -111,8 +117,8 @@ def test_affine_augmentation_is_stateless_mild_and_varied():
   x = np.zeros([32, 28, 28, 1], np.float32)
   x[:, 10:18, 12:16] = 1.0
   seed = tf.constant([5, 6])
-  out = train_lib.augment_batch(tf.constant(x), seed, "affine", 2).numpy()
-  np.testing.assert_array_equal(out, train_lib.augment_batch(tf.constant(x), seed, "affine", 2))
+  out = image_views.augment_batch(tf.constant(x), seed, "affine", 2).numpy()
+  np.testing.assert_array_equal(out, image_views.augment_batch(tf.constant(x), seed, "affine", 2))
   assert out.shape == x.shape and out.min() >= 0.0 and out.max() <= 1.0 + 1e-6
   mass = out.sum(axis=(1, 2, 3)) / x[0].sum()   # scale in [0.8, 1.2]^2, shear keeps area
   assert np.all(mass > 0.6) and np.all(mass < 1.5)
@@ -121,12 +127,12 @@ def test_affine_augmentation_is_stateless_mild_and_varied():
 
 
 def test_cosine_head_logits_are_scaled_cosines():
-  config = train_lib.PretrainConfig(head="cosine")
-  _, classifier = train_lib.build_classifier(config, 7)
+  config = pretrain_config.PretrainConfig(head="cosine")
+  _, classifier = classifier_lib.build_classifier(config, 7)
   logits = classifier(np.random.default_rng(0).random([3, 28, 28, 1]).astype(np.float32)).numpy()
   assert logits.shape == (3, 7) and np.all(np.abs(logits) <= 10.0 + 1e-4)
   with pytest.raises(errors.ConfigError, match="--head"):
-    train_lib.validate_config(train_lib.PretrainConfig(head="arc"))
+    pretrain_config.validate_config(pretrain_config.PretrainConfig(head="arc"))
 
 
 def _blob_images(num_per_class=10, size=28, seed=0):
@@ -143,8 +149,8 @@ def _blob_images(num_per_class=10, size=28, seed=0):
   return np.stack(images), np.asarray(labels)
 
 
-_TINY = train_lib.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
-                                 log_every=2)
+_TINY = pretrain_config.PretrainConfig(rotations=False, epochs=3, batch_size=8, learning_rate=0.05,
+                                       log_every=2)
 
 
 def _weights(trainer):
@@ -177,8 +183,8 @@ def test_training_learns_and_exports(trained):
   assert history[-1]["loss"] < history[0]["loss"]
   assert history[-1]["accuracy"] > 0.6
   export = trained["summary"]["export"]
-  weights = os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS)
-  assert export["weights_sha256"] == train_lib.file_sha256(weights)
+  weights = os.path.join(trained["dir"], "backbone", backbones.BACKBONE_WEIGHTS)
+  assert export["weights_sha256"] == fileio.file_sha256(weights)
   # TensorBoard event file with scalar summaries (scalars plugin).
   from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
   logs = os.path.join(trained["dir"], "logs")
@@ -205,7 +211,7 @@ def test_resume_after_kill_replays_the_uninterrupted_run(trained):
 
 def test_resume_with_different_settings_is_refused(trained, tmp_path):
   keras.backend.clear_session()
-  changed = train_lib.PretrainConfig(**{**_TINY.__dict__, "learning_rate": 0.5})
+  changed = pretrain_config.PretrainConfig(**{**_TINY.__dict__, "learning_rate": 0.5})
   with pytest.raises(errors.ConfigError, match="learning_rate=0.05"):
     train_lib.Pretrainer(changed, trained["images"], trained["labels"],
                          os.path.dirname(trained["second"].manager.directory),
@@ -233,11 +239,11 @@ def test_distillation_loss_is_the_temperature_scaled_kl_and_its_gradient():
   expected = t * t * np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1))
   s = tf.Variable(student, dtype=tf.float32)
   with tf.GradientTape() as tape:
-    loss = train_lib.distillation_loss(s, tf.constant(teacher, tf.float32), t)
+    loss = classifier_lib.distillation_loss(s, tf.constant(teacher, tf.float32), t)
   np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
   # d/ds T^2 KL = T (softmax(s/T) - softmax(t/T)) / batch (Hinton et al. 2015, eq. 2)
   np.testing.assert_allclose(tape.gradient(loss, s).numpy(), t * (p_s - p_t) / 4, atol=1e-6)
-  assert abs(float(train_lib.distillation_loss(s, s, t))) < 1e-6
+  assert abs(float(classifier_lib.distillation_loss(s, s, t))) < 1e-6
 
 
 def test_born_again_student(trained, tmp_path):
@@ -246,8 +252,8 @@ def test_born_again_student(trained, tmp_path):
   images, labels = trained["images"], trained["labels"]
   keras.backend.clear_session()
   zero = train_lib.Pretrainer(
-      train_lib.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
-                                  "distill_alpha": 0.0}),
+      pretrain_config.PretrainConfig(**{**_TINY.__dict__, "teacher": trained["dir"],
+                                        "distill_alpha": 0.0}),
       images, labels, str(tmp_path / "zero"), log=lambda _: None)
   zero.train()
   for a, b in zip(_weights(trained["straight"]), _weights(zero)):
@@ -259,11 +265,11 @@ def test_born_again_student(trained, tmp_path):
   train_lib.Pretrainer(_TINY, images, (labels + 1) % 4, liar, log=lambda _: None).train()
   keras.backend.clear_session()
   soft = train_lib.Pretrainer(
-      train_lib.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
-                                  "distill_alpha": 1.0, "distill_temperature": 1.0}),
+      pretrain_config.PretrainConfig(**{**_TINY.__dict__, "epochs": 8, "teacher": liar,
+                                        "distill_alpha": 1.0, "distill_temperature": 1.0}),
       images, labels, str(tmp_path / "soft"), log=lambda _: None)
   summary = soft.train()
-  x = train_lib.preprocess(images, True)
+  x = image_views.preprocess(images, True)
   teacher_answer = np.argmax(soft.teacher(x, training=False), -1)
   # Batch statistics: 40 steps leave the moving averages behind the weights.
   student_answer = np.argmax(soft.classifier(x, training=True), -1)
@@ -273,8 +279,8 @@ def test_born_again_student(trained, tmp_path):
   teacher = summary["export"]["teacher"]
   latest = tf.train.latest_checkpoint(os.path.join(liar, "checkpoints"))
   assert teacher["checkpoint"] == os.path.basename(latest)
-  assert teacher["checkpoint_sha256"] == train_lib.file_sha256(latest + ".index")
-  with open(tmp_path / "soft" / "backbone" / train_lib.BACKBONE_CONFIG) as handle:
+  assert teacher["checkpoint_sha256"] == fileio.file_sha256(latest + ".index")
+  with open(tmp_path / "soft" / "backbone" / backbones.BACKBONE_CONFIG) as handle:
     assert json.load(handle)["teacher"]["run_dir"] == os.path.abspath(liar)
 
 
@@ -286,45 +292,47 @@ def test_a_bad_teacher_is_a_clear_error(trained, tmp_path):
       stop_after_steps=3)
   cases = [(str(tmp_path / "nothing"), _TINY, "no pretraining checkpoints"),
            (unfinished, _TINY, "stopped at step 3 of 15"),
-           (trained["dir"], train_lib.PretrainConfig(**{**_TINY.__dict__, "rotations": True}),
+           (trained["dir"], pretrain_config.PretrainConfig(**{**_TINY.__dict__, "rotations": True}),
             "classifies 4 classes, this run 16")]
   for teacher, config, message in cases:
     keras.backend.clear_session()
     with pytest.raises(errors.ConfigError, match=message):
-      train_lib.Pretrainer(train_lib.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
-                           images, labels, str(tmp_path / "student"), log=lambda _: None)
+      train_lib.Pretrainer(
+          pretrain_config.PretrainConfig(**{**config.__dict__, "teacher": teacher}),
+          images, labels, str(tmp_path / "student"), log=lambda _: None)
   with pytest.raises(errors.ConfigError, match="--distill_alpha=1.5"):
-    train_lib.validate_config(train_lib.PretrainConfig(distill_alpha=1.5))
+    pretrain_config.validate_config(pretrain_config.PretrainConfig(distill_alpha=1.5))
 
 
 def test_exported_backbone_round_trips_and_detects_tampering(trained, tmp_path):
-  model, description = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
-  x = train_lib.preprocess(trained["images"][:5], True)
+  model, description = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
+  x = image_views.preprocess(trained["images"][:5], True)
   np.testing.assert_allclose(model(x, training=False), trained["straight"].backbone(x, training=False),
                              rtol=1e-5, atol=1e-6)
   assert description["feature_dim"] == 64 and description["invert"] is True
   copy = tmp_path / "backbone"
   copy.mkdir()
-  for name in (train_lib.BACKBONE_WEIGHTS, train_lib.BACKBONE_CONFIG):
+  for name in (backbones.BACKBONE_WEIGHTS, backbones.BACKBONE_CONFIG):
     with open(os.path.join(trained["dir"], "backbone", name), "rb") as handle:
       (copy / name).write_bytes(handle.read())
-  with open(copy / train_lib.BACKBONE_WEIGHTS, "ab") as handle:
+  with open(copy / backbones.BACKBONE_WEIGHTS, "ab") as handle:
     handle.write(b"junk")
   with pytest.raises(errors.DataError, match="does not match"):
-    train_lib.load_backbone(str(copy))
+    backbones.load_backbone(str(copy))
   with pytest.raises(errors.DataError, match="no such file"):
-    train_lib.load_backbone(str(tmp_path / "nothing"))
+    backbones.load_backbone(str(tmp_path / "nothing"))
 
 
 def test_bad_config_is_a_clear_error():
   images, labels = _blob_images(2)
   with pytest.raises(errors.ConfigError, match="--schedule='linear'"):
-    train_lib.Pretrainer(train_lib.PretrainConfig(schedule="linear"), images, labels, "/tmp/x")
+    train_lib.Pretrainer(pretrain_config.PretrainConfig(schedule="linear"), images, labels,
+                         "/tmp/x")
   if tf.config.list_physical_devices("GPU"):
     return  # mixed precision is allowed there
   with pytest.raises(errors.ConfigError, match="--mixed_precision=on needs a GPU"):
-    train_lib.Pretrainer(train_lib.PretrainConfig(mixed_precision="on", batch_size=4,
-                                                  rotations=False),
+    train_lib.Pretrainer(pretrain_config.PretrainConfig(mixed_precision="on", batch_size=4,
+                                                        rotations=False),
                          images, labels, "/tmp/x")
 
 
@@ -357,7 +365,7 @@ def image_tree(tmp_path):
 
 
 def _extract(trained, image_tree, out, **kwargs):
-  by_class = im.group_by_class(im.scan_directory(image_tree))
+  by_class = image_sources.group_by_class(image_sources.scan_directory(image_tree))
   return extract.extract_embeddings(os.path.join(trained["dir"], "backbone"), by_class,
                                     CLASSES, str(out), "tiny", log=lambda _: None, **kwargs)
 
@@ -369,13 +377,13 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
                                         "train_embeddings.pkl", "val_embeddings.pkl"]
   on_disk = json.loads((folder / "manifest.json").read_text())
   assert on_disk == json.loads(json.dumps(manifest))
-  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
-      os.path.join(trained["dir"], "backbone", train_lib.BACKBONE_WEIGHTS))
+  assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
+      os.path.join(trained["dir"], "backbone", backbones.BACKBONE_WEIGHTS))
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (6, 2), "val": (3, 1), "test": (6, 2)}
   assert sorted(manifest["class_names"].values()) == sorted(sum(CLASSES.values(), []))
   tokens = manifest["class_names"]
-  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   for split in ("train", "val", "test"):
     loaded = embeddings_lib.load_dataset_split(str(tmp_path / "out"), "tiny", "center", split)
     assert loaded.embeddings.dtype == np.float32 and loaded.dim == 64
@@ -383,9 +391,10 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
     # Row = backbone(preprocess(decoded image)), in file order within each class.
     for c_index, token in enumerate(loaded.class_names):
       paths = sorted(os.listdir(os.path.join(image_tree, tokens[token])))
-      images = np.stack([im.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb")
-                                         .read(), p, im.DecodeOptions(28, 1)) for p in paths])
-      expected = model(train_lib.preprocess(images, True), training=False).numpy()
+      images = np.stack([
+          images_lib.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb").read(),
+                                  p, images_lib.DecodeOptions(28, 1)) for p in paths])
+      expected = model(image_views.preprocess(images, True), training=False).numpy()
       start = loaded.class_start[c_index]
       np.testing.assert_allclose(loaded.embeddings[start:start + 3], expected, rtol=1e-4,
                                  atol=1e-5)
@@ -401,10 +410,10 @@ def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, im
                                         "train_embeddings.npz", "val_embeddings.npz"]
   assert manifest["crop_description"].startswith("resized to round(image_size*8/7)")
   loaded = embeddings_lib.load_split(str(folder / "val_embeddings.npz"))
-  model, _ = train_lib.load_backbone(os.path.join(trained["dir"], "backbone"))
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
   path = os.path.join(image_tree, "Greek/character01/d0.png")
-  big = train_lib.preprocess(im.decode_image(open(path, "rb").read(), path,
-                                             im.DecodeOptions(32, 1)), True).numpy()
+  big = image_views.preprocess(images_lib.decode_image(
+      open(path, "rb").read(), path, images_lib.DecodeOptions(32, 1)), True).numpy()
   views = [big[dy:dy + 28, dx:dx + 28] for dy, dx in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
   views += [v[:, ::-1] for v in views]
   expected = model(np.stack(views), training=False).numpy().mean(axis=0)
@@ -452,7 +461,7 @@ def test_class_tokens_are_safe_and_unique():
   assert tokens["Japanesekatakana/character01"] == "Japanesekatakanacharacter01x2"
   assert tokens["n01532829"] == "n01532829" and tokens["---"] == "class"
   for token in tokens.values():
-    embeddings_lib.make_key(token, 1)  # accepted by the key format
+    embedding_keys.make_key(token, 1)  # accepted by the key format
 
 
 def test_benchmark_extraction_measures_images_per_second():
@@ -496,8 +505,8 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert "[stage] distill done in" in proc.stdout
   student = results["pretrain"]["export"]
   assert student["teacher"]["run_dir"] == str(work / "pretrain")
-  assert manifest["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
-      str(work / "pretrain_gen1" / "backbone" / train_lib.BACKBONE_WEIGHTS))
+  assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
+      str(work / "pretrain_gen1" / "backbone" / backbones.BACKBONE_WEIGHTS))
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
     embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
@@ -560,8 +569,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   results = json.loads((work / "results.json").read_text())
   # No distillation by default: the first network's backbone is extracted.
   assert "[stage] distill" not in proc.stdout
-  assert results["manifest"]["backbone"]["checkpoint_sha256"] == train_lib.file_sha256(
-      str(work / "pretrain" / "backbone" / train_lib.BACKBONE_WEIGHTS))
+  assert results["manifest"]["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
+      str(work / "pretrain" / "backbone" / backbones.BACKBONE_WEIGHTS))
   ncm = {r["setting"]: r for r in results["rows"] if r["method"].startswith("ncm_cosine")}
   learners = [r for r in results["rows"] if r["method"].endswith("(runner.py)")]
   assert {(r["method"], r["setting"]) for r in learners} == {

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import embedding_maps
 from leo_suite.models import protonet
@@ -32,7 +33,7 @@ def permuted_episode(seed=0, num_tasks=3, num_shots=3, num_queries=4):
   labels = np.stack([rng.permutation(NUM_WAYS) for _ in range(num_tasks)])[:, :, None]
   support_x = rng.normal(size=(num_tasks, NUM_WAYS, num_shots, DIM))
   query_x = rng.normal(size=(num_tasks, NUM_WAYS, num_queries, DIM))
-  return base.Episode(
+  return Episode(
       tf.constant(support_x), tf.constant(np.tile(labels, [1, 1, num_shots]).astype(np.int32)),
       tf.constant(query_x), tf.constant(np.tile(labels, [1, 1, num_queries]).astype(np.int32)))
 

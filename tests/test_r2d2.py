@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import r2d2
 
@@ -31,8 +32,8 @@ def make_episode(rng, num_tasks=3, num_shots=2, num_queries=3, dim=DIM,
     labels = labels[:, :, None]
   support_y = np.tile(labels, [1, 1, num_shots]).astype(np.int32)
   query_y = np.tile(labels, [1, 1, num_queries]).astype(np.int32)
-  return base.Episode(tf.constant(support_x), tf.constant(support_y),
-                      tf.constant(query_x), tf.constant(query_y))
+  return Episode(tf.constant(support_x), tf.constant(support_y),
+                 tf.constant(query_x), tf.constant(query_y))
 
 
 def numpy_features(learner, x):
@@ -344,8 +345,8 @@ def test_checkpoint_round_trip_restores_identical_predictions(tmp_path):
 def test_runs_in_tf_function_with_finite_loss_and_gradients(jit_compile):
   rng = np.random.default_rng(10)
   episode = make_episode(rng, num_tasks=4, num_shots=1, num_queries=4)
-  episode = base.Episode(tf.cast(episode.support_x, tf.float32), episode.support_y,
-                         tf.cast(episode.query_x, tf.float32), episode.query_y)
+  episode = Episode(tf.cast(episode.support_x, tf.float32), episode.support_y,
+                    tf.cast(episode.query_x, tf.float32), episode.query_y)
   # Without dropout the traced (and XLA-compiled) step is the eager maths.
   learner = r2d2.build(r2d2.Config(learn_lambda=True, projection_dim=8),
                        NUM_WAYS, DIM, "float32")
@@ -437,10 +438,10 @@ def _sample_episodes(rng, classes, num_tasks, num_shots, num_queries):
     query.append(rows[:, num_shots:])
   labels = lambda n: np.tile(np.arange(NUM_WAYS)[None, :, None],
                              [num_tasks, 1, n]).astype(np.int32)
-  return base.Episode(tf.constant(np.stack(support), tf.float32),
-                      tf.constant(labels(num_shots)),
-                      tf.constant(np.stack(query), tf.float32),
-                      tf.constant(labels(num_queries)))
+  return Episode(tf.constant(np.stack(support), tf.float32),
+                 tf.constant(labels(num_shots)),
+                 tf.constant(np.stack(query), tf.float32),
+                 tf.constant(labels(num_queries)))
 
 
 @pytest.mark.slow

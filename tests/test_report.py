@@ -3,7 +3,7 @@ pipeline's results table written with it (README's tables, byte for byte)."""
 
 from leo_suite import report
 from leo_suite.pipelines import omniglot
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 
 
 def test_markdown_table_cells_rule_and_empty_cells():
@@ -32,7 +32,7 @@ def test_omniglot_results_table():
 
 def test_pipeline_recipe_is_pretrain_config_with_its_overrides():
   """The pipeline's defaults: PretrainConfig's, except 30 epochs of affine augmentation."""
-  defaults = train_lib.PretrainConfig()
+  defaults = pretrain_config.PretrainConfig()
   assert omniglot.RECIPE_OVERRIDES == {"epochs": 30, "augment": "affine"}
   options = omniglot.Options()
   assert (options.epochs, options.augment, options.crop) == (30, "affine", "warps")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_suite.data import embedding_keys
+
 from leo_suite.data import embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +194,7 @@ def test_moved_data_evaluates_and_changed_data_is_refused(tmp_path, tiny_data, m
   assert result["accuracy"] == reference and result["data"]["moved"]
   test_file = moved / "tiny" / "center" / "test_embeddings.pkl"
   split = embeddings.load_split(str(test_file))
-  keys = [embeddings.make_key(name, i) for name, count in
+  keys = [embedding_keys.make_key(name, i) for name, count in
           zip(split.class_names, split.class_count) for i in range(count)]
   embeddings.write_split(str(test_file), keys, split.embeddings * 2.0)
   proc = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", f"--data_path={moved}",

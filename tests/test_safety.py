@@ -18,6 +18,7 @@ import pytest
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.data import convert as convert_embeddings
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,7 @@ def test_allowed_callables_cannot_be_abused(tmp_path):
 
 @pytest.mark.parametrize("protocol", [0, 1, 2, 3, 4, 5])
 def test_every_pickle_protocol_of_legitimate_arrays_still_loads(tmp_path, protocol):
-  keys = np.asarray([embeddings.make_key(c, i) for c in "abc" for i in range(3)], dtype=object)
+  keys = np.asarray([embedding_keys.make_key(c, i) for c in "abc" for i in range(3)], dtype=object)
   matrix = np.random.default_rng(protocol).standard_normal((9, 5)).astype(np.float32)
   path = tmp_path / "s.pkl"
   path.write_bytes(pickle.dumps({"keys": keys, "embeddings": matrix}, protocol=protocol))
@@ -190,7 +191,7 @@ def test_deep_nesting_is_a_clear_error_not_a_recursion_error(tmp_path):
 def make_tree(root, dims=(6, 6, 6)):
   rng = np.random.default_rng(0)
   for split, dim in zip(embeddings.SPLITS, dims):
-    keys = [embeddings.make_key(f"{split}{c}", i, prefix=split) for c in range(3)
+    keys = [embedding_keys.make_key(f"{split}{c}", i, prefix=split) for c in range(3)
             for i in range(4 + c)]
     order = rng.permutation(len(keys))   # rows not grouped by class: order must survive
     embeddings.write_split(str(root / "ds" / "center" / f"{split}_embeddings.pkl"),
@@ -290,20 +291,21 @@ def test_join_under_never_escapes_and_gives_one_component(tmp_path):
 
 @pytest.mark.slow
 def test_extraction_with_hostile_class_and_dataset_names_writes_only_under_out(tmp_path):
-  from leo_suite.pretrain import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.data import image_sources  # pylint: disable=import-outside-toplevel
+  from leo_suite.models import backbones  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import classifier as classifier_lib  # pylint: disable=import-outside-toplevel
   from leo_suite.pretrain import extract  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=import-outside-toplevel
-  from leo_suite.pretrain import train as train_lib  # pylint: disable=import-outside-toplevel
+  from leo_suite.pretrain import pretrain_config  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  config = train_lib.PretrainConfig(image_size=28, channels=1)
-  train_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
-                            str(tmp_path / "backbone"))
+  config = pretrain_config.PretrainConfig(image_size=28, channels=1)
+  classifier_lib.export_backbone(backbones.build_backbone("conv4", 28, 1), config,
+                                 str(tmp_path / "backbone"))
   buffer = io.BytesIO()
   Image.fromarray(np.full([28, 28], 200, np.uint8)).save(buffer, format="PNG")
   hostile = {"train": ["../../escaped", "/abs/escaped"], "val": ["a/../../b"],
              "test": ["..", "x\x00y"]}
-  by_class = {name: [images_lib.ImageRecord(name, f"../../{i}.png", f"mem:{i}",
-                                             ("bytes", buffer.getvalue())) for i in range(3)]
+  by_class = {name: [image_sources.ImageRecord(name, f"../../{i}.png", f"mem:{i}",
+                                               ("bytes", buffer.getvalue())) for i in range(3)]
               for names in hostile.values() for name in names}
   out = tmp_path / "sandbox" / "out"
   with pytest.raises(errors.ConfigError, match="dataset_name"):

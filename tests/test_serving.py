@@ -20,8 +20,9 @@ import tensorflow as tf
 from PIL import Image
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.models import base
+from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.serving import export
 from leo_suite.serving import rest
@@ -54,8 +55,8 @@ def random_episode(rng, dim, batch=2):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
   centers = rng.standard_normal([batch, N, 1, dim])
   labels = np.tile(np.arange(N, dtype=np.int32)[None, :, None], [batch, 1, K])
-  return base.Episode(norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels,
-                      norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels)
+  return Episode(norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels,
+                 norm(centers + 0.5 * rng.standard_normal([batch, N, K, dim])), labels)
 
 
 def make_run(run_dir, model, steps=2, dim=D, seed=0):
@@ -362,7 +363,7 @@ def test_killed_export_leaves_no_version_and_no_temp_dir(exports, tmp_path, monk
 # -- bad input: UserError, nothing written -------------------------------------------
 def _write_support(path, counts, dim=D):
   rng = np.random.default_rng(5)
-  keys = [embeddings_lib.make_key(c, i) for c, n in zip(CLASS_NAMES, counts) for i in range(n)]
+  keys = [embedding_keys.make_key(c, i) for c, n in zip(CLASS_NAMES, counts) for i in range(n)]
   embeddings_lib.write_split(str(path), keys, rng.standard_normal([len(keys), dim]))
   return str(path)
 
@@ -428,14 +429,15 @@ def _png(array):
 
 @pytest.mark.slow
 def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
-  from leo_suite.pretrain import backbones
-  from leo_suite.pretrain import extract as extract_lib
-  from leo_suite.pretrain import images as images_lib
-  from leo_suite.pretrain import train as train_lib
+  from leo_suite.data import image_views
+  from leo_suite.data import images as images_lib
+  from leo_suite.models import backbones
+  from leo_suite.pretrain import classifier as classifier_lib
+  from leo_suite.pretrain import pretrain_config
   tf.keras.utils.set_random_seed(0)
   backbone = backbones.build_backbone("conv4", 28, 1)
-  config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
-  train_lib.export_backbone(backbone, config, str(tmp_path / "backbone"))
+  config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=1, invert=True)
+  classifier_lib.export_backbone(backbone, config, str(tmp_path / "backbone"))
   dim = int(backbone.output_shape[-1])
   learner, _ = make_run(tmp_path / "run", "r2d2", steps=1, dim=dim)
   rng = np.random.default_rng(8)
@@ -470,7 +472,7 @@ def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
   encoded = [_png(q) for q in queries]
   # In-process: PIL decoding + the extraction feature function + the learner.
   options = images_lib.DecodeOptions(28, 1)
-  features_fn = extract_lib.feature_function(backbone, "center", 28, invert=True)
+  features_fn = image_views.feature_function(backbone, "center", 28, invert=True)
 
   def embed(payloads):
     arrays = np.stack([images_lib.decode_image(p, "q", options) for p in payloads])

@@ -14,10 +14,12 @@ import tensorflow as tf
 from PIL import Image
 
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
+from leo_suite.data import image_sources
+from leo_suite.data import images as images_lib
+from leo_suite.models import backbones
+from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract as extract_lib
-from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import pretrain_config
 from leo_suite.serving import export
 from leo_suite.serving import rest
 from tests import test_serving as serving
@@ -47,11 +49,11 @@ def _test_images(rng):
 def test_image_signature_embeds_exactly_as_extraction(tmp_path, channels):
   tf.keras.utils.set_random_seed(channels)
   backbone = backbones.build_backbone("conv4", 28, channels)
-  config = train_lib.PretrainConfig(backbone="conv4", image_size=28, channels=channels,
-                                    invert=True)
+  config = pretrain_config.PretrainConfig(backbone="conv4", image_size=28, channels=channels,
+                                          invert=True)
   backbone_dir = str(tmp_path / "backbone")
-  train_lib.export_backbone(backbone, config, backbone_dir)
-  model, description = train_lib.load_backbone(backbone_dir)
+  classifier_lib.export_backbone(backbone, config, backbone_dir)
+  model, description = backbones.load_backbone(backbone_dir)
   dim = int(description["feature_dim"])
   serving.make_run(tmp_path / "run", "r2d2", steps=1, dim=dim)
   rng = np.random.default_rng(channels)
@@ -63,7 +65,7 @@ def test_image_signature_embeds_exactly_as_extraction(tmp_path, channels):
   (tmp_path / "tree" / "glyphs").mkdir(parents=True)
   for name, payload in files.items():
     (tmp_path / "tree" / "glyphs" / name).write_bytes(payload)
-  by_class = images_lib.group_by_class(images_lib.scan_directory(str(tmp_path / "tree")))
+  by_class = image_sources.group_by_class(image_sources.scan_directory(str(tmp_path / "tree")))
   extract_lib.extract_embeddings(backbone_dir, by_class, {"test": ["glyphs"]},
                                  str(tmp_path / "emb"), "t", log=lambda _: None)
   extracted = embeddings_lib.load_split(str(tmp_path / "emb" / "t" / "center" /

@@ -50,7 +50,7 @@ from leo_suite import errors
 from leo_suite import report
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
-from leo_suite.models import base
+from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.pretrain import extract
 from leo_suite.serving import export
@@ -120,7 +120,7 @@ def map_fn_step(trainer):
 
   def step(episode, seed):
     def one_task(task):
-      single = base.Episode(*[t[tf.newaxis] for t in task])
+      single = Episode(*[t[tf.newaxis] for t in task])
       loss, grads, _ = learner.loss_and_gradients(single, seed=seed)
       return loss, tuple(grads)
     signature = (tf.TensorSpec([], learner.dtype),
@@ -291,7 +291,7 @@ def memory_probe(model, shots, inner_steps):
     return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
   labels = lambda m: tf.constant(np.tile(np.arange(NUM_WAYS)[:, None], [BATCH, 1, m])
                                  .reshape(BATCH, NUM_WAYS, m).astype(np.int32))
-  episode = base.Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
+  episode = Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
                          tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
 
   @tf.function

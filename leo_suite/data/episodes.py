@@ -10,13 +10,23 @@ sets are fixed, and sharding indices across workers never duplicates a task.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data.embeddings import EmbeddingSplit
-from leo_suite.models.base import Episode
+
+
+class Episode(NamedTuple):
+  """A meta-batch of B few-shot tasks, each N-way K-shot with V queries per class:
+  support_x [B, N, K, D], support_y [B, N, K] (int32 in 0..N-1),
+  query_x [B, N, V, D], query_y [B, N, V]."""
+  support_x: tf.Tensor
+  support_y: tf.Tensor
+  query_x: tf.Tensor
+  query_y: tf.Tensor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 
 DATASET_NAME = "synthetic"
@@ -52,7 +53,7 @@ def generate(dim=640, signal_dim=24, nuisance_dim=16, classes=(64, 16, 20),
           nuisance_scale / np.sqrt(nuisance_dim))
       weak = rng.standard_normal((count, dim)) * (isotropic_scale / np.sqrt(dim))
       rows.append((center + within) @ signal.T + strong @ nuisance.T + weak + offset)
-      keys.extend(embeddings.make_key(class_name, i, prefix="synthetic")
+      keys.extend(embedding_keys.make_key(class_name, i, prefix="synthetic")
                   for i in range(count))
     out[split] = (keys, np.concatenate(rows).astype(np.float32))
   return out

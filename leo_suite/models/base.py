@@ -27,14 +27,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from leo_suite import errors
-
-
-class Episode(NamedTuple):
-  """A meta-batch of few-shot tasks (see module docstring for shapes)."""
-  support_x: tf.Tensor
-  support_y: tf.Tensor
-  query_x: tf.Tensor
-  query_y: tf.Tensor
+from leo_suite.data.episodes import Episode
 
 
 class Readout(NamedTuple):

@@ -58,6 +58,7 @@ import math
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import registry
@@ -246,7 +247,7 @@ class Hallucination(base.Learner):
     support_x, support_y = self.augment(episode.support_x, episode.support_y,
                                         training=training, seed=seed)
     return self.base_learner.meta_loss(
-        base.Episode(support_x, support_y, episode.query_x, episode.query_y),
+        Episode(support_x, support_y, episode.query_x, episode.query_y),
         training=training, seed=seed)
 
 

@@ -62,6 +62,7 @@ from typing import Callable, ClassVar, List, Sequence, Tuple
 import tensorflow as tf
 
 from leo_suite.errors import ConfigError
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 
@@ -301,7 +302,7 @@ class IMAML(heads.HeadLearner):
                        inner_lr=self.config.inner_lr, lam=self.config.lam,
                        variant=self.config.variant)
 
-  def loss_and_gradients(self, episode: base.Episode, *, seed):
+  def loss_and_gradients(self, episode: Episode, *, seed):
     """Query loss at phi* and the implicit meta-gradient (Algorithm 2).
 
     grad_theta = mean_b v_b with (I + H_b/lam) v_b = grad L_Q,b(phi*_b): v_b

@@ -74,6 +74,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 
@@ -303,7 +304,7 @@ class MetaLSTM(heads.HeadLearner):
     del training, seed
     return self.unflatten(self.trajectory(support_x, support_y)[-1])
 
-  def meta_loss(self, episode: base.Episode, *, training, seed):
+  def meta_loss(self, episode: Episode, *, training, seed):
     """meta_lstm: L_query(theta_T); l2l: sum_{t=0..T} L_query(theta_t)."""
     del training, seed
     thetas = self.trajectory(episode.support_x, episode.support_y)

@@ -57,6 +57,7 @@ from typing import ClassVar
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import embedding_maps
 from leo_suite.models import heads
@@ -186,7 +187,7 @@ class RelationNetwork(embedding_maps.EmbeddingLearner):
       x = module(tf.nn.relu(x), first_layer=1)
     return x[..., 0]
 
-  def meta_loss(self, episode: base.Episode, *, training, seed):
+  def meta_loss(self, episode: Episode, *, training, seed):
     """Mean squared error of the relation scores to one-hot (Eq. 2)."""
     seeds = base.SeedStream(seed)
     state = self.adapt(episode.support_x, episode.support_y,

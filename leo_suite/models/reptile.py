@@ -75,6 +75,7 @@ from typing import Callable, ClassVar, List, Sequence
 
 import tensorflow as tf
 
+from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 
@@ -237,7 +238,7 @@ class Reptile(heads.HeadLearner):
                       learning_rate=config.inner_lr, optimizer=config.inner_optimizer,
                       beta1=config.inner_beta1, beta2=config.inner_beta2)
 
-  def loss_and_gradients(self, episode: base.Episode, *, seed):
+  def loss_and_gradients(self, episode: Episode, *, seed):
     """(query loss at W, g = theta - mean_b W_b for the trainer's SGD, metrics)."""
     if self.config.train_on_query:
       train_x = tf.concat([episode.support_x, episode.query_x], axis=2)

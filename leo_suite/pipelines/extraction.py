@@ -4,9 +4,10 @@ the finished shards, or embed one shard, each reported in one line."""
 import os
 
 from leo_suite import errors
-from leo_suite.pretrain import extract
+from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.models import backbones
 from leo_suite.pretrain import extract_shards
-from leo_suite.pretrain import train as train_lib
 
 
 def describe_splits(manifest):
@@ -26,11 +27,11 @@ def merge_expectations(sources, split, file_format, backbone_dir):
   if file_format is not None:
     expected["format"] = file_format
   if backbone_dir:
-    weights = os.path.join(backbone_dir, train_lib.BACKBONE_WEIGHTS)
+    weights = os.path.join(backbone_dir, backbones.BACKBONE_WEIGHTS)
     if not os.path.isfile(weights):
       raise errors.ConfigError(f"{weights}: no such file; pass the backbone/ folder the "
                                "shards used, or no --backbone_dir with --merge")
-    expected["checkpoint_sha256"] = train_lib.file_sha256(weights)
+    expected["checkpoint_sha256"] = fileio.file_sha256(weights)
   return expected
 
 
@@ -38,7 +39,7 @@ def merge(out, name, crop, num_shards, expected, keep_shards):
   """Merges the shards (`num_shards` None: as many as were written) and says so."""
   manifest = extract_shards.merge_shards(out, name, crop, num_shards, expected, keep_shards)
   print(f"merged {manifest['shards']['num_shards']} shards; manifest: "
-        f"{os.path.join(out, name, crop, extract.MANIFEST)} ({describe_splits(manifest)})")
+        f"{os.path.join(out, name, crop, embeddings_lib.MANIFEST)} ({describe_splits(manifest)})")
 
 
 def run_shard(backbone_dir, plan, out, name, num_shards, shard_index, crop, file_format,

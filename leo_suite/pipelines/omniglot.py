@@ -43,11 +43,14 @@ from leo_suite import errors
 from leo_suite import fileio
 from leo_suite import report
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
 from leo_suite.models import registry
+from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import images as images_lib
 from leo_suite.pretrain import omniglot_presets
 from leo_suite.pretrain import pipeline
+from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 from leo_suite.training import compare
 
@@ -67,7 +70,7 @@ RECIPE_OVERRIDES = {"epochs": 30, "augment": "affine"}
 # 53 minutes (runs/omniglot_v6: pretraining 8.5 and distillation 8.2 minutes against
 # Conv-4's 4.3 and 4.3 in runs/omniglot_v5, measured a session earlier on a faster
 # machine; learners 35.8 with a validation sweep beside them).
-RECIPE = train_lib.PretrainConfig(backbone=omniglot_presets.DEFAULT_BACKBONE,
+RECIPE = pretrain_config.PretrainConfig(backbone=omniglot_presets.DEFAULT_BACKBONE,
                                   **RECIPE_OVERRIDES)
 # Table labels; a backbone missing here is labelled by its name.
 BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": "Conv-4 map",
@@ -90,7 +93,7 @@ STAGES = ("pretrain", "distill", "extract", "baselines", "learners")
 @dataclasses.dataclass
 class Options:
   """Everything a pipeline run takes (the command line's flags, same names)."""
-  omniglot_dir: Optional[str] = None   # None: images_lib.default_omniglot_dir()
+  omniglot_dir: Optional[str] = None   # None: class_splits.default_omniglot_dir()
   archives: Sequence[str] = pipeline.OMNIGLOT_SMALL_ARCHIVES
   split: str = "omniglot_small"
   work_dir: str = "runs/omniglot_small"
@@ -136,7 +139,7 @@ def stage_done(stage, timings, ledger_path=None):
 
 def extracted_manifest(data_path, crop, summary):
   """The manifest of embeddings already extracted from this very backbone, else None."""
-  path = os.path.join(data_path, DATASET, crop, extract.MANIFEST)
+  path = os.path.join(data_path, DATASET, crop, embeddings_lib.MANIFEST)
   sha = (summary.get("export") or {}).get("weights_sha256")
   if not sha or not os.path.exists(path):
     return None
@@ -222,12 +225,12 @@ def run(options: Options):
   """Runs the five stages into options.work_dir; the text of results.md."""
   o = options
   started = time.time()
-  omniglot_dir = o.omniglot_dir or images_lib.default_omniglot_dir()
+  omniglot_dir = o.omniglot_dir or class_splits.default_omniglot_dir()
   archives = [os.path.join(omniglot_dir, name) for name in o.archives if name]
   missing = [a for a in archives if not os.path.exists(a)]
   if missing or not archives:
     raise errors.DataError(f"{missing[0] if missing else '--archives'}: Omniglot archive not "
-                           f"found; pass --omniglot_dir or set {images_lib.OMNIGLOT_ENV}, "
+                           f"found; pass --omniglot_dir or set {class_splits.OMNIGLOT_ENV}, "
                            "and --archives")
   work = os.path.abspath(o.work_dir)
   settings = parse_settings(o.settings)
@@ -238,7 +241,7 @@ def run(options: Options):
       timings["_invocation"] = json.load(handle).get("invocations", 0) + 1
 
   # 1. data and pretraining.
-  by_class, split_classes, origin = images_lib.load_labelled_splits(archives, o.split,
+  by_class, split_classes, origin = class_splits.load_labelled_splits(archives, o.split,
                                                                     omniglot_dir)
   print(f"{origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
   config = dataclasses.replace(RECIPE, backbone=o.backbone, epochs=o.epochs,
@@ -369,7 +372,7 @@ def run(options: Options):
            + (f", then {o.distill_generations} born-again generation(s) of the same "
               f"recipe distilled from the previous one (alpha {o.distill_alpha}, "
               f"T {o.distill_temperature})" if o.distill_generations else "") + "; "
-           f"embeddings: {o.crop} crop ({extract.CROP_DESCRIPTIONS[o.crop]})"
+           f"embeddings: {o.crop} crop ({image_views.CROP_DESCRIPTIONS[o.crop]})"
            + (f" (final train loss {history[-1]['loss']:.3f})" if history else "") +
            f"; backbone sha256 {manifest['backbone']['checkpoint_sha256'][:12]}. "
            f"Stage wall times, summed over the {ledger.get('invocations', 1)} invocation(s) "

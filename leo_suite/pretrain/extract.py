@@ -12,27 +12,10 @@ Images are checked by PIL (corrupt files, mode, size: errors name the file)
 and decoded by `images.decode_encoded`, the TensorFlow function exported
 models run on the images they are sent (decode, grey/colour conversion,
 antialiased Lanczos-3 resize; see `images.decode_image`), then scaled to
-[0, 1] and inverted as in pretraining (`train.preprocess`).
+[0, 1] and inverted as in pretraining (`image_views.preprocess`).
 
-Crops:
-  center     the whole image resized to image_size x image_size (the single
-             central view, as during pretraining);
-  multiview  the image resized to round(image_size * 8 / 7) (28 -> 32,
-             84 -> 96); the four corner crops and the central crop of
-             image_size, each also flipped left-right: 10 views whose
-             features are averaged (LEO's "multiview", as its appendix
-             describes it);
-  warps      the center view and 15 fixed Koch affine warps of it (the
-             pretraining augmentation, `train.affine_transforms`, drawn once
-             from WARP_SEED: every image gets the same 15), features
-             averaged. For characters, where flips change the class. Chosen
-             on the Omniglot meta-val alphabets (README, Omniglot-small;
-             cosine NCM, 5w1s / 5w5s / 20w1s, 1,000 fixed episodes): center
-             96.91 / 98.92 / 89.78; random per-image warps averaged over 4,
-             8 and 16 views 97.21 / 98.95 / 90.29, 97.31 / 98.98 / 90.68,
-             97.37 / 99.00 / 90.84; these 16 fixed views 97.44 / 99.02 / 91.08.
-             The warps do not depend on the other images of a batch (only
-             float rounding does: about 1e-7 for batches of 1-2 images).
+Crops (center, multiview, warps) and the views they average are
+`leo_suite.data.image_views`'s.
 
 Every split file is written atomically (temporary file + rename) and read back
 with `load_split` before the manifest (`manifest.json`, written last) records
@@ -44,33 +27,23 @@ import json
 import os
 import re
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
-from leo_suite.pretrain import backbones
-from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
-from leo_suite.training import evaluation
+from leo_suite.data import image_sources
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
+from leo_suite.models import backbones
+from leo_suite.models import image_embedder
+from leo_suite.pretrain import class_splits
 
-CROPS = ("center", "multiview", "warps")
-WARP_VIEWS = 16          # the center view + 15 warps
-WARP_SEED = (2015, 7)    # Koch et al. 2015; any fixed seed: every image gets the same warps
-WARP_MAX_SHIFT = 2.0     # pixels at 28 x 28, as in pretraining
 FORMATS = ("pkl", "npz")
-MANIFEST = "manifest.json"
-CROP_DESCRIPTIONS = {
-    "center": "whole image resized to image_size (one central view)",
-    "multiview": "resized to round(image_size*8/7); 4 corner + center crops of "
-                 "image_size and their left-right flips (10 views), features averaged",
-    "warps": f"whole image resized to image_size, plus {WARP_VIEWS - 1} fixed Koch affine "
-             f"warps of it (seed {list(WARP_SEED)}, max shift {WARP_MAX_SHIFT:g} px), "
-             f"{WARP_VIEWS} views, features averaged",
-}
 
 
 def class_tokens(class_names: Sequence[str], reserved: Sequence[str] = ()) -> Dict[str, str]:
@@ -85,110 +58,6 @@ def class_tokens(class_names: Sequence[str], reserved: Sequence[str] = ()) -> Di
     used.add(token)
     tokens[name] = token
   return tokens
-
-
-def multiview_size(image_size: int) -> int:
-  return int(round(image_size * 8 / 7))
-
-
-def load_size(crop: str, image_size: int) -> int:
-  """The size images are decoded to before `make_views`."""
-  return multiview_size(image_size) if crop == "multiview" else image_size
-
-
-def warp_views(x):
-  """[B, S, S, C] -> [B * WARP_VIEWS, S, S, C]: x, then the fixed warps of x."""
-  batch = tf.shape(x)[0]
-  transforms = train_lib.affine_transforms(WARP_VIEWS - 1, tf.constant(WARP_SEED, tf.int32),
-                                           x.shape[1], WARP_MAX_SHIFT)
-  views = [x] + [train_lib.warp(x, tf.tile(transforms[v:v + 1], [batch, 1]))
-                 for v in range(WARP_VIEWS - 1)]
-  return tf.reshape(tf.stack(views, axis=1), [-1, *x.shape[1:]])
-
-
-def make_views(x, crop: str, image_size: int):
-  """[B, S', S', C] -> [B * views, S, S, C] (views of an image contiguous)."""
-  if crop == "center":
-    return x
-  if crop == "warps":
-    return warp_views(x)
-  big = x.shape[1]
-  margin = big - image_size
-  offsets = [(0, 0), (0, margin), (margin, 0), (margin, margin),
-             (margin // 2, margin // 2)]
-  views = [x[:, dy:dy + image_size, dx:dx + image_size, :] for dy, dx in offsets]
-  views += [tf.reverse(v, axis=[2]) for v in views]
-  stacked = tf.stack(views, axis=1)                             # [B, 10, S, S, C]
-  return tf.reshape(stacked, [-1, image_size, image_size, x.shape[-1]])
-
-
-def num_views(crop: str) -> int:
-  return {"center": 1, "multiview": 10, "warps": WARP_VIEWS}[crop]
-
-
-def embed(model, batch_uint8, crop: str, image_size: int, invert: bool):
-  """uint8 images [B, S', S', C] -> float32 features [B, D] (views averaged).
-
-  Exported models with a bundled backbone call it too (crop "center").
-  """
-  x = train_lib.preprocess(batch_uint8, invert)
-  flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
-  return tf.reduce_mean(tf.reshape(flat, [-1, num_views(crop), flat.shape[-1]]), axis=1)
-
-
-def feature_function(model, crop: str, image_size: int, invert: bool):
-  """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]."""
-  return tf.function(lambda batch: embed(model, batch, crop, image_size, invert),
-                     reduce_retracing=True)
-
-
-def _image_dataset(records, options: images_lib.DecodeOptions, decoder, batch_size,
-                   failures: list):
-  """Batches of (record index, uint8 image); a DataError ends it into `failures`.
-
-  (tf.data would otherwise wrap the error into an opaque InvalidArgumentError.)
-  """
-  size, channels = options.image_size, options.channels
-
-  def generate():
-    try:
-      for index, array in decoder.iterate(records):
-        yield index, array
-    except errors.DataError as exc:
-      failures.append(exc)
-  return (tf.data.Dataset.from_generator(
-      generate, output_signature=(
-          tf.TensorSpec([], tf.int64),
-          tf.TensorSpec([size, size, channels], tf.uint8)))
-          .batch(batch_size).prefetch(2))
-
-
-def extract_split(features_fn, records: List[images_lib.ImageRecord],
-                  options: images_lib.DecodeOptions, batch_size: int,
-                  label: str, log: Callable[[str], None] = print,
-                  log_every_s: float = 5.0, empty_dim: Optional[int] = None):
-  """Features [n_kept, D] float32, kept record indices, skipped (origin, reason).
-
-  No decodable image is an error, unless `empty_dim` is given (a shard may
-  hold no image, or only bad ones, of a split): then [0, empty_dim] features.
-  """
-  decoder = images_lib.Decoder(options)
-  kept, chunks = [], []
-  progress = evaluation.Progress(label, len(records), unit="images", interval_s=log_every_s,
-                                 log=log)
-  failures = []
-  for indices, batch in _image_dataset(records, options, decoder, batch_size, failures):
-    chunks.append(features_fn(batch).numpy())
-    kept.append(indices.numpy())
-    progress.update(int(indices.shape[0]))
-  if failures:
-    raise failures[0]
-  if not chunks and empty_dim is not None:
-    return np.zeros([0, empty_dim], np.float32), np.zeros([0], np.int64), decoder.skipped
-  if not chunks:
-    raise errors.DataError(f"{label}: none of the {len(records)} images could be decoded")
-  return (np.concatenate(chunks).astype(np.float32), np.concatenate(kept),
-          decoder.skipped)
 
 
 def _extension(file_name):
@@ -206,7 +75,7 @@ def check_output_names(fmt: str, dataset_name: str):
 
 
 def backbone_entry(backbone_dir: str, description: dict) -> dict:
-  """The manifest's "backbone" record of a `train.load_backbone` description."""
+  """The manifest's "backbone" record of a `backbones.load_backbone` description."""
   return {"dir": os.path.abspath(backbone_dir), "name": description["backbone"],
           "checkpoint_sha256": description["weights_sha256"],
           "image_size": int(description["image_size"]),
@@ -218,15 +87,15 @@ def manifest_header(dataset_name: str, crop: str, fmt: str, backbone: dict,
   """A manifest without its splits (`backbone`: a `backbone_entry`)."""
   return {
       "dataset_name": dataset_name, "crop": crop,
-      "crop_description": CROP_DESCRIPTIONS[crop], "format": fmt,
+      "crop_description": image_views.CROP_DESCRIPTIONS[crop], "format": fmt,
       "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "backbone": backbone, "sources": list(sources), "split_origin": split_origin,
       "class_names": class_names, "splits": {},
   }
 
 
-def split_records(by_class: Dict[str, List[images_lib.ImageRecord]],
-                  classes: Sequence[str]) -> List[images_lib.ImageRecord]:
+def split_records(by_class: Dict[str, List[image_sources.ImageRecord]],
+                  classes: Sequence[str]) -> List[image_sources.ImageRecord]:
   """A split's records in extraction order: class by class, each in file order."""
   return [r for c in classes for r in by_class[c]]
 
@@ -239,7 +108,7 @@ def split_keys(split: str, classes: Sequence[str], tokens: Dict[str, str],
   for record in kept_records:
     token = tokens[record.class_name]
     counters[token] = counters.get(token, 0) + 1
-    keys.append(embeddings_lib.make_key(token, counters[token], prefix=split,
+    keys.append(embedding_keys.make_key(token, counters[token], prefix=split,
                                         ext=_extension(record.file_name)))
   empty = [c for c in classes if tokens[c] not in counters]
   if empty:
@@ -270,14 +139,14 @@ def write_split_file(target_dir: str, split: str, fmt: str, keys: Sequence[str],
   write_verified(path, keys, feats, num_classes)
   log(f"wrote {path}: {feats.shape[0]} images, {num_classes} classes, D={feats.shape[1]}")
   return {
-      "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+      "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
       "num_images": int(feats.shape[0]), "num_classes": num_classes,
       "embedding_dim": int(feats.shape[1]), "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
       "skipped": [{"image": o, "reason": r} for o, r in skipped],
   }
 
 
-def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.ImageRecord]],
+def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources.ImageRecord]],
                        split_classes: Dict[str, List[str]], out_dir: str,
                        dataset_name: str, crop: str = "center", fmt: str = "pkl",
                        batch_size: int = 256, skip_bad: bool = False,
@@ -285,17 +154,19 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.Im
                        sources: Sequence[str] = (), split_origin: str = "",
                        log: Callable[[str], None] = print) -> dict:
   """Extracts every split; returns the manifest (also written beside the files)."""
-  if crop not in CROPS:
-    raise errors.ConfigError(f"--crop={crop!r}: use one of {list(CROPS)}")
+  if crop not in image_views.CROPS:
+    raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
   check_output_names(fmt, dataset_name)
   if batch_size < 1:
     raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
-  images_lib.check_nonempty(split_classes, by_class, split_origin or "splits")
-  model, description = train_lib.load_backbone(backbone_dir)
+  class_splits.check_nonempty(split_classes, by_class, split_origin or "splits")
+  model, description = backbones.load_backbone(backbone_dir)
   image_size = int(description["image_size"])
-  options = images_lib.DecodeOptions(load_size(crop, image_size), int(description["channels"]),
-                                     expected_size, tuple(allowed_modes), skip_bad)
-  features_fn = feature_function(model, crop, image_size, bool(description["invert"]))
+  options = images_lib.DecodeOptions(image_views.load_size(crop, image_size),
+                                     int(description["channels"]), expected_size,
+                                     tuple(allowed_modes), skip_bad)
+  features_fn = image_views.feature_function(model, crop, image_size,
+                                             bool(description["invert"]))
   check_split_names(split_classes)
   all_classes = [c for split in split_classes for c in split_classes[split]]
   tokens = class_tokens(all_classes)
@@ -306,15 +177,15 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[images_lib.Im
   for split, classes in split_classes.items():
     records = split_records(by_class, classes)
     t0 = time.time()
-    feats, kept, skipped = extract_split(features_fn, records, options, batch_size,
-                                         f"{dataset_name}/{crop}/{split}", log)
+    feats, kept, skipped = image_embedder.extract_split(
+        features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
     elapsed = time.time() - t0
     for origin, reason in skipped:
       log(f"skipped {origin}: {reason}")
     keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
     manifest["splits"][split] = write_split_file(target_dir, split, fmt, keys, len(classes),
                                                  feats, skipped, elapsed, log)
-  fileio.atomic_write_text(os.path.join(target_dir, MANIFEST),
+  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
                            json.dumps(manifest, indent=2, sort_keys=True))
   return manifest
 
@@ -338,10 +209,10 @@ def benchmark_extraction(backbone: str = "conv4", image_size: int = 28, channels
   """
   tf.keras.utils.set_random_seed(seed)
   model = backbones.build_backbone(backbone, image_size, channels)
-  size = load_size(crop, image_size)
+  size = image_views.load_size(crop, image_size)
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, [num_images, size, size, channels], np.uint8)
-  features_fn = feature_function(model, crop, image_size, invert=False)
+  features_fn = image_views.feature_function(model, crop, image_size, invert=False)
   dataset = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
   features_fn(tf.constant(images[:batch_size]))  # trace + warm up
   start, cpu_start = time.time(), time.process_time()

@@ -4,16 +4,14 @@
 `extract_all`: every image under the source is embedded, classes come from
 folders where there are folders (an image in no class folder is
 `unlabelled`), and each key keeps the image's path relative to the source
-root (`embeddings.make_path_key`, decoded by `embeddings.key_file_path`):
+root (`embedding_keys.make_path_key`, decoded by `embedding_keys.key_file_path`):
 
     <out>/<dataset_name>/<crop>/all_embeddings.{pkl,npz}
     <out>/<dataset_name>/<crop>/manifest.json   (written last: backbone, class
                                                 names, files {path: row})
 
-`ImageEmbedder` is the one way images become embeddings outside the split
-extraction: the backbone of a pretraining run, `images.decode_encoded` and
-`extract.embed` through `extract.extract_split`, exactly as extraction runs
-them. Support and query sets (`leo_suite.serving.sets`) use it too.
+Images are embedded by `leo_suite.models.image_embedder.ImageEmbedder`, exactly
+as split extraction does.
 """
 
 import json
@@ -27,56 +25,19 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_sources
+from leo_suite.data import images as images_lib
+from leo_suite.models import image_embedder
 from leo_suite.pretrain import extract
-from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
 
 ALL = "all"   # the file stem: <out>/<dataset>/<crop>/all_embeddings.<fmt>
 KEY_FORMAT = ("path-<class>-<class>_<relative path, encoded by "
-              "leo_suite.data.embeddings.encode_path; decode a key with key_file_path>")
+              "leo_suite.data.embedding_keys.encode_path; decode a key with key_file_path>")
 
 
-class ImageEmbedder:
-  """A pretrained backbone embedding `ImageRecord`s as extraction does."""
-
-  def __init__(self, backbone_dir: str, crop: str = "center", batch_size: int = 64,
-               skip_bad: bool = False, expected_size=None,
-               allowed_modes=images_lib.DEFAULT_MODES, log: Callable[[str], None] = None):
-    if crop not in extract.CROPS:
-      raise errors.ConfigError(f"--crop={crop!r}: use one of {list(extract.CROPS)}")
-    if batch_size < 1:
-      raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
-    self.backbone_dir, self.crop, self.batch_size = backbone_dir, crop, batch_size
-    self.model, self.description = train_lib.load_backbone(backbone_dir)
-    size = int(self.description["image_size"])
-    self.options = images_lib.DecodeOptions(
-        extract.load_size(crop, size),
-        int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad)
-    self.features_fn = extract.feature_function(self.model, crop, size,
-                                                bool(self.description["invert"]))
-    self.log = log or (lambda _: None)
-
-  @property
-  def feature_dim(self) -> int:
-    return int(self.description["feature_dim"])
-
-  def embed_records(self, records: Sequence[images_lib.ImageRecord], label: str,
-                    allow_empty: bool = False):
-    """(features [n_kept, D] float32, kept record indices, skipped (origin, reason)).
-
-    No decodable record raises, unless `allow_empty` (then [0, D] features).
-    """
-    return extract.extract_split(self.features_fn, list(records), self.options,
-                                 self.batch_size, label, self.log,
-                                 empty_dim=self.feature_dim if allow_empty else None)
-
-  def __call__(self, records: Sequence[images_lib.ImageRecord], label: str) -> np.ndarray:
-    """Features [n, D] of every record (a bad image raises, naming its file)."""
-    return self.embed_records(records, label)[0]
-
-
-def relative_path(record: images_lib.ImageRecord) -> str:
+def relative_path(record: image_sources.ImageRecord) -> str:
   """The image's path under its source root ('class/folders/file.png')."""
   return posixpath.join(record.class_name, record.file_name)
 
@@ -90,14 +51,14 @@ def scan_all(sources: Sequence[str], tfds_data_dir=None, tfds_download=False):
     raise errors.ConfigError(
         f"--source={csv_sources[0]}: a miniImageNet CSV root defines its own split; "
         "pass --split=csv, or give the image folder itself as --source")
-  return images_lib.merge_records([
-      images_lib.scan_source(s, tfds_data_dir, tfds_download, unlabelled=True)
+  return image_sources.merge_records([
+      image_sources.scan_source(s, tfds_data_dir, tfds_download, unlabelled=True)
       for s in sources])
 
 
 def check_all_target(target_dir: str):
   """Refuses a folder that holds a train/val/test extraction (before any work)."""
-  manifest_path = os.path.join(target_dir, extract.MANIFEST)
+  manifest_path = os.path.join(target_dir, embeddings_lib.MANIFEST)
   previous = _read_json(manifest_path)
   if previous is not None and set(previous.get("splits", {})) - {ALL}:
     raise errors.UserError(
@@ -105,15 +66,15 @@ def check_all_target(target_dir: str):
         "--dataset_name or --out for this whole-source extraction")
 
 
-def all_tokens(records: Sequence[images_lib.ImageRecord]) -> dict:
-  """{class name: key token} over every record ('' -> embeddings.UNLABELLED)."""
+def all_tokens(records: Sequence[image_sources.ImageRecord]) -> dict:
+  """{class name: key token} over every record ('' -> embedding_keys.UNLABELLED)."""
   classes = sorted({r.class_name for r in records} - {""})
-  tokens = extract.class_tokens(classes, reserved=(embeddings_lib.UNLABELLED,))
-  tokens[""] = embeddings_lib.UNLABELLED
+  tokens = extract.class_tokens(classes, reserved=(embedding_keys.UNLABELLED,))
+  tokens[""] = embedding_keys.UNLABELLED
   return tokens
 
 
-def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_dir: str,
+def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out_dir: str,
                 dataset_name: str, crop: str = "center", fmt: str = "pkl",
                 batch_size: int = 256, skip_bad: bool = False, expected_size=None,
                 allowed_modes=images_lib.DEFAULT_MODES, sources: Sequence[str] = (),
@@ -122,8 +83,8 @@ def extract_all(backbone_dir: str, records: List[images_lib.ImageRecord], out_di
   extract.check_output_names(fmt, dataset_name)
   target_dir = os.path.join(out_dir, dataset_name, crop)
   check_all_target(target_dir)
-  embedder = ImageEmbedder(backbone_dir, crop, batch_size, skip_bad, expected_size,
-                           allowed_modes, log)
+  embedder = image_embedder.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
+                                          expected_size, allowed_modes, log)
   started = time.time()
   feats, kept, skipped = embedder.embed_records(records, f"{dataset_name}/{crop}/{ALL}")
   elapsed = time.time() - started
@@ -144,7 +105,7 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
   `kept_records` (each with .class_name and .file_name) are the rows of `feats`.
   """
   files = [relative_path(r) for r in kept_records]
-  keys = [embeddings_lib.make_path_key(tokens[r.class_name], f)
+  keys = [embedding_keys.make_path_key(tokens[r.class_name], f)
           for r, f in zip(kept_records, files)]
   path = os.path.join(target_dir, f"{ALL}_embeddings.{manifest['format']}")
   used = sorted({r.class_name for r in kept_records})
@@ -155,14 +116,14 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
       "key_format": KEY_FORMAT,
       "class_names": {tokens[c]: c for c in used},   # "" = in no class folder
       "splits": {ALL: {
-          "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+          "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
           **counts,
           "embedding_dim": int(feats.shape[1]),
           "images_per_s": feats.shape[0] / max(elapsed, 1e-9),
           "skipped": [{"image": o, "reason": r} for o, r in skipped]}},
       "files": {f: row for row, f in enumerate(files)},
   })
-  fileio.atomic_write_text(os.path.join(target_dir, extract.MANIFEST),
+  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
                            json.dumps(manifest, indent=2, sort_keys=True))
   log(f"wrote {path}: {describe_counts(counts)}, D={feats.shape[1]}")
   return manifest

@@ -44,10 +44,13 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_sources
+from leo_suite.data import images as images_lib
+from leo_suite.models import image_embedder
+from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
-from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
 
 SHARDS_DIR = "shards"
 SPLIT_MODE, ALL_MODE = "splits", "all"
@@ -83,7 +86,7 @@ def check_flags(num_shards: int, shard_index: Optional[int], merge: bool):
 class Plan:
   """What a whole extraction embeds: {split: records in extraction order}."""
   mode: str
-  records: Dict[str, List[images_lib.ImageRecord]]
+  records: Dict[str, List[image_sources.ImageRecord]]
   classes: Dict[str, List[str]]     # split -> class names (SPLIT_MODE); {} in ALL_MODE
   tokens: Dict[str, str]            # class name -> key token
   sources: List[str]
@@ -93,7 +96,7 @@ class Plan:
 def plan_splits(by_class, split_classes: Dict[str, List[str]], sources: Sequence[str],
                 split_origin: str) -> Plan:
   """The plan of `extract.extract_embeddings` with the same arguments."""
-  images_lib.check_nonempty(split_classes, by_class, split_origin or "splits")
+  class_splits.check_nonempty(split_classes, by_class, split_origin or "splits")
   extract.check_split_names(split_classes)
   all_classes = [c for split in split_classes for c in split_classes[split]]
   return Plan(SPLIT_MODE, {s: extract.split_records(by_class, c) for s, c in split_classes.items()},
@@ -101,7 +104,7 @@ def plan_splits(by_class, split_classes: Dict[str, List[str]], sources: Sequence
               list(sources), split_origin)
 
 
-def plan_all(records: List[images_lib.ImageRecord], sources: Sequence[str]) -> Plan:
+def plan_all(records: List[image_sources.ImageRecord], sources: Sequence[str]) -> Plan:
   """The plan of `extract_files.extract_all` with the same arguments."""
   return Plan(ALL_MODE, {extract_files.ALL: list(records)}, {},
               extract_files.all_tokens(records), list(sources))
@@ -145,13 +148,13 @@ def extract_shard(backbone_dir: str, plan: Plan, out_dir: str, dataset_name: str
   extract.check_output_names(fmt, dataset_name)
   if plan.mode == ALL_MODE:
     extract_files.check_all_target(os.path.join(out_dir, dataset_name, crop))
-  embedder = extract_files.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
-                                         expected_size, allowed_modes, log)
+  embedder = image_embedder.ImageEmbedder(backbone_dir, crop, batch_size, skip_bad,
+                                          expected_size, allowed_modes, log)
   settings = _settings(plan, embedder.description["weights_sha256"], dataset_name, crop, fmt,
                        num_shards, batch_size, skip_bad, expected_size, allowed_modes)
   name = shard_name(shard_index, num_shards)
   folder = os.path.join(shards_dir(out_dir, dataset_name, crop), name)
-  manifest_path = os.path.join(folder, extract.MANIFEST)
+  manifest_path = os.path.join(folder, embeddings_lib.MANIFEST)
   try:
     previous = _read_manifest(folder, name)
     if previous is not None and previous.get("settings") == settings:
@@ -181,7 +184,7 @@ def extract_shard(backbone_dir: str, plan: Plan, out_dir: str, dataset_name: str
              files=np.asarray([mine[k].file_name for k in kept], np.str_))
     fileio.atomic_write_bytes(path, buffer.getvalue())
     entries[split] = {
-        "file": os.path.basename(path), "sha256": train_lib.file_sha256(path),
+        "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
         "num_records": len(mine), "num_images": int(feats.shape[0]), "elapsed_s": elapsed,
         "skipped": [{"index": i, "image": o, "reason": r}
                     for i, (o, r) in zip(skipped_rows, skipped)]}
@@ -201,7 +204,7 @@ def _rerun(name: str) -> str:
 
 def _read_manifest(folder: str, name: str) -> Optional[dict]:
   """A shard's manifest, None if it has none; a malformed one is a DataError."""
-  path = os.path.join(folder, extract.MANIFEST)
+  path = os.path.join(folder, embeddings_lib.MANIFEST)
   if not os.path.exists(path):
     return None
   try:
@@ -222,7 +225,7 @@ def _check_files(folder: str, name: str, manifest: dict):
     path = os.path.join(folder, os.path.basename(str(entry.get("file", ""))))
     if not os.path.isfile(path):
       raise errors.DataError(f"{name}: {path} is missing ({split}); {_rerun(name)}")
-    if train_lib.file_sha256(path) != entry.get("sha256"):
+    if fileio.file_sha256(path) != entry.get("sha256"):
       raise errors.DataError(
           f"{name}: {path} does not match the sha256 in its manifest (changed or "
           f"truncated); {_rerun(name)}")
@@ -303,8 +306,8 @@ def _checked_shards(root: str, num_shards: Optional[int], expected: Optional[dic
     folder = os.path.join(root, name)
     manifest = _read_manifest(folder, name)
     if manifest is None:
-      raise errors.DataError(f"{name} is unfinished (no {extract.MANIFEST} in {folder}: killed "
-                             f"or still running); {_rerun(name)}")
+      raise errors.DataError(f"{name} is unfinished (no {embeddings_lib.MANIFEST} in {folder}: "
+                             f"killed or still running); {_rerun(name)}")
     _check_files(folder, name, manifest)
     shards.append((name, folder, manifest))
   first_name, _, first = shards[0]
@@ -356,7 +359,7 @@ def merge_shards(out_dir: str, dataset_name: str, crop: str,
                            f"{exc}); rerun the shards") from None
   header["shards"] = {"num_shards": len(shards), "folder": os.path.abspath(root),
                       "kept": bool(keep_shards)}
-  manifest_path = os.path.join(target_dir, extract.MANIFEST)
+  manifest_path = os.path.join(target_dir, embeddings_lib.MANIFEST)
   if os.path.exists(manifest_path):   # no manifest may describe files being replaced
     os.remove(manifest_path)
   if settings["mode"] == ALL_MODE:

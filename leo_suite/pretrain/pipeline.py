@@ -15,9 +15,10 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
 from leo_suite.pretrain import baselines
-from leo_suite.pretrain import images as images_lib
-from leo_suite.pretrain import train as train_lib
+from leo_suite.pretrain import class_splits
 from leo_suite.training import compare
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,9 +45,9 @@ OMNIGLOT_SMALL_ARCHIVES = ("images_background_small1.zip", "images_background_sm
 def omniglot_small(omniglot_dir: Optional[str] = None):
   """(archive paths, records by class, {split: classes}, split origin) of the
   two Omniglot background-small archives under the `omniglot_small` split."""
-  omniglot_dir = omniglot_dir or images_lib.default_omniglot_dir()
+  omniglot_dir = omniglot_dir or class_splits.default_omniglot_dir()
   archives = [os.path.join(omniglot_dir, name) for name in OMNIGLOT_SMALL_ARCHIVES]
-  by_class, split_classes, origin = images_lib.load_labelled_splits(
+  by_class, split_classes, origin = class_splits.load_labelled_splits(
       archives, "omniglot_small", omniglot_dir)
   return archives, by_class, split_classes, origin
 
@@ -71,7 +72,7 @@ def ncm_scores(backbone, x, labels: np.ndarray, num_episodes: int, seed: int = 0
 def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
                      num_episodes: int = 200, seed: int = 0):
   """Epoch hook: nearest-class-mean 5-way 1-shot accuracy on meta-val images."""
-  x = train_lib.preprocess(images, invert)
+  x = image_views.preprocess(images, invert)
 
   def callback(epoch, backbone):
     del epoch
@@ -125,5 +126,5 @@ def pixel_split(by_class, classes, image_size, invert) -> embeddings_lib.Embeddi
   """Raw pixels (flattened, preprocessed) as an EmbeddingSplit, for reference rows."""
   images, labels, _ = decode_classes(by_class, classes,
                                      images_lib.DecodeOptions(image_size, 1))
-  features = tf.reshape(train_lib.preprocess(images, invert), [len(labels), -1]).numpy()
+  features = tf.reshape(image_views.preprocess(images, invert), [len(labels), -1]).numpy()
   return embeddings_lib.split_from_labels(features, labels, list(classes), {"pixels": ""})

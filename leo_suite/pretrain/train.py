@@ -47,11 +47,9 @@ under another one.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -63,225 +61,9 @@ from tensorflow.core.framework import summary_pb2
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
-from leo_suite.pretrain import backbones
-
-BACKBONE_WEIGHTS = "backbone.weights.h5"
-BACKBONE_CONFIG = "backbone.json"
-AUGMENTS = ("none", "shift", "shift_flip", "affine")
-HEADS = ("linear", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-  """Everything that defines a pretraining run (saved beside its checkpoints)."""
-  backbone: str = "conv4"
-  image_size: int = 28
-  channels: int = 1
-  invert: bool = True          # Omniglot: black strokes on white -> 1 - x
-  rotations: bool = True       # 90/180/270-degree copies as new classes
-  epochs: int = 12
-  batch_size: int = 64
-  learning_rate: float = 0.05
-  schedule: str = "cosine"     # "cosine" or "step" (x0.1 at 60% and 80%)
-  warmup_steps: int = 0
-  momentum: float = 0.9
-  weight_decay: float = 5e-4   # L2 on conv/dense kernels
-  augment: str = "shift"       # "none", "shift" (random translation), "shift_flip",
-                               # "affine" (Koch et al. 2015 affine warp + translation)
-  max_shift: int = 2
-  head: str = "linear"         # "linear" or "cosine" (scale * cos, learnable scale)
-  dropout: float = 0.0
-  seed: int = 0
-  mixed_precision: str = "auto"  # "auto" (on a GPU only), "off", "on" (needs a GPU)
-  checkpoint_every: int = 0    # steps between checkpoints (0: once per epoch)
-  log_every: int = 20
-  # Born-again distillation (Furlanello et al. 2018; Tian et al. 2020, RFS):
-  # the pretraining run directory of a finished teacher ("" = none); the loss
-  # becomes (1 - alpha) * CE + alpha * T^2 * KL(p_teacher^T || p_student^T).
-  teacher: str = ""
-  distill_alpha: float = 0.5
-  distill_temperature: float = 4.0
-
-
-def validate_config(config: PretrainConfig):
-  if config.backbone not in backbones.BACKBONES:
-    raise errors.ConfigError(
-        f"--backbone={config.backbone!r} is unknown; choose one of {list(backbones.BACKBONES)}")
-  checks = [
-      (config.image_size >= 16, f"--image_size={config.image_size} must be >= 16"),
-      (config.channels in (1, 3), f"--channels={config.channels} must be 1 or 3"),
-      (config.epochs >= 1, f"--epochs={config.epochs} must be >= 1"),
-      (config.batch_size >= 1, f"--batch_size={config.batch_size} must be >= 1"),
-      (config.learning_rate > 0, f"--learning_rate={config.learning_rate} must be > 0"),
-      (config.schedule in ("cosine", "step"), f"--schedule={config.schedule!r}: use cosine or step"),
-      (config.augment in AUGMENTS,
-       f"--augment={config.augment!r}: use one of {list(AUGMENTS)}"),
-      (config.head in HEADS, f"--head={config.head!r}: use one of {list(HEADS)}"),
-      (config.mixed_precision in ("auto", "on", "off"),
-       f"--mixed_precision={config.mixed_precision!r}: use auto, on or off"),
-      (0.0 <= config.dropout < 1.0, f"--dropout={config.dropout} must be in [0, 1)"),
-      (0.0 <= config.distill_alpha <= 1.0,
-       f"--distill_alpha={config.distill_alpha} must be in [0, 1]"),
-      (config.distill_temperature > 0,
-       f"--distill_temperature={config.distill_temperature} must be > 0"),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise errors.ConfigError(message)
-
-
-def preprocess(images_uint8, invert: bool):
-  """uint8 [..., S, S, C] -> float32 in [0, 1]; Omniglot strokes inverted (1 - x)."""
-  x = tf.cast(images_uint8, tf.float32) / 255.0
-  return 1.0 - x if invert else x
-
-
-def rotated_copies(images: np.ndarray, labels: np.ndarray):
-  """Rotations by k*90 degrees as new classes: label 4 * y + k (k = 0..3)."""
-  xs = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
-  ys = [4 * labels + k for k in range(4)]
-  return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys).astype(np.int32)
-
-
-def _rows(draw, batch, rows):
-  """`draw(n)` (n leading rows) for a batch: rows offset .. offset + batch - 1 of
-  the draw for the whole batch of `total` when `rows` = (offset, total)."""
-  if rows is None:
-    return draw(batch)
-  offset, total = rows
-  offset = tf.cast(offset, tf.int32)
-  return draw(total)[offset:offset + tf.cast(batch, tf.int32)]
-
-
-def augment_batch(x, seed, augment: str, max_shift: int, rows=None):
-  """Random translation by up to `max_shift` pixels (zero padding), optional flips.
-
-  Stateless: the same (batch, seed) always gives the same result. `rows` =
-  (offset, total): `x` is rows offset.. of a batch of `total` images, and each
-  image gets the draw it gets in that batch (a replica's share of a step).
-  """
-  if augment == "none" or (augment == "shift" and max_shift <= 0):
-    return x
-  if augment == "affine":
-    return affine_batch(x, seed, max_shift, rows)
-  batch = tf.shape(x)[0]
-  size = x.shape[1]
-  if max_shift > 0:
-    padded = tf.pad(x, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
-    span = size + 2 * max_shift - 1
-    offsets = _rows(lambda n: tf.random.stateless_uniform(
-        [n, 2], seed, 0, 2 * max_shift + 1, tf.int32), batch, rows)
-    offsets = tf.cast(offsets, tf.float32)
-    boxes = tf.concat([offsets, offsets + (size - 1)], axis=1) / span
-    boxes = tf.gather(boxes, [0, 1, 2, 3], axis=1)  # (y1, x1, y2, x2)
-    x = tf.image.crop_and_resize(padded, boxes, tf.range(batch), [size, size])
-  if augment == "shift_flip":
-    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    flip = _rows(lambda n: tf.random.stateless_uniform([n, 1, 1, 1], flip_seed),
-                 batch, rows) < 0.5
-    x = tf.where(flip, tf.reverse(x, axis=[2]), x)
-  return x
-
-
-def affine_transforms(count, seed, size: int, max_shift: float, rotation_deg: float = 10.0,
-                      shear: float = 0.3, scale: tuple = (0.8, 1.2)):
-  """[count, 8] projective transforms of Koch et al.'s (2015) affine warp (stateless).
-
-  Rotation +-10 degrees, shears rho_x, rho_y in [-0.3, 0.3], scales s_x, s_y in
-  [0.8, 1.2] and a translation of up to `max_shift` pixels; each component is
-  applied with probability 0.5. Each row maps output to input coordinates
-  around the centre of a `size` x `size` image (the distribution of each
-  component is symmetric).
-  """
-  u = tf.random.stateless_uniform([count, 7], seed, -1.0, 1.0)
-  on = tf.cast(tf.random.stateless_uniform(
-      [count, 4], tf.random.experimental.stateless_fold_in(seed, 2)) < 0.5, tf.float32)
-  theta = on[:, 0] * u[:, 0] * rotation_deg * np.pi / 180.0
-  rho_x, rho_y = on[:, 1] * u[:, 1] * shear, on[:, 1] * u[:, 2] * shear
-  mid, half = (scale[0] + scale[1]) / 2, (scale[1] - scale[0]) / 2
-  s_x = 1.0 + on[:, 2] * (mid + half * u[:, 3] - 1.0)
-  s_y = 1.0 + on[:, 2] * (mid + half * u[:, 4] - 1.0)
-  t_x, t_y = on[:, 3] * u[:, 5] * max_shift, on[:, 3] * u[:, 6] * max_shift
-  cos, sin = tf.cos(theta), tf.sin(theta)
-  # M = R(theta) @ [[1, rho_x], [rho_y, 1]] @ diag(s_x, s_y)
-  m00 = (cos - sin * rho_y) * s_x
-  m01 = (cos * rho_x - sin) * s_y
-  m10 = (sin + cos * rho_y) * s_x
-  m11 = (sin * rho_x + cos) * s_y
-  c = (size - 1) / 2.0
-  return tf.stack([m00, m01, c + t_x - m00 * c - m01 * c,
-                   m10, m11, c + t_y - m10 * c - m11 * c,
-                   tf.zeros_like(m00), tf.zeros_like(m00)], axis=1)
-
-
-def warp(x, transforms):
-  """Images [B, S, S, C] warped by transforms [B, 8] (bilinear, zero fill:
-  strokes are already inverted to 1 on 0)."""
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=x, transforms=transforms, output_shape=tf.shape(x)[1:3],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-
-
-def affine_batch(x, seed, max_shift: float, rows=None):
-  """Each image of the batch under its own random Koch affine warp."""
-  return warp(x, _rows(lambda n: affine_transforms(n, seed, x.shape[1], max_shift),
-                       tf.shape(x)[0], rows))
-
-
-def distillation_loss(student_logits, teacher_logits, temperature: float):
-  """T^2 * mean over the batch of KL(softmax(teacher / T) || softmax(student / T)).
-
-  The T^2 keeps the soft term's gradient on the scale of the hard one
-  (Hinton et al. 2015, section 2).
-  """
-  t = tf.cast(temperature, tf.float32)
-  log_teacher = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / t)
-  log_student = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / t)
-  return t * t * tf.reduce_mean(
-      tf.reduce_sum(tf.exp(log_teacher) * (log_teacher - log_student), axis=-1))
-
-
-def load_teacher(run_dir: str, num_classes: int, image_size: int, channels: int):
-  """(classifier, description) of a finished pretraining run in `run_dir`.
-
-  The teacher is the run's last checkpoint (backbone and head); it must have
-  finished its schedule and classify the same `num_classes` classes.
-  """
-  config_path = os.path.join(run_dir, "checkpoints", "pretrain_config.json")
-  latest = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-  if not os.path.exists(config_path) or not latest:
-    raise errors.ConfigError(
-        f"--teacher={run_dir}: no pretraining checkpoints there (expected "
-        f"{config_path} and a checkpoint); pass the --out_dir of a finished scripts/pretrain.py run")
-  try:
-    with open(config_path) as handle:
-      saved = json.load(handle)
-    teacher_config = PretrainConfig(**{k: v for k, v in saved["config"].items()
-                                       if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
-  except (json.JSONDecodeError, KeyError, TypeError) as exc:
-    raise errors.ConfigError(f"{config_path}: malformed pretraining config ({exc})") from None
-  if saved.get("num_classes") != num_classes:
-    raise errors.ConfigError(
-        f"--teacher={run_dir} classifies {saved.get('num_classes')} classes, this run "
-        f"{num_classes}; distil from a teacher trained on the same classes")
-  if (teacher_config.image_size, teacher_config.channels) != (image_size, channels):
-    raise errors.ConfigError(
-        f"--teacher={run_dir} takes {teacher_config.image_size}x{teacher_config.image_size}x"
-        f"{teacher_config.channels} images, this run {image_size}x{image_size}x{channels}")
-  steps_per_epoch = saved.get("num_images", 0) // teacher_config.batch_size
-  step = int(latest.rsplit("-", 1)[-1])
-  if step < steps_per_epoch * teacher_config.epochs:
-    raise errors.ConfigError(
-        f"--teacher={run_dir} stopped at step {step} of {steps_per_epoch * teacher_config.epochs}; "
-        "finish its pretraining first (rerun it to resume)")
-  _, classifier = build_classifier(dataclasses.replace(teacher_config, dropout=0.0), num_classes)
-  tf.train.Checkpoint(classifier=classifier).restore(latest).expect_partial()
-  classifier.trainable = False
-  description = {"run_dir": os.path.abspath(run_dir), "checkpoint": os.path.basename(latest),
-                 "checkpoint_sha256": file_sha256(latest + ".index"),
-                 "config": dataclasses.asdict(teacher_config)}
-  return classifier, description
-
+from leo_suite.data import image_views
+from leo_suite.pretrain import classifier as classifier_lib
+from leo_suite.pretrain import pretrain_config
 
 def _scalar_summary(name, value):
   """A TensorBoard scalar (what tensorboard's summary.scalar writes).
@@ -295,7 +77,7 @@ def _scalar_summary(name, value):
                    metadata=metadata.SerializeToString())
 
 
-def _learning_rate(config: PretrainConfig, total_steps: int):
+def _learning_rate(config: pretrain_config.PretrainConfig, total_steps: int):
   if config.schedule == "cosine":
     return keras.optimizers.schedules.CosineDecay(
         config.learning_rate if not config.warmup_steps else config.learning_rate * 0.1,
@@ -307,118 +89,12 @@ def _learning_rate(config: PretrainConfig, total_steps: int):
   return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def _use_mixed_precision(config: PretrainConfig) -> bool:
+def _use_mixed_precision(config: pretrain_config.PretrainConfig) -> bool:
   has_gpu = bool(tf.config.list_physical_devices("GPU"))
   if config.mixed_precision == "on" and not has_gpu:
     raise errors.ConfigError(
         "--mixed_precision=on needs a GPU and none is visible; use auto or off")
   return has_gpu and config.mixed_precision in ("auto", "on")
-
-
-class CosineHead(keras.layers.Layer):
-  """scale * cos(feature, w_c) with a learnable scale from 10 (Baseline++ / CC)."""
-
-  def __init__(self, num_classes, initial_scale=10.0, **kwargs):
-    super().__init__(dtype="float32", **kwargs)
-    self.num_classes = num_classes
-    self.initial_scale = initial_scale
-
-  def build(self, input_shape):
-    self.kernel = self.add_weight(name="kernel", shape=(int(input_shape[-1]), self.num_classes),
-                                  initializer="glorot_uniform")
-    self.scale = self.add_weight(name="scale", shape=(),
-                                 initializer=keras.initializers.Constant(self.initial_scale))
-
-  def call(self, features):
-    features = tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)
-    return self.scale * tf.matmul(features, tf.math.l2_normalize(self.kernel, axis=0))
-
-
-def build_classifier(config: PretrainConfig, num_classes: int, mixed: bool = False,
-                     synchronized_batch_norm: bool = False):
-  """(backbone, classifier) where classifier = linear head over backbone features."""
-  if mixed:
-    keras.mixed_precision.set_global_policy("mixed_float16")
-  try:
-    backbone = backbones.build_backbone(config.backbone, config.image_size,
-                                        config.channels, config.dropout,
-                                        synchronized_batch_norm)
-    inputs = keras.Input(backbone.input_shape[1:], name="images")
-    features = backbone(inputs)
-    if config.head == "cosine":
-      logits = CosineHead(num_classes, name="head")(features)
-    else:
-      logits = keras.layers.Dense(num_classes, dtype="float32", name="head")(features)
-  finally:
-    if mixed:
-      keras.mixed_precision.set_global_policy("float32")
-  return backbone, keras.Model(inputs, logits, name="classifier")
-
-
-def file_sha256(path):
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for chunk in iter(lambda: handle.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def export_backbone(backbone: keras.Model, config: PretrainConfig, export_dir: str,
-                    extra: Optional[dict] = None) -> dict:
-  """Writes backbone.weights.h5 (atomically) and backbone.json; returns the json."""
-  os.makedirs(export_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".weights.h5", dir=export_dir)
-  os.close(fd)
-  try:
-    backbone.save_weights(tmp, overwrite=True)
-    os.replace(tmp, os.path.join(export_dir, BACKBONE_WEIGHTS))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  description = {
-      "backbone": config.backbone, "image_size": config.image_size,
-      "channels": config.channels, "invert": config.invert,
-      "dropout": config.dropout,
-      "feature_dim": int(backbone.output_shape[-1]),
-      "parameters": backbones.count_parameters(backbone),
-      "weights_sha256": file_sha256(os.path.join(export_dir, BACKBONE_WEIGHTS)),
-  }
-  description.update(extra or {})
-  fileio.atomic_write_text(os.path.join(export_dir, BACKBONE_CONFIG),
-                           json.dumps(description, indent=2, sort_keys=True))
-  return description
-
-
-def load_backbone(export_dir: str):
-  """(backbone model, description) from an `export_backbone` directory."""
-  config_path = os.path.join(export_dir, BACKBONE_CONFIG)
-  weights_path = os.path.join(export_dir, BACKBONE_WEIGHTS)
-  for path in (config_path, weights_path):
-    if not os.path.exists(path):
-      raise errors.DataError(
-          f"{path}: no such file; pass the backbone/ folder written by scripts/pretrain.py")
-  try:
-    with open(config_path) as handle:
-      description = json.load(handle)
-    model = backbones.build_backbone(description["backbone"], int(description["image_size"]),
-                                     int(description["channels"]),
-                                     float(description.get("dropout", 0.0)))
-  except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
-    raise errors.DataError(f"{config_path}: malformed backbone description ({exc})") from None
-  sha = file_sha256(weights_path)
-  if description.get("weights_sha256") not in (None, sha):
-    raise errors.DataError(
-        f"{weights_path}: sha256 {sha[:12]}... does not match {config_path} "
-        f"({description['weights_sha256'][:12]}...); the weights were changed or truncated")
-  try:
-    model.load_weights(weights_path)
-  except Exception as exc:  # h5py / shape errors
-    raise errors.DataError(
-        f"{weights_path}: cannot load the {description['backbone']} weights "
-        f"({type(exc).__name__}: {exc})") from None
-  description["weights_sha256"] = sha
-  return model, description
 
 
 def replica_shares(order, replicas: int, share: int, pipelines: int = 1,
@@ -444,11 +120,11 @@ class Pretrainer:
   docstring for how the global batch is split and what is synchronised.
   """
 
-  def __init__(self, config: PretrainConfig, images: np.ndarray, labels: np.ndarray,
-               out_dir: str, class_names: Sequence[str] = (),
+  def __init__(self, config: pretrain_config.PretrainConfig, images: np.ndarray,
+               labels: np.ndarray, out_dir: str, class_names: Sequence[str] = (),
                log: Callable[[str], None] = print, strategy=None,
                sync_batch_norm: bool = True):
-    validate_config(config)
+    pretrain_config.validate_config(config)
     if images.ndim != 4 or images.shape[1:] != (config.image_size, config.image_size,
                                                 config.channels):
       raise errors.DataError(
@@ -461,7 +137,7 @@ class Pretrainer:
     labels = np.asarray(labels, np.int32)
     self.num_base_classes = int(labels.max()) + 1
     if config.rotations:
-      images, labels = rotated_copies(images, labels)
+      images, labels = image_views.rotated_copies(images, labels)
     self.num_classes = int(labels.max()) + 1
     if len(labels) < config.batch_size:
       raise errors.ConfigError(
@@ -484,7 +160,7 @@ class Pretrainer:
     keras.utils.set_random_seed(config.seed)
     self.mixed = _use_mixed_precision(config)
     with self.strategy.scope():
-      self.backbone, self.classifier = build_classifier(
+      self.backbone, self.classifier = classifier_lib.build_classifier(
           config, self.num_classes, self.mixed,
           synchronized_batch_norm=sync_batch_norm and self.replicas > 1)
       optimizer = keras.optimizers.SGD(_learning_rate(config, self.total_steps),
@@ -496,7 +172,8 @@ class Pretrainer:
       optimizer.build(self.classifier.trainable_variables)
       self.optimizer = optimizer
       self.teacher, self.teacher_description = (
-          load_teacher(config.teacher, self.num_classes, config.image_size, config.channels)
+          classifier_lib.load_teacher(config.teacher, self.num_classes, config.image_size,
+                                      config.channels)
           if config.teacher else (None, None))
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
     self.checkpoint = tf.train.Checkpoint(
@@ -578,9 +255,9 @@ class Pretrainer:
     by share / global batch; the optimizer sums the replicas' gradients."""
     config = self.config
     scale = self.replica_batch / config.batch_size  # 1.0 on one replica
-    x = preprocess(batch_images, config.invert)
-    x = augment_batch(x, seed, config.augment, config.max_shift,
-                      rows=(offset, config.batch_size))
+    x = image_views.preprocess(batch_images, config.invert)
+    x = image_views.augment_batch(x, seed, config.augment, config.max_shift,
+                                  rows=(offset, config.batch_size))
     teacher_logits = (None if self.teacher is None
                       else tf.stop_gradient(self.teacher(x, training=False)))
     with tf.GradientTape() as tape:
@@ -589,7 +266,7 @@ class Pretrainer:
           batch_labels, tf.cast(logits, tf.float32)))
       if teacher_logits is not None:
         alpha = config.distill_alpha
-        loss = (1.0 - alpha) * loss + alpha * distillation_loss(
+        loss = (1.0 - alpha) * loss + alpha * classifier_lib.distillation_loss(
             logits, teacher_logits, config.distill_temperature)
       total = loss + 0.5 * config.weight_decay * tf.add_n(
           [tf.reduce_sum(tf.square(tf.cast(k, tf.float32))) for k in self._kernels])
@@ -687,7 +364,7 @@ class Pretrainer:
                "num_base_classes": self.num_base_classes, "num_images": self.num_images}
     if summary["finished"]:
       export_dir = os.path.join(self._scratch or self.out_dir, "backbone")
-      summary["export"] = export_backbone(
+      summary["export"] = classifier_lib.export_backbone(
           self.backbone, config, export_dir,
           {"train_classes": self.class_names, "num_train_images": self.num_images,
            "rotations_as_classes": config.rotations, "epochs": config.epochs,

@@ -22,7 +22,7 @@ Signatures (all inputs float32 / string / int32, outputs float32 unless said):
                     [batch] (encoded PNG/JPEG/GIF/WebP/BMP strings, REST
                     {"b64": ...}), decoded, resized and embedded inside the graph
                     by the very functions extraction uses
-                    (`images.decode_encoded`, `extract.embed`), with the backbone
+                    (`images.decode_encoded`, `image_views.embed`), with the backbone
                     features as the extra output `embeddings` [batch, D];
                     `predict_embeddings` then keeps the embeddings input.
   classify          inputs [batch] serialized tf.Example with float feature
@@ -62,6 +62,9 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.data import image_views
+from leo_suite.data import images as images_lib
+from leo_suite.models import image_embedder
 from leo_suite.training import run as run_lib
 
 SIGNATURE_PREDICT = "serving_default"
@@ -156,9 +159,8 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
 def run_crop(run) -> str:
   """The extraction crop of the run's embeddings, which image inputs get too
   (a dataset named by another pipeline's crop: the center view)."""
-  from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
   crop = run.settings.get("embedding_crop", "center")
-  return crop if crop in extract.CROPS else "center"
+  return crop if crop in image_views.CROPS else "center"
 
 
 def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int = 0,
@@ -171,9 +173,8 @@ def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int =
   same way); embeddings files need no backbone. The backbone and its
   description are None without `backbone_dir`.
   """
-  from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
   from leo_suite.serving import sets  # pylint: disable=g-import-not-at-top
-  embedder = (extract_files.ImageEmbedder(backbone_dir, crop, batch_size)
+  embedder = (image_embedder.ImageEmbedder(backbone_dir, crop, batch_size)
               if backbone_dir else None)
   support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
   return (support, embedder and embedder.model, embedder and embedder.description)
@@ -355,14 +356,12 @@ class AdaptedClassifier(tf.Module):
     Decoded and embedded by extraction's own functions, with the crop the
     run's embeddings were extracted with.
     """
-    from leo_suite.pretrain import extract as extract_lib  # pylint: disable=g-import-not-at-top
-    from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
-    loaded = extract_lib.load_size(self.crop, size)
+    loaded = image_views.load_size(self.crop, size)
     decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels), images,
                         fn_output_signature=tf.TensorSpec([loaded, loaded, channels], tf.uint8))
-    return extract_lib.embed(self.backbone, decoded, self.crop, size, bool(info.get("invert")))
+    return image_views.embed(self.backbone, decoded, self.crop, size, bool(info.get("invert")))
 
   def _predict_images(self, images):
     images = tf.ensure_shape(images, [None], name="images")

@@ -4,7 +4,7 @@
 directory (`Run.open(dir).restored_learner()`: its config.json and best, else
 latest, checkpoint), never from flags. Support and query sets are read by
 `leo_suite.serving.sets.load_set` (trees, folders or CSVs of images,
-embeddings files), images embedded by `extract_files.ImageEmbedder` with the
+embeddings files), images embedded by `image_embedder.ImageEmbedder` with the
 run's embedding crop. Support and query embeddings are L2-normalised and the
 learner adapted and applied by `export.adapt_support` / `export.query_logits`,
 the very functions of the exported SavedModel, in eval mode with the zero seed
@@ -32,6 +32,9 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import progress as progress_lib
+from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.models import image_embedder
 from leo_suite.serving import export
 from leo_suite.serving import sets
 from leo_suite.training import evaluation
@@ -90,12 +93,11 @@ class Predictor:
 
   def _data_manifest(self):
     """(path, contents or None) of the extraction manifest of the run's embeddings."""
-    from leo_suite.pretrain import extract  # pylint: disable=g-import-not-at-top
     data_path = (self.run.record.get("data") or {}).get("data_path")
     if not data_path:
       return "(the run records no data path)", None
     path = os.path.join(data_path, self.run.settings["dataset_name"],
-                        self.run.settings["embedding_crop"], extract.MANIFEST)
+                        self.run.settings["embedding_crop"], embeddings_lib.MANIFEST)
     try:
       with open(path) as handle:
         manifest = json.load(handle)
@@ -108,7 +110,6 @@ class Predictor:
     """The ImageEmbedder: --backbone_dir, else the run's data manifest's backbone."""
     if self._embedder is not None:
       return self._embedder
-    from leo_suite.pretrain import extract_files  # pylint: disable=g-import-not-at-top
     named = ((self.manifest or {}).get("backbone") or {})
     directory = self.backbone_dir or named.get("dir")
     if not directory:
@@ -117,7 +118,7 @@ class Predictor:
           f"pretraining whose embeddings {self.run.directory} was trained on); the run's "
           f"data manifest {self.manifest_path} "
           f"{'names no backbone' if self.manifest else 'does not exist'}")
-    embedder = extract_files.ImageEmbedder(directory, self.crop, self.batch_size)
+    embedder = image_embedder.ImageEmbedder(directory, self.crop, self.batch_size)
     expected = named.get("checkpoint_sha256")
     found = embedder.description.get("weights_sha256")
     if expected and found != expected:
@@ -174,8 +175,8 @@ class Predictor:
   def predict_tasks(self, tasks: Sequence[Tuple[str, str, str]],
                     log: Callable[[str], None] = print) -> List[TaskResult]:
     """Every (name, support, query) task, logging progress (rate, ETA)."""
-    progress = evaluation.Progress("predict", len(tasks), "tasks", interval_s=5.0,
-                                   log=lambda fmt, *args: log(fmt % args))
+    progress = progress_lib.Progress("predict", len(tasks), "tasks", interval_s=5.0,
+                                     log=lambda fmt, *args: log(fmt % args))
     results = []
     for name, support, query in tasks:
       results.append(self.predict_task(support, query, name))

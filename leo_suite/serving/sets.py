@@ -14,10 +14,10 @@
                             manifest.json beside the file; class `unlabelled`
                             (images in no class folder) = no label. The file
                             of a row is the path its key keeps
-                            (`embeddings.key_file_path`), else the key's file field.
+                            (`embedding_keys.key_file_path`), else the key's file field.
 
 Images are embedded by `embed(records, origin)`, an
-`extract_files.ImageEmbedder` (`images.decode_encoded` and `extract.embed`,
+`image_embedder.ImageEmbedder` (`images.decode_encoded` and `image_views.embed`,
 as extraction runs them). The rows of a class are kept in file order, so the
 same images in any form make the same [N, K, D] support tensor. A support set
 needs a label on every example and the same K for every class (`--num_shots`
@@ -34,7 +34,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from leo_suite import errors
+from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import image_sources
 from leo_suite.serving import export
 
 LABELS_CSV = "labels.csv"
@@ -144,7 +146,6 @@ def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
 
 # -- the forms ----------------------------------------------------------------------
 def _from_tree(path, role):
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path) and role == "support":
     empty = _empty_class_folders(path)
     if empty:
@@ -154,25 +155,23 @@ def _from_tree(path, role):
   if not os.path.isdir(path) and not path.lower().endswith(".zip"):
     raise errors.DataError(f"{path}: not a folder, .zip, .csv, .pkl or .npz; a {role} set "
                            f"is {FORMS_HELP}")
-  records = images_lib.scan_source(path, unlabelled=True)
+  records = image_sources.scan_source(path, unlabelled=True)
   files = [posixpath.join(r.class_name, r.file_name) for r in records]
   return records, files, [r.class_name or None for r in records]
 
 
 def _empty_class_folders(root):
   """Leaf folders under `root` that hold no image (classes without examples)."""
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
   empty = []
   for directory, subdirs, names in os.walk(root):
     if directory != root and not subdirs and not any(
-        n.lower().endswith(images_lib.IMAGE_EXTENSIONS) for n in names):
+        n.lower().endswith(image_sources.IMAGE_EXTENSIONS) for n in names):
       empty.append(os.path.relpath(directory, root).replace(os.sep, "/"))
   return sorted(empty)
 
 
 def _from_csv(path):
   """Records of a `file,label` CSV (or DIR/labels.csv); paths relative to its folder."""
-  from leo_suite.pretrain import images as images_lib  # pylint: disable=g-import-not-at-top
   csv_path = path if path.lower().endswith(".csv") else os.path.join(path, LABELS_CSV)
   base = os.path.dirname(os.path.abspath(csv_path))
   try:
@@ -203,8 +202,8 @@ def _from_csv(path):
     image = os.path.join(base, name)
     if not os.path.isfile(image):
       missing.append(image)
-    records.append(images_lib.ImageRecord(label, posixpath.basename(name), image,
-                                          ("file", image)))
+    records.append(image_sources.ImageRecord(label, posixpath.basename(name), image,
+                                             ("file", image)))
     files.append(name)
     labels.append(label or None)
   if missing:
@@ -231,13 +230,13 @@ def _from_embeddings(path):
   names = _manifest_names(path)
   tokens, files = [], []
   for index, key in enumerate(keys):
-    token, image_file = embeddings_lib.parse_key(key, path, index)
+    token, image_file = embedding_keys.parse_key(key, path, index)
     tokens.append(token)
-    files.append(embeddings_lib.key_file_path(key) or image_file)
+    files.append(embedding_keys.key_file_path(key) or image_file)
   present = sorted(set(tokens))
   originals = {t: names.get(t, t) for t in present}
   if len(set(originals.values())) != len(present):   # two tokens, one name: keep tokens
     originals = {t: t for t in present}
-  labels = [None if t == embeddings_lib.UNLABELLED and names.get(t, "") == "" else originals[t]
+  labels = [None if t == embedding_keys.UNLABELLED and names.get(t, "") == "" else originals[t]
             for t in tokens]
   return files, labels, matrix

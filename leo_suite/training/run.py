@@ -20,7 +20,6 @@ Layout of a run directory:
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import socket
@@ -199,16 +198,6 @@ def split_sha256(split) -> str:
   return next(iter(split.source.values()))
 
 
-def file_sha256(path) -> Optional[str]:
-  if not os.path.exists(path):
-    return None
-  digest = hashlib.sha256()
-  with open(path, "rb") as handle:
-    for block in iter(lambda: handle.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def data_record(settings: dict, data_path: str, loaded: dict) -> dict:
   """{data_path, sha256 per split}: hashes of the loaded splits, the others' files."""
   hashes = {}
@@ -216,8 +205,9 @@ def data_record(settings: dict, data_path: str, loaded: dict) -> dict:
     if name in loaded:
       hashes[name] = split_sha256(loaded[name])
     else:
-      hashes[name] = file_sha256(embeddings_lib.split_path(
-          data_path, settings["dataset_name"], settings["embedding_crop"], name))
+      path = embeddings_lib.split_path(
+          data_path, settings["dataset_name"], settings["embedding_crop"], name)
+      hashes[name] = fileio.file_sha256(path) if os.path.exists(path) else None
   return {"data_path": os.path.abspath(data_path), "sha256": hashes}
 
 

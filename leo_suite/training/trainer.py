@@ -33,7 +33,8 @@ import tensorflow as tf
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
-from leo_suite.models.base import Episode
+from leo_suite import progress as progress_lib
+from leo_suite.data.episodes import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
@@ -293,7 +294,7 @@ class Trainer:
     num_tasks = self.config.num_val_batches * self.config.metavalid_batch_size
     return self.evaluator.evaluate_fixed(
         self.val_sampler, self.config.eval_seed, num_tasks, self.config.metavalid_batch_size,
-        evaluation.Progress("validation", num_tasks), self.config.evaluation_method)
+        progress_lib.Progress("validation", num_tasks), self.config.evaluation_method)
 
   def train(self, stop_requested: Optional[Callable[[], Optional[str]]] = None):
     """Trains to num_steps_limit; returns the step reached.
@@ -361,7 +362,7 @@ class Trainer:
         logging.info("step %d  loss %.4f  query_loss %.4f  %s %.4f  "
                      "%.1f steps/s  data wait %.0f%%  ETA %s", step, means["loss"],
                      means["query_loss"], accuracy_label, means["accuracy"], rate,
-                     100 * data_wait.fraction, evaluation.format_seconds(eta))
+                     100 * data_wait.fraction, progress_lib.format_seconds(eta))
         with writer.as_default(step=step):
           for k, v in means.items():
             tf.summary.scalar("train/" + k, v)

@@ -21,13 +21,24 @@ already preprocessed) to features [batch, D]:
 
 Parameter counts are trainable parameters (conv/dense weights and biases, BN
 gamma and beta; BN moving statistics are not parameters). No classifier head
-is included: `train.py` adds one.
+is included: `leo_suite.pretrain.classifier` adds one.
+
+A trained backbone is exported as `backbone.weights.h5` + `backbone.json`
+(`leo_suite.pretrain.classifier.export_backbone`) and read back, its sha256
+checked, by `load_backbone`.
 """
 
 import functools
+import json
+import os
 
 import keras
 
+from leo_suite import errors
+from leo_suite import fileio
+
+BACKBONE_WEIGHTS = "backbone.weights.h5"
+BACKBONE_CONFIG = "backbone.json"
 BACKBONES = ("conv4", "conv4_wide", "conv4_map", "resnet12", "wrn28_10")
 
 
@@ -146,3 +157,34 @@ def parameter_table(image_size: int, channels: int = 3):
     rows.append((name, count_parameters(model), int(model.output_shape[-1])))
     keras.backend.clear_session()
   return rows
+
+
+def load_backbone(export_dir: str):
+  """(backbone model, description) from an `export_backbone` directory."""
+  config_path = os.path.join(export_dir, BACKBONE_CONFIG)
+  weights_path = os.path.join(export_dir, BACKBONE_WEIGHTS)
+  for path in (config_path, weights_path):
+    if not os.path.exists(path):
+      raise errors.DataError(
+          f"{path}: no such file; pass the backbone/ folder written by scripts/pretrain.py")
+  try:
+    with open(config_path) as handle:
+      description = json.load(handle)
+    model = build_backbone(description["backbone"], int(description["image_size"]),
+                           int(description["channels"]),
+                           float(description.get("dropout", 0.0)))
+  except (json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+    raise errors.DataError(f"{config_path}: malformed backbone description ({exc})") from None
+  sha = fileio.file_sha256(weights_path)
+  if description.get("weights_sha256") not in (None, sha):
+    raise errors.DataError(
+        f"{weights_path}: sha256 {sha[:12]}... does not match {config_path} "
+        f"({description['weights_sha256'][:12]}...); the weights were changed or truncated")
+  try:
+    model.load_weights(weights_path)
+  except Exception as exc:  # h5py / shape errors
+    raise errors.DataError(
+        f"{weights_path}: cannot load the {description['backbone']} weights "
+        f"({type(exc).__name__}: {exc})") from None
+  description["weights_sha256"] = sha
+  return model, description
