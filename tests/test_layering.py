@@ -6,7 +6,8 @@
     training  leo_suite/training/, leo_suite/distribute.py
     pretrain  leo_suite/pretrain/  } siblings: neither imports the other
     serving   leo_suite/serving/   }
-    bench     leo_suite/bench/
+    bench     leo_suite/bench/      } siblings: whole jobs built on everything below
+    pipelines leo_suite/pipelines/  }
     entry     runner.py, config.py, scripts/, experiments/ (never imported by leo_suite)
 
 Every import of every module counts, including those inside functions (an
@@ -23,7 +24,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 MAX_LINES = 400
 # Rank of each layer; equal ranks are siblings, which may not import each other.
 LAYERS = {"base": 0, "data": 1, "models": 2, "training": 3, "pretrain": 4, "serving": 4,
-          "bench": 5}
+          "bench": 5, "pipelines": 5}
 TRAINING_AT_TOP_LEVEL = {"leo_suite.distribute"}
 ENTRY_POINTS = {"runner", "config", "scripts", "experiments"}
 
