@@ -7,11 +7,8 @@ Every reader of user data goes through this layer:
   * a file is opened without blocking and read only if it is a regular file
     no larger than a cap, checked before anything is read (`open_regular`,
     `read_bytes`): a FIFO does not hang, a link to /dev/zero is not read;
-  * an image's size in pixels is checked from its header before it is decoded
-    (`open_image`, `check_image_header`);
-  * a zip or npz member's declared size and compression ratio are checked
-    before it is decompressed, and reading stops at the cap even if the header
-    lied (`check_zip_members`, `read_zip_member`, `check_npz`).
+  * what decompresses (image pixels, zip and npz members) is checked before
+    it is decompressed: leo_suite/safe_decode.py, on the same messages and caps.
 Refusals raise `errors.DataError` (or the caller's `error` class, e.g.
 `errors.ConfigError` for a flag) with one line of at most `MAX_MESSAGE`
 characters that names the file as printable text whatever its bytes.
@@ -21,9 +18,6 @@ import errno
 import io
 import os
 import stat
-import warnings
-import zipfile
-import zlib
 
 from leo_suite import errors
 
@@ -38,8 +32,7 @@ RATIO_MIN_BYTES = 2**20  # smaller members may compress any amount
 MAX_NAME_BYTES = 255  # one path component, as NAME_MAX
 MAX_MESSAGE = 500  # characters in one refusal
 MAX_DISPLAY = 200  # characters of a name or value quoted in a message
-_CHUNK = 2**20
-_ENCRYPTED = 0x1  # zip general-purpose flag bit
+CHUNK_BYTES = 2**20
 _SEPARATORS = ("/", "\\")
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
@@ -53,7 +46,7 @@ def one_line(text, limit: int = MAX_MESSAGE) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _refuse(error, text):
+def refuse(error, text):
   return error(one_line(text))
 
 
@@ -143,9 +136,9 @@ def check_name(name, what: str, error=errors.DataError) -> str:
     try:
       name = bytes(name).decode("utf-8")
     except UnicodeDecodeError:
-      raise _refuse(error, f"{what} {quoted(name)}: not valid UTF-8; rename it") from None
+      raise refuse(error, f"{what} {quoted(name)}: not valid UTF-8; rename it") from None
   if not isinstance(name, str):
-    raise _refuse(error, f"{what}: expected a name, got {type(name).__name__} "
+    raise refuse(error, f"{what}: expected a name, got {type(name).__name__} "
                          f"{display_name(name)}")
   why = None
   if not name:
@@ -163,7 +156,7 @@ def check_name(name, what: str, error=errors.DataError) -> str:
   elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
     why = f"is longer than {MAX_NAME_BYTES} bytes"
   if why:
-    raise _refuse(error, f"{what} {quoted(name)} {why}")
+    raise refuse(error, f"{what} {quoted(name)} {why}")
   return name
 
 
@@ -180,7 +173,7 @@ def child_path(root, *names, what: str = "name", error=errors.DataError) -> str:
   real_root = os.path.realpath(root)
   real = os.path.realpath(path)
   if os.path.commonpath([real_root, real]) != real_root:
-    raise _refuse(error, f"{what} {quoted(os.path.join(*names))} in "
+    raise refuse(error, f"{what} {quoted(os.path.join(*names))} in "
                          f"{display_name(root)}: resolves to {display_name(real)}, outside "
                          "that folder (a symbolic link?); refused")
   return path
@@ -218,22 +211,22 @@ def open_regular(path, max_bytes=None, what: str = None, error=errors.DataError)
   try:
     fd = os.open(path, flags)
   except FileNotFoundError:
-    raise _refuse(error, f"{shown}: no such file") from None
+    raise refuse(error, f"{shown}: no such file") from None
   except NotADirectoryError:
-    raise _refuse(error, f"{shown}: no such file (a part of its path is not a folder)") from None
+    raise refuse(error, f"{shown}: no such file (a part of its path is not a folder)") from None
   except PermissionError:
-    raise _refuse(error, f"{shown}: no permission to read it") from None
+    raise refuse(error, f"{shown}: no permission to read it") from None
   except OSError as exc:
     if exc.errno in (errno.ENXIO, errno.ELOOP):  # a socket; a loop of links
-      raise _refuse(error, f"{shown}: {exc.strerror}; not a regular file") from None
+      raise refuse(error, f"{shown}: {exc.strerror}; not a regular file") from None
     raise
   try:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-      raise _refuse(error, f"{shown}: is {_kind(info.st_mode)}, not a regular file; refused")
+      raise refuse(error, f"{shown}: is {_kind(info.st_mode)}, not a regular file; refused")
     if info.st_size > cap:
       env = MAX_FILE_BYTES_ENV
-      raise _refuse(error, _too_big_text(shown, info.st_size, cap, env))
+      raise refuse(error, _too_big_text(shown, info.st_size, cap, env))
     try:
       import fcntl  # pylint: disable=g-import-not-at-top
       fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
@@ -261,7 +254,7 @@ class _CappedFile(io.FileIO):
 
   def _check(self, start, count):
     if count and start + count > self._cap:
-      raise _refuse(self._error, _over_cap_text(self._what, self._cap))
+      raise refuse(self._error, _over_cap_text(self._what, self._cap))
 
   def readinto(self, buffer):
     start = self.tell()
@@ -280,7 +273,7 @@ class _CappedFile(io.FileIO):
   def readall(self):
     chunks = []
     while True:
-      chunk = self.read(_CHUNK)
+      chunk = self.read(CHUNK_BYTES)
       if not chunk:
         return b"".join(chunks)
       chunks.append(chunk)
@@ -290,12 +283,12 @@ def read_capped(handle, max_bytes: int, what: str, error=errors.DataError) -> by
   """At most `max_bytes` bytes of an open file, read in chunks; more is refused."""
   chunks, total = [], 0
   while True:
-    chunk = handle.read(min(_CHUNK, max_bytes + 1 - total))
+    chunk = handle.read(min(CHUNK_BYTES, max_bytes + 1 - total))
     if not chunk:
       return b"".join(chunks)
     total += len(chunk)
     if total > max_bytes:
-      raise _refuse(error, _over_cap_text(what, max_bytes))
+      raise refuse(error, _over_cap_text(what, max_bytes))
     chunks.append(chunk)
 
 
@@ -305,147 +298,3 @@ def read_bytes(path, max_bytes=None, what: str = None, error=errors.DataError) -
   shown = what or display_name(path)
   with open_regular(path, cap, shown, error) as handle:
     return read_capped(handle, cap, shown, error)
-
-
-# ------------------------------------------------------------------ images
-
-
-def open_image(data_or_file, what: str, max_pixels=None, error=errors.DataError):
-  """A PIL image, opened from its header only, if width * height <= the cap.
-
-  `data_or_file`: bytes, a path (read through `read_bytes`'s checks) or a
-  binary file object. The pixels are decoded later by the caller (`.load()`,
-  `.convert()`), so a huge image is refused before any memory is spent on it.
-  PIL's own DecompressionBomb warning and error become `error` too.
-  """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  cap = max_image_pixels(max_pixels)
-  if isinstance(data_or_file, (bytes, bytearray, memoryview)):
-    source = io.BytesIO(data_or_file)
-  elif isinstance(data_or_file, (str, os.PathLike)):
-    source = io.BytesIO(read_bytes(data_or_file, None, what, error))
-  else:
-    source = data_or_file
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our cap decides
-      image = Image.open(source)
-  except Image.DecompressionBombError as exc:
-    raise _refuse(error, f"{what}: refused before decoding: {exc}") from None
-  except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
-    raise _refuse(error, f"{what}: not an image PIL can read ({one_line(exc, 200)})") from None
-  width, height = image.size
-  if width * height > cap:
-    image.close()
-    raise _refuse(error, f"{what}: {width}x{height} = {width * height:,} pixels, more than the "
-                         f"cap of {cap:,}; refused before decoding (if the image is genuine, "
-                         f"set {MAX_IMAGE_PIXELS_ENV} higher)")
-  return image
-
-
-def check_image_header(data_or_file, what: str, max_pixels=None, error=errors.DataError):
-  """(width, height) from the image's header, refused above the pixel cap (see open_image)."""
-  image = open_image(data_or_file, what, max_pixels, error)
-  try:
-    return image.size
-  finally:
-    image.close()
-
-
-# ------------------------------------------------------------------ zip and npz
-
-
-def member_parts(info_or_name, what: str, error=errors.DataError) -> tuple:
-  """A zip member's path as checked components ('a/b/c.png' -> ('a', 'b', 'c.png')).
-
-  A trailing '/' (a folder entry) is dropped; an absolute path, '..', '.',
-  an empty component or a backslash is refused (`check_name`), so names
-  taken from an archive never leave the folder they are written to.
-  """
-  name = getattr(info_or_name, "filename", info_or_name)
-  parts = name[:-1].split("/") if name.endswith("/") else name.split("/")
-  where = f"{what}: member {quoted(name)}:"
-  return tuple(check_name(part, f"{where} part", error) for part in parts)
-
-
-def check_zip_member(info: zipfile.ZipInfo, what: str, max_member_bytes=None,
-                     max_ratio=None, error=errors.DataError) -> int:
-  """`info.file_size` if the member is not encrypted, nor too large, nor a bomb."""
-  cap = max_file_bytes(max_member_bytes)
-  ratio = max_zip_ratio(max_ratio)
-  name = f"{what}: member {quoted(info.filename)}"
-  if info.flag_bits & _ENCRYPTED:
-    raise _refuse(error, f"{name} is encrypted (password-protected); extract it or re-create "
-                         "the archive without a password")
-  if info.file_size > cap:
-    raise _refuse(error, f"{name} would take {info.file_size:,} bytes when decompressed, more "
-                         f"than the cap of {cap:,} bytes; refused before decompressing (if it "
-                         f"is genuine, set {MAX_FILE_BYTES_ENV} higher)")
-  if info.file_size > RATIO_MIN_BYTES and info.file_size > ratio * max(info.compress_size, 1):
-    raise _refuse(error, f"{name} expands {info.compress_size:,} bytes to {info.file_size:,}, "
-                         f"more than {ratio} times: a compression bomb; refused (if it is "
-                         f"genuine, set {MAX_ZIP_RATIO_ENV} higher)")
-  return info.file_size
-
-
-def check_zip_members(zip_file: zipfile.ZipFile, what: str, max_member_bytes=None,
-                      max_ratio=None, max_total_bytes=None, error=errors.DataError) -> int:
-  """Every member checked (`check_zip_member`); returns their declared total size.
-
-  `max_total_bytes`, if given, caps the sum of the members' declared sizes.
-  """
-  total = 0
-  for info in zip_file.infolist():
-    total += check_zip_member(info, what, max_member_bytes, max_ratio, error)
-  if max_total_bytes is not None and total > max_total_bytes:
-    raise _refuse(error, f"{what}: its members would take {total:,} bytes when decompressed, "
-                         f"more than the cap of {max_total_bytes:,} bytes; refused (if it is "
-                         f"genuine, set {MAX_FILE_BYTES_ENV} higher)")
-  return total
-
-
-def read_zip_member(zip_file: zipfile.ZipFile, info, max_bytes=None, what: str = None,
-                    error=errors.DataError) -> bytes:
-  """A member's bytes (checked first), read in chunks that stop at the cap.
-
-  `info`: a ZipInfo or a member name. A header that lies about the size, a
-  corrupt or encrypted member, an unsupported compression all become `error`.
-  """
-  cap = max_file_bytes(max_bytes)
-  shown = what or display_name(getattr(zip_file, "filename", None) or "zip archive")
-  try:
-    if not isinstance(info, zipfile.ZipInfo):
-      info = zip_file.getinfo(info)
-  except KeyError:
-    raise _refuse(error, f"{shown}: no member {quoted(info)}") from None
-  check_zip_member(info, shown, cap, None, error)
-  name = f"{shown}: member {quoted(info.filename)}"
-  try:
-    with zip_file.open(info) as handle:
-      return read_capped(handle, cap, name, error)
-  except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
-          ValueError) as exc:
-    raise _refuse(error, f"{name}: cannot be read ({one_line(exc, 200)}); the archive is "
-                         "corrupt or uses an unsupported feature") from None
-
-
-def check_npz(path_or_zipfile, max_bytes=None, what: str = None, max_ratio=None,
-              error=errors.DataError) -> int:
-  """An npz's members checked before np.load decompresses them; their declared total.
-
-  Each member's declared size and compression ratio is checked, and so is
-  their sum against the cap (default `max_file_bytes()`). A path is opened
-  through `open_regular`'s checks; a broken archive becomes `error`.
-  """
-  cap = max_file_bytes(max_bytes)
-  if isinstance(path_or_zipfile, zipfile.ZipFile):
-    shown = what or display_name(path_or_zipfile.filename or "npz archive")
-    return check_zip_members(path_or_zipfile, shown, cap, max_ratio, cap, error)
-  shown = what or display_name(path_or_zipfile)
-  with open_regular(path_or_zipfile, cap, shown, error) as handle:
-    try:
-      with zipfile.ZipFile(handle) as zip_file:
-        return check_zip_members(zip_file, shown, cap, max_ratio, cap, error)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
-      raise _refuse(error, f"{shown}: not a readable npz (zip) archive "
-                           f"({one_line(exc, 200)})") from None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from leo_suite import errors
+from leo_suite import safe_decode
 from leo_suite import safeio
 
 
@@ -177,29 +178,29 @@ def test_huge_image_is_refused_from_its_header(tmp_path, monkeypatch):
   assert len(data) < 100
   before = peak_rss_bytes()
   with pytest.raises(errors.DataError) as caught:
-    safeio.check_image_header(data, "class_a/img.png")
+    safe_decode.check_image_header(data, "class_a/img.png")
   assert str(caught.value) == (
       "class_a/img.png: 13000x13000 = 169,000,000 pixels, more than the cap of 16,777,216; "
       "refused before decoding (if the image is genuine, set LEO_SUITE_MAX_IMAGE_PIXELS higher)")
   path = tmp_path / "huge.png"
   path.write_bytes(data)
   with pytest.raises(errors.DataError, match="169,000,000 pixels"):
-    safeio.open_image(str(path), "huge.png")
+    safe_decode.open_image(str(path), "huge.png")
   with pytest.raises(errors.DataError, match="refused before decoding"):  # PIL's own error
-    safeio.check_image_header(png_claiming(30000, 30000), "bomb.png", max_pixels=10**10)
+    safe_decode.check_image_header(png_claiming(30000, 30000), "bomb.png", max_pixels=10**10)
   assert peak_rss_bytes() - before < 50 * 2**20
   monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", str(13000 * 13000))
-  assert safeio.check_image_header(data, "huge.png") == (13000, 13000)
+  assert safe_decode.check_image_header(data, "huge.png") == (13000, 13000)
 
 
 def test_small_image_opens_and_garbage_is_refused():
   from PIL import Image  # pylint: disable=import-outside-toplevel
   buffer = io.BytesIO()
   Image.new("L", (5, 3), color=7).save(buffer, format="PNG")
-  image = safeio.open_image(buffer.getvalue(), "small.png")
+  image = safe_decode.open_image(buffer.getvalue(), "small.png")
   assert image.size == (5, 3) and np.asarray(image).sum() == 7 * 15
   with pytest.raises(errors.DataError, match="^x.png: not an image PIL can read"):
-    safeio.check_image_header(b"not an image", "x.png")
+    safe_decode.check_image_header(b"not an image", "x.png")
 
 
 # ------------------------------------------------------------------ zip and npz
@@ -229,35 +230,35 @@ def test_zip_member_with_a_huge_declared_size_is_refused():
   data = patch_member(zip_bytes({"a.png": b"\0" * 2**20}), file_size=2**31)
   with zipfile.ZipFile(io.BytesIO(data)) as zip_file:
     with pytest.raises(errors.DataError, match=r"member 'a.png' expands .* to 2,147,483,648"):
-      safeio.check_zip_members(zip_file, "images.zip")
+      safe_decode.check_zip_members(zip_file, "images.zip")
     with pytest.raises(errors.DataError, match="more than the cap of 1,000,000 bytes"):
-      safeio.check_zip_members(zip_file, "images.zip", max_member_bytes=10**6)
+      safe_decode.check_zip_members(zip_file, "images.zip", max_member_bytes=10**6)
     with pytest.raises(errors.DataError, match="compression bomb"):
-      safeio.read_zip_member(zip_file, "a.png", what="images.zip")
+      safe_decode.read_zip_member(zip_file, "a.png", what="images.zip")
 
 
 def test_zip_member_whose_header_lies_is_cut_at_its_cap():
   data = patch_member(zip_bytes({"a.png": b"\0" * 2**22}), file_size=1000)
   with zipfile.ZipFile(io.BytesIO(data)) as zip_file:
-    assert safeio.check_zip_members(zip_file, "images.zip") == 1000
+    assert safe_decode.check_zip_members(zip_file, "images.zip") == 1000
     before = peak_rss_bytes()
     with pytest.raises(errors.DataError, match="^images.zip: member 'a.png'"):
-      safeio.read_zip_member(zip_file, "a.png", max_bytes=5000, what="images.zip")
+      safe_decode.read_zip_member(zip_file, "a.png", max_bytes=5000, what="images.zip")
     assert peak_rss_bytes() - before < 50 * 2**20
   honest = zip_bytes({"a.png": b"ab" * 600})
   with zipfile.ZipFile(io.BytesIO(bytes(honest))) as zip_file:
-    assert safeio.read_zip_member(zip_file, "a.png") == b"ab" * 600
+    assert safe_decode.read_zip_member(zip_file, "a.png") == b"ab" * 600
     with pytest.raises(errors.DataError, match="more than the cap of 1,000 bytes"):
-      safeio.read_zip_member(zip_file, "a.png", max_bytes=1000, what="images.zip")
+      safe_decode.read_zip_member(zip_file, "a.png", max_bytes=1000, what="images.zip")
     with pytest.raises(errors.DataError, match="no member 'b.png'"):
-      safeio.read_zip_member(zip_file, "b.png", what="images.zip")
+      safe_decode.read_zip_member(zip_file, "b.png", what="images.zip")
 
 
 def test_encrypted_member_is_refused_by_name():
   data = patch_member(zip_bytes({"secret\x1b.png": b"x" * 100}), flag_bits=0x1)
   with zipfile.ZipFile(io.BytesIO(data)) as zip_file:
-    for call in (lambda: safeio.check_zip_members(zip_file, "images.zip"),
-                 lambda: safeio.read_zip_member(zip_file, zip_file.infolist()[0],
+    for call in (lambda: safe_decode.check_zip_members(zip_file, "images.zip"),
+                 lambda: safe_decode.read_zip_member(zip_file, zip_file.infolist()[0],
                                                 what="images.zip")):
       with pytest.raises(errors.DataError) as caught:
         call()
@@ -267,13 +268,13 @@ def test_encrypted_member_is_refused_by_name():
 
 
 def test_member_parts_are_checked_names():
-  assert safeio.member_parts("images/Alphabet/char01/a.png", "omniglot.zip") == (
+  assert safe_decode.member_parts("images/Alphabet/char01/a.png", "omniglot.zip") == (
       "images", "Alphabet", "char01", "a.png")
-  assert safeio.member_parts(zipfile.ZipInfo("images/Alphabet/"), "o.zip") == ("images",
+  assert safe_decode.member_parts(zipfile.ZipInfo("images/Alphabet/"), "o.zip") == ("images",
                                                                                 "Alphabet")
   for name in ("/etc/passwd", "images/../../x.png", "a//b.png", "a\\b.png", "./a.png"):
     with pytest.raises(errors.DataError, match="^o.zip: member '.*': part '.*' "):
-      safeio.member_parts(name, "o.zip")
+      safe_decode.member_parts(name, "o.zip")
 
 
 def test_npz_bomb_is_refused_before_decompressing(tmp_path):
@@ -281,25 +282,25 @@ def test_npz_bomb_is_refused_before_decompressing(tmp_path):
   rng = np.random.default_rng(0)
   np.savez_compressed(genuine, embeddings=rng.normal(size=(50, 64)).astype(np.float32),
                       labels=np.arange(50))
-  total = safeio.check_npz(str(genuine))
+  total = safe_decode.check_npz(str(genuine))
   with np.load(genuine) as arrays:
     assert total == sum(a.nbytes for a in arrays.values()) + 2 * 128  # two .npy headers
   bomb = tmp_path / "bomb.npz"
   np.savez_compressed(bomb, embeddings=np.zeros(2**22, np.float32))  # 16 MiB of zeros
   assert bomb.stat().st_size < 100_000
   with pytest.raises(errors.DataError, match="embeddings.npy' expands .* a compression bomb"):
-    safeio.check_npz(str(bomb))
-  assert safeio.check_npz(str(bomb), max_ratio=10**6) > 2**24
+    safe_decode.check_npz(str(bomb))
+  assert safe_decode.check_npz(str(bomb), max_ratio=10**6) > 2**24
   with pytest.raises(errors.DataError, match="more than the cap of 1,000,000 bytes"):
-    safeio.check_npz(str(bomb), max_bytes=10**6, max_ratio=10**6)
+    safe_decode.check_npz(str(bomb), max_bytes=10**6, max_ratio=10**6)
   lying = tmp_path / "lying.npz"
   lying.write_bytes(patch_member(bytearray(genuine.read_bytes()), file_size=2_660_000_000))
   with zipfile.ZipFile(lying) as zip_file:
     with pytest.raises(errors.DataError, match="2,660,000,000"):
-      safeio.check_npz(zip_file)
+      safe_decode.check_npz(zip_file)
   (tmp_path / "garbage.npz").write_bytes(b"not a zip")
   with pytest.raises(errors.DataError, match="not a readable npz"):
-    safeio.check_npz(str(tmp_path / "garbage.npz"))
+    safe_decode.check_npz(str(tmp_path / "garbage.npz"))
 
 
 def test_readers_work_through_open_regular(tmp_path):
