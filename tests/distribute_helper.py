@@ -63,8 +63,7 @@ def build_learner(model):
   import tensorflow as tf
   from leo_suite.models import leo
   from leo_suite.models import registry
-  module = registry.learner_module(model)
-  config = module.Config(**OVERRIDES.get(model, {}))
+  config = registry.spec(model).config_class(**OVERRIDES.get(model, {}))
   tf.random.set_seed(7)
   if model in NOISY:
     return _deterministic_class(model)(config, NUM_WAYS, DIM)
@@ -76,9 +75,10 @@ NOISY = {"leo": "LEO", "hallucination": "Hallucination"}
 
 
 def _deterministic_class(model):
+  import importlib
   from leo_suite.models import registry
 
-  class _Deterministic(getattr(registry.learner_module(model), NOISY[model])):
+  class _Deterministic(getattr(importlib.import_module(registry.LEARNERS[model]), NOISY[model])):
     """The learner on its training=False path (LEO: no dropout/latent noise;
     hallucination: G's fixed evaluation noise), everything else (relation net,
     both second-order inner loops, penalties, G's gradients) unchanged: replicas

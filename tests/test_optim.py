@@ -119,6 +119,6 @@ def test_each_learner_names_its_reference_chain(model, expected):
     ("r2d2", dict(lambda_init=0.0), "--r2d2_lambda_init"),
 ])
 def test_every_config_validates_itself_when_the_registry_builds_it(model, bad, flag):
-  config = registry.learner_module(model).Config(**bad)
+  config = registry.spec(model).config_class(**bad)
   with pytest.raises(errors.ConfigError, match=flag):
     registry.build(model, config, 5, 8)

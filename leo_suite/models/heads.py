@@ -315,7 +315,8 @@ class HeadConfig:
 
 
 class HeadLearner(base.Learner):
-  """The core of MAML, iMAML and L2F: a meta-learned head theta adapted per task.
+  """The core of MAML, iMAML, L2F, Meta-LSTM and Reptile: a meta-learned head
+  theta adapted per task.
 
   Subclasses say how the fast weights are adapted (`adapt`); this class holds
   theta (`self.head`), the per-task mean support cross-entropy and its

@@ -65,7 +65,6 @@ from leo_suite.errors import ConfigError
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = "imaml_"
 
 VARIANTS = ("paper", "reference")
 # imaml_dev's `matrix_evaluator(lam_damping=10.0)`: added to lam in the HVP term.
@@ -74,21 +73,11 @@ REFERENCE_LAM_DAMPING = 10.0
 CG_RESIDUAL_TOL = 1e-10
 
 
-# imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
-# clipping. Fields of leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.51 / 1.32 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
-
-
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """iMAML hyper-parameters (paper + imaml_dev defaults, except lam, inner_lr
   and head_init: see "Defaults on embeddings" in the module docstring)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "imaml_"
   inner_steps: int = base.option(16, "Number of inner gradient steps approximating phi* (paper "
               "GD variant: 16 for 5-way). Not backpropagated through.")
   inner_lr: float = base.option(1.0, "Inner step size alpha of the inner gradient steps (imaml_dev "
@@ -346,3 +335,15 @@ class IMAML(heads.HeadLearner):
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> IMAML:
   return IMAML(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="imaml", build=build, config_class=Config,
+    # imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
+    # clipping. Fields of leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.51 / 1.32 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

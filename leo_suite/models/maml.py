@@ -41,24 +41,11 @@ from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = "maml_"
-
-
-# The reference's outer loop (cbfinn/maml): Adam at meta_lr 1e-3; its only
-# clipping is by value to +-10 (miniImageNet); TF1 Adam epsilon 1e-8. Fields
-# of leo_suite.training.optim.OuterConfig (the rest keep its defaults).
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.36 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ("eval_inner_steps",)
-
 
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """MAML / Meta-SGD hyperparameters (flags --maml_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "maml_"
   eval_inner_steps: int = base.option(
       10, "Inner gradient steps per task at evaluation (the MAML paper "
               "tests with 10); inner_steps is T during meta-training "
@@ -160,3 +147,17 @@ class MAML(heads.HeadLearner):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):
   return MAML(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="maml", build=build, config_class=Config,
+    # The reference's outer loop (cbfinn/maml): Adam at meta_lr 1e-3; its only
+    # clipping is by value to +-10 (miniImageNet); TF1 Adam epsilon 1e-8. Fields
+    # of leo_suite.training.optim.OuterConfig (the rest keep its defaults).
+    outer_defaults=dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.36 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+    eval_fields=("eval_inner_steps",),
+)

@@ -12,7 +12,7 @@ No query loss enters it and nothing is differentiated through the inner loop
 (`adapt` runs a `tf.while_loop` on stop_gradient-ed tensors).
 
 Through the shared trainer: `loss_and_gradients` returns the "gradient"
-g = theta - mean_b W_b, and OUTER_DEFAULTS is plain SGD at rate epsilon
+g = theta - mean_b W_b, and SPEC.outer_defaults is plain SGD at rate epsilon
 without clipping, so the trainer's theta - epsilon * g is exactly Reptile's
 update. Of the trainer's chain: the NaN guard applies (a non-finite W_b skips
 the step); clipping (--gradient_threshold, --gradient_norm_threshold) only if
@@ -75,22 +75,14 @@ import tensorflow as tf
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = "reptile_"
 INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_EPSILON = 1e-8  # TF1 AdamOptimizer's default, as the reference
-
-# The outer update theta - epsilon * (theta - mean W) is SGD at rate epsilon
-# on the returned "gradient"; no clipping (Reptile has none). Fields of
-# leo_suite.training.optim.OuterConfig. epsilon = 1.0 (the reference anneals
-# 1 -> 0; measured in the module docstring).
-OUTER_DEFAULTS = dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0)
-EVAL_FIELDS = ("eval_inner_steps",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """Reptile hyper-parameters (flags --reptile_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "reptile_"
   inner_steps: int = base.option(
       8, "k, the inner optimizer steps per task during meta-training "
          "(supervised-reptile: 5 Omniglot, 8 miniImageNet).")
@@ -254,3 +246,14 @@ class Reptile(heads.HeadLearner):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32") -> Reptile:
   return Reptile(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="reptile", build=build, config_class=Config,
+    # The outer update theta - epsilon * (theta - mean W) is SGD at rate epsilon
+    # on the returned "gradient"; no clipping (Reptile has none). Fields of
+    # leo_suite.training.optim.OuterConfig. epsilon = 1.0 (the reference anneals
+    # 1 -> 0; measured in the module docstring).
+    outer_defaults=dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0),
+    eval_fields=("eval_inner_steps",),
+)

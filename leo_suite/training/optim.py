@@ -10,8 +10,8 @@ meta-parameter):
 the last one are added to the parameters. `OptimizerState` keeps a chain's
 state in checkpointable tf.Variables and applies one step.
 
-Each learner names its chain's defaults (`OuterConfig`, the learner module's
-`OUTER_DEFAULTS`): LEO's release uses
+Each learner names its chain's defaults (`OuterConfig`, the learner spec's
+`outer_defaults`): LEO's release uses
 
     chain(nan_guard, clip_by_value(0.1), clip_by_tensor_norm(0.1), adam(1e-4))
 
