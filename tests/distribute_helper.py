@@ -95,6 +95,7 @@ def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
   import tensorflow as tf
   from leo_suite import distribute
   from leo_suite.data import episodes
+  from leo_suite.models import transforms
   from leo_suite.training import optim
   from leo_suite.training import trainer as trainer_lib
   sampler = episodes.EpisodeSampler(make_split(), episodes.EpisodeSpec(
@@ -111,7 +112,7 @@ def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
       def share(e, s):
         loss, grads, metrics = distribute.scaled_loss_and_gradients(
             trainer._replica_compute, e, s, BATCH)
-        clip = optim.chain(optim.clip_by_value(0.1), optim.clip_by_tensor_norm(0.1))
+        clip = transforms.chain(transforms.clip_by_value(0.1), transforms.clip_by_tensor_norm(0.1))
         grads = [g * strategy.num_replicas_in_sync for g in grads]
         return loss, clip.update(grads, clip.init(grads))[0], metrics
       loss, grads, metrics = distribute.sum_over_replicas(

@@ -64,6 +64,7 @@ import tensorflow as tf
 from leo_suite.errors import ConfigError
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import transforms
 
 
 VARIANTS = ("paper", "reference")
@@ -204,29 +205,20 @@ def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
   reference: phi_{t+1} = phi_t - inner_lr grad L(phi_t), then once
              phi <- phi - inner_lr lam (phi - theta).
   theta: list of [B, ...] tensors; loss_fn(phi) -> per-task losses [B].
-  A `tf.while_loop` over stop_gradient-ed tensors: the graph and the memory
+  heads.adapt_loop with a proximal term then SGD (transforms): a
+  `tf.while_loop` over stop_gradient-ed tensors, so the graph and the memory
   are the same for any num_steps and no enclosing tape records the steps.
   """
   if variant not in VARIANTS:
     raise ValueError(f"unknown iMAML variant {variant!r}; choose from {VARIANTS}")
   theta = [tf.stop_gradient(t) for t in theta]
   proximal = 1.0 if variant == "paper" else 0.0
-
-  def body(step, *phi):
-    phi = list(phi)
-    with tf.GradientTape() as tape:
-      tape.watch(phi)
-      loss = tf.reduce_sum(loss_fn(phi))
-    grads = tape.gradient(loss, phi,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    new_phi = [p - inner_lr * (g + proximal * lam * (p - t))
-               for p, g, t in zip(phi, grads, theta)]
-    return [step + 1] + new_phi
-
-  outputs = tf.while_loop(
-      lambda step, *_: step < num_steps, body,
-      [tf.constant(0)] + list(theta))
-  phi = [tf.stop_gradient(p) for p in outputs[1:]]
+  total_loss = lambda phi: tf.reduce_sum(loss_fn(phi))
+  phi = heads.adapt_loop(
+      lambda phi, step: heads.loss_gradients(total_loss, phi)[1], theta,
+      transforms.chain(transforms.add_proximal(theta, proximal * lam),
+                       transforms.sgd(inner_lr)),
+      num_steps, differentiable=False)
   if variant == "reference":
     phi = [p - inner_lr * lam * (p - t) for p, t in zip(phi, theta)]
   return phi

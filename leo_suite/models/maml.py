@@ -40,6 +40,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import transforms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +67,6 @@ LossFn = Callable[[List[tf.Tensor]], tf.Tensor]
 GradFn = Callable[[List[tf.Tensor]], List[tf.Tensor]]
 
 
-def loss_gradients(loss_fn: LossFn, params: Sequence[tf.Tensor]):
-  """(loss_fn(params), d loss_fn / d params); recorded by any outer tape."""
-  params = list(params)
-  with tf.GradientTape() as tape:
-    tape.watch(params)
-    loss = loss_fn(params)
-  grads = tape.gradient(loss, params,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return loss, grads
-
-
 def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
                lrs: Union[float, tf.Tensor, Sequence], steps: int,
                first_order: bool = False,
@@ -98,15 +88,12 @@ def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
     lrs = [lrs] * len(params)
   if len(lrs) != len(params):
     raise ValueError(f"got {len(lrs)} learning rates for {len(params)} params")
-  for _ in range(int(steps)):
-    if gradient_fn is None:
-      _, grads = loss_gradients(loss_fn, params)
-    else:
-      grads = gradient_fn(params)
-    if first_order:
-      grads = [tf.stop_gradient(g) for g in grads]
-    params = [p - lr * g for p, lr, g in zip(params, lrs, grads)]
-  return params
+  if gradient_fn is None:
+    gradients = lambda fast_weights, step: heads.loss_gradients(loss_fn, fast_weights)[1]
+  else:
+    gradients = lambda fast_weights, step: gradient_fn(fast_weights)
+  return heads.adapt_loop(gradients, params, transforms.scale_by_rates(lrs), steps,
+                          first_order=first_order)
 
 
 class MAML(heads.HeadLearner):

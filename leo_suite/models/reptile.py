@@ -74,6 +74,7 @@ import tensorflow as tf
 
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import transforms
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_EPSILON = 1e-8  # TF1 AdamOptimizer's default, as the reference
@@ -142,29 +143,14 @@ def inner_loop(gradient_fn: GradFn, params: Sequence[tf.Tensor], *, steps,
         m / (sqrt(v) + 1e-8), element-wise (so per task for [B, ...] params).
   gradient_fn(params, step) -> gradients of the loss at params (a list like
   params); `step` (int32 scalar tensor) lets it draw a mini-batch per step.
-  A tf.while_loop: the graph is the same for any `steps` (eval runs 50).
+  heads.adapt_loop with transforms.sgd / transforms.adam: a tf.while_loop,
+  the graph is the same for any `steps` (eval runs 50).
   """
   if optimizer not in INNER_OPTIMIZERS:
     raise ValueError(f"unknown inner optimizer {optimizer!r}; choose from {INNER_OPTIMIZERS}")
-  params = [tf.stop_gradient(tf.convert_to_tensor(p)) for p in params]
-  dtype = params[0].dtype
-  moments = ([tf.zeros_like(p) for p in params], [tf.zeros_like(p) for p in params])
-
-  def body(step, params, moments):
-    grads = gradient_fn(params, step)
-    if optimizer == "sgd":
-      return step + 1, [p - learning_rate * g for p, g in zip(params, grads)], moments
-    t = tf.cast(step + 1, dtype)
-    rate = learning_rate * tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    first = [beta1 * m + (1.0 - beta1) * g for m, g in zip(moments[0], grads)]
-    second = [beta2 * v + (1.0 - beta2) * tf.square(g) for v, g in zip(moments[1], grads)]
-    params = [p - rate * m / (tf.sqrt(v) + ADAM_EPSILON)
-              for p, m, v in zip(params, first, second)]
-    return step + 1, params, (first, second)
-
-  _, params, _ = tf.while_loop(lambda step, *_: step < steps, body,
-                               (tf.constant(0), params, moments))
-  return [tf.stop_gradient(p) for p in params]
+  update = (transforms.sgd(learning_rate) if optimizer == "sgd" else
+            transforms.adam(learning_rate, beta1, beta2, epsilon=ADAM_EPSILON))
+  return heads.adapt_loop(gradient_fn, params, update, steps, differentiable=False)
 
 
 def minibatch_gradient_fn(inputs, labels, batch_size: int, seed) -> GradFn:
