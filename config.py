@@ -4,7 +4,7 @@ Groups (as `--helpfull` lists them): LEO's release flags (data, episodes,
 outer loop and checkpoints: same names and defaults), the runner's, and one
 group per learner generated from that learner's `Config` dataclass
 (`--<prefix><field>`, help in the paper's notation). The outer-loop flags
-default to the chosen learner's reference values (its OUTER_DEFAULTS; LEO's
+default to the chosen learner's reference values (its spec's outer_defaults; LEO's
 are the release's). The library never reads flags: `settings()` turns them
 into the plain dict a run directory stores (leo_suite/training/run.py).
 """
@@ -99,7 +99,7 @@ _flag(flags.DEFINE_boolean, "deterministic",
 _flag(flags.DEFINE_enum, "jit_compile",
       "Compile the meta-training step (and evaluation's adaptation) with XLA: 'auto' "
       "does for the learners whose XLA step measured faster at 1 and 5 shots "
-      "(scripts/benchmark.py: maml, imaml, l2f, protonet, meta_lstm, hallucination, "
+      "(scripts/benchmark.py: leo, maml, imaml, l2f, protonet, meta_lstm, hallucination, "
       "snail); a graph XLA cannot compile falls back to plain "
       "TF with one log line.", ["auto", "true", "false"])
 _flag(flags.DEFINE_enum, "evaluation_method",
@@ -172,11 +172,11 @@ def _learner_group(name):
 
 
 def _define_learner_flags():
-  """One flag per learner Config field, named <FLAG_PREFIX><field>."""
+  """One flag per learner Config field, named <flag_prefix><field>."""
   for name in registry.available():
-    module = registry.learner_module(name)
-    for field, default, help_text in base.config_fields(module.Config):
-      _FLAG_TYPES[type(default)](module.FLAG_PREFIX + field, default, help_text or field,
+    spec = registry.spec(name)
+    for field, default, help_text in base.config_fields(spec.config_class):
+      _FLAG_TYPES[type(default)](spec.flag_prefix + field, default, help_text or field,
                                  module_name=_learner_group(name))
 
 

@@ -61,8 +61,7 @@ def build_learner(model):
   import tensorflow as tf
   from leo_suite.models import leo
   from leo_suite.models import registry
-  module = registry.learner_module(model)
-  config = module.Config(**OVERRIDES.get(model, {}))
+  config = registry.spec(model).config_class(**OVERRIDES.get(model, {}))
   tf.random.set_seed(7)
   if model in NOISY:
     return _deterministic_class(model)(config, NUM_WAYS, DIM)
@@ -74,9 +73,10 @@ NOISY = {"leo": "LEO", "hallucination": "Hallucination"}
 
 
 def _deterministic_class(model):
+  import importlib
   from leo_suite.models import registry
 
-  class _Deterministic(getattr(registry.learner_module(model), NOISY[model])):
+  class _Deterministic(getattr(importlib.import_module(registry.LEARNERS[model]), NOISY[model])):
     """The learner on its training=False path (LEO: no dropout/latent noise;
     hallucination: G's fixed evaluation noise), everything else (relation net,
     both second-order inner loops, penalties, G's gradients) unchanged: replicas
@@ -93,6 +93,7 @@ def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
   import tensorflow as tf
   from leo_suite import distribute
   from leo_suite.data import episodes
+  from leo_suite.models import transforms
   from leo_suite.training import optim
   from leo_suite.training import trainer as trainer_lib
   sampler = episodes.EpisodeSampler(make_split(), episodes.EpisodeSpec(
@@ -109,7 +110,7 @@ def train_two_steps(strategy, model, checkpoint_path, per_replica_clip=False):
       def share(e, s):
         loss, grads, metrics = distribute.scaled_loss_and_gradients(
             trainer._replica_compute, e, s, BATCH)
-        clip = optim.chain(optim.clip_by_value(0.1), optim.clip_by_tensor_norm(0.1))
+        clip = transforms.chain(transforms.clip_by_value(0.1), transforms.clip_by_tensor_norm(0.1))
         grads = [g * strategy.num_replicas_in_sync for g in grads]
         return loss, clip.update(grads, clip.init(grads))[0], metrics
       loss, grads, metrics = distribute.sum_over_replicas(

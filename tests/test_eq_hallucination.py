@@ -36,8 +36,8 @@ def generator_gradients_through_meta_loss(learner, episode):
 
 
 def learner_of(name):
-  module = registry.learner_module(name)
-  return module.build(module.Config(), NUM_WAYS, DIM, "float64")
+  spec = registry.spec(name)
+  return spec.build(spec.config_class(), NUM_WAYS, DIM, "float64")
 
 
 @pytest.mark.parametrize("base_model", BASES)

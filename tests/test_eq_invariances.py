@@ -40,8 +40,8 @@ SLOT_ASYMMETRIC = {"snail", "hallucination"}
 
 def build(name):
   tf.random.set_seed(1)
-  module = registry.learner_module(name)
-  return registry.build(name, module.Config(**CONFIGS[name]), NUM_WAYS, DIM, "float64")
+  return registry.build(name, registry.spec(name).config_class(**CONFIGS[name]), NUM_WAYS, DIM,
+                        "float64")
 
 
 def logits(learner, support_x, support_y, query_x):

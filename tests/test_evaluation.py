@@ -38,8 +38,7 @@ def clustered_split(counts, dim=DIM, spread=1.3, seed=0):
 
 def learner(model, num_ways):
   tf.random.set_seed(3)
-  module = registry.learner_module(model)
-  return registry.build(model, module.Config(), num_ways, DIM)
+  return registry.build(model, registry.spec(model).config_class(), num_ways, DIM)
 
 
 def both_paths(model, split, spec, num_tasks=37, batch_size=8):

@@ -277,8 +277,8 @@ def test_nan_batch_is_skipped_and_every_variable_stays_finite(tiny_data, tmp_pat
   split = embeddings.load_dataset_split(tiny_data, "tiny", "center", "train")
   sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 4), "train")
   tf.random.set_seed(0)
-  module = registry.learner_module("leo")
-  learner = registry.build("leo", module.Config(num_latents=4), 3, split.dim)
+  learner = registry.build("leo", registry.spec("leo").config_class(num_latents=4), 3,
+                           split.dim)
   poisoned_steps = {2, 3}
   real_dataset = sampler.dataset
 

@@ -39,7 +39,7 @@ def logits_of(learner, episode, training=False, seed=SEED):
 def base_twin(learner):
   """The base learner alone (default Config) with `learner`'s base variables."""
   name = learner.config.base_model
-  twin = registry.build(name, registry.learner_module(name).Config(), NUM_WAYS, DIM,
+  twin = registry.build(name, registry.spec(name).config_class(), NUM_WAYS, DIM,
                         learner.dtype.name)
   assert len(twin.variables) == len(learner.base_learner.variables)
   for mine, theirs in zip(learner.base_learner.variables, twin.variables):

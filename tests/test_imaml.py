@@ -546,7 +546,7 @@ def test_config_fields_have_help_and_flag_types():
   for field in dataclasses.fields(imaml.Config):
     assert field.metadata.get("help")
     assert type(field.default) in (int, float, bool, str)
-  assert imaml.FLAG_PREFIX == "imaml_"
+  assert imaml.SPEC.flag_prefix == "imaml_"
   defaults = imaml.Config()
   assert (defaults.lam, defaults.cg_steps, defaults.variant) == (0.2, 5, "paper")
   assert (defaults.inner_lr, defaults.head_init) == (1.0, "zeros")

@@ -12,6 +12,7 @@ import tensorflow as tf
 from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import leo
+from leo_suite.models import transforms
 
 N, K, V, D = 3, 2, 4, 16
 SEED = tf.constant([3, 4], tf.int32)
@@ -250,7 +251,7 @@ def test_meta_training_lowers_the_query_loss():
   from leo_suite.training import optim
   model = make_model(dataclasses.replace(TEST_CONFIG, dropout_rate=0.0))
   episode = make_episode(num_tasks=4)
-  adam = optim.OptimizerState(optim.adam(1e-2), model.trainable_variables)
+  adam = optim.OptimizerState(transforms.adam(1e-2), model.trainable_variables)
   before = float(model.meta_loss(episode, training=False, seed=SEED)[1]["query_loss"])
   for step in range(30):
     loss, grads, _ = model.loss_and_gradients(episode, seed=tf.constant([0, step]))

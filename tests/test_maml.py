@@ -134,7 +134,7 @@ def test_closed_form_head_gradients_match_autodiff_to_second_order(hidden_sizes)
 
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(fast)
-    _, autodiff = maml.loss_gradients(loss_fn, fast)
+    _, autodiff = heads.loss_gradients(loss_fn, fast)
     closed_form = heads.head_cross_entropy_gradients(fast, x, y)
     autodiff_probe = probed_gradient(autodiff)
     closed_form_probe = probed_gradient(closed_form)

@@ -234,7 +234,7 @@ def test_meta_trained_meta_lstm_reaches_the_class_mean_baseline(tmp_path):
   tf.random.set_seed(0)
   learner = meta_lstm.build(meta_lstm.Config(hidden_sizes=""), NUM_WAYS, DIM, "float32")
   accuracy, ncm, _ = common.meta_train_and_score(
-      learner, tmp_path, outer=optim.OuterConfig(**meta_lstm.OUTER_DEFAULTS))
+      learner, tmp_path, outer=optim.OuterConfig(**meta_lstm.SPEC.outer_defaults))
   assert ncm > 0.5
   assert accuracy >= ncm - 0.03, (accuracy, ncm)
 
@@ -247,6 +247,6 @@ def test_meta_training_the_default_mlp_head_recovers_from_its_random_layer(tmp_p
   tf.random.set_seed(0)
   learner = meta_lstm.build(meta_lstm.Config(), NUM_WAYS, DIM, "float32")
   accuracy, ncm, at_init = common.meta_train_and_score(
-      learner, tmp_path, outer=optim.OuterConfig(**meta_lstm.OUTER_DEFAULTS))
+      learner, tmp_path, outer=optim.OuterConfig(**meta_lstm.SPEC.outer_defaults))
   assert accuracy >= at_init + 0.1, (accuracy, at_init, ncm)
   assert accuracy >= ncm - 0.12, (accuracy, ncm)

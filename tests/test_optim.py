@@ -6,13 +6,14 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.models import registry
+from leo_suite.models import transforms
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
 
 
 def test_clip_by_value_then_per_tensor_norm_matches_hand_computed_values():
   grads = [tf.constant([0.3, -0.05, 0.02], tf.float64), tf.constant([[0.01, -0.2]], tf.float64)]
-  clip = optim.chain(optim.clip_by_value(0.1), optim.clip_by_tensor_norm(0.1))
+  clip = transforms.chain(transforms.clip_by_value(0.1), transforms.clip_by_tensor_norm(0.1))
   out, _ = clip.update(grads, clip.init(grads))
   # Tensor 1: by value -> [0.1, -0.05, 0.02], norm sqrt(0.0129) = 0.11358 > 0.1.
   norm = np.sqrt(0.1 ** 2 + 0.05 ** 2 + 0.02 ** 2)
@@ -31,7 +32,7 @@ def test_adam_is_tf1_adam():
   """Three steps against tf.compat.v1.train.AdamOptimizer (the release's)."""
   start = np.array([0.5, -1.0, 2.0])
   grads = [np.array([0.1, -0.3, 0.2]), np.array([-0.2, 0.1, 0.0]), np.array([0.4, 0.4, -0.1])]
-  adam = optim.adam(0.01, epsilon=1e-3)  # large enough that its placement matters
+  adam = transforms.adam(0.01, epsilon=1e-3)  # large enough that its placement matters
   params = [tf.constant(start)]
   state = adam.init(params)
   for g in grads:
@@ -119,6 +120,6 @@ def test_each_learner_names_its_reference_chain(model, expected):
     ("r2d2", dict(lambda_init=0.0), "--r2d2_lambda_init"),
 ])
 def test_every_config_validates_itself_when_the_registry_builds_it(model, bad, flag):
-  config = registry.learner_module(model).Config(**bad)
+  config = registry.spec(model).config_class(**bad)
   with pytest.raises(errors.ConfigError, match=flag):
     registry.build(model, config, 5, 8)

@@ -15,7 +15,7 @@ HEAD_LEARNERS = ("maml", "imaml", "reptile", "meta_lstm", "l2f")
 
 
 def build(name, **overrides):
-  config = registry.learner_module(name).Config(head_init="proto", **overrides)
+  config = registry.spec(name).config_class(head_init="proto", **overrides)
   return registry.build(name, config, NUM_WAYS, DIM, "float64")
 
 

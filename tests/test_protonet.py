@@ -294,7 +294,7 @@ def test_meta_trained_protonet_reaches_the_class_mean_baseline(tmp_path):
   tf.random.set_seed(0)
   learner = protonet.build(protonet.Config(), NUM_WAYS, DIM, "float32")
   accuracy, ncm, at_init = common.meta_train_and_score(
-      learner, tmp_path, outer_lr=protonet.OUTER_DEFAULTS["learning_rate"])
+      learner, tmp_path, outer_lr=protonet.SPEC.outer_defaults["learning_rate"])
   assert ncm > 0.5  # learnable; chance is 0.2
   assert at_init == pytest.approx(ncm, abs=0.01)
   assert accuracy >= ncm - 0.02, (accuracy, ncm)

@@ -420,7 +420,7 @@ def test_every_config_field_has_help():
   for name, default, help_text in base.config_fields(r2d2.Config):
     assert help_text, name
     assert isinstance(default, (int, float, bool, str)), name
-  assert r2d2.FLAG_PREFIX == "r2d2_"
+  assert r2d2.SPEC.flag_prefix == "r2d2_"
   assert dataclasses.is_dataclass(r2d2.Config)
 
 

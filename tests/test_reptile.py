@@ -147,7 +147,7 @@ def test_one_trainer_step_with_sgd_at_epsilon_is_exactly_reptiles_update(tmp_pat
   adapted = learner.adapt(tf.concat([episode.support_x, episode.query_x], 2),
                           tf.concat([episode.support_y, episode.query_y], 2),
                           training=True, seed=SEED)
-  outer = optim.OuterConfig(**dict(reptile.OUTER_DEFAULTS, learning_rate=epsilon))
+  outer = optim.OuterConfig(**dict(reptile.SPEC.outer_defaults, learning_rate=epsilon))
   trainer = trainer_lib.Trainer(learner, trainer_lib.TrainConfig(
       checkpoint_path=str(tmp_path), metatrain_batch_size=4, outer=outer), None)
   trainer.train_step(episode, 0)
@@ -162,7 +162,7 @@ def test_outer_defaults_are_plain_sgd_and_the_demo_preset_keeps_epsilon(tmp_path
   defaults = run_lib.outer_defaults("reptile")
   assert defaults["outer_optimizer"] == "sgd" and defaults["outer_lr"] == 1.0
   assert defaults["gradient_threshold"] == 0 and defaults["gradient_norm_threshold"] == 0
-  chain = optim.build_chain(optim.OuterConfig(**reptile.OUTER_DEFAULTS))
+  chain = optim.build_chain(optim.OuterConfig(**reptile.SPEC.outer_defaults))
   grads = [tf.constant([3.0, -40.0])]
   updates, _ = chain.update(grads, chain.init(grads), grads, loss=tf.constant(1.0))
   np.testing.assert_array_equal(updates[0].numpy(), [-3.0, 40.0])  # -epsilon g, unclipped
@@ -284,7 +284,7 @@ def test_meta_trained_reptile_stays_at_the_class_mean_baseline_on_the_toy(tmp_pa
   tf.random.set_seed(0)
   learner = reptile.build(reptile.Config(), NUM_WAYS, DIM, "float32")
   accuracy, ncm, at_init = common.meta_train_and_score(
-      learner, tmp_path, outer=optim.OuterConfig(**reptile.OUTER_DEFAULTS))
+      learner, tmp_path, outer=optim.OuterConfig(**reptile.SPEC.outer_defaults))
   assert ncm > 0.5
   assert at_init >= ncm - 0.02, (at_init, ncm)
   assert accuracy >= ncm - 0.04, (accuracy, ncm)

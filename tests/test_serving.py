@@ -62,7 +62,7 @@ def random_episode(rng, dim, batch=2):
 def make_run(run_dir, model, steps=2, dim=D, seed=0):
   """A runner-style run directory (config.json + CheckpointManager checkpoints)."""
   shutil.rmtree(run_dir, ignore_errors=True)  # a new run (a failed earlier build may have left one)
-  config = registry.learner_module(model).Config(**TINY[model])
+  config = registry.spec(model).config_class(**TINY[model])
   settings = run_lib.default_settings(model, config, num_classes=N,
                                       num_tr_examples_per_class=K, seed=seed, outer_lr=1e-2)
   run = run_lib.Run.new(str(run_dir), settings, dim, {"data_path": "", "sha256": {}})

@@ -110,8 +110,7 @@ def test_whole_step_under_xla_matches_plain_and_keeps_the_nan_guard(tmp_path):
   results = {}
   for jit in (False, True):
     tf.random.set_seed(1)
-    module = registry.learner_module("maml")
-    learner = registry.build("maml", module.Config(), spec.num_ways, test_evaluation.DIM)
+    learner = registry.build("maml", registry.spec("maml").config_class(), spec.num_ways, test_evaluation.DIM)
     config = trainer_lib.TrainConfig(
         checkpoint_path=str(tmp_path / f"run_{jit}"), metatrain_batch_size=4, jit_compile=jit,
         outer=optim.OuterConfig(learning_rate=1e-2))
@@ -159,7 +158,7 @@ def test_compiled_step_draws_the_plain_steps_random_numbers(model):
   """Dropout, LEO's latent and weight samples and the generator's noise are
   drawn outside XLA and passed in, so the compiled loss and gradients equal
   plain TF's for the same seed (float64); another seed changes them."""
-  config = registry.learner_module(model).Config(**STOCHASTIC[model])
+  config = registry.spec(model).config_class(**STOCHASTIC[model])
   learner = registry.build(model, config, 3, test_evaluation.DIM, "float64")
   episode = random_episode(tf.float64)
   compute = lambda e, s: learner.loss_and_gradients(e, seed=s)[:2]
@@ -188,7 +187,7 @@ def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path):
   losses = {}
   for jit in (False, True):
     tf.random.set_seed(1)
-    learner = registry.build("leo", registry.learner_module("leo").Config(**STOCHASTIC["leo"]),
+    learner = registry.build("leo", registry.spec("leo").config_class(**STOCHASTIC["leo"]),
                              spec.num_ways, test_evaluation.DIM)
     config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / f"run_{jit}"),
                                      metatrain_batch_size=4, jit_compile=jit)
@@ -199,7 +198,7 @@ def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path):
   # LEO draws, so its step is a plain graph around the compiled call; a
   # learner that draws nothing is compiled as one call, as before.
   assert trainer._train_step._function.predrawn is True  # pylint: disable=protected-access
-  maml = registry.build("maml", registry.learner_module("maml").Config(), spec.num_ways,
+  maml = registry.build("maml", registry.spec("maml").config_class(), spec.num_ways,
                         test_evaluation.DIM)
   config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / "maml"),
                                    metatrain_batch_size=4, jit_compile=True)

@@ -99,7 +99,7 @@ def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
 def learner_config(model, overrides=None):
   """The learner's Config benchmarked: its defaults, LEARNER_CONFIGS, `overrides`."""
   fields = dict(LEARNER_CONFIGS.get(model, {}), **(overrides or {}))
-  return registry.learner_module(model).Config(**fields)
+  return registry.spec(model).config_class(**fields)
 
 
 def make_run(model, directory, overrides=None, **settings):

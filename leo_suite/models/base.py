@@ -21,7 +21,8 @@ a resumed run replay an uninterrupted one exactly.
 import contextlib
 import dataclasses
 import threading
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+import types
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import sonnet as snt
 import tensorflow as tf
@@ -289,3 +290,36 @@ def config_fields(config_cls):
   """(name, default, help) of a learner's frozen config dataclass."""
   return [(f.name, f.default, f.metadata.get("help", ""))
           for f in dataclasses.fields(config_cls)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSpec:
+  """One learner as the suite sees it, declared at the bottom of its module
+  and listed in registry.py.
+
+  `build(config, num_ways, embedding_dim, dtype)` -> Learner; `config_class`:
+  a frozen dataclass whose fields carry `metadata={"help": ...}` and whose
+  `flag_prefix` names its flags `--<flag_prefix><field>` (config.py);
+  `validate()` raises errors.ConfigError naming the flag. `outer_defaults`:
+  fields of leo_suite.training.optim.OuterConfig (its reference code's outer
+  loop); `eval_fields`: config fields that only change evaluation, which
+  evaluation may override; `xla_default` / `xla_readout`: --jit_compile=auto
+  compiles the meta-training step / evaluation's table readout with XLA
+  (training/xla.py); `supports_export`: serving can export it.
+  """
+  name: str
+  build: Callable[..., Learner]
+  config_class: type
+  outer_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_fields: Tuple[str, ...] = ()
+  xla_default: bool = False
+  xla_readout: bool = False
+  supports_export: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "outer_defaults", types.MappingProxyType(dict(self.outer_defaults)))
+    object.__setattr__(self, "eval_fields", tuple(self.eval_fields))
+
+  @property
+  def flag_prefix(self) -> str:
+    return self.config_class.flag_prefix

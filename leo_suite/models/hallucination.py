@@ -54,6 +54,7 @@ steps, 1000 test tasks): 90.5% test accuracy with ProtoNet as base (NCM
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import tensorflow as tf
 
@@ -63,16 +64,6 @@ from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import registry
 
-FLAG_PREFIX = "hallucination_"
-# ProtoNets' outer loop (the paper's PN / PMN are meta-trained end to end with
-# the generator): Adam 1e-3, no clipping. Fields of
-# leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.21 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
 # fold_in stream of the generator's training noise (the base learner's own
 # SeedStream counts from 1, so its seeds are untouched) and the evaluation seed.
 NOISE_STREAM = 0x4A11
@@ -82,6 +73,7 @@ EVAL_NOISE_SEED = (2018, 6)
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Hallucination hyperparameters (flags --hallucination_<field>)."""
+  flag_prefix: ClassVar[str] = "hallucination_"
   base_model: str = base.option(
       "protonet", "The meta-learner fed with the augmented support set (the "
               "paper: ProtoNet, matching network or PMN); any learner of the "
@@ -103,10 +95,10 @@ class Config:
     if self.base_model == "hallucination" or self.base_model not in registry.LEARNERS:
       choices = sorted(set(registry.available()) - {"hallucination"})
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}base_model={self.base_model!r}: choose one of "
+          f"--{self.flag_prefix}base_model={self.base_model!r}: choose one of "
           f"{', '.join(choices)}")
-    base.check_at_least(self, FLAG_PREFIX, {"num_hallucinated": 0, "noise_dim": 1})
-    heads.parse_hidden_sizes(self.hidden_sizes, FLAG_PREFIX + "hidden_sizes")
+    base.check_at_least(self, self.flag_prefix, {"num_hallucinated": 0, "noise_dim": 1})
+    heads.parse_hidden_sizes(self.hidden_sizes, self.flag_prefix + "hidden_sizes")
 
 
 def standard_normal(shape, seed, dtype):
@@ -169,12 +161,12 @@ class Hallucination(base.Learner):
     super().__init__(num_ways, embedding_dim, dtype=dtype, name=name)
     config.validate()
     self.config = config
-    module = registry.learner_module(config.base_model)
-    self.base_learner = module.build(module.Config(), num_ways, embedding_dim,
-                                     self.dtype.name)
+    base_spec = registry.spec(config.base_model)
+    self.base_learner = base_spec.build(base_spec.config_class(), num_ways, embedding_dim,
+                                        self.dtype.name)
     if type(self.base_learner).loss_and_gradients is not base.Learner.loss_and_gradients:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}base_model={config.base_model!r} computes its own "
+          f"--{config.flag_prefix}base_model={config.base_model!r} computes its own "
           "meta-gradient without differentiating through its support set, so "
           "the generator would not be trained; choose another base learner")
     self.generator = Generator(embedding_dim, config.noise_dim,
@@ -235,7 +227,7 @@ class Hallucination(base.Learner):
     unreached = [v.name for v, g in zip(variables, grads) if v.ref() in generator and g is None]
     if self.config.num_hallucinated and unreached:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}base_model={self.config.base_model!r}: no gradient of its "
+          f"--{self.config.flag_prefix}base_model={self.config.base_model!r}: no gradient of its "
           f"meta-loss reaches the generator ({', '.join(unreached)}): it does not "
           "differentiate through its support examples, so the generator would not be "
           "trained; choose another base learner")
@@ -255,3 +247,16 @@ def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> Hallucination:
   """Validates `config` and builds the learner (and its base learner)."""
   return Hallucination(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="hallucination", build=build, config_class=Config,
+    # ProtoNets' outer loop (the paper's PN / PMN are meta-trained end to end with
+    # the generator): Adam 1e-3, no clipping. Fields of
+    # leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.21 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

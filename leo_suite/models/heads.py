@@ -269,6 +269,57 @@ def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=Fal
           bias - lr_bias * tf.reduce_sum(total, axis=1)]
 
 
+def loss_gradients(loss_fn, params: Sequence[tf.Tensor]):
+  """(loss_fn(params), d loss_fn / d params); recorded by any outer tape."""
+  params = list(params)
+  with tf.GradientTape() as tape:
+    tape.watch(params)
+    loss = loss_fn(params)
+  grads = tape.gradient(loss, params,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  return loss, grads
+
+
+def adapt_loop(gradient_fn, params: Sequence[tf.Tensor], transform, steps, *,
+               differentiable: bool = True, first_order: bool = False) -> List[tf.Tensor]:
+  """The one inner loop of the gradient-based head learners, `steps` times
+
+      g_t = gradient_fn(phi_t, t);  u_t, s_t = transform.update(g_t, s_{t-1}, phi_t)
+      phi_{t+1} = phi_t + u_t,      phi_0 = params,  s_0 = transform.init(params)
+
+  `transform` (models/transforms.py) is what differs between learners: a
+  fixed or learned rate per parameter (MAML, Meta-SGD, L2F: Eq. 1 of Finn et
+  al.), SGD or Adam (Reptile's U^k), a proximal term then SGD (iMAML, Eq. 4).
+  gradient_fn(params, step) -> gradients like params (`step` lets Reptile
+  draw a mini-batch per step).
+
+  differentiable: a Python loop (`steps` a static int) that an outer tape
+  differentiates through, second order unless `first_order` (stop_gradient on
+  every g_t: d phi_T / d phi_0 = I). Otherwise a `tf.while_loop` on
+  stop_gradient-ed tensors with no gradient path: the graph and the memory are
+  the same for any `steps` (Reptile evaluates with 50).
+  """
+  params = list(params)
+  if differentiable:
+    state = transform.init(params)
+    for step in range(int(steps)):
+      grads = gradient_fn(params, step)
+      if first_order:
+        grads = [tf.stop_gradient(g) for g in grads]
+      updates, state = transform.update(grads, state, params)
+      params = [p + u for p, u in zip(params, updates)]
+    return params
+
+  def body(step, params, state):
+    updates, state = transform.update(gradient_fn(params, step), state, params)
+    return step + 1, [p + u for p, u in zip(params, updates)], state
+
+  params = [tf.stop_gradient(tf.convert_to_tensor(p)) for p in params]
+  _, params, _ = tf.while_loop(lambda step, *_: step < steps, body,
+                               (tf.constant(0), params, transform.init(params)))
+  return [tf.stop_gradient(p) for p in params]
+
+
 def task_mean_cross_entropy(logits, labels):
   """Each task's mean softmax cross-entropy [B] (logits [B, ..., N], labels [B, ...])."""
   per_example = base.cross_entropy(logits, labels)
@@ -315,7 +366,8 @@ class HeadConfig:
 
 
 class HeadLearner(base.Learner):
-  """The core of MAML, iMAML and L2F: a meta-learned head theta adapted per task.
+  """The core of MAML, iMAML, L2F, Meta-LSTM and Reptile: a meta-learned head
+  theta adapted per task.
 
   Subclasses say how the fast weights are adapted (`adapt`); this class holds
   theta (`self.head`), the per-task mean support cross-entropy and its

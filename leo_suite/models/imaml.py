@@ -65,8 +65,8 @@ from leo_suite.errors import ConfigError
 from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import transforms
 
-FLAG_PREFIX = "imaml_"
 
 VARIANTS = ("paper", "reference")
 # imaml_dev's `matrix_evaluator(lam_damping=10.0)`: added to lam in the HVP term.
@@ -75,21 +75,11 @@ REFERENCE_LAM_DAMPING = 10.0
 CG_RESIDUAL_TOL = 1e-10
 
 
-# imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
-# clipping. Fields of leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.51 / 1.32 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
-
-
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """iMAML hyper-parameters (paper + imaml_dev defaults, except lam, inner_lr
   and head_init: see "Defaults on embeddings" in the module docstring)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "imaml_"
   inner_steps: int = base.option(16, "Number of inner gradient steps approximating phi* (paper "
               "GD variant: 16 for 5-way). Not backpropagated through.")
   inner_lr: float = base.option(1.0, "Inner step size alpha of the inner gradient steps (imaml_dev "
@@ -216,29 +206,20 @@ def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
   reference: phi_{t+1} = phi_t - inner_lr grad L(phi_t), then once
              phi <- phi - inner_lr lam (phi - theta).
   theta: list of [B, ...] tensors; loss_fn(phi) -> per-task losses [B].
-  A `tf.while_loop` over stop_gradient-ed tensors: the graph and the memory
+  heads.adapt_loop with a proximal term then SGD (transforms): a
+  `tf.while_loop` over stop_gradient-ed tensors, so the graph and the memory
   are the same for any num_steps and no enclosing tape records the steps.
   """
   if variant not in VARIANTS:
     raise ValueError(f"unknown iMAML variant {variant!r}; choose from {VARIANTS}")
   theta = [tf.stop_gradient(t) for t in theta]
   proximal = 1.0 if variant == "paper" else 0.0
-
-  def body(step, *phi):
-    phi = list(phi)
-    with tf.GradientTape() as tape:
-      tape.watch(phi)
-      loss = tf.reduce_sum(loss_fn(phi))
-    grads = tape.gradient(loss, phi,
-                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    new_phi = [p - inner_lr * (g + proximal * lam * (p - t))
-               for p, g, t in zip(phi, grads, theta)]
-    return [step + 1] + new_phi
-
-  outputs = tf.while_loop(
-      lambda step, *_: step < num_steps, body,
-      [tf.constant(0)] + list(theta))
-  phi = [tf.stop_gradient(p) for p in outputs[1:]]
+  total_loss = lambda phi: tf.reduce_sum(loss_fn(phi))
+  phi = heads.adapt_loop(
+      lambda phi, step: heads.loss_gradients(total_loss, phi)[1], theta,
+      transforms.chain(transforms.add_proximal(theta, proximal * lam),
+                       transforms.sgd(inner_lr)),
+      num_steps, differentiable=False)
   if variant == "reference":
     phi = [p - inner_lr * lam * (p - t) for p, t in zip(phi, theta)]
   return phi
@@ -347,3 +328,15 @@ class IMAML(heads.HeadLearner):
 def build(config: Config, num_ways: int, embedding_dim: int,
           dtype="float32") -> IMAML:
   return IMAML(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="imaml", build=build, config_class=Config,
+    # imaml_dev's outer loop: Adam(lr, eps=1e-3) (README Omniglot lr 1e-3), no
+    # clipping. Fields of leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, adam_epsilon=1e-3, clip_value=0.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.51 / 1.32 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

@@ -47,22 +47,11 @@ import tensorflow as tf
 from leo_suite.models import base
 from leo_suite.models import maml
 
-FLAG_PREFIX = "l2f_"
-# The reference (MAML++ code): Adam 1e-3; it clamps the classifier's
-# gradients to +-10 (not the attenuator's): here every tensor's. Fields of
-# leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.28 / 1.12 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = maml.EVAL_FIELDS
-
 
 @dataclasses.dataclass(frozen=True)
 class Config(maml.Config):
   """MAML's hyperparameters (flags --l2f_<field>), an MLP head by default."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "l2f_"
   hidden_sizes: str = base.option(
       "64", "Hidden layer widths of the head f_theta, comma separated; the "
               "attenuator has L = 2 * (layers) inputs and outputs. '64' "
@@ -136,3 +125,17 @@ class L2F(maml.MAML):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):
   return L2F(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="l2f", build=build, config_class=Config,
+    # The reference (MAML++ code): Adam 1e-3; it clamps the classifier's
+    # gradients to +-10 (not the attenuator's): here every tensor's. Fields of
+    # leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.28 / 1.12 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+    eval_fields=maml.SPEC.eval_fields,
+)

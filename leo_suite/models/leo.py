@@ -33,6 +33,7 @@ layer is applied after the means over partners and shots.
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import tensorflow as tf
 
@@ -40,23 +41,10 @@ from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = ""  # LEO keeps the release's flag names.
-# The release's outer loop: clip by value 0.1, then each tensor to norm 0.1,
-# then Adam(1e-4, TF1 epsilon 1e-8): leo_suite.training.optim.OuterConfig's
-# defaults.
-OUTER_DEFAULTS = {}
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step), its dropout masks and samples drawn outside XLA
-# (training/xla.py's Predrawn): XLA/plain steps/s 1.19 / 1.17 at 1 / 5 shots
-# (scripts/benchmark.py --only=leo,r2d2,snail,hallucination
-# --skip=eval,memory,extraction,serving,map_fn on df5ce73; 0.69 / 0.76 on the
-# commit before, with the draws inside XLA).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  flag_prefix: ClassVar[str] = ""  # LEO keeps the release's flag names.
   inner_unroll_length: int = base.option(
       5, "T_z: latent-space adaptation steps z <- z - alpha grad_z L_tr (eq. 6).")
   finetuning_unroll_length: int = base.option(
@@ -318,3 +306,19 @@ class LEO(base.Learner):
             self.config.encoder_penalty_weight * penalty + self.regularization())
     return loss, {"query_loss": query_loss, "kl": kl, "encoder_penalty": penalty,
                   "accuracy": tf.reduce_mean(base.accuracy(logits, episode.query_y))}
+
+
+SPEC = base.LearnerSpec(
+    name="leo", build=build, config_class=Config,
+    # The release's outer loop: clip by value 0.1, then each tensor to norm 0.1,
+    # then Adam(1e-4, TF1 epsilon 1e-8): leo_suite.training.optim.OuterConfig's
+    # defaults.
+    outer_defaults={},
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step), its dropout masks and samples drawn outside XLA
+    # (training/xla.py's Predrawn): XLA/plain steps/s 1.19 / 1.17 at 1 / 5 shots
+    # (scripts/benchmark.py --only=leo,r2d2,snail,hallucination
+    # --skip=eval,memory,extraction,serving,map_fn on df5ce73; 0.69 / 0.76 on the
+    # commit before, with the draws inside XLA).
+    xla_default=True,
+)

@@ -41,25 +41,13 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import heads
-
-FLAG_PREFIX = "maml_"
-
-
-# The reference's outer loop (cbfinn/maml): Adam at meta_lr 1e-3; its only
-# clipping is by value to +-10 (miniImageNet); TF1 Adam epsilon 1e-8. Fields
-# of leo_suite.training.optim.OuterConfig (the rest keep its defaults).
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.36 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ("eval_inner_steps",)
+from leo_suite.models import transforms
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """MAML / Meta-SGD hyperparameters (flags --maml_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "maml_"
   eval_inner_steps: int = base.option(
       10, "Inner gradient steps per task at evaluation (the MAML paper "
               "tests with 10); inner_steps is T during meta-training "
@@ -78,17 +66,6 @@ class Config(heads.HeadConfig):
 
 LossFn = Callable[[List[tf.Tensor]], tf.Tensor]
 GradFn = Callable[[List[tf.Tensor]], List[tf.Tensor]]
-
-
-def loss_gradients(loss_fn: LossFn, params: Sequence[tf.Tensor]):
-  """(loss_fn(params), d loss_fn / d params); recorded by any outer tape."""
-  params = list(params)
-  with tf.GradientTape() as tape:
-    tape.watch(params)
-    loss = loss_fn(params)
-  grads = tape.gradient(loss, params,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return loss, grads
 
 
 def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
@@ -112,15 +89,12 @@ def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
     lrs = [lrs] * len(params)
   if len(lrs) != len(params):
     raise ValueError(f"got {len(lrs)} learning rates for {len(params)} params")
-  for _ in range(int(steps)):
-    if gradient_fn is None:
-      _, grads = loss_gradients(loss_fn, params)
-    else:
-      grads = gradient_fn(params)
-    if first_order:
-      grads = [tf.stop_gradient(g) for g in grads]
-    params = [p - lr * g for p, lr, g in zip(params, lrs, grads)]
-  return params
+  if gradient_fn is None:
+    gradients = lambda fast_weights, step: heads.loss_gradients(loss_fn, fast_weights)[1]
+  else:
+    gradients = lambda fast_weights, step: gradient_fn(fast_weights)
+  return heads.adapt_loop(gradients, params, transforms.scale_by_rates(lrs), steps,
+                          first_order=first_order)
 
 
 class MAML(heads.HeadLearner):
@@ -161,3 +135,17 @@ class MAML(heads.HeadLearner):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):
   return MAML(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="maml", build=build, config_class=Config,
+    # The reference's outer loop (cbfinn/maml): Adam at meta_lr 1e-3; its only
+    # clipping is by value to +-10 (miniImageNet); TF1 Adam epsilon 1e-8. Fields
+    # of leo_suite.training.optim.OuterConfig (the rest keep its defaults).
+    outer_defaults=dict(learning_rate=1e-3, clip_value=10.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.36 / 1.11 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+    eval_fields=("eval_inner_steps",),
+)

@@ -65,15 +65,11 @@ from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import embedding_maps
 
-FLAG_PREFIX = "matching_"
-OUTER_DEFAULTS = dict(learning_rate=1e-4, clip_value=0.0, clip_norm=0.0)
-EVAL_FIELDS = ()
-
 
 @dataclasses.dataclass(frozen=True)
 class Config(embedding_maps.MapMetricConfig):
   """Matching Networks hyperparameters (flags --matching_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "matching_"
   metric: str = embedding_maps.metric_field("cosine")
   map_dim: int = embedding_maps.map_dim_field(64)
   fce: bool = dataclasses.field(default=False, metadata={
@@ -91,7 +87,7 @@ class Config(embedding_maps.MapMetricConfig):
     super().validate()
     if self.fce_steps < 0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}fce_steps={self.fce_steps}: must be >= 0")
+          f"--{self.flag_prefix}fce_steps={self.fce_steps}: must be >= 0")
 
 
 class LSTMCell(snt.Module):
@@ -239,3 +235,9 @@ def build(config: Config, num_ways: int, embedding_dim: int,
   """Validates `config` and builds the learner."""
   config.validate()
   return MatchingNetwork(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="matching", build=build, config_class=Config,
+    outer_defaults=dict(learning_rate=1e-4, clip_value=0.0, clip_norm=0.0),
+)

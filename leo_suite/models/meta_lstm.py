@@ -78,26 +78,16 @@ from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = "meta_lstm_"
 VARIANTS = ("meta_lstm", "l2l")
 GATE_FEEDBACKS = ("logit", "gate")
 INIT_RANGE = 0.01  # twitter/meta-learning-lstm: every weight U(-0.01, 0.01)
 FORGET_BIAS_RANGE = (4.0, 5.0)  # its b_F ~ U(4, 5): f ~ 0.98-0.99 at first
 
-# twitter/meta-learning-lstm: Adam 1e-3, gradient clipped to global norm
-# 0.25 (here per tensor). Fields of leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.25)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 2.52 / 2.53 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
-
 
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """Meta-LSTM / L2L hyper-parameters (flags --meta_lstm_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "meta_lstm_"
   variant: str = base.option(
       "meta_lstm", "'meta_lstm' (Ravi & Larochelle: gated update c_t = f_t c_{t-1} "
                    "- i_t grad_t, query loss at theta_T) or 'l2l' (Andrychowicz et "
@@ -319,3 +309,15 @@ class MetaLSTM(heads.HeadLearner):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32") -> MetaLSTM:
   return MetaLSTM(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="meta_lstm", build=build, config_class=Config,
+    # twitter/meta-learning-lstm: Adam 1e-3, gradient clipped to global norm
+    # 0.25 (here per tensor). Fields of leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.25),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 2.52 / 2.53 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

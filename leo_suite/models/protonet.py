@@ -35,21 +35,14 @@ from typing import ClassVar
 
 import tensorflow as tf
 
+from leo_suite.models import base
 from leo_suite.models import embedding_maps
-
-FLAG_PREFIX = "protonet_"
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.15 / 1.06 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(embedding_maps.MapMetricConfig):
   """ProtoNet hyperparameters (flags --protonet_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "protonet_"
 
 
 class ProtoNet(embedding_maps.EmbeddingLearner):
@@ -84,3 +77,13 @@ def build(config: Config, num_ways: int, embedding_dim: int,
   """Validates `config` and builds the learner."""
   config.validate()
   return ProtoNet(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="protonet", build=build, config_class=Config,
+    outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.15 / 1.06 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

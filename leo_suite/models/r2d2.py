@@ -45,6 +45,7 @@ Notes on the reference implementation (bertinetto/r2d2) and this port:
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import sonnet as snt
 import tensorflow as tf
@@ -52,16 +53,11 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import base
 
-FLAG_PREFIX = "r2d2_"
-# bertinetto/r2d2: Adam 5e-3 (halved every 20 epochs there), no clipping;
-# PyTorch's Adam epsilon 1e-8. Fields of leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=5e-3, clip_value=0.0, clip_norm=0.0)
-EVAL_FIELDS = ()
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """R2D2 hyperparameters (flags --r2d2_<field>)."""
+  flag_prefix: ClassVar[str] = "r2d2_"
   lambda_init: float = base.option(
       50.0, "Initial ridge penalty lambda in W = X^T (X X^T + lambda I)^-1 Y "
               "(reference init_lambda = 50). Must be > 0.")
@@ -109,19 +105,19 @@ class Config:
     """Raises ConfigError naming the flag for a value R2D2 cannot run with."""
     if not self.lambda_init > 0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}lambda_init must be > 0, got {self.lambda_init}")
+          f"--{self.flag_prefix}lambda_init must be > 0, got {self.lambda_init}")
     if self.log_scale and not self.scale_init > 0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}scale_init must be > 0 with --{FLAG_PREFIX}log_scale, "
-          f"got {self.scale_init}; pass --no{FLAG_PREFIX}log_scale to learn "
+          f"--{self.flag_prefix}scale_init must be > 0 with --{self.flag_prefix}log_scale, "
+          f"got {self.scale_init}; pass --no{self.flag_prefix}log_scale to learn "
           "the scale directly")
     if self.projection_dim < 0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}projection_dim must be >= 0 (0 = no projection), got "
+          f"--{self.flag_prefix}projection_dim must be >= 0 (0 = no projection), got "
           f"{self.projection_dim}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}dropout_rate must be in [0, 1), got {self.dropout_rate}")
+          f"--{self.flag_prefix}dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
 
 def ridge_woodbury(x, y, lam):
@@ -266,3 +262,11 @@ def build(config: Config, num_ways: int, embedding_dim: int,
   """Validates `config` and builds the learner."""
   config.validate()
   return R2D2(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="r2d2", build=build, config_class=Config,
+    # bertinetto/r2d2: Adam 5e-3 (halved every 20 epochs there), no clipping;
+    # PyTorch's Adam epsilon 1e-8. Fields of leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=5e-3, clip_value=0.0, clip_norm=0.0),
+)

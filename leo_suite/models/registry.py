@@ -1,18 +1,13 @@
-"""Name -> learner module. Adding a learner is one file plus one line here.
+"""Name -> learner. Adding a learner is one file (ending in its
+`SPEC = base.LearnerSpec(...)`) plus one line here.
 
-Each learner module defines:
-  FLAG_PREFIX: prefix of its command-line flags ("" for LEO's release names);
-  Config: a frozen dataclass whose fields carry `metadata={"help": ...}`;
-          config.py turns every field into a flag `--<FLAG_PREFIX><field>`;
-          `Config.validate()` raises errors.ConfigError naming the flag;
-  OUTER_DEFAULTS: the learner's outer-loop defaults, a dict of fields of
-          leo_suite.training.optim.OuterConfig (its reference code's chain);
-  EVAL_FIELDS: Config fields that only change evaluation (e.g. the number of
-          inner steps at test time), which evaluation may override;
-  build(config, num_ways, embedding_dim, dtype) -> base.Learner.
+Modules are imported on first use, so a learner that builds another
+(hallucination's base learner) can look it up here.
 """
 
 import importlib
+
+from leo_suite.models import base
 
 LEARNERS = {
     "leo": "leo_suite.models.leo",
@@ -30,10 +25,11 @@ LEARNERS = {
 }
 
 
-def learner_module(name):
+def spec(name) -> base.LearnerSpec:
+  """The `LearnerSpec` of learner `name` (KeyError naming the choices)."""
   if name not in LEARNERS:
     raise KeyError(f"unknown model {name!r}; choose one of {sorted(LEARNERS)}")
-  return importlib.import_module(LEARNERS[name])
+  return importlib.import_module(LEARNERS[name]).SPEC
 
 
 def available():
@@ -41,7 +37,7 @@ def available():
   names = []
   for name in LEARNERS:
     try:
-      learner_module(name)
+      spec(name)
     except ModuleNotFoundError:
       continue
     names.append(name)
@@ -51,4 +47,4 @@ def available():
 def build(name, config, num_ways, embedding_dim, dtype="float32"):
   """Validates `config` (ConfigError naming the flag) and builds the learner."""
   config.validate()
-  return learner_module(name).build(config, num_ways, embedding_dim, dtype)
+  return spec(name).build(config, num_ways, embedding_dim, dtype)

@@ -62,24 +62,14 @@ from leo_suite.models import base
 from leo_suite.models import embedding_maps
 from leo_suite.models import heads
 
-# Evaluation's table path compiles this learner's readout (g on every
-# query-class pair of a class's rows) with XLA under --jit_compile=auto: it
-# fuses g's first-layer sum and ReLU with the rest of g (2,000 tasks at
-# V = all remaining, five alternating passes each, medians: 904 -> 1,324
-# tasks/s at 1-shot, 767 -> 765 at 5-shot: no gain there, no loss; the
-# timings are bimodal on the 2-core machine; scripts/benchmark.py measures it).
-XLA_READOUT = True
 
-FLAG_PREFIX = "relation_"
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.5)
-EVAL_FIELDS = ()
 POOLINGS = ("sum", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(embedding_maps.MapConfig):
   """Relation Network hyperparameters (flags --relation_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "relation_"
   map_dim: int = embedding_maps.map_dim_field(64)
   module_hidden_sizes: str = dataclasses.field(default="64,8", metadata={
       "help": "Hidden widths of the relation module g: 2d -> ... -> 1, comma "
@@ -103,14 +93,14 @@ class Config(embedding_maps.MapConfig):
   def validate(self):
     super().validate()
     heads.parse_hidden_sizes(self.module_hidden_sizes,
-                             FLAG_PREFIX + "module_hidden_sizes")
+                             self.flag_prefix + "module_hidden_sizes")
     if self.class_pooling not in POOLINGS:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}class_pooling={self.class_pooling!r}: choose one of "
+          f"--{self.flag_prefix}class_pooling={self.class_pooling!r}: choose one of "
           f"{', '.join(POOLINGS)}")
     if self.module_init not in embedding_maps.MLP_INITS:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}module_init={self.module_init!r}: choose one of "
+          f"--{self.flag_prefix}module_init={self.module_init!r}: choose one of "
           f"{', '.join(embedding_maps.MLP_INITS)}")
 
 
@@ -204,3 +194,16 @@ def build(config: Config, num_ways: int, embedding_dim: int,
   """Validates `config` and builds the learner."""
   config.validate()
   return RelationNetwork(config, num_ways, embedding_dim, dtype=dtype)
+
+
+SPEC = base.LearnerSpec(
+    name="relation", build=build, config_class=Config,
+    # Evaluation's table path compiles this learner's readout (g on every
+    # query-class pair of a class's rows) with XLA under --jit_compile=auto: it
+    # fuses g's first-layer sum and ReLU with the rest of g (2,000 tasks at
+    # V = all remaining, five alternating passes each, medians: 904 -> 1,324
+    # tasks/s at 1-shot, 767 -> 765 at 5-shot: no gain there, no loss; the
+    # timings are bimodal on the 2-core machine; scripts/benchmark.py measures it).
+    xla_readout=True,
+    outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.5),
+)

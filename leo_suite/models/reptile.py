@@ -12,7 +12,7 @@ No query loss enters it and nothing is differentiated through the inner loop
 (`adapt` runs a `tf.while_loop` on stop_gradient-ed tensors).
 
 Through the shared trainer: `loss_and_gradients` returns the "gradient"
-g = theta - mean_b W_b, and OUTER_DEFAULTS is plain SGD at rate epsilon
+g = theta - mean_b W_b, and SPEC.outer_defaults is plain SGD at rate epsilon
 without clipping, so the trainer's theta - epsilon * g is exactly Reptile's
 update. Of the trainer's chain: the NaN guard applies (a non-finite W_b skips
 the step); clipping (--gradient_threshold, --gradient_norm_threshold) only if
@@ -78,23 +78,16 @@ import tensorflow as tf
 from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import transforms
 
-FLAG_PREFIX = "reptile_"
 INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_EPSILON = 1e-8  # TF1 AdamOptimizer's default, as the reference
-
-# The outer update theta - epsilon * (theta - mean W) is SGD at rate epsilon
-# on the returned "gradient"; no clipping (Reptile has none). Fields of
-# leo_suite.training.optim.OuterConfig. epsilon = 1.0 (the reference anneals
-# 1 -> 0; measured in the module docstring).
-OUTER_DEFAULTS = dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0)
-EVAL_FIELDS = ("eval_inner_steps",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(heads.HeadConfig):
   """Reptile hyper-parameters (flags --reptile_<field>)."""
-  flag_prefix: ClassVar[str] = FLAG_PREFIX
+  flag_prefix: ClassVar[str] = "reptile_"
   inner_steps: int = base.option(
       8, "k, the inner optimizer steps per task during meta-training "
          "(supervised-reptile: 5 Omniglot, 8 miniImageNet).")
@@ -154,29 +147,14 @@ def inner_loop(gradient_fn: GradFn, params: Sequence[tf.Tensor], *, steps,
         m / (sqrt(v) + 1e-8), element-wise (so per task for [B, ...] params).
   gradient_fn(params, step) -> gradients of the loss at params (a list like
   params); `step` (int32 scalar tensor) lets it draw a mini-batch per step.
-  A tf.while_loop: the graph is the same for any `steps` (eval runs 50).
+  heads.adapt_loop with transforms.sgd / transforms.adam: a tf.while_loop,
+  the graph is the same for any `steps` (eval runs 50).
   """
   if optimizer not in INNER_OPTIMIZERS:
     raise ValueError(f"unknown inner optimizer {optimizer!r}; choose from {INNER_OPTIMIZERS}")
-  params = [tf.stop_gradient(tf.convert_to_tensor(p)) for p in params]
-  dtype = params[0].dtype
-  moments = ([tf.zeros_like(p) for p in params], [tf.zeros_like(p) for p in params])
-
-  def body(step, params, moments):
-    grads = gradient_fn(params, step)
-    if optimizer == "sgd":
-      return step + 1, [p - learning_rate * g for p, g in zip(params, grads)], moments
-    t = tf.cast(step + 1, dtype)
-    rate = learning_rate * tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    first = [beta1 * m + (1.0 - beta1) * g for m, g in zip(moments[0], grads)]
-    second = [beta2 * v + (1.0 - beta2) * tf.square(g) for v, g in zip(moments[1], grads)]
-    params = [p - rate * m / (tf.sqrt(v) + ADAM_EPSILON)
-              for p, m, v in zip(params, first, second)]
-    return step + 1, params, (first, second)
-
-  _, params, _ = tf.while_loop(lambda step, *_: step < steps, body,
-                               (tf.constant(0), params, moments))
-  return [tf.stop_gradient(p) for p in params]
+  update = (transforms.sgd(learning_rate) if optimizer == "sgd" else
+            transforms.adam(learning_rate, beta1, beta2, epsilon=ADAM_EPSILON))
+  return heads.adapt_loop(gradient_fn, params, update, steps, differentiable=False)
 
 
 def minibatch_gradient_fn(inputs, labels, batch_size: int, seed) -> GradFn:
@@ -261,3 +239,14 @@ class Reptile(heads.HeadLearner):
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32") -> Reptile:
   return Reptile(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="reptile", build=build, config_class=Config,
+    # The outer update theta - epsilon * (theta - mean W) is SGD at rate epsilon
+    # on the returned "gradient"; no clipping (Reptile has none). Fields of
+    # leo_suite.training.optim.OuterConfig. epsilon = 1.0 (the reference anneals
+    # 1 -> 0; measured in the module docstring).
+    outer_defaults=dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0),
+    eval_fields=("eval_inner_steps",),
+)

@@ -77,6 +77,7 @@ ceil(ln T) dense blocks; here ceil(log2 T), as in the paper.
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import sonnet as snt
 import tensorflow as tf
@@ -85,20 +86,6 @@ from leo_suite import errors
 from leo_suite.models import base
 from leo_suite.models import heads
 
-FLAG_PREFIX = "snail_"
-# Mishra et al. / eambutu/snail-pytorch: Adam at 1e-4, no clipping, PyTorch's
-# epsilon 1e-8, over tens of thousands of steps. On embeddings, with budgets of
-# a few thousand steps, 1e-3 (no clipping, epsilon 1e-8): Omniglot-small
-# meta-val 5w1s (README) 79.65% @4000 of 4000 steps at 1e-4, 91.61% @1750 of
-# 2000 at 1e-3; synthetic 5w1s, 600 steps (scripts/compare.py): 40.89% at 1e-4
-# (below NCM, 49.73%), see the README's compare table at 1e-3. `--outer_lr=1e-4`
-# restores the paper's rate. Fields of leo_suite.training.optim.OuterConfig.
-OUTER_DEFAULTS = dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0)
-# --jit_compile=auto compiles this learner's step with XLA (on one device the
-# whole step): XLA/plain steps/s 1.28 / 1.31 at 1 / 5 shots (scripts/benchmark.py,
-# runs/benchmark.json).
-XLA_DEFAULT = True
-EVAL_FIELDS = ()
 # fold_in stream of the queries' dropout mask (the support's uses the seed itself).
 QUERY_STREAM = 1
 
@@ -106,6 +93,7 @@ QUERY_STREAM = 1
 @dataclasses.dataclass(frozen=True)
 class Config:
   """SNAIL hyperparameters (flags --snail_<field>)."""
+  flag_prefix: ClassVar[str] = "snail_"
   input_dim: int = base.option(
       0, "d_in of a learned linear map P: D -> d_in applied to every "
          "embedding before its one-hot label is appended; 0 = the raw D-dim "
@@ -134,23 +122,23 @@ class Config:
 
   def key_value_sizes(self):
     """[(k, v), ...] of the attention blocks (ConfigError naming the flag)."""
-    keys = heads.parse_hidden_sizes(self.key_sizes, FLAG_PREFIX + "key_sizes")
-    values = heads.parse_hidden_sizes(self.value_sizes, FLAG_PREFIX + "value_sizes")
+    keys = heads.parse_hidden_sizes(self.key_sizes, self.flag_prefix + "key_sizes")
+    values = heads.parse_hidden_sizes(self.value_sizes, self.flag_prefix + "value_sizes")
     if not keys or len(keys) != len(values):
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}key_sizes={self.key_sizes!r} and "
-          f"--{FLAG_PREFIX}value_sizes={self.value_sizes!r}: need the same number "
+          f"--{self.flag_prefix}key_sizes={self.key_sizes!r} and "
+          f"--{self.flag_prefix}value_sizes={self.value_sizes!r}: need the same number "
           "(at least one) of attention blocks")
     return list(zip(keys, values))
 
   def validate(self):
     """Raises ConfigError naming the flag for a value SNAIL cannot run with."""
     self.key_value_sizes()
-    base.check_at_least(self, FLAG_PREFIX, {"input_dim": 0, "tc_filters": 1,
+    base.check_at_least(self, self.flag_prefix, {"input_dim": 0, "tc_filters": 1,
                                             "sequence_length": 2})
     if not 0.0 <= self.dropout_rate < 1.0:
       raise errors.ConfigError(
-          f"--{FLAG_PREFIX}dropout_rate={self.dropout_rate}: must be in [0, 1)")
+          f"--{self.flag_prefix}dropout_rate={self.dropout_rate}: must be in [0, 1)")
 
 
 def dilations(sequence_length):
@@ -392,3 +380,20 @@ class SNAIL(base.Learner):
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32") -> SNAIL:
   """Validates `config` and builds the learner."""
   return SNAIL(config, num_ways, embedding_dim, dtype=tf.as_dtype(dtype))
+
+
+SPEC = base.LearnerSpec(
+    name="snail", build=build, config_class=Config,
+    # Mishra et al. / eambutu/snail-pytorch: Adam at 1e-4, no clipping, PyTorch's
+    # epsilon 1e-8, over tens of thousands of steps. On embeddings, with budgets of
+    # a few thousand steps, 1e-3 (no clipping, epsilon 1e-8): Omniglot-small
+    # meta-val 5w1s (README) 79.65% @4000 of 4000 steps at 1e-4, 91.61% @1750 of
+    # 2000 at 1e-3; synthetic 5w1s, 600 steps (scripts/compare.py): 40.89% at 1e-4
+    # (below NCM, 49.73%), see the README's compare table at 1e-3. `--outer_lr=1e-4`
+    # restores the paper's rate. Fields of leo_suite.training.optim.OuterConfig.
+    outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0),
+    # --jit_compile=auto compiles this learner's step with XLA (on one device the
+    # whole step): XLA/plain steps/s 1.28 / 1.31 at 1 / 5 shots (scripts/benchmark.py,
+    # runs/benchmark.json).
+    xla_default=True,
+)

@@ -138,7 +138,7 @@ LEARNER_DEFAULT = {"steps": 60, "every": 10, "flags": []}
 #         2500: hence 3000 / 3000 / 2000 steps. XLA off (--jit_compile=false): on
 #         D = 64 its step is slower than plain (300-step runs, one at a time, steps/s
 #         XLA / plain: 5w1s 16.5 / 22.3, 5w5s 8.8 / 9.3, 20w1s 4.8 / 5.4), unlike
-#         the benchmark's D = 640 where XLA is faster (snail.XLA_DEFAULT).
+#         the benchmark's D = 640 where XLA is faster (snail.SPEC.xla_default).
 LEARNER_PRESETS = {
     ("leo", None, None): {"steps": 600, "every": 50, "flags": ["--outer_lr=3e-3",
                                                                "--finetuning_lr_init=3.0"]},

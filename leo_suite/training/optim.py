@@ -1,17 +1,10 @@
-"""The outer-loop update as a chain of pure (init, update) pairs, optax style.
+"""The outer-loop update: a chain of gradient transforms (optax style,
+leo_suite.models.transforms: the ones the inner loops use) behind a NaN guard.
+`OptimizerState` keeps a chain's state in checkpointable tf.Variables and
+applies one step.
 
-A `Transform` is two pure functions over lists of tensors (one per
-meta-parameter):
-
-    state = init(params)
-    updates, state = update(grads, state, params, loss=loss)
-
-`chain(t1, t2, ...)` feeds each transform's output to the next; the updates of
-the last one are added to the parameters. `OptimizerState` keeps a chain's
-state in checkpointable tf.Variables and applies one step.
-
-Each learner names its chain's defaults (`OuterConfig`, the learner module's
-`OUTER_DEFAULTS`): LEO's release uses
+Each learner names its chain's defaults (`OuterConfig`, the learner spec's
+`outer_defaults`): LEO's release uses
 
     chain(nan_guard, clip_by_value(0.1), clip_by_tensor_norm(0.1), adam(1e-4))
 
@@ -25,98 +18,16 @@ The NaN guard comes in two forms:
 """
 
 import dataclasses
-from typing import Any, Callable, List, NamedTuple, Sequence
+from typing import List, Sequence
 
 import sonnet as snt
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.models import transforms
 
 OPTIMIZERS = ("adam", "sgd")
 NAN_GUARDS = ("skip", "release")
-
-
-class Transform(NamedTuple):
-  """init(params) -> state; update(grads, state, params, loss=) -> (updates, state)."""
-  init: Callable[[Sequence[tf.Tensor]], Any]
-  update: Callable[..., Any]
-
-
-def _no_state(params):
-  del params
-  return ()
-
-
-def _stateless(fn):
-  """A Transform mapping each gradient tensor through fn (no state)."""
-  def update(grads, state, params=None, loss=None):
-    del params, loss
-    return [fn(g) for g in grads], state
-  return Transform(_no_state, update)
-
-
-def clip_by_value(threshold: float) -> Transform:
-  """Each element to [-threshold, threshold] (LEO's `gradient_threshold`)."""
-  return _stateless(lambda g: tf.clip_by_value(g, -threshold, threshold))
-
-
-def clip_by_tensor_norm(threshold: float) -> Transform:
-  """Each tensor to norm <= threshold, separately (not the global norm)."""
-  return _stateless(lambda g: tf.clip_by_norm(g, threshold))
-
-
-def scale(factor: float) -> Transform:
-  # convert_to_tensor, not cast: cast would round a Python float to float32
-  # first (a float64 run's SGD rate 0.37 became 0.37000000477).
-  return _stateless(lambda g: tf.convert_to_tensor(factor, g.dtype) * g)
-
-
-def sgd(learning_rate: float) -> Transform:
-  """updates = -learning_rate * grads."""
-  return scale(-learning_rate)
-
-
-def adam(learning_rate: float, beta1: float = 0.9, beta2: float = 0.999,
-         epsilon: float = 1e-8) -> Transform:
-  """Adam in TF1's form (tf.compat.v1.train.AdamOptimizer, as LEO's release):
-
-  t <- t + 1; m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
-  lr_t = lr sqrt(1 - b2^t) / (1 - b1^t); update = -lr_t m / (sqrt(v) + eps).
-  State: (t int64, [m], [v]).
-  """
-  def init(params):
-    return (tf.zeros([], tf.int64), [tf.zeros_like(p) for p in params],
-            [tf.zeros_like(p) for p in params])
-
-  def update(grads, state, params=None, loss=None):
-    del params, loss
-    count, moments1, moments2 = state
-    count = count + 1
-    new_m = [beta1 * m + (1 - beta1) * g for m, g in zip(moments1, grads)]
-    new_v = [beta2 * v + (1 - beta2) * tf.square(g) for v, g in zip(moments2, grads)]
-    updates = []
-    for m, v in zip(new_m, new_v):
-      t = tf.cast(count, m.dtype)
-      rate = learning_rate * tf.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-      updates.append(-rate * m / (tf.sqrt(v) + epsilon))
-    return updates, (count, new_m, new_v)
-
-  return Transform(init, update)
-
-
-def chain(*transforms: Transform) -> Transform:
-  """Applies the transforms in order; the state is the tuple of their states."""
-  def init(params):
-    return tuple(t.init(params) for t in transforms)
-
-  def update(grads, state, params=None, loss=None):
-    new_state = []
-    for transform, sub_state in zip(transforms, state):
-      grads, sub_state = transform.update(grads, sub_state, params, loss=loss)
-      new_state.append(sub_state)
-    return grads, tuple(new_state)
-
-  return Transform(init, update)
 
 
 def all_finite(loss, grads):
@@ -127,7 +38,7 @@ def all_finite(loss, grads):
   return finite
 
 
-def skip_non_finite(inner: Transform) -> Transform:
+def skip_non_finite(inner: transforms.Transform) -> transforms.Transform:
   """Runs `inner` unless the loss or a gradient is non-finite; then skips.
 
   A skipped step returns updates of -0.0 (adding them leaves every variable
@@ -147,10 +58,10 @@ def skip_non_finite(inner: Transform) -> Transform:
                                       new_inner, inner_state)
     return updates, (skipped + tf.cast(tf.logical_not(finite), tf.int64), new_inner)
 
-  return Transform(init, update)
+  return transforms.Transform(init, update)
 
 
-def release_nan_fallback(inner: Transform) -> Transform:
+def release_nan_fallback(inner: transforms.Transform) -> transforms.Transform:
   """LEO's release guard: a non-finite step feeds the variables to `inner`."""
   def init(params):
     return (tf.zeros([], tf.int64), inner.init(params))
@@ -162,7 +73,7 @@ def release_nan_fallback(inner: Transform) -> Transform:
     updates, inner_state = inner.update(grads, inner_state, params, loss=loss)
     return updates, (skipped + tf.cast(tf.logical_not(finite), tf.int64), inner_state)
 
-  return Transform(init, update)
+  return transforms.Transform(init, update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,18 +109,18 @@ class OuterConfig:
     return self
 
 
-def build_chain(config: OuterConfig) -> Transform:
+def build_chain(config: OuterConfig) -> transforms.Transform:
   """The guard, the clipping the config asks for, then the optimizer."""
   config.validate()
   steps = []
   if config.clip_value > 0:
-    steps.append(clip_by_value(config.clip_value))
+    steps.append(transforms.clip_by_value(config.clip_value))
   if config.clip_norm > 0:
-    steps.append(clip_by_tensor_norm(config.clip_norm))
-  steps.append(adam(config.learning_rate, epsilon=config.adam_epsilon)
-               if config.optimizer == "adam" else sgd(config.learning_rate))
+    steps.append(transforms.clip_by_tensor_norm(config.clip_norm))
+  steps.append(transforms.adam(config.learning_rate, epsilon=config.adam_epsilon)
+               if config.optimizer == "adam" else transforms.sgd(config.learning_rate))
   guard = skip_non_finite if config.nan_guard == "skip" else release_nan_fallback
-  return guard(chain(*steps))
+  return guard(transforms.chain(*steps))
 
 
 def _skip_count(state):
@@ -223,7 +134,7 @@ class OptimizerState(snt.Module):
   the state is mirrored and every replica applies the same update.
   """
 
-  def __init__(self, transform: Transform, variables: Sequence[tf.Variable],
+  def __init__(self, transform: transforms.Transform, variables: Sequence[tf.Variable],
                name="outer_optimizer"):
     super().__init__(name=name)
     self.transform = transform

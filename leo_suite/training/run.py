@@ -51,7 +51,7 @@ FREE_SETTINGS = ("num_steps_limit", "log_steps", "jit_compile", "deterministic",
                  "num_test_tasks", "metatest_batch_size", "baselines", "profile_steps",
                  "evaluation_method")
 # Settings evaluation may override (recorded as overrides in the result);
-# each learner adds its own EVAL_FIELDS (prefixed flag names).
+# each learner adds its spec's eval_fields (prefixed flag names).
 EVAL_SETTINGS = ("eval_seed", "eval_num_query")
 # Outer-loop settings: flag name -> optim.OuterConfig field.
 OUTER_FLAGS = {"outer_optimizer": "optimizer", "outer_lr": "learning_rate",
@@ -77,11 +77,10 @@ def default_settings(model: str, learner_config=None, **values) -> dict:
   """A complete settings dict without flags (for scripts and tests).
 
   `learner_config` (default: the learner's Config()) gives the learner's
-  settings, the learner's OUTER_DEFAULTS the outer loop's; `values` override
+  settings, the learner's spec's outer_defaults the outer loop's; `values` override
   any of them by flag name.
   """
-  module = registry.learner_module(model)
-  learner_config = learner_config or module.Config()
+  learner_config = learner_config or registry.spec(model).config_class()
   settings = dict(DEFAULTS, model=model, **outer_defaults(model))
   settings.update({flag: getattr(learner_config, field)
                    for flag, field in learner_flag_names(model).items()})
@@ -94,19 +93,19 @@ def default_settings(model: str, learner_config=None, **values) -> dict:
 
 def learner_flag_names(model: str) -> Dict[str, str]:
   """Flag name -> Config field of `model`'s learner flags."""
-  module = registry.learner_module(model)
-  return {module.FLAG_PREFIX + f.name: f.name for f in dataclasses.fields(module.Config)}
+  spec = registry.spec(model)
+  return {spec.flag_prefix + f.name: f.name for f in dataclasses.fields(spec.config_class)}
 
 
 def eval_overridable(model: str):
   """Settings evaluation may override for `model`."""
-  module = registry.learner_module(model)
-  return set(EVAL_SETTINGS) | {module.FLAG_PREFIX + f for f in module.EVAL_FIELDS}
+  spec = registry.spec(model)
+  return set(EVAL_SETTINGS) | {spec.flag_prefix + f for f in spec.eval_fields}
 
 
 def outer_defaults(model: str) -> dict:
   """The learner's outer-loop defaults as flag name -> value."""
-  config = optim.OuterConfig(**registry.learner_module(model).OUTER_DEFAULTS)
+  config = optim.OuterConfig(**registry.spec(model).outer_defaults)
   return {flag: getattr(config, field) for flag, field in OUTER_FLAGS.items()}
 
 
@@ -357,8 +356,7 @@ class Run:
     return int(self.settings["num_classes"])
 
   def learner_config(self):
-    module = registry.learner_module(self.model)
-    return module.Config(**{field: self.settings[flag]
+    return registry.spec(self.model).config_class(**{field: self.settings[flag]
                             for flag, field in learner_flag_names(self.model).items()})
 
   def outer_config(self) -> optim.OuterConfig:

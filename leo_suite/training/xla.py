@@ -2,7 +2,7 @@
 cannot be compiled.
 
 `auto` (the default) compiles a learner's meta-training step with XLA when
-its module says `XLA_DEFAULT = True`: the learners whose XLA step was faster
+its spec says `xla_default=True`: the learners whose XLA step was faster
 than the plain one at 1 and 5 shots in `scripts/benchmark.py` (on one device
 XLA compiles the whole step, update included). A run records the flag as
 given ("auto"); its results record the code version that resolved it, and
@@ -17,7 +17,7 @@ of LEO's XLA step (experiments/leo_xla_probe.py, XLA/plain steps/s at 1 / 5
 shots: 0.71 / 0.93 with the draws inside XLA, 1.11 / 1.38 with them made
 outside). So a step with XLA draws the same numbers as without it.
 Evaluation's table-path readout has its own switch (`resolve_readout`,
-`XLA_READOUT`): XLA compiles once per shape, so where it is on the calls
+`xla_readout`): XLA compiles once per shape, so where it is on the calls
 are padded to a few fixed task counts.
 """
 
@@ -32,28 +32,28 @@ from leo_suite.models import registry
 JIT_CHOICES = ("auto", "true", "false")
 
 
-def _resolve(setting: Union[str, bool], model: str, module_default: str) -> bool:
-  """`setting` as a bool; `auto` reads the learner module's `module_default`
-  attribute (runs recorded before `auto` existed hold a bool)."""
+def _resolve(setting: Union[str, bool], model: str, spec_default: str) -> bool:
+  """`setting` as a bool; `auto` reads the learner spec's `spec_default`
+  field (runs recorded before `auto` existed hold a bool)."""
   if isinstance(setting, bool):
     return setting
   if setting not in JIT_CHOICES:
     raise ValueError(f"jit_compile must be one of {JIT_CHOICES}, got {setting!r}")
   if setting == "auto":
-    return bool(getattr(registry.learner_module(model), module_default, False))
+    return bool(getattr(registry.spec(model), spec_default))
   return setting == "true"
 
 
 def resolve(setting: Union[str, bool], model: str) -> bool:
-  """Whether --jit_compile=`setting` compiles `model`'s step (`XLA_DEFAULT`)."""
-  return _resolve(setting, model, "XLA_DEFAULT")
+  """Whether --jit_compile=`setting` compiles `model`'s step (`xla_default`)."""
+  return _resolve(setting, model, "xla_default")
 
 
 def resolve_readout(setting: Union[str, bool], model: str) -> bool:
   """Whether evaluation's table path compiles `model`'s readout (scores and
   `finish_readout` of a class's rows) with XLA: under `auto` where the
-  learner's module says `XLA_READOUT = True` (measured faster), else as forced."""
-  return _resolve(setting, model, "XLA_READOUT")
+  learner's spec says `xla_readout=True` (measured faster), else as forced."""
+  return _resolve(setting, model, "xla_readout")
 
 
 def is_compile_failure(error: Exception) -> bool:
