@@ -63,6 +63,7 @@ from leo_suite.models import base  # pylint: disable=g-import-not-at-top
 from leo_suite.models import registry  # pylint: disable=g-import-not-at-top
 from leo_suite.training import evaluation  # pylint: disable=g-import-not-at-top
 from leo_suite.training import run as run_lib  # pylint: disable=g-import-not-at-top
+from leo_suite.training import settings as settings_lib  # pylint: disable=g-import-not-at-top
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 from leo_suite.training import xla  # pylint: disable=g-import-not-at-top
 
@@ -109,7 +110,7 @@ def learner_config(model, overrides=None):
 
 def make_run(model, directory, overrides=None, **settings):
   """A run (not written to disk) of `model` with the benchmark's config and `settings`."""
-  settings = run_lib.default_settings(model, learner_config(model, overrides),
+  settings = settings_lib.default_settings(model, learner_config(model, overrides),
                                       num_classes=NUM_WAYS, **settings)
   return run_lib.Run.new(directory, settings, DIM, data={})
 
@@ -483,7 +484,7 @@ def main():
                            "quick 200); LEO 1-shot runs --leo_eval_tasks unless --quick")
   parser.add_argument("--serving_export_dir", default="",
                       help="an exported classifier version (scripts/export) for the serving "
-                           "latency benchmark (leo_suite.serving.export.benchmark_latency)")
+                           "latency benchmark (leo_suite.serving.latency.benchmark_latency)")
   parser.add_argument("--eval_batch_size", type=int, default=25,
                       help="tasks per evaluation batch (V=600-K: 25 tasks = 190 MB)")
   parser.add_argument("--leo_eval_tasks", type=int, default=10000,
@@ -580,12 +581,12 @@ def main():
 
   if "serving" not in skip:
     try:
-      from leo_suite.serving import export  # pylint: disable=g-import-not-at-top
-      hook = getattr(export, "benchmark_latency", None)
+      from leo_suite.serving import latency  # pylint: disable=g-import-not-at-top
+      hook = getattr(latency, "benchmark_latency", None)
     except Exception as exc:  # pylint: disable=broad-except
       hook, results["serving"] = None, {"status": f"unavailable: {exc}"}
     if hook is None:
-      results.setdefault("serving", {"status": "leo_suite.serving.export.benchmark_latency "
+      results.setdefault("serving", {"status": "leo_suite.serving.latency.benchmark_latency "
                                                "not available yet"})
     elif not args.serving_export_dir:
       results["serving"] = {"status": "pass --serving_export_dir=<an exported version> "

@@ -107,7 +107,7 @@ def test_auto_method_takes_the_table_only_when_queries_fill_the_classes():
     evaluator.method(episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 5)), "fast")
 
 
-@pytest.mark.parametrize("name", sorted(baselines.LEARNERS))
+@pytest.mark.parametrize("name", sorted(baselines.BASELINES))
 def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
   split = clustered_split([9] * 8)
   spec = episodes.EpisodeSpec(4, 2, 7)
@@ -115,7 +115,7 @@ def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
   reference = np.concatenate([
       base.accuracy(baselines.METHODS[name](e.support_x, e.query_x), e.query_y).numpy()
       for e in sampler.fixed_set(5, 37, 8)])
-  evaluator = evaluation.Evaluator(baselines.LEARNERS[name](spec.num_ways, DIM))
+  evaluator = evaluation.Evaluator(baselines.BASELINES[name](spec.num_ways, DIM))
   for method in ("table", "gather"):
     np.testing.assert_array_equal(
         evaluator.fixed_accuracy(sampler, 5, 37, 8, method=method), reference)
