@@ -159,8 +159,8 @@ class Run(layout.RunDirectory):
     """The learner, initialised from the run's seed (inside `strategy.scope()`)."""
     tf.random.set_seed(int(self.settings["seed"]))
     strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-      return registry.build(self.model,  # learner registry self.learner_config(), self.num_ways,
+    with strategy.scope():  # learner registry
+      return registry.build(self.model, self.learner_config(), self.num_ways,
                             self.embedding_dim, self.settings["dtype"])
 
   def train_spec(self) -> episodes.EpisodeSpec:
