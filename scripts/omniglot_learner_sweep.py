@@ -20,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from leo_suite.training import compare  # pylint: disable=wrong-import-position
+from leo_suite.training import layout  # pylint: disable=wrong-import-position
 
 
 def main():
@@ -54,10 +55,8 @@ def main():
   record = {"model": args.model, "setting": f"{args.ways}w{args.shots}s", "tag": args.tag,
             "steps": args.steps, "extra": args.extra, "features": args.data_path,
             "seconds": round(time.time() - started, 1), "exit": code}
-  best = os.path.join(run_dir, "best", "best.json")
-  if code == 0 and os.path.exists(best):
-    with open(best) as handle:
-      info = json.load(handle)
+  info = layout.RunDirectory(run_dir).best_record() if code == 0 else None
+  if info:
     record.update(best_step=info["step"], val=round(100 * info["val_accuracy"], 2))
   else:
     record["error"] = " | ".join(tail[-3:])[:400]
