@@ -1,12 +1,12 @@
 """Your own few-shot tasks: a trained run adapted to a support set, predicting queries.
 
 `scripts/predict.py` is its command line. The learner is rebuilt from the run
-directory (`Run.open(dir).restored_learner()`: its config.json and best, else
-latest, checkpoint), never from flags. Support and query sets are read by
+directory (`Run.opened(dir)`, holding its lock; `restored_learner()`: its
+settings and best, else latest, checkpoint), never from flags. Support and query sets are read by
 `leo_suite.serving.sets.load_set` (trees, folders or CSVs of images,
 embeddings files), images embedded by `extract_files.ImageEmbedder` with the
 run's embedding crop. Support and query embeddings are L2-normalised and the
-learner adapted and applied by `support_lib.adapt_support` / `support_lib.query_logits`,
+learner adapted and applied by `support.adapt_support` / `support.query_logits`,
 the very functions of the exported SavedModel, in eval mode with the zero seed
 as evaluation does, so predict, export and `runner.py --evaluation_mode`
 agree on the same embeddings.
