@@ -57,7 +57,6 @@ import shutil
 import tempfile
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors

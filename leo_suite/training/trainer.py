@@ -30,7 +30,6 @@ from absl import logging
 import tensorflow as tf
 
 from leo_suite import distribute
-from leo_suite import errors
 from leo_suite.models.base import Episode
 from leo_suite.training import evaluation
 from leo_suite.training import optim
