@@ -53,7 +53,6 @@ def _define_learner_flags():
 _define_learner_flags()
 FLAGS = flags.FLAGS
 GROUPS = [RELEASE, RUNNER] + [_learner_group(n) for n in settings_lib.learner_names()]
-RUNTIME_FLAGS = settings_lib.RUNTIME
 
 
 def apply_preset(model=None):
@@ -105,7 +104,7 @@ def settings(model):
   """
   others = all_learner_flags()
   values = {n: FLAGS[n].value for n in flag_names()
-            if n not in RUNTIME_FLAGS and n not in others and n != "model"
+            if n not in settings_lib.RUNTIME and n not in others and n != "model"
             and FLAGS[n].value is not None}
   values.update({n: FLAGS[n].value for n in settings_lib.learner_flag_names(model)})
   return settings_lib.default_settings(model, **values)

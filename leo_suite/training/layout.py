@@ -64,11 +64,8 @@ class RunDirectory:
   def worker_scratch(self, worker_index: int) -> str:
     return self.path(f".worker-{worker_index}")
 
-  def result_file(self, split: str) -> str:
-    return f"result_{split}.json"
-
   def result_path(self, split: str) -> str:
-    return self.path(self.result_file(split))
+    return self.path(f"result_{split}.json")
 
   # -- checkpoints ---------------------------------------------------------------------
   def recover_best(self):
