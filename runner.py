@@ -149,7 +149,7 @@ def evaluate():
   run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
   loaded = rundata.load_splits(settings, data_path, ["test"])
   data = rundata.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
-  return run_lib.score_test(run, loaded["test"], make_strategy(), baselines_lib.BASELINES,
+  return run_lib.score_test(run, loaded["test"], make_strategy, baselines_lib.BASELINES,
                             data, overrides)
 
 

@@ -225,19 +225,21 @@ class Run(layout.RunDirectory):
     return path
 
 
-def score_test(run: Run, test, strategy, baselines, data: dict, overrides: dict,
+def score_test(run: Run, test, make_strategy, baselines, data: dict, overrides: dict,
                report=print) -> evaluation.Result:
   """Scores the run's evaluation checkpoint, then each of its --baselines, on the
   same fixed test tasks of `test`; writes result_test.json.
 
   baselines: name -> factory(num_ways, embedding_dim) of the non-learned
-  baselines (pretrain/baselines.py's BASELINES); `report` gets one line per
+  baselines (pretrain/baselines.py's BASELINES); make_strategy() gives the
+  tf.distribute strategy, once the test tasks are set up; `report` gets one line per
   method and the result's path; data/overrides: what the result records.
   """
   settings = run.settings
   run.check_width(test)
   spec = run.eval_spec(test)
   sampler = episodes.EpisodeSampler(test, spec, "meta-test", settings["dtype"])
+  strategy = make_strategy()
   learner, checkpoint = run.restored_learner(strategy)
   evaluator = run.evaluator(learner, strategy)
   num_tasks = settings["num_test_tasks"]
