@@ -25,34 +25,16 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_suite import distribute  # pylint: disable=wrong-import-position
 from leo_suite import errors  # pylint: disable=wrong-import-position
-from leo_suite import progress  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import baselines as baselines_lib  # pylint: disable=wrong-import-position
-from leo_suite.training import evaluation  # pylint: disable=wrong-import-position
+from leo_suite.training import layout  # pylint: disable=wrong-import-position
 from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
+from leo_suite.training import rundata  # pylint: disable=wrong-import-position
+from leo_suite.training import settings as settings_lib  # pylint: disable=wrong-import-position
 from leo_suite.training import trainer as trainer_lib  # pylint: disable=wrong-import-position
-from leo_suite.training import xla  # pylint: disable=wrong-import-position
 
 FLAGS = config.FLAGS
-# Non-learned baselines evaluated on the same fixed episodes (--baselines).
-BASELINES = {"ncm": baselines_lib.NCMCosine, "logreg": baselines_lib.LogisticRegression}
-POSITIVE = ("num_classes", "num_tr_examples_per_class", "num_val_examples_per_class",
-            "metatrain_batch_size", "metavalid_batch_size", "metatest_batch_size",
-            "num_steps_limit", "checkpoint_steps", "num_val_batches", "num_test_tasks",
-            "log_steps")
-
-
-def check_settings(settings):
-  for name in POSITIVE:
-    if settings[name] < 1:
-      raise errors.ConfigError(f"--{name}={settings[name]}: must be at least 1")
-  trainer_lib.parse_profile_steps(settings.get("profile_steps", ""))  # ConfigError if bad
-  if settings["eval_num_query"] < 0:
-    raise errors.ConfigError(f"--eval_num_query={settings['eval_num_query']}: must be >= 0")
-  unknown = [b for b in settings["baselines"].split(",") if b and b not in BASELINES]
-  if unknown:
-    raise errors.ConfigError(f"--baselines: unknown {unknown}; choose from {sorted(BASELINES)}")
 
 
 def resolve(evaluation_mode):
@@ -68,9 +50,9 @@ def resolve(evaluation_mode):
   explicit = config.explicit_flags(
       [n for n in preset_applied if learner_flags.get(n, model) == model])
   given = dict(config.settings(model), model=FLAGS.model)
-  settings, overrides = run_lib.resolve(saved, given, explicit, evaluation_mode)
-  run_lib.check_learner_flags(model, explicit, learner_flags)
-  check_settings(settings)
+  settings, overrides = settings_lib.resolve(saved, given, explicit, evaluation_mode)
+  settings_lib.check_learner_flags(model, explicit, learner_flags)
+  settings_lib.check(settings, baselines_lib.BASELINES)
   data_path = (record["data"]["data_path"] if record and not FLAGS["data_path"].present
                else FLAGS.data_path)
   for name, change in overrides.items():
@@ -82,13 +64,6 @@ def make_strategy():
   """The --distribution_strategy (--num_cpu_devices was applied in main)."""
   return distribute.make_strategy(FLAGS.distribution_strategy,
                                   distribute.parse_devices(FLAGS.devices))
-
-
-def check_width(run, split):
-  if split.dim != run.embedding_dim:
-    raise errors.DataError(
-        f"{next(iter(split.source))}: D={split.dim}, but the run was trained on D="
-        f"{run.embedding_dim}; use the embeddings it was trained with")
 
 
 class StopSignals:
@@ -127,17 +102,17 @@ class StopSignals:
 def train():
   record, settings, _, data_path = resolve(evaluation_mode=False)
   names = ["train", "val"] + (["test"] if settings["train_on_val"] else [])
-  loaded = run_lib.load_splits(settings, data_path, names)
+  loaded = rundata.load_splits(settings, data_path, names)
   if record:
-    run_lib.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
+    rundata.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
     run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
   else:
     run = run_lib.Run.new(FLAGS.checkpoint_path, settings, loaded["train"].dim,
-                          run_lib.data_record(settings, data_path, loaded))
+                          rundata.data_record(settings, data_path, loaded))
   train_split = loaded["train"]
   if settings["train_on_val"]:
     train_split = embeddings.merge_splits([loaded["train"], loaded["val"]])
-  check_width(run, train_split)
+  run.check_width(train_split)
   dtype = settings["dtype"]
   train_sampler = episodes.EpisodeSampler(train_split, run.train_spec(), "meta-training", dtype)
   val_sampler = episodes.EpisodeSampler(loaded["val"], run.eval_spec(loaded["val"]),
@@ -172,46 +147,14 @@ def train():
 def evaluate():
   record, settings, overrides, data_path = resolve(evaluation_mode=True)
   run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
-  loaded = run_lib.load_splits(settings, data_path, ["test"])
-  data = run_lib.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
-  test = loaded["test"]
-  check_width(run, test)
-  spec = run.eval_spec(test)
-  sampler = episodes.EpisodeSampler(test, spec, "meta-test", settings["dtype"])
-  strategy = make_strategy()
-  learner, checkpoint = run.restored_learner(strategy)
-  jit = xla.resolve(settings["jit_compile"], run.model)
-  jit_readout = xla.resolve_readout(settings["jit_compile"], run.model)
-  evaluator = evaluation.Evaluator(learner, strategy, jit_compile=jit, jit_readout=jit_readout)
-  num_tasks = settings["num_test_tasks"]
-  fixed = dict(sampler=sampler, seed=settings["eval_seed"], num_tasks=num_tasks,
-               batch_size=settings["metatest_batch_size"],
-               method=settings.get("evaluation_method", "auto"))
-  method = evaluator.method(sampler, fixed["method"])
-  logging.info("Scoring %d test tasks by the %s path (--evaluation_method=%s)", num_tasks,
-               method, fixed["method"])
-  result = evaluator.evaluate_fixed(progress=progress.Progress("test", num_tasks), **fixed)
-  header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
-            f"{settings['dataset_name']} test")
-  print(f"{run.model:>8s} test accuracy ({header}): {result.as_percent()}")
-  baselines = {}
-  for name in [b for b in settings["baselines"].split(",") if b]:
-    scorer = evaluation.Evaluator(BASELINES[name](spec.num_ways, run.embedding_dim))
-    baseline = scorer.evaluate_fixed(**fixed)
-    baselines[name] = baseline.as_dict()
-    print(f"{name:>8s} test accuracy ({header}): {baseline.as_percent()}")
-  out = "result_test.json"
-  run.write_result(out, {"split": "test", **result.as_dict(), "checkpoint": checkpoint,
-                         "num_queries": spec.num_queries, "baselines": baselines,
-                         "evaluation_method": method, "jit_compile_used": jit,
-                         "jit_readout_used": jit_readout and method == "table",
-                         "settings": settings, "overrides": overrides, "data": data})
-  print(f"result written to {os.path.join(run.directory, out)}")
-  return result
+  loaded = rundata.load_splits(settings, data_path, ["test"])
+  data = rundata.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
+  return run_lib.score_test(run, loaded["test"], make_strategy, baselines_lib.BASELINES,
+                            data, overrides)
 
 
 def _environment_error_recovery():
-  latest = run_lib.latest_checkpoint(FLAGS.checkpoint_path) if os.path.isdir(
+  latest = layout.RunDirectory(FLAGS.checkpoint_path).latest_checkpoint() if os.path.isdir(
       FLAGS.checkpoint_path) else None
   if latest:
     return (f"The latest complete checkpoint ({os.path.basename(latest)}) is intact; fix "
@@ -227,8 +170,8 @@ def main(argv):
       distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
     if FLAGS.deterministic:
       tf.config.experimental.enable_op_determinism()
-    with run_lib.RunLock(FLAGS.checkpoint_path, log=logging.warning,
-                         create=not FLAGS.evaluation_mode):
+    with run_lib.Run.lock(FLAGS.checkpoint_path, create=not FLAGS.evaluation_mode,
+                          log=logging.warning):
       if FLAGS.evaluation_mode:
         evaluate()
       else:

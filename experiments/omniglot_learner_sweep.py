@@ -25,6 +25,7 @@ console.import_tensorflow()
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite.training import compare  # pylint: disable=wrong-import-position
+from leo_suite.training import layout  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("data_path", None, "Embeddings root (<data_path>/omniglot_small/center/).")
 flags.DEFINE_string("model", None, "runner.py --model.")
@@ -58,10 +59,8 @@ def main(argv):
   record = {"model": FLAGS.model, "setting": f"{FLAGS.ways}w{FLAGS.shots}s", "tag": FLAGS.tag,
             "steps": FLAGS.steps, "extra": extra, "features": FLAGS.data_path,
             "seconds": round(time.time() - started, 1), "exit": code}
-  best = os.path.join(run_dir, "best", "best.json")
-  if code == 0 and os.path.exists(best):
-    with open(best) as handle:
-      info = json.load(handle)
+  info = layout.RunDirectory(run_dir).best_record() if code == 0 else None
+  if info:
     record.update(best_step=info["step"], val=round(100 * info["val_accuracy"], 2))
   else:
     record["error"] = " | ".join(tail[-3:])[:400]

@@ -27,6 +27,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.serving import export  # pylint: disable=wrong-import-position
+from leo_suite.serving import latency  # pylint: disable=wrong-import-position
 from leo_suite.training import run as run_lib  # pylint: disable=wrong-import-position
 
 flags.DEFINE_string("checkpoint_path", None,
@@ -65,8 +66,8 @@ def main(argv):
     export.check_model_name(FLAGS.model_name)
   if FLAGS.version < 0:
     raise errors.ConfigError(f"--version={FLAGS.version}: must be >= 1 (0 = next)")
-  with run_lib.RunLock(FLAGS.checkpoint_path, create=False):
-    run = export.restore_learner(FLAGS.checkpoint_path)
+  with run_lib.Run.opened(FLAGS.checkpoint_path) as opened:
+    run = export.restore_learner(opened)
   # Every support form of scripts/predict.py (leo_suite.serving.sets.load_set).
   support, backbone, description = export.load_support(
       FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots, crop=export.run_crop(run.run))
@@ -78,7 +79,7 @@ def main(argv):
         f"{list(support.class_names)} -> {result.path}")
   print(f"signatures: {', '.join(result.info['signatures'])}")
   if FLAGS.benchmark:
-    figures = export.benchmark_latency(result.path)
+    figures = latency.benchmark_latency(result.path)
     for key, value in sorted(figures.items()):
       if key.startswith("batch_"):
         print(f"{key}: {value:.1f}")

@@ -18,7 +18,7 @@ import tensorflow as tf
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite.models import registry
-from leo_suite.training import run as run_lib
+from leo_suite.training import settings as settings_lib
 from tests import workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_mirrored_training_matches_one_device(mirrored_run, model, replicas):
   # an SGD chain (Reptile) has none.
   slots = [np.abs(v).max() for k, v in single.items()
            if k.startswith("optimizer/") and v.dtype.kind == "f" and v.size > 1]
-  if run_lib.outer_defaults(model)["outer_optimizer"] == "adam":
+  if settings_lib.outer_defaults(model)["outer_optimizer"] == "adam":
     assert max(slots) > 1e-4
 
 

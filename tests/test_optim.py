@@ -8,7 +8,7 @@ from leo_suite import errors
 from leo_suite.models import registry
 from leo_suite.models import transforms
 from leo_suite.training import optim
-from leo_suite.training import run as run_lib
+from leo_suite.training import settings as settings_lib
 
 
 def test_clip_by_value_then_per_tensor_norm_matches_hand_computed_values():
@@ -106,7 +106,7 @@ def test_sgd_chain_and_config_validation():
     ("l2f", dict(outer_lr=1e-3, gradient_threshold=10.0)),
 ])
 def test_each_learner_names_its_reference_chain(model, expected):
-  defaults = run_lib.outer_defaults(model)
+  defaults = settings_lib.outer_defaults(model)
   for name, value in expected.items():
     assert defaults[name] == value, name
   assert defaults["nan_guard"] == "skip" and defaults["outer_optimizer"] == "adam"

@@ -385,7 +385,7 @@ def test_warps_crop_is_per_image_and_the_export_embeds_images_the_same_way(world
   # The exported module embeds sent image bytes with the same crop.
   support, model, description = export.load_support(str(world.root / "support"),
                                                     world.backbone_dir, crop="warps")
-  restored = export.restore_learner(world.run_dir)
+  restored = export.restore_learner(run_lib.Run.open(world.run_dir))
   module = export.AdaptedClassifier(restored.learner, support, model, description, "warps")
   sent = tf.constant([world.query[extract_files.relative_path(r)] for r in records])
   np.testing.assert_allclose(module.embed_images(sent).numpy(), warped, rtol=1e-5, atol=1e-5)

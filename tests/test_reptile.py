@@ -19,7 +19,8 @@ from leo_suite.models import heads
 from leo_suite.models import maml
 from leo_suite.models import reptile
 from leo_suite.training import optim
-from leo_suite.training import run as run_lib
+from leo_suite.training import layout
+from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
 from tests import test_maml as common
 
@@ -159,7 +160,7 @@ def test_one_trainer_step_with_sgd_at_epsilon_is_exactly_reptiles_update(tmp_pat
 
 
 def test_outer_defaults_are_plain_sgd_and_the_demo_preset_keeps_epsilon(tmp_path):
-  defaults = run_lib.outer_defaults("reptile")
+  defaults = settings_lib.outer_defaults("reptile")
   assert defaults["outer_optimizer"] == "sgd" and defaults["outer_lr"] == 1.0
   assert defaults["gradient_threshold"] == 0 and defaults["gradient_norm_threshold"] == 0
   chain = optim.build_chain(optim.OuterConfig(**reptile.SPEC.outer_defaults))
@@ -175,7 +176,7 @@ def test_outer_defaults_are_plain_sgd_and_the_demo_preset_keeps_epsilon(tmp_path
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES=""))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(run_dir / run_lib.CONFIG_FILE) as handle:
+  with open(run_dir / layout.CONFIG_FILE) as handle:
     text = handle.read()
   assert '"outer_lr": 1.0' in text and '"outer_optimizer": "sgd"' in text, text[:2000]
   assert '"num_steps_limit"' in text and json.loads(text)

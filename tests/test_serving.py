@@ -25,8 +25,11 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.serving import export
+from leo_suite.serving import latency
 from leo_suite.serving import rest
+from leo_suite.serving import support as support_lib
 from leo_suite.training import run as run_lib
+from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +66,7 @@ def make_run(run_dir, model, steps=2, dim=D, seed=0):
   """A runner-style run directory (config.json + CheckpointManager checkpoints)."""
   shutil.rmtree(run_dir, ignore_errors=True)  # a new run (a failed earlier build may have left one)
   config = registry.spec(model).config_class(**TINY[model])
-  settings = run_lib.default_settings(model, config, num_classes=N,
+  settings = settings_lib.default_settings(model, config, num_classes=N,
                                       num_tr_examples_per_class=K, seed=seed, outer_lr=1e-2)
   run = run_lib.Run.new(str(run_dir), settings, dim, {"data_path": "", "sha256": {}})
   learner = run.build_learner()
@@ -97,7 +100,7 @@ def softmax(x):
 def support_set(rng, dim=D, shots=K):
   centers = 2.0 * rng.standard_normal([N, 1, dim])
   x = (centers + rng.standard_normal([N, shots, dim])).astype(np.float32)
-  return export.SupportSet(CLASS_NAMES, x, "test-support")
+  return support_lib.SupportSet(CLASS_NAMES, x, "test-support")
 
 
 class Exports:
@@ -379,7 +382,7 @@ def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
     assert not os.path.exists(out)
 
   with pytest.raises(errors.UserError, match="'owl' has no support examples"):
-    export.support_from_groups({"cat": np.ones([2, D]), "dog": np.ones([2, D]),
+    support_lib.support_from_groups({"cat": np.ones([2, D]), "dog": np.ones([2, D]),
                                 "owl": np.zeros([0, D])}, "groups")
   assert_refused(lambda: export.load_support_embeddings(
       _write_support(tmp_path / "uneq.npz", [2, 2, 3])), r"unequal shots.*--num_shots=2")
@@ -389,7 +392,7 @@ def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
     export.load_support_embeddings(str(tmp_path / "uneq.npz"), num_shots=3)
   assert_refused(lambda: export.load_support_embeddings(
       _write_support(tmp_path / "d8.pkl", [2, 2, 2], dim=8)), "D=8 but the checkpoint .* D=16")
-  two_way = export.SupportSet(("a", "b"), np.ones([2, K, D], np.float32), "two")
+  two_way = support_lib.SupportSet(("a", "b"), np.ones([2, K, D], np.float32), "two")
   assert_refused(lambda: two_way, "2 classes but the learner is 3-way")
   support = support_set(np.random.default_rng(6))
   # Missing checkpoint: a run directory with config.json only.
@@ -403,7 +406,7 @@ def test_bad_inputs_raise_user_errors_and_write_nothing(exports, tmp_path):
   assert_refused(lambda: support, "no such run directory", run=str(tmp_path / "nope"))
   # Mismatched checkpoint: config.json claims another model (r2d2 weights) or
   # another width (maml weights: the head's W is [16, 3]).
-  maml_settings = run_lib.default_settings("maml", num_classes=N)
+  maml_settings = settings_lib.default_settings("maml", num_classes=N)
   for index, (source, change) in enumerate(((run_dir, {"settings": maml_settings}),
                                             (maml_dir, {"embedding_dim": 12}))):
     bad_run = str(tmp_path / f"bad_{index}")
@@ -597,7 +600,7 @@ def test_loopback_rest_stub(exports):
 
 
 def test_benchmark_latency_reports_both_batch_sizes(exports):
-  figures = export.benchmark_latency(exports["r2d2"]["path"], min_seconds=0.05,
+  figures = latency.benchmark_latency(exports["r2d2"]["path"], min_seconds=0.05,
                                      min_calls=2)
   for batch in (1, 256):
     assert figures[f"batch_{batch}_predictions_per_s"] > 0

@@ -22,6 +22,7 @@ from leo_suite.pretrain import extract as extract_lib
 from leo_suite.pretrain import pretrain_config
 from leo_suite.serving import export
 from leo_suite.serving import rest
+from leo_suite.serving import support as support_lib
 from tests import test_serving as serving
 from tests.test_serving import exports  # pylint: disable=unused-import  (fixture)
 
@@ -57,7 +58,7 @@ def test_image_signature_embeds_exactly_as_extraction(tmp_path, channels):
   dim = int(description["feature_dim"])
   serving.make_run(tmp_path / "run", "r2d2", steps=1, dim=dim)
   rng = np.random.default_rng(channels)
-  support = export.SupportSet(serving.CLASS_NAMES, rng.standard_normal(
+  support = support_lib.SupportSet(serving.CLASS_NAMES, rng.standard_normal(
       [serving.N, serving.K, dim]).astype(np.float32), "support")
   exported = export.export_classifier(str(tmp_path / "run"), support, str(tmp_path / "serve"),
                                       backbone=model, backbone_description=description)
@@ -193,7 +194,7 @@ def test_all_zero_support_example_is_refused_at_export():
   groups = {"cat": np.ones([2, D]), "dog": np.ones([2, D]), "owl": np.ones([2, D])}
   groups["owl"][1] = 0.0
   with pytest.raises(export.errors.DataError, match="example 1 of class 'owl' is all zeros"):
-    export.support_from_groups(groups, "groups")
+    support_lib.support_from_groups(groups, "groups")
 
 
 # -- file modes ---------------------------------------------------------------------

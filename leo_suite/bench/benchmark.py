@@ -53,9 +53,10 @@ from leo_suite.data import episodes
 from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.pretrain import extract
-from leo_suite.serving import export
+from leo_suite.serving import latency
 from leo_suite.training import evaluation
 from leo_suite.training import run as run_lib
+from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
 from leo_suite.training import xla
 
@@ -104,7 +105,7 @@ def learner_config(model, overrides=None):
 
 def make_run(model, directory, overrides=None, **settings):
   """A run (not written to disk) of `model` with the benchmark's config and `settings`."""
-  settings = run_lib.default_settings(model, learner_config(model, overrides),
+  settings = settings_lib.default_settings(model, learner_config(model, overrides),
                                       num_classes=NUM_WAYS, **settings)
   return run_lib.Run.new(directory, settings, DIM, data={})
 
@@ -546,16 +547,12 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
         results["extraction"][f"{backbone} {size}x{size} images/s"] = f"error: {exc}"
 
   if "serving" not in skip:
-    hook = getattr(export, "benchmark_latency", None)
-    if hook is None:
-      results.setdefault("serving", {"status": "leo_suite.serving.export.benchmark_latency "
-                                               "not available yet"})
-    elif not serving_export_dir:
+    if not serving_export_dir:
       results["serving"] = {"status": "pass --serving_export_dir=<an exported version> "
                                       "to measure serving latency"}
     else:
       try:
-        value = hook(serving_export_dir, batch_sizes=(1, 256))
+        value = latency.benchmark_latency(serving_export_dir, batch_sizes=(1, 256))
         results["serving"] = value if isinstance(value, dict) else {"result": value}
       except Exception as exc:  # pylint: disable=broad-except
         results["serving"] = {"status": f"benchmark_latency failed: {type(exc).__name__}: {exc}"}

@@ -162,7 +162,8 @@ METHODS: Dict[str, Callable] = {
     "ncm_cosine": ncm_cosine_logits,
     "logistic_regression": logistic_regression_logits,
 }
-LEARNERS = {"ncm_cosine": NCMCosine, "logistic_regression": LogisticRegression}
+# The baselines runner.py scores beside a learner (--baselines), by name.
+BASELINES = {"ncm": NCMCosine, "logreg": LogisticRegression}
 
 
 def evaluate(method: Callable, split, num_ways: int, num_shots: int, num_queries: int = 15,

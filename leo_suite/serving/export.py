@@ -55,16 +55,16 @@ import os
 import re
 import shutil
 import tempfile
-import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import image_embedder
+from leo_suite.serving import sets
+from leo_suite.serving import support as support_lib
 from leo_suite.training import run as run_lib
 
 SIGNATURE_PREDICT = "serving_default"
@@ -75,85 +75,6 @@ EXAMPLE_FEATURE = "embedding"
 EXPORT_INFO = os.path.join("assets.extra", "leo_suite_export.json")
 TMP_PREFIX = ".tmp-export-"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-# -- support sets -----------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SupportSet:
-  """N named classes with K raw (unnormalised) embeddings each."""
-  class_names: Tuple[str, ...]
-  embeddings: np.ndarray      # float32 [N, K, D]
-  origin: str
-
-  @property
-  def num_ways(self):
-    return int(self.embeddings.shape[0])
-
-  @property
-  def num_shots(self):
-    return int(self.embeddings.shape[1])
-
-  @property
-  def dim(self):
-    return int(self.embeddings.shape[2])
-
-
-def check_shots(counts: Dict[str, int], origin: str, num_shots: int = 0) -> int:
-  """Returns K for {class: number of examples}; raises on empty/unequal classes.
-
-  Every class needs at least one example and all classes the same count,
-  unless `num_shots` > 0, which keeps the first `num_shots` of each class.
-  """
-  if not counts:
-    raise errors.DataError(f"{origin}: the support set has no classes")
-  names = sorted(counts)
-  empty = [n for n in names if counts[n] == 0]
-  if empty:
-    raise errors.DataError(
-        f"{origin}: class {empty[0]!r} has no support examples; every class "
-        "needs at least one (remove the class or add examples)")
-  if num_shots < 0:
-    raise errors.ConfigError(f"--num_shots={num_shots}: must be >= 0 (0 = all)")
-  if num_shots:
-    short = [n for n in names if counts[n] < num_shots]
-    if short:
-      raise errors.DataError(
-          f"{origin}: --num_shots={num_shots} but class {short[0]!r} has only "
-          f"{counts[short[0]]} example(s); lower --num_shots to at most "
-          f"{min(counts.values())}")
-    return num_shots
-  if len(set(counts.values())) > 1:
-    few, many = min(names, key=counts.get), max(names, key=counts.get)
-    raise errors.DataError(
-        f"{origin}: unequal shots: class {few!r} has {counts[few]} examples and "
-        f"{many!r} has {counts[many]}; the learners adapt on an [N, K, D] support "
-        "tensor and need the same K for every class. Pass "
-        f"--num_shots={counts[few]} to use the first {counts[few]} of each class")
-  return counts[names[0]]
-
-
-def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
-                        num_shots: int = 0) -> SupportSet:
-  """{class name: [count, D] embeddings} -> SupportSet (classes sorted by name).
-
-  Every class needs at least one example and all classes the same count,
-  unless `num_shots` > 0, which keeps the first `num_shots` of each class.
-  """
-  names = sorted(groups)
-  counts = {n: len(groups[n]) for n in names}
-  k = check_shots(counts, origin, num_shots)
-  stacked = np.stack([np.asarray(groups[n], np.float32)[:k] for n in names])
-  if stacked.ndim != 3 or stacked.shape[2] == 0:
-    raise errors.DataError(f"{origin}: expected [count, D] embeddings per class, "
-                           f"got {stacked.shape}")
-  if not np.isfinite(stacked).all():
-    raise errors.DataError(f"{origin}: the support embeddings contain NaN or inf")
-  zero = np.argwhere(~stacked.any(axis=-1))
-  if len(zero):
-    raise errors.DataError(
-        f"{origin}: support example {zero[0][1]} of class {names[zero[0][0]]!r} is all "
-        "zeros: it has no direction to L2-normalise; remove it or re-extract it")
-  return SupportSet(tuple(names), stacked, origin)
 
 
 def run_crop(run) -> str:
@@ -173,14 +94,13 @@ def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int =
   same way); embeddings files need no backbone. The backbone and its
   description are None without `backbone_dir`.
   """
-  from leo_suite.serving import sets  # pylint: disable=g-import-not-at-top
   embedder = (image_embedder.ImageEmbedder(backbone_dir, crop, batch_size)
               if backbone_dir else None)
   support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
   return (support, embedder and embedder.model, embedder and embedder.description)
 
 
-def load_support_embeddings(path: str, num_shots: int = 0) -> SupportSet:
+def load_support_embeddings(path: str, num_shots: int = 0) -> support_lib.SupportSet:
   """A LEO-format .pkl/.npz (keys give the classes, the manifest beside their names)."""
   return load_support(path, None, num_shots)[0]
 
@@ -194,58 +114,17 @@ class RestoredRun:
   checkpoint: str
 
 
-def restore_learner(run_dir: str) -> RestoredRun:
-  """Rebuilds the learner from the run's config.json (best, else latest weights)."""
-  run = run_lib.Run.open(run_dir)
+def restore_learner(run: run_lib.Run) -> RestoredRun:
+  """Rebuilds the run's learner (its settings; best, else latest weights)."""
   learner, checkpoint = run.restored_learner()
   return RestoredRun(run, learner, checkpoint)
 
 
 # -- the serving module -----------------------------------------------------------
-def checked_embeddings(x, name: str):
-  """`x` [batch, D] once asserted finite with no all-zero row (else InvalidArgumentError)."""
-  x = tf.debugging.assert_all_finite(
-      x, f"{name} must be finite: found NaN or inf; send the raw backbone features")
-  nonzero = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
-  check = tf.debugging.Assert(tf.reduce_all(nonzero), [
-      f"{name} has an all-zero row, which has no direction to L2-normalise; send "
-      "the raw, non-zero backbone features. First zero row:",
-      tf.argmin(tf.cast(nonzero, tf.int32), output_type=tf.int32)])
-  with tf.control_dependencies([check]):
-    return tf.identity(x)
-
-
-def normalise(embeddings, dtype=tf.float32):
-  """Rows L2-normalised in float32, then cast to `dtype`, as the training sampler does.
-
-  Rows are divided by their largest magnitude first, so the norm neither
-  overflows (1e38) nor underflows (1e-38); all-zero rows stay zero.
-  (`AdaptedClassifier` and `leo_suite.serving.predict` both call it.)
-  """
-  x = tf.cast(embeddings, tf.float32)
-  x = tf.math.divide_no_nan(x, tf.reduce_max(tf.abs(x), axis=-1, keepdims=True))
-  return tf.cast(tf.math.l2_normalize(x, axis=-1), dtype)
-
-
-def adapt_support(learner, support_embeddings):
-  """Adapted task state of `learner` on raw support embeddings [N, K, D] (eval mode)."""
-  support_x = normalise(support_embeddings, learner.dtype)[tf.newaxis]
-  n, k = support_x.shape[1], support_x.shape[2]
-  support_y = tf.tile(tf.range(n, dtype=tf.int32)[:, tf.newaxis], [1, k])[tf.newaxis]
-  return learner.adapt(support_x, support_y, training=False, seed=tf.zeros([2], tf.int32))
-
-
-def query_logits(learner, state, embeddings):
-  """Raw query embeddings [batch, D] -> float32 logits [batch, N] of an adapted state."""
-  queries = normalise(embeddings, learner.dtype)[tf.newaxis, tf.newaxis]   # [1, 1, batch, D]
-  logits = learner.predict(state, queries, training=False, seed=tf.zeros([2], tf.int32))
-  return tf.cast(tf.reshape(logits, [-1, learner.num_ways]), tf.float32)
-
-
 class AdaptedClassifier(tf.Module):
   """A learner adapted to one support set, with TF Serving signatures."""
 
-  def __init__(self, learner, support: SupportSet, backbone=None,
+  def __init__(self, learner, support: support_lib.SupportSet, backbone=None,
                backbone_description: Optional[dict] = None, crop: str = "center"):
     super().__init__(name="adapted_classifier")
     if support.num_ways != learner.num_ways:
@@ -268,7 +147,7 @@ class AdaptedClassifier(tf.Module):
     self.num_ways, self.num_shots, self.dim = support.num_ways, support.num_shots, support.dim
     self.class_names = tf.constant(list(support.class_names), tf.string)
     self._zero_seed = tf.zeros([2], tf.int32)
-    state = adapt_support(learner, tf.constant(support.embeddings))
+    state = support_lib.adapt_support(learner, tf.constant(support.embeddings))
     self.state = tf.nest.map_structure(
         lambda t: tf.Variable(t, trainable=False, name="adapted_state"), state)
     self.backbone = backbone
@@ -298,11 +177,11 @@ class AdaptedClassifier(tf.Module):
     Rows are divided by their largest magnitude first, so the norm neither
     overflows (1e38) nor underflows (1e-38); all-zero rows stay zero.
     """
-    return normalise(embeddings, self.learner.dtype)
+    return support_lib.normalise(embeddings, self.learner.dtype)
 
   def query_logits(self, state, embeddings):
     """Embeddings [batch, D] -> logits [batch, N] (float32) of an adapted state."""
-    return query_logits(self.learner, state, embeddings)
+    return support_lib.query_logits(self.learner, state, embeddings)
 
   def _outputs(self, logits):
     return {"probabilities": tf.nn.softmax(logits),
@@ -311,14 +190,14 @@ class AdaptedClassifier(tf.Module):
 
   def _predict_embeddings(self, embeddings):
     embeddings = tf.ensure_shape(embeddings, [None, self.dim], name="embeddings")
-    embeddings = checked_embeddings(embeddings, "embeddings")
+    embeddings = support_lib.checked_embeddings(embeddings, "embeddings")
     return self._outputs(self.query_logits(self.state, embeddings))
 
   def _classify(self, inputs):
     inputs = tf.ensure_shape(inputs, [None], name="inputs")
     features = tf.io.parse_example(
         inputs, {EXAMPLE_FEATURE: tf.io.FixedLenFeature([self.dim], tf.float32)})
-    embeddings = checked_embeddings(features[EXAMPLE_FEATURE],
+    embeddings = support_lib.checked_embeddings(features[EXAMPLE_FEATURE],
                                     f"the {EXAMPLE_FEATURE} feature of classify inputs")
     scores = tf.nn.softmax(self.query_logits(self.state, embeddings))
     classes = tf.tile(self.class_names[tf.newaxis], [tf.shape(scores)[0], 1])
@@ -331,8 +210,9 @@ class AdaptedClassifier(tf.Module):
     support_labels = tf.ensure_shape(support_labels, [n * k], name="support_labels")
     query_embeddings = tf.ensure_shape(query_embeddings, [None, self.dim],
                                        name="query_embeddings")
-    support_embeddings = checked_embeddings(support_embeddings, "support_embeddings")
-    query_embeddings = checked_embeddings(query_embeddings, "query_embeddings")
+    support_embeddings = support_lib.checked_embeddings(support_embeddings,
+                                                        "support_embeddings")
+    query_embeddings = support_lib.checked_embeddings(query_embeddings, "query_embeddings")
     tf.debugging.assert_greater_equal(
         support_labels, 0, message=f"support_labels must be in 0..{n - 1}")
     tf.debugging.assert_less(support_labels, n,
@@ -476,7 +356,7 @@ def write_version(module: AdaptedClassifier, export_base: str, model_name: str,
     raise
 
 
-def export_classifier(run_dir: str, support: SupportSet, export_base: str,
+def export_classifier(run_dir: str, support: support_lib.SupportSet, export_base: str,
                       model_name: Optional[str] = None, version: int = 0,
                       backbone=None, backbone_description: Optional[dict] = None,
                       restored: Optional[RestoredRun] = None,
@@ -486,7 +366,7 @@ def export_classifier(run_dir: str, support: SupportSet, export_base: str,
   Everything is validated before anything is written; `private` makes the
   export readable by its owner only (see `write_version`).
   """
-  restored = restored or restore_learner(run_dir)
+  restored = restored or restore_learner(run_lib.Run.open(run_dir))
   run = restored.run
   model_name = model_name or run.model
   check_model_name(model_name)
@@ -510,51 +390,3 @@ def export_classifier(run_dir: str, support: SupportSet, export_base: str,
 def read_export_info(export_dir: str) -> dict:
   with open(os.path.join(export_dir, EXPORT_INFO)) as handle:
     return json.load(handle)
-
-
-# -- latency ------------------------------------------------------------------------
-def _example_inputs(signature, batch, info, rng):
-  """Random inputs for a signature's single input, at batch size `batch`."""
-  (name, spec), = signature.structured_input_signature[1].items()
-  if spec.dtype == tf.string:
-    backbone = info.get("backbone") or {}
-    size, channels = int(backbone.get("image_size", 28)), int(backbone.get("channels", 1))
-    pixels = rng.integers(0, 256, [batch, size, size, channels], np.uint8)
-    return {name: tf.constant([tf.io.encode_png(p).numpy() for p in pixels])}
-  dim = int(spec.shape[1])
-  return {name: tf.constant(rng.standard_normal([batch, dim]).astype(np.float32))}
-
-
-def benchmark_latency(export_dir: str, batch_sizes: Sequence[int] = (1, 256),
-                      signature_name: str = SIGNATURE_PREDICT,
-                      min_seconds: float = 1.0, min_calls: int = 5, seed: int = 0) -> dict:
-  """Predictions/s of an exported version, loaded with plain TensorFlow.
-
-  For each batch size: one warm-up call, then calls repeated for at least
-  `min_seconds` (and `min_calls`). Returns, per batch size b,
-  `batch_<b>_predictions_per_s` (b * calls / time) and `batch_<b>_latency_ms`
-  (median wall time of one call), plus `signature`, `input` and `export_dir`.
-  """
-  loaded = tf.saved_model.load(export_dir)
-  signature = loaded.signatures[signature_name]
-  try:
-    info = read_export_info(export_dir)
-  except (OSError, ValueError):
-    info = {}
-  rng = np.random.default_rng(seed)
-  result = {"export_dir": os.path.abspath(export_dir), "signature": signature_name,
-            "input": next(iter(signature.structured_input_signature[1]))}
-  for batch in batch_sizes:
-    inputs = _example_inputs(signature, batch, info, rng)
-    signature(**inputs)                       # warm-up
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
-      t0 = time.perf_counter()
-      outputs = signature(**inputs)
-      next(iter(outputs.values())).numpy()
-      times.append(time.perf_counter() - t0)
-    total = sum(times)
-    result[f"batch_{batch}_predictions_per_s"] = batch * len(times) / total
-    result[f"batch_{batch}_latency_ms"] = 1000.0 * float(np.median(times))
-  return result

@@ -1,12 +1,12 @@
 """Your own few-shot tasks: a trained run adapted to a support set, predicting queries.
 
 `scripts/predict.py` is its command line. The learner is rebuilt from the run
-directory (`Run.open(dir).restored_learner()`: its config.json and best, else
-latest, checkpoint), never from flags. Support and query sets are read by
+directory (`Run.opened(dir)`, holding its lock; `restored_learner()`: its
+settings and best, else latest, checkpoint), never from flags. Support and query sets are read by
 `leo_suite.serving.sets.load_set` (trees, folders or CSVs of images,
 embeddings files), images embedded by `image_embedder.ImageEmbedder` with the
 run's embedding crop. Support and query embeddings are L2-normalised and the
-learner adapted and applied by `export.adapt_support` / `export.query_logits`,
+learner adapted and applied by `support.adapt_support` / `support.query_logits`,
 the very functions of the exported SavedModel, in eval mode with the zero seed
 as evaluation does, so predict, export and `runner.py --evaluation_mode`
 agree on the same embeddings.
@@ -37,6 +37,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.models import image_embedder
 from leo_suite.serving import export
 from leo_suite.serving import sets
+from leo_suite.serving import support as support_lib
 from leo_suite.training import evaluation
 from leo_suite.training import run as run_lib
 
@@ -82,8 +83,8 @@ class Predictor:
     if backbone_dir and not os.path.isdir(backbone_dir):
       raise errors.DataError(f"--backbone_dir={backbone_dir}: no such directory; pass the "
                              "backbone/ folder written by scripts/pretrain.py")
-    with run_lib.RunLock(run_dir, create=False):
-      self.restored = export.restore_learner(run_dir)
+    with run_lib.Run.opened(run_dir) as run:
+      self.restored = export.restore_learner(run)
     self.run, self.learner = self.restored.run, self.restored.learner
     self.num_shots, self.batch_size, self.backbone_dir = num_shots, batch_size, backbone_dir
     self.crop = export.run_crop(self.run)
@@ -149,8 +150,8 @@ class Predictor:
 
   # -- tasks -------------------------------------------------------------------------
   def _adapt_and_predict(self, support_embeddings, query_embeddings):
-    state = export.adapt_support(self.learner, support_embeddings)
-    return tf.nn.softmax(export.query_logits(self.learner, state, query_embeddings))
+    state = support_lib.adapt_support(self.learner, support_embeddings)
+    return tf.nn.softmax(support_lib.query_logits(self.learner, state, query_embeddings))
 
   def predict_task(self, support_path: str, query_path: str,
                    name: Optional[str] = None) -> TaskResult:

@@ -37,7 +37,7 @@ from leo_suite import errors
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
-from leo_suite.serving import export
+from leo_suite.serving import support as support_lib
 
 LABELS_CSV = "labels.csv"
 EMBEDDING_SUFFIXES = (".pkl", ".npz")
@@ -65,12 +65,12 @@ class LabelledSet:
   def labelled(self) -> bool:
     return any(label is not None for label in self.labels)
 
-  def to_support(self, num_shots: int = 0) -> export.SupportSet:
-    """N classes (sorted) x K examples; unequal shots refused (see export.check_shots)."""
+  def to_support(self, num_shots: int = 0) -> support_lib.SupportSet:
+    """N classes (sorted) x K examples; unequal shots refused (see support_lib.check_shots)."""
     groups: Dict[str, list] = {}
     for row, label in enumerate(self.labels):
       groups.setdefault(label, []).append(row)
-    return export.support_from_groups(
+    return support_lib.support_from_groups(
         {label: self.embeddings[rows] for label, rows in groups.items()}, self.origin,
         num_shots)
 
@@ -134,7 +134,7 @@ def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
   counts: Dict[str, int] = {}
   for i in rows:
     counts[labels[i]] = counts.get(labels[i], 0) + 1
-  k = export.check_shots(counts, origin, num_shots)
+  k = support_lib.check_shots(counts, origin, num_shots)
   taken: Dict[str, int] = {}
   kept = []
   for i in rows:

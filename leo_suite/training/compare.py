@@ -3,13 +3,12 @@
 Each learner runs in its own process (train, then --evaluation_mode with only
 --checkpoint_path: the run directory says how it was trained and which test
 tasks to score) with the same data, episode shape, seeds and fixed test tasks,
-so the numbers compare like for like. Reported per run: test accuracy and 95% CI (result_test.json),
+so the numbers compare like for like. Reported per run: test accuracy and 95% CI (the run's test result),
 meta-training steps/s (the run's TensorBoard summaries), and the peak resident
 memory of the training process (getrusage of that child alone, via wait4).
 """
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import report
+from leo_suite.training import layout
+from leo_suite.training import run as run_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNNER = os.path.join(REPO_ROOT, "runner.py")
@@ -62,7 +63,7 @@ def _run(cmd, timeout_s, threads=None):
 def mean_steps_per_second(run_dir):
   """Mean of the train/steps_per_second scalars logged by the trainer."""
   values = []
-  for path in glob.glob(os.path.join(run_dir, "summaries", "events.*")):
+  for path in glob.glob(os.path.join(layout.RunDirectory(run_dir).summaries_dir, "events.*")):
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == "train/steps_per_second":
@@ -71,13 +72,11 @@ def mean_steps_per_second(run_dir):
   return float(np.mean(values[1:] if len(values) > 1 else values)) if values else float("nan")
 
 
-def best_checkpoint(run_dir) -> Dict:
-  """{val_accuracy (%), best_step} of the run's best/best.json, or {} without one."""
-  path = os.path.join(run_dir, "best", "best.json")
-  if not os.path.exists(path):
+def best_checkpoint(run: run_lib.Run) -> Dict:
+  """{val_accuracy (%), best_step} of the run's best checkpoint, or {} without one."""
+  best = run.best_record()
+  if not best:
     return {}
-  with open(path) as handle:
-    best = json.load(handle)
   return {"val_accuracy": 100 * best["val_accuracy"], "best_step": int(best["step"])}
 
 
@@ -100,9 +99,9 @@ def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float
       last = next((l for l in reversed(tail) if l.strip()), "(no output)")[:240]
       log(f"{model}: {phase} failed (exit {code}): {last}")
       return {"model": model, "status": f"failed in {phase} (exit {code}): {last}"}
-  with open(os.path.join(run_dir, "result_test.json")) as handle:
-    result = json.load(handle)
-  best = best_checkpoint(run_dir)
+  run = run_lib.Run.open(run_dir)
+  result = run.read_result("test")
+  best = best_checkpoint(run)
   return {**best, "model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
           "num_tasks": result["num_tasks"], "steps_per_second": mean_steps_per_second(run_dir),
           "peak_rss_mib": peak, "seconds": time.time() - started,

@@ -21,7 +21,6 @@ profile of steps A..B into <checkpoint_path>/profile/.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -31,31 +30,14 @@ from absl import logging
 import tensorflow as tf
 
 from leo_suite import distribute
-from leo_suite import errors
-from leo_suite import fileio
 from leo_suite import progress as progress_lib
 from leo_suite.data.episodes import Episode
 from leo_suite.training import evaluation
+from leo_suite.training import layout
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
+from leo_suite.training import settings as settings_lib
 from leo_suite.training import xla
-
-PROFILE_DIR = "profile"
-
-
-def parse_profile_steps(text: str) -> Optional[Tuple[int, int]]:
-  """--profile_steps 'A,B' -> (A, B) (1 <= A <= B); '' -> None (off)."""
-  if not text:
-    return None
-  try:
-    first, last = [int(part) for part in text.split(",")]
-  except ValueError:  # not two integers
-    first, last = 0, -1
-  if not 1 <= first <= last:
-    raise errors.ConfigError(
-        f"--profile_steps={text!r}: expected A,B with integers 1 <= A <= B (profile "
-        "steps A to B, e.g. --profile_steps=10,15); empty = off")
-  return first, last
 
 
 class DataWait:
@@ -130,21 +112,26 @@ class Profiler:
                    self.directory, self.directory)
 
 
+_D = settings_lib.DEFAULTS
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """The training loop's settings (defaults: settings.DEFAULTS'); `from_run`
+  takes a run's."""
   checkpoint_path: str
-  num_steps_limit: int = 100000
-  metatrain_batch_size: int = 12
-  metavalid_batch_size: int = 200
-  num_val_batches: int = 10
-  checkpoint_steps: int = 1000
+  num_steps_limit: int = _D["num_steps_limit"]
+  metatrain_batch_size: int = _D["metatrain_batch_size"]
+  metavalid_batch_size: int = _D["metavalid_batch_size"]
+  num_val_batches: int = _D["num_val_batches"]
+  checkpoint_steps: int = _D["checkpoint_steps"]
   outer: optim.OuterConfig = optim.OuterConfig()
-  seed: int = 0
-  eval_seed: int = 1
-  log_steps: int = 100
+  seed: int = _D["seed"]
+  eval_seed: int = _D["eval_seed"]
+  log_steps: int = _D["log_steps"]
   jit_compile: bool = False
   jit_readout: bool = False  # evaluation's table-path readout (xla.resolve_readout)
-  evaluation_method: str = "auto"  # evaluation.EVALUATION_METHODS
+  evaluation_method: str = _D["evaluation_method"]  # evaluation.EVALUATION_METHODS
   keep_best: bool = True   # False: validation is logged, best/ is not written
   profile_steps: Optional[Tuple[int, int]] = None  # (A, B): profile steps A..B
 
@@ -157,12 +144,12 @@ class TrainConfig:
                metavalid_batch_size=s["metavalid_batch_size"],
                num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
                outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
-               log_steps=s["log_steps"], jit_compile=xla.resolve(s["jit_compile"], run.model),
-               jit_readout=xla.resolve_readout(s["jit_compile"], run.model),
+               log_steps=s["log_steps"], jit_compile=run.jit_compile,
+               jit_readout=run.jit_readout,
                evaluation_method=s.get("evaluation_method", "auto"),
                keep_best=not s["train_on_val"],
                # .get: runs created before the setting existed lack it.
-               profile_steps=parse_profile_steps(s.get("profile_steps", "")))
+               profile_steps=settings_lib.parse_profile_steps(s.get("profile_steps", "")))
 
 
 class Trainer:
@@ -187,6 +174,7 @@ class Trainer:
     with self.strategy.scope():
       self.optimizer = optim.OptimizerState(optim.build_chain(config.outer), variables)
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    self.files = layout.RunDirectory(config.checkpoint_path)
     self.checkpoint = tf.train.Checkpoint(learner=learner, optimizer=self.optimizer,
                                           step=self.step)
     # Create the (lazy) save counter now, so best/ (written before the first
@@ -194,11 +182,10 @@ class Trainer:
     _ = self.checkpoint.save_counter
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, config.checkpoint_path, max_to_keep=3,
-        step_counter=self.step, checkpoint_name="ckpt")
+        step_counter=self.step, checkpoint_name=layout.CHECKPOINT_NAME)
     # A non-chief worker of multi_worker saves (every worker must) into a
     # private scratch directory that is removed after each save.
-    self._scratch = (None if self.is_chief else os.path.join(
-        config.checkpoint_path, f".worker-{self.worker_index}"))
+    self._scratch = (None if self.is_chief else self.files.worker_scratch(self.worker_index))
     self.evaluator = evaluation.Evaluator(learner, self.strategy,
                                           jit_compile=config.jit_compile,
                                           jit_readout=config.jit_readout)
@@ -251,19 +238,19 @@ class Trainer:
   # -- checkpoints --------------------------------------------------------------
   @property
   def best_dir(self):
-    return os.path.join(self.config.checkpoint_path, run_lib.BEST_DIR)
+    return self.files.best_dir
 
   def _save(self, step):
     if self.is_chief:
       self.manager.save(checkpoint_number=step)
     else:
-      self.checkpoint.write(os.path.join(self._scratch, "ckpt"))
+      self.checkpoint.write(os.path.join(self._scratch, layout.CHECKPOINT_NAME))
       shutil.rmtree(self._scratch, ignore_errors=True)
 
   def restore(self):
     """Restores the latest complete checkpoint; returns the step reached."""
     if self.is_chief:
-      run_lib.recover_best(self.config.checkpoint_path)
+      self.files.recover_best()
     latest = self.manager.latest_checkpoint
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
@@ -271,21 +258,12 @@ class Trainer:
     return int(self.step.numpy())
 
   def _best_accuracy(self):
-    path = os.path.join(self.best_dir, "best.json")
-    if os.path.exists(path):
-      with open(path) as handle:
-        return json.load(handle)["val_accuracy"]
-    return -1.0
+    best = self.files.best_record()
+    return best["val_accuracy"] if best else -1.0
 
   def _save_best(self, step, result):
-    staging = self.best_dir + ".tmp"
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
-    os.makedirs(staging)
-    self.checkpoint.write(os.path.join(staging, "ckpt"))
-    fileio.atomic_write_text(os.path.join(staging, "best.json"), json.dumps(
-        {"step": step, "val_accuracy": result.accuracy, "val_ci95": result.ci95}))
-    fileio.replace_directory(staging, self.best_dir)
+    self.files.write_best(self.checkpoint, {"step": step, "val_accuracy": result.accuracy,
+                                            "val_ci95": result.ci95})
 
   # -- the loop -------------------------------------------------------------
   def validate(self):
@@ -309,7 +287,7 @@ class Trainer:
     if step >= cfg.num_steps_limit:
       logging.info("Step %d >= num_steps_limit %d: nothing to train", step, cfg.num_steps_limit)
       return step
-    writer = (tf.summary.create_file_writer(os.path.join(cfg.checkpoint_path, "summaries"))
+    writer = (tf.summary.create_file_writer(self.files.summaries_dir)
               if self.is_chief else tf.summary.create_noop_writer())
     best = self._best_accuracy()
     if step == 0 and cfg.keep_best and best < 0:
@@ -320,7 +298,7 @@ class Trainer:
       best = self._validate_and_keep_best(0, best, writer)
     iterator = iter(self.train_dataset(step))
     profiler = Profiler(cfg.profile_steps if self.is_chief else None,
-                        os.path.join(cfg.checkpoint_path, PROFILE_DIR))
+                        self.files.profile_dir)
     try:
       step = self._loop(step, iterator, stop_requested, writer, best, profiler)
     finally:
