@@ -24,7 +24,6 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from leo_suite import distribute  # pylint: disable=wrong-import-position
-from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.data import embeddings  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.pretrain import baselines as baselines_lib  # pylint: disable=wrong-import-position
@@ -165,32 +164,19 @@ def _environment_error_recovery():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
-      distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
-    if FLAGS.deterministic:
-      tf.config.experimental.enable_op_determinism()
-    with run_lib.Run.lock(FLAGS.checkpoint_path, create=not FLAGS.evaluation_mode,
-                          log=logging.warning):
-      if FLAGS.evaluation_mode:
-        evaluate()
-      else:
-        train()
-  except errors.UserError as exc:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
-  except (OSError, tf.errors.OpError) as exc:
-    message = errors.environment_error(exc, FLAGS.checkpoint_path,
-                                       _environment_error_recovery(), "--checkpoint_path")
-    if message is None:
-      raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted: the latest complete checkpoint is kept; rerun to resume",
-          file=sys.stderr)
-    sys.exit(130)
+  if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
+    distribute.configure_logical_cpus(FLAGS.num_cpu_devices)
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  with run_lib.Run.lock(FLAGS.checkpoint_path, create=not FLAGS.evaluation_mode,
+                        log=logging.warning):
+    if FLAGS.evaluation_mode:
+      evaluate()
+    else:
+      train()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main, where=lambda: FLAGS.checkpoint_path,
+              recovery=_environment_error_recovery, location_flag="--checkpoint_path",
+              interrupted="interrupted: the latest complete checkpoint is kept; rerun to resume")

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: set up .venv and run the whole test suite
-# (CI runs exactly this). Pass pytest arguments through, e.g.
+# (CI runs exactly this) on 2 pytest-xdist workers, one test file per worker at
+# a time (module fixtures are built once), with the 20 slowest tests at the end.
+# Pass pytest arguments through; later ones win, e.g.
 #   bash scripts/test.sh -m "not integration and not slow"   # quick local loop
+#   bash scripts/test.sh -n 0 tests/test_leo.py              # one process, no xdist
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=20 "$@"

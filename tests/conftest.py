@@ -14,6 +14,21 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
                    if p and os.path.abspath(p) != REPO_ROOT])
 
 
+# The longest files (by the --durations table), handed out first under
+# pytest-xdist so no long file starts last and runs alone (longest first).
+LONGEST_FILES = ("test_pretrain_extract.py", "test_distribute.py", "test_faults.py",
+                 "test_serving.py", "test_runner.py", "test_predict.py", "test_run_safety.py",
+                 "test_fuzz.py", "test_pretrain_distribute.py", "test_imaml.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Under xdist (--dist loadfile), the longest files first; each file's order kept."""
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
 def omniglot_dir():
   """Where the real Omniglot archives are: $LEO_SUITE_OMNIGLOT_DIR or ../shared."""
   return os.environ.get(

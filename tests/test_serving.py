@@ -213,12 +213,11 @@ json.dump(report, open(spec["report"], "w"))
 
 
 # -- fresh-process equivalence -----------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("model", list(registry.LEARNERS))
-def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_process(exports,
-                                                                                  model):
+@pytest.fixture(scope="module")
+def fresh_process(exports):
+  """Every learner's export run once through CHILD in one fresh process: (out, report)."""
   root = exports.root
-  models = {model: exports[model]}
+  models = {model: exports[model] for model in registry.LEARNERS}
   arrays = {"queries": exports.queries}
   for name, entry in models.items():
     arrays[name + "/support"] = entry["support2_flat"]
@@ -238,9 +237,17 @@ def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_proces
                          os.path.join(root, "spec.json")], cwd=root, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = np.load(spec["out"])
   with open(spec["report"]) as handle:
-    report = json.load(handle)
+    return dict(np.load(spec["out"])), json.load(handle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(registry.LEARNERS))
+def test_every_learner_export_matches_in_process_learner_in_fresh_tf_only_process(exports,
+                                                                                  fresh_process,
+                                                                                  model):
+  out, report = fresh_process
+  models = {model: exports[model]}
   assert report["modules"] == []
   queries = exports.queries
   for name, entry in models.items():
