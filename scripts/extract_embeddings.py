@@ -12,8 +12,8 @@ writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
 Without --split, every image under the source(s) is embedded (classes from
 folders where there are folders, else `unlabelled`) into
 <out>/<dataset_name>/<crop>/all_embeddings.pkl, whose keys keep each image's relative
-path (leo_suite.data.embeddings.key_file_path decodes it) and whose
-manifest.json lists file -> row; --dataset_name defaults to the source's name:
+path (leo_suite.data.embedding_keys.key_file_path) and whose manifest.json
+lists file -> row; --dataset_name defaults to the source's name:
 
   python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone --source=my_photos/
 
@@ -28,8 +28,8 @@ Then the same command with --merge instead of --shard_index (no
 shards are there, finished, unchanged (sha256) and made with the same
 backbone and flags, and writes the split files (byte for byte those of one
 process with the same --batch_size, unless images were skipped) and the
-manifest, last; it then removes the shards folder (--keep_shards keeps it).
-Works with and without --split:
+manifest, last; it then removes the shards folder (--keep_shards keeps it),
+with and without --split:
 
   for i in 0 1; do
     python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
@@ -39,8 +39,8 @@ Works with and without --split:
   python scripts/extract_embeddings.py --source=images/ --split=split.json \
       --out=embeddings --dataset_name=mine --num_shards=2 --merge
 
-A missing, unfinished, changed or mismatched shard is refused in one line
-naming the shard and the command to rerun; nothing is written then.
+A missing, unfinished, changed or mismatched shard is refused in one line naming
+the shard and the command to rerun; nothing is written then. docs/pretraining.md.
 """
 
 import os
@@ -143,8 +143,8 @@ def main(argv):
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
       FLAGS.source, origin)
-  path = os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)
-  print(f"manifest: {path} ({extraction.describe_splits(manifest)})")
+  print(f"manifest: {os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)}"
+        f" ({extraction.describe_splits(manifest)})")
 
 
 if __name__ == "__main__":

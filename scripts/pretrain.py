@@ -6,15 +6,14 @@
       --source=../shared/data/omniglot/images_background_small2.zip \
       --split=omniglot_small --out_dir=runs/pretrain_conv4 --epochs=12
 
-Rerunning the same command after a kill resumes from the last checkpoint.
-The exported feature extractor is <out_dir>/backbone/ (for extract_embeddings.py).
+Rerunning the same command after a kill resumes from the last checkpoint. The
+exported feature extractor is <out_dir>/backbone/ (for extract_embeddings.py).
 
 Beyond one device, with the runner's flags: --distribution_strategy=mirrored
 (local GPUs, --devices, or --num_cpu_devices logical CPUs) or multi_worker
 (one process per worker, TF_CONFIG). The global --batch_size is split evenly
 over the replicas and the update is the single-device one (batch norm over the
-global batch, see leo_suite/pretrain/train.py); only the chief writes
-<out_dir>.
+global batch, see leo_suite/pretrain/train.py); only the chief writes <out_dir>.
 """
 
 import dataclasses
@@ -108,8 +107,9 @@ def main(argv):
       print(f"{name:<10} {count:>12,} {dim:>12}")
     return
   # Every PretrainConfig field with a flag here takes it (the rest keep their defaults).
-  config = pretrain_config.PretrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
-      pretrain_config.PretrainConfig) if f.name in FLAGS})
+  config_class = pretrain_config.PretrainConfig
+  config = config_class(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(config_class)
+                           if f.name in FLAGS})
   pretrain_config.validate_config(config)
   # Before the data are read (multi_worker must start before other TF ops).
   strategy = distribute.make_strategy(FLAGS.distribution_strategy,
@@ -123,8 +123,7 @@ def main(argv):
       config.image_size, config.channels, images_lib.parse_expected_size(FLAGS.expected_size),
       tuple(FLAGS.allowed_modes), FLAGS.skip_bad_images)
   images, labels, skipped = pipeline.decode_classes(by_class, split_classes["train"], options)
-  for origin_name, reason in skipped:
-    print(f"skipped {origin_name}: {reason}")
+  print("".join(f"skipped {origin_name}: {reason}\n" for origin_name, reason in skipped), end="")
   callback = None
   if FLAGS.val_episodes and split_classes.get("val"):
     val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"], options)
@@ -135,8 +134,8 @@ def main(argv):
   trainer = train_lib.Pretrainer(config, images, labels, FLAGS.out_dir,
                                  class_names=split_classes["train"], strategy=strategy,
                                  sync_batch_norm=FLAGS.sync_batch_norm)
-  replicas = (f" on {trainer.replicas} replicas ({trainer.replica_batch} images each)"
-              if trainer.replicas > 1 else "")
+  replicas = (f" on {trainer.replicas} replicas ({trainer.replica_batch} images each)" * (
+      trainer.replicas > 1))
   print(f"training {config.backbone} on {len(labels)} images of {trainer.num_base_classes} "
         f"classes ({trainer.num_classes} with rotations), {trainer.total_steps} steps"
         f"{replicas}")
