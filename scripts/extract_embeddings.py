@@ -27,9 +27,8 @@ Then the same command with --merge instead of --shard_index (no
 --backbone_dir needed; given, it must be the shards') checks that all S
 shards are there, finished, unchanged (sha256) and made with the same
 backbone and flags, and writes the split files (byte for byte those of one
-process with the same --batch_size, unless images were skipped) and the
-manifest, last; it then removes the shards folder (--keep_shards keeps it),
-with and without --split:
+process with the same --batch_size, unless images were skipped) and the manifest,
+last; then removes the shards folder (--keep_shards keeps it); with or without --split:
 
   for i in 0 1; do
     python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
