@@ -35,6 +35,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.bench import benchmark  # pylint: disable=wrong-import-position
+from leo_suite.bench import report as bench_report  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
 from leo_suite.training import evaluation  # pylint: disable=wrong-import-position
@@ -79,7 +80,7 @@ def matmul_and_protonet_floor(sampler):
 def leo_randomness(sampler):
   learner = benchmark.build("leo")
   e = next(iter(sampler.dataset(0, BATCH)))
-  weights = tf.random.normal([BATCH, 5, 1, benchmark.DIM])
+  weights = tf.random.normal([BATCH, 5, 1, bench_report.DIM])
   adapt = lambda training: (lambda: learner._adapt(  # pylint: disable=protected-access
       e.support_x, e.support_y, training, base.SeedStream(SEED)))
   rows = {
@@ -147,12 +148,12 @@ def main(argv):
   if FLAGS.evaluation:
     for entry in FLAGS.evaluation.split(","):
       model, _, shots = entry.partition(":")
-      if model not in benchmark.MODELS or not shots.isdigit():
+      if model not in bench_report.MODELS or not shots.isdigit():
         raise errors.ConfigError(f"--evaluation: {entry!r} is not learner:shots with a learner of "
-                     f"{list(benchmark.MODELS)}")
+                     f"{list(bench_report.MODELS)}")
       evaluation_passes(model, int(shots), FLAGS.passes)
     return
-  split = benchmark.synthetic_split(64, benchmark.IMAGES_PER_CLASS, seed=0)
+  split = benchmark.synthetic_split(64, bench_report.IMAGES_PER_CLASS, seed=0)
   sampler = episodes.EpisodeSampler(split, episodes.EpisodeSpec(5, 1, 15))
   matmul_and_protonet_floor(sampler)
   leo_randomness(sampler)

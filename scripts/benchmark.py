@@ -22,8 +22,9 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite import fileio  # pylint: disable=wrong-import-position
 from leo_suite.bench import benchmark  # pylint: disable=wrong-import-position
+from leo_suite.bench import report as bench_report  # pylint: disable=wrong-import-position
 
-flags.DEFINE_string("only", ",".join(benchmark.MODELS), "comma list of learners")
+flags.DEFINE_string("only", ",".join(bench_report.MODELS), "comma list of learners")
 flags.DEFINE_boolean("quick", False, "fewer steps/tasks (smoke run; figures are noisier)")
 flags.DEFINE_string("output", "", "write the results as JSON here")
 flags.DEFINE_string("skip", "", "comma list of sections to skip: train,xla,map_fn,eval,memory,"
@@ -49,14 +50,14 @@ def main(argv):
     raise errors.ConfigError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.markdown:
     with open(FLAGS.markdown) as handle:
-      print(benchmark.markdown(json.load(handle)))
+      print(bench_report.markdown(json.load(handle)))
     return
   results = benchmark.run(
       [m for m in FLAGS.only.split(",") if m], quick=FLAGS.quick,
       skip=[s for s in FLAGS.skip.split(",") if s], eval_tasks=FLAGS.eval_tasks,
       eval_batch_size=FLAGS.eval_batch_size, leo_eval_tasks=FLAGS.leo_eval_tasks,
       profile_dir=FLAGS.profile_dir, serving_export_dir=FLAGS.serving_export_dir)
-  benchmark.print_table(results)
+  bench_report.print_table(results)
   if FLAGS.output:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     fileio.atomic_write_text(FLAGS.output, json.dumps(results, indent=1, default=str))

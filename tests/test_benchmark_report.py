@@ -1,4 +1,4 @@
-"""leo_suite/bench/benchmark.py's report: issue 14's targets and the README's speed table,
+"""leo_suite/bench/report.py: issue 14's targets and the README's speed table,
 from a small hand-made results JSON (nothing is measured)."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from leo_suite.bench import benchmark as benchmark_lib
+from leo_suite.bench import report as report_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
@@ -16,7 +16,7 @@ SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 
 @pytest.fixture(scope="module")
 def benchmark():
-  return benchmark_lib
+  return report_lib
 
 
 MAML_CONFIG = {"hidden_sizes": "", "inner_steps": 5, "inner_lr": 1.0, "head_init": "zeros",
