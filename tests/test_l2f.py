@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.models import adaptation
 from leo_suite.models import base
-from leo_suite.models import heads
 from leo_suite.models import l2f
 from leo_suite.models import maml
 from tests import test_maml as common
@@ -77,7 +77,7 @@ def test_task_embedding_is_layerwise_mean_support_gradient_under_stop_gradient()
     tape.watch(support_x)
     embedding = learner.task_embedding(support_x, episode.support_y)
   # Value: mean over elements of dL_support/dtheta_l at theta, per task.
-  _, grads = heads.loss_gradients(
+  _, grads = adaptation.loss_gradients(
       learner.support_loss_fn(support_x, episode.support_y),
       learner.head.tiled(3))
   expected = np.stack([g.numpy().reshape(3, -1).mean(1) for g in grads], 1)

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite.data.episodes import Episode
+from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import maml
@@ -134,7 +135,7 @@ def test_closed_form_head_gradients_match_autodiff_to_second_order(hidden_sizes)
 
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(fast)
-    _, autodiff = heads.loss_gradients(loss_fn, fast)
+    _, autodiff = adaptation.loss_gradients(loss_fn, fast)
     closed_form = heads.head_cross_entropy_gradients(fast, x, y)
     autodiff_probe = probed_gradient(autodiff)
     closed_form_probe = probed_gradient(closed_form)
@@ -306,7 +307,7 @@ def test_tasks_are_adapted_independently():
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("head_init", ["zeros", "proto"])
 def test_linear_inner_loop_equals_gradient_steps_on_the_weights(first_order, head_init):
-  """heads.linear_inner_loop (steps on the support logits, the path MAML's
+  """adaptation.linear_inner_loop (steps on the support logits, the path MAML's
   linear head takes) gives the fast weights of explicit steps on W and b with
   autodiff gradients, and the same second- or first-order meta-gradients."""
   episode = make_episode(num_shots=3, num_tasks=4)
@@ -325,7 +326,7 @@ def test_linear_inner_loop_equals_gradient_steps_on_the_weights(first_order, hea
 
   explicit = query_loss(lambda start: maml.inner_loop(
       learner.support_loss_fn(x, episode.support_y), start, rates, 4, first_order))
-  logit_space = query_loss(lambda start: heads.linear_inner_loop(
+  logit_space = query_loss(lambda start: adaptation.linear_inner_loop(
       start, x, episode.support_y, rates, 4, first_order))
   for e, k in zip(explicit[0] + explicit[1], logit_space[0] + logit_space[1]):
     np.testing.assert_allclose(k.numpy(), e.numpy(), rtol=1e-10, atol=1e-13)

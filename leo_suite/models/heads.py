@@ -122,7 +122,7 @@ class HeadParams(snt.Module):
             for p in self.params]
 
 
-def _dense(h, w, b):
+def dense(h, w, b):
   return tf.einsum("bmd,bdo->bmo", h, w) + b[:, tf.newaxis, :]
 
 
@@ -132,7 +132,7 @@ def hidden_features(hidden_weights, inputs):
   num_tasks = tf.shape(inputs)[0]
   h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
   for layer in range(len(hidden_weights) // 2):
-    h = tf.nn.relu(_dense(h, hidden_weights[2 * layer], hidden_weights[2 * layer + 1]))
+    h = tf.nn.relu(dense(h, hidden_weights[2 * layer], hidden_weights[2 * layer + 1]))
   return h
 
 
@@ -143,7 +143,7 @@ def head_logits(fast_weights, inputs):
   Hidden layers use ReLU; the output layer is linear.
   """
   batch_shape = tf.shape(inputs)[:-1]
-  h = _dense(hidden_features(fast_weights[:-2], inputs), fast_weights[-2], fast_weights[-1])
+  h = dense(hidden_features(fast_weights[:-2], inputs), fast_weights[-2], fast_weights[-1])
   return tf.reshape(h, tf.concat([batch_shape, tf.shape(h)[-1:]], 0))
 
 
@@ -220,104 +220,6 @@ def head_cross_entropy_gradients(fast_weights, inputs, labels):
       mask = tf.cast(pre_activations[layer - 1] > 0, delta.dtype)
       delta = tf.einsum("bmo,bdo->bmd", delta, fast_weights[2 * layer]) * mask
   return grads
-
-
-def logit_steps_total(logits, kernel, one_hot, steps):
-  """sum_t (softmax(S_t) - Y) over `steps` steps S_{t+1} = S_t - kernel (softmax(S_t) - Y).
-
-  The logit-space form of gradient steps on a linear classifier (see
-  `linear_inner_loop`; LEO's evaluation loops): logits, one_hot [B, M, N],
-  kernel [B, M, M] holds the step sizes and the loss scale.
-  """
-  total = tf.zeros_like(logits)
-  for _ in range(int(steps)):
-    delta = tf.nn.softmax(logits) - one_hot
-    total += delta
-    logits -= tf.matmul(kernel, delta)
-  return total
-
-
-def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=False):
-  """`steps` gradient steps of linear heads on the mean support cross-entropy,
-  run on the support logits instead of the weights.
-
-  initial: [W [B, D, N], b [B, N]]; support_x [B, ..., D], support_y [B, ...];
-  lrs: one scalar step size per tensor (alpha_W, alpha_b). With logits
-  S = X W + b of the M support rows X [B, M, D] and Delta = (softmax(S) - Y) / M
-  (d mean CE / d S), a step changes W by -alpha_W X^T Delta and b by
-  -alpha_b 1^T Delta, so S by -(alpha_W X X^T + alpha_b 1 1^T) Delta. The loop
-  therefore runs on [B, M, N] logits with one [B, M, M] kernel, and returns
-  W - alpha_W X^T A, b - alpha_b 1^T A with A = sum_t Delta_t: the fast
-  weights of `maml.inner_loop` with `head_cross_entropy_gradients` (equal in
-  exact arithmetic; tests), without a D-wide product per step. An outer tape
-  differentiates it to second order; `first_order` stops the gradient at A
-  (d W_T / d W = I, as stop_gradient on every inner gradient).
-  """
-  weights, bias = initial
-  lr_weights, lr_bias = [tf.cast(lr, weights.dtype) for lr in lrs]
-  num_tasks = tf.shape(support_x)[0]
-  x = tf.reshape(support_x, [num_tasks, -1, tf.shape(support_x)[-1]])  # [B, M, D]
-  one_hot = tf.one_hot(tf.reshape(support_y, [num_tasks, -1]), tf.shape(bias)[-1],
-                       dtype=weights.dtype)  # [B, M, N]
-  num_examples = tf.cast(tf.shape(x)[1], weights.dtype)
-  kernel = lr_weights * tf.matmul(x, x, transpose_b=True) + lr_bias  # [B, M, M]
-  total = logit_steps_total(_dense(x, weights, bias), kernel / num_examples, one_hot,
-                            steps) / num_examples
-  if first_order:
-    total = tf.stop_gradient(total)
-  return [weights - lr_weights * tf.matmul(x, total, transpose_a=True),
-          bias - lr_bias * tf.reduce_sum(total, axis=1)]
-
-
-def loss_gradients(loss_fn, params: Sequence[tf.Tensor]):
-  """(loss_fn(params), d loss_fn / d params); recorded by any outer tape."""
-  params = list(params)
-  with tf.GradientTape() as tape:
-    tape.watch(params)
-    loss = loss_fn(params)
-  grads = tape.gradient(loss, params,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  return loss, grads
-
-
-def adapt_loop(gradient_fn, params: Sequence[tf.Tensor], transform, steps, *,
-               differentiable: bool = True, first_order: bool = False) -> List[tf.Tensor]:
-  """The one inner loop of the gradient-based head learners, `steps` times
-
-      g_t = gradient_fn(phi_t, t);  u_t, s_t = transform.update(g_t, s_{t-1}, phi_t)
-      phi_{t+1} = phi_t + u_t,      phi_0 = params,  s_0 = transform.init(params)
-
-  `transform` (models/transforms.py) is what differs between learners: a
-  fixed or learned rate per parameter (MAML, Meta-SGD, L2F: Eq. 1 of Finn et
-  al.), SGD or Adam (Reptile's U^k), a proximal term then SGD (iMAML, Eq. 4).
-  gradient_fn(params, step) -> gradients like params (`step` lets Reptile
-  draw a mini-batch per step).
-
-  differentiable: a Python loop (`steps` a static int) that an outer tape
-  differentiates through, second order unless `first_order` (stop_gradient on
-  every g_t: d phi_T / d phi_0 = I). Otherwise a `tf.while_loop` on
-  stop_gradient-ed tensors with no gradient path: the graph and the memory are
-  the same for any `steps` (Reptile evaluates with 50).
-  """
-  params = list(params)
-  if differentiable:
-    state = transform.init(params)
-    for step in range(int(steps)):
-      grads = gradient_fn(params, step)
-      if first_order:
-        grads = [tf.stop_gradient(g) for g in grads]
-      updates, state = transform.update(grads, state, params)
-      params = [p + u for p, u in zip(params, updates)]
-    return params
-
-  def body(step, params, state):
-    updates, state = transform.update(gradient_fn(params, step), state, params)
-    return step + 1, [p + u for p, u in zip(params, updates)], state
-
-  params = [tf.stop_gradient(tf.convert_to_tensor(p)) for p in params]
-  _, params, _ = tf.while_loop(lambda step, *_: step < steps, body,
-                               (tf.constant(0), params, transform.init(params)))
-  return [tf.stop_gradient(p) for p in params]
 
 
 def task_mean_cross_entropy(logits, labels):

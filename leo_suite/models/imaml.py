@@ -61,8 +61,9 @@ from typing import Callable, ClassVar, List, Sequence, Tuple
 
 import tensorflow as tf
 
-from leo_suite.errors import ConfigError
 from leo_suite.data.episodes import Episode
+from leo_suite.errors import ConfigError
+from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import transforms
@@ -206,7 +207,7 @@ def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
   reference: phi_{t+1} = phi_t - inner_lr grad L(phi_t), then once
              phi <- phi - inner_lr lam (phi - theta).
   theta: list of [B, ...] tensors; loss_fn(phi) -> per-task losses [B].
-  heads.adapt_loop with a proximal term then SGD (transforms): a
+  adaptation.adapt_loop with a proximal term then SGD (transforms): a
   `tf.while_loop` over stop_gradient-ed tensors, so the graph and the memory
   are the same for any num_steps and no enclosing tape records the steps.
   """
@@ -215,8 +216,8 @@ def inner_solve(loss_fn: Callable, theta: Sequence[tf.Tensor], *,
   theta = [tf.stop_gradient(t) for t in theta]
   proximal = 1.0 if variant == "paper" else 0.0
   total_loss = lambda phi: tf.reduce_sum(loss_fn(phi))
-  phi = heads.adapt_loop(
-      lambda phi, step: heads.loss_gradients(total_loss, phi)[1], theta,
+  phi = adaptation.adapt_loop(
+      lambda phi, step: adaptation.loss_gradients(total_loss, phi)[1], theta,
       transforms.chain(transforms.add_proximal(theta, proximal * lam),
                        transforms.sgd(inner_lr)),
       num_steps, differentiable=False)

@@ -38,8 +38,8 @@ from typing import ClassVar
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.models import adaptation
 from leo_suite.models import base
-from leo_suite.models import heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +256,7 @@ class LEO(base.Learner):
 
     def descend(features, rates, classifier, steps):
       """The classifier [B, N, F] after `steps` steps on logits features classifier^T."""
-      total = heads.logit_steps_total(
+      total = adaptation.logit_steps_total(
           tf.matmul(features, classifier, transpose_b=True),
           tf.matmul(features * rates, features, transpose_b=True) / num_shots, one_hot, steps)
       return classifier - rates * tf.matmul(total, features, transpose_a=True) / num_shots

@@ -39,6 +39,7 @@ from typing import Callable, ClassVar, List, Optional, Sequence, Union
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import transforms
@@ -90,10 +91,10 @@ def inner_loop(loss_fn: LossFn, params: Sequence[tf.Tensor],
   if len(lrs) != len(params):
     raise ValueError(f"got {len(lrs)} learning rates for {len(params)} params")
   if gradient_fn is None:
-    gradients = lambda fast_weights, step: heads.loss_gradients(loss_fn, fast_weights)[1]
+    gradients = lambda fast_weights, step: adaptation.loss_gradients(loss_fn, fast_weights)[1]
   else:
     gradients = lambda fast_weights, step: gradient_fn(fast_weights)
-  return heads.adapt_loop(gradients, params, transforms.scale_by_rates(lrs), steps,
+  return adaptation.adapt_loop(gradients, params, transforms.scale_by_rates(lrs), steps,
                           first_order=first_order)
 
 
@@ -124,7 +125,7 @@ class MAML(heads.HeadLearner):
     if len(self.head.params) == 2 and self.inner_lrs is None:
       # A linear head with scalar step sizes: the same steps on the support
       # logits: XLA meta-training 237 -> 360 steps/s at 1-shot (README, Speed).
-      return heads.linear_inner_loop(self.initial_fast_weights(support_x, support_y),
+      return adaptation.linear_inner_loop(self.initial_fast_weights(support_x, support_y),
                                      self.cast(support_x), support_y, self.inner_rates(),
                                      steps, self.config.first_order)
     return inner_loop(self.support_loss_fn(support_x, support_y),

@@ -76,6 +76,7 @@ from typing import Callable, ClassVar, List, Sequence
 import tensorflow as tf
 
 from leo_suite.data.episodes import Episode
+from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import heads
 from leo_suite.models import transforms
@@ -147,14 +148,14 @@ def inner_loop(gradient_fn: GradFn, params: Sequence[tf.Tensor], *, steps,
         m / (sqrt(v) + 1e-8), element-wise (so per task for [B, ...] params).
   gradient_fn(params, step) -> gradients of the loss at params (a list like
   params); `step` (int32 scalar tensor) lets it draw a mini-batch per step.
-  heads.adapt_loop with transforms.sgd / transforms.adam: a tf.while_loop,
+  adaptation.adapt_loop with transforms.sgd / transforms.adam: a tf.while_loop,
   the graph is the same for any `steps` (eval runs 50).
   """
   if optimizer not in INNER_OPTIMIZERS:
     raise ValueError(f"unknown inner optimizer {optimizer!r}; choose from {INNER_OPTIMIZERS}")
   update = (transforms.sgd(learning_rate) if optimizer == "sgd" else
             transforms.adam(learning_rate, beta1, beta2, epsilon=ADAM_EPSILON))
-  return heads.adapt_loop(gradient_fn, params, update, steps, differentiable=False)
+  return adaptation.adapt_loop(gradient_fn, params, update, steps, differentiable=False)
 
 
 def minibatch_gradient_fn(inputs, labels, batch_size: int, seed) -> GradFn:

@@ -1,5 +1,5 @@
 """Gradient transforms, optax style: what the inner loops of the head learners
-(heads.adapt_loop) and the outer loop (leo_suite.training.optim) both apply.
+(adaptation.adapt_loop) and the outer loop (leo_suite.training.optim) both apply.
 
 A `Transform` is two pure functions over lists of tensors (one per
 parameter):
