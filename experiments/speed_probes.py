@@ -1,4 +1,4 @@
-"""Where the time of a step goes: the probes behind the README's "What falls
+"""Where the time of a step goes: the probes behind docs/benchmarks.md's "What falls
 short" (run on a quiet machine; ratios within one run).
 
   python experiments/speed_probes.py

@@ -1,4 +1,4 @@
-"""Markdown tables of results (the README's and the tools' reports)."""
+"""Markdown tables of results (the docs' tables and the tools' reports)."""
 
 from typing import Sequence
 

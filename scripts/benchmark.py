@@ -2,7 +2,7 @@
 
   python scripts/benchmark.py --output=runs/benchmark.json
   python scripts/benchmark.py --only=leo,maml --quick
-  python scripts/benchmark.py --markdown=runs/benchmark.json   # README's table
+  python scripts/benchmark.py --markdown=runs/benchmark.json   # docs/benchmarks.md's table
   python scripts/benchmark.py --only=maml --profile_dir=runs/profile
 
 What is measured, and issue 14's targets: leo_suite/bench/benchmark.py.
@@ -33,14 +33,14 @@ flags.DEFINE_integer("eval_tasks", 0, "tasks per learner in the evaluation bench
                      "2000, quick 200); LEO 1-shot runs --leo_eval_tasks unless --quick")
 flags.DEFINE_string("serving_export_dir", "", "an exported classifier version "
                     "(scripts/export_classifier.py) for the serving latency benchmark "
-                    "(leo_suite.serving.export.benchmark_latency)")
+                    "(leo_suite.serving.latency.benchmark_latency)")
 flags.DEFINE_integer("eval_batch_size", 25, "tasks per evaluation batch (V=600-K: 25 tasks = "
                      "190 MB)")
 flags.DEFINE_integer("leo_eval_tasks", 10000, "LEO 1-shot evaluation tasks (the release's test "
                      "protocol)")
 flags.DEFINE_string("profile_dir", "", "write a TensorBoard profile of the first --only "
                     "learner's 1-shot step here (10 steps after its timed window)")
-flags.DEFINE_string("markdown", "", "print the README's speed table from a benchmark JSON "
+flags.DEFINE_string("markdown", "", "print docs/benchmarks.md's speed table from a benchmark JSON "
                     "(written by --output) and exit; nothing is measured")
 FLAGS = flags.FLAGS
 

@@ -120,7 +120,7 @@ def table(results):
 
 
 def markdown(results):
-  """The README's speed table, its legend and where it was measured."""
+  """The speed table of docs/benchmarks.md, its legend and where it was measured."""
   lines = [report.markdown_table(*table(results))]
   legend = "; ".join(f"{label} = {meaning}" for label, meaning in TARGET_LABELS.values())
   lines += ["", f"Targets: {legend}; {mark(True)} holds, {mark(False)} does not, ? not "

@@ -15,7 +15,7 @@ the same way at extraction and in exported models:
              pretraining augmentation, `affine_transforms`, drawn once
              from WARP_SEED: every image gets the same 15), features
              averaged. For characters, where flips change the class. Chosen
-             on the Omniglot meta-val alphabets (README, Omniglot-small;
+             on the Omniglot meta-val alphabets (docs/results.md, Omniglot-small;
              cosine NCM, 5w1s / 5w5s / 20w1s, 1,000 fixed episodes): center
              96.91 / 98.92 / 89.78; random per-image warps averaged over 4,
              8 and 16 views 97.21 / 98.95 / 90.29, 97.31 / 98.98 / 90.68,

@@ -124,7 +124,7 @@ class MAML(heads.HeadLearner):
     steps = self.config.inner_steps if training else self.config.eval_inner_steps
     if len(self.head.params) == 2 and self.inner_lrs is None:
       # A linear head with scalar step sizes: the same steps on the support
-      # logits: XLA meta-training 237 -> 360 steps/s at 1-shot (README, Speed).
+      # logits: XLA meta-training 237 -> 360 steps/s at 1-shot (docs/benchmarks.md).
       return adaptation.linear_inner_loop(self.initial_fast_weights(support_x, support_y),
                                      self.cast(support_x), support_y, self.inner_rates(),
                                      steps, self.config.first_order)

@@ -389,7 +389,7 @@ SPEC = base.LearnerSpec(
     # a few thousand steps, 1e-3 (no clipping, epsilon 1e-8): Omniglot-small
     # meta-val 5w1s (README) 79.65% @4000 of 4000 steps at 1e-4, 91.61% @1750 of
     # 2000 at 1e-3; synthetic 5w1s, 600 steps (scripts/compare.py): 40.89% at 1e-4
-    # (below NCM, 49.73%), see the README's compare table at 1e-3. `--outer_lr=1e-4`
+    # (below NCM, 49.73%), see docs/results.md's compare table at 1e-3. `--outer_lr=1e-4`
     # restores the paper's rate. Fields of leo_suite.training.optim.OuterConfig.
     outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.0),
     # --jit_compile=auto compiles this learner's step with XLA (on one device the

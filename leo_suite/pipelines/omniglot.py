@@ -56,11 +56,11 @@ from leo_suite.training import compare
 
 DATASET = "omniglot_small"
 # The pretraining recipe: PretrainConfig's defaults (leo_suite/pretrain/train.py)
-# except these, chosen on the meta-val alphabets (README, Omniglot-small).
+# except these, chosen on the meta-val alphabets (docs/results.md, Omniglot-small).
 # Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):
 # shift, 10 epochs 96.10 / 98.80 / 87.08; affine, 30 epochs 97.11 / 99.09 / 89.78.
 RECIPE_OVERRIDES = {"epochs": 30, "augment": "affine"}
-# Backbone (README, Omniglot-small feature table; 1,000 val episodes, NCM 5w1s /
+# Backbone (docs/results.md, Omniglot-small feature table; 1,000 val episodes, NCM 5w1s /
 # 5w5s / 20w1s of the born-again student, seed 0): conv4 center 97.30 / 99.01 /
 # 90.41, warps 97.68 / 99.08 / 91.56; conv4_wide (widths 64-96-128-256, D = 256)
 # center 97.47 / 99.24 / 90.87, warps 97.79 / 99.18 / 91.64. On the warps crop the
@@ -79,7 +79,7 @@ BACKBONE_LABELS = {"conv4": "Conv-4", "conv4_wide": "Conv-4 wide", "conv4_map": 
 # 20w1s): center 96.91 / 98.92 / 89.78, warps 97.44 / 99.02 / 91.08.
 DEFAULT_CROP = "warps"
 # Born-again distillation (student: same recipe, loss 0.5 CE + 0.5 T^2 KL at
-# T = 4 from the finished teacher), measured on meta-val (README's feature
+# T = 4 from the finished teacher), measured on meta-val (docs/results.md's feature
 # table): over three teacher / student pairs the student gains +0.11 / +0.01 /
 # +0.17 NCM points on average (5w1s / 5w5s / 20w1s), within the gap between
 # two runs of one seed, and the latest pair (warps) went the other way: teacher

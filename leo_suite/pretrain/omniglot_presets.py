@@ -1,6 +1,6 @@
 """Omniglot-small learner presets: meta-training steps, validation interval and
 runner.py flags per learner and setting, chosen on the meta-val alphabets
-(scripts/omniglot_pipeline.py uses them; README, Omniglot-small).
+(scripts/omniglot_pipeline.py uses them; docs/results.md, Omniglot-small).
 
 No flags are read here, so tests can check every preset against the runner's
 flags (tests/test_omniglot_presets.py).

@@ -294,7 +294,7 @@ class Trainer:
       # The initialisation is a candidate too: several learners start at a
       # nearest-class-mean classifier, and on features pretrained on the
       # meta-train classes meta-training can lower validation accuracy from
-      # there (README, Omniglot-small). best/ then holds step 0.
+      # there (docs/results.md, Omniglot-small). best/ then holds step 0.
       best = self._validate_and_keep_best(0, best, writer)
     iterator = iter(self.train_dataset(step))
     profiler = Profiler(cfg.profile_steps if self.is_chief else None,
