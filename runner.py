@@ -161,7 +161,7 @@ def _environment_error_recovery():
   return "No checkpoint was written; fix that, then rerun the same command."
 
 
-def main(argv):
+def train_or_evaluate(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.num_cpu_devices:  # before any TF op initialises the devices
@@ -176,7 +176,10 @@ def main(argv):
       train()
 
 
+main = console.guarded(
+    train_or_evaluate, where=lambda: FLAGS.checkpoint_path,
+    recovery=_environment_error_recovery, location_flag="--checkpoint_path",
+    interrupted="interrupted: the latest complete checkpoint is kept; rerun to resume")
+
 if __name__ == "__main__":
-  console.run(main, where=lambda: FLAGS.checkpoint_path,
-              recovery=_environment_error_recovery, location_flag="--checkpoint_path",
-              interrupted="interrupted: the latest complete checkpoint is kept; rerun to resume")
+  console.run(main)

@@ -29,7 +29,7 @@ from leo_suite.pretrain import train as train_lib  # pylint: disable=wrong-impor
 
 flags.DEFINE_string("out_dir", None, "Run folder.")
 flags.DEFINE_integer("epochs", 10, "Pretraining epochs.")
-flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/pretrain/backbones.py).")
+flags.DEFINE_string("backbone", "conv4", "Backbone (leo_suite/models/backbones.py).")
 flags.DEFINE_string("augment", "shift", "none, shift, shift_flip or affine.")
 flags.DEFINE_integer("image_size", 28, "Input size (the 105x105 drawings are resized to it).")
 flags.DEFINE_integer("max_shift", 2, "Translation range (pixels at --image_size).")

@@ -76,12 +76,15 @@ def asks_for_help(argv) -> bool:
              for a in flags_part)
 
 
-def run(main, where="the output directory",
-        recovery=("Files already completed are intact (every file is written atomically); "
-                  "rerun the same command to complete."),
-        location_flag="output directory",
-        interrupted="interrupted; completed files are intact, rerun to resume"):
-  """`absl.app.run(main)` with the command-line tools' one error-to-exit path.
+DEFAULT_WHERE = "the output directory"
+DEFAULT_RECOVERY = ("Files already completed are intact (every file is written atomically); "
+                    "rerun the same command to complete.")
+DEFAULT_INTERRUPTED = "interrupted; completed files are intact, rerun to resume"
+
+
+def guarded(main, where=DEFAULT_WHERE, recovery=DEFAULT_RECOVERY,
+            location_flag="output directory", interrupted=DEFAULT_INTERRUPTED):
+  """`main` with the command-line tools' one error-to-exit path.
 
   errors.UserError -> `error: <message>`, exit 2 (no traceback); OSError or a
   TF OpError about the file system -> errors.environment_error's one line
@@ -89,12 +92,8 @@ def run(main, where="the output directory",
   error re-raised (a bug keeps its traceback); KeyboardInterrupt ->
   `interrupted`, exit 130. `where`, `recovery` and `interrupted` may be
   callables, called when the error happens (e.g. to name a parsed flag).
-  Asked for help, the tool prints it and exits 0 (absl's own exit code is 1).
   """
-  started = []
-
-  def guarded(argv):
-    started.append(True)
+  def guarded_main(argv):
     try:
       return main(argv)
     except errors.UserError as exc:
@@ -111,9 +110,21 @@ def run(main, where="the output directory",
     except KeyboardInterrupt:
       print(_value(interrupted), file=sys.stderr)
       sys.exit(130)
+  return guarded_main
+
+
+def run(main, **error_path):
+  """`absl.app.run(guarded(main, **error_path))` (see `guarded`). Asked for
+  help, the tool prints it and exits 0 (absl's own exit code is 1)."""
+  started = []
+  guarded_main = guarded(main, **error_path)
+
+  def started_main(argv):
+    started.append(True)
+    return guarded_main(argv)
 
   try:
-    app.run(guarded)
+    app.run(started_main)
   except SystemExit as exc:
     if exc.code == 1 and not started and asks_for_help(sys.argv):
       sys.exit(0)

@@ -36,7 +36,7 @@ flags.DEFINE_string("split", _DEFAULTS.split, "Alphabets (or characters) of each
                     "\"test\": [...]}.")
 flags.DEFINE_string("work_dir", _DEFAULTS.work_dir, "Everything the pipeline writes.")
 flags.DEFINE_enum("backbone", _DEFAULTS.backbone, list(backbones.BACKBONES), "Pretrained "
-                  "backbone (leo_suite/pretrain/backbones.py); chosen on the meta-val "
+                  "backbone (leo_suite/models/backbones.py); chosen on the meta-val "
                   "alphabets (docs/results.md, Omniglot-small).")
 flags.DEFINE_integer("epochs", _DEFAULTS.epochs, "Pretraining epochs (each: 4 x 3,540 "
                      "images); chosen on the meta-val alphabets (docs/results.md, Omniglot-small).")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_suite.models import base
+from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.training import optim
 
@@ -46,7 +46,7 @@ def fixture_episode(seed=0):
 
   def labels(count):
     return np.tile(np.arange(NUM_WAYS, dtype=np.int32)[None, :, None], [TASKS, 1, count])
-  return base.Episode(*map(tf.constant, (examples(SHOTS), labels(SHOTS), examples(QUERIES),
+  return Episode(*map(tf.constant, (examples(SHOTS), labels(SHOTS), examples(QUERIES),
                                           labels(QUERIES))))
 
 

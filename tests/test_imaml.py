@@ -343,6 +343,7 @@ _MEMORY_SCRIPT = """
 import json, sys
 import numpy as np, tensorflow as tf
 tf.config.threading.set_inter_op_parallelism_threads(1)  # steadier peaks
+from leo_suite.data.episodes import Episode
 from leo_suite.models import imaml
 
 def peak_memory_bytes(inner_steps, num_tasks):
