@@ -1,8 +1,10 @@
-"""leo_suite.report.markdown_table, the one table writer, and the Omniglot
-pipeline's results table written with it (README's tables, byte for byte)."""
+"""leo_suite.report.markdown_table, the one table writer, the Omniglot
+pipeline's results table written with it (README's tables, byte for byte),
+and the marks every table gives an untrained learner (best checkpoint at step 0)."""
 
 from leo_suite import report
 from leo_suite.pipelines import omniglot
+from leo_suite.pipelines import results
 from leo_suite.pretrain import pretrain_config
 
 
@@ -20,14 +22,34 @@ def test_omniglot_results_table():
            "best_step": 20, "val_accuracy": 95.5, "model": "leo"},
           {"method": "leo (runner.py)", "setting": "20w1s", "accuracy": 88.0, "ci95": 0.5,
            "model": "leo"},
+          {"method": "maml (runner.py)", "setting": "5w1s", "accuracy": 97.1, "ci95": 0.3,
+           "best_step": 0, "val_accuracy": 97.38, "model": "maml"},
           {"method": "snail (runner.py)", "setting": "5w1s", "status": "skipped: slow",
            "model": "snail"}]
-  assert omniglot.results_table(rows, ((5, 1), (20, 1))).splitlines() == [
+  assert results.results_table(rows, ((5, 1), (20, 1))).splitlines() == [
       "| method | 5-way 1-shot | 20-way 1-shot |",
       "|---|---|---|",
       "| ncm_cosine (Conv-4 embeddings) | 97.13 ± 0.31 | - |",
       "| leo (runner.py) | 96.00 ± 0.20 (val 95.50 @ 20) | 88.00 ± 0.50 (no best checkpoint) |",
+      "| maml (runner.py) | 97.10 ± 0.30 (val 97.38 @ 0, untrained) | - |",
       "| snail (runner.py) | skipped: slow | - |"]
+  # 96.00 is below 97.13 by 1.13 > 0.20 + 0.31; 97.10 is within 0.03 < 0.61 of it.
+  assert results.against_baseline(rows, "ncm_cosine (Conv-4 embeddings)", ((5, 1), (20, 1))) == (
+      "Learners against ncm_cosine (Conv-4 embeddings), by more than both 95% intervals: "
+      "5w1s 0 above, 1 below, 1 untrained of 2.")
+
+
+def test_separated_needs_a_gap_larger_than_both_intervals():
+  assert report.separated(98.0, 0.3, 97.0, 0.3) == 1       # gap 1.0 > 0.6
+  assert report.separated(97.5, 0.3, 97.0, 0.3) == 0       # gap 0.5 < 0.6
+  assert report.separated(97.0, 0.3, 97.61, 0.3) == -1     # gap 0.61 > 0.6
+  assert report.separated(97.0, 0.3, 97.6, 0.3001) == 0    # gap 0.6 < 0.6001
+
+
+def test_untrained_is_step_zero_only():
+  assert report.untrained(0) and not report.untrained(10) and not report.untrained(None)
+  assert report.best_cell(97.384, 0) == "97.38 @ 0, untrained"
+  assert report.best_cell(97.5, 250) == "97.50 @ 250"
 
 
 def test_pipeline_recipe_is_pretrain_config_with_its_overrides():

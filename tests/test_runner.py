@@ -82,6 +82,10 @@ def test_resume_replays_the_uninterrupted_run_and_evaluates(tmp_path, tiny_data)
   assert len(result["data"]["sha256"]["test"]) == 64
   assert result["run_config"]["data"]["sha256"]["test"] == result["data"]["sha256"]["test"]
   assert "ncm" in result["baselines"]
+  best = json.loads((tmp_path / "straight" / "best" / "best.json").read_text())
+  assert result["best_step"] == best["step"] and best["step"] in (0, 10, 20)
+  assert result["chosen_initialisation"] == (best["step"] == 0)
+  assert ("chosen checkpoint is step 0" in first.stdout) == (best["step"] == 0)
   second = run(*common, f"--checkpoint_path={tmp_path}/straight", "--evaluation_mode")
   assert first.stdout.splitlines()[0] == second.stdout.splitlines()[0]  # fixed episodes
 

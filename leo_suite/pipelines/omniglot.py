@@ -41,11 +41,11 @@ from typing import Optional, Sequence
 
 from leo_suite import errors
 from leo_suite import fileio
-from leo_suite import report
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import registry
+from leo_suite.pipelines import results
 from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import omniglot_presets
@@ -186,31 +186,6 @@ def cached_learner(root, model, ways, shots, steps, extra_flags, manifest, run,
   if "accuracy" in result:
     pipeline.write_json(cache, {"key": key, "result": result})
   return result
-
-
-def results_table(rows, settings=pipeline.SETTINGS) -> str:
-  """One row per method, one column per setting: 'acc ± ci' or the status."""
-  columns = [f"{w}w{s}s" for w, s in settings]
-  methods = list(dict.fromkeys(row["method"] for row in rows))
-  cells = []
-  for method in methods:
-    line = [method]
-    for column in columns:
-      match = [r for r in rows if r["method"] == method and r["setting"] == column]
-      if not match:
-        line.append("-")
-      elif "accuracy" in match[0]:
-        cell = f"{match[0]['accuracy']:.2f} ± {match[0]['ci95']:.2f}"
-        if "best_step" in match[0]:  # learners: best validation accuracy @ its step
-          cell += f" (val {match[0]['val_accuracy']:.2f} @ {match[0]['best_step']})"
-        elif "model" in match[0]:
-          cell += " (no best checkpoint)"
-        line.append(cell)
-      else:
-        line.append(match[0]["status"])
-    cells.append(line)
-  header = ["method"] + [f"{w}-way {s}-shot" for w, s in settings]
-  return report.markdown_table(header, cells, rule="---")
 
 
 def parse_settings(settings):
@@ -359,7 +334,7 @@ def run(options: Options):
   timings.pop("_invocation", None)
 
   # 5. the table and its notes.
-  table = results_table(rows, settings)
+  table = results.results_table(rows, settings)
   history = summary.get("history") or []
   test_alphabets = sorted({name.split("/")[0] for name in split_classes["test"]})
   title = "Omniglot-small" if o.split == "omniglot_small" else f"Omniglot ({origin})"
@@ -384,7 +359,8 @@ def run(options: Options):
               f"thread(s) each" if threads else "") + "): " + ", ".join(
                f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
            + ".")
-  text = table + "\n\n" + notes + "\n"
+  verdict = results.against_baseline(rows, f"ncm_cosine ({label} embeddings)", settings)
+  text = table + "\n\n" + (verdict + "\n\n" if verdict else "") + notes + "\n"
   fileio.atomic_write_text(os.path.join(work, "results.md"), text)
   pipeline.write_json(os.path.join(work, "results.json"),
                       {"rows": rows, "timings": timings, "pretrain": summary,

@@ -112,7 +112,7 @@ def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float
 def _best_cell(row) -> str:
   if "val_accuracy" not in row:
     return "none (no validation)"
-  return f"{row['val_accuracy']:.2f} @ {row['best_step']}"
+  return report.best_cell(row["val_accuracy"], row["best_step"])
 
 
 def markdown_table(rows: List[Dict], title: Optional[str] = None) -> str:

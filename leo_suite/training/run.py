@@ -21,9 +21,9 @@ from typing import Optional
 from absl import logging
 import tensorflow as tf
 
-import leo_suite
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import report as report_lib
 from leo_suite.data import episodes
 from leo_suite.models import registry
 from leo_suite.training import evaluation
@@ -32,6 +32,7 @@ from leo_suite.training import lock as lock_lib
 from leo_suite.training import optim
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import xla
+import leo_suite
 
 FORMAT = 2
 
@@ -253,6 +254,12 @@ def score_test(run: Run, test, make_strategy, baselines, data: dict, overrides: 
   header = (f"{spec.num_ways}-way {spec.num_shots}-shot, {spec.num_queries} queries/class, "
             f"{settings['dataset_name']} test")
   report(f"{run.model:>8s} test accuracy ({header}): {result.as_percent()}")
+  best = run.best_record()
+  best_step = int(best["step"]) if best else None
+  if report_lib.untrained(best_step):
+    report(f"warning: {run.model}'s chosen checkpoint is step 0, its initialisation: "
+           "meta-training never beat it on validation, so this figure is the untrained "
+           "learner's")
   scored = {}
   for name in settings_lib.baseline_names(settings):
     scorer = evaluation.Evaluator(baselines[name](spec.num_ways, run.embedding_dim))
@@ -260,7 +267,8 @@ def score_test(run: Run, test, make_strategy, baselines, data: dict, overrides: 
     scored[name] = baseline.as_dict()
     report(f"{name:>8s} test accuracy ({header}): {baseline.as_percent()}")
   path = run.write_result("test", {
-      "split": "test", **result.as_dict(), "checkpoint": checkpoint,
+      "split": "test", **result.as_dict(), "checkpoint": checkpoint, "best_step": best_step,
+      "chosen_initialisation": report_lib.untrained(best_step),
       "num_queries": spec.num_queries, "baselines": scored, "evaluation_method": method,
       "jit_compile_used": run.jit_compile,
       "jit_readout_used": run.jit_readout and method == "table",
