@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=20 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=20 "$@"

@@ -16,17 +16,25 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 # The longest files (by the --durations table), handed out first under
 # pytest-xdist so no long file starts last and runs alone (longest first).
-LONGEST_FILES = ("test_pretrain_extract.py", "test_distribute.py", "test_faults.py",
+LONGEST_FILES = ("test_distribute.py", "test_pretrain_extract.py", "test_faults.py",
                  "test_serving.py", "test_runner.py", "test_predict.py", "test_run_safety.py",
                  "test_fuzz.py", "test_pretrain_distribute.py", "test_imaml.py")
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Under xdist (--dist loadfile), the longest files first; each file's order kept."""
+  """Under xdist (--dist loadgroup): a file's tests stay on one worker (its
+  module fixtures are built once), except the real-data pipeline runs, each
+  a group of its own that may run beside its file; those go first, then the
+  longest files. Each file's own order is kept."""
   if not os.environ.get("PYTEST_XDIST_WORKER"):
     return
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+  for item in items:
+    alone = item.get_closest_marker("integration") and item.get_closest_marker("slow")
+    item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else item.path.name))
+  items.sort(key=lambda item: (
+      not (item.get_closest_marker("integration") and item.get_closest_marker("slow")),
+      rank.get(item.path.name, len(LONGEST_FILES))))
 
 
 def omniglot_dir():
