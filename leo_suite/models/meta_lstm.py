@@ -55,8 +55,9 @@ Reference-code details (twitter/meta-learning-lstm) and this port:
   * T = inner_steps is the same in training and evaluation (the LSTM was
     trained for T steps; running it longer is outside what it learned).
 
-Defaults on embeddings, measured on synthetic (5-way 1-shot, 300 steps of
---preset=demo, 500 test tasks, NCM 49.9%): 64-unit MLP head, lstm_units 0,
+Defaults on embeddings, first compared on synthetic (5-way 1-shot, 300 steps of
+--preset=demo, 500 of the test tasks: the validation-only re-check is in
+docs/results.md; NCM 49.9%): 64-unit MLP head, lstm_units 0,
 T = 5, inner_lr 0.5: 78.9% (3.3 steps/s on 2 shared CPU cores); inner_lr
 0.9: 80.2%; gate_feedback=gate: 79.2%; T = 12 (the reference's 1-shot T):
 83.2% at 1.4 steps/s; lstm_units = 20: 75.6% after only 100 steps at 0.2

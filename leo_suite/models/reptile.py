@@ -56,8 +56,9 @@ Reference (openai/supervised-reptile) details and what carries over:
     is no batch norm on embeddings, so transductive and non-transductive
     evaluation coincide.
 
-Defaults, measured on synthetic (5-way 1-shot, 300 steps of --preset=demo,
-500 test tasks; NCM 49.9%; every row with train_on_query): linear head 48.1%
+Defaults, first compared on synthetic (5-way 1-shot, 300 steps of --preset=demo,
+500 of the test tasks, so not a choice to rely on; the validation-only re-check
+is in docs/results.md; NCM 49.9%; every row with train_on_query): linear head 48.1%
 (the slot-symmetric W cannot hold the shared subspace); 64-unit MLP head
 63.1% (alpha 1.0), 69.0% (alpha 3.0; alpha 5.0 kills the ReLU layer: 21%),
 74.0% after 1500 steps; 256 units 71.4% / 70.4% (two seeds) at alpha 1.0,
