@@ -72,3 +72,95 @@ def test_run_lock_processes_starting_together_exactly_one_holds(tmp_path, start)
       assert stderr.startswith(f"error: {directory} is in use by process {winners[0]} on "
                                f"{socket.gethostname()} (since "), stderr
   assert not (directory / ".lock").exists()   # released by its holder
+
+
+# -- 2. names from flags and manifests -----------------------------------------------
+
+HOSTILE_NAMES = ["../../outside", "/etc", "a/b", "..", "", "bad\nname", "x\0y"]
+
+
+def assert_one_line_refusal(proc, *parts):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  for part in parts:
+    assert part in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_dataset_and_crop_names_are_single_names_before_anything_is_read(tmp_path, name):
+  from leo_suite import errors
+  from leo_suite.data import embeddings
+  from leo_suite.training import settings as settings_lib
+  settings = settings_lib.default_settings("leo")
+  known = settings_lib.baseline_names(settings)
+  settings_lib.check(settings, known)   # the defaults pass
+  for flag in ("dataset_name", "embedding_crop"):
+    with pytest.raises(errors.ConfigError, match=f"^--{flag} "):
+      settings_lib.check(dict(settings, **{flag: name}), known)
+  outside = tmp_path / "outside" / "center"
+  outside.mkdir(parents=True)   # what "../outside" would reach from data_path
+  data_path = tmp_path / "data" / "here"
+  data_path.mkdir(parents=True)
+  for args in ((name, "center", "train"), ("ds", name, "train"), ("ds", "center", name)):
+    with pytest.raises(errors.ConfigError, match="single name|is empty|names a folder|control|NUL"):
+      embeddings.load_dataset_split(str(data_path), *args)
+
+
+def test_runner_refuses_a_dataset_path_in_one_line_and_leaves_no_run_directory(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "runner.py"), f"--data_path={tmp_path}",
+       "--dataset_name=../../etc", f"--checkpoint_path={run_dir}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT), check=False)
+  assert_one_line_refusal(proc, "--dataset_name '../../etc' must be a single name")
+  assert not run_dir.exists()
+
+
+def write_shard_set(root, entries, settings=None):
+  """Two finished-looking shard folders under `root` whose manifests list `entries`."""
+  import json
+  settings = dict({"mode": "splits", "format": "pkl", "records": {"train": {}},
+                   "split_classes": {"train": ["a"]}}, **(settings or {}))
+  for index in range(2):
+    folder = root / f"shard-{index:05d}-of-00002"
+    folder.mkdir(parents=True)
+    (folder / "train_shard.npz").write_bytes(b"not read")
+    (folder / "manifest.json").write_text(json.dumps({
+        "shard_index": index, "num_shards": 2, "settings": settings, "backbone": {},
+        "splits": entries}))
+
+
+@pytest.mark.parametrize("case", ["file_outside", "file_absolute", "file_nested",
+                                  "split_outside", "split_in_settings", "format_path"])
+def test_merge_refuses_names_leaving_the_shard_folder_before_writing(tmp_path, case):
+  from leo_suite import errors
+  from leo_suite.pretrain import extract_shards
+  out = tmp_path / "out"
+  root = out / "ds" / "center" / "shards"
+  secret = tmp_path / "secret.npz"
+  secret.write_bytes(b"outside")
+  entry = {"file": "train_shard.npz", "sha256": "0", "skipped": []}
+  entries, settings, expected = {"train": entry}, None, None
+  if case == "file_outside":
+    entries, expected = {"train": dict(entry, file="../../../../../secret.npz")}, "single name"
+  elif case == "file_absolute":
+    entries, expected = {"train": dict(entry, file=str(secret))}, "single name"
+  elif case == "file_nested":
+    entries, expected = {"train": dict(entry, file="sub/train_shard.npz")}, "single name"
+  elif case == "split_outside":
+    entries, expected = {"../../../evil": entry}, "split '../../../evil' is not one of"
+  elif case == "split_in_settings":
+    settings = {"records": {"/tmp/evil": {}}}
+    expected = "split '/tmp/evil' is not one of"
+  else:
+    settings, expected = {"format": "pkl/../../x"}, "format 'pkl/../../x' is not one of"
+  write_shard_set(root, entries, settings)
+  before = sorted(p for p in tmp_path.rglob("*"))
+  with pytest.raises(errors.DataError) as refused:
+    extract_shards.merge_shards(str(out), "ds", "center")
+  message = str(refused.value)
+  assert expected in message and "manifest.json" in message and "rerun it:" in message
+  assert "\n" not in message
+  assert sorted(p for p in tmp_path.rglob("*")) == before   # nothing written or removed

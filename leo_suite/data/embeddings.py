@@ -25,6 +25,7 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite.data.embedding_keys import parse_key
 from leo_suite.data.safe_arrays import Budget
 from leo_suite.data.safe_arrays import materialise
@@ -69,7 +70,14 @@ class EmbeddingSplit:
 
 
 def split_path(data_path, dataset_name, crop, split):
-  """Returns the existing file for a split (.npz preferred), else the .pkl path."""
+  """Returns the existing file for a split (.npz preferred), else the .pkl path.
+
+  The dataset, crop and split names are single folder / file names
+  (safeio.check_name): a name never leads outside `data_path`.
+  """
+  for value, what in ((dataset_name, "--dataset_name"), (crop, "--embedding_crop"),
+                      (split, "split name")):
+    safeio.check_name(value, what, errors.ConfigError)
   stem = os.path.join(data_path, dataset_name, crop, split)
   npz = stem + NPZ_SUFFIX
   return npz if os.path.exists(npz) else stem + PICKLE_SUFFIX
