@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from tests.test_safeio import deadline
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- 1. the run's lock ---------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_runner_refuses_a_dataset_path_in_one_line_and_leaves_no_run_directory(t
   assert not run_dir.exists()
 
 
-def write_shard_set(root, entries, settings=None):
+def write_shard_set(root, entries, settings=None, payload=b"not read"):
   """Two finished-looking shard folders under `root` whose manifests list `entries`."""
   import json
   settings = dict({"mode": "splits", "format": "pkl", "records": {"train": {}},
@@ -126,7 +128,7 @@ def write_shard_set(root, entries, settings=None):
   for index in range(2):
     folder = root / f"shard-{index:05d}-of-00002"
     folder.mkdir(parents=True)
-    (folder / "train_shard.npz").write_bytes(b"not read")
+    (folder / "train_shard.npz").write_bytes(payload)
     (folder / "manifest.json").write_text(json.dumps({
         "shard_index": index, "num_shards": 2, "settings": settings, "backbone": {},
         "splits": entries}))
@@ -164,3 +166,73 @@ def test_merge_refuses_names_leaving_the_shard_folder_before_writing(tmp_path, c
   assert expected in message and "manifest.json" in message and "rerun it:" in message
   assert "\n" not in message
   assert sorted(p for p in tmp_path.rglob("*")) == before   # nothing written or removed
+
+
+# -- 3. only regular files under a cap are read as data ------------------------------
+
+def test_embeddings_loader_refuses_a_fifo_at_once_and_a_link_to_a_device(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import embeddings
+  from tests.test_loader_hardening import assert_one_error_line, run_loader
+  fifo = tmp_path / "train_embeddings.pkl"
+  os.mkfifo(fifo)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.load_split(str(fifo))
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.read_keys_and_embeddings(str(fifo))
+  zero = tmp_path / "val_embeddings.npz"
+  zero.symlink_to("/dev/zero")
+  code, stderr, _ = run_loader(zero)
+  assert_one_error_line(code, stderr, zero, "is a character device, not a regular file")
+
+
+def test_a_valid_split_loads_the_same_through_the_checks(tmp_path):
+  import numpy as np
+  from leo_suite.data import embedding_keys, embeddings
+  keys = [embedding_keys.make_key(f"c{c}", i) for c in range(3) for i in range(4)]
+  rows = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
+  for suffix in (".pkl", ".npz"):
+    path = str(tmp_path / f"train_embeddings{suffix}")
+    embeddings.write_split(path, keys, rows)
+    read_keys, matrix = embeddings.read_keys_and_embeddings(path)
+    assert read_keys == keys and matrix.tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize("form", ["set.csv", "set.pkl", "manifest"])
+def test_serving_sets_refuse_a_fifo_at_once(tmp_path, form):
+  from leo_suite import errors
+  from leo_suite.data import embedding_keys, embeddings
+  from leo_suite.serving import sets
+  import numpy as np
+  path = tmp_path / form
+  if form == "manifest":   # a valid embeddings file whose manifest.json is a FIFO
+    path = tmp_path / "support.npz"
+    embeddings.write_split(str(path), [embedding_keys.make_key("a", 0)], np.ones((1, 2)))
+    os.mkfifo(tmp_path / "manifest.json")
+  else:
+    os.mkfifo(path)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO") as refused:
+    sets.load_set(str(path), "support")
+  assert "\n" not in str(refused.value)
+
+
+def test_merge_checks_a_shard_npz_before_np_load_decompresses_it(tmp_path):
+  import hashlib
+  import io
+  import numpy as np
+  from leo_suite import errors
+  from leo_suite.pretrain import extract_shards
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, indices=np.zeros(0, np.int64),
+                      embeddings=np.zeros((2**20, 4), np.float32),   # 16 MiB of zeros
+                      classes=np.zeros(0, np.str_), files=np.zeros(0, np.str_))
+  payload = buffer.getvalue()
+  assert len(payload) < 2**16
+  entry = {"file": "train_shard.npz", "sha256": hashlib.sha256(payload).hexdigest(),
+           "skipped": [], "elapsed_s": 0}
+  settings = {"records": {"train": {"num_records": 0}}, "class_names": {},
+              "sources": [], "split_origin": "", "checkpoint_sha256": "0"}
+  write_shard_set(tmp_path / "out" / "ds" / "center" / "shards", {"train": entry}, settings,
+                  payload)
+  with pytest.raises(errors.DataError, match="compression bomb"):
+    extract_shards.merge_shards(str(tmp_path / "out"), "ds", "center")

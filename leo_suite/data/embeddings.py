@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -94,12 +95,15 @@ def _decode_key(key, path, index):
 
 
 def _read_raw(path, cap):
-  """(keys, embeddings, file bytes) of a .pkl or .npz file, built within a `Budget`."""
-  if not os.path.exists(path):
-    raise errors.DataError(f"{path}: no such file")
-  budget = Budget(path, os.path.getsize(path), cap)
-  with open(path, "rb") as handle:
-    payload = handle.read()
+  """(keys, embeddings, file bytes) of a .pkl or .npz file, built within a `Budget`.
+
+  Only a regular file is read (safeio.open_regular: a FIFO or a link to a
+  device is refused before any byte is read); its size is checked by the
+  `Budget`, with the loader's cap and message, and reading stops at the cap.
+  """
+  with safeio.open_regular(path, max_bytes=sys.maxsize) as handle:  # size: the Budget's
+    budget = Budget(path, os.fstat(handle.fileno()).st_size, cap)
+    payload = safeio.read_capped(handle, cap, safeio.display_name(path))
   kind = ".npz archive" if path.endswith(".npz") else "pickle"
   try:
     contents = read_npz(payload, budget) if kind == ".npz archive" else safe_unpickle(payload)

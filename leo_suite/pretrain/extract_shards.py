@@ -42,6 +42,7 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safe_decode
 from leo_suite import safeio
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
@@ -276,13 +277,13 @@ def _find_shards(root: str, num_shards: Optional[int]) -> List[str]:
 
 def _load_part(name: str, folder: str, split: str, entry: dict):
   path = _shard_file(folder, name, split, entry)
+  safe_decode.check_npz(path)   # a regular file whose members are no bomb, before np.load
   try:
     with np.load(path, allow_pickle=False) as data:
       part = {k: data[k] for k in ("indices", "embeddings", "classes", "files")}
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
     raise errors.DataError(f"{path}: unreadable shard file ({exc}); {_rerun(name)}") from None
-  if not (len(part["indices"]) == len(part["embeddings"]) == len(part["classes"])
-          == len(part["files"])) or part["embeddings"].ndim != 2:
+  if len({len(column) for column in part.values()}) != 1 or part["embeddings"].ndim != 2:
     raise errors.DataError(f"{path}: malformed shard file; {_rerun(name)}")
   return part
 
