@@ -236,3 +236,63 @@ def test_merge_checks_a_shard_npz_before_np_load_decompresses_it(tmp_path):
                   payload)
   with pytest.raises(errors.DataError, match="compression bomb"):
     extract_shards.merge_shards(str(tmp_path / "out"), "ds", "center")
+
+
+# -- 4. images and archives: checked before they are decompressed ---------------------
+
+def test_decode_image_checks_the_pixel_count_from_the_header_first(monkeypatch):
+  import io
+  import numpy as np
+  from PIL import Image
+  from leo_suite import errors
+  from leo_suite.data import images
+  from tests.test_safeio import png_claiming
+  options = images.DecodeOptions(image_size=8)
+  with pytest.raises(errors.DataError, match=r"^class_a/img\.png: 13000x13000 = 169,000,000 "
+                     "pixels, more than the cap of 16,777,216; refused before decoding"):
+    images.decode_image(png_claiming(13000, 13000), "class_a/img.png", options)
+  with pytest.raises(errors.DataError, match="unreadable or corrupt image"):  # as before
+    images.decode_image(b"not an image", "x.png", options)
+  buffer = io.BytesIO()
+  Image.fromarray(np.arange(400, dtype=np.uint8).reshape(20, 20)).save(buffer, format="PNG")
+  unchecked = images.decode_image(buffer.getvalue(), "ok.png", options)
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "400")
+  np.testing.assert_array_equal(images.decode_image(buffer.getvalue(), "ok.png", options),
+                                unchecked)   # same pixels
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "399")
+  with pytest.raises(errors.DataError, match="20x20 = 400 pixels"):
+    images.decode_image(buffer.getvalue(), "ok.png", options)
+
+
+def test_zip_sources_check_members_before_reading_and_read_the_same_bytes(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import image_sources
+  from tests.test_safeio import patch_member, zip_bytes
+  encrypted = tmp_path / "encrypted.zip"
+  encrypted.write_bytes(patch_member(zip_bytes({"cls/secret.png": b"x" * 100}), flag_bits=0x1))
+  with pytest.raises(errors.DataError, match=r"encrypted\.zip: member 'cls/secret\.png' is "
+                     "encrypted"):
+    image_sources.scan_source(str(encrypted))
+  bomb = tmp_path / "bomb.zip"
+  bomb.write_bytes(bytes(zip_bytes({"cls/a.png": b"\0" * 2**21})))
+  with pytest.raises(errors.DataError, match=r"bomb\.zip: member 'cls/a\.png' expands .* a "
+                     "compression bomb"):
+    image_sources.scan_source(str(bomb))
+  fifo = tmp_path / "fifo.zip"
+  os.mkfifo(fifo)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    image_sources.scan_source(str(fifo))
+  members = {"top/cls/a.png": b"a" * 3000, "top/cls/b.png": bytes(range(256)) * 4}
+  valid = tmp_path / "valid.zip"
+  valid.write_bytes(bytes(zip_bytes(members)))
+  records = image_sources.scan_source(str(valid))
+  assert [r.class_name for r in records] == ["cls", "cls"]
+  cache = {}
+  assert [r.read_bytes(cache) for r in records] == list(members.values())
+  image_sources.close_archives(cache)
+  image_fifo = tmp_path / "cls" / "c.png"
+  image_fifo.parent.mkdir()
+  os.mkfifo(image_fifo)
+  record = image_sources.ImageRecord("cls", "c.png", str(image_fifo), ("file", str(image_fifo)))
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    record.read_bytes()
