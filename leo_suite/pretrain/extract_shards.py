@@ -206,8 +206,7 @@ def _read_manifest(folder: str, name: str) -> Optional[dict]:
   if not os.path.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as handle:
-      manifest = json.load(handle)
+    manifest = json.loads(safeio.read_bytes(path))   # a regular file, or DataError
     if not isinstance(manifest, dict):
       raise ValueError("not an object")
     for key in ("shard_index", "num_shards", "settings", "backbone", "splits"):
