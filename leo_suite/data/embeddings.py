@@ -99,11 +99,12 @@ def _read_raw(path, cap):
 
   Only a regular file is read (safeio.open_regular: a FIFO or a link to a
   device is refused before any byte is read); its size is checked by the
-  `Budget`, with the loader's cap and message, and reading stops at the cap.
+  `Budget`, with the loader's cap and message, and no more than that size is read.
   """
   with safeio.open_regular(path, max_bytes=sys.maxsize) as handle:  # size: the Budget's
-    budget = Budget(path, os.fstat(handle.fileno()).st_size, cap)
-    payload = safeio.read_capped(handle, cap, safeio.display_name(path))
+    size = os.fstat(handle.fileno()).st_size
+    budget = Budget(path, size, cap)
+    payload = handle.read(size)   # one buffer; bytes appended since are not read
   kind = ".npz archive" if path.endswith(".npz") else "pickle"
   try:
     contents = read_npz(payload, budget) if kind == ".npz archive" else safe_unpickle(payload)
