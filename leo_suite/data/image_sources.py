@@ -19,6 +19,7 @@ Sources (all yield `ImageRecord`s grouped by class name):
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import posixpath
 import sys
@@ -189,8 +190,8 @@ def scan_csv_splits(root: str):
       raise errors.DataError(
           f"{csv_path}: no such file; a miniImageNet root needs train.csv, "
           "val.csv and test.csv (filename,label) next to images/")
-    with open(csv_path, newline="") as handle:
-      rows = list(csv.reader(handle))
+    text = safeio.read_bytes(csv_path).decode("utf-8")   # a regular file: a FIFO is refused
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
       raise errors.DataError(
           f"{csv_path}: the first line must be the header 'filename,label' "
