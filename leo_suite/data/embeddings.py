@@ -19,12 +19,14 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite.data.embedding_keys import parse_key
 from leo_suite.data.safe_arrays import Budget
 from leo_suite.data.safe_arrays import materialise
@@ -69,7 +71,14 @@ class EmbeddingSplit:
 
 
 def split_path(data_path, dataset_name, crop, split):
-  """Returns the existing file for a split (.npz preferred), else the .pkl path."""
+  """Returns the existing file for a split (.npz preferred), else the .pkl path.
+
+  The dataset, crop and split names are single folder / file names
+  (safeio.check_name): a name never leads outside `data_path`.
+  """
+  for value, what in ((dataset_name, "--dataset_name"), (crop, "--embedding_crop"),
+                      (split, "split name")):
+    safeio.check_name(value, what, errors.ConfigError)
   stem = os.path.join(data_path, dataset_name, crop, split)
   npz = stem + NPZ_SUFFIX
   return npz if os.path.exists(npz) else stem + PICKLE_SUFFIX
@@ -86,12 +95,16 @@ def _decode_key(key, path, index):
 
 
 def _read_raw(path, cap):
-  """(keys, embeddings, file bytes) of a .pkl or .npz file, built within a `Budget`."""
-  if not os.path.exists(path):
-    raise errors.DataError(f"{path}: no such file")
-  budget = Budget(path, os.path.getsize(path), cap)
-  with open(path, "rb") as handle:
-    payload = handle.read()
+  """(keys, embeddings, file bytes) of a .pkl or .npz file, built within a `Budget`.
+
+  Only a regular file is read (safeio.open_regular: a FIFO or a link to a
+  device is refused before any byte is read); its size is checked by the
+  `Budget`, with the loader's cap and message, and no more than that size is read.
+  """
+  with safeio.open_regular(path, max_bytes=sys.maxsize) as handle:  # size: the Budget's
+    size = os.fstat(handle.fileno()).st_size
+    budget = Budget(path, size, cap)
+    payload = handle.read(size)   # one buffer; bytes appended since are not read
   kind = ".npz archive" if path.endswith(".npz") else "pickle"
   try:
     contents = read_npz(payload, budget) if kind == ".npz archive" else safe_unpickle(payload)

@@ -19,12 +19,16 @@ Sources (all yield `ImageRecord`s grouped by class name):
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import posixpath
+import sys
 import zipfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from leo_suite import errors
+from leo_suite import safe_decode
+from leo_suite import safeio
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif",
                     ".tiff", ".webp")
@@ -44,20 +48,35 @@ class ImageRecord:
   location: tuple
 
   def read_bytes(self, zip_cache=None) -> bytes:
+    """The image's bytes: a regular file, or a zip member, under the caps (leo_suite/safeio.py)."""
     kind = self.location[0]
     try:
       if kind == "file":
-        with open(self.location[1], "rb") as handle:
-          return handle.read()
+        return safeio.read_bytes(self.location[1])
       if kind == "zip":
         cache = zip_cache if zip_cache is not None else {}
         archive = cache.get(self.location[1])
         if archive is None:
-          archive = cache[self.location[1]] = zipfile.ZipFile(self.location[1])
-        return archive.read(self.location[2])
+          archive = cache[self.location[1]] = open_archive(self.location[1])
+        return safe_decode.read_zip_member(archive, self.location[2],
+                                           what=safeio.display_name(self.location[1]))
       return self.location[1]
     except (OSError, zipfile.BadZipFile, KeyError) as exc:
       raise errors.DataError(f"{self.origin}: cannot read ({exc})") from None
+
+
+def open_archive(path: str) -> zipfile.ZipFile:
+  """Zip `path` read in place, if it is a regular file (a FIFO is refused, not waited on).
+
+  Any size: each member is checked (`safe_decode.check_zip_member`) before it is
+  read. `close_archives` closes the file too.
+  """
+  handle = safeio.open_regular(path, max_bytes=sys.maxsize)
+  try:
+    return zipfile.ZipFile(handle)
+  except BaseException:
+    handle.close()
+    raise
 
 
 def _is_image(name):
@@ -98,15 +117,19 @@ def scan_zip(path: str, unlabelled: bool = False) -> List[ImageRecord]:
   With `unlabelled`, an image in no class folder is a record of class "".
   """
   try:
-    with zipfile.ZipFile(path) as archive:
-      members = [m for m in archive.namelist()
-                 if not m.endswith("/") and _is_image(m)
-                 and not posixpath.basename(m).startswith("._")
-                 and not m.startswith("__MACOSX/")]
-  except FileNotFoundError:
-    raise errors.DataError(f"{path}: no such file") from None
+    archive = open_archive(path)
+    try:
+      infos = [i for i in archive.infolist()
+               if not i.filename.endswith("/") and _is_image(i.filename)
+               and not posixpath.basename(i.filename).startswith("._")
+               and not i.filename.startswith("__MACOSX/")]
+      for info in infos:   # encrypted, too large or a bomb: refused before any is read
+        safe_decode.check_zip_member(info, safeio.display_name(path))
+    finally:
+      close_archives({path: archive})
   except (zipfile.BadZipFile, OSError) as exc:
     raise errors.DataError(f"{path}: not a readable zip archive ({exc})") from None
+  members = [i.filename for i in infos]
   if not members:
     raise errors.DataError(f"{path}: the archive holds no images")
   tops = {m.split("/", 1)[0] for m in members}
@@ -148,8 +171,12 @@ def merge_records(groups: Sequence[List[ImageRecord]]) -> List[ImageRecord]:
 
 
 def close_archives(cache):
+  """Closes the archives of `open_archive` in `cache`, and their files."""
   for archive in cache.values():
+    handle = archive.fp
     archive.close()
+    if handle is not None:
+      handle.close()
   cache.clear()
 
 
@@ -163,8 +190,8 @@ def scan_csv_splits(root: str):
       raise errors.DataError(
           f"{csv_path}: no such file; a miniImageNet root needs train.csv, "
           "val.csv and test.csv (filename,label) next to images/")
-    with open(csv_path, newline="") as handle:
-      rows = list(csv.reader(handle))
+    text = safeio.read_bytes(csv_path).decode("utf-8")   # a regular file: a FIFO is refused
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
       raise errors.DataError(
           f"{csv_path}: the first line must be the header 'filename,label' "

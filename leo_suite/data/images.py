@@ -9,6 +9,7 @@ reporting it.
 
 import dataclasses
 import io
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import safe_decode
 from leo_suite.data.image_sources import close_archives
 from leo_suite.data.image_sources import ImageRecord
 
@@ -96,9 +98,21 @@ def _corrupt(origin, exc):
 
 
 def _open_checked(payload: bytes, origin: str, options: DecodeOptions):
-  """The PIL image, fully read; DataError if corrupt or of another mode/size."""
+  """The PIL image, fully read; DataError if corrupt, too large, or of another mode/size.
+
+  Its width x height is checked from the header before any pixel is decoded
+  (safe_decode.check_image_header: at most $LEO_SUITE_MAX_IMAGE_PIXELS).
+  """
   try:
-    image = Image.open(io.BytesIO(payload))
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the cap decides
+      image = Image.open(io.BytesIO(payload))   # the header only
+  except Image.DecompressionBombError:
+    image = None   # refused just below, naming the cap
+  except (OSError, SyntaxError, ValueError) as exc:
+    raise _corrupt(origin, exc) from None
+  safe_decode.check_image_header(payload, origin)
+  try:
     image.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
     raise _corrupt(origin, exc) from None

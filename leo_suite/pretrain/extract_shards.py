@@ -1,31 +1,29 @@
 """Extraction beyond one device: disjoint shards, then one merge.
 
-`scripts/extract_embeddings.py --num_shards=S --shard_index=i` embeds the
-batches b % S == i of every split: record j is in batch b = j // batch_size,
-j counting in the order the single-process extraction uses
-(`extract.split_records`, or the scanned order without --split). Each image
-is thus embedded in the very batch the single-process extraction (same
---batch_size) puts it in: kernels for tiny batches (1 or 2 images) may round
-differently, so only the same batches give the same bits. Each shard writes
+`scripts/extract_embeddings.py --num_shards=S --shard_index=i` embeds the batches
+b % S == i of every split (record j in batch j // batch_size, j counting in the
+single-process extraction's order: `extract.split_records`, or the scanned order
+without --split): each image is embedded in the very batch the single-process
+extraction (same --batch_size) puts it in, as kernels for tiny batches may round
+differently. Each shard writes
 
     <out>/<dataset>/<crop>/shards/shard-0000i-of-0000S/<split>_shard.npz
         indices (row -> record number j), embeddings, classes, files
     .../shard-0000i-of-0000S/manifest.json   (written last: settings, counts,
         skipped images, each file's sha256)
 
-so a killed shard has no manifest. Rerunning a finished shard with the same
-settings does nothing (its files checked against their sha256); other
-settings redo it.
+so a killed shard has no manifest. A finished shard rerun with the same settings
+does nothing (its files checked against their sha256); other settings redo it.
 
-`--merge` (same --out / --dataset_name / --crop) refuses, before writing
-anything, a missing or unfinished shard, a shard file that does not match its
-sha256, shards of another --num_shards, backbone, source, split, crop, format
-or decoding options, and rows that do not cover every record exactly once.
-Then it writes the split files, the single-process extraction's byte for
-byte (same keys in the same order, same embeddings; with skipped bad images
-the batches after them differ, so embeddings may differ in float rounding),
-each atomically, and the final manifest last (it adds `"shards"`). The shards folder is removed after a successful merge, unless
-`keep_shards`.
+`--merge` (same --out / --dataset_name / --crop) refuses, before writing anything,
+a missing or unfinished shard, a shard file not in its folder or not matching its
+sha256, an unknown split, shards of another --num_shards, backbone, source, split,
+crop, format or decoding options, and rows that do not cover every record exactly
+once. Then it writes the split files (the single-process extraction's byte for byte:
+same keys in the same order, same embeddings; with skipped bad images the batches
+after them differ, so embeddings may differ in float rounding), each atomically,
+and the final manifest last (it adds `"shards"`). The shards folder is then
+removed, unless `keep_shards`.
 """
 
 import collections
@@ -44,6 +42,8 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safe_decode
+from leo_suite import safeio
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
 from leo_suite.data import images as images_lib
@@ -120,16 +120,14 @@ def _settings(plan: Plan, checkpoint_sha256: str, dataset_name, crop, fmt, num_s
   """Everything every shard of one extraction must share (compared by the merge)."""
   return {
       "mode": plan.mode, "num_shards": num_shards, "batch_size": batch_size,
-      "dataset_name": dataset_name,
-      "crop": crop, "format": fmt, "checkpoint_sha256": checkpoint_sha256,
+      "dataset_name": dataset_name, "crop": crop, "format": fmt,
+      "checkpoint_sha256": checkpoint_sha256,
       "sources": list(plan.sources), "split_origin": plan.split_origin,
       "split_classes": plan.classes, "class_names": {t: c for c, t in plan.tokens.items()},
       "records": {s: {"num_records": len(r), "sha256": _fingerprint(r)}
                   for s, r in plan.records.items()},
-      "skip_bad_images": bool(skip_bad),
-      "expected_size": list(expected_size) if expected_size else None,
-      "allowed_modes": list(allowed_modes),
-  }
+      "skip_bad_images": bool(skip_bad), "allowed_modes": list(allowed_modes),
+      "expected_size": list(expected_size) if expected_size else None}
 
 
 def shard_rows(num_records: int, batch_size: int, num_shards: int, shard_index: int):
@@ -208,8 +206,7 @@ def _read_manifest(folder: str, name: str) -> Optional[dict]:
   if not os.path.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as handle:
-      manifest = json.load(handle)
+    manifest = json.loads(safeio.read_bytes(path))   # a regular file, or DataError
     if not isinstance(manifest, dict):
       raise ValueError("not an object")
     for key in ("shard_index", "num_shards", "settings", "backbone", "splits"):
@@ -219,10 +216,34 @@ def _read_manifest(folder: str, name: str) -> Optional[dict]:
   return manifest
 
 
+def _refusal(folder: str, name: str, text) -> errors.DataError:
+  manifest = safeio.display_name(os.path.join(folder, embeddings_lib.MANIFEST))
+  return errors.DataError(safeio.one_line(f"{manifest}: {text}; {_rerun(name)}"))
+
+
+def _shard_file(folder: str, name: str, split: str, entry: dict) -> str:
+  """A split's shard file: its manifest's "file" entry, one name inside `folder`."""
+  try:
+    return safeio.child_path(folder, entry.get("file", ""), what=f"the {split} split's file")
+  except errors.DataError as exc:
+    raise _refusal(folder, name, exc) from None
+
+
+def _check_names(folder: str, name: str, manifest: dict):
+  """Split names and the format become file names: only known ones (before any write)."""
+  settings = manifest["settings"]
+  known = (extract_files.ALL,) if settings["mode"] == ALL_MODE else embeddings_lib.SPLITS
+  checks = [("split", split, known) for split in [
+      *manifest["splits"], *settings["records"], *settings["split_classes"]]]
+  for what, value, allowed in checks + [("format", settings["format"], extract.FORMATS)]:
+    if value not in allowed:
+      raise _refusal(folder, name, f"{what} {safeio.quoted(value)} is not one of {list(allowed)}")
+
+
 def _check_files(folder: str, name: str, manifest: dict):
   """Every file the shard manifest lists is there with its sha256."""
   for split, entry in manifest["splits"].items():
-    path = os.path.join(folder, os.path.basename(str(entry.get("file", ""))))
+    path = _shard_file(folder, name, split, entry)
     if not os.path.isfile(path):
       raise errors.DataError(f"{name}: {path} is missing ({split}); {_rerun(name)}")
     if fileio.file_sha256(path) != entry.get("sha256"):
@@ -247,22 +268,21 @@ def _find_shards(root: str, num_shards: Optional[int]) -> List[str]:
   num_shards = counts[0]
   for index in range(num_shards):
     if shard_name(index, num_shards) not in names:
-      raise errors.DataError(
-          f"shard {index} of {num_shards} is missing (no "
-          f"{os.path.join(root, shard_name(index, num_shards))}); run it: "
-          f"--num_shards={num_shards} --shard_index={index}")
+      raise errors.DataError(f"shard {index} of {num_shards} is missing (no "
+                             f"{os.path.join(root, shard_name(index, num_shards))}); run it: "
+                             f"--num_shards={num_shards} --shard_index={index}")
   return [shard_name(i, num_shards) for i in range(num_shards)]
 
 
-def _load_part(name: str, folder: str, entry: dict):
-  path = os.path.join(folder, entry["file"])
+def _load_part(name: str, folder: str, split: str, entry: dict):
+  path = _shard_file(folder, name, split, entry)
+  safe_decode.check_npz(path)   # a regular file whose members are no bomb, before np.load
   try:
     with np.load(path, allow_pickle=False) as data:
       part = {k: data[k] for k in ("indices", "embeddings", "classes", "files")}
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
     raise errors.DataError(f"{path}: unreadable shard file ({exc}); {_rerun(name)}") from None
-  if not (len(part["indices"]) == len(part["embeddings"]) == len(part["classes"])
-          == len(part["files"])) or part["embeddings"].ndim != 2:
+  if len({len(column) for column in part.values()}) != 1 or part["embeddings"].ndim != 2:
     raise errors.DataError(f"{path}: malformed shard file; {_rerun(name)}")
   return part
 
@@ -279,14 +299,13 @@ def _mismatch(name: str, first: str, key: str, value, expected) -> errors.DataEr
 
 def _merge_split(split: str, shards, num_records: int):
   """(rows in record order, embeddings, skipped, elapsed) of one split, checked."""
-  parts = [_load_part(name, folder, manifest["splits"][split])
+  parts = [_load_part(name, folder, split, manifest["splits"][split])
            for name, folder, manifest in shards]
   indices = np.concatenate([p["indices"] for p in parts]).astype(np.int64)
   skipped = sorted((s["index"], s["image"], s["reason"])
                    for _, _, manifest in shards for s in manifest["splits"][split]["skipped"])
   covered = np.concatenate([indices, np.asarray([s[0] for s in skipped], np.int64)])
-  if len(covered) != num_records or not np.array_equal(np.sort(covered),
-                                                       np.arange(num_records)):
+  if not np.array_equal(np.sort(covered), np.arange(num_records)):  # shapes differ: False
     raise errors.DataError(
         f"the shards' {split} rows do not cover its {num_records} images exactly once; "
         "rerun the shards with the same flags")
@@ -308,6 +327,7 @@ def _checked_shards(root: str, num_shards: Optional[int], expected: Optional[dic
     if manifest is None:
       raise errors.DataError(f"{name} is unfinished (no {embeddings_lib.MANIFEST} in {folder}: "
                              f"killed or still running); {_rerun(name)}")
+    _check_names(folder, name, manifest)
     _check_files(folder, name, manifest)
     shards.append((name, folder, manifest))
   first_name, _, first = shards[0]

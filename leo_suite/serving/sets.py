@@ -26,6 +26,7 @@ keeps the first K of each); these are checked before any image is decoded.
 
 import csv
 import dataclasses
+import io
 import json
 import os
 import posixpath
@@ -34,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
@@ -174,9 +176,9 @@ def _from_csv(path):
   """Records of a `file,label` CSV (or DIR/labels.csv); paths relative to its folder."""
   csv_path = path if path.lower().endswith(".csv") else os.path.join(path, LABELS_CSV)
   base = os.path.dirname(os.path.abspath(csv_path))
+  payload = safeio.read_bytes(csv_path)   # a regular file under the cap, or DataError
   try:
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-      lines = list(csv.reader(handle))
+    lines = list(csv.reader(io.StringIO(payload.decode("utf-8-sig"), newline="")))
   except UnicodeDecodeError:
     raise errors.DataError(f"{csv_path}: not UTF-8 text; save it as a UTF-8 CSV") from None
   except (OSError, csv.Error) as exc:
@@ -216,9 +218,10 @@ def _from_csv(path):
 def _manifest_names(path):
   """Token -> original class name from extraction's manifest.json beside `path`."""
   manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
-  try:
-    with open(manifest) as handle:
-      names = json.load(handle).get("class_names", {})
+  if not os.path.exists(manifest):
+    return {}
+  try:   # a FIFO or device in its place is refused (DataError), not read
+    names = json.loads(safeio.read_bytes(manifest)).get("class_names", {})
     return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
   except (OSError, ValueError, AttributeError):
     return {}

@@ -9,7 +9,7 @@ Layout of a run directory:
   summaries/         TensorBoard
   profile/           --profile_steps' TensorBoard profile
   result_<split>.json  evaluation results (settings, overrides, data hashes)
-  .lock              the holder of the run (lock.RunLock)
+  .lock              the holder of the run (leo_suite/runlock.py's RunLock)
   .worker-<i>/       a non-chief multi_worker replica's scratch checkpoint
 """
 
@@ -22,12 +22,13 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import runlock
 
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"
 BEST_RECORD = "best.json"
 CHECKPOINT_NAME = "ckpt"
-LOCK_FILE = ".lock"
+LOCK_FILE = runlock.LOCK_FILE
 SUMMARIES_DIR = "summaries"
 PROFILE_DIR = "profile"
 

@@ -24,11 +24,11 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite import fileio
 from leo_suite import report as report_lib
+from leo_suite import runlock
 from leo_suite.data import episodes
 from leo_suite.models import registry
 from leo_suite.training import evaluation
 from leo_suite.training import layout
-from leo_suite.training import lock as lock_lib
 from leo_suite.training import optim
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import xla
@@ -92,10 +92,10 @@ class Run(layout.RunDirectory):
     return cls(directory, record)
 
   @staticmethod
-  def lock(directory: str, create: bool = False, log=None) -> lock_lib.RunLock:
-    """The run's lock (a context manager): one command per run directory at a
-    time; `create` makes the directory of a new run."""
-    return lock_lib.RunLock(directory, log=log, create=create)
+  def lock(directory: str, create: bool = False, log=None) -> runlock.RunLock:
+    """The run's lock (a context manager, leo_suite/runlock.py): one command per run
+    directory at a time, held by flock; `create` makes the directory of a new run."""
+    return runlock.RunLock(directory, log=log, create=create)
 
   @classmethod
   @contextlib.contextmanager

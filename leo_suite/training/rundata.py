@@ -6,9 +6,11 @@ later commands compare what they load with it (`check_data`).
 
 import hashlib
 import os
+import sys
 from typing import Optional, Sequence
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import synthetic
 
@@ -52,7 +54,7 @@ def file_sha256(path) -> Optional[str]:
   if not os.path.exists(path):
     return None
   digest = hashlib.sha256()
-  with open(path, "rb") as handle:
+  with safeio.open_regular(path, max_bytes=sys.maxsize) as handle:  # any size, read in blocks
     for block in iter(lambda: handle.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()

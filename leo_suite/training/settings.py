@@ -13,6 +13,7 @@ import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.models import base
 from leo_suite.models import registry
 from leo_suite.training import optim
@@ -273,7 +274,13 @@ def parse_profile_steps(text: str) -> Optional[Tuple[int, int]]:
 
 
 def check(settings: dict, baselines: Sequence[str]):
-  """ConfigError for a value out of its range; `baselines`: the known names."""
+  """ConfigError for a value out of its range; `baselines`: the known names.
+
+  --dataset_name and --embedding_crop become folder names: each must be one
+  path component (safeio.check_name), checked before anything is read.
+  """
+  for name in ("dataset_name", "embedding_crop"):
+    safeio.check_name(settings[name], f"--{name}", errors.ConfigError)
   for s in SETTINGS:
     if s.minimum is not None and settings[s.name] < s.minimum:
       bound = "at least 1" if s.minimum == 1 else f">= {s.minimum}"

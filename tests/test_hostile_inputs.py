@@ -1,0 +1,298 @@
+"""Issue 30: hostile inputs reach the tools only through leo_suite's safety layer.
+
+Each case checks the wiring, not the layer itself (tests/test_safeio.py and
+tests/test_runlock.py test that): a run's lock is leo_suite/runlock.py's, names
+from flags and manifests are checked before anything is read or written, data
+files are read only if regular and under the cap, images and archives are
+checked before they are decompressed. Each refusal is one `error:` line.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_safeio import deadline
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# -- 1. the run's lock ---------------------------------------------------------------
+
+# A process taking `Run.lock` through the tools' error path (console.run): waits
+# for the test's go, holds the run for `hold` seconds, exits 0; refused, exit 2.
+LOCK_TAKER = r"""
+import os, sys, time
+from leo_suite import console
+console.import_tensorflow()
+from leo_suite.training import run as run_lib
+directory, ready, go, hold = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+def main(argv):
+  open(ready + str(os.getpid()), "w").close()
+  while not os.path.exists(go):
+    time.sleep(0.002)
+  with run_lib.Run.lock(directory, create=True):
+    time.sleep(hold)
+
+console.run(main)
+"""
+NUM_TAKERS = 4
+
+
+@pytest.mark.parametrize("start", ["new_path", "empty_dir", "garbage_lock"])
+def test_run_lock_processes_starting_together_exactly_one_holds(tmp_path, start):
+  directory = tmp_path / "runs" / "run"
+  if start != "new_path":
+    directory.mkdir(parents=True)
+  if start == "garbage_lock":
+    (directory / ".lock").write_bytes(b"\xff\0{not json")
+  ready, go = tmp_path / "ready-", tmp_path / "go"
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  procs = [subprocess.Popen([sys.executable, "-c", LOCK_TAKER, str(directory), str(ready),
+                             str(go), "2.0"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(NUM_TAKERS)]
+  try:
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < NUM_TAKERS:
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+          p.communicate() for p in procs if p.poll() is not None]
+      time.sleep(0.01)
+    go.write_text("")
+    results = [(p.pid, p.wait(timeout=120), p.communicate()[1]) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  winners = [pid for pid, code, _ in results if code == 0]
+  assert len(winners) == 1, results
+  for pid, code, stderr in results:
+    if pid != winners[0]:
+      assert code == 2 and stderr.count("\n") == 1, stderr
+      assert stderr.startswith(f"error: {directory} is in use by process {winners[0]} on "
+                               f"{socket.gethostname()} (since "), stderr
+  assert not (directory / ".lock").exists()   # released by its holder
+
+
+# -- 2. names from flags and manifests -----------------------------------------------
+
+HOSTILE_NAMES = ["../../outside", "/etc", "a/b", "..", "", "bad\nname", "x\0y"]
+
+
+def assert_one_line_refusal(proc, *parts):
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  for part in parts:
+    assert part in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_dataset_and_crop_names_are_single_names_before_anything_is_read(tmp_path, name):
+  from leo_suite import errors
+  from leo_suite.data import embeddings
+  from leo_suite.training import settings as settings_lib
+  settings = settings_lib.default_settings("leo")
+  known = settings_lib.baseline_names(settings)
+  settings_lib.check(settings, known)   # the defaults pass
+  for flag in ("dataset_name", "embedding_crop"):
+    with pytest.raises(errors.ConfigError, match=f"^--{flag} "):
+      settings_lib.check(dict(settings, **{flag: name}), known)
+  outside = tmp_path / "outside" / "center"
+  outside.mkdir(parents=True)   # what "../outside" would reach from data_path
+  data_path = tmp_path / "data" / "here"
+  data_path.mkdir(parents=True)
+  for args in ((name, "center", "train"), ("ds", name, "train"), ("ds", "center", name)):
+    with pytest.raises(errors.ConfigError, match="single name|is empty|names a folder|control|NUL"):
+      embeddings.load_dataset_split(str(data_path), *args)
+
+
+def test_runner_refuses_a_dataset_path_in_one_line_and_leaves_no_run_directory(tmp_path):
+  run_dir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "runner.py"), f"--data_path={tmp_path}",
+       "--dataset_name=../../etc", f"--checkpoint_path={run_dir}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT), check=False)
+  assert_one_line_refusal(proc, "--dataset_name '../../etc' must be a single name")
+  assert not run_dir.exists()
+
+
+def write_shard_set(root, entries, settings=None, payload=b"not read"):
+  """Two finished-looking shard folders under `root` whose manifests list `entries`."""
+  import json
+  settings = dict({"mode": "splits", "format": "pkl", "records": {"train": {}},
+                   "split_classes": {"train": ["a"]}}, **(settings or {}))
+  for index in range(2):
+    folder = root / f"shard-{index:05d}-of-00002"
+    folder.mkdir(parents=True)
+    (folder / "train_shard.npz").write_bytes(payload)
+    (folder / "manifest.json").write_text(json.dumps({
+        "shard_index": index, "num_shards": 2, "settings": settings, "backbone": {},
+        "splits": entries}))
+
+
+@pytest.mark.parametrize("case", ["file_outside", "file_absolute", "file_nested",
+                                  "split_outside", "split_in_settings", "format_path"])
+def test_merge_refuses_names_leaving_the_shard_folder_before_writing(tmp_path, case):
+  from leo_suite import errors
+  from leo_suite.pretrain import extract_shards
+  out = tmp_path / "out"
+  root = out / "ds" / "center" / "shards"
+  secret = tmp_path / "secret.npz"
+  secret.write_bytes(b"outside")
+  entry = {"file": "train_shard.npz", "sha256": "0", "skipped": []}
+  entries, settings, expected = {"train": entry}, None, None
+  if case == "file_outside":
+    entries, expected = {"train": dict(entry, file="../../../../../secret.npz")}, "single name"
+  elif case == "file_absolute":
+    entries, expected = {"train": dict(entry, file=str(secret))}, "single name"
+  elif case == "file_nested":
+    entries, expected = {"train": dict(entry, file="sub/train_shard.npz")}, "single name"
+  elif case == "split_outside":
+    entries, expected = {"../../../evil": entry}, "split '../../../evil' is not one of"
+  elif case == "split_in_settings":
+    settings = {"records": {"/tmp/evil": {}}}
+    expected = "split '/tmp/evil' is not one of"
+  else:
+    settings, expected = {"format": "pkl/../../x"}, "format 'pkl/../../x' is not one of"
+  write_shard_set(root, entries, settings)
+  before = sorted(p for p in tmp_path.rglob("*"))
+  with pytest.raises(errors.DataError) as refused:
+    extract_shards.merge_shards(str(out), "ds", "center")
+  message = str(refused.value)
+  assert expected in message and "manifest.json" in message and "rerun it:" in message
+  assert "\n" not in message
+  assert sorted(p for p in tmp_path.rglob("*")) == before   # nothing written or removed
+
+
+# -- 3. only regular files under a cap are read as data ------------------------------
+
+def test_embeddings_loader_refuses_a_fifo_at_once_and_a_link_to_a_device(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import embeddings
+  from tests.test_loader_hardening import assert_one_error_line, run_loader
+  fifo = tmp_path / "train_embeddings.pkl"
+  os.mkfifo(fifo)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.load_split(str(fifo))
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.read_keys_and_embeddings(str(fifo))
+  zero = tmp_path / "val_embeddings.npz"
+  zero.symlink_to("/dev/zero")
+  code, stderr, _ = run_loader(zero)
+  assert_one_error_line(code, stderr, zero, "is a character device, not a regular file")
+
+
+def test_a_valid_split_loads_the_same_through_the_checks(tmp_path):
+  import numpy as np
+  from leo_suite.data import embedding_keys, embeddings
+  keys = [embedding_keys.make_key(f"c{c}", i) for c in range(3) for i in range(4)]
+  rows = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
+  for suffix in (".pkl", ".npz"):
+    path = str(tmp_path / f"train_embeddings{suffix}")
+    embeddings.write_split(path, keys, rows)
+    read_keys, matrix = embeddings.read_keys_and_embeddings(path)
+    assert read_keys == keys and matrix.tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize("form", ["set.csv", "set.pkl", "manifest"])
+def test_serving_sets_refuse_a_fifo_at_once(tmp_path, form):
+  from leo_suite import errors
+  from leo_suite.data import embedding_keys, embeddings
+  from leo_suite.serving import sets
+  import numpy as np
+  path = tmp_path / form
+  if form == "manifest":   # a valid embeddings file whose manifest.json is a FIFO
+    path = tmp_path / "support.npz"
+    embeddings.write_split(str(path), [embedding_keys.make_key("a", 0)], np.ones((1, 2)))
+    os.mkfifo(tmp_path / "manifest.json")
+  else:
+    os.mkfifo(path)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO") as refused:
+    sets.load_set(str(path), "support")
+  assert "\n" not in str(refused.value)
+
+
+def test_merge_checks_a_shard_npz_before_np_load_decompresses_it(tmp_path):
+  import hashlib
+  import io
+  import numpy as np
+  from leo_suite import errors
+  from leo_suite.pretrain import extract_shards
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, indices=np.zeros(0, np.int64),
+                      embeddings=np.zeros((2**20, 4), np.float32),   # 16 MiB of zeros
+                      classes=np.zeros(0, np.str_), files=np.zeros(0, np.str_))
+  payload = buffer.getvalue()
+  assert len(payload) < 2**16
+  entry = {"file": "train_shard.npz", "sha256": hashlib.sha256(payload).hexdigest(),
+           "skipped": [], "elapsed_s": 0}
+  settings = {"records": {"train": {"num_records": 0}}, "class_names": {},
+              "sources": [], "split_origin": "", "checkpoint_sha256": "0"}
+  write_shard_set(tmp_path / "out" / "ds" / "center" / "shards", {"train": entry}, settings,
+                  payload)
+  with pytest.raises(errors.DataError, match="compression bomb"):
+    extract_shards.merge_shards(str(tmp_path / "out"), "ds", "center")
+
+
+# -- 4. images and archives: checked before they are decompressed ---------------------
+
+def test_decode_image_checks_the_pixel_count_from_the_header_first(monkeypatch):
+  import io
+  import numpy as np
+  from PIL import Image
+  from leo_suite import errors
+  from leo_suite.data import images
+  from tests.test_safeio import png_claiming
+  options = images.DecodeOptions(image_size=8)
+  with pytest.raises(errors.DataError, match=r"^class_a/img\.png: 13000x13000 = 169,000,000 "
+                     "pixels, more than the cap of 16,777,216; refused before decoding"):
+    images.decode_image(png_claiming(13000, 13000), "class_a/img.png", options)
+  with pytest.raises(errors.DataError, match="unreadable or corrupt image"):  # as before
+    images.decode_image(b"not an image", "x.png", options)
+  buffer = io.BytesIO()
+  Image.fromarray(np.arange(400, dtype=np.uint8).reshape(20, 20)).save(buffer, format="PNG")
+  unchecked = images.decode_image(buffer.getvalue(), "ok.png", options)
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "400")
+  np.testing.assert_array_equal(images.decode_image(buffer.getvalue(), "ok.png", options),
+                                unchecked)   # same pixels
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "399")
+  with pytest.raises(errors.DataError, match="20x20 = 400 pixels"):
+    images.decode_image(buffer.getvalue(), "ok.png", options)
+
+
+def test_zip_sources_check_members_before_reading_and_read_the_same_bytes(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import image_sources
+  from tests.test_safeio import patch_member, zip_bytes
+  encrypted = tmp_path / "encrypted.zip"
+  encrypted.write_bytes(patch_member(zip_bytes({"cls/secret.png": b"x" * 100}), flag_bits=0x1))
+  with pytest.raises(errors.DataError, match=r"encrypted\.zip: member 'cls/secret\.png' is "
+                     "encrypted"):
+    image_sources.scan_source(str(encrypted))
+  bomb = tmp_path / "bomb.zip"
+  bomb.write_bytes(bytes(zip_bytes({"cls/a.png": b"\0" * 2**21})))
+  with pytest.raises(errors.DataError, match=r"bomb\.zip: member 'cls/a\.png' expands .* a "
+                     "compression bomb"):
+    image_sources.scan_source(str(bomb))
+  fifo = tmp_path / "fifo.zip"
+  os.mkfifo(fifo)
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    image_sources.scan_source(str(fifo))
+  members = {"top/cls/a.png": b"a" * 3000, "top/cls/b.png": bytes(range(256)) * 4}
+  valid = tmp_path / "valid.zip"
+  valid.write_bytes(bytes(zip_bytes(members)))
+  records = image_sources.scan_source(str(valid))
+  assert [r.class_name for r in records] == ["cls", "cls"]
+  cache = {}
+  assert [r.read_bytes(cache) for r in records] == list(members.values())
+  image_sources.close_archives(cache)
+  image_fifo = tmp_path / "cls" / "c.png"
+  image_fifo.parent.mkdir()
+  os.mkfifo(image_fifo)
+  record = image_sources.ImageRecord("cls", "c.png", str(image_fifo), ("file", str(image_fifo)))
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    record.read_bytes()
