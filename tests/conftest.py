@@ -21,6 +21,7 @@ LONGEST_FILES = ("test_distribute.py", "test_pretrain_extract.py", "test_faults.
                  "test_fuzz.py", "test_pretrain_distribute.py", "test_imaml.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
   """Under xdist (--dist loadgroup): a file's tests stay on one worker (its
   module fixtures are built once), except the real-data pipeline runs, each

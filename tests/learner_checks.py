@@ -1,7 +1,25 @@
-"""Checks shared by the tests of the hallucination and SNAIL learners."""
+"""Checks shared by the learners' tests, and each learner's smallest config."""
 
 from leo_suite.models import base
 from tests import test_maml as common
+
+# Small learners (fast steps) for the tests that run every registered learner
+# (tests/test_contract.py, tests/test_serving.py); every field is one the
+# learner's Config has.
+SMALL_CONFIGS = {
+    "leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
+    "maml": dict(inner_steps=2, eval_inner_steps=3),
+    "imaml": dict(inner_steps=3),
+    "r2d2": dict(),
+    "l2f": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
+    "hallucination": dict(num_hallucinated=2, noise_dim=4, hidden_sizes="8"),
+    "snail": dict(input_dim=8, key_sizes="8,8", value_sizes="4,4", tc_filters=8,
+                  sequence_length=7),
+    "protonet": dict(map_dim=8),
+    "matching": dict(fce=True, map_dim=8),
+    "relation": dict(map_dim=8, module_hidden_sizes="8,4"),
+    "reptile": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
+    "meta_lstm": dict(hidden_sizes="8", inner_steps=2, lstm_units=3)}
 
 
 def check_config_fields_have_help(config_cls):

@@ -14,23 +14,11 @@ import tensorflow as tf
 from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.training import optim
+from tests import learner_checks
 
 NUM_WAYS, SHOTS, QUERIES, DIM, TASKS = 3, 2, 3, 16, 4
 TRAIN_STEPS = 8
-# Small learners (fast steps); every field is one the learner's Config has.
-SMALL = {"leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
-         "maml": dict(inner_steps=2, eval_inner_steps=3),
-         "imaml": dict(inner_steps=3),
-         "r2d2": dict(),
-         "l2f": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
-         "hallucination": dict(num_hallucinated=2, noise_dim=4, hidden_sizes="8"),
-         "snail": dict(input_dim=8, key_sizes="8,8", value_sizes="4,4", tc_filters=8,
-                       sequence_length=7),
-         "protonet": dict(map_dim=8),
-         "matching": dict(fce=True, map_dim=8),
-         "relation": dict(map_dim=8, module_hidden_sizes="8,4"),
-         "reptile": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
-         "meta_lstm": dict(hidden_sizes="8", inner_steps=2, lstm_units=3)}
+SMALL = learner_checks.SMALL_CONFIGS
 MODELS = list(registry.LEARNERS)
 SEED = tf.constant([5, 6], tf.int32)
 

@@ -31,23 +31,12 @@ from leo_suite.serving import support as support_lib
 from leo_suite.training import run as run_lib
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
+from tests import learner_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K, D = 3, 2, 16
 NUM_QUERIES = 5
-TINY = {"leo": dict(num_latents=4, inner_unroll_length=2, finetuning_unroll_length=2),
-        "maml": dict(inner_steps=2, eval_inner_steps=3),
-        "imaml": dict(inner_steps=3),
-        "r2d2": dict(),
-        "l2f": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
-        "hallucination": dict(num_hallucinated=2, noise_dim=4, hidden_sizes="8"),
-        "snail": dict(input_dim=8, key_sizes="8,8", value_sizes="4,4", tc_filters=8,
-                      sequence_length=7),
-        "protonet": dict(map_dim=8),
-        "matching": dict(fce=True, map_dim=8),
-        "relation": dict(map_dim=8, module_hidden_sizes="8,4"),
-        "reptile": dict(hidden_sizes="8", inner_steps=2, eval_inner_steps=3),
-        "meta_lstm": dict(hidden_sizes="8", inner_steps=2, lstm_units=3)}
+TINY = learner_checks.SMALL_CONFIGS
 CLASS_NAMES = ("cat", "dog", "owl")
 ZERO_SEED = tf.zeros([2], tf.int32)
 
