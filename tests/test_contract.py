@@ -14,6 +14,7 @@ import tensorflow as tf
 from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.training import optim
+from leo_suite.training import settings
 from tests import learner_checks
 
 NUM_WAYS, SHOTS, QUERIES, DIM, TASKS = 3, 2, 3, 16, 4
@@ -121,3 +122,10 @@ def test_export_serves_what_the_learner_predicts(model, tmp_path):
       embeddings=tf.constant(queries))
   expected = test_serving.reference_logits(learner, support.embeddings, queries)
   np.testing.assert_allclose(served["logits"].numpy(), expected, atol=1e-5)
+
+
+def test_jit_compile_help_names_exactly_the_learners_that_compile_by_default():
+  """--jit_compile's help lists the learners 'auto' compiles: their specs' xla_default."""
+  help_text = next(s.help for s in settings.SETTINGS if s.name == "jit_compile")
+  listed = help_text.split("scripts/benchmark.py: ")[1].split(")")[0]
+  assert set(listed.split(", ")) == {m for m in MODELS if registry.spec(m).xla_default}

@@ -137,9 +137,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("jit_compile", str, "auto",
             "Compile the meta-training step (and evaluation's adaptation) with XLA: 'auto' "
             "does for the learners whose XLA step measured faster at 1 and 5 shots "
-            "(scripts/benchmark.py: maml, imaml, l2f, protonet, meta_lstm, hallucination, "
-            "snail); a graph XLA cannot compile falls back to plain "
-            "TF with one log line.", choices=("auto", "true", "false"), free=True),
+            "(their spec's xla_default, from scripts/benchmark.py: leo, maml, imaml, l2f, "
+            "protonet, meta_lstm, hallucination, snail); a graph XLA cannot compile falls "
+            "back to plain TF with one log line.", choices=("auto", "true", "false"), free=True),
     Setting("evaluation_method", str, "auto",
             "How validation/test tasks are scored (same accuracies): 'table' reads only the "
             "support sets per task and scores each class's images once per group of tasks; "
