@@ -119,7 +119,8 @@ def train():
   strategy = make_strategy()
   learner = run.build_learner(strategy)
   trainer = trainer_lib.Trainer(learner, trainer_lib.TrainConfig.from_run(run),
-                                train_sampler, val_sampler, strategy=strategy)
+                                train_sampler, val_sampler, strategy=strategy,
+                                evaluator=run.evaluator(learner, strategy))
   if not record:
     run.create()  # the first write of a new run, after every check
   spec = run.train_spec()
