@@ -51,7 +51,7 @@ def resolve(evaluation_mode):
   given = dict(config.settings(model), model=FLAGS.model)
   settings, overrides = settings_lib.resolve(saved, given, explicit, evaluation_mode)
   settings_lib.check_learner_flags(model, explicit, learner_flags)
-  settings_lib.check(settings, baselines_lib.BASELINES)
+  settings_lib.check(settings, baselines_lib.RUNNER_BASELINES)
   data_path = (record["data"]["data_path"] if record and not FLAGS["data_path"].present
                else FLAGS.data_path)
   for name, change in overrides.items():
@@ -119,7 +119,8 @@ def train():
   strategy = make_strategy()
   learner = run.build_learner(strategy)
   trainer = trainer_lib.Trainer(learner, trainer_lib.TrainConfig.from_run(run),
-                                train_sampler, val_sampler, strategy=strategy)
+                                train_sampler, val_sampler, strategy=strategy,
+                                evaluator=run.evaluator(learner, strategy))
   if not record:
     run.create()  # the first write of a new run, after every check
   spec = run.train_spec()
@@ -148,7 +149,7 @@ def evaluate():
   run = run_lib.Run(FLAGS.checkpoint_path, dict(record, settings=settings))
   loaded = rundata.load_splits(settings, data_path, ["test"])
   data = rundata.check_data(record["data"], data_path, loaded, FLAGS.allow_data_change)
-  return run_lib.score_test(run, loaded["test"], make_strategy, baselines_lib.BASELINES,
+  return run_lib.score_test(run, loaded["test"], make_strategy, baselines_lib.RUNNER_BASELINES,
                             data, overrides)
 
 

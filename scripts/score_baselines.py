@@ -37,18 +37,16 @@ flags.DEFINE_integer("seed", 0, "Episode seed.")
 FLAGS = flags.FLAGS
 
 
-METHODS = {**baselines.METHODS, "mean_dot": baselines.mean_dot_logits}
-
-
 def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   for name in ("data_path", "dataset_name"):
     if not getattr(FLAGS, name):
       raise errors.ConfigError(f"--{name} is required")
-  unknown = [m for m in FLAGS.methods if m not in METHODS]
+  unknown = [m for m in FLAGS.methods if m not in baselines.BASELINES]
   if unknown:
-    raise errors.ConfigError(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    raise errors.ConfigError(
+        f"--methods: unknown {unknown}; choose from {sorted(baselines.BASELINES)}")
   try:
     settings = [tuple(int(v) for v in s.rstrip("s").split("w")) for s in FLAGS.settings]
   except ValueError:
@@ -57,7 +55,7 @@ def main(argv):
                                             FLAGS.embedding_crop, FLAGS.split)
   for ways, shots in settings:
     for method in FLAGS.methods:
-      result = baselines.evaluate(METHODS[method], split, ways, shots, FLAGS.num_queries,
+      result = baselines.evaluate(method, split, ways, shots, FLAGS.num_queries,
                                   FLAGS.num_episodes, FLAGS.seed)
       print(f"{FLAGS.split} {ways}w{shots}s {method:<20} {result['accuracy']:.2f} ± "
             f"{result['ci95']:.2f}", flush=True)

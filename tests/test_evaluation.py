@@ -108,16 +108,19 @@ def test_auto_method_takes_the_table_only_when_queries_fill_the_classes():
     evaluator.method(episodes.EpisodeSampler(split, episodes.EpisodeSpec(3, 1, 5)), "fast")
 
 
-@pytest.mark.parametrize("name, logits", [("ncm", "ncm_cosine"),
-                                          ("logreg", "logistic_regression")])
-def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name, logits):
+@pytest.mark.parametrize("name", [n for n, b in baselines.BASELINES.items() if b.learner])
+def test_baseline_learners_score_like_their_logit_functions_on_both_paths(name):
+  baseline = baselines.BASELINES[name]
+  assert baselines.RUNNER_BASELINES[baseline.flag] is baseline.learner
   split = clustered_split([9] * 8)
   spec = episodes.EpisodeSpec(4, 2, 7)
   sampler = episodes.EpisodeSampler(split, spec)
   reference = np.concatenate([
-      base.accuracy(baselines.METHODS[logits](e.support_x, e.query_x), e.query_y).numpy()
+      base.accuracy(baseline.logits(e.support_x, e.query_x), e.query_y).numpy()
       for e in sampler.fixed_set(5, 37, 8)])
-  evaluator = evaluation.Evaluator(baselines.BASELINES[name](spec.num_ways, DIM))
+  assert evaluation.evaluate_baseline(baseline.logits, sampler.fixed_set(5, 37, 8)) == (
+      evaluation.summarise(reference))
+  evaluator = evaluation.Evaluator(baseline.learner(spec.num_ways, DIM))
   for method in ("table", "gather"):
     np.testing.assert_array_equal(
         evaluator.fixed_accuracy(sampler, 5, 37, 8, method=method), reference)

@@ -556,10 +556,11 @@ def meta_train_and_score(learner, tmp_path, steps=60, outer_lr=3e-3,
       metatrain_batch_size=8, checkpoint_steps=10**6, log_steps=10**6,
       outer=outer or optim.OuterConfig(learning_rate=outer_lr))
   trainer = trainer_lib.Trainer(learner, config, sampler)
-  at_init = trainer.evaluator.evaluate(test_set).accuracy
+  evaluator = evaluation.Evaluator(learner)
+  at_init = evaluator.evaluate(test_set).accuracy
   assert trainer.train() == steps
   ncm = evaluation.evaluate_baseline(baselines.ncm_cosine_logits, test_set)
-  return trainer.evaluator.evaluate(test_set).accuracy, ncm.accuracy, at_init
+  return evaluator.evaluate(test_set).accuracy, ncm.accuracy, at_init
 
 
 def test_meta_trained_maml_matches_the_class_mean_baseline(tmp_path):

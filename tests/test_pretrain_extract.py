@@ -74,12 +74,11 @@ def test_evaluate_reports_mean_and_ci95_on_the_runners_episodes():
   labels = np.repeat(np.arange(10), 20)
   features = centres[labels] + rng.normal(size=(200, 8)) * 0.01
   split = embeddings_lib.split_from_labels(features, labels)
-  for method in baselines.METHODS.values():
-    result = baselines.evaluate(method, split, 5, 1, 15, 40, seed=3)
-    assert result == {"accuracy": 100.0, "ci95": 0.0, "num_tasks": 40}
+  for name in baselines.BASELINES:
+    result = baselines.evaluate(name, split, 5, 1, 15, 40, seed=3)
+    assert result == {"accuracy": 100.0, "ci95": 0.0, "num_tasks": 40}, name
   noise = embeddings_lib.split_from_labels(rng.normal(size=(200, 8)), labels)
-  result = baselines.evaluate(baselines.ncm_cosine_logits, noise, 5, 1, 15, 300, seed=3,
-                              chunk=64)
+  result = baselines.evaluate("ncm_cosine", noise, 5, 1, 15, 300, seed=3, chunk=64)
   # The same tasks, drawn by the sampler the runner evaluates learners on.
   sampler = episodes.EpisodeSampler(noise, episodes.EpisodeSpec(5, 1, 15))
   acc = np.concatenate([base.accuracy(baselines.ncm_cosine_logits(e.support_x, e.query_x),
@@ -618,9 +617,9 @@ def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
 
 
 def test_mean_dot_is_one_gradient_step_from_a_zero_head_and_ncm_at_one_shot():
-  """mean_dot (scripts/score_baselines.py): at 1-shot it is cosine NCM; at any
-  shot its argmax is that of a zero linear head after one gradient step of the
-  support cross-entropy (W_c = lr * mean_i (y_ic - 1/N) x_i)."""
+  """mean_dot (a row of baselines.BASELINES): at 1-shot it is cosine NCM; at
+  any shot its argmax is that of a zero linear head after one gradient step of
+  the support cross-entropy (W_c = lr * mean_i (y_ic - 1/N) x_i)."""
   module = baselines
   rng = np.random.default_rng(0)
   query = rng.normal(size=[3, 5, 7, 16]).astype(np.float32)

@@ -56,11 +56,9 @@ from leo_suite.data.episodes import Episode
 from leo_suite.models import registry
 from leo_suite.pretrain import extract
 from leo_suite.serving import latency
-from leo_suite.training import evaluation
 from leo_suite.training import run as run_lib
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
-from leo_suite.training import xla
 
 # The folder holding leo_suite: the memory probes' subprocesses import it from there.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -190,9 +188,8 @@ def eval_sampler(test_split, shots):
 def runner_evaluator(model):
   """(Evaluator, jit_adapt, jit_readout) with the XLA settings the runner's
   --jit_compile=auto gives `model`."""
-  jit, jit_readout = xla.resolve("auto", model), xla.resolve_readout("auto", model)
-  return (evaluation.Evaluator(build(model), jit_compile=jit, jit_readout=jit_readout),
-          jit, jit_readout)
+  run = make_run(model, "")
+  return run.evaluator(run.build_learner()), run.jit_compile, run.jit_readout
 
 
 def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):

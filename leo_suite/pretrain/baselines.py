@@ -15,14 +15,18 @@ Logits come back as [B, N, V, N].
     L = lambda_max(X~^T X~) / 2 + 1/C bounds the Hessian
     (X~ = [X, 1]; softmax-CE curvature <= 1/2), found by power iteration.
 
-`evaluate` scores a method on the shared sampler's fixed episodes (the ones
-runner.py evaluates learners on) and returns mean accuracy and the 95%
-interval 1.96 * std / sqrt(num_episodes).
+`BASELINES` is the one table of these methods (and of mean_dot, the
+initialisation MAML-style heads start from); `evaluate` scores one, by name,
+on the shared sampler's fixed episodes (the ones runner.py evaluates
+learners on) through `evaluation.evaluate_baseline`, and returns mean
+accuracy and the 95% interval 1.96 * std / sqrt(num_episodes). runner.py
+scores its --baselines (`RUNNER_BASELINES`) as learners, through the
+learner's `evaluation.Evaluator`, on the same tasks.
 """
 
-from typing import Callable, Dict, Sequence
+import dataclasses
+from typing import Callable, Dict, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from leo_suite.data import episodes
@@ -158,17 +162,30 @@ class LogisticRegression(BaselineLearner):
     return base.Readout(_normalize, tf.transpose(weights, [0, 2, 1]), bias)
 
 
-METHODS: Dict[str, Callable] = {
-    "ncm_cosine": ncm_cosine_logits,
-    "logistic_regression": logistic_regression_logits,
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """One non-learned method: its logits [B, N, V, N] of (support, query), and,
+  for those runner.py scores beside a learner (--baselines=<flag>), the same
+  method behind the learner interface: factory(num_ways, embedding_dim)."""
+  logits: Callable
+  learner: Optional[Callable] = None
+  flag: Optional[str] = None
+
+
+# Every baseline, by the name scripts/score_baselines.py's --methods and the
+# Omniglot pipeline's result rows use.
+BASELINES: Dict[str, Baseline] = {
+    "ncm_cosine": Baseline(ncm_cosine_logits, NCMCosine, "ncm"),
+    "logistic_regression": Baseline(logistic_regression_logits, LogisticRegression, "logreg"),
+    "mean_dot": Baseline(mean_dot_logits),
 }
-# The baselines runner.py scores beside a learner (--baselines), by name.
-BASELINES = {"ncm": NCMCosine, "logreg": LogisticRegression}
+# runner.py's --baselines: flag -> learner factory, for the rows that have one.
+RUNNER_BASELINES = {b.flag: b.learner for b in BASELINES.values() if b.flag}
 
 
-def evaluate(method: Callable, split, num_ways: int, num_shots: int, num_queries: int = 15,
+def evaluate(name: str, split, num_ways: int, num_shots: int, num_queries: int = 15,
              num_episodes: int = 1000, seed: int = 0, chunk: int = 100) -> dict:
-  """Mean accuracy and 95% CI (in %) of `method` on fixed episodes of `split`.
+  """Mean accuracy and 95% CI (in %) of baseline `name` on fixed episodes of `split`.
 
   The episodes are the shared sampler's (leo_suite.data.episodes): the same
   tasks `runner.py --evaluation_mode --eval_seed=<seed> --eval_num_query=<V>`
@@ -176,8 +193,7 @@ def evaluate(method: Callable, split, num_ways: int, num_shots: int, num_queries
   """
   sampler = episodes.EpisodeSampler(
       split, episodes.EpisodeSpec(num_ways, num_shots, num_queries), "baseline episodes")
-  result = evaluation.summarise(np.concatenate([
-      base.accuracy(method(e.support_x, e.query_x), e.query_y).numpy()
-      for e in sampler.fixed_set(seed, num_episodes, chunk)]))
+  result = evaluation.evaluate_baseline(BASELINES[name].logits,
+                                        sampler.fixed_set(seed, num_episodes, chunk))
   return {"accuracy": 100 * result.accuracy, "ci95": 100 * result.ci95,
           "num_tasks": result.num_tasks}

@@ -64,7 +64,7 @@ def ncm_scores(backbone, x, labels: np.ndarray, num_episodes: int, seed: int = 0
   """Cosine nearest-class-mean accuracy {'5w1s': ..., ...} (2 decimals) of
   `backbone`'s features of images x on fixed episodes of every setting."""
   split = feature_split(backbone, x, labels)
-  return {f"{w}w{s}s": round(baselines.evaluate(baselines.ncm_cosine_logits, split, w, s, 15,
+  return {f"{w}w{s}s": round(baselines.evaluate("ncm_cosine", split, w, s, 15,
                                                  num_episodes, seed)["accuracy"], 2)
           for w, s in SETTINGS}
 
@@ -76,8 +76,7 @@ def val_ncm_callback(images: np.ndarray, labels: np.ndarray, invert: bool,
 
   def callback(epoch, backbone):
     del epoch
-    result = baselines.evaluate(baselines.ncm_cosine_logits, feature_split(backbone, x, labels),
-                                5, 1, 15,
+    result = baselines.evaluate("ncm_cosine", feature_split(backbone, x, labels), 5, 1, 15,
                                 num_episodes, seed)
     return {"val_ncm_5w1s": result["accuracy"]}
   return callback
@@ -90,8 +89,7 @@ def evaluate_baselines(split: embeddings_lib.EmbeddingSplit, label: str,
   rows = []
   for method in methods:
     for ways, shots in settings:
-      result = baselines.evaluate(baselines.METHODS[method], split, ways, shots,
-                                  num_queries, num_episodes, seed)
+      result = baselines.evaluate(method, split, ways, shots, num_queries, num_episodes, seed)
       rows.append({"method": f"{method} ({label})", "setting": f"{ways}w{shots}s", **result})
   return rows
 

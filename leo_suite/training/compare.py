@@ -8,7 +8,6 @@ meta-training steps/s (the run's TensorBoard summaries), and the peak resident
 memory of the training process (getrusage of that child alone, via wait4).
 """
 
-import glob
 import os
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def _run(cmd, timeout_s, threads=None):
 def mean_steps_per_second(run_dir):
   """Mean of the train/steps_per_second scalars logged by the trainer."""
   values = []
-  for path in glob.glob(os.path.join(layout.RunDirectory(run_dir).summaries_dir, "events.*")):
+  for path in layout.RunDirectory(run_dir).summary_files():
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
         if value.tag == "train/steps_per_second":

@@ -282,9 +282,9 @@ def _hits(predictions, labels, mask):
   return tf.reduce_sum(tf.cast(tf.logical_and(right, mask), tf.int64), axis=1)
 
 
-def evaluate_baseline(logits_fn, dataset) -> Result:
-  """Scores a non-learned `logits_fn(support_x, query_x)` on the same episodes."""
-  compiled = tf.function(logits_fn, reduce_retracing=True)
-  values = [base.accuracy(compiled(e.support_x, e.query_x), e.query_y).numpy()
-            for e in dataset]
-  return summarise(np.concatenate(values))
+def evaluate_baseline(logits_fn, episodes) -> Result:
+  """Scores a non-learned `logits_fn(support_x, query_x)` -> [B, N, V, N] on
+  fixed `episodes` (batches of Episode), eagerly: the one scoring function of
+  pretrain/baselines.py's methods."""
+  return summarise(np.concatenate([
+      base.accuracy(logits_fn(e.support_x, e.query_x), e.query_y).numpy() for e in episodes]))

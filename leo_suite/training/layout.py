@@ -13,6 +13,7 @@ Layout of a run directory:
   .worker-<i>/       a non-chief multi_worker replica's scratch checkpoint
 """
 
+import glob
 import json
 import os
 import shutil
@@ -62,8 +63,16 @@ class RunDirectory:
   def profile_dir(self) -> str:
     return self.path(PROFILE_DIR)
 
+  def summary_files(self) -> list:
+    """The TensorBoard event files under summaries/."""
+    return glob.glob(self.path(SUMMARIES_DIR, "events.*"))
+
   def worker_scratch(self, worker_index: int) -> str:
     return self.path(f".worker-{worker_index}")
+
+  def worker_checkpoint(self, worker_index: int) -> str:
+    """The checkpoint a non-chief worker writes into its scratch directory."""
+    return os.path.join(self.worker_scratch(worker_index), CHECKPOINT_NAME)
 
   def result_path(self, split: str) -> str:
     return self.path(f"result_{split}.json")
@@ -106,12 +115,12 @@ class RunDirectory:
 
   def write_best(self, checkpoint, record: dict):
     """Writes `checkpoint` and `record` into best/, swapped in whole."""
-    staging = self.best_dir + ".tmp"
+    staging = self.path(BEST_DIR + ".tmp")
     if os.path.exists(staging):
       shutil.rmtree(staging)
     os.makedirs(staging)
-    checkpoint.write(os.path.join(staging, CHECKPOINT_NAME))
-    fileio.atomic_write_text(os.path.join(staging, BEST_RECORD), json.dumps(record))
+    checkpoint.write(self.path(BEST_DIR + ".tmp", CHECKPOINT_NAME))
+    fileio.atomic_write_text(self.path(BEST_DIR + ".tmp", BEST_RECORD), json.dumps(record))
     fileio.replace_directory(staging, self.best_dir)
 
   # -- results -------------------------------------------------------------------------

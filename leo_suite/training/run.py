@@ -231,8 +231,9 @@ def score_test(run: Run, test, make_strategy, baselines, data: dict, overrides: 
   """Scores the run's evaluation checkpoint, then each of its --baselines, on the
   same fixed test tasks of `test`; writes result_test.json.
 
-  baselines: name -> factory(num_ways, embedding_dim) of the non-learned
-  baselines (pretrain/baselines.py's BASELINES); make_strategy() gives the
+  baselines: --baselines name -> factory(num_ways, embedding_dim) of the
+  non-learned baselines (pretrain/baselines.py's RUNNER_BASELINES), scored as
+  learners by an Evaluator without XLA; make_strategy() gives the
   tf.distribute strategy, once the test tasks are set up; `report` gets one line per
   method and the result's path; data/overrides: what the result records.
   """

@@ -21,7 +21,6 @@ profile of steps A..B into <checkpoint_path>/profile/.
 """
 
 import dataclasses
-import os
 import shutil
 import time
 from typing import Callable, Optional, Tuple
@@ -32,7 +31,6 @@ import tensorflow as tf
 from leo_suite import distribute
 from leo_suite import progress as progress_lib
 from leo_suite.data.episodes import Episode
-from leo_suite.training import evaluation
 from leo_suite.training import layout
 from leo_suite.training import optim
 from leo_suite.training import run as run_lib
@@ -130,7 +128,6 @@ class TrainConfig:
   eval_seed: int = _D["eval_seed"]
   log_steps: int = _D["log_steps"]
   jit_compile: bool = False
-  jit_readout: bool = False  # evaluation's table-path readout (xla.resolve_readout)
   evaluation_method: str = _D["evaluation_method"]  # evaluation.EVALUATION_METHODS
   keep_best: bool = True   # False: validation is logged, best/ is not written
   profile_steps: Optional[Tuple[int, int]] = None  # (A, B): profile steps A..B
@@ -145,7 +142,6 @@ class TrainConfig:
                num_val_batches=s["num_val_batches"], checkpoint_steps=s["checkpoint_steps"],
                outer=run.outer_config(), seed=s["seed"], eval_seed=s["eval_seed"],
                log_steps=s["log_steps"], jit_compile=run.jit_compile,
-               jit_readout=run.jit_readout,
                evaluation_method=s.get("evaluation_method", "auto"),
                keep_best=not s["train_on_val"],
                # .get: runs created before the setting existed lack it.
@@ -153,10 +149,16 @@ class TrainConfig:
 
 
 class Trainer:
-  """Meta-trains `learner` on episodes from `train_sampler`."""
+  """Meta-trains `learner` on episodes from `train_sampler`; validates on
+  `val_sampler`'s fixed tasks with `evaluator`, an `evaluation.Evaluator` of
+  the same learner and strategy (`run.Run.evaluator` builds a run's)."""
 
   def __init__(self, learner, config: TrainConfig, train_sampler, val_sampler=None,
-               strategy=None):
+               strategy=None, evaluator=None):
+    if val_sampler is not None and evaluator is None:
+      raise ValueError("validation needs the learner's evaluator (run.Run.evaluator)")
+    if evaluator is not None and evaluator.learner is not learner:
+      raise ValueError("the evaluator scores another learner than the one trained")
     self.learner = learner
     self.config = config
     self.train_sampler = train_sampler
@@ -186,9 +188,7 @@ class Trainer:
     # A non-chief worker of multi_worker saves (every worker must) into a
     # private scratch directory that is removed after each save.
     self._scratch = (None if self.is_chief else self.files.worker_scratch(self.worker_index))
-    self.evaluator = evaluation.Evaluator(learner, self.strategy,
-                                          jit_compile=config.jit_compile,
-                                          jit_readout=config.jit_readout)
+    self.evaluator = evaluator
     compute = lambda episode, seed: learner.loss_and_gradients(episode, seed=seed)
 
     def build_step(jit):
@@ -244,7 +244,7 @@ class Trainer:
     if self.is_chief:
       self.manager.save(checkpoint_number=step)
     else:
-      self.checkpoint.write(os.path.join(self._scratch, layout.CHECKPOINT_NAME))
+      self.checkpoint.write(self.files.worker_checkpoint(self.worker_index))
       shutil.rmtree(self._scratch, ignore_errors=True)
 
   def restore(self):
