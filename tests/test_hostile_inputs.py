@@ -296,3 +296,56 @@ def test_zip_sources_check_members_before_reading_and_read_the_same_bytes(tmp_pa
   record = image_sources.ImageRecord("cls", "c.png", str(image_fifo), ("file", str(image_fifo)))
   with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
     record.read_bytes()
+
+
+# -- 5. the served model's image signature: pixels checked in the graph ---------------
+
+def _encoded(fmt, width, height):
+  import io
+  import numpy as np
+  from PIL import Image
+  buffer = io.BytesIO()
+  pixels = np.arange(width * height, dtype=np.uint8).reshape(height, width)
+  Image.fromarray(pixels).convert("RGB").save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def test_graph_pixel_check_reads_each_formats_header_and_refuses_above_the_cap():
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.data import images
+  from tests.test_safeio import png_claiming
+  decode = images.decode_encoded   # eager: the same ops, without a trace per case
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = 169000000 "
+                     r"pixels, more than the cap of 16,777,216 pixels; refused before decoding"):
+    decode(tf.constant(png_claiming(13000, 13000)), 8, 1, 4096 * 4096)
+  for fmt in ("PNG", "JPEG", "GIF", "BMP"):
+    encoded = tf.constant(_encoded(fmt, 20, 30))
+    assert [int(v) for v in images.encoded_size(encoded)] == [20, 30], fmt
+    np.testing.assert_array_equal(decode(encoded, 8, 1, 600), decode(encoded, 8, 1, None))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="20x30 = 600 pixels"):
+      decode(encoded, 8, 1, 599)
+  assert [int(v) for v in images.encoded_size(tf.constant(b"GI"))] == [0, 0]   # short
+
+
+def test_exported_image_signature_refuses_a_huge_png_header_before_decoding(monkeypatch):
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.models import backbones, registry
+  from leo_suite.serving import export, support as support_lib
+  from tests import learner_checks
+  from tests.test_safeio import png_claiming
+  backbone = backbones.build_backbone("conv4", 28, 1)
+  dim = int(backbone.output_shape[-1])
+  config = registry.spec("protonet").config_class(**learner_checks.SMALL_CONFIGS["protonet"])
+  learner = registry.build("protonet", config, 2, dim, "float32")
+  rows = np.random.default_rng(0).standard_normal([2, 1, dim]).astype(np.float32)
+  support = support_lib.SupportSet(("a", "b"), rows, "test")
+  description = {"image_size": 28, "channels": 1, "invert": True, "feature_dim": dim}
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "1000")
+  module = export.AdaptedClassifier(learner, support, backbone, description)
+  ok = module.predict_images(tf.constant([_encoded("PNG", 28, 28)] * 2))
+  assert ok["probabilities"].shape == (2, 2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = "
+                     "169000000 pixels, more than the cap of 1,000 pixels"):
+    module.predict_images(tf.constant([png_claiming(13000, 13000)]))

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import safe_decode
+from leo_suite import safeio
 from leo_suite.data.image_sources import close_archives
 from leo_suite.data.image_sources import ImageRecord
 
@@ -50,7 +51,66 @@ def _luma(rgb):
   return tf.cast(tf.bitwise.right_shift(y, 16), tf.uint8)
 
 
-def decode_encoded(encoded, image_size: int, channels: int):
+_HEADER_BYTES = 32   # enough for the size fields of PNG, GIF and BMP headers
+
+
+def _header_number(header, start: int, size: int, big_endian: bool):
+  """The unsigned integer of bytes header[start:start + size] (int64)."""
+  digits = header[start:start + size]
+  digits = digits[::-1] if big_endian else digits
+  return tf.reduce_sum(digits * tf.constant([256**i for i in range(size)], tf.int64))
+
+
+def encoded_size(encoded):
+  """(width, height) int64 that an encoded image's header claims, without decoding.
+
+  JPEG: `tf.io.extract_jpeg_shape`; PNG: the IHDR's big-endian width and height
+  (bytes 16-24); GIF: the logical screen (bytes 6-10); BMP: the DIB header
+  (bytes 18-26). Other formats (WebP) and short headers give (0, 0).
+  """
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  head = tf.strings.substr(encoded, 0, _HEADER_BYTES)
+  padded = tf.strings.substr(tf.strings.join([head, b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
+  header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+
+  def starts(magic: bytes):
+    return tf.reduce_all(tf.equal(header[:len(magic)], list(magic)))
+
+  def other_formats():
+    png = starts(b"\x89PNG\r\n\x1a\n")
+    gif = starts(b"GIF8")
+    bmp = starts(b"BM")
+    signed = _header_number(header, 22, 4, False)   # a top-down BMP's height is negative
+    sizes = [(png, _header_number(header, 16, 4, True), _header_number(header, 20, 4, True)),
+             (gif, _header_number(header, 6, 2, False), _header_number(header, 8, 2, False)),
+             (bmp, _header_number(header, 18, 4, False),
+              tf.where(signed >= 2**31, 2**32 - signed, signed))]
+    width = height = tf.constant(0, tf.int64)
+    for found, w, h in sizes:
+      width, height = tf.where(found, w, width), tf.where(found, h, height)
+    return width, height
+
+  def jpeg():
+    shape = tf.cast(tf.io.extract_jpeg_shape(encoded), tf.int64)
+    return shape[1], shape[0]
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other_formats)
+
+
+def check_encoded_pixels(encoded, max_pixels: int):
+  """An assert op: width * height from the header <= `max_pixels` (else InvalidArgumentError).
+
+  The cap of `safe_decode`'s checks ($LEO_SUITE_MAX_IMAGE_PIXELS), checked in
+  the graph before decoding, so a served model refuses a decompression bomb.
+  """
+  width, height = encoded_size(encoded)
+  pixels = width * height
+  return tf.debugging.Assert(pixels <= max_pixels, [tf.strings.format(
+      "image of {}x{} = {} pixels, more than the cap of " + f"{max_pixels:,}" +
+      " pixels; refused before decoding (send a smaller image; the cap is "
+      f"{safeio.MAX_IMAGE_PIXELS_ENV} of the export)", [width, height, pixels])])
+
+
+def decode_encoded(encoded, image_size: int, channels: int, max_pixels: Optional[int] = None):
   """Encoded image (scalar string) -> uint8 [image_size, image_size, channels].
 
   The one preprocessing of pixels: extraction, pretraining and exported
@@ -60,9 +120,13 @@ def decode_encoded(encoded, image_size: int, channels: int):
   repetition; an image not already S x S is stretched to S x S with
   antialiased Lanczos-3 (`tf.image.resize`), rounded and clipped. TensorFlow
   ops only (it runs inside SavedModels); undecodable bytes raise
-  InvalidArgumentError.
+  InvalidArgumentError. With `max_pixels`, the header's width x height is
+  checked first (`check_encoded_pixels`).
   """
   encoded = tf.convert_to_tensor(encoded, tf.string)
+  if max_pixels is not None:
+    with tf.control_dependencies([check_encoded_pixels(encoded, max_pixels)]):
+      encoded = tf.identity(encoded)
   image = tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE"),

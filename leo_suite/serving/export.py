@@ -22,7 +22,9 @@ Signatures (all inputs float32 / string / int32, outputs float32 unless said):
                     [batch] (encoded PNG/JPEG/GIF/WebP/BMP strings, REST
                     {"b64": ...}), decoded, resized and embedded inside the graph
                     by the very functions extraction uses
-                    (`images.decode_encoded`, `image_views.embed`), with the backbone
+                    (`images.decode_encoded`, `image_views.embed`; an image whose
+                    header claims more than $LEO_SUITE_MAX_IMAGE_PIXELS at export
+                    time is refused before decoding), with the backbone
                     features as the extra output `embeddings` [batch, D];
                     `predict_embeddings` then keeps the embeddings input.
   classify          inputs [batch] serialized tf.Example with float feature
@@ -60,6 +62,7 @@ from typing import Optional
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import image_embedder
@@ -153,6 +156,7 @@ class AdaptedClassifier(tf.Module):
     self.backbone = backbone
     self.backbone_description = dict(backbone_description or {})
     self.crop = crop
+    self.max_pixels = safeio.max_image_pixels()   # checked in the graph before decoding
     d = self.dim
     self.predict_embeddings = tf.function(
         self._predict_embeddings,
@@ -239,7 +243,8 @@ class AdaptedClassifier(tf.Module):
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
     loaded = image_views.load_size(self.crop, size)
-    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels), images,
+    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels, self.max_pixels),
+                        images,
                         fn_output_signature=tf.TensorSpec([loaded, loaded, channels], tf.uint8))
     return image_views.embed(self.backbone, decoded, self.crop, size, bool(info.get("invert")))
 
