@@ -7,6 +7,7 @@ files are read only if regular and under the cap, images and archives are
 checked before they are decompressed. Each refusal is one `error:` line.
 """
 
+import io
 import os
 import socket
 import subprocess
@@ -349,3 +350,50 @@ def test_exported_image_signature_refuses_a_huge_png_header_before_decoding(monk
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = "
                      "169000000 pixels, more than the cap of 1,000 pixels"):
     module.predict_images(tf.constant([png_claiming(13000, 13000)]))
+
+
+# -- 6. split JSON, a run's config.json, the release archive: through safeio -----------
+
+def test_split_json_and_run_config_refuse_a_fifo_at_once(tmp_path):
+  from leo_suite import errors
+  from leo_suite.pretrain import class_splits
+  from leo_suite.training import run as run_lib
+  split = tmp_path / "split.json"
+  os.mkfifo(split)
+  with deadline(10), pytest.raises(errors.DataError, match=r"split\.json: is a FIFO"):
+    class_splits.load_split_spec(str(split))
+  with pytest.raises(errors.DataError, match="no such split file"):   # as before
+    class_splits.load_split_spec(str(tmp_path / "gone.json"))
+  (tmp_path / "run").mkdir()
+  os.mkfifo(tmp_path / "run" / "config.json")
+  with deadline(10), pytest.raises(errors.DataError, match=r"config\.json: is a FIFO"):
+    run_lib.Run.open(str(tmp_path / "run"))
+  (tmp_path / "run" / "config.json").unlink()
+  (tmp_path / "run" / "config.json").write_bytes(b"\xff{")
+  with pytest.raises(errors.ConfigError, match="cannot be read as a run configuration"):
+    run_lib.Run.open(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case", ["fifo", "encrypted", "control_name", "bomb"])
+def test_release_archive_is_a_regular_file_with_checked_members(tmp_path, case):
+  from leo_suite import errors
+  from leo_suite.data import release_archive
+  from tests.test_safeio import patch_member, zip_bytes
+  archive = tmp_path / "embeddings.zip"
+  name = "embeddings/miniImageNet/center/train_embeddings.pkl"
+  if case == "fifo":
+    os.mkfifo(archive)
+    expected = "is a FIFO"
+  elif case == "encrypted":
+    archive.write_bytes(patch_member(zip_bytes({name: b"x" * 100}), flag_bits=0x1))
+    expected = "train_embeddings.pkl' is encrypted"
+  elif case == "control_name":
+    archive.write_bytes(bytes(zip_bytes({"embeddings/mini\x1bImageNet/center/x": b"x"})))
+    expected = "contains control characters"
+  else:
+    archive.write_bytes(bytes(zip_bytes({name: b"\0" * 2**21})))
+    expected = "a compression bomb"
+  with deadline(10), pytest.raises(errors.DataError, match=expected) as refused:
+    release_archive.verify_archive(str(archive), stream=io.StringIO())
+  assert "\n" not in str(refused.value)
+  assert sorted(os.listdir(tmp_path)) == ["embeddings.zip"]

@@ -393,5 +393,5 @@ def export_classifier(run_dir: str, support: support_lib.SupportSet, export_base
 
 
 def read_export_info(export_dir: str) -> dict:
-  with open(os.path.join(export_dir, EXPORT_INFO)) as handle:
+  with safeio.open_regular(os.path.join(export_dir, EXPORT_INFO)) as handle:
     return json.load(handle)

@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite import progress as progress_lib
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.models import image_embedder
@@ -100,10 +101,10 @@ class Predictor:
     path = os.path.join(data_path, self.run.settings["dataset_name"],
                         self.run.settings["embedding_crop"], embeddings_lib.MANIFEST)
     try:
-      with open(path) as handle:
+      with safeio.open_regular(path) as handle:
         manifest = json.load(handle)
       return path, manifest if isinstance(manifest, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, errors.DataError):
       return path, None
 
   # -- images ------------------------------------------------------------------------
