@@ -350,6 +350,8 @@ def test_exported_image_signature_refuses_a_huge_png_header_before_decoding(monk
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = "
                      "169000000 pixels, more than the cap of 1,000 pixels"):
     module.predict_images(tf.constant([png_claiming(13000, 13000)]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="images is an empty batch"):
+    module.predict_images(tf.constant([], tf.string))
 
 
 # -- 6. split JSON, a run's config.json, the release archive: through safeio -----------
@@ -397,3 +399,141 @@ def test_release_archive_is_a_regular_file_with_checked_members(tmp_path, case):
     release_archive.verify_archive(str(archive), stream=io.StringIO())
   assert "\n" not in str(refused.value)
   assert sorted(os.listdir(tmp_path)) == ["embeddings.zip"]
+
+
+# -- 7. file names that are not UTF-8, encrypted members, messages ---------------------
+
+BAD_NAME = "bad\udcff.png"   # the bytes b"bad\xff.png" as os.listdir returns them
+
+
+def test_a_skipped_non_utf8_name_is_reported_printably_without_object_reprs(tmp_path):
+  from leo_suite.data import image_sources, images
+  path = os.path.join(str(tmp_path), BAD_NAME)
+  with open(os.fsencode(path), "wb") as handle:
+    handle.write(b"not an image")
+  (record,) = image_sources.scan_directory(str(tmp_path), unlabelled=True)
+  decoder = images.Decoder(images.DecodeOptions(8, skip_bad=True))
+  assert list(decoder.iterate([record])) == []
+  ((origin, reason),) = decoder.skipped
+  assert origin == path   # the record keeps the real name
+  assert reason.startswith(f"{tmp_path}/bad\\xff.png: unreadable or corrupt image (")
+  assert "object at 0x" not in reason and "--skip_bad_images" in reason
+  reason.encode("utf-8")   # printable under a strict UTF-8 locale
+
+
+def test_predict_and_export_advise_no_flag_they_lack(monkeypatch):
+  from leo_suite import errors
+  from leo_suite.data import images
+  from leo_suite.models import image_embedder
+  from leo_suite.serving import export, sets
+  with pytest.raises(errors.DataError) as refused:
+    images.decode_image(b"junk", "q.png", images.DecodeOptions(8, tool_flags=False))
+  message = str(refused.value)
+  assert message.endswith("replace or remove it") and "--" not in message, message
+  assert "object at 0x" not in message and "q.png" in message
+  made = []
+
+  class Recorder:
+    def __init__(self, *args, **kwargs):
+      made.append(kwargs)
+  monkeypatch.setattr(image_embedder, "ImageEmbedder", Recorder)
+  monkeypatch.setattr(sets, "load_set", lambda *args: pytest.skip("not reached"))
+  with pytest.raises(BaseException):
+    export.load_support("support", "backbone_dir")
+  assert made == [{"tool_flags": False}]
+
+
+def test_predict_writes_non_utf8_names_losslessly_whatever_the_locale(tmp_path):
+  import json
+  import numpy as np
+  from leo_suite.serving import predict
+  result = predict.TaskResult(None, "s", "q", ("a", "b"), 1, (BAD_NAME, "ok.png"), (None, "a"),
+                              np.array([[0.9, 0.1], [0.2, 0.8]], np.float32))
+  out = tmp_path / "p.json"
+  predict.write_output(str(out), [result], {})
+  files = [p["file"] for p in json.loads(out.read_bytes())["tasks"][0]["predictions"]]
+  assert [os.fsencode(f) for f in files] == [b"bad\xff.png", b"ok.png"]
+  predict.write_output(str(tmp_path / "p.csv"), [result], {})
+  assert b"\n,bad\xff.png," in (tmp_path / "p.csv").read_bytes()
+  raw = io.BytesIO()
+  strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+  predict.write_stdout([result], strict)
+  assert raw.getvalue() == (tmp_path / "p.csv").read_bytes()
+
+
+def test_encrypted_members_and_a_non_utf8_csv_are_one_line_refusals(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import image_sources
+  from leo_suite.serving import sets
+  from tests.test_safeio import patch_member, zip_bytes
+  encrypted = tmp_path / "query.zip"
+  encrypted.write_bytes(patch_member(zip_bytes({"q/a.png": b"x" * 50}), flag_bits=0x1))
+
+  def embed(records, origin):
+    raise AssertionError("nothing may be decoded")
+  with pytest.raises(errors.DataError, match=r"query\.zip: member 'q/a\.png' is encrypted"):
+    sets.load_set(str(encrypted), "query", embed)
+  (tmp_path / "mini" / "images").mkdir(parents=True)
+  (tmp_path / "mini" / "train.csv").write_bytes(b"filename,label\nx\xff.jpg,n01\n")
+  with pytest.raises(errors.DataError, match=r"train\.csv: not UTF-8 text \(byte 16\); save "
+                     "it as a UTF-8 CSV"):
+    image_sources.scan_csv_splits(str(tmp_path / "mini"))
+
+
+def test_an_error_line_is_capped_and_says_how_much_was_cut(capsys):
+  from leo_suite import console, errors
+
+  def main(argv):
+    raise errors.DataError("missing: " + ", ".join(f"class_{i:05d}" for i in range(10000)))
+  with pytest.raises(SystemExit) as exited:
+    console.guarded(main)([])
+  err = capsys.readouterr().err
+  assert exited.value.code == 2 and err.count("\n") == 1 and len(err) < 2100
+  assert err.startswith("error: missing: class_00000, ") and " more characters)" in err
+  from leo_suite import safeio
+  assert safeio.listed(range(7), 2) == "'0', '1' ... and 5 more"
+
+
+def test_support_classes_are_counted_before_any_image_is_embedded(tmp_path):
+  from leo_suite import errors
+  from leo_suite.serving import sets
+  for name in ("dog", "owl"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "0.png").write_bytes(b"never decoded")
+
+  def embed(records, origin):
+    raise AssertionError("nothing may be embedded")
+  with pytest.raises(errors.DataError, match=r"the support set has 2 classes \('dog', "
+                     r"'owl'\) but runs/x is 3-way; give exactly 3 classes"):
+    sets.load_set(str(tmp_path), "support", embed, num_ways=3, learner="runs/x")
+
+
+def test_predict_refuses_an_output_that_is_an_input_before_any_work(tmp_path):
+  from leo_suite import errors
+  from leo_suite.serving import predict
+  query = tmp_path / "query.csv"
+  query.write_text("file,label\n")
+  (tmp_path / "link.csv").symlink_to(query)
+  for output in (str(query), str(tmp_path / "link.csv"), f"{tmp_path}/./query.csv"):
+    with pytest.raises(errors.ConfigError, match=r"--output=.* is the query set .*choose "
+                       "another --output"):
+      predict.plan("run_never_opened", "support", str(query), None, output)
+  assert predict.plan("run", "s", str(query), None, str(tmp_path / "p.csv"))
+
+
+def test_served_embeddings_refuse_empty_batches_and_denormal_values():
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.serving import rest, support
+  check = tf.function(lambda x: support.checked_embeddings(x, "embeddings"))
+  np.testing.assert_array_equal(check(tf.constant([[1e-30, 0.0, 2.0]])),
+                                np.float32([[1e-30, 0.0, 2.0]]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="embeddings is an empty batch"):
+    check(tf.zeros([0, 3]))
+  tiny = np.float32(1e-40)
+  assert 0 < tiny < np.finfo(np.float32).tiny   # a denormal float32
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"embeddings holds a denormal "
+                     r"\(subnormal\) value.*First such row:.*\b1\b"):
+    check(tf.constant([[1.0, 1.0, 1.0], [1.0, tiny, 1.0]]))
+  with pytest.raises(rest.RequestError, match="'images' is an empty batch"):
+    rest._as_array("images", [], tf.TensorSpec([None], tf.string))  # pylint: disable=protected-access

@@ -42,6 +42,7 @@ class DecodeOptions:
   expected_size: Optional[Tuple[int, int]] = None  # (width, height), None = any
   allowed_modes: Tuple[str, ...] = DEFAULT_MODES
   skip_bad: bool = False
+  tool_flags: bool = True   # errors advise --skip_bad_images / --allowed_modes (extraction's)
 
 
 def _luma(rgb):
@@ -153,15 +154,15 @@ def decode_encoded(encoded, image_size: int, channels: int, max_pixels: Optional
 _decode_encoded = tf.function(decode_encoded)
 
 
-def _corrupt(origin, exc):
-  """The DataError for an image that cannot be decoded."""
-  text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  return errors.DataError(
-      f"{origin}: unreadable or corrupt image ({type(exc).__name__}: {text}); "
-      "replace it, or pass --skip_bad_images to skip and report it")
+def _corrupt(shown, exc, options: DecodeOptions):
+  """The DataError for an image that cannot be decoded (`shown`: its printable name)."""
+  advice = ("replace it, or pass --skip_bad_images to skip and report it"
+            if options.tool_flags else "replace or remove it")
+  return errors.DataError(f"{shown}: unreadable or corrupt image "
+                          f"({safeio.exception_text(exc, shown)}); {advice}")
 
 
-def _open_checked(payload: bytes, origin: str, options: DecodeOptions):
+def _open_checked(payload: bytes, shown: str, options: DecodeOptions):
   """The PIL image, fully read; DataError if corrupt, too large, or of another mode/size.
 
   Its width x height is checked from the header before any pixel is decoded
@@ -174,20 +175,20 @@ def _open_checked(payload: bytes, origin: str, options: DecodeOptions):
   except Image.DecompressionBombError:
     image = None   # refused just below, naming the cap
   except (OSError, SyntaxError, ValueError) as exc:
-    raise _corrupt(origin, exc) from None
-  safe_decode.check_image_header(payload, origin)
+    raise _corrupt(shown, exc, options) from None
+  safe_decode.check_image_header(payload, shown)
   try:
     image.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-    raise _corrupt(origin, exc) from None
+    raise _corrupt(shown, exc, options) from None
   if image.mode not in options.allowed_modes:
     raise errors.DataError(
-        f"{origin}: unexpected image mode {image.mode!r}; allowed modes are "
-        f"{list(options.allowed_modes)} (convert the image or pass "
-        "--allowed_modes)")
+        f"{shown}: unexpected image mode {image.mode!r}; allowed modes are "
+        f"{list(options.allowed_modes)} (convert the image"
+        f"{' or pass --allowed_modes' if options.tool_flags else ''})")
   if options.expected_size and tuple(image.size) != tuple(options.expected_size):
     raise errors.DataError(
-        f"{origin}: image is {image.size[0]}x{image.size[1]}, expected "
+        f"{shown}: image is {image.size[0]}x{image.size[1]}, expected "
         f"{options.expected_size[0]}x{options.expected_size[1]} (pass "
         "--expected_size=any to accept and resize every size)")
   return image
@@ -213,7 +214,8 @@ def decode_image(payload: bytes, origin: str, options: DecodeOptions) -> np.ndar
   the same file sees the same pixels. Other files (TIFF, PPM/PGM, palette
   or 16-bit BMP, CMYK JPEG, ...) are first converted to PNG by PIL.
   """
-  image = _open_checked(payload, origin, options)
+  shown = safeio.display_name(origin, 400)   # printable whatever the name's bytes
+  image = _open_checked(payload, shown, options)
   modes = _TF_FORMATS.get(image.format, ())
 
   def decode(encoded):   # a tensor, not bytes: one trace per size, not per image
@@ -227,7 +229,7 @@ def decode_image(payload: bytes, origin: str, options: DecodeOptions) -> np.ndar
         pass  # a variant TensorFlow does not read: as PNG below
     return decode(_as_png(image))
   except (tf.errors.InvalidArgumentError, OSError, ValueError) as exc:
-    raise _corrupt(origin, exc) from None
+    raise _corrupt(shown, exc, options) from None
 
 
 class Decoder:

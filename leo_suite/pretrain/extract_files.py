@@ -90,7 +90,7 @@ def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out
   feats, kept, skipped = embedder.embed_records(records, f"{dataset_name}/{crop}/{ALL}")
   elapsed = time.time() - started
   for origin, reason in skipped:
-    log(f"skipped {origin}: {reason}")
+    log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
   header = extract.manifest_header(
       dataset_name, crop, fmt, extract.backbone_entry(backbone_dir, embedder.description),
       sources, "", {})
