@@ -537,3 +537,13 @@ def test_served_embeddings_refuse_empty_batches_and_denormal_values():
     check(tf.constant([[1.0, 1.0, 1.0], [1.0, tiny, 1.0]]))
   with pytest.raises(rest.RequestError, match="'images' is an empty batch"):
     rest._as_array("images", [], tf.TensorSpec([None], tf.string))  # pylint: disable=protected-access
+
+
+def test_a_tool_prints_a_non_utf8_name_under_a_strict_utf8_locale():
+  """console.run (every tool's entry): stdout escapes what it cannot encode."""
+  code = ("from leo_suite import console\n"
+          "console.run(lambda argv: print('wrote ' + 'bad\\udcff.png'))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                        env=dict(os.environ, PYTHONPATH=REPO_ROOT,
+                                 PYTHONIOENCODING="utf-8:strict"), check=False)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"wrote bad\\udcff.png\n", b"")
