@@ -547,3 +547,36 @@ def test_a_tool_prints_a_non_utf8_name_under_a_strict_utf8_locale():
                         env=dict(os.environ, PYTHONPATH=REPO_ROOT,
                                  PYTHONIOENCODING="utf-8:strict"), check=False)
   assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"wrote bad\\udcff.png\n", b"")
+
+
+# -- 8. split files of two extractions are not mixed -----------------------------------
+
+def test_a_split_file_other_than_the_manifests_is_refused_as_a_mix(tmp_path):
+  import hashlib
+  import json
+  import numpy as np
+  from leo_suite import errors
+  from leo_suite.data import embedding_keys, embeddings
+  folder = tmp_path / "ds" / "center"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  entries = {}
+  for split, classes in (("train", "ab"), ("val", "cd")):
+    keys = [embedding_keys.make_key(c, i) for c in classes for i in range(2)]
+    path = folder / f"{split}_embeddings.pkl"
+    embeddings.write_split(str(path), keys, rng.standard_normal((4, 3)))
+    entries[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+  (folder / "manifest.json").write_text(json.dumps({"splits": entries}))
+  for split in ("train", "val"):   # as extracted: loads
+    assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", split).num_classes == 2
+  keys = [embedding_keys.make_key(c, i) for c in "ab" for i in range(2)]   # re-extracted train
+  embeddings.write_split(str(folder / "train_embeddings.pkl"), keys, rng.standard_normal((4, 3)))
+  with pytest.raises(errors.DataError, match=r"train_embeddings\.pkl: not the file .*manifest\."
+                     r"json lists for train .* split files of two extractions are mixed"):
+    embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train")
+  assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", "val").num_classes == 2
+  (folder / "manifest.json").unlink()   # no manifest (the release): nothing to compare
+  assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train").num_classes == 2
+  os.mkfifo(folder / "manifest.json")
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train")
