@@ -53,7 +53,7 @@ def refuse(error, text):
 
 
 def listed(items, limit: int = 5) -> str:
-  """The first `limit` of `items` quoted, then '... and N more' (a message never lists thousands)."""
+  """The first `limit` of `items` quoted, then '... and N more' (never thousands)."""
   items = list(items)
   shown = ", ".join(quoted(item, 80) for item in items[:limit])
   return shown + (f" ... and {len(items) - limit:,} more" if len(items) > limit else "")

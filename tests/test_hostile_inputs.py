@@ -536,7 +536,8 @@ def test_served_embeddings_refuse_empty_batches_and_denormal_values():
                      r"\(subnormal\) value.*First such row:.*\b1\b"):
     check(tf.constant([[1.0, 1.0, 1.0], [1.0, tiny, 1.0]]))
   with pytest.raises(rest.RequestError, match="'images' is an empty batch"):
-    rest._as_array("images", [], tf.TensorSpec([None], tf.string))  # pylint: disable=protected-access
+    rest._as_array(  # pylint: disable=protected-access
+        "images", [], tf.TensorSpec([None], tf.string))
 
 
 def test_a_tool_prints_a_non_utf8_name_under_a_strict_utf8_locale():
