@@ -503,8 +503,8 @@ def test_support_classes_are_counted_before_any_image_is_embedded(tmp_path):
 
   def embed(records, origin):
     raise AssertionError("nothing may be embedded")
-  with pytest.raises(errors.DataError, match=r"the support set has 2 classes \('dog', "
-                     r"'owl'\) but runs/x is 3-way; give exactly 3 classes"):
+  with pytest.raises(errors.DataError, match=r"the support set has 2 classes but runs/x is "
+                     r"3-way; give exactly 3 classes \(given: 'dog', 'owl'\)$"):
     sets.load_set(str(tmp_path), "support", embed, num_ways=3, learner="runs/x")
 
 

@@ -75,9 +75,9 @@ def check_ways(class_names, num_ways: int, origin: str, learner: str = "the lear
   """Refuses a support set whose number of classes is not the learner's N."""
   if len(class_names) != num_ways:
     raise errors.DataError(
-        f"{origin}: the support set has {len(class_names)} classes "
-        f"({safeio.listed(sorted(class_names))}) but {learner} is {num_ways}-way; give "
-        f"exactly {num_ways} classes")
+        f"{origin}: the support set has {len(class_names)} classes but {learner} is "
+        f"{num_ways}-way; give exactly {num_ways} classes (given: "
+        f"{safeio.listed(sorted(class_names))})")
 
 
 def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
