@@ -581,3 +581,24 @@ def test_a_split_file_other_than_the_manifests_is_refused_as_a_mix(tmp_path):
   os.mkfifo(folder / "manifest.json")
   with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
     embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train")
+
+
+@pytest.mark.slow   # a scripts/export_classifier.py subprocess (TensorFlow start-up)
+def test_export_names_what_was_written_and_advises_no_rerun(tmp_path):
+  import numpy as np
+  from leo_suite.data import embedding_keys, embeddings
+  from tests import test_serving as serving
+  serving.make_run(tmp_path / "run", "protonet", steps=1)
+  keys = [embedding_keys.make_key(c, i) for c in serving.CLASS_NAMES for i in range(serving.K)]
+  embeddings.write_split(str(tmp_path / "support.npz"), keys,
+                         np.random.default_rng(0).standard_normal([len(keys), serving.D]))
+  (tmp_path / "a_file").write_text("")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "export_classifier.py"),
+       f"--checkpoint_path={tmp_path / 'run'}", f"--support={tmp_path / 'support.npz'}",
+       f"--export_base={tmp_path / 'a_file' / 'serving'}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"), check=False)
+  assert_one_line_refusal(proc, "a_file/serving", "Not a directory",
+                          "No version was written (a version appears only when complete).")
+  assert "rerun" not in proc.stderr
