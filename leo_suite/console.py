@@ -80,6 +80,15 @@ DEFAULT_WHERE = "the output directory"
 DEFAULT_RECOVERY = ("Files already completed are intact (every file is written atomically); "
                     "rerun the same command to complete.")
 DEFAULT_INTERRUPTED = "interrupted; completed files are intact, rerun to resume"
+MAX_ERROR_CHARS = 2000   # an error line is never a screenful (a long list is cut)
+
+
+def capped(message, limit: int = MAX_ERROR_CHARS) -> str:
+  """`message` as one line of at most `limit` characters, saying how much was cut."""
+  text = " ".join(str(message).split())
+  if len(text) <= limit:
+    return text
+  return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
 
 
 def guarded(main, where=DEFAULT_WHERE, recovery=DEFAULT_RECOVERY,
@@ -97,7 +106,7 @@ def guarded(main, where=DEFAULT_WHERE, recovery=DEFAULT_RECOVERY,
     try:
       return main(argv)
     except errors.UserError as exc:
-      print(f"error: {exc}", file=sys.stderr)
+      print(f"error: {capped(exc)}", file=sys.stderr)
       sys.exit(2)
     except Exception as exc:  # pylint: disable=broad-except
       if not (isinstance(exc, OSError) or _is_tf_error(exc)):
@@ -105,7 +114,7 @@ def guarded(main, where=DEFAULT_WHERE, recovery=DEFAULT_RECOVERY,
       message = errors.environment_error(exc, _value(where), _value(recovery), location_flag)
       if message is None:
         raise
-      print(f"error: {message}", file=sys.stderr)
+      print(f"error: {capped(message)}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
       print(_value(interrupted), file=sys.stderr)
@@ -118,6 +127,8 @@ def run(main, **error_path):
   help, the tool prints it and exits 0 (absl's own exit code is 1)."""
   started = []
   guarded_main = guarded(main, **error_path)
+  if hasattr(sys.stdout, "reconfigure"):   # a non-UTF-8 file name never ends a tool
+    sys.stdout.reconfigure(errors="backslashreplace")
 
   def started_main(argv):
     started.append(True)

@@ -11,9 +11,11 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 from leo_suite import errors
+from leo_suite import safeio
 
 _TMP_MARK = ".tmp-"
 
@@ -49,9 +51,10 @@ def atomic_write_text(path, text):
 
 
 def file_sha256(path) -> str:
-  """The sha256 hex digest of the file at `path`, read in 1 MiB blocks."""
+  """The sha256 hex digest of regular file `path` (safeio.open_regular: a FIFO is
+  refused, not waited on), read in 1 MiB blocks."""
   digest = hashlib.sha256()
-  with open(path, "rb") as handle:
+  with safeio.open_regular(path, max_bytes=sys.maxsize) as handle:
     for block in iter(lambda: handle.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()

@@ -17,7 +17,8 @@ import zlib
 from leo_suite import errors
 from leo_suite.safeio import (MAX_FILE_BYTES_ENV, MAX_IMAGE_PIXELS_ENV,
                               MAX_ZIP_RATIO_ENV, RATIO_MIN_BYTES, check_name, display_name,
-                              max_file_bytes, max_image_pixels, max_zip_ratio, one_line,
+                              exception_text, max_file_bytes, max_image_pixels, max_zip_ratio,
+                              one_line,
                               open_regular, quoted, read_bytes, read_capped, refuse)
 
 _ENCRYPTED = 0x1  # zip general-purpose flag bit
@@ -48,7 +49,8 @@ def open_image(data_or_file, what: str, max_pixels=None, error=errors.DataError)
   except Image.DecompressionBombError as exc:
     raise refuse(error, f"{what}: refused before decoding: {exc}") from None
   except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
-    raise refuse(error, f"{what}: not an image PIL can read ({one_line(exc, 200)})") from None
+    raise refuse(error, f"{what}: not an image PIL can read "
+                         f"({exception_text(exc, what)})") from None
   width, height = image.size
   if width * height > cap:
     image.close()

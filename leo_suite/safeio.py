@@ -17,6 +17,7 @@ characters that names the file as printable text whatever its bytes.
 import errno
 import io
 import os
+import re
 import stat
 
 from leo_suite import errors
@@ -38,6 +39,7 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"))
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_OBJECT_REPR = re.compile(r"<_?[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def one_line(text, limit: int = MAX_MESSAGE) -> str:
@@ -48,6 +50,21 @@ def one_line(text, limit: int = MAX_MESSAGE) -> str:
 
 def refuse(error, text):
   return error(one_line(text))
+
+
+def listed(items, limit: int = 5) -> str:
+  """The first `limit` of `items` quoted, then '... and N more' (never thousands)."""
+  items = list(items)
+  shown = ", ".join(quoted(item, 80) for item in items[:limit])
+  return shown + (f" ... and {len(items) - limit:,} more" if len(items) > limit else "")
+
+
+def exception_text(exc, source=None, limit: int = MAX_DISPLAY) -> str:
+  """`exc` as one short line, a file object's repr (`<_io.BytesIO object at 0x...>`)
+  replaced by `source`'s name: messages name files, not Python objects."""
+  name = display_name(source, 80) if source is not None else "the data"
+  text = _OBJECT_REPR.sub(lambda _: name, str(exc))
+  return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, limit)
 
 
 def display_name(value, limit: int = MAX_DISPLAY) -> str:

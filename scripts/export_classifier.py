@@ -70,7 +70,8 @@ def main(argv):
     run = export.restore_learner(opened)
   # Every support form of scripts/predict.py (leo_suite.serving.sets.load_set).
   support, backbone, description = export.load_support(
-      FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots, crop=export.run_crop(run.run))
+      FLAGS.support, FLAGS.backbone_dir, FLAGS.num_shots, crop=export.run_crop(run.run),
+      num_ways=run.learner.num_ways)   # checked before any image is embedded
   result = export.export_classifier(
       FLAGS.checkpoint_path, support, FLAGS.export_base, FLAGS.model_name or None,
       FLAGS.version, backbone, description, restored=run, private=FLAGS.private)
@@ -85,5 +86,7 @@ def main(argv):
         print(f"{key}: {value:.1f}")
 
 
-if __name__ == "__main__":
-  console.run(main)
+if __name__ == "__main__":   # no message advises a rerun: a rerun fixes none of these
+  console.run(main, where=lambda: FLAGS.export_base, location_flag="--export_base",
+              recovery="No version was written (a version appears only when complete).",
+              interrupted="interrupted; no version was written")

@@ -61,7 +61,7 @@ def main(argv):
   if FLAGS.output:
     predict.write_output(FLAGS.output, results, predictor.description())
   else:
-    sys.stdout.write(predict.as_csv(results))
+    predict.write_stdout(results)
   for line in predict.report_lines(results):
     print(line, file=report)
   if FLAGS.output:
@@ -70,4 +70,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  console.run(main)
+  console.run(main, where=lambda: FLAGS.output, location_flag="--output",
+              recovery="No output was written (it is written whole, at the end).",
+              interrupted="interrupted; no output was written")

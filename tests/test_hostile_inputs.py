@@ -7,6 +7,7 @@ files are read only if regular and under the cap, images and archives are
 checked before they are decompressed. Each refusal is one `error:` line.
 """
 
+import io
 import os
 import socket
 import subprocess
@@ -296,3 +297,308 @@ def test_zip_sources_check_members_before_reading_and_read_the_same_bytes(tmp_pa
   record = image_sources.ImageRecord("cls", "c.png", str(image_fifo), ("file", str(image_fifo)))
   with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
     record.read_bytes()
+
+
+# -- 5. the served model's image signature: pixels checked in the graph ---------------
+
+def _encoded(fmt, width, height):
+  import io
+  import numpy as np
+  from PIL import Image
+  buffer = io.BytesIO()
+  pixels = np.arange(width * height, dtype=np.uint8).reshape(height, width)
+  Image.fromarray(pixels).convert("RGB").save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def test_graph_pixel_check_reads_each_formats_header_and_refuses_above_the_cap():
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.data import images
+  from tests.test_safeio import png_claiming
+  decode = images.decode_encoded   # eager: the same ops, without a trace per case
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = 169000000 "
+                     r"pixels, more than the cap of 16,777,216 pixels; refused before decoding"):
+    decode(tf.constant(png_claiming(13000, 13000)), 8, 1, 4096 * 4096)
+  for fmt in ("PNG", "JPEG", "GIF", "BMP"):
+    encoded = tf.constant(_encoded(fmt, 20, 30))
+    assert [int(v) for v in images.encoded_size(encoded)] == [20, 30], fmt
+    np.testing.assert_array_equal(decode(encoded, 8, 1, 600), decode(encoded, 8, 1, None))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="20x30 = 600 pixels"):
+      decode(encoded, 8, 1, 599)
+  assert [int(v) for v in images.encoded_size(tf.constant(b"GI"))] == [0, 0]   # short
+
+
+def test_exported_image_signature_refuses_a_huge_png_header_before_decoding(monkeypatch):
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.models import backbones, registry
+  from leo_suite.serving import export, support as support_lib
+  from tests import learner_checks
+  from tests.test_safeio import png_claiming
+  backbone = backbones.build_backbone("conv4", 28, 1)
+  dim = int(backbone.output_shape[-1])
+  config = registry.spec("protonet").config_class(**learner_checks.SMALL_CONFIGS["protonet"])
+  learner = registry.build("protonet", config, 2, dim, "float32")
+  rows = np.random.default_rng(0).standard_normal([2, 1, dim]).astype(np.float32)
+  support = support_lib.SupportSet(("a", "b"), rows, "test")
+  description = {"image_size": 28, "channels": 1, "invert": True, "feature_dim": dim}
+  monkeypatch.setenv("LEO_SUITE_MAX_IMAGE_PIXELS", "1000")
+  module = export.AdaptedClassifier(learner, support, backbone, description)
+  ok = module.predict_images(tf.constant([_encoded("PNG", 28, 28)] * 2))
+  assert ok["probabilities"].shape == (2, 2)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 13000x13000 = "
+                     "169000000 pixels, more than the cap of 1,000 pixels"):
+    module.predict_images(tf.constant([png_claiming(13000, 13000)]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="images is an empty batch"):
+    module.predict_images(tf.constant([], tf.string))
+
+
+# -- 6. split JSON, a run's config.json, the release archive: through safeio -----------
+
+def test_split_json_and_run_config_refuse_a_fifo_at_once(tmp_path):
+  from leo_suite import errors
+  from leo_suite.pretrain import class_splits
+  from leo_suite.training import run as run_lib
+  split = tmp_path / "split.json"
+  os.mkfifo(split)
+  with deadline(10), pytest.raises(errors.DataError, match=r"split\.json: is a FIFO"):
+    class_splits.load_split_spec(str(split))
+  with pytest.raises(errors.DataError, match="no such split file"):   # as before
+    class_splits.load_split_spec(str(tmp_path / "gone.json"))
+  (tmp_path / "run").mkdir()
+  os.mkfifo(tmp_path / "run" / "config.json")
+  with deadline(10), pytest.raises(errors.DataError, match=r"config\.json: is a FIFO"):
+    run_lib.Run.open(str(tmp_path / "run"))
+  (tmp_path / "run" / "config.json").unlink()
+  (tmp_path / "run" / "config.json").write_bytes(b"\xff{")
+  with pytest.raises(errors.ConfigError, match="cannot be read as a run configuration"):
+    run_lib.Run.open(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("case", ["fifo", "encrypted", "control_name", "bomb"])
+def test_release_archive_is_a_regular_file_with_checked_members(tmp_path, case):
+  from leo_suite import errors
+  from leo_suite.data import release_archive
+  from tests.test_safeio import patch_member, zip_bytes
+  archive = tmp_path / "embeddings.zip"
+  name = "embeddings/miniImageNet/center/train_embeddings.pkl"
+  if case == "fifo":
+    os.mkfifo(archive)
+    expected = "is a FIFO"
+  elif case == "encrypted":
+    archive.write_bytes(patch_member(zip_bytes({name: b"x" * 100}), flag_bits=0x1))
+    expected = "train_embeddings.pkl' is encrypted"
+  elif case == "control_name":
+    archive.write_bytes(bytes(zip_bytes({"embeddings/mini\x1bImageNet/center/x": b"x"})))
+    expected = "contains control characters"
+  else:
+    archive.write_bytes(bytes(zip_bytes({name: b"\0" * 2**21})))
+    expected = "a compression bomb"
+  with deadline(10), pytest.raises(errors.DataError, match=expected) as refused:
+    release_archive.verify_archive(str(archive), stream=io.StringIO())
+  assert "\n" not in str(refused.value)
+  assert sorted(os.listdir(tmp_path)) == ["embeddings.zip"]
+
+
+# -- 7. file names that are not UTF-8, encrypted members, messages ---------------------
+
+BAD_NAME = "bad\udcff.png"   # the bytes b"bad\xff.png" as os.listdir returns them
+
+
+def test_a_skipped_non_utf8_name_is_reported_printably_without_object_reprs(tmp_path):
+  from leo_suite.data import image_sources, images
+  path = os.path.join(str(tmp_path), BAD_NAME)
+  with open(os.fsencode(path), "wb") as handle:
+    handle.write(b"not an image")
+  (record,) = image_sources.scan_directory(str(tmp_path), unlabelled=True)
+  decoder = images.Decoder(images.DecodeOptions(8, skip_bad=True))
+  assert list(decoder.iterate([record])) == []
+  ((origin, reason),) = decoder.skipped
+  assert origin == path   # the record keeps the real name
+  assert reason.startswith(f"{tmp_path}/bad\\xff.png: unreadable or corrupt image (")
+  assert "object at 0x" not in reason and "--skip_bad_images" in reason
+  reason.encode("utf-8")   # printable under a strict UTF-8 locale
+
+
+def test_predict_and_export_advise_no_flag_they_lack(monkeypatch):
+  from leo_suite import errors
+  from leo_suite.data import images
+  from leo_suite.models import image_embedder
+  from leo_suite.serving import export, sets
+  with pytest.raises(errors.DataError) as refused:
+    images.decode_image(b"junk", "q.png", images.DecodeOptions(8, tool_flags=False))
+  message = str(refused.value)
+  assert message.endswith("replace or remove it") and "--" not in message, message
+  assert "object at 0x" not in message and "q.png" in message
+  made = []
+
+  class Recorder:
+    def __init__(self, *args, **kwargs):
+      made.append(kwargs)
+  monkeypatch.setattr(image_embedder, "ImageEmbedder", Recorder)
+  monkeypatch.setattr(sets, "load_set", lambda *args: pytest.skip("not reached"))
+  with pytest.raises(BaseException):
+    export.load_support("support", "backbone_dir")
+  assert made == [{"tool_flags": False}]
+
+
+def test_predict_writes_non_utf8_names_losslessly_whatever_the_locale(tmp_path):
+  import json
+  import numpy as np
+  from leo_suite.serving import predict
+  result = predict.TaskResult(None, "s", "q", ("a", "b"), 1, (BAD_NAME, "ok.png"), (None, "a"),
+                              np.array([[0.9, 0.1], [0.2, 0.8]], np.float32))
+  out = tmp_path / "p.json"
+  predict.write_output(str(out), [result], {})
+  files = [p["file"] for p in json.loads(out.read_bytes())["tasks"][0]["predictions"]]
+  assert [os.fsencode(f) for f in files] == [b"bad\xff.png", b"ok.png"]
+  predict.write_output(str(tmp_path / "p.csv"), [result], {})
+  assert b"\n,bad\xff.png," in (tmp_path / "p.csv").read_bytes()
+  raw = io.BytesIO()
+  strict = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+  predict.write_stdout([result], strict)
+  assert raw.getvalue() == (tmp_path / "p.csv").read_bytes()
+
+
+def test_encrypted_members_and_a_non_utf8_csv_are_one_line_refusals(tmp_path):
+  from leo_suite import errors
+  from leo_suite.data import image_sources
+  from leo_suite.serving import sets
+  from tests.test_safeio import patch_member, zip_bytes
+  encrypted = tmp_path / "query.zip"
+  encrypted.write_bytes(patch_member(zip_bytes({"q/a.png": b"x" * 50}), flag_bits=0x1))
+
+  def embed(records, origin):
+    raise AssertionError("nothing may be decoded")
+  with pytest.raises(errors.DataError, match=r"query\.zip: member 'q/a\.png' is encrypted"):
+    sets.load_set(str(encrypted), "query", embed)
+  (tmp_path / "mini" / "images").mkdir(parents=True)
+  (tmp_path / "mini" / "train.csv").write_bytes(b"filename,label\nx\xff.jpg,n01\n")
+  with pytest.raises(errors.DataError, match=r"train\.csv: not UTF-8 text \(byte 16\); save "
+                     "it as a UTF-8 CSV"):
+    image_sources.scan_csv_splits(str(tmp_path / "mini"))
+
+
+def test_an_error_line_is_capped_and_says_how_much_was_cut(capsys):
+  from leo_suite import console, errors
+
+  def main(argv):
+    raise errors.DataError("missing: " + ", ".join(f"class_{i:05d}" for i in range(10000)))
+  with pytest.raises(SystemExit) as exited:
+    console.guarded(main)([])
+  err = capsys.readouterr().err
+  assert exited.value.code == 2 and err.count("\n") == 1 and len(err) < 2100
+  assert err.startswith("error: missing: class_00000, ") and " more characters)" in err
+  from leo_suite import safeio
+  assert safeio.listed(range(7), 2) == "'0', '1' ... and 5 more"
+
+
+def test_support_classes_are_counted_before_any_image_is_embedded(tmp_path):
+  from leo_suite import errors
+  from leo_suite.serving import sets
+  for name in ("dog", "owl"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "0.png").write_bytes(b"never decoded")
+
+  def embed(records, origin):
+    raise AssertionError("nothing may be embedded")
+  with pytest.raises(errors.DataError, match=r"the support set has 2 classes but runs/x is "
+                     r"3-way; give exactly 3 classes \(given: 'dog', 'owl'\)$"):
+    sets.load_set(str(tmp_path), "support", embed, num_ways=3, learner="runs/x")
+
+
+def test_predict_refuses_an_output_that_is_an_input_before_any_work(tmp_path):
+  from leo_suite import errors
+  from leo_suite.serving import predict
+  query = tmp_path / "query.csv"
+  query.write_text("file,label\n")
+  (tmp_path / "link.csv").symlink_to(query)
+  for output in (str(query), str(tmp_path / "link.csv"), f"{tmp_path}/./query.csv"):
+    with pytest.raises(errors.ConfigError, match=r"--output=.* is the query set .*choose "
+                       "another --output"):
+      predict.plan("run_never_opened", "support", str(query), None, output)
+  assert predict.plan("run", "s", str(query), None, str(tmp_path / "p.csv"))
+
+
+def test_served_embeddings_refuse_empty_batches_and_denormal_values():
+  import numpy as np
+  import tensorflow as tf
+  from leo_suite.serving import rest, support
+  check = tf.function(lambda x: support.checked_embeddings(x, "embeddings"))
+  np.testing.assert_array_equal(check(tf.constant([[1e-30, 0.0, 2.0]])),
+                                np.float32([[1e-30, 0.0, 2.0]]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="embeddings is an empty batch"):
+    check(tf.zeros([0, 3]))
+  tiny = np.float32(1e-40)
+  assert 0 < tiny < np.finfo(np.float32).tiny   # a denormal float32
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"embeddings holds a denormal "
+                     r"\(subnormal\) value.*First such row:.*\b1\b"):
+    check(tf.constant([[1.0, 1.0, 1.0], [1.0, tiny, 1.0]]))
+  with pytest.raises(rest.RequestError, match="'images' is an empty batch"):
+    rest._as_array(  # pylint: disable=protected-access
+        "images", [], tf.TensorSpec([None], tf.string))
+
+
+def test_a_tool_prints_a_non_utf8_name_under_a_strict_utf8_locale():
+  """console.run (every tool's entry): stdout escapes what it cannot encode."""
+  code = ("from leo_suite import console\n"
+          "console.run(lambda argv: print('wrote ' + 'bad\\udcff.png'))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                        env=dict(os.environ, PYTHONPATH=REPO_ROOT,
+                                 PYTHONIOENCODING="utf-8:strict"), check=False)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"wrote bad\\udcff.png\n", b"")
+
+
+# -- 8. split files of two extractions are not mixed -----------------------------------
+
+def test_a_split_file_other_than_the_manifests_is_refused_as_a_mix(tmp_path):
+  import hashlib
+  import json
+  import numpy as np
+  from leo_suite import errors
+  from leo_suite.data import embedding_keys, embeddings
+  folder = tmp_path / "ds" / "center"
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  entries = {}
+  for split, classes in (("train", "ab"), ("val", "cd")):
+    keys = [embedding_keys.make_key(c, i) for c in classes for i in range(2)]
+    path = folder / f"{split}_embeddings.pkl"
+    embeddings.write_split(str(path), keys, rng.standard_normal((4, 3)))
+    entries[split] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+  (folder / "manifest.json").write_text(json.dumps({"splits": entries}))
+  for split in ("train", "val"):   # as extracted: loads
+    assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", split).num_classes == 2
+  keys = [embedding_keys.make_key(c, i) for c in "ab" for i in range(2)]   # re-extracted train
+  embeddings.write_split(str(folder / "train_embeddings.pkl"), keys, rng.standard_normal((4, 3)))
+  with pytest.raises(errors.DataError, match=r"train_embeddings\.pkl: not the file .*manifest\."
+                     r"json lists for train .* split files of two extractions are mixed"):
+    embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train")
+  assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", "val").num_classes == 2
+  (folder / "manifest.json").unlink()   # no manifest (the release): nothing to compare
+  assert embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train").num_classes == 2
+  os.mkfifo(folder / "manifest.json")
+  with deadline(10), pytest.raises(errors.DataError, match="FIFO"):
+    embeddings.load_dataset_split(str(tmp_path), "ds", "center", "train")
+
+
+@pytest.mark.slow   # a scripts/export_classifier.py subprocess (TensorFlow start-up)
+def test_export_names_what_was_written_and_advises_no_rerun(tmp_path):
+  import numpy as np
+  from leo_suite.data import embedding_keys, embeddings
+  from tests import test_serving as serving
+  serving.make_run(tmp_path / "run", "protonet", steps=1)
+  keys = [embedding_keys.make_key(c, i) for c in serving.CLASS_NAMES for i in range(serving.K)]
+  embeddings.write_split(str(tmp_path / "support.npz"), keys,
+                         np.random.default_rng(0).standard_normal([len(keys), serving.D]))
+  (tmp_path / "a_file").write_text("")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "export_classifier.py"),
+       f"--checkpoint_path={tmp_path / 'run'}", f"--support={tmp_path / 'support.npz'}",
+       f"--export_base={tmp_path / 'a_file' / 'serving'}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"), check=False)
+  assert_one_line_refusal(proc, "a_file/serving", "Not a directory",
+                          "No version was written (a version appears only when complete).")
+  assert "rerun" not in proc.stderr

@@ -17,6 +17,7 @@ the rows by class (`EmbeddingSplit`).
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import sys
@@ -303,7 +304,35 @@ def load_dataset_split(data_path: str, dataset_name: str, crop: str, split: str,
         f"{path}: no such file (nor {path[:-len(PICKLE_SUFFIX)] + NPZ_SUFFIX}); "
         f"embeddings for dataset {dataset_name!r}, crop {crop!r}, split "
         f"{split!r} are expected there. {hint}")
-  return load_split(path, max_bytes)
+  loaded = load_split(path, max_bytes)
+  check_listed(path, split, loaded.source[path])
+  return loaded
+
+
+def check_listed(path: str, split: str, sha256: str):
+  """Refuses a split file other than the one the extraction manifest beside it lists.
+
+  Extraction writes the split files one by one, then `MANIFEST` with each
+  file's sha256: a file whose sha256 differs comes from another extraction
+  (an interrupted one, or copied in), and mixing it with the others would
+  pair splits of two backbones or image sets. Without a manifest, or one not
+  listing this file (the release, a converted file), nothing is checked.
+  """
+  manifest = os.path.join(os.path.dirname(path), MANIFEST)
+  if not os.path.lexists(manifest):
+    return
+  with safeio.open_regular(manifest) as handle:   # a FIFO is refused, not read
+    try:
+      entry = json.load(handle)["splits"][split]
+      listed, expected = entry["file"], entry["sha256"]
+    except (ValueError, KeyError, TypeError):
+      return   # not an extraction manifest, or no entry for this split
+  if listed == os.path.basename(path) and expected != sha256:
+    raise errors.DataError(
+        f"{path}: not the file {manifest} lists for {split} (its sha256 is "
+        f"{str(sha256)[:12]}..., the manifest's {str(expected)[:12]}...): split files of two "
+        "extractions are mixed (one was interrupted, or files were copied in); extract "
+        "again into this folder, or move the files of one extraction elsewhere")
 
 
 def check_compatible(splits: Sequence[EmbeddingSplit]):

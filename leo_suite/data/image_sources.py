@@ -190,7 +190,11 @@ def scan_csv_splits(root: str):
       raise errors.DataError(
           f"{csv_path}: no such file; a miniImageNet root needs train.csv, "
           "val.csv and test.csv (filename,label) next to images/")
-    text = safeio.read_bytes(csv_path).decode("utf-8")   # a regular file: a FIFO is refused
+    try:   # a regular file: a FIFO is refused
+      text = safeio.read_bytes(csv_path).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+      raise errors.DataError(f"{safeio.display_name(csv_path)}: not UTF-8 text (byte "
+                             f"{exc.start}); save it as a UTF-8 CSV") from None
     rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
       raise errors.DataError(

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import safe_decode
+from leo_suite import safeio
 from leo_suite.data.image_sources import close_archives
 from leo_suite.data.image_sources import ImageRecord
 
@@ -41,6 +42,7 @@ class DecodeOptions:
   expected_size: Optional[Tuple[int, int]] = None  # (width, height), None = any
   allowed_modes: Tuple[str, ...] = DEFAULT_MODES
   skip_bad: bool = False
+  tool_flags: bool = True   # errors advise --skip_bad_images / --allowed_modes (extraction's)
 
 
 def _luma(rgb):
@@ -50,7 +52,66 @@ def _luma(rgb):
   return tf.cast(tf.bitwise.right_shift(y, 16), tf.uint8)
 
 
-def decode_encoded(encoded, image_size: int, channels: int):
+_HEADER_BYTES = 32   # enough for the size fields of PNG, GIF and BMP headers
+
+
+def _header_number(header, start: int, size: int, big_endian: bool):
+  """The unsigned integer of bytes header[start:start + size] (int64)."""
+  digits = header[start:start + size]
+  digits = digits[::-1] if big_endian else digits
+  return tf.reduce_sum(digits * tf.constant([256**i for i in range(size)], tf.int64))
+
+
+def encoded_size(encoded):
+  """(width, height) int64 that an encoded image's header claims, without decoding.
+
+  JPEG: `tf.io.extract_jpeg_shape`; PNG: the IHDR's big-endian width and height
+  (bytes 16-24); GIF: the logical screen (bytes 6-10); BMP: the DIB header
+  (bytes 18-26). Other formats (WebP) and short headers give (0, 0).
+  """
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  head = tf.strings.substr(encoded, 0, _HEADER_BYTES)
+  padded = tf.strings.substr(tf.strings.join([head, b"\0" * _HEADER_BYTES]), 0, _HEADER_BYTES)
+  header = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+
+  def starts(magic: bytes):
+    return tf.reduce_all(tf.equal(header[:len(magic)], list(magic)))
+
+  def other_formats():
+    png = starts(b"\x89PNG\r\n\x1a\n")
+    gif = starts(b"GIF8")
+    bmp = starts(b"BM")
+    signed = _header_number(header, 22, 4, False)   # a top-down BMP's height is negative
+    sizes = [(png, _header_number(header, 16, 4, True), _header_number(header, 20, 4, True)),
+             (gif, _header_number(header, 6, 2, False), _header_number(header, 8, 2, False)),
+             (bmp, _header_number(header, 18, 4, False),
+              tf.where(signed >= 2**31, 2**32 - signed, signed))]
+    width = height = tf.constant(0, tf.int64)
+    for found, w, h in sizes:
+      width, height = tf.where(found, w, width), tf.where(found, h, height)
+    return width, height
+
+  def jpeg():
+    shape = tf.cast(tf.io.extract_jpeg_shape(encoded), tf.int64)
+    return shape[1], shape[0]
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other_formats)
+
+
+def check_encoded_pixels(encoded, max_pixels: int):
+  """An assert op: width * height from the header <= `max_pixels` (else InvalidArgumentError).
+
+  The cap of `safe_decode`'s checks ($LEO_SUITE_MAX_IMAGE_PIXELS), checked in
+  the graph before decoding, so a served model refuses a decompression bomb.
+  """
+  width, height = encoded_size(encoded)
+  pixels = width * height
+  return tf.debugging.Assert(pixels <= max_pixels, [tf.strings.format(
+      "image of {}x{} = {} pixels, more than the cap of " + f"{max_pixels:,}" +
+      " pixels; refused before decoding (send a smaller image; the cap is "
+      f"{safeio.MAX_IMAGE_PIXELS_ENV} of the export)", [width, height, pixels])])
+
+
+def decode_encoded(encoded, image_size: int, channels: int, max_pixels: Optional[int] = None):
   """Encoded image (scalar string) -> uint8 [image_size, image_size, channels].
 
   The one preprocessing of pixels: extraction, pretraining and exported
@@ -60,9 +121,13 @@ def decode_encoded(encoded, image_size: int, channels: int):
   repetition; an image not already S x S is stretched to S x S with
   antialiased Lanczos-3 (`tf.image.resize`), rounded and clipped. TensorFlow
   ops only (it runs inside SavedModels); undecodable bytes raise
-  InvalidArgumentError.
+  InvalidArgumentError. With `max_pixels`, the header's width x height is
+  checked first (`check_encoded_pixels`).
   """
   encoded = tf.convert_to_tensor(encoded, tf.string)
+  if max_pixels is not None:
+    with tf.control_dependencies([check_encoded_pixels(encoded, max_pixels)]):
+      encoded = tf.identity(encoded)
   image = tf.cond(
       tf.io.is_jpeg(encoded),
       lambda: tf.io.decode_jpeg(encoded, channels=0, dct_method="INTEGER_ACCURATE"),
@@ -89,15 +154,15 @@ def decode_encoded(encoded, image_size: int, channels: int):
 _decode_encoded = tf.function(decode_encoded)
 
 
-def _corrupt(origin, exc):
-  """The DataError for an image that cannot be decoded."""
-  text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  return errors.DataError(
-      f"{origin}: unreadable or corrupt image ({type(exc).__name__}: {text}); "
-      "replace it, or pass --skip_bad_images to skip and report it")
+def _corrupt(shown, exc, options: DecodeOptions):
+  """The DataError for an image that cannot be decoded (`shown`: its printable name)."""
+  advice = ("replace it, or pass --skip_bad_images to skip and report it"
+            if options.tool_flags else "replace or remove it")
+  return errors.DataError(f"{shown}: unreadable or corrupt image "
+                          f"({safeio.exception_text(exc, shown)}); {advice}")
 
 
-def _open_checked(payload: bytes, origin: str, options: DecodeOptions):
+def _open_checked(payload: bytes, shown: str, options: DecodeOptions):
   """The PIL image, fully read; DataError if corrupt, too large, or of another mode/size.
 
   Its width x height is checked from the header before any pixel is decoded
@@ -110,20 +175,20 @@ def _open_checked(payload: bytes, origin: str, options: DecodeOptions):
   except Image.DecompressionBombError:
     image = None   # refused just below, naming the cap
   except (OSError, SyntaxError, ValueError) as exc:
-    raise _corrupt(origin, exc) from None
-  safe_decode.check_image_header(payload, origin)
+    raise _corrupt(shown, exc, options) from None
+  safe_decode.check_image_header(payload, shown)
   try:
     image.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-    raise _corrupt(origin, exc) from None
+    raise _corrupt(shown, exc, options) from None
   if image.mode not in options.allowed_modes:
     raise errors.DataError(
-        f"{origin}: unexpected image mode {image.mode!r}; allowed modes are "
-        f"{list(options.allowed_modes)} (convert the image or pass "
-        "--allowed_modes)")
+        f"{shown}: unexpected image mode {image.mode!r}; allowed modes are "
+        f"{list(options.allowed_modes)} (convert the image"
+        f"{' or pass --allowed_modes' if options.tool_flags else ''})")
   if options.expected_size and tuple(image.size) != tuple(options.expected_size):
     raise errors.DataError(
-        f"{origin}: image is {image.size[0]}x{image.size[1]}, expected "
+        f"{shown}: image is {image.size[0]}x{image.size[1]}, expected "
         f"{options.expected_size[0]}x{options.expected_size[1]} (pass "
         "--expected_size=any to accept and resize every size)")
   return image
@@ -149,7 +214,8 @@ def decode_image(payload: bytes, origin: str, options: DecodeOptions) -> np.ndar
   the same file sees the same pixels. Other files (TIFF, PPM/PGM, palette
   or 16-bit BMP, CMYK JPEG, ...) are first converted to PNG by PIL.
   """
-  image = _open_checked(payload, origin, options)
+  shown = safeio.display_name(origin, 400)   # printable whatever the name's bytes
+  image = _open_checked(payload, shown, options)
   modes = _TF_FORMATS.get(image.format, ())
 
   def decode(encoded):   # a tensor, not bytes: one trace per size, not per image
@@ -163,7 +229,7 @@ def decode_image(payload: bytes, origin: str, options: DecodeOptions) -> np.ndar
         pass  # a variant TensorFlow does not read: as PNG below
     return decode(_as_png(image))
   except (tf.errors.InvalidArgumentError, OSError, ValueError) as exc:
-    raise _corrupt(origin, exc) from None
+    raise _corrupt(shown, exc, options) from None
 
 
 class Decoder:

@@ -8,6 +8,7 @@ layout before a single byte is written; `unpack` moves each complete
 runs the whole job).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import zlib
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safe_decode
+from leo_suite import safeio
 from leo_suite.data.http_fetch import CHUNK_BYTES
 from leo_suite.data.http_fetch import describe_error
 from leo_suite.data.http_fetch import require_free_space
@@ -133,6 +136,20 @@ def _first_unreadable_member(zip_file):
   return None, None
 
 
+@contextlib.contextmanager
+def open_zip(archive):
+  """The ZipFile of `archive` if it is a regular file (safeio.open_regular), else DataError."""
+  with safeio.open_regular(archive, max_bytes=sys.maxsize) as handle:
+    try:
+      zip_file = zipfile.ZipFile(handle)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+      raise errors.DataError(
+          f"{safeio.display_name(archive)}: not a readable zip archive "
+          f"({describe_error(exc)}); the file is truncated or corrupt") from None
+    with zip_file:
+      yield zip_file
+
+
 def verify_archive(archive, sha256=None, stream=sys.stderr):
   """Checks `archive` before anything is unpacked.
 
@@ -151,13 +168,7 @@ def verify_archive(archive, sha256=None, stream=sys.stderr):
       raise errors.DataError(
           f"{archive}: sha256 is {actual}, expected {sha256}; the file is "
           "corrupt or not the expected release")
-  try:
-    zip_file = zipfile.ZipFile(archive)
-  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-    raise errors.DataError(
-        f"{archive}: not a readable zip archive ({describe_error(exc)}); the file "
-        "is truncated or corrupt") from None
-  with zip_file:
+  with open_zip(archive) as zip_file:
     infos = zip_file.infolist()
     for info in infos:  # security first: no member may escape, whatever else
       _check_member_path(archive, info.filename)
@@ -166,6 +177,8 @@ def verify_archive(archive, sha256=None, stream=sys.stderr):
             f"{archive}: member {info.filename!r} is a symbolic link; refusing "
             "to unpack an archive with links (they can point outside the "
             "destination)")
+      safe_decode.member_parts(info, safeio.display_name(archive))   # names, then sizes
+      safe_decode.check_zip_member(info, safeio.display_name(archive))
     layout, seen = {}, set()
     for info in infos:
       if info.filename in seen:
@@ -232,7 +245,7 @@ def unpack(archive, dest, layout, stream=sys.stderr):
   dest = os.path.abspath(dest)
   staging_parent = download_dir(dest)
   os.makedirs(staging_parent, exist_ok=True)
-  with zipfile.ZipFile(archive) as zip_file:
+  with open_zip(archive) as zip_file:
     needed = sum(zip_file.getinfo(name).file_size
                  for splits in layout.values() for name in splits.values())
     require_free_space(staging_parent, needed, "unpacking")

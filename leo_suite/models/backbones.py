@@ -36,6 +36,7 @@ import keras
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 
 BACKBONE_WEIGHTS = "backbone.weights.h5"
 BACKBONE_CONFIG = "backbone.json"
@@ -168,7 +169,7 @@ def load_backbone(export_dir: str):
       raise errors.DataError(
           f"{path}: no such file; pass the backbone/ folder written by scripts/pretrain.py")
   try:
-    with open(config_path) as handle:
+    with safeio.open_regular(config_path) as handle:   # a regular file under the cap
       description = json.load(handle)
     model = build_backbone(description["backbone"], int(description["image_size"]),
                            int(description["channels"]),

@@ -70,11 +70,16 @@ def extract_split(features_fn, records: List[image_sources.ImageRecord],
 
 
 class ImageEmbedder:
-  """A pretrained backbone embedding `ImageRecord`s as extraction does."""
+  """A pretrained backbone embedding `ImageRecord`s as extraction does.
+
+  `tool_flags=False` (export, predict): errors advise no extraction flag
+  (--skip_bad_images, --allowed_modes) the tool does not have.
+  """
 
   def __init__(self, backbone_dir: str, crop: str = "center", batch_size: int = 64,
                skip_bad: bool = False, expected_size=None,
-               allowed_modes=images_lib.DEFAULT_MODES, log: Callable[[str], None] = None):
+               allowed_modes=images_lib.DEFAULT_MODES, log: Callable[[str], None] = None,
+               tool_flags: bool = True):
     if crop not in image_views.CROPS:
       raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
     if batch_size < 1:
@@ -84,7 +89,8 @@ class ImageEmbedder:
     size = int(self.description["image_size"])
     self.options = images_lib.DecodeOptions(
         image_views.load_size(crop, size),
-        int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad)
+        int(self.description["channels"]), expected_size, tuple(allowed_modes), skip_bad,
+        tool_flags)
     self.features_fn = image_views.feature_function(self.model, crop, size,
                                                     bool(self.description["invert"]))
     self.log = log or (lambda _: None)

@@ -14,6 +14,7 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.data.image_sources import group_by_class
 from leo_suite.data.image_sources import ImageRecord
 from leo_suite.data.image_sources import merge_records
@@ -50,7 +51,9 @@ def load_split_spec(spec: str, protocol_dir: Optional[str] = None) -> SplitSpec:
   else:
     path = spec
   try:
-    with open(path) as handle:
+    if not os.path.lexists(path):
+      raise FileNotFoundError(path)
+    with safeio.open_regular(path) as handle:   # a FIFO or device is refused, not read
       content = json.load(handle)
   except FileNotFoundError:
     extra = (f" (protocol {spec!r}; set {OMNIGLOT_ENV} or --protocol_dir)"

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite.models import backbones
 from leo_suite.pretrain.pretrain_config import PretrainConfig
 
@@ -113,7 +114,7 @@ def load_teacher(run_dir: str, num_classes: int, image_size: int, channels: int)
         f"--teacher={run_dir}: no pretraining checkpoints there (expected "
         f"{config_path} and a checkpoint); pass the --out_dir of a finished scripts/pretrain.py run")
   try:
-    with open(config_path) as handle:
+    with safeio.open_regular(config_path, error=errors.ConfigError) as handle:
       saved = json.load(handle)
     teacher_config = PretrainConfig(**{k: v for k, v in saved["config"].items()
                                        if k in {f.name for f in dataclasses.fields(PretrainConfig)}})

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite import fileio
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
@@ -181,7 +182,7 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
         features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
     elapsed = time.time() - t0
     for origin, reason in skipped:
-      log(f"skipped {origin}: {reason}")
+      log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
     keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
     manifest["splits"][split] = write_split_file(target_dir, split, fmt, keys, len(classes),
                                                  feats, skipped, elapsed, log)

@@ -25,6 +25,7 @@ import numpy as np
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
@@ -89,7 +90,7 @@ def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out
   feats, kept, skipped = embedder.embed_records(records, f"{dataset_name}/{crop}/{ALL}")
   elapsed = time.time() - started
   for origin, reason in skipped:
-    log(f"skipped {origin}: {reason}")
+    log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
   header = extract.manifest_header(
       dataset_name, crop, fmt, extract.backbone_entry(backbone_dir, embedder.description),
       sources, "", {})
@@ -137,10 +138,10 @@ def describe_counts(counts: dict) -> str:
 
 def _read_json(path):
   try:
-    with open(path) as handle:
+    with safeio.open_regular(path) as handle:
       value = json.load(handle)
     return value if isinstance(value, dict) else None
-  except (OSError, ValueError):
+  except (OSError, ValueError, errors.DataError):
     return None
 
 

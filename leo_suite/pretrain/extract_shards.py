@@ -172,7 +172,7 @@ def extract_shard(backbone_dir: str, plan: Plan, out_dir: str, dataset_name: str
         mine, f"{dataset_name}/{crop}/{split} {name}", allow_empty=True)
     elapsed = time.time() - started
     for origin, reason in skipped:
-      log(f"skipped {origin}: {reason}")
+      log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
     rows = indices[kept]
     skipped_rows = sorted(set(indices.tolist()) - set(rows.tolist()))
     path = os.path.join(folder, f"{split}_shard.npz")

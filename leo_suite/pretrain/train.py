@@ -61,6 +61,7 @@ from tensorflow.core.framework import summary_pb2
 from leo_suite import distribute
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite.data import image_views
 from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import pretrain_config
@@ -197,7 +198,7 @@ class Pretrainer:
       return 0
     saved = {}
     if os.path.exists(self._config_path()):
-      with open(self._config_path()) as handle:
+      with safeio.open_regular(self._config_path(), error=errors.ConfigError) as handle:
         saved = json.load(handle)
     self._saved_distribution = saved.get("distribution", [])
     current = dataclasses.asdict(self.config)

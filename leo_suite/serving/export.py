@@ -22,7 +22,9 @@ Signatures (all inputs float32 / string / int32, outputs float32 unless said):
                     [batch] (encoded PNG/JPEG/GIF/WebP/BMP strings, REST
                     {"b64": ...}), decoded, resized and embedded inside the graph
                     by the very functions extraction uses
-                    (`images.decode_encoded`, `image_views.embed`), with the backbone
+                    (`images.decode_encoded`, `image_views.embed`; an image whose
+                    header claims more than $LEO_SUITE_MAX_IMAGE_PIXELS at export
+                    time is refused before decoding), with the backbone
                     features as the extra output `embeddings` [batch, D];
                     `predict_embeddings` then keeps the embeddings input.
   classify          inputs [batch] serialized tf.Example with float feature
@@ -39,8 +41,9 @@ Embeddings are L2-normalised inside the graph (as the episode sampler does in
 training; rows are first divided by their largest magnitude, so 1e38 does not
 overflow), so clients send raw backbone features. Every embeddings input
 (`embeddings`, the `embedding` feature of `classify`, `support_embeddings`,
-`query_embeddings`) with a NaN or inf, or with an all-zero row (no direction
-to normalise), is refused with an InvalidArgumentError saying so. The
+`query_embeddings`) with a NaN, inf or denormal value, or with an all-zero row
+(no direction to normalise), and an empty batch are refused with an
+InvalidArgumentError saying so. The
 exported graph uses only
 TensorFlow ops: `tf.saved_model.load` needs nothing from leo_suite.
 
@@ -60,6 +63,7 @@ from typing import Optional
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import safeio
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import image_embedder
@@ -85,18 +89,20 @@ def run_crop(run) -> str:
 
 
 def load_support(path: str, backbone_dir: Optional[str] = None, num_shots: int = 0,
-                 batch_size: int = 64, crop: str = "center"):
+                 batch_size: int = 64, crop: str = "center", num_ways: int = 0):
   """Any support form of `leo_suite.serving.sets` -> (SupportSet, backbone, description).
 
   Images (a class-per-folder tree, or a folder/CSV of `file,label`) are
   embedded by the backbone in `backbone_dir` exactly as extraction does with
   `crop` (give the run's, `run_crop`: the exported graph embeds images the
   same way); embeddings files need no backbone. The backbone and its
-  description are None without `backbone_dir`.
+  description are None without `backbone_dir`. `num_ways` > 0: the number of
+  classes is checked before any image is embedded.
   """
-  embedder = (image_embedder.ImageEmbedder(backbone_dir, crop, batch_size)
+  embedder = (image_embedder.ImageEmbedder(backbone_dir, crop, batch_size,
+                                             tool_flags=False)
               if backbone_dir else None)
-  support = sets.load_set(path, "support", embedder, num_shots).to_support(num_shots)
+  support = sets.load_set(path, "support", embedder, num_shots, num_ways).to_support(num_shots)
   return (support, embedder and embedder.model, embedder and embedder.description)
 
 
@@ -127,11 +133,7 @@ class AdaptedClassifier(tf.Module):
   def __init__(self, learner, support: support_lib.SupportSet, backbone=None,
                backbone_description: Optional[dict] = None, crop: str = "center"):
     super().__init__(name="adapted_classifier")
-    if support.num_ways != learner.num_ways:
-      raise errors.DataError(
-          f"{support.origin}: the support set has {support.num_ways} classes but "
-          f"the learner is {learner.num_ways}-way; give exactly "
-          f"{learner.num_ways} classes")
+    support_lib.check_ways(support.class_names, learner.num_ways, support.origin)
     if support.dim != learner.embedding_dim:
       raise errors.DataError(
           f"{support.origin}: support embeddings have D={support.dim} but the "
@@ -153,6 +155,7 @@ class AdaptedClassifier(tf.Module):
     self.backbone = backbone
     self.backbone_description = dict(backbone_description or {})
     self.crop = crop
+    self.max_pixels = safeio.max_image_pixels()   # checked in the graph before decoding
     d = self.dim
     self.predict_embeddings = tf.function(
         self._predict_embeddings,
@@ -239,12 +242,13 @@ class AdaptedClassifier(tf.Module):
     info = self.backbone_description
     size, channels = int(info["image_size"]), int(info["channels"])
     loaded = image_views.load_size(self.crop, size)
-    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels), images,
+    decoded = tf.map_fn(lambda s: images_lib.decode_encoded(s, loaded, channels, self.max_pixels),
+                        images,
                         fn_output_signature=tf.TensorSpec([loaded, loaded, channels], tf.uint8))
     return image_views.embed(self.backbone, decoded, self.crop, size, bool(info.get("invert")))
 
   def _predict_images(self, images):
-    images = tf.ensure_shape(images, [None], name="images")
+    images = support_lib.checked_batch(tf.ensure_shape(images, [None], name="images"), "images")
     embeddings = self.embed_images(images)
     outputs = self._outputs(self.query_logits(self.state, embeddings))
     return dict(outputs, embeddings=embeddings)
@@ -388,5 +392,5 @@ def export_classifier(run_dir: str, support: support_lib.SupportSet, export_base
 
 
 def read_export_info(export_dir: str) -> dict:
-  with open(os.path.join(export_dir, EXPORT_INFO)) as handle:
+  with safeio.open_regular(os.path.join(export_dir, EXPORT_INFO)) as handle:
     return json.load(handle)

@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import os
+import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +33,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite import progress as progress_lib
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.models import image_embedder
@@ -100,10 +102,10 @@ class Predictor:
     path = os.path.join(data_path, self.run.settings["dataset_name"],
                         self.run.settings["embedding_crop"], embeddings_lib.MANIFEST)
     try:
-      with open(path) as handle:
+      with safeio.open_regular(path) as handle:
         manifest = json.load(handle)
       return path, manifest if isinstance(manifest, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, errors.DataError):
       return path, None
 
   # -- images ------------------------------------------------------------------------
@@ -119,7 +121,8 @@ class Predictor:
           f"pretraining whose embeddings {self.run.directory} was trained on); the run's "
           f"data manifest {self.manifest_path} "
           f"{'names no backbone' if self.manifest else 'does not exist'}")
-    embedder = image_embedder.ImageEmbedder(directory, self.crop, self.batch_size)
+    embedder = image_embedder.ImageEmbedder(directory, self.crop, self.batch_size,
+                                            tool_flags=False)
     expected = named.get("checkpoint_sha256")
     found = embedder.description.get("weights_sha256")
     if expected and found != expected:
@@ -139,8 +142,10 @@ class Predictor:
     return self.embedder(origin)(records, origin)
 
   def load(self, path: str, role: str) -> sets.LabelledSet:
-    labelled = sets.load_set(path, role, self._embed,
-                             self.num_shots if role == "support" else 0)
+    """A set of `role`; a support set's N is checked before any image is embedded."""
+    support = role == "support"
+    labelled = sets.load_set(path, role, self._embed, self.num_shots if support else 0,
+                             self.learner.num_ways if support else 0, self.run.directory)
     if labelled.dim != self.learner.embedding_dim:
       raise errors.DataError(
           f"{path}: {role} embeddings have D={labelled.dim} but {self.run.directory} was "
@@ -156,18 +161,14 @@ class Predictor:
   def predict_task(self, support_path: str, query_path: str,
                    name: Optional[str] = None) -> TaskResult:
     support = self.load(support_path, "support").to_support(self.num_shots)
-    if support.num_ways != self.learner.num_ways:
-      raise errors.DataError(
-          f"{support_path}: the support set has {support.num_ways} classes "
-          f"{list(support.class_names)[:10]} but {self.run.directory} is "
-          f"{self.learner.num_ways}-way; give exactly {self.learner.num_ways} classes")
     queries = self.load(query_path, "query")
     unknown = [(f, l) for f, l in zip(queries.files, queries.labels)
                if l is not None and l not in support.class_names]
     if unknown:
       raise errors.DataError(
-          f"{query_path}: query {unknown[0][0]!r} has label {unknown[0][1]!r}, which is not "
-          f"a support class {list(support.class_names)}; fix the label or leave it empty")
+          f"{query_path}: query {safeio.quoted(unknown[0][0])} has label "
+          f"{safeio.quoted(unknown[0][1])}, which is not a support class "
+          f"({safeio.listed(support.class_names)}); fix the label or leave it empty")
     probabilities = self._logits(tf.constant(support.embeddings),
                                  tf.constant(queries.embeddings)).numpy()
     return TaskResult(name, support_path, query_path, support.class_names, support.num_shots,
@@ -236,7 +237,15 @@ def plan(checkpoint_path: Optional[str], support: Optional[str], query: Optional
   if batch_size < 1:
     raise errors.ConfigError(f"--batch_size={batch_size} must be >= 1")
   check_output(output)
-  return find_tasks(tasks_dir) if tasks_dir else [(None, support, query)]
+  tasks = find_tasks(tasks_dir) if tasks_dir else [(None, support, query)]
+  target = output and os.path.realpath(output)
+  for name, *paths in tasks:
+    for role, path in zip(SET_NAMES, paths):
+      if target and os.path.realpath(path) == target:
+        raise errors.ConfigError(
+            f"--output={output} is the {role} set{f' of task {name}' if name else ''} "
+            f"({path}); writing the predictions would replace it: choose another --output")
+  return tasks
 
 
 # -- results -------------------------------------------------------------------------
@@ -286,11 +295,27 @@ def as_json(results: Sequence[TaskResult], about: dict) -> str:
                     ensure_ascii=False)
 
 
+def encoded(text: str, json_text: bool) -> bytes:
+  """UTF-8 of an output: a file name that is not valid UTF-8 keeps its bytes in a
+  CSV (as `ls` prints it) and becomes the escape `\\udcXX` in JSON strings
+  (`os.fsencode(json.load(...)[...])` gives the bytes back), never an error."""
+  return text.encode("utf-8", "backslashreplace" if json_text else "surrogateescape")
+
+
 def write_output(path: str, results: Sequence[TaskResult], about: dict):
   """Writes the predictions atomically: a kill leaves the old file or none."""
   check_output(path)
-  text = as_json(results, about) if path.lower().endswith(".json") else as_csv(results)
-  fileio.atomic_write_text(path, text)
+  json_text = path.lower().endswith(".json")
+  text = as_json(results, about) if json_text else as_csv(results)
+  fileio.atomic_write_bytes(path, encoded(text, json_text))
+
+
+def write_stdout(results: Sequence[TaskResult], stdout=None):
+  """The CSV on standard output, whatever the locale's strictness (see `encoded`)."""
+  stdout = stdout or sys.stdout
+  stdout.flush()
+  stdout.buffer.write(encoded(as_csv(results), False))
+  stdout.buffer.flush()
 
 
 def report_lines(results: Sequence[TaskResult]) -> List[str]:

@@ -95,6 +95,8 @@ def _as_array(name, values, spec: tf.TensorSpec):
     shape = [-1 if d is None else d for d in expected.as_list()]
     raise RequestError(f"input {name!r} has shape {list(array.shape)}, the signature "
                        f"expects {shape} ({dtype.name})")
+  if expected.rank and expected[0] is None and array.shape[0] == 0:
+    raise RequestError(f"input {name!r} is an empty batch: send at least one")
   return array
 
 

@@ -88,12 +88,14 @@ def set_form(path: str) -> str:
 
 
 def load_set(path: str, role: str, embed: Optional[Embed] = None,
-             num_shots: int = 0) -> LabelledSet:
+             num_shots: int = 0, num_ways: int = 0, learner: str = "the learner") -> LabelledSet:
   """Any form above -> LabelledSet; DataError/ConfigError naming what to fix.
 
   `embed` is needed for image forms (else a ConfigError asking for
   --backbone_dir); `num_shots` > 0 keeps the first K examples of each class
-  of a support set (0: all, and all classes must have the same number).
+  of a support set (0: all, and all classes must have the same number);
+  `num_ways` > 0 is `learner`'s N, which a support set's classes must number
+  (checked before any image is embedded).
   """
   if role not in ROLES:
     raise ValueError(f"role {role!r} not in {ROLES}")
@@ -102,11 +104,11 @@ def load_set(path: str, role: str, embed: Optional[Embed] = None,
   form = set_form(path)
   if form == "embeddings":
     files, labels, matrix = _from_embeddings(path)
-    rows = _ordered_rows(files, labels, path, role, num_shots)
+    rows = _ordered_rows(files, labels, path, role, num_shots, num_ways, learner)
     matrix = matrix[rows]
   else:
     records, files, labels = (_from_csv(path) if form == "csv" else _from_tree(path, role))
-    rows = _ordered_rows(files, labels, path, role, num_shots)
+    rows = _ordered_rows(files, labels, path, role, num_shots, num_ways, learner)
     if embed is None:
       raise errors.ConfigError(
           f"{path}: the {role} set is images: pass --backbone_dir (the backbone/ folder "
@@ -121,8 +123,9 @@ def load_set(path: str, role: str, embed: Optional[Embed] = None,
   return LabelledSet(files, labels, matrix, path, form)
 
 
-def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
-  """Rows sorted by (label, file); for a support set checked and cut to K per class."""
+def _ordered_rows(files, labels, origin, role, num_shots, num_ways=0,
+                  learner="the learner") -> List[int]:
+  """Rows sorted by (label, file); for a support set checked (N, K) and cut to K per class."""
   rows = sorted(range(len(files)), key=lambda i: (labels[i] or "", files[i]))
   if not rows:
     raise errors.DataError(f"{origin}: the {role} set is empty")
@@ -136,6 +139,8 @@ def _ordered_rows(files, labels, origin, role, num_shots) -> List[int]:
   counts: Dict[str, int] = {}
   for i in rows:
     counts[labels[i]] = counts.get(labels[i], 0) + 1
+  if num_ways:
+    support_lib.check_ways(list(counts), num_ways, origin, learner)
   k = support_lib.check_shots(counts, origin, num_shots)
   taken: Dict[str, int] = {}
   kept = []

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import safeio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,15 @@ def check_shots(counts: Dict[str, int], origin: str, num_shots: int = 0) -> int:
   return counts[names[0]]
 
 
+def check_ways(class_names, num_ways: int, origin: str, learner: str = "the learner"):
+  """Refuses a support set whose number of classes is not the learner's N."""
+  if len(class_names) != num_ways:
+    raise errors.DataError(
+        f"{origin}: the support set has {len(class_names)} classes but {learner} is "
+        f"{num_ways}-way; give exactly {num_ways} classes (given: "
+        f"{safeio.listed(sorted(class_names))})")
+
+
 def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
                         num_shots: int = 0) -> SupportSet:
   """{class name: [count, D] embeddings} -> SupportSet (classes sorted by name).
@@ -95,16 +105,34 @@ def support_from_groups(groups: Dict[str, np.ndarray], origin: str,
 
 
 # -- the adaptation graph's functions ---------------------------------------------
+def checked_batch(x, name: str):
+  """`x` once asserted to hold at least one row (else InvalidArgumentError)."""
+  check = tf.debugging.Assert(tf.shape(x)[0] > 0, [
+      f"{name} is an empty batch: send at least one row"])
+  with tf.control_dependencies([check]):
+    return tf.identity(x)
+
+
 def checked_embeddings(x, name: str):
-  """`x` [batch, D] once asserted finite with no all-zero row (else InvalidArgumentError)."""
+  """`x` [batch, D] once asserted non-empty, finite, without denormal values and with
+  no all-zero row (else InvalidArgumentError)."""
+  x = checked_batch(x, name)
   x = tf.debugging.assert_all_finite(
       x, f"{name} must be finite: found NaN or inf; send the raw backbone features")
+  bits = tf.bitcast(tf.cast(x, tf.float32), tf.int32)   # integers: no flush-to-zero
+  denormal = tf.logical_and(tf.equal(tf.bitwise.bitwise_and(bits, 0x7F800000), 0),
+                            tf.not_equal(tf.bitwise.bitwise_and(bits, 0x007FFFFF), 0))
+  finite_size = tf.debugging.Assert(tf.logical_not(tf.reduce_any(denormal)), [
+      f"{name} holds a denormal (subnormal) value, non-zero but of magnitude below "
+      f"{np.finfo(np.float32).tiny:.4g}, which float32 cannot compute with; send the raw "
+      "backbone features, with such values as 0. First such row:",
+      tf.argmax(tf.cast(tf.reduce_any(denormal, axis=-1), tf.int32), output_type=tf.int32)])
   nonzero = tf.reduce_any(tf.not_equal(x, 0.0), axis=-1)
-  check = tf.debugging.Assert(tf.reduce_all(nonzero), [
+  direction = tf.debugging.Assert(tf.reduce_all(nonzero), [
       f"{name} has an all-zero row, which has no direction to L2-normalise; send "
       "the raw, non-zero backbone features. First zero row:",
       tf.argmin(tf.cast(nonzero, tf.int32), output_type=tf.int32)])
-  with tf.control_dependencies([check]):
+  with tf.control_dependencies([finite_size, direction]):
     return tf.identity(x)
 
 

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import fileio
+from leo_suite import safeio
 from leo_suite import report as report_lib
 from leo_suite import runlock
 from leo_suite.data import episodes
@@ -61,7 +62,7 @@ class Run(layout.RunDirectory):
             "trained with is unknown; use a new --checkpoint_path")
       return None
     try:
-      with open(path) as handle:
+      with safeio.open_regular(path) as handle:   # a FIFO is refused (DataError), not read
         record = json.load(handle)
       if record.get("format") != FORMAT:
         raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
