@@ -14,11 +14,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
                    if p and os.path.abspath(p) != REPO_ROOT])
 
 
-# The longest files (by the --durations table), handed out first under
-# pytest-xdist so no long file starts last and runs alone (longest first).
-LONGEST_FILES = ("test_distribute.py", "test_pretrain_extract.py", "test_faults.py",
-                 "test_serving.py", "test_runner.py", "test_predict.py", "test_run_safety.py",
-                 "test_fuzz.py", "test_pretrain_distribute.py", "test_imaml.py")
+# The longest files (seconds summed over their tests in a --durations=0 run),
+# handed out first under pytest-xdist (scripts/test.sh passes
+# --no-loadscope-reorder, so this order holds) so no long file starts last and
+# runs alone.
+LONGEST_FILES = ("test_runner.py", "test_faults.py", "test_distribute.py", "test_contract.py",
+                 "test_run_safety.py", "test_serving.py", "test_evaluation.py", "test_xla.py",
+                 "test_pretrain_distribute.py", "test_meta_lstm.py", "test_hostile_inputs.py",
+                 "test_snail.py", "test_entry_points.py", "test_predict.py",
+                 "test_pretrain_extract.py", "test_extract_shards.py", "test_fuzz.py",
+                 "test_imaml.py", "test_loader_hardening.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks

@@ -239,7 +239,7 @@ def test_runner_flags_give_a_clear_error_or_train(runner_data, model, n, k, v, b
         f"--num_val_examples_per_class={v}", f"--metatrain_batch_size={batch}",
         f"--outer_lr={lr}", f"--preset={preset}", f"--baselines={baselines}",
         f"--eval_num_query={eval_query}", "--num_steps_limit=2", "--checkpoint_steps=2",
-        "--metavalid_batch_size=4", "--num_val_batches=1",
+        "--metavalid_batch_size=4", "--num_val_batches=1", "--jit_compile=false",
         *(["--num_latents=4"] if model == "leo" else []), f"--checkpoint_path={run_dir}"])
     if valid_values and feasible:
       assert code == 0, stderr

@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset_name=tiny", "--num_latents=4", "--num_classes=3",
          "--metatrain_batch_size=4", "--metavalid_batch_size=10", "--num_val_batches=1",
          "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--log_steps=1000",
-         "--num_test_tasks=10", "--metatest_batch_size=10"]
+         "--num_test_tasks=10", "--metatest_batch_size=10",
+         "--jit_compile=false"]  # plain steps: XLA's compile is not the point here
 
 
 def runner_cmd(data, run_dir, *extra):

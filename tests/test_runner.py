@@ -18,7 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--num_classes=3",
               "--metatrain_batch_size=4", "--metavalid_batch_size=10", "--num_val_batches=1",
               "--num_test_tasks=20", "--metatest_batch_size=10", "--log_steps=5",
-              "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--baselines=ncm"]
+              "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--baselines=ncm",
+              # The run-directory logic is the point here: the plain step traces in
+              # half the time of XLA's compile (tests/test_xla.py checks XLA's step;
+              # the profile test below runs the default, --jit_compile=auto).
+              "--jit_compile=false"]
 
 
 def run(*args, check=True):
@@ -270,7 +274,7 @@ def summary_scalars(directory, tag):
 def test_profile_steps_writes_a_profile_and_bad_values_are_one_line(tmp_path, tiny_data):
   run_dir = tmp_path / "profiled"
   common = [f"--data_path={tiny_data}", *TINY_FLAGS, "--num_steps_limit=4",
-            "--checkpoint_steps=4"]
+            "--checkpoint_steps=4", "--jit_compile=auto"]
   proc = run(*common, "--profile_steps=2,3", f"--checkpoint_path={run_dir}")
   assert "profiling steps 2 to 3" in proc.stderr
   profiles = list((run_dir / "profile").glob("plugins/profile/*/*.xplane.pb"))
