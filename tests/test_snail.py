@@ -12,6 +12,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import registry
 from leo_suite.models import snail
+from leo_suite.models import snail_blocks
 from tests import learner_checks
 from tests import test_maml as common
 
@@ -36,7 +37,7 @@ def numpy_network(learner, sequences):
   x = np.asarray(sequences, np.float64)
   length = x.shape[1]
   for block in learner.blocks:
-    if isinstance(block, snail.DenseBlock):
+    if isinstance(block, snail_blocks.DenseBlock):
       w, b, d = block.kernel.numpy(), block.bias.numpy(), block.dilation
       past = np.concatenate([np.zeros_like(x[:, :d]), x], axis=1)[:, :length]
       pre = past @ w[0] + x @ w[1] + b
@@ -67,18 +68,18 @@ def test_network_matches_numpy_transcription_of_the_paper():
 
 
 def test_first_step_attends_only_to_itself():
-  block = snail.AttentionBlock(3, 4, 2, tf.float64)
+  block = snail_blocks.AttentionBlock(3, 4, 2, tf.float64)
   x = tf.constant(np.random.default_rng(1).normal(size=(2, 5, 3)))
   out, (_, values) = block.sequence(x)
   np.testing.assert_allclose(out[:, 0, 3:].numpy(), values[:, 0].numpy(), rtol=1e-14)
 
 
 def test_dilations_receptive_field_and_channel_count():
-  assert snail.dilations(6) == [2, 4, 8]        # 5-way 1-shot
-  assert snail.dilations(26) == [2, 4, 8, 16, 32]  # 5-way 5-shot
-  assert snail.dilations(2) == [2]
+  assert snail_blocks.dilations(6) == [2, 4, 8]        # 5-way 1-shot
+  assert snail_blocks.dilations(26) == [2, 4, 8, 16, 32]  # 5-way 5-shot
+  assert snail_blocks.dilations(2) == [2]
   for length in range(2, 70):
-    layers = len(snail.dilations(length))
+    layers = len(snail_blocks.dilations(length))
     assert 2 ** (layers + 1) - 1 >= length   # receptive field covers T
   # d_in + N + sum(v) + (number of TC blocks) * F * ceil(log2 T)
   assert build64().channels == 8 + NUM_WAYS + (4 + 3 + 5) + 2 * 6 * 4
