@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from leo_suite import errors
 from leo_suite.models import registry
 from leo_suite.models import relation
 from leo_suite.models import snail
@@ -76,7 +75,7 @@ def test_relation_cosine_start_is_the_scaled_cosine_to_the_class_mean(num_shots,
 
 def test_relation_random_start_is_not_nearest_class_mean():
   episode = random_episode(7, 1)
-  agreement = np.mean(logits_of(build("relation"), episode).argmax(-1) == ncm_predictions(episode))
+  agreement = np.mean(logits_of(build("relation", start="random"), episode).argmax(-1) == ncm_predictions(episode))
   assert agreement < 0.6
 
 
@@ -141,7 +140,7 @@ def test_snail_nearest_mean_start_is_the_cosine_attention_over_the_support(num_s
 
 def test_snail_random_start_is_not_nearest_class_mean():
   episode = random_episode(7, 1)
-  agreement = np.mean(logits_of(build("snail"), episode).argmax(-1) == ncm_predictions(episode))
+  agreement = np.mean(logits_of(build("snail", start="random"), episode).argmax(-1) == ncm_predictions(episode))
   assert agreement < 0.6
 
 
@@ -180,25 +179,27 @@ def test_readout_equals_predict(model, start):
                                rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("model, overrides, message", [
-    ("relation", dict(start="snail"), "--relation_start='snail'"),
-    ("relation", dict(cosine_scale=0.0), "--relation_cosine_scale=0.0"),
-    ("snail", dict(start="cosine"), "--snail_start='cosine'"),
-    ("snail", dict(start_scale=-1.0), "--snail_start_scale=-1.0")])
-def test_bad_start_is_a_user_error(model, overrides, message):
-  with pytest.raises(errors.ConfigError, match=message):
-    build(model, **overrides)
+@pytest.mark.parametrize("model, start, jit_compile", [
+    ("relation", "cosine", False), ("relation", "cosine", True),
+    ("snail", "nearest_mean", False)])  # SNAIL's compiled step: tests/test_xla.py
+def test_runs_in_tf_function_with_finite_loss_and_gradients(model, start, jit_compile):
+  """Perturbed first: at the start the zero output rows leave the layers
+  before them without gradient for one step (the checks above)."""
+  learner = build(model, "float32", start=start, **(SNAIL_SMALL if model == "snail" else {}))
+  common.perturb_variables(learner, seed=6)
+  common.check_finite_loss_and_gradients_in_tf_function(learner, jit_compile)
 
 
-@pytest.mark.parametrize("model, start, at_least", [("relation", "cosine", 0.9),
-                                                    ("snail", "nearest_mean", 0.9)])
-def test_sixty_meta_training_steps_from_the_nearest_mean_start(model, start, at_least, tmp_path):
-  """On test_maml's toy problem (NCM ~99%) at the learner's own outer loop
-  (Adam 1e-3): started at NCM, 60 steps stay near it, far above chance."""
+@pytest.mark.parametrize("model, start", [("relation", "cosine"), ("snail", "nearest_mean")])
+def test_sixty_meta_training_steps_from_the_nearest_mean_start(model, start, tmp_path):
+  """On test_maml's toy problem (NCM 99.2%) at the learner's own outer loop
+  (Adam 1e-3): started at NCM, 60 steps stay there, far above chance.
+  Measured: Relation 98.9%, SNAIL 99.3%; from the random starts 20.0% (SNAIL)
+  and 79% (Relation, at Adam 3e-3, tests/test_relation.py)."""
   learner = build(model, "float32", start=start)
   outer = optim.OuterConfig(**registry.spec(model).outer_defaults)
   accuracy, ncm, at_init = common.meta_train_and_score(learner, tmp_path, steps=60, outer=outer)
   print(f"{model} start={start}: {at_init:.3f} at init, {accuracy:.3f} after 60 steps, "
         f"NCM {ncm:.3f}")
   assert at_init == pytest.approx(ncm, abs=0.01)
-  assert accuracy >= at_least, (accuracy, ncm, at_init)
+  assert accuracy >= 0.95, (accuracy, ncm, at_init)

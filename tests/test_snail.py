@@ -17,8 +17,9 @@ from tests import learner_checks
 from tests import test_maml as common
 
 NUM_WAYS, DIM, SEED = common.NUM_WAYS, common.DIM, common.SEED
+# The random start: tests/test_baseline_starts.py checks --snail_start=nearest_mean.
 SMALL = dict(input_dim=8, key_sizes="8,6,4", value_sizes="4,3,5", tc_filters=6,
-             sequence_length=11)
+             sequence_length=11, start="random")
 
 
 def build64(**overrides):
@@ -85,7 +86,8 @@ def test_dilations_receptive_field_and_channel_count():
   assert build64().channels == 8 + NUM_WAYS + (4 + 3 + 5) + 2 * 6 * 4
   paper = dict(input_dim=64, key_sizes="64,256,512", value_sizes="32,128,256",
                tc_filters=128)
-  channels = lambda **config: snail.build(snail.Config(**config), NUM_WAYS, 640).channels
+  channels = lambda **config: snail.build(snail.Config(start="random", **config), NUM_WAYS,
+                                          640).channels
   assert channels(**paper) == 64 + 5 + 32 + 128 + 256 + 2 * 128 * 3 == 1253
   assert channels(sequence_length=26, **paper) == 1765
   assert channels() == 640 + 5 + 16 + 32 + 64 + 2 * 32 * 3 == 949
@@ -197,6 +199,8 @@ def test_wrong_shape_raises():
     ({"sequence_length": 1}, "--snail_sequence_length=1"),
     ({"dropout_rate": 1.0}, "--snail_dropout_rate=1.0"),
     ({"dropout_rate": -0.1}, "--snail_dropout_rate=-0.1"),
+    ({"start": "cosine"}, "--snail_start='cosine'"),
+    ({"start_scale": 0.0}, "--snail_start_scale=0.0"),
 ])
 def test_bad_config_is_a_user_error(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
@@ -238,9 +242,10 @@ def test_input_dropout_acts_in_meta_training_only_and_is_stateless():
 # -- meta-training through the real Trainer ---------------------------------------
 
 def test_meta_trained_snail_learns_to_read_the_support(tmp_path):
-  """A black box starts at chance: it must learn to compare and to read the
-  labels (toy problem, NCM 99%; see snail.py for the synthetic data)."""
+  """From the random start a black box starts at chance: it must learn to
+  compare and to read the labels (toy problem, NCM 99%; see snail.py for the
+  synthetic data)."""
   tf.random.set_seed(0)
   learner_checks.check_meta_training_reaches_ncm(
-      snail.build(snail.Config(), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=1000,
+      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=1000,
       outer_lr=3e-3, margin=0.2)
