@@ -57,7 +57,7 @@ s train from there. `start=random` is the paper's module alone.
 Measured with the runner on the synthetic data (demo preset, 5-way 1-shot,
 validation accuracy on 200 tasks; docs/results.md): start=random 20.7% at
 step 0, 38.8% after 60 steps, 79.3% after 400, 86.6% after 1500;
-start=cosine 47.4%, 86.5%, 94.0%, best 94.6% (step 900). Earlier, with the
+start=cosine 47.4%, 86.5%, 94.0%, 94.3% (best 94.6% at step 900). Earlier, with the
 random start: 75.4% test accuracy after 300 steps against 49.7% for NCM; on
 the toy problem, where NCM is near-optimal, the learned comparator stays
 below NCM in short runs (95.3% after 300 steps, 96.6% after 1000, NCM 99.2%).
