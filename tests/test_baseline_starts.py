@@ -5,6 +5,9 @@ through the learners' own weights (which meta-training then moves); evaluation's
 readout equals predict; and 60 meta-training steps keep them far above chance,
 where the random starts are still near it."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -203,3 +206,35 @@ def test_sixty_meta_training_steps_from_the_nearest_mean_start(model, start, tmp
         f"NCM {ncm:.3f}")
   assert at_init == pytest.approx(ncm, abs=0.01)
   assert accuracy >= 0.95, (accuracy, ncm, at_init)
+
+
+@pytest.mark.parametrize("model, flag", [("relation", "relation_start"),
+                                         ("snail", "snail_start")])
+def test_a_run_saved_before_the_start_existed_keeps_its_random_start(model, flag, tmp_path):
+  """Its config.json lacks the field: it reads back as the random start it was
+  trained with, and asking for the new start on that run is a conflict."""
+  from leo_suite import errors  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import run as run_lib  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import settings as settings_lib  # pylint: disable=import-outside-toplevel
+  saved = settings_lib.default_settings(model)
+  assert saved[flag] != "random"           # the new default
+  spec = registry.spec(model)
+  for field in spec.earlier_defaults:
+    del saved[spec.flag_prefix + field]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(
+      {"format": run_lib.FORMAT, "settings": saved, "embedding_dim": 16, "data": {}}))
+  run = run_lib.Run.open(str(tmp_path / "old"))
+  assert run.learner_config().start == "random"
+  given = settings_lib.default_settings(model)
+  settings, _ = settings_lib.resolve(run.settings, given, [], evaluation=False)
+  assert settings[flag] == "random"
+  with pytest.raises(errors.ConfigError, match=f"--{flag}: saved 'random'"):
+    settings_lib.resolve(run.settings, given, [flag], evaluation=False)
+
+
+def test_earlier_defaults_name_fields_of_the_learners_config():
+  for name in registry.LEARNERS:
+    spec = registry.spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    assert set(spec.earlier_defaults) <= fields, name

@@ -252,4 +252,6 @@ SPEC = base.LearnerSpec(
     # timings are bimodal on the 2-core machine; scripts/benchmark.py measures it).
     xla_readout=True,
     outer_defaults=dict(learning_rate=1e-3, clip_value=0.0, clip_norm=0.5),
+    # Runs saved before the cosine start existed trained from the random one.
+    earlier_defaults=dict(start="random", cosine_scale=10.0),
 )

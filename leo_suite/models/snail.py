@@ -369,4 +369,6 @@ SPEC = base.LearnerSpec(
     # whole step): XLA/plain steps/s 1.28 / 1.31 at 1 / 5 shots (scripts/benchmark.py,
     # runs/benchmark.json).
     xla_default=True,
+    # Runs saved before the nearest-mean start existed trained from the random one.
+    earlier_defaults=dict(start="random", start_scale=10.0),
 )
