@@ -41,7 +41,10 @@ def numpy_relation_logits(learner, class_features, queries):
     h = h @ w.numpy() + b.numpy()
     if layer < len(module.weights) - 1:
       h = np.maximum(h, 0.0)
-  return h[..., 0]
+  if learner.cosine_weight is None:
+    return h[..., 0]
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  return h[..., 0] + learner.cosine_weight.numpy() * unit(queries) @ unit(class_features).T
 
 
 # -- class features -----------------------------------------------------------------
@@ -74,9 +77,10 @@ def test_identical_shots_give_k_times_the_feature():
 
 # -- relation module and loss ---------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [dict(), dict(module_init="reference", embedding_map="mlp",
-                                                    map_dim=5, module_hidden_sizes="7",
-                                                    normalize_features=False)])
+@pytest.mark.parametrize("overrides", [dict(), dict(start="random"),
+                                       dict(module_init="reference", embedding_map="mlp",
+                                            map_dim=5, module_hidden_sizes="7",
+                                            normalize_features=False, start="random")])
 def test_scores_are_the_relation_module_on_class_then_query_pairs(overrides):
   learner = build64(**overrides)
   common.perturb_variables(learner, seed=3)
@@ -118,7 +122,8 @@ def test_meta_loss_is_the_mean_squared_error_to_one_hot():
 def test_reference_initialisation_of_the_relation_module():
   tf.random.set_seed(1)
   learner = relation.build(relation.Config(module_hidden_sizes="256,8",
-                                           module_init="reference"), NUM_WAYS, 64)
+                                           module_init="reference", start="random"),
+                           NUM_WAYS, 64)
   for w, b in zip(learner.relation_module.weights, learner.relation_module.biases):
     np.testing.assert_array_equal(b.numpy(), 1.0)
   first = learner.relation_module.weights[0].numpy()
@@ -131,7 +136,7 @@ def test_reference_init_makes_the_module_additive_so_every_query_gets_one_argmax
   g(c, q) = a.c + b.q + const; the class ranking is the same for every
   query, and accuracy is exactly 1/N."""
   tf.random.set_seed(3)
-  learner = build64(module_init="reference")
+  learner = build64(module_init="reference", start="random")
   episode = common.make_episode(num_shots=2, num_queries=4)
   logits = logits_of(learner, *episode[:3])
   centred = logits - logits.mean(-1, keepdims=True)            # drop b.q + const
@@ -139,7 +144,7 @@ def test_reference_init_makes_the_module_additive_so_every_query_gets_one_argmax
                              atol=1e-14)
   _, metrics = learner.meta_loss(episode, training=False, seed=SEED)
   assert metrics["accuracy"].numpy() == pytest.approx(1.0 / NUM_WAYS)
-  glorot = logits_of(build64(), *episode[:3])
+  glorot = logits_of(build64(start="random"), *episode[:3])
   assert len(np.unique(glorot.argmax(-1))) > 1
 
 
@@ -171,10 +176,11 @@ def test_gradients_match_finite_differences():
   test_protonet.check_gradients_match_finite_differences(learner, episode)
 
 
-def test_outer_steps_lower_the_query_loss():
+@pytest.mark.parametrize("start", relation.STARTS)
+def test_outer_steps_lower_the_query_loss(start):
   """The Relation Network has no support loss to lower (adaptation is a sum);
   meta-training lowers its MSE on a fixed episode."""
-  learner = build64()
+  learner = build64(start=start)
   episode = common.make_episode(num_shots=2, num_queries=4)
   optimizer = tf.keras.optimizers.Adam(1e-2)
   before = learner.meta_loss(episode, training=True, seed=SEED)[0].numpy()
@@ -197,8 +203,8 @@ def test_checkpoint_round_trip_restores_identical_predictions(tmp_path):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_runs_in_tf_function_with_finite_loss_and_gradients(jit_compile):
-  learner = relation.build(relation.Config(map_dim=8, module_hidden_sizes="8,4"),
-                           NUM_WAYS, DIM, "float32")
+  learner = relation.build(relation.Config(map_dim=8, module_hidden_sizes="8,4",
+                                           start="random"), NUM_WAYS, DIM, "float32")
   common.check_finite_loss_and_gradients_in_tf_function(learner, jit_compile)
 
 
@@ -211,6 +217,8 @@ def test_wrong_shape_raises():
 @pytest.mark.parametrize("overrides, message", [
     (dict(class_pooling="max"), "--relation_class_pooling='max'"),
     (dict(module_init="zeros"), "--relation_module_init='zeros'"),
+    (dict(start="snail"), "--relation_start='snail'"),
+    (dict(cosine_scale=0.0), "--relation_cosine_scale=0.0"),
     (dict(module_hidden_sizes="8,"), "--relation_module_hidden_sizes='8,'"),
     (dict(embedding_map="conv4"), "--relation_embedding_map='conv4'"),
 ])
@@ -226,14 +234,14 @@ def test_every_config_field_has_help():
 # -- meta-training through the real Trainer ------------------------------------------
 
 def test_meta_trained_relation_network_learns_to_compare(tmp_path):
-  """The Relation Network learns its comparison g from scratch (chance at
-  init), under an MSE objective. On this toy problem, isotropic clusters where
+  """From the random start (--relation_start=random) the Relation Network
+  learns its comparison g from scratch (chance at init), under an MSE objective. On this toy problem, isotropic clusters where
   NCM (99.2%) is near-optimal, a learned comparator does not reach NCM in a
   short run: measured 79% after 60 steps, 92% after 150, 95.3% after 300 and
   96.6% after 1000 (Adam 3e-3). Where the metric itself must be learned (the
   runner's synthetic data, NCM 49%) it beats NCM widely (72.5% after 300)."""
   tf.random.set_seed(0)
-  learner = relation.build(relation.Config(), NUM_WAYS, DIM, "float32")
+  learner = relation.build(relation.Config(start="random"), NUM_WAYS, DIM, "float32")
   accuracy, ncm, at_init = common.meta_train_and_score(learner, tmp_path, steps=300)
   assert ncm > 0.5
   assert at_init < 0.35

@@ -12,12 +12,14 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import registry
 from leo_suite.models import snail
+from leo_suite.models import snail_blocks
 from tests import learner_checks
 from tests import test_maml as common
 
 NUM_WAYS, DIM, SEED = common.NUM_WAYS, common.DIM, common.SEED
+# The random start: tests/test_baseline_starts.py checks --snail_start=nearest_mean.
 SMALL = dict(input_dim=8, key_sizes="8,6,4", value_sizes="4,3,5", tc_filters=6,
-             sequence_length=11)
+             sequence_length=11, start="random")
 
 
 def build64(**overrides):
@@ -36,7 +38,7 @@ def numpy_network(learner, sequences):
   x = np.asarray(sequences, np.float64)
   length = x.shape[1]
   for block in learner.blocks:
-    if isinstance(block, snail.DenseBlock):
+    if isinstance(block, snail_blocks.DenseBlock):
       w, b, d = block.kernel.numpy(), block.bias.numpy(), block.dilation
       past = np.concatenate([np.zeros_like(x[:, :d]), x], axis=1)[:, :length]
       pre = past @ w[0] + x @ w[1] + b
@@ -67,24 +69,25 @@ def test_network_matches_numpy_transcription_of_the_paper():
 
 
 def test_first_step_attends_only_to_itself():
-  block = snail.AttentionBlock(3, 4, 2, tf.float64)
+  block = snail_blocks.AttentionBlock(3, 4, 2, tf.float64)
   x = tf.constant(np.random.default_rng(1).normal(size=(2, 5, 3)))
   out, (_, values) = block.sequence(x)
   np.testing.assert_allclose(out[:, 0, 3:].numpy(), values[:, 0].numpy(), rtol=1e-14)
 
 
 def test_dilations_receptive_field_and_channel_count():
-  assert snail.dilations(6) == [2, 4, 8]        # 5-way 1-shot
-  assert snail.dilations(26) == [2, 4, 8, 16, 32]  # 5-way 5-shot
-  assert snail.dilations(2) == [2]
+  assert snail_blocks.dilations(6) == [2, 4, 8]        # 5-way 1-shot
+  assert snail_blocks.dilations(26) == [2, 4, 8, 16, 32]  # 5-way 5-shot
+  assert snail_blocks.dilations(2) == [2]
   for length in range(2, 70):
-    layers = len(snail.dilations(length))
+    layers = len(snail_blocks.dilations(length))
     assert 2 ** (layers + 1) - 1 >= length   # receptive field covers T
   # d_in + N + sum(v) + (number of TC blocks) * F * ceil(log2 T)
   assert build64().channels == 8 + NUM_WAYS + (4 + 3 + 5) + 2 * 6 * 4
   paper = dict(input_dim=64, key_sizes="64,256,512", value_sizes="32,128,256",
                tc_filters=128)
-  channels = lambda **config: snail.build(snail.Config(**config), NUM_WAYS, 640).channels
+  channels = lambda **config: snail.build(snail.Config(start="random", **config), NUM_WAYS,
+                                          640).channels
   assert channels(**paper) == 64 + 5 + 32 + 128 + 256 + 2 * 128 * 3 == 1253
   assert channels(sequence_length=26, **paper) == 1765
   assert channels() == 640 + 5 + 16 + 32 + 64 + 2 * 32 * 3 == 949
@@ -196,6 +199,8 @@ def test_wrong_shape_raises():
     ({"sequence_length": 1}, "--snail_sequence_length=1"),
     ({"dropout_rate": 1.0}, "--snail_dropout_rate=1.0"),
     ({"dropout_rate": -0.1}, "--snail_dropout_rate=-0.1"),
+    ({"start": "cosine"}, "--snail_start='cosine'"),
+    ({"start_scale": 0.0}, "--snail_start_scale=0.0"),
 ])
 def test_bad_config_is_a_user_error(overrides, message):
   with pytest.raises(errors.ConfigError, match=message):
@@ -237,9 +242,10 @@ def test_input_dropout_acts_in_meta_training_only_and_is_stateless():
 # -- meta-training through the real Trainer ---------------------------------------
 
 def test_meta_trained_snail_learns_to_read_the_support(tmp_path):
-  """A black box starts at chance: it must learn to compare and to read the
-  labels (toy problem, NCM 99%; see snail.py for the synthetic data)."""
+  """From the random start a black box starts at chance: it must learn to
+  compare and to read the labels (toy problem, NCM 99%; see snail.py for the
+  synthetic data)."""
   tf.random.set_seed(0)
   learner_checks.check_meta_training_reaches_ncm(
-      snail.build(snail.Config(), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=1000,
+      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=1000,
       outer_lr=3e-3, margin=0.2)

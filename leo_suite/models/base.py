@@ -306,6 +306,9 @@ class LearnerSpec:
   evaluation may override; `xla_default` / `xla_readout`: --jit_compile=auto
   compiles the meta-training step / evaluation's table readout with XLA
   (training/xla.py); `supports_export`: serving can export it.
+  `earlier_defaults`: config fields added after runs were first saved, with
+  the value such a run trained with (a config.json without the field is read
+  with it, so an old run resumes and evaluates as it was trained).
   """
   name: str
   build: Callable[..., Learner]
@@ -315,9 +318,12 @@ class LearnerSpec:
   xla_default: bool = False
   xla_readout: bool = False
   supports_export: bool = True
+  earlier_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     object.__setattr__(self, "outer_defaults", types.MappingProxyType(dict(self.outer_defaults)))
+    object.__setattr__(self, "earlier_defaults",
+                       types.MappingProxyType(dict(self.earlier_defaults)))
     object.__setattr__(self, "eval_fields", tuple(self.eval_fields))
 
   @property

@@ -66,6 +66,7 @@ class Run(layout.RunDirectory):
         record = json.load(handle)
       if record.get("format") != FORMAT:
         raise ValueError(f"format {record.get('format')!r}, expected {FORMAT}")
+      record["settings"] = settings_lib.with_earlier_defaults(record["settings"])
       run = Run(directory, record)
       run.learner_config().validate()
       run.outer_config().validate()

@@ -223,6 +223,18 @@ def learner_config(model: str, settings: dict):
       field: settings[flag] for flag, field in learner_flag_names(model).items()})
 
 
+def with_earlier_defaults(settings: dict) -> dict:
+  """A saved run's settings with the learner fields added since it was saved
+  filled in with the values it trained with (the spec's earlier_defaults)."""
+  model = settings.get("model")
+  if model not in registry.LEARNERS:  # learner registry
+    return settings
+  flags = {field: flag for flag, field in learner_flag_names(model).items()}
+  missing = {flags[field]: value for field, value in
+             registry.spec(model).earlier_defaults.items() if flags[field] not in settings}
+  return dict(settings, **missing) if missing else settings
+
+
 def eval_overridable(model: str):
   """Settings evaluation may override for `model`."""
   spec = registry.spec(model)  # learner registry
