@@ -561,7 +561,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
              "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
-             "--learners=protonet,r2d2,maml", "--pixel_baseline=false"]
+             "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
+             "--runner_steps=20"]  # validated at steps 0, 10 and 20 (presets: every 10)
   proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[stage] learners done in" in proc.stdout
