@@ -209,6 +209,28 @@ def test_merge_checks_every_row_before_replacing_the_previous_generation(
     assert embeddings_lib.load_dataset_split(str(tmp_path), "tiny", "center", split).dim == 64
 
 
+def test_a_killed_switch_is_undone_and_its_carried_shards_return(tmp_path):
+  """Left by kills: center renamed aside, and a staging folder holding the carried shards."""
+  (tmp_path / "center.old").mkdir()
+  (tmp_path / "center.old" / "manifest.json").write_text("old")
+  (tmp_path / "center.tmp-dead" / "shards" / "shard-00000-of-00001").mkdir(parents=True)
+  (tmp_path / "center.tmp-dead" / "train_embeddings.pkl").write_bytes(b"half")
+  final = str(tmp_path / "center")
+  with pytest.raises(RuntimeError):
+    with extract.new_generation(final) as staging:
+      assert os.path.basename(staging).startswith("center.tmp-")
+      (tmp_path / os.path.basename(staging) / "manifest.json").write_text("new")
+      raise RuntimeError("killed while writing")
+  assert os.listdir(tmp_path) == ["center"]
+  assert sorted(os.listdir(final)) == ["manifest.json", "shards"]
+  assert (tmp_path / "center" / "manifest.json").read_text() == "old"
+  with extract.new_generation(final) as staging:
+    (tmp_path / os.path.basename(staging) / "manifest.json").write_text("new")
+  assert os.listdir(tmp_path) == ["center"]
+  assert os.listdir(tmp_path / "center" / "shards") == ["shard-00000-of-00001"]
+  assert (tmp_path / "center" / "manifest.json").read_text() == "new"
+
+
 @pytest.mark.parametrize("num_shards,shard_index,merge,message", [
     (0, None, False, "--num_shards=0 must be >= 1"),
     (-2, 0, False, "--num_shards=-2 must be >= 1"),
