@@ -86,6 +86,46 @@ def recover_directory(final_dir):
     shutil.rmtree(old_dir)
 
 
+@contextlib.contextmanager
+def new_generation(final_dir, carry=()):
+  """Yields an empty staging folder `<final_dir>.tmp-<random>` that replaces `final_dir`.
+
+  Written in full, the staging folder is switched in by `replace_directory`;
+  the entries of the old folder named in `carry` (e.g. a shards folder) are
+  moved over first. A failure or kill leaves the old folder as it was: the next
+  call first undoes a switch killed between its renames (`recover_directory`)
+  and removes staging folders of killed calls (their carried entries go back).
+  """
+  recover_directory(final_dir)
+  parent = os.path.dirname(os.path.abspath(final_dir))
+  base = os.path.basename(os.path.abspath(final_dir))
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    if name.startswith(base + _TMP_MARK) and os.path.isdir(os.path.join(parent, name)):
+      _drop_staging(os.path.join(parent, name), final_dir, carry)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=base + _TMP_MARK, dir=parent)
+  try:
+    yield staging
+    for name in carry:
+      if os.path.lexists(os.path.join(final_dir, name)):
+        os.replace(os.path.join(final_dir, name), os.path.join(staging, name))
+    replace_directory(staging, final_dir)
+  except BaseException:
+    _drop_staging(staging, final_dir, carry)
+    raise
+
+
+def _drop_staging(staging, final_dir, carry):
+  """Removes a staging folder, its carried entries first moved back to `final_dir`."""
+  recover_directory(final_dir)
+  for name in carry:
+    moved, home = os.path.join(staging, name), os.path.join(final_dir, name)
+    if os.path.lexists(moved) and not os.path.lexists(home):
+      os.makedirs(final_dir, exist_ok=True)
+      os.replace(moved, home)
+  shutil.rmtree(staging, ignore_errors=True)
+
+
 def _umask():
   mask = os.umask(0)
   os.umask(mask)

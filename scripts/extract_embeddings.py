@@ -6,8 +6,8 @@
       --split=omniglot_small --out=embeddings --dataset_name=omniglot_small --crop=center
 
 writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
---format=npz) and manifest.json; `runner.py --data_path=<out>
---dataset_name=<dataset_name>` reads them.
+--format=npz) and manifest.json as one generation that replaces the folder whole (only
+--splits then); `runner.py --data_path=<out> --dataset_name=<dataset_name>` reads them.
 
 Without --split, every image under the source(s) is embedded (classes from
 folders where there are folders, else `unlabelled`) into
@@ -26,9 +26,9 @@ written last; rerunning a finished shard with the same flags does nothing.
 Then the same command with --merge instead of --shard_index (no
 --backbone_dir needed; given, it must be the shards') checks that all S
 shards are there, finished, unchanged (sha256) and made with the same
-backbone and flags, and writes the split files (byte for byte those of one
-process with the same --batch_size, unless images were skipped) and the manifest,
-last; then removes the shards folder (--keep_shards keeps it); with or without --split:
+backbone and flags, and writes the split files (byte for byte those of one process
+with the same --batch_size, unless images were skipped) and the manifest as one
+generation; then removes the shards folder (--keep_shards keeps it); with or without --split:
 
   for i in 0 1; do
     python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \

@@ -5,12 +5,14 @@ changed or foreign shard is refused in one line and nothing is written."""
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import fileio
 from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.models import backbones
 from leo_suite.pretrain import class_splits
@@ -71,9 +73,10 @@ def _keys_and_rows(path):
 
 
 def _without_run_details(manifest):
-  """A manifest without what differs between runs (time, speed, shards)."""
+  """A manifest without what differs between runs (time, speed, shards, generation id)."""
   manifest = json.loads(json.dumps(manifest))
-  for key in ("created_utc", "shards"):
+  assert re.fullmatch(r"[0-9a-f]{32}", manifest["generation"])
+  for key in ("created_utc", "shards", "generation"):
     manifest.pop(key, None)
   for entry in manifest["splits"].values():
     entry.pop("images_per_s")
@@ -105,6 +108,7 @@ def test_two_shards_merge_into_the_single_process_files(backbone_dirs, image_tre
     for manifest in (merged, single):
       manifest["splits"]["test"].pop("sha256")
   assert _without_run_details(merged) == _without_run_details(single)
+  assert merged["generation"] != single["generation"]
   for split in ("train", "val", "test"):
     name = f"{split}_embeddings.{fmt}"
     one = tmp_path / "single" / "tiny" / "center" / name
@@ -163,6 +167,68 @@ def test_finished_shard_is_skipped_and_an_unfinished_one_refused(backbone_dirs, 
   assert os.listdir(tmp_path / "tiny" / "center") == ["shards"]
   with pytest.raises(errors.DataError, match="--num_shards=2, not 3"):
     extract_shards.merge_shards(str(tmp_path), "tiny", "center", num_shards=3, **QUIET)
+
+
+def test_merge_checks_every_row_before_replacing_the_previous_generation(
+    backbone_dirs, image_tree, tmp_path):
+  """A NaN row in the last split's last shard: the previous files stay, byte for byte."""
+  by_class, split_classes, origin, _ = _split_plan(image_tree, tmp_path)
+  extract.extract_embeddings(backbone_dirs[1], by_class, split_classes, str(tmp_path), "tiny",
+                             batch_size=BATCH, split_origin=origin, **QUIET)
+  crop_dir = tmp_path / "tiny" / "center"
+  before = {n: (crop_dir / n).read_bytes() for n in os.listdir(crop_dir)}
+  plan = extract_shards.plan_splits(by_class, split_classes, [image_tree], origin)
+  _shards(backbone_dirs[0], plan, tmp_path, 2)
+  folder = os.path.join(extract_shards.shards_dir(str(tmp_path), "tiny", "center"),
+                        "shard-00001-of-00002")
+  path = os.path.join(folder, "test_shard.npz")
+  with np.load(path) as data:
+    arrays = dict(data)
+  arrays["embeddings"][-1, 3] = np.nan
+  np.savez(path, **arrays)
+  with open(os.path.join(folder, embeddings_lib.MANIFEST)) as handle:
+    manifest = json.load(handle)
+  manifest["splits"]["test"]["sha256"] = fileio.file_sha256(path)
+  with open(os.path.join(folder, embeddings_lib.MANIFEST), "w") as handle:
+    json.dump(manifest, handle)
+  with pytest.raises(errors.DataError, match=r"shards' test embeddings have 1 row\(s\) with NaN"):
+    extract_shards.merge_shards(str(tmp_path), "tiny", "center", **QUIET)
+  assert {n: (crop_dir / n).read_bytes() for n in os.listdir(crop_dir) if n != "shards"} == before
+  assert sorted(os.listdir(tmp_path / "tiny")) == ["center"]   # no staging folder left
+  arrays["embeddings"][-1, 3] = 0.5   # repaired: the merge replaces the whole generation
+  np.savez(path, **arrays)
+  manifest["splits"]["test"]["sha256"] = fileio.file_sha256(path)
+  with open(os.path.join(folder, embeddings_lib.MANIFEST), "w") as handle:
+    json.dump(manifest, handle)
+  merged = extract_shards.merge_shards(str(tmp_path), "tiny", "center", **QUIET)
+  assert sorted(os.listdir(crop_dir)) == sorted(before)
+  assert (crop_dir / "train_embeddings.pkl").read_bytes() != before["train_embeddings.pkl"]
+  with open(crop_dir / embeddings_lib.MANIFEST) as handle:
+    assert json.load(handle)["generation"] == merged["generation"]
+  for split in ("train", "val", "test"):
+    assert embeddings_lib.load_dataset_split(str(tmp_path), "tiny", "center", split).dim == 64
+
+
+def test_a_killed_switch_is_undone_and_its_carried_shards_return(tmp_path):
+  """Left by kills: center renamed aside, and a staging folder holding the carried shards."""
+  (tmp_path / "center.old").mkdir()
+  (tmp_path / "center.old" / "manifest.json").write_text("old")
+  (tmp_path / "center.tmp-dead" / "shards" / "shard-00000-of-00001").mkdir(parents=True)
+  (tmp_path / "center.tmp-dead" / "train_embeddings.pkl").write_bytes(b"half")
+  final = str(tmp_path / "center")
+  with pytest.raises(RuntimeError):
+    with extract.new_generation(final) as staging:
+      assert os.path.basename(staging).startswith("center.tmp-")
+      (tmp_path / os.path.basename(staging) / "manifest.json").write_text("new")
+      raise RuntimeError("killed while writing")
+  assert os.listdir(tmp_path) == ["center"]
+  assert sorted(os.listdir(final)) == ["manifest.json", "shards"]
+  assert (tmp_path / "center" / "manifest.json").read_text() == "old"
+  with extract.new_generation(final) as staging:
+    (tmp_path / os.path.basename(staging) / "manifest.json").write_text("new")
+  assert os.listdir(tmp_path) == ["center"]
+  assert os.listdir(tmp_path / "center" / "shards") == ["shard-00000-of-00001"]
+  assert (tmp_path / "center" / "manifest.json").read_text() == "new"
 
 
 @pytest.mark.parametrize("num_shards,shard_index,merge,message", [

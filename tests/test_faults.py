@@ -11,6 +11,7 @@ uninterrupted run does.
 
 import errno
 import glob
+import json
 import os
 import random
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from leo_suite import errors
 from leo_suite.data import embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,6 +364,10 @@ def run_extraction(wrapper, inputs, out, **fault):
       capture_output=True, text=True, env=env(**fault), timeout=300, cwd=REPO, check=False)
 
 
+def _files(folder):
+  return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
 @pytest.mark.slow
 def test_sigkill_during_extraction_leaves_no_partial_file_and_rerun_completes(
     wrapper, extraction_inputs, tmp_path):
@@ -369,16 +375,50 @@ def test_sigkill_during_extraction_leaves_no_partial_file_and_rerun_completes(
   folder = out / "tiny" / "center"
   proc = run_extraction(wrapper, extraction_inputs, out, point="half_file", nth=2)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  names = sorted(os.listdir(folder))
-  # train was complete, val died half written: only a temp file no reader opens.
-  assert [n for n in names if not n.startswith("val_embeddings.pkl.tmp-")] == [
-      "train_embeddings.pkl"], names
-  assert embeddings.load_split(str(folder / "train_embeddings.pkl")).num_classes == 3
-  with pytest.raises(Exception):
-    embeddings.load_dataset_split(str(out), "tiny", "center", "val")  # absent, not partial
+  # train was complete, val died half written, both in the staging folder no reader opens.
+  assert not folder.exists()
+  staging = [n for n in os.listdir(out / "tiny") if n.startswith("center.tmp-")]
+  assert len(staging) == 1 and "train_embeddings.pkl" in os.listdir(out / "tiny" / staging[0])
+  with pytest.raises(Exception, match="no such file"):
+    embeddings.load_dataset_split(str(out), "tiny", "center", "train")  # absent, not partial
   proc = run_extraction(wrapper, extraction_inputs, out)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert os.path.exists(folder / "manifest.json")
+  assert os.listdir(out / "tiny") == ["center"]   # the killed run's staging folder removed
+  previous = _files(folder)
+  assert sorted(previous) == ["manifest.json", "test_embeddings.pkl", "train_embeddings.pkl",
+                              "val_embeddings.pkl"]
+  # Killed again halfway through val: the previous generation is whole, byte for byte.
+  proc = run_extraction(wrapper, extraction_inputs, out, point="half_file", nth=2)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert _files(folder) == previous
+  for split in embeddings.SPLITS:
+    assert embeddings.load_dataset_split(str(out), "tiny", "center", split).dim == 64
+  proc = run_extraction(wrapper, extraction_inputs, out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.listdir(out / "tiny") == ["center"] and sorted(_files(folder)) == sorted(previous)
+  with open(folder / "manifest.json") as handle:
+    assert json.load(handle)["generation"] != json.loads(previous["manifest.json"])["generation"]
+  for split in embeddings.SPLITS:
+    assert embeddings.load_dataset_split(str(out), "tiny", "center", split).dim == 64
+
+
+@pytest.mark.slow
+def test_sigkill_between_the_renames_of_an_extraction_is_named_and_recovered(
+    wrapper, extraction_inputs, tmp_path):
+  out = tmp_path / "out"
+  folder = out / "tiny" / "center"
+  assert run_extraction(wrapper, extraction_inputs, out).returncode == 0
+  previous = _files(folder)
+  # Killed after center -> center.old, before center.tmp-* -> center.
+  proc = run_extraction(wrapper, extraction_inputs, out, point="best_swap")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert not folder.exists() and _files(out / "tiny" / "center.old") == previous
+  with pytest.raises(errors.DataError, match=r"center is missing but .*center.old holds the "
+                     r"previous extraction: an extraction was killed while switching it in"):
+    embeddings.load_dataset_split(str(out), "tiny", "center", "train")
+  proc = run_extraction(wrapper, extraction_inputs, out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.listdir(out / "tiny") == ["center"] and sorted(_files(folder)) == sorted(previous)
   for split in embeddings.SPLITS:
     assert embeddings.load_dataset_split(str(out), "tiny", "center", split).dim == 64
 

@@ -427,8 +427,8 @@ def test_corrupt_image_fails_cleanly_or_is_skipped_and_reported(trained, image_t
   with pytest.raises(errors.DataError, match=r"Latin/character01/d1\.png.*corrupt"):
     _extract(trained, image_tree, out)
   folder = out / "tiny" / "center"
-  # Splits finished before the failure are complete; no test file, no manifest, no temp files.
-  assert sorted(os.listdir(folder)) == ["train_embeddings.pkl", "val_embeddings.pkl"]
+  # train and val were written into the staging folder, which the failure removed whole.
+  assert not folder.exists() and os.listdir(out / "tiny") == []
   manifest = _extract(trained, image_tree, out, skip_bad=True)
   assert manifest["splits"]["test"]["num_images"] == 5
   assert manifest["splits"]["test"]["skipped"][0]["image"] == bad
@@ -451,6 +451,7 @@ def test_killed_write_leaves_no_partial_pickle(trained, image_tree, tmp_path, mo
     _extract(trained, image_tree, out, crop="center")
   assert (folder / "test_embeddings.pkl").read_bytes() == before
   assert not [n for n in os.listdir(folder) if ".tmp-" in n]
+  assert os.listdir(out / "tiny") == ["center"]   # the staging folder removed
 
 
 def test_class_tokens_are_safe_and_unique():

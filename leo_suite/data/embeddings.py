@@ -298,6 +298,12 @@ def load_dataset_split(data_path: str, dataset_name: str, crop: str, split: str,
                        max_bytes: Optional[int] = None) -> EmbeddingSplit:
   """Loads `<data_path>/<dataset_name>/<crop>/<split>_embeddings.{npz,pkl}`."""
   path = split_path(data_path, dataset_name, crop, split)
+  folder = os.path.dirname(path)
+  if not os.path.exists(folder) and os.path.isdir(folder + ".old"):
+    raise errors.DataError(
+        f"{folder} is missing but {folder}.old holds the previous extraction: an extraction "
+        "was killed while switching it in; rerun it (it restores the old one first), or "
+        f"rename {folder}.old back to {folder}")
   if not os.path.exists(path):
     hint = how_to_get or "check --data_path, --dataset_name and --embedding_crop"
     raise errors.DataError(
@@ -312,9 +318,10 @@ def load_dataset_split(data_path: str, dataset_name: str, crop: str, split: str,
 def check_listed(path: str, split: str, sha256: str):
   """Refuses a split file other than the one the extraction manifest beside it lists.
 
-  Extraction writes the split files one by one, then `MANIFEST` with each
-  file's sha256: a file whose sha256 differs comes from another extraction
-  (an interrupted one, or copied in), and mixing it with the others would
+  Extraction writes one generation (the split files, then `MANIFEST` with its
+  `generation` id and each file's sha256) into a staging folder it renames in
+  whole: a file whose sha256 differs comes from another extraction (copied in,
+  or an old version's interrupted run), and mixing it with the others would
   pair splits of two backbones or image sets. Without a manifest, or one not
   listing this file (the release, a converted file), nothing is checked.
   """

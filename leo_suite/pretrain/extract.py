@@ -17,9 +17,12 @@ antialiased Lanczos-3 resize; see `images.decode_image`), then scaled to
 Crops (center, multiview, warps) and the views they average are
 `leo_suite.data.image_views`'s.
 
-Every split file is written atomically (temporary file + rename) and read back
-with `load_split` before the manifest (`manifest.json`, written last) records
-it; a killed job leaves the previous files or none, never half a pickle.
+One extraction is one generation: its split files (each read back with
+`load_split`) and its manifest (`manifest.json`, written last, with a
+`generation` id and each file's sha256) are written into a staging folder
+`<crop>.tmp-<random>` beside `<crop>`, which then replaces `<crop>` by renames
+(`fileio.new_generation`). A killed job leaves the previous generation whole
+(or nothing), never a mix; the next extraction removes the staging folder.
 """
 
 import datetime
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import time
+import uuid
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
@@ -92,6 +96,7 @@ def manifest_header(dataset_name: str, crop: str, fmt: str, backbone: dict,
       "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "backbone": backbone, "sources": list(sources), "split_origin": split_origin,
       "class_names": class_names, "splits": {},
+      "generation": uuid.uuid4().hex,   # one id per extraction: its folder's files all belong to it
   }
 
 
@@ -138,7 +143,8 @@ def write_split_file(target_dir: str, split: str, fmt: str, keys: Sequence[str],
   """Writes <split>_embeddings.<fmt>; returns its manifest entry."""
   path = os.path.join(target_dir, f"{split}_embeddings.{fmt}")
   write_verified(path, keys, feats, num_classes)
-  log(f"wrote {path}: {feats.shape[0]} images, {num_classes} classes, D={feats.shape[1]}")
+  log(f"wrote {os.path.basename(path)}: {feats.shape[0]} images, {num_classes} classes, "
+      f"D={feats.shape[1]}")
   return {
       "file": os.path.basename(path), "sha256": fileio.file_sha256(path),
       "num_images": int(feats.shape[0]), "num_classes": num_classes,
@@ -171,24 +177,36 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
   check_split_names(split_classes)
   all_classes = [c for split in split_classes for c in split_classes[split]]
   tokens = class_tokens(all_classes)
-  target_dir = os.path.join(out_dir, dataset_name, crop)
-  os.makedirs(target_dir, exist_ok=True)
   manifest = manifest_header(dataset_name, crop, fmt, backbone_entry(backbone_dir, description),
                              sources, split_origin, {tokens[c]: c for c in all_classes})
-  for split, classes in split_classes.items():
-    records = split_records(by_class, classes)
-    t0 = time.time()
-    feats, kept, skipped = image_embedder.extract_split(
-        features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
-    elapsed = time.time() - t0
-    for origin, reason in skipped:
-      log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
-    keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
-    manifest["splits"][split] = write_split_file(target_dir, split, fmt, keys, len(classes),
-                                                 feats, skipped, elapsed, log)
-  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
-                           json.dumps(manifest, indent=2, sort_keys=True))
+  with new_generation(os.path.join(out_dir, dataset_name, crop)) as staging:
+    for split, classes in split_classes.items():
+      records = split_records(by_class, classes)
+      t0 = time.time()
+      feats, kept, skipped = image_embedder.extract_split(
+          features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
+      elapsed = time.time() - t0
+      for origin, reason in skipped:
+        log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
+      keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
+      manifest["splits"][split] = write_split_file(staging, split, fmt, keys, len(classes),
+                                                   feats, skipped, elapsed, log)
+    write_manifest(staging, manifest)
   return manifest
+
+
+SHARDS_DIR = "shards"   # sharded extraction's folder inside <crop>, carried to each generation
+
+
+def new_generation(target_dir: str):
+  """`fileio.new_generation` of a <dataset>/<crop> folder: its shards folder carried over."""
+  return fileio.new_generation(target_dir, carry=(SHARDS_DIR,))
+
+
+def write_manifest(staging: str, manifest: dict):
+  """Writes `manifest` (last) into a generation's staging folder."""
+  fileio.atomic_write_text(os.path.join(staging, embeddings_lib.MANIFEST),
+                           json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def check_split_names(split_classes: Dict[str, List[str]]):

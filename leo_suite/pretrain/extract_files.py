@@ -94,21 +94,23 @@ def extract_all(backbone_dir: str, records: List[image_sources.ImageRecord], out
   header = extract.manifest_header(
       dataset_name, crop, fmt, extract.backbone_entry(backbone_dir, embedder.description),
       sources, "", {})
-  return write_all(target_dir, header, all_tokens(records), [records[i] for i in kept], feats,
-                   skipped, elapsed, log)
+  with extract.new_generation(target_dir) as staging:
+    return write_all(staging, header, all_tokens(records), [records[i] for i in kept], feats,
+                     skipped, elapsed, log)
 
 
-def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Sequence,
+def write_all(staging: str, manifest: dict, tokens: dict, kept_records: Sequence,
               feats: np.ndarray, skipped, elapsed: float,
               log: Callable[[str], None] = print) -> dict:
-  """Writes all_embeddings.<fmt>, then `manifest` (an `extract.manifest_header`) completed.
+  """Writes all_embeddings.<fmt>, then `manifest` (an `extract.manifest_header`) completed,
+  into a generation's `staging` folder (`extract.new_generation`).
 
   `kept_records` (each with .class_name and .file_name) are the rows of `feats`.
   """
   files = [relative_path(r) for r in kept_records]
   keys = [embedding_keys.make_path_key(tokens[r.class_name], f)
           for r, f in zip(kept_records, files)]
-  path = os.path.join(target_dir, f"{ALL}_embeddings.{manifest['format']}")
+  path = os.path.join(staging, f"{ALL}_embeddings.{manifest['format']}")
   used = sorted({r.class_name for r in kept_records})
   extract.write_verified(path, keys, feats, len(used))
   counts = {"num_images": int(feats.shape[0]), "num_classes": len([c for c in used if c]),
@@ -124,9 +126,8 @@ def write_all(target_dir: str, manifest: dict, tokens: dict, kept_records: Seque
           "skipped": [{"image": o, "reason": r} for o, r in skipped]}},
       "files": {f: row for row, f in enumerate(files)},
   })
-  fileio.atomic_write_text(os.path.join(target_dir, embeddings_lib.MANIFEST),
-                           json.dumps(manifest, indent=2, sort_keys=True))
-  log(f"wrote {path}: {describe_counts(counts)}, D={feats.shape[1]}")
+  extract.write_manifest(staging, manifest)
+  log(f"wrote {os.path.basename(path)}: {describe_counts(counts)}, D={feats.shape[1]}")
   return manifest
 
 

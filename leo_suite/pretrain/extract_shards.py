@@ -18,12 +18,11 @@ does nothing (its files checked against their sha256); other settings redo it.
 `--merge` (same --out / --dataset_name / --crop) refuses, before writing anything,
 a missing or unfinished shard, a shard file not in its folder or not matching its
 sha256, an unknown split, shards of another --num_shards, backbone, source, split,
-crop, format or decoding options, and rows that do not cover every record exactly
-once. Then it writes the split files (the single-process extraction's byte for byte:
-same keys in the same order, same embeddings; with skipped bad images the batches
-after them differ, so embeddings may differ in float rounding), each atomically,
-and the final manifest last (it adds `"shards"`). The shards folder is then
-removed, unless `keep_shards`.
+crop, format or decoding options, rows that do not cover every record exactly once,
+and NaN/inf rows. Then it writes one new generation of <crop> (`extract.new_generation`:
+the shards folder carried into it): the split files (the single-process extraction's
+byte for byte but for rounding after skipped bad images, which shift the batches)
+and the manifest (adding `"shards"`). The shards folder is then removed (not if keep_shards).
 """
 
 import collections
@@ -52,7 +51,7 @@ from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import extract_files
 
-SHARDS_DIR = "shards"
+SHARDS_DIR = extract.SHARDS_DIR
 SPLIT_MODE, ALL_MODE = "splits", "all"
 _Row = collections.namedtuple("_Row", "class_name file_name")
 
@@ -311,6 +310,10 @@ def _merge_split(split: str, shards, num_records: int):
         "rerun the shards with the same flags")
   order = np.argsort(indices, kind="stable")
   feats = np.concatenate([p["embeddings"] for p in parts]).astype(np.float32)[order]
+  bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+  if bad.size:   # checked for every row of every split before anything is written
+    raise errors.DataError(f"the shards' {split} embeddings have {bad.size} row(s) with NaN or "
+                           f"inf (first: image {indices[order][bad[0]]}); rerun the shards")
   classes = np.concatenate([p["classes"] for p in parts])[order]
   files = np.concatenate([p["files"] for p in parts])[order]
   rows = [_Row(str(c), str(f)) for c, f in zip(classes, files)]
@@ -379,21 +382,19 @@ def merge_shards(out_dir: str, dataset_name: str, crop: str,
                            f"{exc}); rerun the shards") from None
   header["shards"] = {"num_shards": len(shards), "folder": os.path.abspath(root),
                       "kept": bool(keep_shards)}
-  manifest_path = os.path.join(target_dir, embeddings_lib.MANIFEST)
-  if os.path.exists(manifest_path):   # no manifest may describe files being replaced
-    os.remove(manifest_path)
-  if settings["mode"] == ALL_MODE:
-    rows, feats, skipped, elapsed = merged[extract_files.ALL]
-    manifest = extract_files.write_all(target_dir, header, tokens, rows, feats, skipped,
-                                       elapsed, log)
-  else:
-    header["class_names"] = settings["class_names"]
-    for split, (_, feats, skipped, elapsed) in merged.items():
-      header["splits"][split] = extract.write_split_file(
-          target_dir, split, settings["format"], keys[split], len(classes[split]), feats,
-          skipped, elapsed, log)
-    fileio.atomic_write_text(manifest_path, json.dumps(header, indent=2, sort_keys=True))
-    manifest = header
+  with extract.new_generation(target_dir) as staging:   # the shards folder is carried over
+    if settings["mode"] == ALL_MODE:
+      rows, feats, skipped, elapsed = merged[extract_files.ALL]
+      manifest = extract_files.write_all(staging, header, tokens, rows, feats, skipped,
+                                         elapsed, log)
+    else:
+      header["class_names"] = settings["class_names"]
+      for split, (_, feats, skipped, elapsed) in merged.items():
+        header["splits"][split] = extract.write_split_file(
+            staging, split, settings["format"], keys[split], len(classes[split]), feats,
+            skipped, elapsed, log)
+      manifest = header
+      extract.write_manifest(staging, manifest)
   if not keep_shards:
     shutil.rmtree(root)
   return manifest
