@@ -286,6 +286,24 @@ def check_at_least(config, flag_prefix: str, minimums):
           f"--{flag_prefix}{field}={value}: must be >= {minimum}")
 
 
+def check_choices(config, flag_prefix: str, choices):
+  """Raises ConfigError naming --<flag_prefix><field> unless each config field
+  in `choices` ({field: allowed values}) holds one of its allowed values."""
+  for field, allowed in choices.items():
+    value = getattr(config, field)
+    if value not in allowed:
+      raise errors.ConfigError(
+          f"--{flag_prefix}{field}={value!r}: choose one of {', '.join(allowed)}")
+
+
+def check_positive(config, flag_prefix: str, fields):
+  """Raises ConfigError naming --<flag_prefix><field> unless each of `fields` is > 0."""
+  for field in fields:
+    value = getattr(config, field)
+    if not value > 0:
+      raise errors.ConfigError(f"--{flag_prefix}{field}={value}: must be > 0")
+
+
 def config_fields(config_cls):
   """(name, default, help) of a learner's frozen config dataclass."""
   return [(f.name, f.default, f.metadata.get("help", ""))

@@ -113,13 +113,8 @@ class MetricConfig:
               "<= 1), hence nearly flat softmaxes, unless f or s grows."})
 
   def validate(self):
-    prefix = self.flag_prefix
-    if self.metric not in METRICS:
-      raise errors.ConfigError(
-          f"--{prefix}metric={self.metric!r}: choose one of {', '.join(METRICS)}")
-    if not self.logit_scale > 0:
-      raise errors.ConfigError(
-          f"--{prefix}logit_scale={self.logit_scale}: must be > 0")
+    base.check_choices(self, self.flag_prefix, {"metric": METRICS})
+    base.check_positive(self, self.flag_prefix, ["logit_scale"])
 
   def build_metric(self, dtype, name="metric"):
     return ScaledMetric(self.metric, self.logit_scale, self.learn_logit_scale,

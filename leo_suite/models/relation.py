@@ -68,7 +68,6 @@ from typing import ClassVar
 
 import tensorflow as tf
 
-from leo_suite import errors
 from leo_suite.data.episodes import Episode
 from leo_suite.models import base
 from leo_suite.models import embedding_maps
@@ -116,20 +115,9 @@ class Config(embedding_maps.MapConfig):
     super().validate()
     heads.parse_hidden_sizes(self.module_hidden_sizes,
                              self.flag_prefix + "module_hidden_sizes")
-    if self.class_pooling not in POOLINGS:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}class_pooling={self.class_pooling!r}: choose one of "
-          f"{', '.join(POOLINGS)}")
-    if self.start not in STARTS:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}start={self.start!r}: choose one of {', '.join(STARTS)}")
-    if not self.cosine_scale > 0:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}cosine_scale={self.cosine_scale}: must be > 0")
-    if self.module_init not in embedding_maps.MLP_INITS:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}module_init={self.module_init!r}: choose one of "
-          f"{', '.join(embedding_maps.MLP_INITS)}")
+    base.check_choices(self, self.flag_prefix, {"class_pooling": POOLINGS, "start": STARTS,
+                                                "module_init": embedding_maps.MLP_INITS})
+    base.check_positive(self, self.flag_prefix, ["cosine_scale"])
 
 
 def mean_squared_error_to_one_hot(logits, labels):

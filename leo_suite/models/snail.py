@@ -164,12 +164,8 @@ class Config:
     self.key_value_sizes()
     base.check_at_least(self, self.flag_prefix, {"input_dim": 0, "tc_filters": 1,
                                             "sequence_length": 2})
-    if self.start not in STARTS:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}start={self.start!r}: choose one of {', '.join(STARTS)}")
-    if not self.start_scale > 0:
-      raise errors.ConfigError(
-          f"--{self.flag_prefix}start_scale={self.start_scale}: must be > 0")
+    base.check_choices(self, self.flag_prefix, {"start": STARTS})
+    base.check_positive(self, self.flag_prefix, ["start_scale"])
     if not 0.0 <= self.dropout_rate < 1.0:
       raise errors.ConfigError(
           f"--{self.flag_prefix}dropout_rate={self.dropout_rate}: must be in [0, 1)")
