@@ -19,6 +19,7 @@ import sys
 from absl import app
 
 from leo_suite import errors
+from leo_suite import safeio
 
 ENV_VAR = "LEO_SUITE_TF_LOGS"
 
@@ -85,10 +86,7 @@ MAX_ERROR_CHARS = 2000   # an error line is never a screenful (a long list is cu
 
 def capped(message, limit: int = MAX_ERROR_CHARS) -> str:
   """`message` as one line of at most `limit` characters, saying how much was cut."""
-  text = " ".join(str(message).split())
-  if len(text) <= limit:
-    return text
-  return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+  return safeio.one_line(message, limit, say_cut=True)
 
 
 def guarded(main, where=DEFAULT_WHERE, recovery=DEFAULT_RECOVERY,

@@ -42,10 +42,15 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _OBJECT_REPR = re.compile(r"<_?[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def one_line(text, limit: int = MAX_MESSAGE) -> str:
-  """`text` as one line of at most `limit` characters."""
+def one_line(text, limit: int = MAX_MESSAGE, say_cut: bool = False) -> str:
+  """`text` as one line of at most `limit` characters (`say_cut`: the first
+  `limit`, then how many more were cut)."""
   text = " ".join(str(text).split())
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  if len(text) <= limit:
+    return text
+  if say_cut:
+    return f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+  return text[:limit - 3] + "..."
 
 
 def refuse(error, text):
