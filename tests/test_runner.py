@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import scripts_run
+
 from leo_suite.data import embedding_keys
 
 from leo_suite.data import embeddings
@@ -25,10 +27,11 @@ TINY_FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--nu
               "--jit_compile=false"]
 
 
-def run(*args, check=True):
+def run(*args, check=True, fresh=False):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "runner.py"), *args],
-                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+  proc = scripts_run.run([sys.executable, os.path.join(REPO, "runner.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+                         fresh=fresh)
   if check and proc.returncode != 0:
     raise AssertionError(f"runner failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
   return proc
@@ -131,7 +134,7 @@ def test_evaluation_rebuilds_the_run_from_its_directory(maml_run, tiny_data):
   run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={maml_run}",
       "--evaluation_mode")
   full = result_of(maml_run)
-  alone = run(f"--checkpoint_path={maml_run}", "--evaluation_mode")
+  alone = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", fresh=True)
   assert "cuInit" not in alone.stderr and "oneDNN" not in alone.stderr  # quiet start-up
   result = result_of(maml_run)
   assert result["accuracy"] == full["accuracy"] and result["num_tasks"] == 20
