@@ -80,6 +80,10 @@ flags.DEFINE_integer("parallel_learners", _DEFAULTS.parallel_learners, "runner.p
                      "run at the same time, each with max(1, cores // parallel_learners) "
                      "TensorFlow threads unless TF_NUM_INTRAOP_THREADS / "
                      "TF_NUM_INTEROP_THREADS are set.")
+flags.DEFINE_float("metatrain_holdout", _DEFAULTS.metatrain_holdout, "Fraction of the "
+                   "meta-train characters kept out of pretraining (drawn with --seed); the "
+                   "learners meta-train on episodes of these unseen classes. 0: on the "
+                   "pretraining classes.")
 FLAGS = flags.FLAGS
 
 

@@ -1,7 +1,6 @@
 """Backbones: parameter counts from the architectures' arithmetic, feature shapes."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -9,6 +8,8 @@ import pytest
 import tensorflow as tf
 
 from leo_suite.models import backbones
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,7 +114,7 @@ def test_unknown_backbone_and_tiny_input_are_rejected():
 
 
 def test_print_params_cli():
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "pretrain.py"), "--print_params",
        "--image_size=84", "--channels=3"],
       capture_output=True, text=True, timeout=300, check=False)

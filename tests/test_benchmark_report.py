@@ -3,12 +3,13 @@ from a small hand-made results JSON (nothing is measured)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from leo_suite.bench import report as report_lib
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
@@ -122,7 +123,7 @@ def test_markdown_rows(benchmark):
 def test_markdown_flag_prints_the_table_of_a_json(benchmark, tmp_path):
   path = tmp_path / "benchmark.json"
   path.write_text(json.dumps(RESULTS))
-  proc = subprocess.run([sys.executable, SCRIPT, f"--markdown={path}"], capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  proc = scripts_run.run([sys.executable, SCRIPT, f"--markdown={path}"], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == benchmark.markdown(RESULTS)

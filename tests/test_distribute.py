@@ -8,7 +8,6 @@ MultiWorkerMirroredStrategy needs one process per worker.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +20,8 @@ from leo_suite.models import registry
 from leo_suite.training import settings as settings_lib
 from tests import distribute_helper
 from tests import workers
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO, "tests", "distribute_helper.py")
@@ -63,8 +64,8 @@ def max_difference(a, b):
 def mirrored_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("mirrored")
   # A hang guard only: ~170 s alone on 2 cores, several times that on a shared machine.
-  proc = subprocess.run([sys.executable, HELPER, "mirrored", str(out)], capture_output=True,
-                        text=True, env=_env(), timeout=1800, cwd=REPO)
+  proc = scripts_run.run([sys.executable, HELPER, "mirrored", str(out)], capture_output=True,
+                         text=True, env=_env(), timeout=1800, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out / "report.json") as handle:
     return out, json.load(handle)

@@ -10,7 +10,6 @@ import http.server
 import io
 import os
 import socket
-import subprocess
 import sys
 import threading
 import zipfile
@@ -24,6 +23,8 @@ from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 from leo_suite.data import http_fetch
 from leo_suite.data import release_archive
+
+from tests import scripts_run
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "download_embeddings.py")
@@ -165,8 +166,8 @@ def _assert_installed(dest, files):
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
-                        text=True, timeout=60, check=False)
+  return scripts_run.run([sys.executable, SCRIPT, *args], capture_output=True,
+                         text=True, timeout=60, check=False)
 
 
 def _flip_member_byte(archive, member, fraction=0.5):

@@ -26,6 +26,8 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.data import embeddings
 
+from tests import scripts_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--num_classes=3",
          "--metatrain_batch_size=4", "--metavalid_batch_size=10", "--num_val_batches=1",
@@ -125,7 +127,7 @@ def env(**fault):
 
 
 def run_runner(wrapper, data, run_dir, limit=LIMIT, **fault):
-  return subprocess.run(
+  return scripts_run.run(
       [sys.executable, wrapper, "runner", f"--data_path={data}", *FLAGS,
        f"--checkpoint_path={run_dir}", f"--num_steps_limit={limit}"],
       capture_output=True, text=True, env=env(**fault), timeout=300, cwd=REPO, check=False)
@@ -187,7 +189,7 @@ def test_sigkill_at_random_times_then_resume_equals_uninterrupted(wrapper, tiny_
   for attempt in range(4):
     log_path = tmp_path / f"log{attempt}.txt"
     with open(log_path, "w") as log:
-      proc = subprocess.Popen(
+      proc = scripts_run.Popen(
           [sys.executable, wrapper, "runner", f"--data_path={tiny_data}", *FLAGS,
            f"--checkpoint_path={run_dir}", f"--num_steps_limit={LIMIT}"],
           stdout=subprocess.DEVNULL, stderr=log, env=env(), cwd=REPO)
@@ -356,7 +358,7 @@ def extraction_inputs(tmp_path_factory):
 
 
 def run_extraction(wrapper, inputs, out, **fault):
-  return subprocess.run(
+  return scripts_run.run(
       [sys.executable, wrapper, os.path.join(REPO, "scripts", "extract_embeddings.py"),
        f"--backbone_dir={inputs / 'backbone'}", f"--source={inputs / 'images'}",
        f"--split={inputs / 'split.json'}", f"--out={out}", "--dataset_name=tiny",

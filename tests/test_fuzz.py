@@ -9,7 +9,6 @@ sample / train. Example counts are kept modest so the file runs in ~2 minutes
 import io
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 
@@ -24,6 +23,8 @@ from leo_suite import errors
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
 from leo_suite.data import episodes
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -255,9 +256,9 @@ def test_cli_flag_errors_are_one_line_without_traceback(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   for args in (["--num_classes=abc"], ["--model=nope"],
                ["--outer_lr=-1", f"--checkpoint_path={tmp_path}/r"]):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "runner.py"), *args],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
-                          check=False)
+    proc = scripts_run.run([sys.executable, os.path.join(REPO, "runner.py"), *args],
+                           capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+                           check=False)
     assert proc.returncode != 0, args
     assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
     assert not os.path.exists(tmp_path / "r" / "checkpoint")

@@ -18,6 +18,8 @@ import pytest
 
 from tests.test_safeio import deadline
 
+from tests import scripts_run
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # -- 1. the run's lock ---------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_dataset_and_crop_names_are_single_names_before_anything_is_read(tmp_pat
 
 def test_runner_refuses_a_dataset_path_in_one_line_and_leaves_no_run_directory(tmp_path):
   run_dir = tmp_path / "run"
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO_ROOT, "runner.py"), f"--data_path={tmp_path}",
        "--dataset_name=../../etc", f"--checkpoint_path={run_dir}"],
       capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
@@ -593,7 +595,7 @@ def test_export_names_what_was_written_and_advises_no_rerun(tmp_path):
   embeddings.write_split(str(tmp_path / "support.npz"), keys,
                          np.random.default_rng(0).standard_normal([len(keys), serving.D]))
   (tmp_path / "a_file").write_text("")
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO_ROOT, "scripts", "export_classifier.py"),
        f"--checkpoint_path={tmp_path / 'run'}", f"--support={tmp_path / 'support.npz'}",
        f"--export_base={tmp_path / 'a_file' / 'serving'}"],

@@ -33,6 +33,7 @@ from leo_suite.data import safe_arrays
 from leo_suite.data import safe_pickle
 from tests.test_safety import call, global_op, py2_float32_array, py2_int, py2_release_pickle
 from tests.test_safety import py2_str, text
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
@@ -232,8 +233,8 @@ def test_runner_and_converter_report_pointer_pickles_in_one_line(tmp_path):
                        f"--input={folder / 'train_embeddings.pkl'}"]}
   for probe, command in commands.items():
     path = write(folder, POINTER_PROBES[probe][0]())
-    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300, check=False)
+    proc = scripts_run.run([sys.executable, *command], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=300, check=False)
     errors_printed = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, (probe, proc.returncode, proc.stderr[-2000:])
     assert len(errors_printed) == 1 and errors_printed[0].startswith(f"error: {path}: "), (

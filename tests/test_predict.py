@@ -6,7 +6,6 @@ SavedModel and with the runner's evaluation path; bad input is one line."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import types
 
@@ -27,6 +26,8 @@ from leo_suite.serving import predict
 from leo_suite.serving import sets
 from leo_suite.training import run as run_lib
 from tests import test_serving as serving
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K = serving.N, serving.K
@@ -60,8 +61,8 @@ def _csv(path, rows):
 
 
 def _script(name, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
-                        capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
+  return scripts_run.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+                         capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

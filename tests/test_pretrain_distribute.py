@@ -44,7 +44,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 
 import keras
@@ -58,6 +57,7 @@ from leo_suite.models import backbones
 from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
 from tests import workers
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "pretrain.py")
@@ -106,8 +106,8 @@ def _command(data, out_dir, *extra):
 
 
 def _pretrain(data, out_dir, *extra):
-  proc = subprocess.run(_command(data, out_dir, *extra), capture_output=True, text=True,
-                        env=_env(), timeout=600, cwd=REPO, check=False)
+  proc = scripts_run.run(_command(data, out_dir, *extra), capture_output=True, text=True,
+                         env=_env(), timeout=600, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -231,8 +231,8 @@ def test_multi_worker_matches_one_device(data, single, tmp_path):
     (["--distribution_strategy=multi_worker"], "needs the TF_CONFIG environment variable"),
 ])
 def test_bad_distribution_flags_are_one_line_errors(data, tmp_path, flags, message):
-  proc = subprocess.run(_command(data, tmp_path / "run", *flags), capture_output=True,
-                        text=True, env=_env(), timeout=300, cwd=REPO, check=False)
+  proc = scripts_run.run(_command(data, tmp_path / "run", *flags), capture_output=True,
+                         text=True, env=_env(), timeout=300, cwd=REPO, check=False)
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -27,6 +26,8 @@ from leo_suite.pretrain import classifier as classifier_lib
 from leo_suite.pretrain import extract
 from leo_suite.pretrain import pretrain_config
 from leo_suite.pretrain import train as train_lib
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -473,7 +474,7 @@ def test_benchmark_extraction_measures_images_per_second():
 
 
 def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
        f"--backbone_dir={tmp_path}/missing", f"--source={tmp_path}", "--split=omniglot_small"],
       capture_output=True, text=True, timeout=300, check=False)
@@ -487,7 +488,7 @@ def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   work = tmp_path / "work"
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
        f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
        "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners=",
@@ -534,7 +535,7 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
              f"--archives={os.path.basename(omniglot_archives[0])}", f"--split={split}",
              "--epochs=1", "--num_episodes=20", "--val_episodes=0", "--learners=",
              "--settings=5w1s", "--pixel_baseline=false"]
-  proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+  proc = scripts_run.run(command, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
   splits = results["manifest"]["splits"]
@@ -544,9 +545,9 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
   assert all(v["num_images"] == 20 * v["num_classes"] for v in splits.values())
   assert "meta-test (Greek, 24 characters)" in (work / "results.md").read_text()
   # A missing archive is a one-line error.
-  bad = subprocess.run(command[:2] + [f"--work_dir={tmp_path / 'bad'}",
+  bad = scripts_run.run(command[:2] + [f"--work_dir={tmp_path / 'bad'}",
                                       "--archives=images_background_large.zip"],
-                       capture_output=True, text=True, timeout=300, check=False)
+                        capture_output=True, text=True, timeout=300, check=False)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
   assert "images_background_large.zip: Omniglot archive not found" in bad.stderr
   assert not (tmp_path / "bad").exists()
@@ -564,7 +565,7 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
              "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
              "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
              "--runner_steps=20"]  # validated at steps 0, 10 and 20 (presets: every 10)
-  proc = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+  proc = scripts_run.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[stage] learners done in" in proc.stdout
   results = json.loads((work / "results.json").read_text())
@@ -590,7 +591,7 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   threads = os.environ.get("TF_NUM_INTRAOP_THREADS", max(1, (os.cpu_count() or 1) // 2))
   assert f"2 at a time, {threads} TensorFlow thread(s) each" in text
   # Resumes: a second run reuses every finished stage and prints the same table.
-  again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  again = scripts_run.run(command, capture_output=True, text=True, timeout=600, check=False)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "reusing" in again.stdout
   assert json.loads((work / "results.json").read_text())["rows"] == results["rows"]
@@ -604,10 +605,10 @@ def test_pretrain_then_extract_clis_on_a_folder_tree(image_tree, tmp_path):
   run = [sys.executable, os.path.join(REPO, "scripts", "pretrain.py"), f"--source={image_tree}",
          f"--split={split}", f"--out_dir={tmp_path / 'run'}", "--epochs=1", "--batch_size=4",
          "--expected_size=105x105"]
-  proc = subprocess.run(run, capture_output=True, text=True, timeout=600, check=False)
+  proc = scripts_run.run(run, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "6 images of 2 classes (8 with rotations)" in proc.stdout
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
        f"--backbone_dir={tmp_path / 'run' / 'backbone'}", f"--source={image_tree}",
        f"--split={split}", f"--out={tmp_path / 'emb'}", "--dataset_name=tiny",

@@ -6,7 +6,6 @@ and the checks every learner must pass (tests/test_maml.py)."""
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -23,6 +22,8 @@ from leo_suite.training import layout
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
 from tests import test_maml as common
+
+from tests import scripts_run
 
 NUM_WAYS, DIM, SEED = common.NUM_WAYS, common.DIM, common.SEED
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +170,7 @@ def test_outer_defaults_are_plain_sgd_and_the_demo_preset_keeps_epsilon(tmp_path
   np.testing.assert_array_equal(updates[0].numpy(), [-3.0, 40.0])  # -epsilon g, unclipped
   # The runner: --preset=demo's outer_lr (an Adam rate) leaves epsilon alone.
   run_dir = tmp_path / "run"
-  proc = subprocess.run(
+  proc = scripts_run.run(
       [sys.executable, "runner.py", "--model=reptile", "--preset=demo",
        f"--checkpoint_path={run_dir}", "--num_steps_limit=1", "--checkpoint_steps=1",
        "--reptile_eval_inner_steps=1", f"--data_path={tmp_path / 'data'}"],

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests import scripts_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--dataset_name=tiny", "--num_latents=4", "--num_classes=3",
          "--metatrain_batch_size=4", "--metavalid_batch_size=10", "--num_val_batches=1",
@@ -23,15 +25,15 @@ def runner_cmd(data, run_dir, *extra):
 
 
 def run(cmd):
-  return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
-                        check=False)
+  return scripts_run.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                         check=False)
 
 
 def start_long_training(data, run_dir):
   """A runner that trains for a long time; returns once it is past its first step."""
-  proc = subprocess.Popen(runner_cmd(data, run_dir, "--num_steps_limit=1000000",
-                                     "--checkpoint_steps=1000000"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+  proc = scripts_run.Popen(runner_cmd(data, run_dir, "--num_steps_limit=1000000",
+                                      "--checkpoint_steps=1000000"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
   deadline = time.time() + 240
   while not os.path.exists(os.path.join(run_dir, "config.json")):
     assert proc.poll() is None, proc.communicate()[1][-2000:]

@@ -9,7 +9,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,8 @@ from leo_suite import fileio
 from leo_suite.data import convert as convert_embeddings
 from leo_suite.data import embedding_keys
 from leo_suite.data import embeddings
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,8 +265,8 @@ def test_converter_cli_errors_are_one_line(tmp_path):
                          ([f"--data_path={tmp_path}", f"--input={tmp_path}/x.pkl"], "exactly one"),
                          ([f"--input={tmp_path}/ds/center/train_embeddings.pkl",
                            f"--output={tmp_path}/out.pkl"], "must end in .npz")):
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = scripts_run.run([sys.executable, script, *args], capture_output=True, text=True,
+                           timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert fragment in proc.stderr.strip().splitlines()[-1]

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import types
 import urllib.error
@@ -32,6 +31,8 @@ from leo_suite.training import run as run_lib
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
 from tests import learner_checks
+
+from tests import scripts_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K, D = 3, 2, 16
@@ -222,9 +223,9 @@ def fresh_process(exports):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   # cwd outside the repo and no PYTHONPATH: leo_suite is not even importable there.
-  proc = subprocess.run([sys.executable, os.path.join(root, "child.py"),
+  proc = scripts_run.run([sys.executable, os.path.join(root, "child.py"),
                          os.path.join(root, "spec.json")], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(spec["report"]) as handle:
     return dict(np.load(spec["out"])), json.load(handle)
@@ -284,9 +285,9 @@ def test_layout_and_saved_model_cli_show_all(exports):
   assert info["class_names"] == list(CLASS_NAMES) and info["num_shots"] == K
   assert [n for n in os.listdir(os.path.dirname(path))] == ["1"]  # no temp dirs left
   cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-  proc = subprocess.run([cli, "show", "--all", "--dir", path], capture_output=True,
-                        text=True, timeout=120,
-                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  proc = scripts_run.run([cli, "show", "--all", "--dir", path], capture_output=True,
+                         text=True, timeout=120,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   blocks = {}
   for block in proc.stdout.split("signature_def[")[1:]:
@@ -454,13 +455,13 @@ def test_script_bundles_backbone_images_match_in_process_pipeline(tmp_path):
   (tmp_path / "bad" / "cat").mkdir(parents=True)
   (tmp_path / "bad" / "dog").mkdir()
   (tmp_path / "bad" / "cat" / "0.png").write_bytes(_png(prototypes[0]))
-  proc = subprocess.run(common + [f"--support={tmp_path / 'bad'}"], capture_output=True,
-                        text=True, env=env, timeout=300, cwd=REPO)
+  proc = scripts_run.run(common + [f"--support={tmp_path / 'bad'}"], capture_output=True,
+                         text=True, env=env, timeout=300, cwd=REPO)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and "'dog' has no images" in proc.stderr
   assert not os.path.exists(tmp_path / "serve")
-  proc = subprocess.run(common + [f"--support={tmp_path / 'support'}", "--model_name=glyphs"],
-                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+  proc = scripts_run.run(common + [f"--support={tmp_path / 'support'}", "--model_name=glyphs"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   path = str(tmp_path / "serve" / "glyphs" / "1")
   model = tf.saved_model.load(path)

@@ -4,6 +4,8 @@ import json
 import socket
 import subprocess
 
+from tests import scripts_run
+
 
 def free_ports(count):
   """`count` TCP ports on 127.0.0.1 that were free a moment ago."""
@@ -25,8 +27,8 @@ def tf_config(ports, index):
 def run_workers(commands, envs, cwd, timeout=600):
   """Starts every command at once (worker i with envs[i]), waits for all;
   [(returncode, stdout, stderr)]. Workers still running at an error are killed."""
-  workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env, cwd=cwd)
+  workers = [scripts_run.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=cwd)
              for command, env in zip(commands, envs)]
   try:
     outputs = [w.communicate(timeout=timeout) for w in workers]

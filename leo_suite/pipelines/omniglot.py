@@ -6,7 +6,9 @@ scripts/omniglot_pipeline.py is its command line (`Options` are its flags):
    28x28, inverted, rotations as classes; 30 epochs of Koch-style affine
    augmentation, cosine schedule, all chosen on meta-val) on the
    meta-train alphabets (Balinese, Korean, Japanese_(katakana), Sanskrit,
-   Greek: 177 characters) read straight from the two archives, then trains
+   Greek: 177 characters; with `metatrain_holdout` > 0 on all but that
+   fraction of them, which the learners meta-train on instead) read straight
+   from the two archives, then trains
    `distill_generations` born-again students (default 0; each: the same
    recipe, 0.5 cross-entropy + 0.5 T^2 KL to the previous network at T = 4);
 2. extracts embeddings (the last network's) of all three splits with `crop` (default
@@ -17,7 +19,9 @@ scripts/omniglot_pipeline.py is its command line (`Options` are its flags):
 3. evaluates nearest-class-mean (cosine) and per-episode logistic regression
    on meta-test (Latin, 26 characters; `archives` and `split` choose other
    Omniglot alphabets): 5w1s, 5w5s, 20w1s, 15 queries,
-   `num_episodes` fixed episodes (seed `episode_seed`), mean and 95% CI;
+   `num_episodes` fixed episodes (seed `episode_seed`), mean and 95% CI, and
+   nearest class mean on meta-train and meta-val episodes beside it (how hard
+   meta-training's tasks are);
 4. trains each of `learners` with its preset (steps, flags, chosen on
    meta-val: leo_suite/pretrain/omniglot_presets.py) with runner.py, keeping
    the best-validation checkpoint, and evaluates that checkpoint
@@ -45,6 +49,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
 from leo_suite.models import registry
+from leo_suite.pipelines import gap
 from leo_suite.pipelines import results
 from leo_suite.pretrain import class_splits
 from leo_suite.pretrain import extract
@@ -118,6 +123,7 @@ class Options:
   runner_flag: Sequence[str] = ()
   settings: Sequence[str] = ("5w1s", "5w5s", "20w1s")
   parallel_learners: int = 2
+  metatrain_holdout: float = 0.0       # > 0: class_splits.hold_out (issue 31)
 
 
 def stage_done(stage, timings, ledger_path=None):
@@ -219,17 +225,24 @@ def run(options: Options):
   by_class, split_classes, origin = class_splits.load_labelled_splits(archives, o.split,
                                                                     omniglot_dir)
   print(f"{origin}: " + ", ".join(f"{k} {len(v)} classes" for k, v in split_classes.items()))
+  pretrain_classes = split_classes["train"]
+  if o.metatrain_holdout:  # the learners meta-train on classes the backbone never saw
+    pretrain_classes, held = class_splits.hold_out(
+        split_classes["train"], o.metatrain_holdout, o.seed, max(w for w, _ in settings))
+    split_classes = dict(split_classes, train=held)
+    print(f"--metatrain_holdout={o.metatrain_holdout}: pretraining on {len(pretrain_classes)} "
+          f"classes, meta-training on the other {len(held)}")
   config = dataclasses.replace(RECIPE, backbone=o.backbone, epochs=o.epochs,
                                batch_size=o.batch_size, learning_rate=o.learning_rate,
                                seed=o.seed, augment=o.augment, max_shift=o.max_shift,
                                head=o.head)
   decode = images_lib.DecodeOptions(config.image_size, config.channels, (105, 105),
                                         ("1", "L"))
-  images, labels, _ = pipeline.decode_classes(by_class, split_classes["train"], decode)
+  images, labels, _ = pipeline.decode_classes(by_class, pretrain_classes, decode)
   val_images, val_labels, _ = pipeline.decode_classes(by_class, split_classes["val"],
                                                       decode)
   trainer = train_lib.Pretrainer(config, images, labels, os.path.join(work, "pretrain"),
-                                 class_names=split_classes["train"])
+                                 class_names=pretrain_classes)
   t0 = time.time()
   callback = (pipeline.val_ncm_callback(val_images, val_labels, config.invert,
                                         o.val_episodes) if o.val_episodes else None)
@@ -246,7 +259,7 @@ def run(options: Options):
                                     distill_temperature=o.distill_temperature)
       print(f"distillation generation {generation}: teacher {backbone_run}", flush=True)
       summary = train_lib.Pretrainer(student, images, labels, student_run,
-                                     class_names=split_classes["train"]).train(
+                                     class_names=pretrain_classes).train(
                                          epoch_callback=callback)
       backbone_run = student_run
     timings["distill_s"] = time.time() - t0
@@ -275,6 +288,11 @@ def run(options: Options):
     rows += pipeline.evaluate_baselines(pixels, "raw pixels", settings,
                                         num_episodes=o.num_episodes,
                                         seed=o.episode_seed, methods=("ncm_cosine",))
+  # How hard meta-training's episodes are next to meta-val's and meta-test's.
+  by_split = {name: embeddings_lib.load_dataset_split(data_path, DATASET, o.crop, name)
+              for name in ("train", "val")}
+  split_rows = gap.ncm_by_split(dict(by_split, test=test), settings, o.num_episodes,
+                                o.episode_seed)
   timings["baselines_s"] = time.time() - t0
   stage_done("baselines", timings, ledger_path)
   for row in rows:
@@ -343,7 +361,9 @@ def run(options: Options):
            f"per class, accuracy % ± 95% CI; learner cells add the best validation accuracy "
            f"(meta-val alphabets) @ its step, the checkpoint evaluated. {label} pretrained "
            f"{o.epochs} epochs (augment {o.augment}, {o.head} head) on "
-           f"{len(split_classes['train'])} meta-train characters x 4 rotations"
+           f"{len(pretrain_classes)} meta-train characters x 4 rotations"
+           + (f" (the learners meta-train on the other {len(split_classes['train'])}: "
+              f"--metatrain_holdout={o.metatrain_holdout})" if o.metatrain_holdout else "")
            + (f", then {o.distill_generations} born-again generation(s) of the same "
               f"recipe distilled from the previous one (alpha {o.distill_alpha}, "
               f"T {o.distill_temperature})" if o.distill_generations else "") + "; "
@@ -360,9 +380,16 @@ def run(options: Options):
                f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
            + ".")
   verdict = results.against_baseline(rows, f"ncm_cosine ({label} embeddings)", settings)
-  text = table + "\n\n" + (verdict + "\n\n" if verdict else "") + notes + "\n"
+  learner_gaps = gap.learner_table(rows)
+  text = (table + "\n\n" + (verdict + "\n\n" if verdict else "") + notes + "\n\n"
+          + "How hard the episodes are: cosine nearest class mean on each split's episodes "
+          + f"({o.num_episodes} per setting, seed {o.episode_seed}).\n\n"
+          + gap.ncm_table(split_rows, settings) + "\n"
+          + ("\nLearners on their meta-train batches and on meta-val (accuracy %).\n\n"
+             + learner_gaps + "\n" if learner_gaps else ""))
   fileio.atomic_write_text(os.path.join(work, "results.md"), text)
   pipeline.write_json(os.path.join(work, "results.json"),
-                      {"rows": rows, "timings": timings, "pretrain": summary,
+                      {"rows": rows, "ncm_by_split": split_rows, "timings": timings,
+                       "pretrain": summary,
                        "manifest": manifest})
   return text

@@ -11,7 +11,9 @@ assigns their classes.
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from leo_suite import errors
 from leo_suite import safeio
@@ -169,3 +171,26 @@ def load_labelled_splits(sources: Sequence[str], split: str,
   split_classes = assign_classes(list(by_class), spec)
   check_nonempty(split_classes, by_class, spec.origin)
   return by_class, split_classes, spec.origin
+
+
+def hold_out(classes: Sequence[str], fraction: float, seed: int,
+             min_classes: int = 1) -> Tuple[List[str], List[str]]:
+  """(kept, held out): `fraction` of `classes`, drawn with `seed`, held out.
+
+  The Omniglot pipeline's --metatrain_holdout: the backbone pretrains on the
+  kept classes and the learners meta-train on episodes of the held-out ones,
+  embedded by that backbone, so that meta-training meets unseen classes as
+  meta-val and meta-test do. Both parts keep the classes' order.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise errors.ConfigError(f"--metatrain_holdout={fraction}: use a fraction in (0, 1), "
+                             "or 0 to meta-train on the pretraining classes")
+  count = int(round(fraction * len(classes)))
+  if count < min_classes or len(classes) - count < min_classes:
+    raise errors.ConfigError(
+        f"--metatrain_holdout={fraction}: holds out {count} of {len(classes)} classes; each "
+        f"part needs at least {min_classes} (the widest episode's ways)")
+  chosen = set(np.random.default_rng(seed).choice(len(classes), count, replace=False).tolist())
+  kept = [c for i, c in enumerate(classes) if i not in chosen]
+  held = [c for i, c in enumerate(classes) if i in chosen]
+  return kept, held

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -59,16 +59,38 @@ def _run(cmd, timeout_s, threads=None):
   return proc.returncode, stderr_lines, usage.ru_maxrss / 1024.0
 
 
-def mean_steps_per_second(run_dir):
-  """Mean of the train/steps_per_second scalars logged by the trainer."""
+def scalars(run_dir, tag) -> List[Tuple[int, float]]:
+  """(step, value) of every `tag` scalar the trainer logged, in step order."""
   values = []
   for path in layout.RunDirectory(run_dir).summary_files():
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
-        if value.tag == "train/steps_per_second":
-          values.append(float(tf.make_ndarray(value.tensor)))
+        if value.tag == tag:
+          values.append((int(event.step), float(tf.make_ndarray(value.tensor))))
+  return sorted(values)
+
+
+def mean_steps_per_second(run_dir):
+  """Mean of the train/steps_per_second scalars logged by the trainer."""
+  values = [v for _, v in scalars(run_dir, "train/steps_per_second")]
   # The first window includes tracing/compilation: drop it when there are more.
   return float(np.mean(values[1:] if len(values) > 1 else values)) if values else float("nan")
+
+
+def train_val_gap(run_dir, best_step: Optional[int]) -> Dict:
+  """Accuracy (%) on meta-train episodes (the training batches, mean over the first
+  logging window and over the window ending at or before the chosen step) beside
+  meta-val accuracy at step 0 and at the chosen step: what meta-training met
+  against what it was chosen on."""
+  train = scalars(run_dir, "train/accuracy")
+  val = dict(scalars(run_dir, "valid/accuracy"))
+  if not train or not val:
+    return {}
+  chosen = max(0, best_step or 0)
+  at_best = [v for s, v in train if s <= chosen] or [train[0][1]]
+  return {"train_accuracy_first": 100 * train[0][1], "train_accuracy_chosen": 100 * at_best[-1],
+          "val_accuracy_step0": 100 * val.get(0, float("nan")),
+          "val_accuracy_chosen": 100 * val.get(chosen, float("nan"))}
 
 
 def best_checkpoint(run: run_lib.Run) -> Dict:
@@ -101,7 +123,7 @@ def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float
   run = run_lib.Run.open(run_dir)
   result = run.read_result("test")
   best = best_checkpoint(run)
-  return {**best, "model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
+  return {**best, "gap": train_val_gap(run_dir, best.get("best_step")), "model": model, "accuracy": 100 * result["accuracy"], "ci95": 100 * result["ci95"],
           "num_tasks": result["num_tasks"], "steps_per_second": mean_steps_per_second(run_dir),
           "peak_rss_mib": peak, "seconds": time.time() - started,
           "baselines": {k: {"accuracy": 100 * v["accuracy"], "ci95": 100 * v["ci95"]}
