@@ -54,6 +54,15 @@ def _serve(path):
       importlib.import_module(name)
     except ImportError:
       pass  # a module renamed: the child imports what its script needs
+  # What console.import_tensorflow does first in every tool: find the devices
+  # (the cuInit / cudart lines; no thread, no runtime yet), here once.
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  sys.modules["tensorflow"].config.list_physical_devices()
+  os.dup2(saved, 2)
+  os.close(saved)
+  os.close(devnull)
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(path)
   listener.listen(64)
@@ -77,7 +86,10 @@ def _serve(path):
         _child(message, fds)                # never returns
       for fd in fds:
         os.close(fd)
-      conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+      try:
+        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+      except OSError:                       # the asker is gone: so is its command
+        os.kill(pid, signal.SIGKILL)
       children[pid] = conn
     while children:
       try:

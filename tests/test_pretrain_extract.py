@@ -534,7 +534,8 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
              f"--archives={os.path.basename(omniglot_archives[0])}", f"--split={split}",
              "--epochs=1", "--num_episodes=20", "--val_episodes=0", "--learners=",
-             "--settings=5w1s", "--pixel_baseline=false"]
+             "--settings=5w1s", "--pixel_baseline=false",
+             "--crop=center"]  # one view per image: the default crop is the test above's
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
@@ -564,7 +565,10 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
              "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
              "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
-             "--runner_steps=20"]  # validated at steps 0, 10 and 20 (presets: every 10)
+             "--runner_steps=20",  # validated at steps 0, 10 and 20 (presets: every 10)
+             # One view per image (the default crop is test_..._beats_pixels'), plain
+             # steps (XLA is tests/test_xla.py's): what is checked here is the learners.
+             "--crop=center", "--runner_flag=--jit_compile=false"]
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[stage] learners done in" in proc.stdout

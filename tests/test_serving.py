@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 import urllib.error
@@ -223,9 +224,10 @@ def fresh_process(exports):
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["TF_CPP_MIN_LOG_LEVEL"] = "3"
   # cwd outside the repo and no PYTHONPATH: leo_suite is not even importable there.
-  proc = scripts_run.run([sys.executable, os.path.join(root, "child.py"),
+  # A new interpreter (not scripts_run's fork, which has the library imported).
+  proc = subprocess.run([sys.executable, os.path.join(root, "child.py"),
                          os.path.join(root, "spec.json")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(spec["report"]) as handle:
     return dict(np.load(spec["out"])), json.load(handle)
