@@ -54,9 +54,11 @@ def test_run_lock_processes_starting_together_exactly_one_holds(tmp_path, start)
     (directory / ".lock").write_bytes(b"\xff\0{not json")
   ready, go = tmp_path / "ready-", tmp_path / "go"
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  procs = [subprocess.Popen([sys.executable, "-c", LOCK_TAKER, str(directory), str(ready),
-                             str(go), "2.0"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for _ in range(NUM_TAKERS)]
+  taker = tmp_path / "lock_taker.py"    # a script: scripts_run forks it ready-imported
+  taker.write_text(LOCK_TAKER)
+  procs = [scripts_run.Popen([sys.executable, str(taker), str(directory), str(ready),
+                              str(go), "2.0"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(NUM_TAKERS)]
   try:
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("ready-*"))) < NUM_TAKERS:

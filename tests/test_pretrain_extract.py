@@ -491,8 +491,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
        f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners=",
-       "--distill_generations=1"],
+       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners="],
       capture_output=True, text=True, timeout=1200, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
@@ -501,13 +500,6 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
   assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
   assert manifest["crop"] == "warps"        # the pipeline's default crop (chosen on meta-val)
-  # One born-again generation (an option, off by default): the extracted backbone
-  # is the student's, distilled from the first network's last checkpoint.
-  assert "[stage] distill done in" in proc.stdout
-  student = results["pretrain"]["export"]
-  assert student["teacher"]["run_dir"] == str(work / "pretrain")
-  assert manifest["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
-      str(work / "pretrain_gen1" / "backbone" / backbones.BACKBONE_WEIGHTS))
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
     embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
@@ -519,6 +511,14 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert rows[("logistic_regression", "20w1s")]["accuracy"] > 5 + 5 * rows[
       ("logistic_regression", "20w1s")]["ci95"]
   assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
+  # How hard each split's episodes are (issue 31): the meta-test row is the
+  # table's own NCM row (same seeded episodes, same scoring).
+  by_split = {(r["split"], r["setting"]): r for r in results["ncm_by_split"]}
+  assert set(by_split) == {(s, c) for s in ("train", "val", "test")
+                           for c in ("5w1s", "5w5s", "20w1s")}
+  for setting in ("5w1s", "5w5s", "20w1s"):
+    assert by_split[("test", setting)]["accuracy"] == rows[("ncm_cosine", setting)]["accuracy"]
+  assert "| ncm_cosine, meta-train episodes |" in (work / "results.md").read_text()
 
 
 @pytest.mark.integration
@@ -534,7 +534,7 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
              f"--archives={os.path.basename(omniglot_archives[0])}", f"--split={split}",
              "--epochs=1", "--num_episodes=20", "--val_episodes=0", "--learners=",
-             "--settings=5w1s", "--pixel_baseline=false",
+             "--settings=5w1s", "--pixel_baseline=false", "--distill_generations=1",
              "--crop=center"]  # one view per image: the default crop is the test above's
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -545,6 +545,13 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
                                                               "test": 24}
   assert all(v["num_images"] == 20 * v["num_classes"] for v in splits.values())
   assert "meta-test (Greek, 24 characters)" in (work / "results.md").read_text()
+  # One born-again generation (an option, off by default): the extracted backbone
+  # is the student's, distilled from the first network's last checkpoint.
+  assert "[stage] distill done in" in proc.stdout
+  student = results["pretrain"]["export"]
+  assert student["teacher"]["run_dir"] == str(work / "pretrain")
+  assert results["manifest"]["backbone"]["checkpoint_sha256"] == fileio.file_sha256(
+      str(work / "pretrain_gen1" / "backbone" / backbones.BACKBONE_WEIGHTS))
   # A missing archive is a one-line error.
   bad = scripts_run.run(command[:2] + [f"--work_dir={tmp_path / 'bad'}",
                                       "--archives=images_background_large.zip"],
@@ -590,6 +597,10 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
     assert row["best_step"] >= 0 and row["val_accuracy"] > 20
     base = ncm[row["setting"]]
     assert row["accuracy"] >= base["accuracy"] - base["ci95"], (row, base)
+    # Its meta-train batches beside meta-val, read from the run's summaries.
+    gap = row["gap"]
+    assert gap["val_accuracy_chosen"] == pytest.approx(row["val_accuracy"], abs=1e-3)
+    assert 20 < gap["train_accuracy_first"] <= 100 and 20 < gap["val_accuracy_step0"] <= 100
   text = (work / "results.md").read_text()
   assert "(val " in text and "learners" in text
   threads = os.environ.get("TF_NUM_INTRAOP_THREADS", max(1, (os.cpu_count() or 1) // 2))

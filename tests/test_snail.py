@@ -243,9 +243,10 @@ def test_input_dropout_acts_in_meta_training_only_and_is_stateless():
 
 def test_meta_trained_snail_learns_to_read_the_support(tmp_path):
   """From the random start a black box starts at chance: it must learn to
-  compare and to read the labels (toy problem, NCM 99%; see snail.py for the
+  compare and to read the labels (toy problem, NCM 99%: 0.84 after 400 steps, 0.90 after
+  600, 0.95 after 1,000; see snail.py for the
   synthetic data)."""
   tf.random.set_seed(0)
   learner_checks.check_meta_training_reaches_ncm(
-      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=1000,
+      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=600,
       outer_lr=3e-3, margin=0.2)
