@@ -491,7 +491,10 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   proc = scripts_run.run(
       [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
        f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners="],
+       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners=",
+       # One view per image (the default, warps, averages 16: tests/test_report.py
+       # checks the default, tests/test_predict.py the warps views themselves).
+       "--crop=center"],
       capture_output=True, text=True, timeout=1200, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
@@ -499,9 +502,9 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
   assert "Japanese_(katakana)/character01" in manifest["class_names"].values()
-  assert manifest["crop"] == "warps"        # the pipeline's default crop (chosen on meta-val)
+  assert manifest["crop"] == "center"       # --crop reaches the extraction
   for split in ("train", "val", "test"):  # what runner.py --dataset_name=omniglot_small reads
-    embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "warps", split)
+    embeddings_lib.load_dataset_split(str(work / "embeddings"), "omniglot_small", "center", split)
   rows = {(r["method"].split(" (")[0] + (" px" if "pixels" in r["method"] else ""), r["setting"]): r
           for r in results["rows"]}
   ncm, pixels = rows[("ncm_cosine", "5w1s")], rows[("ncm_cosine px", "5w1s")]
@@ -535,7 +538,7 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
              f"--archives={os.path.basename(omniglot_archives[0])}", f"--split={split}",
              "--epochs=1", "--num_episodes=20", "--val_episodes=0", "--learners=",
              "--settings=5w1s", "--pixel_baseline=false", "--distill_generations=1",
-             "--crop=center"]  # one view per image: the default crop is the test above's
+             "--crop=center"]  # one view per image (see the test above)
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((work / "results.json").read_text())
@@ -573,8 +576,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
              "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
              "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
              "--runner_steps=20",  # validated at steps 0, 10 and 20 (presets: every 10)
-             # One view per image (the default crop is test_..._beats_pixels'), plain
-             # steps (XLA is tests/test_xla.py's): what is checked here is the learners.
+             # One view per image (see the first test), plain steps (XLA is
+             # tests/test_xla.py's): what is checked here is the learners.
              "--crop=center", "--runner_flag=--jit_compile=false"]
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
