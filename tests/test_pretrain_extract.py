@@ -573,7 +573,7 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
   work = tmp_path / "work"
   command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-             "--epochs=2", "--num_episodes=200", "--val_episodes=0", "--settings=5w1s,5w5s",
+             "--epochs=2", "--num_episodes=100", "--val_episodes=0", "--settings=5w1s,5w5s",
              "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
              "--runner_steps=20",  # validated at steps 0, 10 and 20 (presets: every 10)
              # One view per image (see the first test), plain steps (XLA is
