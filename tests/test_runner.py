@@ -21,8 +21,8 @@ TINY_FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--nu
               "--num_test_tasks=20", "--metatest_batch_size=10", "--log_steps=5",
               "--num_val_examples_per_class=4", "--outer_lr=1e-2", "--baselines=ncm",
               # The run-directory logic is the point here: the plain step traces in
-              # half the time of XLA's compile (tests/test_xla.py checks XLA's step;
-              # the profile test below runs the default, --jit_compile=auto).
+              # half the time of XLA's compile (tests/test_xla.py checks XLA's
+              # step, the Trainer's compiled LEO step included).
               "--jit_compile=false"]
 
 
@@ -276,7 +276,7 @@ def summary_scalars(directory, tag):
 def test_profile_steps_writes_a_profile_and_bad_values_are_one_line(tmp_path, tiny_data):
   run_dir = tmp_path / "profiled"
   common = [f"--data_path={tiny_data}", *TINY_FLAGS, "--num_steps_limit=4",
-            "--checkpoint_steps=4", "--jit_compile=auto"]
+            "--checkpoint_steps=4"]  # plain steps, as above: the profiler is the point
   proc = run(*common, "--profile_steps=2,3", f"--checkpoint_path={run_dir}")
   assert "profiling steps 2 to 3" in proc.stderr
   profiles = list((run_dir / "profile").glob("plugins/profile/*/*.xplane.pb"))

@@ -248,5 +248,5 @@ def test_meta_trained_snail_learns_to_read_the_support(tmp_path):
   synthetic data)."""
   tf.random.set_seed(0)
   learner_checks.check_meta_training_reaches_ncm(
-      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=600,
+      snail.build(snail.Config(start="random"), NUM_WAYS, DIM), tmp_path, "SNAIL", steps=400,
       outer_lr=3e-3, margin=0.2)
