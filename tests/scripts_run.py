@@ -39,7 +39,7 @@ FRESH_ENV = "LEO_TESTS_FRESH"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the scripts import before their work starts (no module that defines an
 # absl flag: those stay the script's own, as in a fresh interpreter).
-PRELOAD = ("tensorflow", "sonnet", "leo_suite.training.run", "leo_suite.training.trainer",
+PRELOAD = ("sonnet", "leo_suite.training.run", "leo_suite.training.trainer",
            "leo_suite.training.evaluation", "leo_suite.models.registry",
            "leo_suite.serving.export", "leo_suite.pretrain.train",
            "leo_suite.pretrain.extract", "leo_suite.pipelines.omniglot")
@@ -49,20 +49,15 @@ PRELOAD = ("tensorflow", "sonnet", "leo_suite.training.run", "leo_suite.training
 def _serve(path):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import importlib  # pylint: disable=import-outside-toplevel
+  from leo_suite import console  # pylint: disable=import-outside-toplevel
+  # What every tool does first: import TensorFlow and find the devices (the
+  # cuInit / cudart lines; no thread, no runtime yet) with descriptor 2 silenced.
+  console.import_tensorflow([])
   for name in PRELOAD:
     try:
       importlib.import_module(name)
     except ImportError:
       pass  # a module renamed: the child imports what its script needs
-  # What console.import_tensorflow does first in every tool: find the devices
-  # (the cuInit / cudart lines; no thread, no runtime yet), here once.
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  sys.modules["tensorflow"].config.list_physical_devices()
-  os.dup2(saved, 2)
-  os.close(saved)
-  os.close(devnull)
   listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
   listener.bind(path)
   listener.listen(64)

@@ -56,7 +56,8 @@ def test_train_val_gap_reads_the_runs_summaries(tmp_path):
   # The initialisation chosen: meta-train accuracy of the first window.
   assert compare.train_val_gap(run_dir, best_step=0)["train_accuracy_chosen"] == pytest.approx(
       90.0)
-  row = {"method": "maml (runner.py)", "setting": "5w1s", "best_step": 20, "gap": result}
+  row = {"method": "maml (runner.py)", "model": "maml", "setting": "5w1s", "best_step": 20,
+         "gap": result}
   table = gap.learner_table([row, {"method": "ncm_cosine (x)", "setting": "5w1s"}])
   assert "| maml | 5w1s | 90.00 | 99.00 | 50.00 | 65.00 | 20 |" in table
   assert table.count("\n") == 2

@@ -19,18 +19,21 @@ SPLITS = ("train", "val", "test")
 SPLIT_LABELS = {"train": "meta-train", "val": "meta-val", "test": "meta-test"}
 
 
+def tagged(rows: Sequence[dict], split: str) -> list:
+  """pipeline.evaluate_baselines rows of one split as ncm_by_split rows."""
+  return [{"split": split, **{k: v for k, v in row.items() if k != "method"}} for row in rows]
+
+
 def ncm_by_split(splits: Dict[str, embeddings_lib.EmbeddingSplit], settings,
                  num_episodes: int, seed: int) -> list:
   """Rows {split, setting, accuracy, ci95, num_tasks}: cosine nearest class mean on
   `num_episodes` seeded episodes of each split (15 queries per class)."""
   rows = []
   for name in SPLITS:
-    if name not in splits:
-      continue
-    for row in pipeline.evaluate_baselines(splits[name], SPLIT_LABELS[name], settings,
-                                           num_episodes=num_episodes, seed=seed,
-                                           methods=("ncm_cosine",)):
-      rows.append({"split": name, **{k: v for k, v in row.items() if k != "method"}})
+    if name in splits:
+      rows += tagged(pipeline.evaluate_baselines(
+          splits[name], SPLIT_LABELS[name], settings, num_episodes=num_episodes, seed=seed,
+          methods=("ncm_cosine",)), name)
   return rows
 
 
@@ -57,7 +60,7 @@ def learner_table(rows: Sequence[dict]) -> str:
     gap = row.get("gap") or {}
     if not gap:
       continue
-    cells.append([row["method"].split(" (")[0], row["setting"],
+    cells.append([row["model"], row["setting"],
                   f"{gap['train_accuracy_first']:.2f}", f"{gap['train_accuracy_chosen']:.2f}",
                   f"{gap['val_accuracy_step0']:.2f}", f"{gap['val_accuracy_chosen']:.2f}",
                   str(row.get("best_step", "-"))])

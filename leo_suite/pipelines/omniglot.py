@@ -288,11 +288,13 @@ def run(options: Options):
     rows += pipeline.evaluate_baselines(pixels, "raw pixels", settings,
                                         num_episodes=o.num_episodes,
                                         seed=o.episode_seed, methods=("ncm_cosine",))
-  # How hard meta-training's episodes are next to meta-val's and meta-test's.
+  # How hard meta-training's episodes are next to meta-val's and meta-test's
+  # (meta-test's are the rows above).
+  baseline = f"ncm_cosine ({label} embeddings)"
   by_split = {name: embeddings_lib.load_dataset_split(data_path, DATASET, o.crop, name)
               for name in ("train", "val")}
-  split_rows = gap.ncm_by_split(dict(by_split, test=test), settings, o.num_episodes,
-                                o.episode_seed)
+  split_rows = (gap.ncm_by_split(by_split, settings, o.num_episodes, o.episode_seed)
+                + gap.tagged([r for r in rows if r["method"] == baseline], "test"))
   timings["baselines_s"] = time.time() - t0
   stage_done("baselines", timings, ledger_path)
   for row in rows:
@@ -379,7 +381,7 @@ def run(options: Options):
               f"thread(s) each" if threads else "") + "): " + ", ".join(
                f"{k[8:-2]} {v:.0f} s" for k, v in timings.items() if k.startswith("learner_"))
            + ".")
-  verdict = results.against_baseline(rows, f"ncm_cosine ({label} embeddings)", settings)
+  verdict = results.against_baseline(rows, baseline, settings)
   learner_gaps = gap.learner_table(rows)
   text = (table + "\n\n" + (verdict + "\n\n" if verdict else "") + notes + "\n\n"
           + "How hard the episodes are: cosine nearest class mean on each split's episodes "
