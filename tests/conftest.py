@@ -49,7 +49,7 @@ def omniglot_dir():
       OMNIGLOT_ENV, os.path.join(REPO_ROOT, "..", "shared", "data", "omniglot"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def omniglot_archives():
   directory = omniglot_dir()
   archives = [os.path.join(directory, name) for name in

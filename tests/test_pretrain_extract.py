@@ -484,20 +484,30 @@ def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
 
 
 # -- real data -----------------------------------------------------------------
-@pytest.mark.integration
-@pytest.mark.slow
-def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
-  work = tmp_path / "work"
+OMNIGLOT_PIPELINE = os.path.join(REPO, "scripts", "omniglot_pipeline.py")
+
+
+@pytest.fixture(scope="module")
+def omniglot_work(omniglot_archives, tmp_path_factory):
+  """One reduced pipeline run (2 epochs, baselines only) whose work directory the
+  learners test goes on in: its pretraining and extraction are reused there."""
+  work = tmp_path_factory.mktemp("omniglot") / "work"
   proc = scripts_run.run(
-      [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
+      [sys.executable, OMNIGLOT_PIPELINE,
        f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
-       "--epochs=1", "--num_episodes=100", "--val_episodes=0", "--learners=",
+       "--epochs=2", "--num_episodes=100", "--val_episodes=0", "--learners=",
        # One view per image (the default, warps, averages 16: tests/test_report.py
        # checks the default, tests/test_predict.py the warps views themselves).
        "--crop=center"],
       capture_output=True, text=True, timeout=1200, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.loads((work / "results.json").read_text())
+  return work, json.loads((work / "results.json").read_text()), (work / "results.md").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_reduced_omniglot_pipeline_beats_pixels(omniglot_work):
+  work, results, text = omniglot_work
   manifest = results["manifest"]
   assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
       "train": (3540, 177), "val": (780, 39), "test": (520, 26)}
@@ -513,7 +523,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
   assert ncm["accuracy"] - ncm["ci95"] > pixels["accuracy"] + pixels["ci95"]
   assert rows[("logistic_regression", "20w1s")]["accuracy"] > 5 + 5 * rows[
       ("logistic_regression", "20w1s")]["ci95"]
-  assert "| ncm_cosine (Conv-4 embeddings) |" in (work / "results.md").read_text()
+  assert "| ncm_cosine (Conv-4 embeddings) |" in text
   # How hard each split's episodes are (issue 31): the meta-test row is the
   # table's own NCM row (same seeded episodes, same scoring).
   by_split = {(r["split"], r["setting"]): r for r in results["ncm_by_split"]}
@@ -521,7 +531,7 @@ def test_reduced_omniglot_pipeline_beats_pixels(omniglot_archives, tmp_path):
                            for c in ("5w1s", "5w5s", "20w1s")}
   for setting in ("5w1s", "5w5s", "20w1s"):
     assert by_split[("test", setting)]["accuracy"] == rows[("ncm_cosine", setting)]["accuracy"]
-  assert "| ncm_cosine, meta-train episodes |" in (work / "results.md").read_text()
+  assert "| ncm_cosine, meta-train episodes |" in text
 
 
 @pytest.mark.integration
@@ -567,11 +577,11 @@ def test_omniglot_pipeline_takes_other_archives_and_alphabets(omniglot_archives,
 @pytest.mark.integration
 @pytest.mark.slow
 def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_archives,
-                                                                     tmp_path):
+                                                                     omniglot_work):
   """Learners with their Omniglot presets (best validation checkpoint) on real features:
   each at or above nearest class mean on the same episodes, within NCM's 95% CI."""
-  work = tmp_path / "work"
-  command = [sys.executable, os.path.join(REPO, "scripts", "omniglot_pipeline.py"),
+  work = omniglot_work[0]
+  command = [sys.executable, OMNIGLOT_PIPELINE,
              f"--omniglot_dir={os.path.dirname(omniglot_archives[0])}", f"--work_dir={work}",
              "--epochs=2", "--num_episodes=100", "--val_episodes=0", "--settings=5w1s,5w5s",
              "--learners=protonet,r2d2,maml", "--pixel_baseline=false",
@@ -581,6 +591,8 @@ def test_reduced_omniglot_pipeline_learners_reach_nearest_class_mean(omniglot_ar
              "--crop=center", "--runner_flag=--jit_compile=false"]
   proc = scripts_run.run(command, capture_output=True, text=True, timeout=1800, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The fixture's backbone and embeddings, reused (same recipe, same backbone).
+  assert "embeddings already extracted from backbone" in proc.stdout
   assert "[stage] learners done in" in proc.stdout
   results = json.loads((work / "results.json").read_text())
   # No distillation by default: the first network's backbone is extracted.
