@@ -3,6 +3,7 @@
   python runner.py --model=leo --dataset_name=tieredImageNet --num_tr_examples_per_class=5
   python runner.py --preset=demo --checkpoint_path=runs/demo            # embedded synthetic data
   python runner.py --checkpoint_path=runs/demo --evaluation_mode          # the run's own settings
+  python runner.py --preset=demo --checkpoint_path=runs/d2 --evaluate_after_training  # both
 
 The run directory (--checkpoint_path) is the record of the run: the first
 training command writes its settings to config.json; resuming and evaluating
@@ -142,6 +143,8 @@ def train():
     print(f"stopped by {trainer.stopped_by}: checkpoint of step {step} saved in "
           f"{run.directory}; rerun the same command to resume", file=sys.stderr)
     sys.exit(128 + getattr(signal, trainer.stopped_by))
+  if FLAGS.evaluate_after_training:
+    evaluate()
 
 
 def evaluate():

@@ -1,5 +1,7 @@
-"""Progress lines for long loops: `what: done/total <unit>, rate, ETA`."""
+"""Progress lines for long loops (`what: done/total <unit>, rate, ETA`) and the
+process's peak memory."""
 
+import resource
 import time
 from typing import Callable, Optional
 
@@ -33,3 +35,17 @@ class Progress:
 def format_seconds(seconds):
   seconds = int(seconds)
   return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def peak_rss_mib() -> float:
+  """This process's resident-memory high-water mark (MiB): Linux's VmHWM, which
+  /proc/self/clear_refs can reset (getrusage's ru_maxrss is kept across fork
+  and exec); elsewhere ru_maxrss (KiB on Linux)."""
+  try:
+    with open("/proc/self/status") as handle:
+      for line in handle:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -14,6 +14,7 @@ from tests import scripts_run
 from leo_suite.data import embedding_keys
 
 from leo_suite.data import embeddings
+from leo_suite.training import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--dataset_name=tiny", "--deterministic", "--num_latents=4", "--num_classes=3",
@@ -124,15 +125,24 @@ MAML_FLAGS = [f for f in TINY_FLAGS if not f.startswith("--num_latents")] + [
 
 @pytest.fixture(scope="module")
 def maml_run(tmp_path_factory, tiny_data):
+  """A trained MAML run, scored in the same command (--evaluate_after_training):
+  that first result is kept beside it as after_training.json."""
   run_dir = str(tmp_path_factory.mktemp("runs") / "maml")
-  run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={run_dir}")
+  proc = run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={run_dir}",
+             "--evaluate_after_training")
+  assert "maml test accuracy" in proc.stdout
+  shutil.copy(os.path.join(run_dir, "result_test.json"),
+              os.path.join(os.path.dirname(run_dir), "after_training.json"))
   return run_dir
 
 
 def test_evaluation_rebuilds_the_run_from_its_directory(maml_run, tiny_data):
-  run(f"--data_path={tiny_data}", *MAML_FLAGS, f"--checkpoint_path={maml_run}",
-      "--evaluation_mode")
-  full = result_of(maml_run)
+  with open(os.path.join(os.path.dirname(maml_run), "after_training.json")) as handle:
+    full = json.load(handle)       # scored by the training command itself
+  assert full["overrides"] == {} and full["checkpoint"].startswith(maml_run)
+  # Training's memory high-water mark, logged once when it ended (step 10).
+  (step, peak), = compare.scalars(maml_run, "train/peak_rss_mib")
+  assert step == 10 and 100 < peak < 1e5
   alone = run(f"--checkpoint_path={maml_run}", "--evaluation_mode", fresh=True)
   assert "cuInit" not in alone.stderr and "oneDNN" not in alone.stderr  # quiet start-up
   result = result_of(maml_run)
@@ -219,12 +229,14 @@ def test_moved_data_evaluates_and_changed_data_is_refused(tmp_path, tiny_data, m
 def test_train_on_val_trains_and_evaluates(tmp_path, tiny_data):
   run_dir = tmp_path / "tov"
   proc = run(f"--data_path={tiny_data}", *TINY_FLAGS, "--train_on_val",
-             "--num_steps_limit=4", "--checkpoint_steps=2", f"--checkpoint_path={run_dir}")
+             "--num_steps_limit=4", "--checkpoint_steps=2", f"--checkpoint_path={run_dir}",
+             "--evaluate_after_training")
   assert "--train_on_val: meta-training on train + val (10 classes)" in proc.stderr
   assert not (run_dir / "best").exists()  # validation is not held out: no best/
-  run(f"--checkpoint_path={run_dir}", "--evaluation_mode")
-  result = result_of(run_dir)
+  result = result_of(run_dir)  # scored in the same command, from the last checkpoint
   assert result["checkpoint"].endswith("ckpt-4") and result["settings"]["train_on_val"]
+  assert "evaluate_after_training" not in json.loads((run_dir / "config.json").read_text())[
+      "settings"]  # how a command runs, not what the run is
 
 
 def test_helpfull_groups_flags_by_release_runner_and_learner():

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 
 from leo_suite import errors
+from leo_suite import progress
 from leo_suite.bench.report import (BATCH, DIM, IMAGES_PER_CLASS, LEARNER_CONFIGS,
                                     MEMORY_INNER_STEPS, MODELS, NUM_WAYS, SHOTS,
                                     TRAIN_QUERIES, target_checks)
@@ -233,24 +233,14 @@ def sampler_only(shots, test_split, num_tasks, batch_size=200):
 
 # -- peak memory, one fresh process per configuration --------------------------
 def peak_rss_mb(reset=False):
-  """The process's RSS high-water mark (MB); `reset` first sets it to the current RSS.
-
-  Linux's VmHWM, reset through /proc/self/clear_refs: getrusage's ru_maxrss
-  is kept across fork and exec, so a probe started by a large benchmark
-  process would report the parent's peak. Elsewhere, ru_maxrss.
-  """
+  """The process's RSS high-water mark (MB, progress.peak_rss_mib); `reset` first
+  sets it to the current RSS (Linux: /proc/self/clear_refs), so that a probe
+  started by a large benchmark process does not report the parent's peak."""
   if reset:
     with contextlib.suppress(OSError):
       with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-  try:
-    with open("/proc/self/status") as handle:
-      for line in handle:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  return progress.peak_rss_mib()
 
 
 def memory_probe(model, shots, inner_steps):

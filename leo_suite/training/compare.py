@@ -1,11 +1,12 @@
 """Train and evaluate several learners through runner.py on identical episodes.
 
-Each learner runs in its own process (train, then --evaluation_mode with only
---checkpoint_path: the run directory says how it was trained and which test
-tasks to score) with the same data, episode shape, seeds and fixed test tasks,
-so the numbers compare like for like. Reported per run: test accuracy and 95% CI (the run's test result),
-meta-training steps/s (the run's TensorBoard summaries), and the peak resident
-memory of the training process (getrusage of that child alone, via wait4).
+Each learner runs in its own process (runner.py --evaluate_after_training:
+train, then score the test split as --evaluation_mode does) with the same data,
+episode shape, seeds and fixed test tasks, so the numbers compare like for
+like. Reported per run: test accuracy and 95% CI (the run's test result),
+meta-training steps/s and the peak resident memory of training (the run's
+TensorBoard summaries; that memory is the process's high-water mark when
+training ended, before the test split is scored).
 """
 
 import os
@@ -109,17 +110,18 @@ def run_learner(model: str, run_dir: str, flags: Sequence[str], timeout_s: float
   runs at once on a few cores go faster with one pool each than with every
   process sizing its pools to all the cores.
   """
-  train = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}", *flags]
-  evaluate = [sys.executable, RUNNER, f"--checkpoint_path={run_dir}", "--evaluation_mode"]
+  command = [sys.executable, RUNNER, f"--model={model}", f"--checkpoint_path={run_dir}",
+             *flags, "--evaluate_after_training"]
   started = time.time()
-  peak = 0.0
-  for phase, cmd in (("train", train), ("evaluate", evaluate)):
-    code, tail, rss = _run(cmd, timeout_s, threads)
-    peak = max(peak, rss) if phase == "train" else peak
-    if code != 0:
-      last = next((l for l in reversed(tail) if l.strip()), "(no output)")[:240]
-      log(f"{model}: {phase} failed (exit {code}): {last}")
-      return {"model": model, "status": f"failed in {phase} (exit {code}): {last}"}
+  code, tail, rss = _run(command, timeout_s, threads)
+  # Training's own peak, logged when it ended (none: it did not end).
+  peaks = [v for _, v in scalars(run_dir, "train/peak_rss_mib")] if os.path.isdir(run_dir) else []
+  if code != 0:
+    phase = "evaluate" if peaks else "train"
+    last = next((l for l in reversed(tail) if l.strip()), "(no output)")[:240]
+    log(f"{model}: {phase} failed (exit {code}): {last}")
+    return {"model": model, "status": f"failed in {phase} (exit {code}): {last}"}
+  peak = max(peaks or [rss])
   run = run_lib.Run.open(run_dir)
   result = run.read_result("test")
   best = best_checkpoint(run)

@@ -113,6 +113,9 @@ SETTINGS: Tuple[Setting, ...] = (
              "Evaluate the best (else latest) checkpoint of --checkpoint_path on the test "
              "split, with the settings the run was trained with.", stored=False),
     # -- the runner's flags -------------------------------------------------------------
+    Setting("evaluate_after_training", bool, False,
+            "When training ends at --num_steps_limit, go on as --evaluation_mode does, in "
+            "the same process (one start-up instead of two).", stored=False),
     Setting("model", str, "leo", "Which meta-learner.",
             choices=tuple(sorted(registry.LEARNERS))),  # learner registry
     Setting("preset", str, "", "Named hyper-parameters, overridden by explicit flags: " +

@@ -303,6 +303,8 @@ class Trainer:
       step = self._loop(step, iterator, stop_requested, writer, best, profiler)
     finally:
       profiler.stop()
+    with writer.as_default(step=step):  # after the last validation and save
+      tf.summary.scalar("train/peak_rss_mib", progress_lib.peak_rss_mib())
     writer.flush()
     return step
 
