@@ -1,0 +1,183 @@
+"""FLOPs of a learner's evaluation task and this machine's matmul rate: the
+arithmetic limit of evaluation (issue 32, item 3).
+
+`task_flops(learner, shots)` counts one 5-way task of the evaluation
+benchmark (adapt on N*K support rows, predict N*V queries, V = 600 - K, at
+D = 640) in the traced graph of `evaluation.task_accuracy` for one task:
+
+  * every op TensorFlow registers a "flops" statistic for (the counts
+    `tf.compat.v1.profiler`'s float_operation reports: MatMul, BatchMatMul
+    and convolutions as 2 m n k, elementwise Add/Mul/Sub/..., Softmax, Sum,
+    Mean, ArgMax), plus what it leaves out that multiplies matrices: Einsum
+    (2 x the product of every index size, 1 x with nothing contracted),
+    Cholesky (n^3 / 3) and triangular solves (n^2 per right-hand column);
+  * the bodies of function calls and conditionals (the costlier branch),
+    and tf.while_loop bodies times their trip count, read from the loop's
+    condition (counter < constant, counter += 1) or maximum_iterations.
+Activations and transcendental ops (Exp, Tanh, Relu, ...), data movement
+(gather, reshape, concat) and random draws count nothing.
+
+limit = matmul FLOP/s / flops_per_task is the tasks/s a learner would reach
+if all of its arithmetic ran at this machine's float32 matmul rate
+(`matmul_rate`); an evaluation's limit_fraction is its tasks/s / limit.
+"""
+
+import collections
+import time
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops  # get_stats_for_node_def: the profiler's counts
+
+from leo_suite.bench.report import DIM, IMAGES_PER_CLASS, NUM_WAYS
+from leo_suite.data.episodes import Episode
+from leo_suite.training import evaluation
+
+CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+IF_OPS = ("If", "StatelessIf")
+WHILE_OPS = ("While", "StatelessWhile")
+TRIANGULAR_SOLVE_OPS = ("MatrixTriangularSolve", "BatchMatrixTriangularSolve")
+
+
+def shape_of(tensor):
+  shape = tensor.shape
+  if not shape.is_fully_defined():
+    raise ValueError(f"flops: {tensor.name} has an unknown shape {shape}")
+  return shape.as_list()
+
+
+def einsum_flops(op):
+  """2 x the product of every index's size (1 x when nothing is contracted)."""
+  equation = op.get_attr("equation").decode().replace(" ", "")
+  inputs, output = equation.split("->")
+  sizes = {}
+  for letters, tensor in zip(inputs.split(","), op.inputs):
+    if "." in letters:
+      raise ValueError(f"flops: einsum with an ellipsis ({equation}) is not counted")
+    sizes.update(zip(letters, shape_of(tensor)))
+  contracted = set(sizes) - set(output)
+  if len(op.inputs) == 1:
+    return int(np.prod(shape_of(op.inputs[0]))) if contracted else 0
+  return (2 if contracted else 1) * int(np.prod(list(sizes.values())))
+
+
+def linalg_flops(op):
+  """Cholesky: n^3 / 3 per matrix; a triangular solve: n^2 per right-hand column."""
+  if op.type == "Cholesky":
+    *batch, n, _ = shape_of(op.inputs[0])
+    return int(np.prod(batch)) * n ** 3 // 3
+  *batch, n, columns = shape_of(op.inputs[1])
+  return int(np.prod(batch)) * n * n * columns
+
+
+def op_flops(op):
+  """FLOPs of one op outside control flow (0 when nothing is registered)."""
+  if op.type == "Einsum":
+    return einsum_flops(op)
+  if op.type == "Cholesky" or op.type in TRIANGULAR_SOLVE_OPS:
+    return linalg_flops(op)
+  try:
+    value = tf_ops.get_stats_for_node_def(op.graph, op.node_def, "flops").value
+  except ValueError as exc:  # a registered count that needs an unknown shape
+    raise ValueError(f"flops: cannot count {op.type} {op.name}: {exc}") from exc
+  return int(value or 0)
+
+
+def function_graph(op, attribute):
+  return op.graph._functions[op.get_attr(attribute).name].graph  # pylint: disable=protected-access
+
+
+def trip_count(op):
+  """Iterations of a while_v2 loop: maximum_iterations when set, else the
+  `counter < constant` of its condition with a counter that starts at a
+  constant and steps by 1 in the body (ValueError otherwise)."""
+  maximum = tf.get_static_value(op.inputs[1])
+  if maximum is not None and maximum >= 0:
+    return int(maximum)
+  cond, body = function_graph(op, "cond"), function_graph(op, "body")
+  less = [o for o in cond.get_operations() if o.type == "Less"]
+  indices = [i for i, t in enumerate(cond.inputs) if less and t is less[0].inputs[0]]
+  if len(less) == 1 and indices:
+    index = indices[0]
+    bound = tf.get_static_value(less[0].inputs[1])
+    start = tf.get_static_value(op.inputs[index])
+    step = body.outputs[index].op
+    while step.type == "Identity":
+      step = step.inputs[0].op
+    increments = (step.type in ("AddV2", "Add") and step.inputs[0] is body.inputs[index]
+                  and tf.get_static_value(step.inputs[1]) == 1)
+    if bound is not None and start is not None and increments:
+      return max(0, int(bound) - int(start))
+  raise ValueError(f"flops: the trip count of {op.name} is not a constant bound")
+
+
+def graph_flops(graph, counts=None, times=1):
+  """collections.Counter op type -> FLOPs of `graph`, loops and calls included."""
+  counts = collections.Counter() if counts is None else counts
+  for op in graph.get_operations():
+    if op.type in CALL_OPS:
+      graph_flops(function_graph(op, "f"), counts, times)
+    elif op.type in IF_OPS:
+      branches = [graph_flops(function_graph(op, key)) for key in ("then_branch", "else_branch")]
+      counts.update({k: v * times for k, v in max(branches, key=lambda c: sum(c.values())).items()})
+    elif op.type in WHILE_OPS:
+      trips = trip_count(op)
+      graph_flops(function_graph(op, "body"), counts, times * trips)
+      graph_flops(function_graph(op, "cond"), counts, times * (trips + 1))
+    else:
+      flops = op_flops(op)
+      if flops:
+        counts[op.type] += flops * times
+  return counts
+
+
+def episode_spec(num_ways, shots, queries, dim, num_tasks=1):
+  """TensorSpecs of an evaluation Episode (float32 features, int32 labels)."""
+  def pair(examples):
+    return (tf.TensorSpec([num_tasks, num_ways, examples, dim], tf.float32),
+            tf.TensorSpec([num_tasks, num_ways, examples], tf.int32))
+  return Episode(*pair(shots), *pair(queries))
+
+
+def evaluation_graph(learner, spec):
+  """The graph of `evaluation.task_accuracy` (adapt, predict, accuracy) at `spec`."""
+  return tf.function(lambda episode: evaluation.task_accuracy(learner, episode)
+                     ).get_concrete_function(spec).graph
+
+
+def task_flops(learner, num_ways, shots, queries, dim):
+  """(total, Counter by op type): FLOPs of one evaluation task of `learner`."""
+  counts = graph_flops(evaluation_graph(learner, episode_spec(num_ways, shots, queries, dim)))
+  return sum(counts.values()), counts
+
+
+def matmul_rate(size=2048, repeats=5):
+  """Best-of-`repeats` float32 FLOP/s of a [size, size] x [size, size] tf.matmul."""
+  a = tf.random.stateless_normal([size, size], seed=[0, 1])
+  b = tf.random.stateless_normal([size, size], seed=[0, 2])
+  product = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)[0, :1]))
+  product().numpy()  # trace and warm up
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product().numpy()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def limit_columns(tasks_per_s, flops_per_task, rate):
+  """{flops_per_task, limit_tasks_per_s, limit_fraction} of one evaluation row."""
+  limit = rate / flops_per_task if flops_per_task and rate else None
+  return {"flops_per_task": flops_per_task, "limit_tasks_per_s": limit,
+          "limit_fraction": tasks_per_s / limit if tasks_per_s and limit else None}
+
+
+def evaluation_limits(learner, shots, tasks_per_s, rate):
+  """An evaluation row's flops_per_task, limit_tasks_per_s and limit_fraction at
+  the benchmark's shapes (N = NUM_WAYS, V = IMAGES_PER_CLASS - shots, D = DIM);
+  flops_error instead when the graph cannot be counted."""
+  try:
+    flops_per_task, _ = task_flops(learner, NUM_WAYS, shots, IMAGES_PER_CLASS - shots, DIM)
+  except ValueError as exc:
+    return {"flops_error": str(exc)[:300]}
+  return limit_columns(tasks_per_s, flops_per_task, rate)
