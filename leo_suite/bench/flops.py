@@ -5,12 +5,13 @@ arithmetic limit of evaluation (issue 32, item 3).
 benchmark (adapt on N*K support rows, predict N*V queries, V = 600 - K, at
 D = 640) in the traced graph of `evaluation.task_accuracy` for one task:
 
-  * every op TensorFlow registers a "flops" statistic for (the counts
-    `tf.compat.v1.profiler`'s float_operation reports: MatMul, BatchMatMul
-    and convolutions as 2 m n k, elementwise Add/Mul/Sub/..., Softmax, Sum,
-    Mean, ArgMax), plus what it leaves out that multiplies matrices: Einsum
-    (2 x the product of every index size, 1 x with nothing contracted),
-    Cholesky (n^3 / 3) and triangular solves (n^2 per right-hand column);
+  * matrix products as 2 m n k: MatMul and BatchMatMul (TensorFlow's own
+    count of an adjointed BatchMatMul is wrong, `matmul_flops`), Einsum (2 x
+    the product of every index size, 1 x with nothing contracted), Cholesky
+    (n^3 / 3) and triangular solves (n^2 per right-hand column);
+  * every other op TensorFlow registers a "flops" statistic for (the counts
+    `tf.compat.v1.profiler`'s float_operation reports: convolutions,
+    elementwise Add/Mul/Sub/..., Softmax, Sum, Mean, ArgMax);
   * the bodies of function calls and conditionals (the costlier branch),
     and tf.while_loop bodies times their trip count, read from the loop's
     condition (counter < constant, counter += 1) or maximum_iterations.
@@ -28,11 +29,13 @@ import time
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # get_stats_for_node_def: the profiler's counts
+from tensorflow.python.profiler.internal import flops_registry  # pylint: disable=unused-import
 
 from leo_suite.bench.report import DIM, IMAGES_PER_CLASS, NUM_WAYS
 from leo_suite.data.episodes import Episode
 from leo_suite.training import evaluation
 
+MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 IF_OPS = ("If", "StatelessIf")
 WHILE_OPS = ("While", "StatelessWhile")
@@ -61,6 +64,16 @@ def einsum_flops(op):
   return (2 if contracted else 1) * int(np.prod(list(sizes.values())))
 
 
+def matmul_flops(op):
+  """2 m n k per output matrix. TensorFlow's registered BatchMatMul count reads
+  the contraction size as if the product were never adjointed (it looks for
+  MatMul's transpose_a, not BatchMatMul's adj_x): X^T A with X [M, D] counts
+  2 D N D there, 2 D N M here."""
+  adjoint = op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
+  contracted = shape_of(op.inputs[0])[-2 if adjoint else -1]
+  return 2 * contracted * int(np.prod(shape_of(op.outputs[0])))
+
+
 def linalg_flops(op):
   """Cholesky: n^3 / 3 per matrix; a triangular solve: n^2 per right-hand column."""
   if op.type == "Cholesky":
@@ -74,6 +87,8 @@ def op_flops(op):
   """FLOPs of one op outside control flow (0 when nothing is registered)."""
   if op.type == "Einsum":
     return einsum_flops(op)
+  if op.type in MATMUL_OPS:
+    return matmul_flops(op)
   if op.type == "Cholesky" or op.type in TRIANGULAR_SOLVE_OPS:
     return linalg_flops(op)
   try:
@@ -88,33 +103,51 @@ def function_graph(op, attribute):
 
 
 def trip_count(op):
-  """Iterations of a while_v2 loop: maximum_iterations when set, else the
-  `counter < constant` of its condition with a counter that starts at a
-  constant and steps by 1 in the body (ValueError otherwise)."""
-  maximum = tf.get_static_value(op.inputs[1])
-  if maximum is not None and maximum >= 0:
-    return int(maximum)
+  """Iterations of a while_v2 loop: the `counter < constant` of its condition
+  (a counter that starts at a constant and steps by 1 in the body), at most
+  maximum_iterations when that is set; ValueError when neither is constant."""
+  maximum = tf.get_static_value(op.inputs[1])  # while_v2's loop vars: counter, maximum, ...
+  maximum = int(maximum) if maximum is not None and maximum >= 0 else None
   cond, body = function_graph(op, "cond"), function_graph(op, "body")
-  less = [o for o in cond.get_operations() if o.type == "Less"]
-  indices = [i for i, t in enumerate(cond.inputs) if less and t is less[0].inputs[0]]
-  if len(less) == 1 and indices:
-    index = indices[0]
-    bound = tf.get_static_value(less[0].inputs[1])
-    start = tf.get_static_value(op.inputs[index])
-    step = body.outputs[index].op
+  bounds = []
+  for less in [o for o in cond.get_operations() if o.type == "Less"]:
+    indices = [i for i, t in enumerate(cond.inputs) if t is less.inputs[0]]
+    if not indices or indices[0] < 2:  # not a loop variable of the user's condition
+      continue
+    bound = tf.get_static_value(less.inputs[1])
+    start = tf.get_static_value(op.inputs[indices[0]])
+    step = body.outputs[indices[0]].op
     while step.type == "Identity":
       step = step.inputs[0].op
-    increments = (step.type in ("AddV2", "Add") and step.inputs[0] is body.inputs[index]
-                  and tf.get_static_value(step.inputs[1]) == 1)
-    if bound is not None and start is not None and increments:
-      return max(0, int(bound) - int(start))
-  raise ValueError(f"flops: the trip count of {op.name} is not a constant bound")
+    if (bound is not None and start is not None and step.type in ("AddV2", "Add")
+        and step.inputs[0] is body.inputs[indices[0]]
+        and tf.get_static_value(step.inputs[1]) == 1):
+      bounds.append(max(0, int(bound) - int(start)))
+  if maximum is not None:
+    bounds.append(maximum)
+  if not bounds:
+    raise ValueError(f"flops: the trip count of {op.name} is not a constant bound")
+  return min(bounds)
+
+
+def live_ops(graph):
+  """The ops of `graph` its outputs depend on (a traced graph also holds ops
+  that run pruned: gradients nothing reads, e.g. a MatMul's input gradient)."""
+  pending = [t.op for t in graph.outputs] + list(getattr(graph, "control_outputs", []))
+  live = set()
+  while pending:
+    op = pending.pop()
+    if op not in live:
+      live.add(op)
+      pending += [t.op for t in op.inputs] + list(op.control_inputs)
+  return [op for op in graph.get_operations() if op in live]
 
 
 def graph_flops(graph, counts=None, times=1):
-  """collections.Counter op type -> FLOPs of `graph`, loops and calls included."""
+  """collections.Counter op type -> FLOPs of the ops `graph`'s outputs depend
+  on, loops and calls included."""
   counts = collections.Counter() if counts is None else counts
-  for op in graph.get_operations():
+  for op in live_ops(graph):
     if op.type in CALL_OPS:
       graph_flops(function_graph(op, "f"), counts, times)
     elif op.type in IF_OPS:
