@@ -123,7 +123,7 @@ def test_loop_free_learners_agree_with_the_profiler_node_by_node(model):
       extra += counted
     else:
       assert counted == profiled.get(op.name, 0), op.name
-  total, _ = flops.task_flops(benchmark.build(model), N, 5, 595, D)
+  total = flops.task_flops(benchmark.build(model), N, 5, 595, D).total
   live = {op.name for op in ops}
   pruned = sum(v for name, v in profiled.items() if name not in live)
   branches = total - extra - (sum(profiled.values()) - pruned)
@@ -133,11 +133,13 @@ def test_loop_free_learners_agree_with_the_profiler_node_by_node(model):
 @pytest.mark.parametrize("shots", [1, 5])
 def test_protonet_and_r2d2_closed_forms(shots):
   m, q = N * shots, N * (600 - shots)   # support and query rows
-  _, counts = flops.task_flops(benchmark.build("protonet"), N, shots, 600 - shots, D)
+  count = flops.task_flops(benchmark.build("protonet"), N, shots, 600 - shots, D)
   # the linear map D -> D of every row; prototypes (one-hot^T f(S)); queries . prototypes
-  assert counts["MatMul"] == 2 * (m + q) * D * D
-  assert counts["Einsum"] == 2 * m * N * D + 2 * q * N * D
-  _, counts = flops.task_flops(benchmark.build("r2d2"), N, shots, 600 - shots, D)
+  assert count.counts["MatMul"] == 2 * (m + q) * D * D
+  assert count.counts["Einsum"] == 2 * m * N * D + 2 * q * N * D
+  # what reads no support row: f(query) and its squared norm (D squares, D - 1 additions)
+  assert count.shared == 2 * q * D * D + q * D + q * (D - 1)
+  counts = flops.task_flops(benchmark.build("r2d2"), N, shots, 600 - shots, D).counts
   p = D + 1  # features with the bias column
   # Gram X X^T, Cholesky, two triangular solves, W = X^T alpha, query logits
   assert products(counts) == (2 * m * m * p + m ** 3 // 3 + 2 * m * m * N + 2 * m * p * N
@@ -180,6 +182,39 @@ def test_reptile_counts_its_while_loop_of_eval_inner_steps(shots):
     counts = flops.graph_flops(learner_graph("reptile", shots, eval_inner_steps=steps))
     assert products(counts) == steps * mlp_step(N * shots, hidden) + \
         2 * q * (D * hidden + hidden * N)
+
+
+@pytest.mark.parametrize("model", ["protonet", "matching", "relation", "hallucination",
+                                   "snail"])
+def test_the_shared_flops_are_the_readouts_row_map(model):
+  """The table path maps each query row once (Readout.row_map) and scores it
+  against every task: the FLOPs of a task that read no support row are that
+  map's (within 1%: terms the readout drops, as ProtoNet's ||f(x)||^2)."""
+  learner = benchmark.build(model)
+  spec = flops.episode_spec(N, 1, 599, D)
+  assert flops.has_readout(learner, spec)
+
+  def row_map(episode):
+    state = learner.adapt(episode.support_x, episode.support_y, training=False,
+                          seed=tf.zeros([2], tf.int32))
+    return learner.readout(state).row_map(tf.reshape(episode.query_x, [-1, D]))
+  mapped = sum(flops.graph_flops(traced(row_map, spec)).values())
+  shared = flops.task_flops(learner, N, 1, 599, D).shared
+  assert mapped <= shared <= 1.01 * mapped and mapped > 1e8
+
+
+def test_evaluation_limits_share_the_row_map_on_the_table_path():
+  learner = benchmark.build("protonet")
+  count = flops.task_flops(learner, N, 1, 599, D)
+  split = benchmark.synthetic_split(4, 600)          # 2,400 rows
+  row = {"method": "table", "tasks": 100, "tasks_per_s": 50.0}
+  limits = flops.evaluation_limits(learner, 1, row, 1e11, split)
+  assert (limits["task_flops"], limits["shared_flops"]) == (count.total, count.shared)
+  own = count.total - count.shared
+  assert limits["flops_per_task"] == pytest.approx(own + count.shared * 24 / 2995)
+  assert limits["limit_fraction"] == pytest.approx(50.0 * limits["flops_per_task"] / 1e11)
+  gather = flops.evaluation_limits(learner, 1, dict(row, method="gather"), 1e11, split)
+  assert gather["flops_per_task"] == count.total
 
 
 def test_limit_columns():

@@ -357,7 +357,7 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
                  else eval_tasks)
         try:
           row = eval_throughput(model, shots, test_split, tasks, eval_batch_size)
-          row.update(flops.evaluation_limits(build(model), shots, row["tasks_per_s"], rate))
+          row.update(flops.evaluation_limits(build(model), shots, row, rate, test_split))
         except Exception as exc:  # pylint: disable=broad-except
           row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         results["eval"][model][str(shots)] = row

@@ -24,6 +24,7 @@ if all of its arithmetic ran at this machine's float32 matmul rate
 """
 
 import collections
+import dataclasses
 import time
 
 import numpy as np
@@ -143,11 +144,24 @@ def live_ops(graph):
   return [op for op in graph.get_operations() if op in live]
 
 
-def graph_flops(graph, counts=None, times=1):
+def readers(tensors):
+  """The ops that read `tensors`, directly or through other ops."""
+  reached, pending = set(), [op for t in tensors for op in t.consumers()]
+  while pending:
+    op = pending.pop()
+    if op not in reached:
+      reached.add(op)
+      pending += [reader for t in op.outputs for reader in t.consumers()]
+  return reached
+
+
+def graph_flops(graph, counts=None, times=1, ops=None):
   """collections.Counter op type -> FLOPs of the ops `graph`'s outputs depend
-  on, loops and calls included."""
+  on (those of them in `ops` if given), loops and calls included."""
   counts = collections.Counter() if counts is None else counts
   for op in live_ops(graph):
+    if ops is not None and op not in ops:
+      continue
     if op.type in CALL_OPS:
       graph_flops(function_graph(op, "f"), counts, times)
     elif op.type in IF_OPS:
@@ -178,10 +192,35 @@ def evaluation_graph(learner, spec):
                      ).get_concrete_function(spec).graph
 
 
-def task_flops(learner, num_ways, shots, queries, dim):
-  """(total, Counter by op type): FLOPs of one evaluation task of `learner`."""
-  counts = graph_flops(evaluation_graph(learner, episode_spec(num_ways, shots, queries, dim)))
-  return sum(counts.values()), counts
+@dataclasses.dataclass(frozen=True)
+class TaskFlops:
+  total: int                        # adapt + predict + accuracy of one task
+  shared: int                       # of which no op reads the support set (the query row map)
+  counts: collections.Counter       # op type -> FLOPs (the total's)
+
+
+def task_flops(learner, num_ways, shots, queries, dim) -> TaskFlops:
+  """FLOPs of one evaluation task of `learner` (N = num_ways, K = shots,
+  V = queries per class, D = dim), and those that do not read the support set."""
+  graph = evaluation_graph(learner, episode_spec(num_ways, shots, queries, dim))
+  counts = graph_flops(graph)
+  support = readers(graph.inputs[:2])  # Episode: support_x, support_y, query_x, query_y
+  shared = graph_flops(graph, ops=set(graph.get_operations()) - support)
+  return TaskFlops(sum(counts.values()), sum(shared.values()), counts)
+
+
+def has_readout(learner, spec):
+  """Whether `learner.readout` gives the adapted tasks of `spec` a `Readout`
+  (the table path then maps each query row once, not once per task)."""
+  found = []
+
+  def probe(episode):
+    state = learner.adapt(episode.support_x, episode.support_y, training=False,
+                          seed=tf.zeros([2], tf.int32))
+    found.append(learner.readout(state) is not None)
+    return tf.constant(0)
+  tf.function(probe).get_concrete_function(spec)
+  return found[0]
 
 
 def matmul_rate(size=2048, repeats=5):
@@ -205,12 +244,23 @@ def limit_columns(tasks_per_s, flops_per_task, rate):
           "limit_fraction": tasks_per_s / limit if tasks_per_s and limit else None}
 
 
-def evaluation_limits(learner, shots, tasks_per_s, rate):
-  """An evaluation row's flops_per_task, limit_tasks_per_s and limit_fraction at
-  the benchmark's shapes (N = NUM_WAYS, V = IMAGES_PER_CLASS - shots, D = DIM);
-  flops_error instead when the graph cannot be counted."""
+def evaluation_limits(learner, shots, row, rate, split):
+  """An evaluation row's FLOPs per task and limit at the benchmark's shapes
+  (N = NUM_WAYS, V = IMAGES_PER_CLASS - shots, D = DIM): the whole task
+  (task_flops), of which shared_flops read no support row; on the table path
+  with a readout (row["method"]) the query row map runs once per row of
+  `split` per evaluation of row["tasks"] tasks, so flops_per_task counts the
+  task's own FLOPs plus that share. flops_error when the graph cannot be
+  counted."""
+  queries = IMAGES_PER_CLASS - shots
+  spec = episode_spec(NUM_WAYS, shots, queries, DIM)
   try:
-    flops_per_task, _ = task_flops(learner, NUM_WAYS, shots, IMAGES_PER_CLASS - shots, DIM)
+    count = task_flops(learner, NUM_WAYS, shots, queries, DIM)
   except ValueError as exc:
     return {"flops_error": str(exc)[:300]}
-  return limit_columns(tasks_per_s, flops_per_task, rate)
+  per_task = count.total
+  if row.get("method") == "table" and has_readout(learner, spec):
+    rows_per_task = len(split.embeddings) / row["tasks"]
+    per_task += count.shared * (rows_per_task / (NUM_WAYS * queries) - 1)
+  return dict(task_flops=count.total, shared_flops=count.shared,
+              **limit_columns(row.get("tasks_per_s"), per_task, rate))
