@@ -1,9 +1,9 @@
 """FLOPs of a learner's evaluation task and this machine's matmul rate: the
 arithmetic limit of evaluation (issue 32, item 3).
 
-`task_flops(learner, shots)` counts one 5-way task of the evaluation
-benchmark (adapt on N*K support rows, predict N*V queries, V = 600 - K, at
-D = 640) in the traced graph of `evaluation.task_accuracy` for one task:
+`task_flops` counts one task (adapt on N*K support rows, predict N*V
+queries; the benchmark's: N = 5, V = 600 - K, D = 640) in the traced graph of
+`evaluation.task_accuracy` for one task, over the ops its result reads:
 
   * matrix products as 2 m n k: MatMul and BatchMatMul (TensorFlow's own
     count of an adjointed BatchMatMul is wrong, `matmul_flops`), Einsum (2 x
@@ -14,9 +14,11 @@ D = 640) in the traced graph of `evaluation.task_accuracy` for one task:
     elementwise Add/Mul/Sub/..., Softmax, Sum, Mean, ArgMax);
   * the bodies of function calls and conditionals (the costlier branch),
     and tf.while_loop bodies times their trip count, read from the loop's
-    condition (counter < constant, counter += 1) or maximum_iterations.
+    condition (counter < constant, counter += 1) and maximum_iterations.
 Activations and transcendental ops (Exp, Tanh, Relu, ...), data movement
-(gather, reshape, concat) and random draws count nothing.
+(gather, reshape, concat) and random draws count nothing. Its `shared` part
+reads no support row (the query row map); the table path of evaluation runs
+that once per row of the test split, not once per task (`evaluation_limits`).
 
 limit = matmul FLOP/s / flops_per_task is the tasks/s a learner would reach
 if all of its arithmetic ran at this machine's float32 matmul rate
