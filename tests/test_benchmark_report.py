@@ -23,7 +23,8 @@ def benchmark():
 MAML_CONFIG = {"hidden_sizes": "", "inner_steps": 5, "inner_lr": 1.0, "head_init": "zeros",
                "eval_inner_steps": 10, "first_order": False, "meta_sgd": False}
 RESULTS = {
-    "machine": {"cpus": 2, "tf": "2.21.0", "gpus": 0, "load_average": [1.0, 2.0, 3.0]},
+    "machine": {"cpus": 2, "tf": "2.21.0", "gpus": 0, "load_average": [1.0, 2.0, 3.0],
+                "matmul_flops_per_s": 2.5e11},
     "settings": {"meta_batch": 12, "quick": False, "learner_configs": {"maml": MAML_CONFIG}},
     "train": {
         "leo": {"1": {"batched": 120.0, "xla": 130.0, "map_fn": 40.0,
@@ -36,12 +37,14 @@ RESULTS = {
     },
     "eval": {
         "leo": {"1": {"tasks": 10000, "queries_per_class": 599, "seconds": 5.0,
-                      "tasks_per_s": 2000.0},
+                      "tasks_per_s": 2000.0, "flops_per_task": 21693000,
+                      "limit_tasks_per_s": 11524.4, "limit_fraction": 0.17354},
                 "5": {"tasks": 2000, "queries_per_class": 595, "seconds": 2.002,
-                      "tasks_per_s": 999.0}},
+                      "tasks_per_s": 999.0, "flops_per_task": 46383000,
+                      "limit_tasks_per_s": 5389.9, "limit_fraction": 0.18535}},
         "maml": {"1": {"error": "ResourceExhaustedError: ..."},
                  "5": {"tasks": 2000, "queries_per_class": 595, "seconds": 1.0,
-                       "tasks_per_s": 2000.0}},
+                       "tasks_per_s": 2000.0, "flops_error": "flops: ..."}},
     },
     "memory": {"leo 1-shot default": {"peak_rss_increase_mb": 90.0},
                "leo 5-shot default": {"error": ["MemoryError"]},
@@ -101,22 +104,25 @@ def test_check_absorbs_rounding_only(benchmark):
 def test_markdown_rows(benchmark):
   lines = benchmark.markdown(RESULTS).splitlines()
   assert lines[0] == ("| learner | K | steps/s | tasks/s | XLA steps/s | map_fn steps/s | "
-                      "batched / map_fn | XLA / plain | data wait | eval tasks/s | peak MB | "
-                      "targets |")
-  assert lines[1] == "|" + " --- |" * 12
+                      "batched / map_fn | XLA / plain | data wait | eval tasks/s | "
+                      "eval MFLOP/task | eval / limit | peak MB | targets |")
+  assert lines[1] == "|" + " --- |" * 14
   assert lines[2:6] == [
-      "| leo | 1 | 120.0 | 1,440 | 130.0 | 40.00 | 3.00 | 1.08 | 0.5 ms (5%) | 2,000 | 90.0 "
+      "| leo | 1 | 120.0 | 1,440 | 130.0 | 40.00 | 3.00 | 1.08 | 0.5 ms (5%) | 2,000 | 21.7 "
+      "| 0.174 | 90.0 "
       "| XLA \u2713 3x \u2713 tasks/s \u2713 eval \u2713 10k \u2713 |",
-      "| leo | 5 | 59.8 | 718 | 55.0 | 20.00 | 2.99 | 0.92 | 2.2 ms (12%) | 999 | - "
+      "| leo | 5 | 59.8 | 718 | 55.0 | 20.00 | 2.99 | 0.92 | 2.2 ms (12%) | 999 | 46.4 | 0.185 "
+      "| - "
       "| XLA \u2717 3x \u2717 tasks/s \u2713 eval \u2717 |",
-      "| maml | 1 | 500.0 | 6,000 | 500.0 | - | - | 1.00 | - | - | - "
+      "| maml | 1 | 500.0 | 6,000 | 500.0 | - | - | 1.00 | - | - | - | - | - "
       "| XLA \u2713 3x ? tasks/s \u2713 eval ? |",
-      "| maml | 5 | 100.0 | 1,200 | - | 10.00 | 10.00 | - | - | 2,000 | 16.4 "
+      "| maml | 5 | 100.0 | 1,200 | - | 10.00 | 10.00 | - | - | 2,000 | - | - | 16.4 "
       "| XLA ? 3x \u2713 eval \u2713 |",
   ]
   assert lines[6] == ""
   assert lines[7].startswith("Targets: XLA = XLA/plain >= 1.0; 3x = ")
-  assert lines[8] == "Measured on 2 CPUs, 0 GPUs, TensorFlow 2.21.0, load average 1.0, 2.0, 3.0."
+  assert lines[8] == ("Measured on 2 CPUs, 0 GPUs, TensorFlow 2.21.0, load average 1.0, 2.0, "
+                      "3.0, float32 matmul 250 GFLOP/s.")
   assert len(lines) == 9
 
 

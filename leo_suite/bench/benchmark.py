@@ -12,6 +12,7 @@ meta-training):
     EpisodeSampler; V = 600 - K queries per class, as LEO's test protocol;
     XLA for adaptation and the table readout as --jit_compile=auto sets
     them), against the gather path; for LEO also the time of 10,000 test tasks;
+    its FLOPs per task and the fraction of its limit at the matmul rate (flops.py);
   * peak memory of one meta-training step (resident-set high-water mark
     increase, measured in a fresh subprocess per configuration), and for MAML
     and iMAML against the number of inner steps (1, 5, 10, 20).
@@ -47,6 +48,7 @@ import tensorflow as tf
 
 from leo_suite import errors
 from leo_suite import progress
+from leo_suite.bench import flops
 from leo_suite.bench.report import (BATCH, DIM, IMAGES_PER_CLASS, LEARNER_CONFIGS,
                                     MEMORY_INNER_STEPS, MODELS, NUM_WAYS, SHOTS,
                                     TRAIN_QUERIES, target_checks)
@@ -332,6 +334,7 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
 
   if "eval" not in skip:
     test_split = eval_split()
+    rate = results["machine"]["matmul_flops_per_s"] = flops.matmul_rate()
     results["sampler_seconds"] = {}
     for shots in SHOTS:
       results["sampler_seconds"][str(shots)] = {
@@ -344,6 +347,7 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
                  else eval_tasks)
         try:
           row = eval_throughput(model, shots, test_split, tasks, eval_batch_size)
+          row.update(flops.evaluation_limits(build(model), shots, row, rate, test_split))
         except Exception as exc:  # pylint: disable=broad-except
           row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         results["eval"][model][str(shots)] = row

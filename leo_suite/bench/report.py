@@ -37,6 +37,10 @@ def fmt(value, spec=".1f"):
   return "-" if value is None else format(value, spec)
 
 
+def mega(value):
+  return None if value is None else value / 1e6
+
+
 def ratio(numerator, denominator):
   return numerator / denominator if numerator and denominator else None
 
@@ -92,8 +96,8 @@ def mark(holds):
 def table(results):
   """(header, rows): one row per learner and shot, every cell a string."""
   header = ["learner", "K", "steps/s", "tasks/s", "XLA steps/s", "map_fn steps/s",
-            "batched / map_fn", "XLA / plain", "data wait", "eval tasks/s", "peak MB",
-            "targets"]
+            "batched / map_fn", "XLA / plain", "data wait", "eval tasks/s",
+            "eval MFLOP/task", "eval / limit", "peak MB", "targets"]
   batch = results.get("settings", {}).get("meta_batch", BATCH)
   checks = target_checks(results)
   models = [m for m in MODELS if m in results.get("train", {}) or m in results.get("eval", {})]
@@ -115,6 +119,8 @@ def table(results):
                    fmt(ratio(plain, train.get("map_fn")), ".2f"),
                    fmt(ratio(train.get("xla"), plain), ".2f"), wait,
                    fmt(evaluation_row.get("tasks_per_s"), ",.0f"),
+                   fmt(mega(evaluation_row.get("flops_per_task")), ",.1f"),
+                   fmt(evaluation_row.get("limit_fraction"), ".3f"),
                    fmt(memory.get("peak_rss_increase_mb")), marks or "-"])
   return header, rows
 
@@ -130,6 +136,8 @@ def markdown(results):
     load = ", ".join(f"{x:.1f}" for x in machine.get("load_average", []))
     lines.append(f"Measured on {machine.get('cpus')} CPUs, {machine.get('gpus', 0)} GPUs, "
                  f"TensorFlow {machine.get('tf')}, load average {load}"
+                 + (f", float32 matmul {machine['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s"
+                    if machine.get("matmul_flops_per_s") else "")
                  + (" (--quick)" if settings.get("quick") else "") + ".")
   return "\n".join(lines)
 
@@ -159,7 +167,9 @@ def print_table(results):
               f"({row['tasks']} tasks in {row['seconds']:.1f} s, {row.get('method', 'gather')}"
               f" path; gather path {row.get('gather_tasks_per_s', row['tasks_per_s']):.1f}"
               f" tasks/s; queries predicted differently: {row.get('query_flips', '-')}"
-              f" of {row.get('queries', '-')})")
+              f" of {row.get('queries', '-')}; {fmt(mega(row.get('flops_per_task')), ',.1f')}"
+              f" MFLOP/task, {fmt(row.get('limit_fraction'), '.3f')} of the limit"
+              f" {fmt(row.get('limit_tasks_per_s'), ',.0f')} tasks/s)")
     for shots, seconds in results.get("sampler_seconds", {}).items():
       print(f"sampler alone K={shots}: {seconds['seconds']:.1f} s for {seconds['tasks']} tasks")
   if results.get("memory"):
