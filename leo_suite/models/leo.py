@@ -40,6 +40,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import adaptation
 from leo_suite.models import base
+from leo_suite.models import draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ class LEO(base.Learner):
   def _dropout(self, x, training, seed):
     if not training or self.config.dropout_rate == 0:
       return x
-    return base.dropout(x, self.config.dropout_rate, seed)
+    return draws.dropout(x, self.config.dropout_rate, seed)
 
   def encode(self, support_x, training, seeds):
     """Returns the latent mean/raw-std parameters [B, N, K, 2 d_z]."""
