@@ -13,7 +13,9 @@ Release behaviours kept on purpose (each checked in tests/test_leo.py):
   is the single-sample *mean* of log q(z) - log N(z; 0, I);
 - decoder: bias-free d_z -> 2D with std offset sqrt(2 / (D + N)) (eq. 5);
 - logits[n, k, c] = mean_k' <dropout(x[n, k]), w[c, k']>, dropout redrawn at
-  every loss evaluation in meta-training (support and query);
+  every loss evaluation in meta-training (support and query); its
+  Bernoulli(1 - rate) masks come from random bits, 1 per entry at rate 0.5
+  (models/draws.py);
 - latent loop z <- z - alpha * grad_z sum(CE) (the SUM of per-example losses,
   eq. 6), alpha of shape [1, 1, d_z]; fine-tuning w <- w - eta * grad_w sum(CE),
   eta of shape [1, 1, D] (eq. 7); both second-order;
