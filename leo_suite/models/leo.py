@@ -13,7 +13,9 @@ Release behaviours kept on purpose (each checked in tests/test_leo.py):
   is the single-sample *mean* of log q(z) - log N(z; 0, I);
 - decoder: bias-free d_z -> 2D with std offset sqrt(2 / (D + N)) (eq. 5);
 - logits[n, k, c] = mean_k' <dropout(x[n, k]), w[c, k']>, dropout redrawn at
-  every loss evaluation in meta-training (support and query);
+  every loss evaluation in meta-training (support and query); its
+  Bernoulli(1 - rate) masks come from random bits, 1 per entry at rate 0.5
+  (models/draws.py);
 - latent loop z <- z - alpha * grad_z sum(CE) (the SUM of per-example losses,
   eq. 6), alpha of shape [1, 1, d_z]; fine-tuning w <- w - eta * grad_w sum(CE),
   eta of shape [1, 1, D] (eq. 7); both second-order;
@@ -40,6 +42,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.models import adaptation
 from leo_suite.models import base
+from leo_suite.models import draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +161,7 @@ class LEO(base.Learner):
   def _dropout(self, x, training, seed):
     if not training or self.config.dropout_rate == 0:
       return x
-    return base.dropout(x, self.config.dropout_rate, seed)
+    return draws.dropout(x, self.config.dropout_rate, seed)
 
   def encode(self, support_x, training, seeds):
     """Returns the latent mean/raw-std parameters [B, N, K, 2 d_z]."""
