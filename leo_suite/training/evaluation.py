@@ -10,7 +10,8 @@ Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
   * gather: every task's query set is copied out of the embedding table and
     passed to `predict` (the tf.data path; the only one under a strategy
     that splits batches).
-  * table: only the support sets are read per task. The adapted tasks are
+  * table: only the support sets are read per task (adapted into the
+    learner's `readout_state`, e.g. Reptile's factored heads). The adapted tasks are
     scored in groups: each class's rows are taken once, as a slice of the
     table, and scored against every task of the group that holds the class,
     as one matrix product when the learner's classifier starts with a linear
@@ -125,7 +126,7 @@ class Evaluator:
     self.learner = learner
     score = lambda episode: task_accuracy(learner, episode)
     zero_seed = tf.zeros([2], tf.int32)
-    adapt = lambda x, y: learner.adapt(x, y, training=False, seed=zero_seed)
+    adapt = lambda x, y: learner.readout_state(x, y, seed=zero_seed)
     self._adapt = xla.WithFallback(
         lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True),
         jit_compile, f"{type(learner).__name__} evaluation (adapt)")
