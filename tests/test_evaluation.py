@@ -147,6 +147,8 @@ def test_chunk_bounds_rows_times_width_and_finished_readouts_get_the_smaller_bud
   assert evaluation.table_chunk_tasks(finished, 600, 640) == small // (600 * 64)
   assert evaluation.table_chunk_tasks(shared, 600, 640) == small // (600 * 640)
   assert evaluation.table_chunk_tasks(None, 600, 640) == small // (600 * 640)
+  # A readout that states its finish's floats per row and task is sized by them.
+  assert evaluation.table_chunk_tasks(shared._replace(width=69), 600, 640) == small // (600 * 69)
   assert evaluation.table_chunk_tasks(linear, big, 640) == 1  # one task at least
 
 

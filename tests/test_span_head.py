@@ -1,7 +1,7 @@
-"""Evaluation's factored first layer (heads.SpanHead, adaptation.span_sgd_loop):
-equal to the dense SGD inner loop run task by task (float64), its logits and
-table readout equal the dense heads', and Reptile's table-path accuracies
-equal a per-task dense reference on fixed tasks."""
+"""Evaluation's factored first layer (heads.SpanHead, adaptation.span_sgd_loop)
+of Reptile and L2F: equal to the dense SGD inner loop run task by task
+(float64), its logits and table readout equal the dense heads', and the
+table-path accuracies equal a per-task dense reference on fixed tasks."""
 
 import numpy as np
 import pytest
@@ -11,6 +11,7 @@ from leo_suite.data import episodes
 from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import heads
+from leo_suite.models import l2f
 from leo_suite.models import registry
 from leo_suite.models import reptile
 from leo_suite.models import transforms
@@ -21,8 +22,14 @@ from tests import test_maml as common
 NUM_WAYS, DIM, SEED = common.NUM_WAYS, common.DIM, common.SEED
 
 
-def build64(**overrides):
-  return reptile.build(reptile.Config(**overrides), NUM_WAYS, DIM, "float64")
+MODULES = {"reptile": reptile, "l2f": l2f}
+
+
+def build64(model="reptile", **overrides):
+  module = MODULES[model]
+  return module.build(module.Config(**overrides), NUM_WAYS, DIM, "float64")
+
+
 
 
 def dense_reference(learner, support_x, support_y, steps):
@@ -37,11 +44,14 @@ def dense_reference(learner, support_x, support_y, steps):
   return [tf.concat(parts, 0) for parts in zip(*per_task)]
 
 
-@pytest.mark.parametrize("overrides", [dict(hidden_sizes="8"),
-                                       dict(hidden_sizes="8,6", inner_lr=0.7),
-                                       dict(hidden_sizes="8", head_init="proto")])
-def test_span_loop_equals_the_dense_sgd_loop_task_by_task(overrides):
-  learner = build64(eval_inner_steps=7, **overrides)
+@pytest.mark.parametrize("model, overrides", [
+    ("reptile", dict(hidden_sizes="8")),
+    ("reptile", dict(hidden_sizes="8,6", inner_lr=0.7)),
+    ("reptile", dict(hidden_sizes="8", head_init="proto")),
+    ("l2f", dict(hidden_sizes="8")),             # gamma o theta: a per-task scale of W_1
+    ("l2f", dict(hidden_sizes="8,6", inner_lr=0.7, head_init="proto"))])
+def test_span_loop_equals_the_dense_sgd_loop_task_by_task(model, overrides):
+  learner = build64(model, eval_inner_steps=7, **overrides)
   common.perturb_variables(learner, seed=2)
   episode = common.make_episode(num_tasks=3, num_shots=2)
   state = learner.readout_state(episode.support_x, episode.support_y, seed=SEED)
@@ -53,6 +63,10 @@ def test_span_loop_equals_the_dense_sgd_loop_task_by_task(overrides):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-13)
   # The fast weights moved (the test is not comparing theta with theta).
   assert np.abs(expected[0].numpy() - theta_w1.numpy()).max() > 1e-3
+  if model == "l2f":  # W_1 starts at gamma_1 theta_W1, not theta_W1
+    gamma = learner.attenuation(episode.support_x, episode.support_y)[:, 0].numpy()
+    np.testing.assert_allclose(state.scale.numpy(), gamma, rtol=1e-12)
+    assert np.ptp(gamma) > 0
   # adapt's evaluation-mode fast weights are the same heads, dense.
   adapted = learner.adapt(episode.support_x, episode.support_y, training=False, seed=SEED)
   for want, got in zip(expected, adapted):
@@ -72,22 +86,27 @@ def test_span_loop_equals_the_dense_sgd_loop_task_by_task(overrides):
                              rtol=1e-10, atol=1e-12)
 
 
-def test_adam_and_linear_heads_keep_dense_fast_weights():
+def test_adam_meta_sgd_and_linear_heads_keep_dense_fast_weights():
   episode = common.make_episode()
   for learner in (build64(hidden_sizes="8", inner_optimizer="adam", inner_lr=0.05),
-                  build64(hidden_sizes="")):
+                  build64(hidden_sizes=""), build64("l2f", hidden_sizes="8", meta_sgd=True),
+                  build64("l2f", hidden_sizes="")):
     state = learner.readout_state(episode.support_x, episode.support_y, seed=SEED)
     assert isinstance(state, list) and len(state) == len(learner.head.params)
 
 
-def test_reptile_table_accuracies_equal_a_per_task_dense_reference():
+@pytest.mark.parametrize("model", sorted(MODULES))
+def test_table_accuracies_equal_a_per_task_dense_reference(model):
   split = test_evaluation.clustered_split([9] * 8)
   spec = episodes.EpisodeSpec(4, 2, 7)
   sampler = episodes.EpisodeSampler(split, spec)
   tf.random.set_seed(3)
-  learner = registry.build("reptile", reptile.Config(hidden_sizes="32", eval_inner_steps=9),
+  learner = registry.build(model, MODULES[model].Config(hidden_sizes="32", eval_inner_steps=9),
                            spec.num_ways, test_evaluation.DIM)
   table = evaluation.Evaluator(learner).fixed_accuracy(sampler, 5, 21, 8, method="table")
+  readout = learner.readout(learner.readout_state(*next(iter(sampler.fixed_set(5, 8, 8)))[:2],
+                                                  seed=SEED))
+  assert readout.width == spec.num_ways * spec.num_shots + 32  # M + H_1 floats per row, task
   reference = []
   for episode in sampler.fixed_set(5, 21, 8):
     fast_weights = dense_reference(learner, episode.support_x, episode.support_y, 9)

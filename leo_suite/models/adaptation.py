@@ -61,12 +61,13 @@ def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=Fal
 
 
 def span_sgd_loop(theta_w1, initial, support_x, support_y, learning_rate,
-                  steps) -> heads.SpanHead:
+                  steps, scale=None) -> heads.SpanHead:
   """`steps` SGD steps at `learning_rate` of MLP heads on the mean support
   cross-entropy, the first layer kept factored (heads.SpanHead); no gradient path.
 
   initial: the start [W_1, b_1, W_2, ...] [B, ...] whose W_1 is theta_w1
-  [D, H_1] for every task (initial[0] is not read). With the M support rows
+  [D, H_1] times `scale` [B] (default 1) for every task (initial[0] is not
+  read). With the M support rows
   X [B, M, D], a step moves W_1 by -lr X^T Delta and b_1 by -lr 1^T Delta
   (Delta [B, M, H_1]: the loss's gradient at the first pre-activations
   Z = X W_1 + b_1), so Z by -lr (X X^T + 1 1^T) Delta: the loop runs on Z and
@@ -80,7 +81,11 @@ def span_sgd_loop(theta_w1, initial, support_x, support_y, learning_rate,
   rate = tf.convert_to_tensor(learning_rate, x.dtype)
   kernel = tf.matmul(x, x, transpose_b=True) + 1.0  # [B, M, M]
   bias, layers = initial[1], [tf.stop_gradient(p) for p in initial[2:]]
-  start = tf.stop_gradient(tf.tensordot(x, theta_w1, 1) + bias[:, tf.newaxis])
+  if scale is None:
+    scale = tf.ones([num_tasks], x.dtype)
+  scale = tf.stop_gradient(scale)
+  start = tf.stop_gradient(scale[:, tf.newaxis, tf.newaxis] * tf.tensordot(x, theta_w1, 1) +
+                           bias[:, tf.newaxis])
 
   def body(step, z, total, layers):
     grads, delta = heads.head_backprop(layers, tf.nn.relu(z), labels)
@@ -92,7 +97,7 @@ def span_sgd_loop(theta_w1, initial, support_x, support_y, learning_rate,
       lambda step, *_: step < steps, body,
       (tf.constant(0), start, tf.zeros_like(start), layers))
   return tf.nest.map_structure(tf.stop_gradient, heads.SpanHead(
-      x, -rate * total, tuple([bias - rate * tf.reduce_sum(total, axis=1)] + layers)))
+      x, -rate * total, tuple([bias - rate * tf.reduce_sum(total, axis=1)] + layers), scale))
 
 
 def loss_gradients(loss_fn, params: Sequence[tf.Tensor]):

@@ -43,6 +43,9 @@ class Readout(NamedTuple):
   weights: Optional[tf.Tensor]               # [B, M, d] or None (scores = row_map(x))
   bias: Optional[tf.Tensor]                  # [B, M] or None
   finish: bool = False                       # scores [B, R, M] -> logits via finish_readout
+  # Floats per row and task of the finish's intermediates, when neither the
+  # weights' M nor the embedding's D says it (evaluation sizes its calls by it).
+  width: Optional[int] = None
 
 
 class SeedStream:

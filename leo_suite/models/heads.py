@@ -229,13 +229,15 @@ def head_backprop(fast_weights, inputs, labels):
 
 
 class SpanHead(NamedTuple):
-  """Adapted MLP heads whose first layer is theta's W_1 plus a move in the
-  span of each task's support rows: W_1 = theta_W1 + support^T coefficients
-  (where SGD on a first layer moves it: its gradient is support^T delta).
+  """Adapted MLP heads whose first layer is theta's W_1, scaled per task, plus
+  a move in the span of each task's support rows: W_1 = scale theta_W1 +
+  support^T coefficients (where SGD on a first layer moves it: its gradient
+  is support^T delta; scale: L2F's attenuation, else 1).
   `rest`: the other fast weights [b_1, W_2, b_2, ...], each [B, ...]."""
   support: tf.Tensor       # [B, M, D]
   coefficients: tf.Tensor  # [B, M, H_1]
   rest: Tuple[tf.Tensor, ...]
+  scale: tf.Tensor         # [B]
 
   def row_logits(self, shared, rows):
     """Logits [B, R, N] of rows [B or 1, R, D] given shared = rows theta_W1
@@ -249,6 +251,7 @@ class SpanHead(NamedTuple):
     else:
       products = tf.matmul(rows, self.support, transpose_b=True)
     moved = tf.matmul(products, self.coefficients)  # [B, R, H_1]
+    shared = self.scale[:, tf.newaxis, tf.newaxis] * shared
     return head_logits(list(self.rest[1:]),
                        tf.nn.relu(shared + moved + self.rest[0][:, tf.newaxis]))
 
@@ -261,8 +264,8 @@ class SpanHead(NamedTuple):
 
   def dense(self, theta_w1):
     """The fast weights [W_1, b_1, W_2, ...] as dense [B, ...] tensors."""
-    return [theta_w1 + tf.matmul(self.support, self.coefficients, transpose_a=True)] + list(
-        self.rest)
+    return [self.scale[:, tf.newaxis, tf.newaxis] * theta_w1 +
+            tf.matmul(self.support, self.coefficients, transpose_a=True)] + list(self.rest)
 
 
 def task_mean_cross_entropy(logits, labels):
@@ -372,7 +375,8 @@ class HeadLearner(base.Learner):
     if isinstance(state, SpanHead):
       theta_w1 = self.head.params[0]
       row_map = lambda x: tf.concat([tf.matmul(self.cast(x), theta_w1), self.cast(x)], -1)
-      return base.Readout(row_map, None, None, finish=True)
+      size, hidden = state.coefficients.shape[1:]  # per row and task: [M] then [H_1] floats
+      return base.Readout(row_map, None, None, finish=True, width=size + hidden)
     weights, bias = state[0], state[1]
     return base.Readout(self.cast, tf.transpose(weights, [0, 2, 1]), bias,
                         finish=len(state) > 2)

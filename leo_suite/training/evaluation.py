@@ -103,10 +103,12 @@ def table_group_tasks(state, num_tasks: int, batch_size: int) -> int:
 
 def table_chunk_tasks(readout, rows: int, dim: int) -> int:
   """Tasks per table call for a class of `rows` rows: at most
-  TABLE_CHUNK_FLOATS floats of rows x width (width: the readout's weights,
-  else the embedding `dim`), TABLE_FINISH_CHUNK_FLOATS when a finish or the
-  learner's predict follows."""
+  TABLE_CHUNK_FLOATS floats of rows x width (width: the readout's `width`,
+  else its weights', else the embedding `dim`), TABLE_FINISH_CHUNK_FLOATS
+  when a finish or the learner's predict follows."""
   width = dim if readout is None or readout.weights is None else readout.weights.shape[1]
+  if readout is not None and readout.width:
+    width = readout.width
   budget = (TABLE_FINISH_CHUNK_FLOATS if readout is None or readout.finish
             else TABLE_CHUNK_FLOATS)
   return max(1, budget // (rows * width))
