@@ -174,7 +174,7 @@ def test_small_state_budget_splits_groups_and_keeps_the_accuracies(model, monkey
   np.testing.assert_array_equal(table, gather)
 
 
-@pytest.mark.parametrize("model", ["relation", "leo", "l2f"])
+@pytest.mark.parametrize("model", ["relation", "leo", "l2f", "snail"])
 def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypatch):
   """With the readout compiled (calls padded to powers of two with masked
   copies), per-task accuracies equal the gather path's; a small chunk makes
