@@ -147,6 +147,8 @@ def test_chunk_bounds_rows_times_width_and_finished_readouts_get_the_smaller_bud
   assert evaluation.table_chunk_tasks(finished, 600, 640) == small // (600 * 64)
   assert evaluation.table_chunk_tasks(shared, 600, 640) == small // (600 * 640)
   assert evaluation.table_chunk_tasks(None, 600, 640) == small // (600 * 640)
+  # A readout that states its finish's floats per row and task is sized by them.
+  assert evaluation.table_chunk_tasks(shared._replace(width=69), 600, 640) == small // (600 * 69)
   assert evaluation.table_chunk_tasks(linear, big, 640) == 1  # one task at least
 
 
@@ -172,7 +174,7 @@ def test_small_state_budget_splits_groups_and_keeps_the_accuracies(model, monkey
   np.testing.assert_array_equal(table, gather)
 
 
-@pytest.mark.parametrize("model", ["relation", "leo", "l2f"])
+@pytest.mark.parametrize("model", ["relation", "leo", "l2f", "snail"])
 def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypatch):
   """With the readout compiled (calls padded to powers of two with masked
   copies), per-task accuracies equal the gather path's; a small chunk makes

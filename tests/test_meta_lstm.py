@@ -117,6 +117,50 @@ def test_gates_update_is_the_papers_cell_equation():
   np.testing.assert_allclose(adapted, f * theta - i * grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("gate_feedback", ["logit", "gate"])
+def test_direct_gates_equal_the_concatenated_inputs_form_task_by_task(gate_feedback):
+  """The gates without a front LSTM are summed term by term (the loss's terms
+  once per task); trajectory and meta-gradient equal the einsum over the
+  concatenated [x, theta, gate] inputs, run one task at a time."""
+  learner = build64(inner_steps=3, gate_feedback=gate_feedback, head_init="glorot")
+  common.perturb_variables(learner, seed=4)
+  rule = learner.update_rule
+  episode = common.make_episode(num_tasks=3)
+
+  def reference_update(theta, grad, loss, state):  # the paper's inputs, concatenated
+    _, f_prev, i_prev = state
+    x = tf.concat([meta_lstm.preprocess(grad, rule.p), meta_lstm.preprocess(
+        tf.broadcast_to(loss[:, tf.newaxis], tf.shape(grad)), rule.p)], -1)
+    f_logit = rule._gate(x, theta, f_prev, rule.w_f, rule.b_f)  # pylint: disable=protected-access
+    i_logit = rule._gate(x, theta, i_prev, rule.w_i, rule.b_i)  # pylint: disable=protected-access
+    f, i = tf.sigmoid(f_logit), tf.sigmoid(i_logit)
+    fed_back = (f_logit, i_logit) if gate_feedback == "logit" else (f, i)
+    return f * theta - i * grad, ((),) + fed_back
+
+  def loss_and_grads(ep):
+    with tf.GradientTape() as tape:
+      loss, _ = learner.meta_loss(ep, training=True, seed=SEED)
+    return loss, tape.gradient(loss, learner.trainable_variables)
+
+  loss, grads = loss_and_grads(episode)
+  batched = learner.trajectory(episode.support_x, episode.support_y)
+  direct = type(rule).__call__
+  type(rule).__call__ = lambda self, *args: reference_update(*args)
+  try:
+    for b in range(3):
+      task = type(episode)(*[t[b:b + 1] for t in episode])
+      for got, want in zip(batched, learner.trajectory(task.support_x, task.support_y)):
+        np.testing.assert_allclose(got[b:b + 1].numpy(), want.numpy(), rtol=1e-12, atol=1e-15)
+    reference_loss, reference_grads = loss_and_grads(episode)
+  finally:
+    type(rule).__call__ = direct
+  assert np.abs((batched[-1] - batched[0]).numpy()).max() > 1e-3  # the heads moved
+  np.testing.assert_allclose(loss.numpy(), reference_loss.numpy(), rtol=1e-12)
+  for got, want in zip(grads, reference_grads):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-14)
+  assert np.abs(grads[-1].numpy()).max() > 0  # the update rule is trained
+
+
 def test_initial_gates_follow_the_reference_init():
   learner = build64(inner_lr=0.3)
   rule = learner.update_rule

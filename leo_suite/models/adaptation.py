@@ -60,6 +60,46 @@ def linear_inner_loop(initial, support_x, support_y, lrs, steps, first_order=Fal
           bias - lr_bias * tf.reduce_sum(total, axis=1)]
 
 
+def span_sgd_loop(theta_w1, initial, support_x, support_y, learning_rate,
+                  steps, scale=None) -> heads.SpanHead:
+  """`steps` SGD steps at `learning_rate` of MLP heads on the mean support
+  cross-entropy, the first layer kept factored (heads.SpanHead); no gradient path.
+
+  initial: the start [W_1, b_1, W_2, ...] [B, ...] whose W_1 is theta_w1
+  [D, H_1] times `scale` [B] (default 1) for every task (initial[0] is not
+  read). With the M support rows
+  X [B, M, D], a step moves W_1 by -lr X^T Delta and b_1 by -lr 1^T Delta
+  (Delta [B, M, H_1]: the loss's gradient at the first pre-activations
+  Z = X W_1 + b_1), so Z by -lr (X X^T + 1 1^T) Delta: the loop runs on Z and
+  the other layers, and W_1 = theta_w1 - lr X^T sum_t Delta_t (the fast
+  weights of `adapt_loop` with transforms.sgd, equal in exact arithmetic;
+  tests), without a D x H_1 product per task and step.
+  """
+  num_tasks = tf.shape(support_x)[0]
+  x = tf.reshape(support_x, [num_tasks, -1, tf.shape(support_x)[-1]])  # [B, M, D]
+  labels = tf.reshape(support_y, [num_tasks, -1])
+  rate = tf.convert_to_tensor(learning_rate, x.dtype)
+  kernel = tf.matmul(x, x, transpose_b=True) + 1.0  # [B, M, M]
+  bias, layers = initial[1], [tf.stop_gradient(p) for p in initial[2:]]
+  if scale is None:
+    scale = tf.ones([num_tasks], x.dtype)
+  scale = tf.stop_gradient(scale)
+  start = tf.stop_gradient(scale[:, tf.newaxis, tf.newaxis] * tf.tensordot(x, theta_w1, 1) +
+                           bias[:, tf.newaxis])
+
+  def body(step, z, total, layers):
+    grads, delta = heads.head_backprop(layers, tf.nn.relu(z), labels)
+    delta = tf.matmul(delta, layers[0], transpose_b=True) * tf.cast(z > 0, z.dtype)
+    return (step + 1, z - rate * tf.matmul(kernel, delta), total + delta,
+            [p - rate * g for p, g in zip(layers, grads)])
+
+  _, _, total, layers = tf.while_loop(
+      lambda step, *_: step < steps, body,
+      (tf.constant(0), start, tf.zeros_like(start), layers))
+  return tf.nest.map_structure(tf.stop_gradient, heads.SpanHead(
+      x, -rate * total, tuple([bias - rate * tf.reduce_sum(total, axis=1)] + layers), scale))
+
+
 def loss_gradients(loss_fn, params: Sequence[tf.Tensor]):
   """(loss_fn(params), d loss_fn / d params); recorded by any outer tape."""
   params = list(params)

@@ -43,6 +43,9 @@ class Readout(NamedTuple):
   weights: Optional[tf.Tensor]               # [B, M, d] or None (scores = row_map(x))
   bias: Optional[tf.Tensor]                  # [B, M] or None
   finish: bool = False                       # scores [B, R, M] -> logits via finish_readout
+  # Floats per row and task of the finish's intermediates, when neither the
+  # weights' M nor the embedding's D says it (evaluation sizes its calls by it).
+  width: Optional[int] = None
 
 
 class SeedStream:
@@ -220,9 +223,17 @@ class Learner(snt.Module):
   def predict(self, state, query_x, *, training, seed) -> tf.Tensor:
     raise NotImplementedError
 
+  def readout_state(self, support_x, support_y, *, seed) -> Any:
+    """The evaluation-mode (`training=False`) adapted state that `readout`
+    (and `predict`) read: `adapt`'s by default; a learner may keep it in a
+    form that is cheaper to score many query rows with (Reptile's first
+    layer as theta plus the span of the support rows)."""
+    return self.adapt(support_x, support_y, training=False, seed=seed)
+
   def readout(self, state) -> Optional[Readout]:
-    """The evaluation-mode (`training=False`) classifier of `state` as a
-    `Readout`, or None when it is not linear in a shared row map."""
+    """The evaluation-mode (`training=False`) classifier of `state` (from
+    `readout_state`) as a `Readout`, or None when it is not linear in a
+    shared row map."""
     del state
     return None
 

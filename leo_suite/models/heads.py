@@ -50,7 +50,7 @@ First hidden layer initialisation (`HIDDEN_INITS`, the `hidden_init` flag):
 """
 
 import dataclasses
-from typing import ClassVar, List, Sequence
+from typing import ClassVar, List, NamedTuple, Sequence, Tuple
 
 import sonnet as snt
 import tensorflow as tf
@@ -197,6 +197,12 @@ def head_cross_entropy_gradients(fast_weights, inputs, labels):
   relu'), so an outer tape differentiates this expression (second order)
   instead of a nested tape's gradient graph, which is markedly cheaper.
   """
+  return head_backprop(fast_weights, inputs, labels)[0]
+
+
+def head_backprop(fast_weights, inputs, labels):
+  """(`head_cross_entropy_gradients`, the loss's gradient [B, M, H_1] with
+  respect to the first layer's pre-activations inputs W_1 + b_1)."""
   num_tasks = tf.shape(inputs)[0]
   h = tf.reshape(inputs, [num_tasks, -1, tf.shape(inputs)[-1]])  # [B, M, D]
   labels = tf.reshape(labels, [num_tasks, -1])  # [B, M]
@@ -219,7 +225,47 @@ def head_cross_entropy_gradients(fast_weights, inputs, labels):
     if layer > 0:
       mask = tf.cast(pre_activations[layer - 1] > 0, delta.dtype)
       delta = tf.einsum("bmo,bdo->bmd", delta, fast_weights[2 * layer]) * mask
-  return grads
+  return grads, delta
+
+
+class SpanHead(NamedTuple):
+  """Adapted MLP heads whose first layer is theta's W_1, scaled per task, plus
+  a move in the span of each task's support rows: W_1 = scale theta_W1 +
+  support^T coefficients (where SGD on a first layer moves it: its gradient
+  is support^T delta; scale: L2F's attenuation, else 1).
+  `rest`: the other fast weights [b_1, W_2, b_2, ...], each [B, ...]."""
+  support: tf.Tensor       # [B, M, D]
+  coefficients: tf.Tensor  # [B, M, H_1]
+  rest: Tuple[tf.Tensor, ...]
+  scale: tf.Tensor         # [B]
+
+  def row_logits(self, shared, rows):
+    """Logits [B, R, N] of rows [B or 1, R, D] given shared = rows theta_W1
+    [B or 1, R, H_1]: the first layer adds (rows support^T) coefficients + b_1,
+    with no [D, H_1] product per task."""
+    if rows.shape[0] == 1:  # rows shared by every task: one [R, D] x [D, B M] product
+      tasks, size = tf.shape(self.support)[0], tf.shape(self.support)[1]
+      products = tf.matmul(rows[0], tf.reshape(self.support, [tasks * size, -1]),
+                           transpose_b=True)
+      products = tf.transpose(tf.reshape(products, [-1, tasks, size]), [1, 0, 2])
+    else:
+      products = tf.matmul(rows, self.support, transpose_b=True)
+    moved = tf.matmul(products, self.coefficients)  # [B, R, H_1]
+    shared = self.scale[:, tf.newaxis, tf.newaxis] * shared
+    return head_logits(list(self.rest[1:]),
+                       tf.nn.relu(shared + moved + self.rest[0][:, tf.newaxis]))
+
+  def logits(self, theta_w1, inputs):
+    """Logits [B, ..., N] on inputs [B, ..., D] (head_logits of the dense heads)."""
+    batch_shape = tf.shape(inputs)[:-1]
+    rows = tf.reshape(inputs, [batch_shape[0], -1, tf.shape(inputs)[-1]])
+    h = self.row_logits(tf.tensordot(rows, theta_w1, 1), rows)
+    return tf.reshape(h, tf.concat([batch_shape, tf.shape(h)[-1:]], 0))
+
+  def dense(self, theta_w1):
+    """The fast weights [W_1, b_1, W_2, ...] as dense [B, ...] tensors."""
+    return [self.scale[:, tf.newaxis, tf.newaxis] * theta_w1 +
+            tf.matmul(self.support, self.coefficients, transpose_a=True)] + list(self.rest)
 
 
 def task_mean_cross_entropy(logits, labels):
@@ -315,15 +361,28 @@ class HeadLearner(base.Learner):
         fast_weights, support_x, support_y)
 
   def predict(self, state, query_x, *, training, seed):
-    """Logits [B, N, V, N] of the adapted heads `state` on query_x [B, N, V, D]."""
+    """Logits [B, N, V, N] of the adapted heads `state` (fast weights or a
+    SpanHead) on query_x [B, N, V, D]."""
     del training, seed
+    if isinstance(state, SpanHead):
+      return state.logits(self.head.params[0], self.cast(query_x))
     return head_logits(list(state), self.cast(query_x))
 
   def readout(self, state):
-    """The first layer x W_1 + b_1; an MLP head's other layers finish it."""
+    """The first layer x W_1 + b_1; an MLP head's other layers finish it.
+    A SpanHead's rows map to [x theta_W1, x], shared by every task, and
+    `finish_readout` adds each task's move of W_1 (x support^T) coefficients."""
+    if isinstance(state, SpanHead):
+      theta_w1 = self.head.params[0]
+      row_map = lambda x: tf.concat([tf.matmul(self.cast(x), theta_w1), self.cast(x)], -1)
+      size, hidden = state.coefficients.shape[1:]  # per row and task: [M] then [H_1] floats
+      return base.Readout(row_map, None, None, finish=True, width=size + hidden)
     weights, bias = state[0], state[1]
     return base.Readout(self.cast, tf.transpose(weights, [0, 2, 1]), bias,
                         finish=len(state) > 2)
 
   def finish_readout(self, scores, state):
+    if isinstance(state, SpanHead):
+      shared, rows = tf.split(scores, [self.head.params[0].shape[1], self.embedding_dim], -1)
+      return state.row_logits(shared, rows)
     return head_logits(list(state[2:]), tf.nn.relu(scores))

@@ -44,6 +44,7 @@ from typing import ClassVar
 import sonnet as snt
 import tensorflow as tf
 
+from leo_suite.models import adaptation
 from leo_suite.models import base
 from leo_suite.models import maml
 
@@ -121,6 +122,21 @@ class L2F(maml.MAML):
     under head_init='proto' theta holds the task's prototypes, see heads.py)."""
     theta = super().initial_fast_weights(support_x, support_y)
     return attenuate(theta, self.attenuation(support_x, support_y))
+
+
+  def readout_state(self, support_x, support_y, *, seed):
+    """The evaluation-mode heads: with an MLP head and one fixed step size, a
+    heads.SpanHead (W_1 = gamma_1 theta_W1 + X^T C: SGD moves W_1 in the span
+    of the support rows X), whose table readout costs O(V D M) per task and
+    class instead of O(V D H_1); `adapt`'s fast weights otherwise."""
+    if self.inner_lrs is not None or len(self.head.params) <= 2:
+      return super().readout_state(support_x, support_y, seed=seed)
+    self.check_episode_shape(support_x)
+    theta = super().initial_fast_weights(support_x, support_y)
+    gamma = self.attenuation(support_x, support_y)
+    return adaptation.span_sgd_loop(
+        self.head.params[0], attenuate(theta, gamma), self.cast(support_x), support_y,
+        self.config.inner_lr, self.config.eval_inner_steps, scale=gamma[:, 0])
 
 
 def build(config: Config, num_ways: int, embedding_dim: int, dtype="float32"):

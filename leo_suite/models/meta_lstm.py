@@ -142,12 +142,17 @@ class Config(heads.HeadConfig):
       self.refuse("l2l_scale", "must be > 0")
 
 
-def preprocess(x, p=10.0):
-  """[..., 2]: (log|x|/p, sign x) if |x| >= e^-p, else (-1, e^p x)."""
+def preprocess_parts(x, p=10.0):
+  """(log|x|/p, sign x) if |x| >= e^-p, else (-1, e^p x): two tensors like x."""
   big = tf.abs(x) >= math.exp(-p)
   safe = tf.where(big, tf.abs(x), tf.ones_like(x))  # no log(0), even unselected
-  return tf.stack([tf.where(big, tf.math.log(safe) / p, -tf.ones_like(x)),
-                   tf.where(big, tf.sign(x), math.exp(p) * x)], axis=-1)
+  return (tf.where(big, tf.math.log(safe) / p, -tf.ones_like(x)),
+          tf.where(big, tf.sign(x), math.exp(p) * x))
+
+
+def preprocess(x, p=10.0):
+  """[..., 2]: `preprocess_parts` stacked."""
+  return tf.stack(preprocess_parts(x, p), axis=-1)
 
 
 def uniform(shape, dtype, low=-INIT_RANGE, high=INIT_RANGE):
@@ -210,14 +215,25 @@ class GatedUpdate(snt.Module):
     inputs = tf.concat([x, theta[..., tf.newaxis], previous[..., tf.newaxis]], -1)
     return tf.einsum("bpf,f->bp", inputs, w) + b
 
+  def _direct_gate(self, grad_parts, loss_parts, theta, previous, w, b):
+    """`_gate` without a front LSTM, as a sum of [B, P] terms: the loss's
+    weights make one number per task, not a [B, P] product."""
+    per_task = w[2] * loss_parts[0] + w[3] * loss_parts[1] + b            # [B]
+    return (w[0] * grad_parts[0] + w[1] * grad_parts[1] + w[4] * theta + w[5] * previous +
+            per_task[:, tf.newaxis])
+
   def __call__(self, theta, grad, loss, state):
     front_state, f_prev, i_prev = state
-    loss = tf.broadcast_to(loss[:, tf.newaxis], tf.shape(grad))
-    x = tf.concat([preprocess(grad, self.p), preprocess(loss, self.p)], -1)  # [B, P, 4]
     if self.front:
+      loss = tf.broadcast_to(loss[:, tf.newaxis], tf.shape(grad))
+      x = tf.concat([preprocess(grad, self.p), preprocess(loss, self.p)], -1)  # [B, P, 4]
       x, front_state = self.front(x, front_state)
-    f_logit = self._gate(x, theta, f_prev, self.w_f, self.b_f)
-    i_logit = self._gate(x, theta, i_prev, self.w_i, self.b_i)
+      f_logit = self._gate(x, theta, f_prev, self.w_f, self.b_f)
+      i_logit = self._gate(x, theta, i_prev, self.w_i, self.b_i)
+    else:
+      parts = preprocess_parts(grad, self.p), preprocess_parts(loss, self.p)
+      f_logit = self._direct_gate(*parts, theta, f_prev, self.w_f, self.b_f)
+      i_logit = self._direct_gate(*parts, theta, i_prev, self.w_i, self.b_i)
     f, i = tf.sigmoid(f_logit), tf.sigmoid(i_logit)
     theta = f * theta - i * grad
     fed_back = (f_logit, i_logit) if self.feedback_logits else (f, i)

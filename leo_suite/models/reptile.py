@@ -9,7 +9,11 @@ leading task axis, as MAML). The outer update (Algorithm 2, batched) is
     theta <- theta + epsilon * mean_b (W_b - theta).
 
 No query loss enters it and nothing is differentiated through the inner loop
-(`adapt` runs a `tf.while_loop` on stop_gradient-ed tensors).
+(`adapt` runs a `tf.while_loop` on stop_gradient-ed tensors). Evaluation with
+SGD on an MLP head runs the loop on the support rows' first-layer
+pre-activations (adaptation.span_sgd_loop: W_1 stays theta_W1 + X^T C, so a
+step costs O(M^2 H_1), not O(M D H_1), for M support rows; equal in exact
+arithmetic) and scores query rows through that factored layer.
 
 Through the shared trainer: `loss_and_gradients` returns the "gradient"
 g = theta - mean_b W_b, and SPEC.outer_defaults is plain SGD at rate epsilon
@@ -206,6 +210,8 @@ class Reptile(heads.HeadLearner):
     """
     self.check_episode_shape(support_x)
     config = self.config
+    if not training and self.spans_first_layer():
+      return self.readout_state(support_x, support_y, seed=seed).dense(self.head.params[0])
     if training and config.inner_batch_size:
       gradient_fn = minibatch_gradient_fn(self.cast(support_x), support_y,
                                           config.inner_batch_size, seed)
@@ -217,6 +223,22 @@ class Reptile(heads.HeadLearner):
                       steps=config.inner_steps if training else config.eval_inner_steps,
                       learning_rate=config.inner_lr, optimizer=config.inner_optimizer,
                       beta1=config.inner_beta1, beta2=config.inner_beta2)
+
+  def spans_first_layer(self) -> bool:
+    """Whether evaluation adapts the first layer in the span of the support
+    rows (adaptation.span_sgd_loop): SGD on an MLP head."""
+    return self.config.inner_optimizer == "sgd" and len(self.head.params) > 2
+
+  def readout_state(self, support_x, support_y, *, seed):
+    """W_b = U^k_b(theta) at evaluation, as a heads.SpanHead under SGD on an
+    MLP head (scoring V query rows then costs O(V D M) per task, not
+    O(V D H_1)); `adapt`'s fast weights otherwise."""
+    if not self.spans_first_layer():
+      return super().readout_state(support_x, support_y, seed=seed)
+    self.check_episode_shape(support_x)
+    return adaptation.span_sgd_loop(
+        self.head.params[0], self.initial_fast_weights(support_x, support_y),
+        self.cast(support_x), support_y, self.config.inner_lr, self.config.eval_inner_steps)
 
   def loss_and_gradients(self, episode: Episode, *, seed):
     """(query loss at W, g = theta - mean_b W_b for the trainer's SGD, metrics)."""

@@ -10,7 +10,8 @@ Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
   * gather: every task's query set is copied out of the embedding table and
     passed to `predict` (the tf.data path; the only one under a strategy
     that splits batches).
-  * table: only the support sets are read per task. The adapted tasks are
+  * table: only the support sets are read per task (adapted into the
+    learner's `readout_state`, e.g. Reptile's factored heads). The adapted tasks are
     scored in groups: each class's rows are taken once, as a slice of the
     table, and scored against every task of the group that holds the class,
     as one matrix product when the learner's classifier starts with a linear
@@ -102,10 +103,12 @@ def table_group_tasks(state, num_tasks: int, batch_size: int) -> int:
 
 def table_chunk_tasks(readout, rows: int, dim: int) -> int:
   """Tasks per table call for a class of `rows` rows: at most
-  TABLE_CHUNK_FLOATS floats of rows x width (width: the readout's weights,
-  else the embedding `dim`), TABLE_FINISH_CHUNK_FLOATS when a finish or the
-  learner's predict follows."""
+  TABLE_CHUNK_FLOATS floats of rows x width (width: the readout's `width`,
+  else its weights', else the embedding `dim`), TABLE_FINISH_CHUNK_FLOATS
+  when a finish or the learner's predict follows."""
   width = dim if readout is None or readout.weights is None else readout.weights.shape[1]
+  if readout is not None and readout.width:
+    width = readout.width
   budget = (TABLE_FINISH_CHUNK_FLOATS if readout is None or readout.finish
             else TABLE_CHUNK_FLOATS)
   return max(1, budget // (rows * width))
@@ -125,7 +128,7 @@ class Evaluator:
     self.learner = learner
     score = lambda episode: task_accuracy(learner, episode)
     zero_seed = tf.zeros([2], tf.int32)
-    adapt = lambda x, y: learner.adapt(x, y, training=False, seed=zero_seed)
+    adapt = lambda x, y: learner.readout_state(x, y, seed=zero_seed)
     self._adapt = xla.WithFallback(
         lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True),
         jit_compile, f"{type(learner).__name__} evaluation (adapt)")
