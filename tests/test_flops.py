@@ -174,14 +174,18 @@ def test_maml_mlp_head_one_inner_step_is_forward_and_backward():
 
 @pytest.mark.parametrize("shots", [1, 5])
 def test_reptile_counts_its_while_loop_of_eval_inner_steps(shots):
-  """Reptile adapts in a tf.while_loop: per step the head's forward and
-  backward on the support set; then the adapted head on the queries."""
+  """Reptile's evaluation adapts in a tf.while_loop on the support rows'
+  first pre-activations Z (adaptation.span_sgd_loop): X X^T and X theta once;
+  per step the second layer's forward and backward and the first layer's
+  delta (3 products of M x H x N) and Z's move K delta (M x M x H); then the
+  first layer theta + X^T C and the adapted head on the queries."""
   config = benchmark.learner_config("reptile")
-  hidden, q = int(config.hidden_sizes), N * (600 - shots)
+  hidden, q, m = int(config.hidden_sizes), N * (600 - shots), N * shots
   for steps in (3, config.eval_inner_steps):
     counts = flops.graph_flops(learner_graph("reptile", shots, eval_inner_steps=steps))
-    assert products(counts) == steps * mlp_step(N * shots, hidden) + \
-        2 * q * (D * hidden + hidden * N)
+    once = 2 * m * m * D + 2 * (2 * m * D * hidden)
+    per_step = 3 * 2 * m * hidden * N + 2 * m * m * hidden
+    assert products(counts) == once + steps * per_step + 2 * q * (D * hidden + hidden * N)
 
 
 @pytest.mark.parametrize("model", ["protonet", "matching", "relation", "hallucination",

@@ -44,6 +44,9 @@ def test_gamma_is_in_unit_interval_near_half_at_init_one_per_tensor():
 
 
 def test_attenuator_init_is_pytorch_linear_default_without_dead_units():
+  # Seeded: the signs checked below hold for most draws, not all (b_2 has few
+  # entries), and the global state depends on which tests ran before.
+  tf.random.set_seed(1)
   attenuator = l2f.Attenuator(4, dtype=tf.float64)
   bound = 1.0 / np.sqrt(4)
   for v in attenuator.trainable_variables:
