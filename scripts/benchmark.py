@@ -42,6 +42,9 @@ flags.DEFINE_string("profile_dir", "", "write a TensorBoard profile of the first
                     "learner's 1-shot step here (10 steps after its timed window)")
 flags.DEFINE_string("markdown", "", "print docs/benchmarks.md's speed table from a benchmark JSON "
                     "(written by --output) and exit; nothing is measured")
+flags.DEFINE_string("recount_limits", "", "count the evaluation rows' FLOPs and limits of a "
+                    "benchmark JSON again with the current counter, rewrite it and print "
+                    "its table; nothing is timed")
 FLAGS = flags.FLAGS
 
 
@@ -52,6 +55,11 @@ def main(argv):
     with open(FLAGS.markdown) as handle:
       print(bench_report.markdown(json.load(handle)))
     return
+  if FLAGS.recount_limits:
+    with open(FLAGS.recount_limits) as handle:
+      results = benchmark.recount_limits(json.load(handle))
+    fileio.atomic_write_text(FLAGS.recount_limits, json.dumps(results, indent=1, default=str))
+    return print(bench_report.markdown(results))
   results = benchmark.run(
       [m for m in FLAGS.only.split(",") if m], quick=FLAGS.quick,
       skip=[s for s in FLAGS.skip.split(",") if s], eval_tasks=FLAGS.eval_tasks,

@@ -41,7 +41,7 @@ RESULTS = {
                       "limit_tasks_per_s": 11524.4, "limit_fraction": 0.17354},
                 "5": {"tasks": 2000, "queries_per_class": 595, "seconds": 2.002,
                       "tasks_per_s": 999.0, "flops_per_task": 46383000,
-                      "limit_tasks_per_s": 5389.9, "limit_fraction": 0.18535}},
+                      "limit_tasks_per_s": 1998.0, "limit_fraction": 0.5}},
         "maml": {"1": {"error": "ResourceExhaustedError: ..."},
                  "5": {"tasks": 2000, "queries_per_class": 595, "seconds": 1.0,
                        "tasks_per_s": 2000.0, "flops_error": "flops: ..."}},
@@ -88,6 +88,14 @@ def test_targets_hold_exactly_at_their_thresholds(benchmark):
   assert holds(checks, "eval_tasks_per_s", "leo", 5)["holds"] is False
   assert holds(checks, "eval_tasks_per_s", "maml", 5)["holds"] is True
   assert holds(checks, "eval_tasks_per_s", "maml", 1)["holds"] is None
+  # Issue 32: 1,000 tasks/s or half of the arithmetic limit (0.5 holds, 0.499 does not).
+  assert holds(checks, "eval_or_limit", "leo", 1)["holds"] is True   # 2,000 tasks/s
+  assert holds(checks, "eval_or_limit", "leo", 5)["holds"] is True   # 999 tasks/s at 0.5
+  assert holds(checks, "eval_or_limit", "maml", 5)["holds"] is True  # not counted, 2,000/s
+  assert holds(checks, "eval_or_limit", "maml", 1)["holds"] is None
+  below = json.loads(json.dumps(RESULTS))
+  below["eval"]["leo"]["5"]["limit_fraction"] = 0.499
+  assert holds(benchmark.target_checks(below), "eval_or_limit", "leo", 5)["holds"] is False
   ten_k = holds(checks, "leo_eval_10000_tasks_seconds", "leo", 1)
   assert (ten_k["value"], ten_k["threshold"], ten_k["holds"]) == (5.0, 5.0, True)
   assert ten_k["tasks_measured"] == 10000 and ten_k["queries_per_class"] == 599
@@ -110,14 +118,14 @@ def test_markdown_rows(benchmark):
   assert lines[2:6] == [
       "| leo | 1 | 120.0 | 1,440 | 130.0 | 40.00 | 3.00 | 1.08 | 0.5 ms (5%) | 2,000 | 21.7 "
       "| 0.174 | 90.0 "
-      "| XLA \u2713 3x \u2713 tasks/s \u2713 eval \u2713 10k \u2713 |",
-      "| leo | 5 | 59.8 | 718 | 55.0 | 20.00 | 2.99 | 0.92 | 2.2 ms (12%) | 999 | 46.4 | 0.185 "
+      "| XLA \u2713 3x \u2713 tasks/s \u2713 eval \u2713 limit \u2713 10k \u2713 |",
+      "| leo | 5 | 59.8 | 718 | 55.0 | 20.00 | 2.99 | 0.92 | 2.2 ms (12%) | 999 | 46.4 | 0.500 "
       "| - "
-      "| XLA \u2717 3x \u2717 tasks/s \u2713 eval \u2717 |",
+      "| XLA \u2717 3x \u2717 tasks/s \u2713 eval \u2717 limit \u2713 |",
       "| maml | 1 | 500.0 | 6,000 | 500.0 | - | - | 1.00 | - | - | - | - | - "
-      "| XLA \u2713 3x ? tasks/s \u2713 eval ? |",
+      "| XLA \u2713 3x ? tasks/s \u2713 eval ? limit ? |",
       "| maml | 5 | 100.0 | 1,200 | - | 10.00 | 10.00 | - | - | 2,000 | - | - | 16.4 "
-      "| XLA ? 3x \u2713 eval \u2713 |",
+      "| XLA ? 3x \u2713 eval \u2713 limit \u2713 |",
   ]
   assert lines[6] == ""
   assert lines[7].startswith("Targets: XLA = XLA/plain >= 1.0; 3x = ")

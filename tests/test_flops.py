@@ -8,6 +8,8 @@ import tensorflow as tf
 
 from leo_suite.bench import benchmark
 from leo_suite.bench import flops
+from leo_suite.bench import report
+from leo_suite.training import evaluation
 
 N, D = 5, 640
 
@@ -137,7 +139,7 @@ def test_protonet_and_r2d2_closed_forms(shots):
   # the linear map D -> D of every row; prototypes (one-hot^T f(S)); queries . prototypes
   assert count.counts["MatMul"] == 2 * (m + q) * D * D
   assert count.counts["Einsum"] == 2 * m * N * D + 2 * q * N * D
-  # what reads no support row: f(query) and its squared norm (D squares, D - 1 additions)
+  # what reads the queries and no support row: f(query) and its squared norm (D squares, D - 1 additions)
   assert count.shared == 2 * q * D * D + q * D + q * (D - 1)
   counts = flops.task_flops(benchmark.build("r2d2"), N, shots, 600 - shots, D).counts
   p = D + 1  # features with the bias column
@@ -188,28 +190,68 @@ def test_reptile_counts_its_while_loop_of_eval_inner_steps(shots):
     assert products(counts) == once + steps * per_step + 2 * q * (D * hidden + hidden * N)
 
 
+@pytest.mark.parametrize("shots", [1, 5])
+def test_reptile_table_path_scores_queries_through_the_span(shots):
+  """On the table path Reptile keeps its first layer as theta plus the span of
+  the support rows (heads.SpanHead): each query row maps once to x theta
+  (q D H, shared by every task), and per task costs x S^T (D M), its move
+  through the coefficients (M H) and the second layer (H N); the adaptation
+  is the same while loop as on the gather path."""
+  config = benchmark.learner_config("reptile")
+  hidden, q, m = int(config.hidden_sizes), N * (600 - shots), N * shots
+  learner = benchmark.build("reptile", {"eval_inner_steps": 3})
+  count = flops.task_flops(learner, N, shots, 600 - shots, D, "table")
+  once = 2 * m * m * D + 2 * m * D * hidden  # X X^T, X theta; no dense theta + X^T C
+  per_step = 3 * 2 * m * hidden * N + 2 * m * m * hidden
+  shared = 2 * q * D * hidden
+  assert products(count.counts) == (once + 3 * per_step + shared
+                                    + 2 * q * (D * m + m * hidden + hidden * N))
+  # the row map, once per row of the split (and SpanHead's scale x it, q H)
+  assert shared <= count.shared <= shared + q * hidden
+  gather = flops.task_flops(learner, N, shots, 600 - shots, D, "gather")
+  assert gather.total > 5 * (count.total - shared)  # there q D H per task
+
+
+@pytest.mark.parametrize("model", report.MODELS)
+def test_the_table_path_scores_as_task_accuracy(model):
+  """The graph the table path's FLOPs are counted on computes the task's
+  accuracy: evaluation.table_task_accuracy equals task_accuracy (up to one
+  float32 near-tie among the 50 queries)."""
+  learner = benchmark.build(model)
+  support = tf.random.stateless_normal([1, N, 1, D], seed=[3, 1])
+  query = support + 0.8 * tf.random.stateless_normal([1, N, 10, D], seed=[3, 2])
+  labels = lambda k: tf.broadcast_to(tf.range(N)[:, tf.newaxis], [N, k])[tf.newaxis]
+  episode = flops.Episode(support, labels(1), query, labels(10))
+  table = evaluation.table_task_accuracy(learner, episode).numpy()
+  gather = evaluation.task_accuracy(learner, episode).numpy()
+  assert abs(table[0] - gather[0]) <= 1 / 50 + 1e-6
+
+
 @pytest.mark.parametrize("model", ["protonet", "matching", "relation", "hallucination",
                                    "snail"])
 def test_the_shared_flops_are_the_readouts_row_map(model):
   """The table path maps each query row once (Readout.row_map) and scores it
-  against every task: the FLOPs of a task that read no support row are that
-  map's (within 1%: terms the readout drops, as ProtoNet's ||f(x)||^2)."""
+  against every task: the FLOPs of its task that read the queries and no
+  support row are that map's, within 1% on either path (terms the table path
+  applies to its scores, terms the readout drops, as ProtoNet's ||f(x)||^2)."""
   learner = benchmark.build(model)
   spec = flops.episode_spec(N, 1, 599, D)
   assert flops.has_readout(learner, spec)
 
   def row_map(episode):
-    state = learner.adapt(episode.support_x, episode.support_y, training=False,
-                          seed=tf.zeros([2], tf.int32))
+    state = learner.readout_state(episode.support_x, episode.support_y,
+                                  seed=tf.zeros([2], tf.int32))
     return learner.readout(state).row_map(tf.reshape(episode.query_x, [-1, D]))
   mapped = sum(flops.graph_flops(traced(row_map, spec)).values())
-  shared = flops.task_flops(learner, N, 1, 599, D).shared
-  assert mapped <= shared <= 1.01 * mapped and mapped > 1e8
+  assert mapped <= flops.task_flops(learner, N, 1, 599, D, "table").shared <= 1.01 * mapped
+  assert mapped > 1e8
+  shared = flops.task_flops(learner, N, 1, 599, D).shared  # gather: predict's own map
+  assert mapped <= shared <= 1.01 * mapped
 
 
 def test_evaluation_limits_share_the_row_map_on_the_table_path():
   learner = benchmark.build("protonet")
-  count = flops.task_flops(learner, N, 1, 599, D)
+  count = flops.task_flops(learner, N, 1, 599, D, "table")
   split = benchmark.synthetic_split(4, 600)          # 2,400 rows
   row = {"method": "table", "tasks": 100, "tasks_per_s": 50.0}
   limits = flops.evaluation_limits(learner, 1, row, 1e11, split)
@@ -218,7 +260,7 @@ def test_evaluation_limits_share_the_row_map_on_the_table_path():
   assert limits["flops_per_task"] == pytest.approx(own + count.shared * 24 / 2995)
   assert limits["limit_fraction"] == pytest.approx(50.0 * limits["flops_per_task"] / 1e11)
   gather = flops.evaluation_limits(learner, 1, dict(row, method="gather"), 1e11, split)
-  assert gather["flops_per_task"] == count.total
+  assert gather["flops_per_task"] == flops.task_flops(learner, N, 1, 599, D).total
 
 
 def test_limit_columns():

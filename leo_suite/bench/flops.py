@@ -3,7 +3,10 @@ arithmetic limit of evaluation (issue 32, item 3).
 
 `task_flops` counts one task (adapt on N*K support rows, predict N*V
 queries; the benchmark's: N = 5, V = 600 - K, D = 640) in the traced graph of
-`evaluation.task_accuracy` for one task, over the ops its result reads:
+the evaluation path that ran it (`evaluation.task_accuracy` on the gather
+path, `evaluation.table_task_accuracy` on the table path, where a learner may
+keep a cheaper adapted state, e.g. Reptile's span of the support rows), over
+the ops its result reads:
 
   * matrix products as 2 m n k: MatMul and BatchMatMul (TensorFlow's own
     count of an adjointed BatchMatMul is wrong, `matmul_flops`), Einsum (2 x
@@ -17,8 +20,9 @@ queries; the benchmark's: N = 5, V = 600 - K, D = 640) in the traced graph of
     condition (counter < constant, counter += 1) and maximum_iterations.
 Activations and transcendental ops (Exp, Tanh, Relu, ...), data movement
 (gather, reshape, concat) and random draws count nothing. Its `shared` part
-reads no support row (the query row map); the table path of evaluation runs
-that once per row of the test split, not once per task (`evaluation_limits`).
+reads the queries but no support row (the query row map); the table path of
+evaluation runs that once per row of the test split, not once per task
+(`evaluation_limits`).
 
 limit = matmul FLOP/s / flops_per_task is the tasks/s a learner would reach
 if all of its arithmetic ran at this machine's float32 matmul rate
@@ -188,37 +192,45 @@ def episode_spec(num_ways, shots, queries, dim, num_tasks=1):
   return Episode(*pair(shots), *pair(queries))
 
 
-def evaluation_graph(learner, spec):
-  """The graph of `evaluation.task_accuracy` (adapt, predict, accuracy) at `spec`."""
-  return tf.function(lambda episode: evaluation.task_accuracy(learner, episode)
-                     ).get_concrete_function(spec).graph
+SCORERS = {"gather": evaluation.task_accuracy, "table": evaluation.table_task_accuracy}
+
+
+def evaluation_graph(learner, spec, method="gather"):
+  """The graph of one evaluation path's task at `spec`: `evaluation.task_accuracy`
+  (adapt, predict, accuracy: the gather path) or `evaluation.table_task_accuracy`
+  (readout_state, the readout of the query rows: the table path)."""
+  score = SCORERS[method]
+  return tf.function(lambda episode: score(learner, episode)).get_concrete_function(spec).graph
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskFlops:
   total: int                        # adapt + predict + accuracy of one task
-  shared: int                       # of which no op reads the support set (the query row map)
+  shared: int                       # of which the ops read the queries, not the support set (the query row map)
   counts: collections.Counter       # op type -> FLOPs (the total's)
 
 
-def task_flops(learner, num_ways, shots, queries, dim) -> TaskFlops:
+def task_flops(learner, num_ways, shots, queries, dim, method="gather") -> TaskFlops:
   """FLOPs of one evaluation task of `learner` (N = num_ways, K = shots,
-  V = queries per class, D = dim), and those that do not read the support set."""
-  graph = evaluation_graph(learner, episode_spec(num_ways, shots, queries, dim))
+  V = queries per class, D = dim) on the `method` path of evaluation
+  ("gather" or "table": they may run different arithmetic, e.g. Reptile's
+  factored first layer), and those of them that read the queries but not the
+  support set (what the table path runs once per row, not once per task)."""
+  graph = evaluation_graph(learner, episode_spec(num_ways, shots, queries, dim), method)
   counts = graph_flops(graph)
-  support = readers(graph.inputs[:2])  # Episode: support_x, support_y, query_x, query_y
-  shared = graph_flops(graph, ops=set(graph.get_operations()) - support)
+  # Episode: support_x, support_y, query_x, query_y (then captured variables)
+  shared = graph_flops(graph, ops=readers(graph.inputs[2:4]) - readers(graph.inputs[:2]))
   return TaskFlops(sum(counts.values()), sum(shared.values()), counts)
 
 
 def has_readout(learner, spec):
-  """Whether `learner.readout` gives the adapted tasks of `spec` a `Readout`
+  """Whether `learner.readout` gives the tasks of `spec` (their readout_state) a `Readout`
   (the table path then maps each query row once, not once per task)."""
   found = []
 
   def probe(episode):
-    state = learner.adapt(episode.support_x, episode.support_y, training=False,
-                          seed=tf.zeros([2], tf.int32))
+    state = learner.readout_state(episode.support_x, episode.support_y,
+                                  seed=tf.zeros([2], tf.int32))
     found.append(learner.readout(state) is not None)
     return tf.constant(0)
   tf.function(probe).get_concrete_function(spec)
@@ -248,20 +260,21 @@ def limit_columns(tasks_per_s, flops_per_task, rate):
 
 def evaluation_limits(learner, shots, row, rate, split):
   """An evaluation row's FLOPs per task and limit at the benchmark's shapes
-  (N = NUM_WAYS, V = IMAGES_PER_CLASS - shots, D = DIM): the whole task
-  (task_flops), of which shared_flops read no support row; on the table path
-  with a readout (row["method"]) the query row map runs once per row of
-  `split` per evaluation of row["tasks"] tasks, so flops_per_task counts the
-  task's own FLOPs plus that share. flops_error when the graph cannot be
-  counted."""
+  (N = NUM_WAYS, V = IMAGES_PER_CLASS - shots, D = DIM), counted on the path
+  the row ran (row["method"]): the whole task (task_flops), of which
+  shared_flops read the queries and no support row; on the table path with a readout the
+  query row map runs once per row of `split` per evaluation of row["tasks"]
+  tasks, so flops_per_task counts the task's own FLOPs plus that share.
+  flops_error when the graph cannot be counted."""
   queries = IMAGES_PER_CLASS - shots
   spec = episode_spec(NUM_WAYS, shots, queries, DIM)
+  method = "table" if row.get("method") == "table" else "gather"
   try:
-    count = task_flops(learner, NUM_WAYS, shots, queries, DIM)
+    count = task_flops(learner, NUM_WAYS, shots, queries, DIM, method)
   except ValueError as exc:
     return {"flops_error": str(exc)[:300]}
   per_task = count.total
-  if row.get("method") == "table" and has_readout(learner, spec):
+  if method == "table" and has_readout(learner, spec):
     rows_per_task = len(split.embeddings) / row["tasks"]
     per_task += count.shared * (rows_per_task / (NUM_WAYS * queries) - 1)
   return dict(task_flops=count.total, shared_flops=count.shared,

@@ -17,7 +17,7 @@ LEARNER_CONFIGS = {"maml": dict(hidden_sizes="", inner_steps=5, first_order=Fals
                                 meta_sgd=False)}  # linear head, 5 second-order steps
 
 # Issue 14's targets (short label for the tables, what it means).
-XLA_MIN, BATCHED_MIN, EVAL_TASKS_MIN = 1.0, 3.0, 1000.0
+XLA_MIN, BATCHED_MIN, EVAL_TASKS_MIN, LIMIT_FRACTION_MIN = 1.0, 3.0, 1000.0, 0.5
 TRAIN_TASKS_MIN = {("leo", 1): 1500.0, ("leo", 5): 700.0, ("maml", 1): 6000.0}
 LEO_EVAL_TASKS, LEO_EVAL_SECONDS = 10000, 5.0
 TARGET_LABELS = {
@@ -27,6 +27,8 @@ TARGET_LABELS = {
                                      "LEO 1,500 at 1-shot, 700 at 5-shot; MAML 6,000 at "
                                      "1-shot"),
     "eval_tasks_per_s": ("eval", "evaluation >= 1,000 test tasks/s"),
+    "eval_or_limit": ("limit", "evaluation >= 1,000 test tasks/s or >= 0.5 of its "
+                                    "arithmetic limit (issue 32)"),
     "leo_eval_10000_tasks_seconds": ("10k", "LEO's 10,000 1-shot test tasks at V = 600 - K "
                                             "in <= 5 s"),
 }
@@ -81,6 +83,11 @@ def target_checks(results):
     for shots, row in per_model.items():
       rate = row.get("tasks_per_s")
       checks.append(check("eval_tasks_per_s", model, int(shots), rate, EVAL_TASKS_MIN))
+      near = check("eval_or_limit", model, int(shots), row.get("limit_fraction"),
+                   LIMIT_FRACTION_MIN, tasks_per_s=rate)
+      if rate is not None and rate >= EVAL_TASKS_MIN:
+        near["holds"] = True
+      checks.append(near)
       if model == "leo" and int(shots) == 1:
         checks.append(check(
             "leo_eval_10000_tasks_seconds", model, 1,

@@ -69,6 +69,49 @@ def task_accuracy(learner, episode):
   return base.accuracy(logits, episode.query_y)
 
 
+
+def readout_scores(learner, features, weights, bias, state, num_tasks):
+  """Logits [P, R, N] of R rows under P tasks' `Readout`s, from the rows'
+  row_map `features` [R, d]: features weights^T + bias (weights [P, M, d],
+  bias [P, M]; the features themselves when weights is None), then
+  `learner.finish_readout` when `state` (the P tasks' readout states) is
+  given. The table path's product (Evaluator) and its FLOP count
+  (`table_task_accuracy`)."""
+  if weights is None:  # scores = the row features, the same for every task
+    scores = features[tf.newaxis]  # [1, R, M]: finish_readout broadcasts it
+    if state is None:
+      scores = tf.broadcast_to(scores, tf.concat([[num_tasks], tf.shape(features)], 0))
+  else:
+    pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
+    scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]), transpose_b=True)
+    scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
+  if bias is not None:
+    scores += bias[:, tf.newaxis]
+  if state is not None:
+    scores = learner.finish_readout(scores, state)
+  return scores
+
+
+def table_task_accuracy(learner, episode):
+  """Query accuracy [1] of a one-task `episode` as the table path computes it
+  (`Evaluator.fixed_accuracy`): `readout_state` on the support set, then the
+  query rows through the task's `Readout` (row_map, readout_scores), or
+  `predict` when the learner has no readout. task_accuracy's value up to
+  float32 near-ties; bench/flops counts this graph for table-path rows."""
+  zero_seed = tf.zeros([2], tf.int32)
+  state = learner.readout_state(episode.support_x, episode.support_y, seed=zero_seed)
+  readout = learner.readout(state)
+  if readout is None:
+    logits = learner.predict(state, episode.query_x, training=False, seed=zero_seed)
+    return base.accuracy(logits, episode.query_y)
+  if episode.query_x.shape[0] != 1:
+    raise ValueError(f"table_task_accuracy scores one task, got {episode.query_x.shape[0]}")
+  rows = tf.reshape(episode.query_x, [-1, tf.shape(episode.query_x)[-1]])
+  scores = readout_scores(learner, readout.row_map(rows), readout.weights, readout.bias,
+                          state if readout.finish else None, 1)
+  logits = tf.reshape(scores, tf.concat([tf.shape(episode.query_y), [-1]], 0))
+  return base.accuracy(logits, episode.query_y)
+
 # Tasks adapted before their query images are scored from the table: larger
 # groups share each class's slice among more tasks.
 TABLE_GROUP_TASKS = 1000
@@ -135,20 +178,7 @@ class Evaluator:
 
     def score_readout(features, weights, bias, state, labels, mask):
       """features [R, d] of one class's rows under P tasks' readouts."""
-      if weights is None:  # scores = the row features, the same for every task
-        scores = features[tf.newaxis]  # [1, R, M]: finish_readout broadcasts it
-        if state is None:
-          scores = tf.broadcast_to(scores, tf.concat([tf.shape(labels)[0:1],
-                                                      tf.shape(features)], 0))
-      else:
-        pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
-        scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]),
-                           transpose_b=True)
-        scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
-      if bias is not None:
-        scores += bias[:, tf.newaxis]
-      if state is not None:
-        scores = learner.finish_readout(scores, state)
+      scores = readout_scores(learner, features, weights, bias, state, tf.shape(labels)[0])
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
     self._score_readout = xla.WithFallback(
         lambda jit: tf.function(score_readout, jit_compile=jit, reduce_retracing=True),
