@@ -67,16 +67,10 @@ DATASET = "omniglot_small"
 # Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):
 # shift, 10 epochs 96.10 / 98.80 / 87.08; affine, 30 epochs 97.11 / 99.09 / 89.78.
 RECIPE_OVERRIDES = {"epochs": 30, "augment": "affine"}
-# Backbone (docs/results.md, Omniglot-small feature table; 1,000 val episodes, NCM 5w1s /
-# 5w5s / 20w1s of the born-again student, seed 0): conv4 center 97.30 / 99.01 /
-# 90.41, warps 97.68 / 99.08 / 91.56; conv4_wide (widths 64-96-128-256, D = 256)
-# center 97.47 / 99.24 / 90.87, warps 97.79 / 99.18 / 91.64. On the warps crop the
-# pipeline extracts, the wide network's gain (0.08 to 0.11) is within the seed gap
-# (0.1 to 0.2): conv4 stays the default (omniglot_presets.DEFAULT_BACKBONE),
-# conv4_wide is an option with its own presets. Its pipeline's first invocation ran
-# 53 minutes (runs/omniglot_v6: pretraining 8.5 and distillation 8.2 minutes against
-# Conv-4's 4.3 and 4.3 in runs/omniglot_v5, measured a session earlier on a faster
-# machine; learners 35.8 with a validation sweep beside them).
+# Backbone (docs/results.md feature table, students; 1,000 val episodes, NCM 5w1s /
+# 5w5s / 20w1s, warps): conv4 97.68 / 99.08 / 91.56, conv4_wide 97.79 / 99.18 /
+# 91.64, a gain within the seed gap (0.1 to 0.2): conv4 stays the default
+# (omniglot_presets.DEFAULT_BACKBONE), conv4_wide is an option with its own presets.
 RECIPE = pretrain_config.PretrainConfig(backbone=omniglot_presets.DEFAULT_BACKBONE,
                                   **RECIPE_OVERRIDES)
 # Table labels; a backbone missing here is labelled by its name.
