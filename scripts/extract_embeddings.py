@@ -7,7 +7,8 @@
 
 writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
 --format=npz) and manifest.json as one generation that replaces the folder whole (only
---splits then); `runner.py --data_path=<out> --dataset_name=<dataset_name>` reads them.
+--splits then); `runner.py --data_path=<out> --dataset_name=<dataset_name>` reads them;
+--rotated_splits=train adds the train classes turned by 90/180/270 degrees as classes.
 
 Without --split, every image under the source(s) is embedded (classes from
 folders where there are folders, else `unlabelled`) into
@@ -30,11 +31,9 @@ backbone and flags, and writes the split files (byte for byte those of one proce
 with the same --batch_size, unless images were skipped) and the manifest as one
 generation; then removes the shards folder (--keep_shards keeps it); with or without --split:
 
-  for i in 0 1; do
-    python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
-        --source=images/ --split=split.json --out=embeddings --dataset_name=mine \
-        --num_shards=2 --shard_index=$i &
-  done; wait
+  for i in 0 1; do python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
+      --source=images/ --split=split.json --out=embeddings --dataset_name=mine \
+      --num_shards=2 --shard_index=$i & done; wait
   python scripts/extract_embeddings.py --source=images/ --split=split.json \
       --out=embeddings --dataset_name=mine --num_shards=2 --merge
 
@@ -68,12 +67,10 @@ flags.DEFINE_string("split", None, "Class split: protocol name (omniglot_small),
 flags.DEFINE_list("splits", ["train", "val", "test"], "Which splits to extract.")
 flags.DEFINE_string("protocol_dir", None, "Where named protocols' JSON files are.")
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for tfds: sources.")
-flags.DEFINE_boolean("tfds_download", False, "Let tfds: sources download and prepare the "
-                     "dataset (needs network access); default: only read prepared data.")
+flags.DEFINE_boolean("tfds_download", False, "Let tfds: sources download (network).")
 flags.DEFINE_string("out", "embeddings", "Output root (the runner's --data_path).")
 flags.DEFINE_string("dataset_name", "omniglot_small", "Dataset folder name.")
-flags.DEFINE_enum("crop", "center", list(image_views.CROPS), "center: whole image; multiview: "
-                  "5 crops + flips averaged (see leo_suite/pretrain/extract.py).")
+flags.DEFINE_enum("crop", "center", list(image_views.CROPS), "Views averaged per image.")
 flags.DEFINE_enum("format", "pkl", list(extract.FORMATS), "pkl (LEO's format) or npz.")
 flags.DEFINE_integer("batch_size", 256, "Images per batch.")
 flags.DEFINE_boolean("skip_bad_images", False, "Skip and report unreadable images (default: fail).")
@@ -84,8 +81,9 @@ flags.DEFINE_integer("num_shards", 1, "Split the extraction into this many shard
 flags.DEFINE_integer("shard_index", None, "Which shard (0 .. --num_shards-1) this run embeds.")
 flags.DEFINE_boolean("merge", False, "Combine the finished shards into the split files and "
                      "manifest (same --out/--dataset_name/--crop as the shard runs).")
-flags.DEFINE_boolean("keep_shards", False, "With --merge: keep the shards folder (default: "
-                     "removed after a successful merge).")
+flags.DEFINE_boolean("keep_shards", False, "With --merge: keep the shards folder.")
+flags.DEFINE_list("rotated_splits", [], "With --split, one process: splits whose classes are "
+                  "also embedded turned by 90, 180 and 270 degrees, each turn a class.")
 FLAGS = flags.FLAGS
 
 
@@ -100,8 +98,10 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   extract_shards.check_flags(FLAGS.num_shards, FLAGS.shard_index, FLAGS.merge)
-  if FLAGS.keep_shards and not FLAGS.merge:
-    raise errors.ConfigError("--keep_shards goes with --merge")
+  if FLAGS.keep_shards and not FLAGS.merge or FLAGS.rotated_splits and (
+      not FLAGS.split or FLAGS.num_shards > 1 or FLAGS.merge):
+    raise errors.ConfigError("--keep_shards goes with --merge; --rotated_splits with --split "
+                             "and one process (no --num_shards)")
   name = (FLAGS.dataset_name if FLAGS["dataset_name"].present or FLAGS.split
           else extract_files.default_dataset_name(FLAGS.source))
   if FLAGS.merge:
@@ -141,7 +141,7 @@ def main(argv):
       FLAGS.backbone_dir, by_class, {s: split_classes[s] for s in FLAGS.splits}, FLAGS.out,
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
-      FLAGS.source, origin)
+      FLAGS.source, origin, rotated_splits=FLAGS.rotated_splits)
   print(f"manifest: {os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)}"
         f" ({extraction.describe_splits(manifest)})")
 

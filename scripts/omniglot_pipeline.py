@@ -84,6 +84,9 @@ flags.DEFINE_float("metatrain_holdout", _DEFAULTS.metatrain_holdout, "Fraction o
                    "meta-train characters kept out of pretraining (drawn with --seed); the "
                    "learners meta-train on episodes of these unseen classes. 0: on the "
                    "pretraining classes.")
+flags.DEFINE_boolean("metatrain_rotations", _DEFAULTS.metatrain_rotations, "Meta-train "
+                     "episodes also draw their characters turned by 90, 180 and 270 degrees, "
+                     "each turn a class of its own (4x the meta-train classes).")
 FLAGS = flags.FLAGS
 
 

@@ -2,6 +2,8 @@
 (nearest class mean per split, learners' train vs val accuracy from the run's
 summaries) and the held-out meta-training classes."""
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +11,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite.data import embeddings
 from leo_suite.pipelines import gap
+from leo_suite.pipelines import omniglot
 from leo_suite.pretrain import class_splits
 from leo_suite.training import compare
 from leo_suite.training import layout
@@ -80,3 +83,25 @@ def test_hold_out_is_a_seeded_disjoint_partition_in_order():
 def test_hold_out_refuses_what_cannot_make_episodes(fraction, min_classes, message):
   with pytest.raises(errors.ConfigError, match=message):
     class_splits.hold_out([str(i) for i in range(40)], fraction, 0, min_classes)
+
+
+def test_extracted_embeddings_are_reused_only_with_the_same_rotated_splits(tmp_path):
+  """The pipeline re-extracts when --metatrain_rotations changes, not only
+  when the backbone does."""
+  folder = tmp_path / omniglot.DATASET / "warps"
+  folder.mkdir(parents=True)
+  splits = {}
+  for split in ("train", "val", "test"):
+    (folder / f"{split}_embeddings.pkl").write_bytes(b"x")
+    splits[split] = {"file": f"{split}_embeddings.pkl", "sha256": "0"}
+  summary = {"export": {"weights_sha256": "abc"}}
+  manifest = {"backbone": {"checkpoint_sha256": "abc"}, "splits": splits}
+  (folder / "manifest.json").write_text(json.dumps(manifest))
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary) == manifest
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"]) is None
+  rotated = dict(manifest, rotated_splits=["train"])
+  (folder / "manifest.json").write_text(json.dumps(rotated))
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"]) == rotated
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary) is None
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", {"export": {
+      "weights_sha256": "other"}}, ["train"]) is None

@@ -390,14 +390,50 @@ def test_center_extraction_writes_what_the_runner_reads(trained, image_tree, tmp
     assert sorted(tokens[c] for c in loaded.class_names) == sorted(CLASSES[split])
     # Row = backbone(preprocess(decoded image)), in file order within each class.
     for c_index, token in enumerate(loaded.class_names):
-      paths = sorted(os.listdir(os.path.join(image_tree, tokens[token])))
-      images = np.stack([
-          images_lib.decode_image(open(os.path.join(image_tree, tokens[token], p), "rb").read(),
-                                  p, images_lib.DecodeOptions(28, 1)) for p in paths])
-      expected = model(image_views.preprocess(images, True), training=False).numpy()
+      expected = model(image_views.preprocess(_decoded(image_tree, tokens[token]), True),
+                       training=False).numpy()
       start = loaded.class_start[c_index]
       np.testing.assert_allclose(loaded.embeddings[start:start + 3], expected, rtol=1e-4,
                                  atol=1e-5)
+
+
+def _decoded(image_tree, class_name):
+  """A class folder's images decoded at 28 x 28, in file order."""
+  paths = sorted(os.listdir(os.path.join(image_tree, class_name)))
+  return np.stack([
+      images_lib.decode_image(open(os.path.join(image_tree, class_name, p), "rb").read(),
+                              p, images_lib.DecodeOptions(28, 1)) for p in paths])
+
+
+def test_rotated_splits_add_each_quarter_turn_as_a_class(trained, image_tree, tmp_path):
+  """--rotated_splits=train: the train file holds each class upright and turned
+  by 90, 180 and 270 degrees (np.rot90 of the decoded images), each turn a
+  class of its own; the other splits are as without it."""
+  manifest = _extract(trained, image_tree, tmp_path / "out", rotated_splits=["train"])
+  assert manifest["rotated_splits"] == ["train"]
+  assert {k: (v["num_images"], v["num_classes"]) for k, v in manifest["splits"].items()} == {
+      "train": (24, 8), "val": (3, 1), "test": (6, 2)}
+  tokens = manifest["class_names"]
+  loaded = embeddings_lib.load_dataset_split(str(tmp_path / "out"), "tiny", "center", "train")
+  assert sorted(tokens[t] for t in loaded.class_names) == sorted(
+      c + turn for c in CLASSES["train"] for turn in ("", "@rot90", "@rot180", "@rot270"))
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
+  upright = {}
+  for c_index, token in enumerate(loaded.class_names):
+    name, _, degrees = tokens[token].partition("@rot")
+    images = np.rot90(_decoded(image_tree, name), int(degrees or 0) // 90, axes=(1, 2))
+    expected = model(image_views.preprocess(images, True), training=False).numpy()
+    start = loaded.class_start[c_index]
+    rows = loaded.embeddings[start:start + 3]
+    np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-5)
+    upright.setdefault(name, rows)
+    if degrees:
+      assert np.abs(rows - upright[name]).max() > 1e-3  # a turn is another image
+  test = embeddings_lib.load_dataset_split(str(tmp_path / "out"), "tiny", "center", "test")
+  assert test.num_classes == 2
+  with pytest.raises(errors.ConfigError, match="rotated_splits"):
+    _extract(trained, image_tree, tmp_path / "bad", rotated_splits=["nope"])
+  assert not os.path.exists(tmp_path / "bad" / "tiny")
 
 
 def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, image_tree,

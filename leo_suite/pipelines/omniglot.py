@@ -7,7 +7,9 @@ scripts/omniglot_pipeline.py is its command line (`Options` are its flags):
    augmentation, cosine schedule, all chosen on meta-val) on the
    meta-train alphabets (Balinese, Korean, Japanese_(katakana), Sanskrit,
    Greek: 177 characters; with `metatrain_holdout` > 0 on all but that
-   fraction of them, which the learners meta-train on instead) read straight
+   fraction of them, which the learners meta-train on instead; with
+   `metatrain_rotations` the learners' meta-train classes are also turned by
+   90/180/270 degrees, each turn a class) read straight
    from the two archives, then trains
    `distill_generations` born-again students (default 0; each: the same
    recipe, 0.5 cross-entropy + 0.5 T^2 KL to the previous network at T = 4);
@@ -65,16 +67,10 @@ DATASET = "omniglot_small"
 # Validation NCM (Early_Aramaic + Tagalog, 1,000 episodes, 5w1s / 5w5s / 20w1s):
 # shift, 10 epochs 96.10 / 98.80 / 87.08; affine, 30 epochs 97.11 / 99.09 / 89.78.
 RECIPE_OVERRIDES = {"epochs": 30, "augment": "affine"}
-# Backbone (docs/results.md, Omniglot-small feature table; 1,000 val episodes, NCM 5w1s /
-# 5w5s / 20w1s of the born-again student, seed 0): conv4 center 97.30 / 99.01 /
-# 90.41, warps 97.68 / 99.08 / 91.56; conv4_wide (widths 64-96-128-256, D = 256)
-# center 97.47 / 99.24 / 90.87, warps 97.79 / 99.18 / 91.64. On the warps crop the
-# pipeline extracts, the wide network's gain (0.08 to 0.11) is within the seed gap
-# (0.1 to 0.2): conv4 stays the default (omniglot_presets.DEFAULT_BACKBONE),
-# conv4_wide is an option with its own presets. Its pipeline's first invocation ran
-# 53 minutes (runs/omniglot_v6: pretraining 8.5 and distillation 8.2 minutes against
-# Conv-4's 4.3 and 4.3 in runs/omniglot_v5, measured a session earlier on a faster
-# machine; learners 35.8 with a validation sweep beside them).
+# Backbone (docs/results.md feature table, students; 1,000 val episodes, NCM 5w1s /
+# 5w5s / 20w1s, warps): conv4 97.68 / 99.08 / 91.56, conv4_wide 97.79 / 99.18 /
+# 91.64, a gain within the seed gap (0.1 to 0.2): conv4 stays the default
+# (omniglot_presets.DEFAULT_BACKBONE), conv4_wide is an option with its own presets.
 RECIPE = pretrain_config.PretrainConfig(backbone=omniglot_presets.DEFAULT_BACKBONE,
                                   **RECIPE_OVERRIDES)
 # Table labels; a backbone missing here is labelled by its name.
@@ -124,6 +120,7 @@ class Options:
   settings: Sequence[str] = ("5w1s", "5w5s", "20w1s")
   parallel_learners: int = 2
   metatrain_holdout: float = 0.0       # > 0: class_splits.hold_out (issue 31)
+  metatrain_rotations: bool = False    # meta-train classes also turned 90/180/270 degrees
 
 
 def stage_done(stage, timings, ledger_path=None):
@@ -143,8 +140,9 @@ def stage_done(stage, timings, ledger_path=None):
     pipeline.write_json(ledger_path, ledger)
 
 
-def extracted_manifest(data_path, crop, summary):
-  """The manifest of embeddings already extracted from this very backbone, else None."""
+def extracted_manifest(data_path, crop, summary, rotated_splits=()):
+  """The manifest of embeddings already extracted from this very backbone
+  (and with the same rotated splits), else None."""
   path = os.path.join(data_path, DATASET, crop, embeddings_lib.MANIFEST)
   sha = (summary.get("export") or {}).get("weights_sha256")
   if not sha or not os.path.exists(path):
@@ -155,7 +153,7 @@ def extracted_manifest(data_path, crop, summary):
   files_ok = all(os.path.exists(os.path.join(os.path.dirname(path), v["file"]))
                  for v in splits.values())
   if manifest.get("backbone", {}).get("checkpoint_sha256") == sha and len(splits) == 3 \
-      and files_ok:
+      and files_ok and manifest.get("rotated_splits", []) == sorted(rotated_splits):
     print(f"embeddings already extracted from backbone {sha[:12]}: reusing {path}")
     return manifest
   return None
@@ -268,12 +266,13 @@ def run(options: Options):
   # 2. extraction.
   t0 = time.time()
   data_path = os.path.join(work, "embeddings")
-  manifest = extracted_manifest(data_path, o.crop, summary)
+  rotated = ["train"] if o.metatrain_rotations else []
+  manifest = extracted_manifest(data_path, o.crop, summary, rotated)
   if manifest is None:  # not yet extracted from this backbone (a resumed run skips it)
     manifest = extract.extract_embeddings(
         os.path.join(backbone_run, "backbone"), by_class, split_classes, data_path, DATASET,
         o.crop, "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
-        sources=archives, split_origin=origin)
+        sources=archives, split_origin=origin, rotated_splits=rotated)
   timings["extract_s"] = time.time() - t0
   stage_done("extract", timings, ledger_path)
 
@@ -366,6 +365,10 @@ def run(options: Options):
            f"{len(pretrain_classes)} meta-train characters x 4 rotations"
            + (f" (the learners meta-train on the other {len(split_classes['train'])}: "
               f"--metatrain_holdout={o.metatrain_holdout})" if o.metatrain_holdout else "")
+           + (f"; meta-train episodes also draw those characters turned by 90, 180 and 270 "
+              f"degrees as classes of their own (--metatrain_rotations: "
+              f"{manifest['splits']['train']['num_classes']} classes)"
+              if o.metatrain_rotations else "")
            + (f", then {o.distill_generations} born-again generation(s) of the same "
               f"recipe distilled from the previous one (alpha {o.distill_alpha}, "
               f"T {o.distill_temperature})" if o.distill_generations else "") + "; "

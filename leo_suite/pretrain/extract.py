@@ -159,8 +159,15 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
                        batch_size: int = 256, skip_bad: bool = False,
                        expected_size=None, allowed_modes=images_lib.DEFAULT_MODES,
                        sources: Sequence[str] = (), split_origin: str = "",
-                       log: Callable[[str], None] = print) -> dict:
-  """Extracts every split; returns the manifest (also written beside the files)."""
+                       log: Callable[[str], None] = print,
+                       rotated_splits: Sequence[str] = ()) -> dict:
+  """Extracts every split; returns the manifest (also written beside the files).
+
+  Each split in `rotated_splits` also gets its classes turned by 90, 180 and
+  270 degrees (counter-clockwise, as pretraining's rotated copies), each turn
+  a class of its own named `<class>@rot<degrees>` (Omniglot's convention for
+  meta-training classes); its file then holds 4x the classes, the turned
+  ones after the upright ones, and the manifest lists `rotated_splits`."""
   if crop not in image_views.CROPS:
     raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
   check_output_names(fmt, dataset_name)
@@ -175,24 +182,59 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
   features_fn = image_views.feature_function(model, crop, image_size,
                                              bool(description["invert"]))
   check_split_names(split_classes)
-  all_classes = [c for split in split_classes for c in split_classes[split]]
+  rotated = sorted(set(rotated_splits))
+  if set(rotated) - set(split_classes):
+    raise errors.ConfigError(f"--rotated_splits={rotated}: only {sorted(split_classes)} "
+                             "are extracted")
+  all_classes = [c for split in split_classes for c in split_classes[split]] + [
+      rotated_name(c, turns) for split in rotated for turns in ROTATION_TURNS
+      for c in split_classes[split]]
   tokens = class_tokens(all_classes)
   manifest = manifest_header(dataset_name, crop, fmt, backbone_entry(backbone_dir, description),
                              sources, split_origin, {tokens[c]: c for c in all_classes})
+  if rotated:
+    manifest["rotated_splits"] = rotated
   with new_generation(os.path.join(out_dir, dataset_name, crop)) as staging:
     for split, classes in split_classes.items():
       records = split_records(by_class, classes)
       t0 = time.time()
+      label = f"{dataset_name}/{crop}/{split}"
       feats, kept, skipped = image_embedder.extract_split(
-          features_fn, records, options, batch_size, f"{dataset_name}/{crop}/{split}", log)
-      elapsed = time.time() - t0
+          features_fn, records, options, batch_size, label, log)
       for origin, reason in skipped:
         log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
-      keys = split_keys(split, classes, tokens, [records[i] for i in kept], len(skipped))
-      manifest["splits"][split] = write_split_file(staging, split, fmt, keys, len(classes),
-                                                   feats, skipped, elapsed, log)
+      kept_records = [records[i] for i in kept]
+      keys = split_keys(split, classes, tokens, kept_records, len(skipped))
+      parts = [feats]
+      for turns in ROTATION_TURNS if split in rotated else ():
+        turned, _, _ = image_embedder.extract_split(
+            turned_features(features_fn, turns), kept_records, options, batch_size,
+            f"{label} turned {90 * turns}", log)
+        parts.append(turned)
+        keys += split_keys(split, classes, {c: tokens[rotated_name(c, turns)] for c in classes},
+                           kept_records, len(skipped))
+      num_classes = len(classes) * (1 + len(ROTATION_TURNS) * (split in rotated))
+      manifest["splits"][split] = write_split_file(
+          staging, split, fmt, keys, num_classes, np.concatenate(parts), skipped,
+          time.time() - t0, log)
     write_manifest(staging, manifest)
   return manifest
+
+
+# Quarter turns of the rotated splits' extra classes (pretraining's rotated copies).
+ROTATION_TURNS = (1, 2, 3)
+
+
+def rotated_name(class_name: str, turns: int) -> str:
+  """The class of `class_name`'s images turned by 90 * `turns` degrees."""
+  return f"{class_name}@rot{90 * turns}"
+
+
+def turned_features(features_fn, turns: int):
+  """features_fn of the decoded images turned `turns` quarter turns
+  counter-clockwise (tf.image.rot90, np.rot90's direction) before any view."""
+  return tf.function(lambda batch: features_fn(tf.image.rot90(batch, turns)),
+                     reduce_retracing=True)
 
 
 SHARDS_DIR = "shards"   # sharded extraction's folder inside <crop>, carried to each generation
