@@ -31,13 +31,18 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
   """Under xdist (--dist loadgroup): a file's tests stay on one worker (its
   module fixtures are built once), except the real-data pipeline runs, each
   a group of its own that may run beside its file; those go first, then the
-  longest files. Each file's own order is kept."""
+  longest files. The tests that go on in one reduced pipeline run
+  (`omniglot_work`) share a group, so one worker builds it. Each file's own
+  order is kept."""
   if not os.environ.get("PYTEST_XDIST_WORKER"):
     return
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
   for item in items:
     alone = item.get_closest_marker("integration") and item.get_closest_marker("slow")
-    item.add_marker(pytest.mark.xdist_group(item.nodeid if alone else item.path.name))
+    group = item.nodeid if alone else item.path.name
+    if "omniglot_work" in getattr(item, "fixturenames", ()):
+      group = "omniglot_work"  # one worker builds that module fixture, once
+    item.add_marker(pytest.mark.xdist_group(group))
   items.sort(key=lambda item: (
       not (item.get_closest_marker("integration") and item.get_closest_marker("slow")),
       rank.get(item.path.name, len(LONGEST_FILES))))

@@ -263,6 +263,22 @@ def test_evaluation_limits_share_the_row_map_on_the_table_path():
   assert gather["flops_per_task"] == flops.task_flops(learner, N, 1, 599, D).total
 
 
+@pytest.mark.parametrize("shots", [1, 5])
+def test_protonet_training_step_is_its_map_forward_and_weight_gradient(shots):
+  """ProtoNet's meta-training step maps every support and query row of the 12
+  tasks through its D x D map (2 (m + q) D^2 per task) and takes that map's
+  weight gradient (the same again; the embeddings need no input gradient):
+  the step's matrix products. Its training limit follows from that count."""
+  m, q, batch = N * shots, N * 15, 12
+  counts = flops.train_step_flops(benchmark.build("protonet"), N, shots, 15, D, batch)
+  assert counts["MatMul"] == 2 * 2 * (m + q) * D * D * batch
+  row = {"batched": 10.0, "xla": 20.0}   # steps/s: the faster counts
+  limits = flops.training_limits(benchmark.build("protonet"), shots, row, 1e11)
+  assert limits["train_flops_per_task"] == sum(counts.values()) / batch
+  assert limits["train_limit_fraction"] == pytest.approx(
+      20.0 * batch * limits["train_flops_per_task"] / 1e11)
+
+
 def test_limit_columns():
   assert flops.limit_columns(500.0, 2e7, 2e10) == {
       "flops_per_task": 2e7, "limit_tasks_per_s": 1000.0, "limit_fraction": 0.5}

@@ -306,11 +306,9 @@ def run_memory_probe(model, shots, inner_steps=None, timeout=600):
 def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval_tasks=10000,
         profile_dir="", serving_export_dir=""):
   """Measures `models` (the sections not in `skip`); the results, with their targets.
-
   Sections: train, xla, map_fn, eval, memory, extraction, serving. `eval_tasks`
   per learner (0: 2,000, quick 200); LEO 1-shot takes `leo_eval_tasks` unless
-  `quick`. `profile_dir`: a TensorBoard profile of models[0]'s 1-shot step.
-  """
+  `quick`. `profile_dir`: a TensorBoard profile of models[0]'s 1-shot step."""
   unknown = [m for m in models if m not in MODELS]
   if unknown:
     raise errors.ConfigError(f"--only: unknown learner(s) {unknown}; choose from {list(MODELS)}")
@@ -328,6 +326,8 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
              "train": {}, "eval": {}, "memory": {}}
   start = time.time()
   train_split = synthetic_split(64, 40)
+  if not {"train", "eval"} <= skip:
+    rate = results["machine"]["matmul_flops_per_s"] = flops.matmul_rate()
   for model in (models if "train" not in skip else []):
     results["train"][model] = {}
     for shots in SHOTS:
@@ -337,6 +337,7 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
                              profile_dir=profile)
       if profile:
         results["profile"] = {"learner": model, "shots": shots, "directory": profile}
+      row.update(flops.training_limits(build(model), shots, row, rate))
       results["train"][model][str(shots)] = row
       print(f"[{time.time() - start:6.0f}s] train {model} {shots}-shot: "
             f"{json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})}",
@@ -344,7 +345,6 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
 
   if "eval" not in skip:
     test_split = eval_split()
-    rate = results["machine"]["matmul_flops_per_s"] = flops.matmul_rate()
     results["sampler_seconds"] = {}
     for shots in SHOTS:
       results["sampler_seconds"][str(shots)] = {

@@ -38,7 +38,7 @@ import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops  # get_stats_for_node_def: the profiler's counts
 from tensorflow.python.profiler.internal import flops_registry  # pylint: disable=unused-import
 
-from leo_suite.bench.report import DIM, IMAGES_PER_CLASS, NUM_WAYS
+from leo_suite.bench.report import BATCH, DIM, IMAGES_PER_CLASS, NUM_WAYS, TRAIN_QUERIES
 from leo_suite.data.episodes import Episode
 from leo_suite.training import evaluation
 
@@ -221,6 +221,32 @@ def task_flops(learner, num_ways, shots, queries, dim, method="gather") -> TaskF
   # Episode: support_x, support_y, query_x, query_y (then captured variables)
   shared = graph_flops(graph, ops=readers(graph.inputs[2:4]) - readers(graph.inputs[:2]))
   return TaskFlops(sum(counts.values()), sum(shared.values()), counts)
+
+
+def train_step_flops(learner, num_ways, shots, queries, dim, batch) -> collections.Counter:
+  """Op type -> FLOPs of one meta-training step's loss and gradients (`loss_and_gradients`
+  on a meta-batch of `batch` tasks, training mode: dropout and samples
+  included), what the Trainer's step computes before its optimiser update."""
+  def step(episode):
+    loss, grads, _ = learner.loss_and_gradients(episode, seed=tf.constant([1, 2]))
+    return [loss] + [g for g in grads if g is not None]
+  spec = episode_spec(num_ways, shots, queries, dim, num_tasks=batch)
+  return graph_flops(tf.function(step).get_concrete_function(spec).graph)
+
+
+def training_limits(learner, shots, row, rate):
+  """A meta-training row's FLOPs per task and limit at the benchmark's shapes
+  (5-way, V = TRAIN_QUERIES, D = DIM, meta-batch BATCH), against its faster
+  of plain and XLA tasks/s: train_flops_per_task, train_limit_tasks_per_s,
+  train_limit_fraction."""
+  try:
+    per_task = sum(train_step_flops(learner, NUM_WAYS, shots, TRAIN_QUERIES, DIM,
+                                    BATCH).values()) / BATCH
+  except ValueError as exc:
+    return {"train_flops_error": str(exc)[:300]}
+  steps = max([row[k] for k in ("batched", "xla") if row.get(k)], default=None)
+  return {f"train_{k}": v for k, v in
+          limit_columns(steps * BATCH if steps else None, per_task, rate).items()}
 
 
 def has_readout(learner, spec):

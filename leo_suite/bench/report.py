@@ -163,6 +163,15 @@ def print_table(results):
       print(f"{mark(c['holds'])} {c['name']:30s} {c['learner']:13s} K={c['shots']}  "
             f"{fmt(c['value'], ',.2f'):>10s} {'<=' if c['name'].endswith('seconds') else '>='} "
             f"{c['threshold']:,g}")
+  counted = [(model, shots, row) for model, per_model in results.get("train", {}).items()
+             for shots, row in per_model.items() if row.get("train_flops_per_task")]
+  if counted:
+    print("\n== meta-training arithmetic (loss and gradients per task; limit = matmul "
+          "FLOP/s / FLOPs) ==")
+    for model, shots, row in counted:
+      print(f"{model:13s} K={shots}: {mega(row['train_flops_per_task']):,.1f} MFLOP/task, "
+            f"limit {fmt(row.get('train_limit_tasks_per_s'), ',.0f')} tasks/s, "
+            f"{fmt(row.get('train_limit_fraction'), '.3f')} of it")
   if results.get("eval"):
     print("\n== evaluation (fixed set via EpisodeSampler, V = 600-K queries/class) ==")
     for model, per_model in results["eval"].items():
