@@ -30,7 +30,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite.bench.benchmark import time_steps  # pylint: disable=wrong-import-position
-from leo_suite.data.episodes import Episode  # pylint: disable=wrong-import-position
+from leo_suite.bench import flops  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
 from leo_suite.models import leo  # pylint: disable=wrong-import-position
 from leo_suite.training import xla as xla_lib  # pylint: disable=wrong-import-position
@@ -38,16 +38,6 @@ from leo_suite.training import xla as xla_lib  # pylint: disable=wrong-import-po
 flags.DEFINE_integer("steps", 30, "Timed calls per row.")
 flags.DEFINE_string("shots", "1,5", "comma list of K")
 FLAGS = flags.FLAGS
-
-
-def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
-  def unit(shape):
-    x = rng.standard_normal(shape).astype(np.float32)
-    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
-  labels = lambda count: tf.constant(np.broadcast_to(
-      np.arange(ways)[None, :, None], (batch, ways, count)).astype(np.int32))
-  return Episode(unit((batch, ways, shots, dim)), labels(shots),
-                 unit((batch, ways, queries, dim)), labels(queries))
 
 
 def gradients_of(learner):
@@ -70,7 +60,7 @@ def ms(function, episodes):
 
 
 def breakdown(shots, rng):
-  episodes = itertools.repeat(episode(shots, rng))
+  episodes = itertools.repeat(flops.random_episode(shots, rng))
   seed = tf.constant([0, 0])
   rows = {}
   learner = leo.LEO(leo.Config(), 5, 640)

@@ -25,7 +25,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite.bench.benchmark import time_steps  # pylint: disable=wrong-import-position
-from leo_suite.data.episodes import Episode  # pylint: disable=wrong-import-position
+from leo_suite.bench import flops  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
 from leo_suite.models import leo  # pylint: disable=wrong-import-position
 from leo_suite.training import xla as xla_lib  # pylint: disable=wrong-import-position
@@ -34,16 +34,6 @@ flags.DEFINE_integer("steps", 30, "Timed steps per row.")
 flags.DEFINE_string("rng_algs", "auto_select,philox",
                     "comma list of stateless RNG algorithms to try")
 FLAGS = flags.FLAGS
-
-
-def episode(shots, rng, batch=12, ways=5, dim=640, queries=15):
-  def unit(shape):
-    x = rng.standard_normal(shape).astype(np.float32)
-    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
-  labels = lambda count: tf.constant(np.broadcast_to(
-      np.arange(ways)[None, :, None], (batch, ways, count)).astype(np.int32))
-  return Episode(unit((batch, ways, shots, dim)), labels(shots),
-                      unit((batch, ways, queries, dim)), labels(queries))
 
 
 def main(argv):
@@ -55,7 +45,7 @@ def main(argv):
   for alg in FLAGS.rng_algs.split(","):
     base.RNG_ALG = alg   # read by the learners at trace time
     for shots in (1, 5):
-      episodes = itertools.repeat(episode(shots, rng))
+      episodes = itertools.repeat(flops.random_episode(shots, rng))
       for name, overrides, training in rows:
         learner = leo.LEO(leo.Config(**overrides), 5, 640)
 

@@ -192,6 +192,18 @@ def episode_spec(num_ways, shots, queries, dim, num_tasks=1):
   return Episode(*pair(shots), *pair(queries))
 
 
+def random_episode(shots, rng, batch=BATCH, ways=NUM_WAYS, dim=DIM, queries=TRAIN_QUERIES):
+  """An Episode of unit-norm Gaussian features (numpy `rng`) at the benchmark's
+  meta-training shapes, labels 0..ways-1 by class (what the probes time)."""
+  def unit(shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return tf.constant(x / np.linalg.norm(x, axis=-1, keepdims=True))
+  labels = lambda count: tf.constant(np.broadcast_to(
+      np.arange(ways)[None, :, None], (batch, ways, count)).astype(np.int32))
+  return Episode(unit((batch, ways, shots, dim)), labels(shots),
+                 unit((batch, ways, queries, dim)), labels(queries))
+
+
 SCORERS = {"gather": evaluation.task_accuracy, "table": evaluation.table_task_accuracy}
 
 
