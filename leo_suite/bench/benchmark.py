@@ -104,7 +104,7 @@ def map_fn_step(trainer):
     grads = [tf.reduce_mean(g, axis=0) for g in grads]
     return trainer._apply(tf.reduce_mean(losses), grads, {})  # pylint: disable=protected-access
 
-  return tf.function(step)
+  return tf.function(step, autograph=False)
 
 
 def time_steps(step_fn, dataset_iter, num_steps, warmup=2):
@@ -272,7 +272,7 @@ def memory_probe(model, shots, inner_steps):
   episode = Episode(tensor([BATCH, NUM_WAYS, shots, DIM]), labels(shots),
                          tensor([BATCH, NUM_WAYS, TRAIN_QUERIES, DIM]), labels(TRAIN_QUERIES))
 
-  @tf.function
+  @tf.function(autograph=False)
   def step(seed):
     loss, grads, _ = learner.loss_and_gradients(episode, seed=seed)
     return loss, grads

@@ -212,7 +212,8 @@ def evaluation_graph(learner, spec, method="gather"):
   (adapt, predict, accuracy: the gather path) or `evaluation.table_task_accuracy`
   (readout_state, the readout of the query rows: the table path)."""
   score = SCORERS[method]
-  return tf.function(lambda episode: score(learner, episode)).get_concrete_function(spec).graph
+  return tf.function(lambda episode: score(learner, episode), autograph=False
+                     ).get_concrete_function(spec).graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +244,7 @@ def train_step_flops(learner, num_ways, shots, queries, dim, batch) -> collectio
     loss, grads, _ = learner.loss_and_gradients(episode, seed=tf.constant([1, 2]))
     return [loss] + [g for g in grads if g is not None]
   spec = episode_spec(num_ways, shots, queries, dim, num_tasks=batch)
-  return graph_flops(tf.function(step).get_concrete_function(spec).graph)
+  return graph_flops(tf.function(step, autograph=False).get_concrete_function(spec).graph)
 
 
 def training_limits(learner, shots, row, rate):
@@ -271,7 +272,7 @@ def has_readout(learner, spec):
                                   seed=tf.zeros([2], tf.int32))
     found.append(learner.readout(state) is not None)
     return tf.constant(0)
-  tf.function(probe).get_concrete_function(spec)
+  tf.function(probe, autograph=False).get_concrete_function(spec)
   return found[0]
 
 
@@ -279,7 +280,7 @@ def matmul_rate(size=2048, repeats=5):
   """Best-of-`repeats` float32 FLOP/s of a [size, size] x [size, size] tf.matmul."""
   a = tf.random.stateless_normal([size, size], seed=[0, 1])
   b = tf.random.stateless_normal([size, size], seed=[0, 2])
-  product = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)[0, :1]))
+  product = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)[0, :1]), autograph=False)
   product().numpy()  # trace and warm up
   best = float("inf")
   for _ in range(repeats):

@@ -195,4 +195,4 @@ def embed(model, batch_uint8, crop: str, image_size: int, invert: bool):
 def feature_function(model, crop: str, image_size: int, invert: bool):
   """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]."""
   return tf.function(lambda batch: embed(model, batch, crop, image_size, invert),
-                     reduce_retracing=True)
+                     reduce_retracing=True, autograph=False)

@@ -151,7 +151,7 @@ def decode_encoded(encoded, image_size: int, channels: int, max_pixels: Optional
   return tf.reshape(image, [image_size, image_size, channels])
 
 
-_decode_encoded = tf.function(decode_encoded)
+_decode_encoded = tf.function(decode_encoded, autograph=False)
 
 
 def _corrupt(shown, exc, options: DecodeOptions):

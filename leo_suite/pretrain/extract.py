@@ -234,7 +234,7 @@ def turned_features(features_fn, turns: int):
   """features_fn of the decoded images turned `turns` quarter turns
   counter-clockwise (tf.image.rot90, np.rot90's direction) before any view."""
   return tf.function(lambda batch: features_fn(tf.image.rot90(batch, turns)),
-                     reduce_retracing=True)
+                     reduce_retracing=True, autograph=False)
 
 
 SHARDS_DIR = "shards"   # sharded extraction's folder inside <crop>, carried to each generation

@@ -183,7 +183,7 @@ class Pretrainer:
         self.checkpoint, os.path.join(out_dir, "checkpoints"), max_to_keep=3)
     self._kernels = [v for v in self.classifier.trainable_variables
                      if "kernel" in v.path]
-    self._train_step = tf.function(self._step_fn)
+    self._train_step = tf.function(self._step_fn, autograph=False)
     self._first_step = 0
     self._saved_distribution = []  # the restored record's "distribution"
 

@@ -158,20 +158,20 @@ class AdaptedClassifier(tf.Module):
     self.max_pixels = safeio.max_image_pixels()   # checked in the graph before decoding
     d = self.dim
     self.predict_embeddings = tf.function(
-        self._predict_embeddings,
+        self._predict_embeddings, autograph=False,
         input_signature=[tf.TensorSpec([None, d], tf.float32, name="embeddings")])
     self.classify = tf.function(
-        self._classify,
+        self._classify, autograph=False,
         input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     nk = self.num_ways * self.num_shots
     self.adapt_and_predict = tf.function(
-        self._adapt_and_predict, input_signature=[
+        self._adapt_and_predict, autograph=False, input_signature=[
             tf.TensorSpec([nk, d], tf.float32, name="support_embeddings"),
             tf.TensorSpec([nk], tf.int32, name="support_labels"),
             tf.TensorSpec([None, d], tf.float32, name="query_embeddings")])
     if backbone is not None:
       self.predict_images = tf.function(
-          self._predict_images,
+          self._predict_images, autograph=False,
           input_signature=[tf.TensorSpec([None], tf.string, name="images")])
 
   def normalise(self, embeddings):

@@ -92,7 +92,8 @@ class Predictor:
     self.crop = export.run_crop(self.run)
     self.manifest_path, self.manifest = self._data_manifest()
     self._embedder = None
-    self._logits = tf.function(self._adapt_and_predict, reduce_retracing=True)
+    self._logits = tf.function(self._adapt_and_predict, reduce_retracing=True,
+                               autograph=False)
 
   def _data_manifest(self):
     """(path, contents or None) of the extraction manifest of the run's embeddings."""

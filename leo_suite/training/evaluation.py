@@ -173,7 +173,7 @@ class Evaluator:
     zero_seed = tf.zeros([2], tf.int32)
     adapt = lambda x, y: learner.readout_state(x, y, seed=zero_seed)
     self._adapt = xla.WithFallback(
-        lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True),
+        lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True, autograph=False),
         jit_compile, f"{type(learner).__name__} evaluation (adapt)")
 
     def score_readout(features, weights, bias, state, labels, mask):
@@ -181,7 +181,8 @@ class Evaluator:
       scores = readout_scores(learner, features, weights, bias, state, tf.shape(labels)[0])
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
     self._score_readout = xla.WithFallback(
-        lambda jit: tf.function(score_readout, jit_compile=jit, reduce_retracing=True),
+        lambda jit: tf.function(score_readout, jit_compile=jit, reduce_retracing=True,
+                               autograph=False),
         jit_readout, f"{type(learner).__name__} evaluation (readout)")
 
     def score_generic(state, rows, labels, mask):
@@ -189,15 +190,17 @@ class Evaluator:
       query_x = tf.broadcast_to(rows, tf.concat([shape, [1], tf.shape(rows)], 0))
       logits = learner.predict(state, query_x, training=False, seed=zero_seed)
       return _hits(tf.argmax(logits[:, 0], -1, output_type=tf.int32), labels, mask)
-    self._score_generic = tf.function(score_generic, reduce_retracing=True)
+    self._score_generic = tf.function(score_generic, reduce_retracing=True,
+                                      autograph=False)
     self.strategy = strategy if distribute.splits_batches(strategy) else None
     if self.strategy is None:
-      build = lambda jit: tf.function(score, jit_compile=jit, reduce_retracing=True)
+      build = lambda jit: tf.function(score, jit_compile=jit, reduce_retracing=True,
+                                      autograph=False)
     else:
       def build(jit):
-        per_replica = tf.function(score, jit_compile=True) if jit else score
+        per_replica = tf.function(score, jit_compile=True, autograph=False) if jit else score
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def batch_accuracy(episode):
           return distribute.local_concat(self.strategy,
                                          self.strategy.run(per_replica, args=(episode,)))

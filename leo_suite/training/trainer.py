@@ -202,7 +202,7 @@ class Trainer:
       self._replica_compute = (xla.Predrawn(compute) if jit and not whole else compute)
       if whole:
         return xla.WholeStep(self._step, lambda e, s: compute(e, distribute.replica_seed(s)))
-      return tf.function(self._step)
+      return tf.function(self._step, autograph=False)
     self._train_step = xla.WithFallback(build_step, config.jit_compile,
                                         f"{type(learner).__name__} meta-training step")
 

@@ -115,8 +115,8 @@ class Predrawn:
   def __init__(self, function: Callable, draw_function: Callable = None):
     self._function = function
     self._draw_function = draw_function or function
-    self._replaying = tf.function(self._replay, jit_compile=True)
-    self._drawing = tf.function(function, jit_compile=True)
+    self._replaying = tf.function(self._replay, jit_compile=True, autograph=False)
+    self._drawing = tf.function(function, jit_compile=True, autograph=False)
 
   def _replay(self, args, draws):
     with base.replaying_draws(draws):
@@ -149,8 +149,9 @@ class WholeStep:
       def trace(*inner_args):
         seen["draws"] = record_draws(self._draw_function, *inner_args)
         return tf.constant(0)
-      tf.function(trace).get_concrete_function(*args)
+      tf.function(trace, autograph=False).get_concrete_function(*args)
       self.predrawn = bool(seen["draws"])
-      self._compiled = (tf.function(Predrawn(self._function, self._draw_function))
-                        if self.predrawn else tf.function(self._function, jit_compile=True))
+      self._compiled = (tf.function(Predrawn(self._function, self._draw_function), autograph=False)
+                        if self.predrawn else tf.function(self._function, jit_compile=True,
+                                                    autograph=False))
     return self._compiled(*args)
