@@ -98,10 +98,10 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   extract_shards.check_flags(FLAGS.num_shards, FLAGS.shard_index, FLAGS.merge)
-  if FLAGS.keep_shards and not FLAGS.merge or FLAGS.rotated_splits and (
-      not FLAGS.split or FLAGS.num_shards > 1 or FLAGS.merge):
-    raise errors.ConfigError("--keep_shards goes with --merge; --rotated_splits with --split "
-                             "and one process (no --num_shards)")
+  keep = FLAGS.keep_shards and not FLAGS.merge
+  if keep or FLAGS.rotated_splits and (not FLAGS.split or FLAGS.num_shards > 1 or FLAGS.merge):
+    raise errors.ConfigError("--keep_shards goes with --merge" if keep else "--rotated_splits "
+                             "goes with --split, in one process (no --num_shards, --merge)")
   name = (FLAGS.dataset_name if FLAGS["dataset_name"].present or FLAGS.split
           else extract_files.default_dataset_name(FLAGS.source))
   if FLAGS.merge:

@@ -519,6 +519,20 @@ def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_extract_cli_refuses_rotated_splits_without_a_split(tmp_path):
+  """--rotated_splits names splits of --split, extracted in one process."""
+  for extra in ([], ["--split=omniglot_small", "--num_shards=2", "--shard_index=0"]):
+    proc = scripts_run.run(
+        [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
+         f"--backbone_dir={tmp_path}", f"--source={tmp_path}", f"--out={tmp_path}/out",
+         "--rotated_splits=train", *extra],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --rotated_splits goes with --split, in one process (no --num_shards, --merge)")
+    assert not os.path.exists(tmp_path / "out")
+
+
 # -- real data -----------------------------------------------------------------
 OMNIGLOT_PIPELINE = os.path.join(REPO, "scripts", "omniglot_pipeline.py")
 
