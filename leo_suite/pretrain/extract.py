@@ -198,25 +198,22 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
     for split, classes in split_classes.items():
       records = split_records(by_class, classes)
       t0 = time.time()
-      label = f"{dataset_name}/{crop}/{split}"
       feats, kept, skipped = image_embedder.extract_split(
-          features_fn, records, options, batch_size, label, log)
+          turned_features(features_fn) if split in rotated else features_fn, records,
+          options, batch_size, f"{dataset_name}/{crop}/{split}", log)
       for origin, reason in skipped:
         log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
       kept_records = [records[i] for i in kept]
       keys = split_keys(split, classes, tokens, kept_records, len(skipped))
-      parts = [feats]
-      for turns in ROTATION_TURNS if split in rotated else ():
-        turned, _, _ = image_embedder.extract_split(
-            turned_features(features_fn, turns), kept_records, options, batch_size,
-            f"{label} turned {90 * turns}", log)
-        parts.append(turned)
-        keys += split_keys(split, classes, {c: tokens[rotated_name(c, turns)] for c in classes},
-                           kept_records, len(skipped))
-      num_classes = len(classes) * (1 + len(ROTATION_TURNS) * (split in rotated))
-      manifest["splits"][split] = write_split_file(
-          staging, split, fmt, keys, num_classes, np.concatenate(parts), skipped,
-          time.time() - t0, log)
+      num_classes = len(classes)
+      if split in rotated:  # [n, 4 D] side by side -> [4 n, D], upright rows first
+        feats = np.concatenate(np.split(feats, 1 + len(ROTATION_TURNS), axis=1))
+        num_classes *= 1 + len(ROTATION_TURNS)
+        for turns in ROTATION_TURNS:
+          keys += split_keys(split, classes, {c: tokens[rotated_name(c, turns)] for c in classes},
+                             kept_records, len(skipped))
+      manifest["splits"][split] = write_split_file(staging, split, fmt, keys, num_classes,
+                                                   feats, skipped, time.time() - t0, log)
     write_manifest(staging, manifest)
   return manifest
 
@@ -230,11 +227,14 @@ def rotated_name(class_name: str, turns: int) -> str:
   return f"{class_name}@rot{90 * turns}"
 
 
-def turned_features(features_fn, turns: int):
-  """features_fn of the decoded images turned `turns` quarter turns
-  counter-clockwise (tf.image.rot90, np.rot90's direction) before any view."""
-  return tf.function(lambda batch: features_fn(tf.image.rot90(batch, turns)),
-                     reduce_retracing=True, autograph=False)
+def turned_features(features_fn):
+  """features_fn of each decoded batch upright and turned by ROTATION_TURNS
+  quarter turns counter-clockwise (tf.image.rot90, np.rot90's direction)
+  before any view, side by side: [B, 4 D] from one decode of the images."""
+  return tf.function(
+      lambda batch: tf.concat([features_fn(tf.image.rot90(batch, turns))
+                               for turns in (0,) + ROTATION_TURNS], axis=1),
+      reduce_retracing=True, autograph=False)
 
 
 SHARDS_DIR = "shards"   # sharded extraction's folder inside <crop>, carried to each generation

@@ -69,7 +69,6 @@ def task_accuracy(learner, episode):
   return base.accuracy(logits, episode.query_y)
 
 
-
 def readout_scores(learner, features, weights, bias, state, num_tasks):
   """Logits [P, R, N] of R rows under P tasks' `Readout`s, from the rows'
   row_map `features` [R, d]: features weights^T + bias (weights [P, M, d],
@@ -111,6 +110,7 @@ def table_task_accuracy(learner, episode):
                           state if readout.finish else None, 1)
   logits = tf.reshape(scores, tf.concat([tf.shape(episode.query_y), [-1]], 0))
   return base.accuracy(logits, episode.query_y)
+
 
 # Tasks adapted before their query images are scored from the table: larger
 # groups share each class's slice among more tasks.
