@@ -52,12 +52,10 @@ def main(argv):
   if len(argv) > 1:
     raise errors.ConfigError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.markdown:
-    with open(FLAGS.markdown) as handle:
-      print(bench_report.markdown(json.load(handle)))
+    print(bench_report.markdown(bench_report.read_results(FLAGS.markdown)))
     return
   if FLAGS.recount_limits:
-    with open(FLAGS.recount_limits) as handle:
-      results = benchmark.recount_limits(json.load(handle))
+    results = benchmark.recount_limits(bench_report.read_results(FLAGS.recount_limits))
     fileio.atomic_write_text(FLAGS.recount_limits, json.dumps(results, indent=1, default=str))
     return print(bench_report.markdown(results))
   results = benchmark.run(

@@ -141,3 +141,26 @@ def test_markdown_flag_prints_the_table_of_a_json(benchmark, tmp_path):
                          text=True, timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip() == benchmark.markdown(RESULTS)
+
+
+def test_a_bad_benchmark_json_is_one_line_and_left_as_it_is(tmp_path):
+  """--markdown and --recount_limits read a regular benchmark JSON or refuse
+  it in one line (exit 2), naming the file; --recount_limits writes nothing then."""
+  not_json = tmp_path / "bad.json"
+  not_json.write_text("{not json")
+  no_machine = tmp_path / "list.json"
+  no_machine.write_text("[1, 2]")
+  no_rate = tmp_path / "norate.json"
+  no_rate.write_text(json.dumps({"machine": {"cpus": 2}, "eval": {}}))
+  cases = [(f"--markdown={not_json}", "not JSON"),
+           (f"--markdown={no_machine}", "not a benchmark JSON"),
+           (f"--markdown={tmp_path}", "directory"),
+           (f"--markdown={tmp_path / 'missing.json'}", "missing.json"),
+           (f"--recount_limits={no_rate}", "without matmul_flops_per_s")]
+  for flag, message in cases:
+    proc = scripts_run.run([sys.executable, SCRIPT, flag], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flag, proc.stderr[-1500:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, (flag, last)
+  assert json.loads(no_rate.read_text()) == {"machine": {"cpus": 2}, "eval": {}}

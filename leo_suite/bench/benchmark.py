@@ -178,11 +178,12 @@ def eval_split():
 
 
 def recount_limits(results):
-  """Each evaluation row's FLOPs and limit columns counted again by the
-  current `flops` (the row's measured tasks/s, path and the run's matmul
-  rate kept), and the targets with them: a benchmark JSON measured before a
-  counting fix, corrected without timing anything again."""
-  rate, test_split = results["machine"]["matmul_flops_per_s"], eval_split()
+  """Each evaluation row's FLOPs and limit columns, and the targets, counted
+  again by the current `flops` (the row's tasks/s, path and the run's matmul
+  rate kept): a saved run corrected without timing anything again."""
+  rate, test_split = results["machine"].get("matmul_flops_per_s"), eval_split()
+  if not rate:
+    raise errors.DataError("benchmark JSON without matmul_flops_per_s: nothing to recount")
   for model, per_model in results.get("eval", {}).items():
     for shots, row in per_model.items():
       if "error" not in row:

@@ -5,7 +5,11 @@ leo_suite/bench/benchmark.py measures; this module states what is measured
 prints the tables (`print_table`, `markdown` for docs/benchmarks.md).
 """
 
+import json
+
+from leo_suite import errors
 from leo_suite import report
+from leo_suite import safeio
 from leo_suite.models import registry
 
 MODELS = tuple(registry.LEARNERS)
@@ -35,6 +39,20 @@ TARGET_LABELS = {
 
 
 # -- the report: targets and tables (from the results alone) -------------------------
+def read_results(path):
+  """A benchmark JSON written by --output (a regular file under the size cap),
+  or a one-line DataError naming the file."""
+  try:
+    results = json.loads(safeio.read_bytes(path, what=f"benchmark JSON {path}"))
+  except ValueError as exc:
+    raise errors.DataError(f"{path}: not JSON ({safeio.one_line(str(exc), 200)}); "
+                           "write one with scripts/benchmark.py --output") from None
+  if not isinstance(results, dict) or not isinstance(results.get("machine"), dict):
+    raise errors.DataError(f"{path}: not a benchmark JSON (no 'machine' record); write "
+                           "one with scripts/benchmark.py --output")
+  return results
+
+
 def fmt(value, spec=".1f"):
   return "-" if value is None else format(value, spec)
 
