@@ -114,7 +114,8 @@ def train():
     train_split = embeddings.merge_splits([loaded["train"], loaded["val"]])
   run.check_width(train_split)
   dtype = settings["dtype"]
-  train_sampler = episodes.EpisodeSampler(train_split, run.train_spec(), "meta-training", dtype)
+  train_sampler = rundata.train_sampler(settings, data_path, train_split, run.train_spec(),
+                                        dtype)
   val_sampler = episodes.EpisodeSampler(loaded["val"], run.eval_spec(loaded["val"]),
                                         "meta-validation", dtype)
   strategy = make_strategy()

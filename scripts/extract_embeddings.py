@@ -8,28 +8,26 @@
 writes <out>/<dataset_name>/<crop>/{train,val,test}_embeddings.pkl (or .npz with
 --format=npz) and manifest.json as one generation that replaces the folder whole (only
 --splits then); `runner.py --data_path=<out> --dataset_name=<dataset_name>` reads them;
---rotated_splits=train adds the train classes turned by 90/180/270 degrees as classes.
+--rotated_splits=train adds the train classes turned by 90/180/270 degrees as classes;
+--view_splits=train also writes train_views.npz, each view's features (--metatrain_views).
 
-Without --split, every image under the source(s) is embedded (classes from
-folders where there are folders, else `unlabelled`) into
-<out>/<dataset_name>/<crop>/all_embeddings.pkl, whose keys keep each image's relative
-path (leo_suite.data.embedding_keys.key_file_path) and whose manifest.json
-lists file -> row; --dataset_name defaults to the source's name:
+Without --split, every image under the source(s) is embedded (classes from folders where
+there are folders, else `unlabelled`) into <out>/<dataset_name>/<crop>/all_embeddings.pkl,
+whose keys keep each image's relative path (leo_suite.data.embedding_keys.key_file_path)
+and whose manifest.json lists file -> row; --dataset_name defaults to the source's name:
 
   python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone --source=my_photos/
 
 Beyond one device: with --num_shards=S --shard_index=i, S processes (or
-machines sharing --out, or copying their shard folder into it) each embed a
-disjoint part of every split (batch b = record // --batch_size when
-b % S == i, in the order one process extracts) into
-<out>/<dataset_name>/<crop>/shards/shard-0000i-of-0000S/, its manifest.json
-written last; rerunning a finished shard with the same flags does nothing.
-Then the same command with --merge instead of --shard_index (no
---backbone_dir needed; given, it must be the shards') checks that all S
-shards are there, finished, unchanged (sha256) and made with the same
-backbone and flags, and writes the split files (byte for byte those of one process
-with the same --batch_size, unless images were skipped) and the manifest as one
-generation; then removes the shards folder (--keep_shards keeps it); with or without --split:
+machines sharing --out, or copying their shard folder into it) each embed a disjoint part
+of every split (batch b = record // --batch_size when b % S == i) into
+<out>/<dataset_name>/<crop>/shards/shard-0000i-of-0000S/, its manifest.json written last;
+rerunning a finished shard with the same flags does nothing. Then the same command with
+--merge instead of --shard_index (no --backbone_dir needed; given, it must be the shards')
+checks that all S shards are there, finished, unchanged (sha256) and made with the same
+backbone and flags, and writes the split files (byte for byte one process's with the
+same --batch_size, unless images were skipped) and the manifest as one generation, then
+removes the shards folder (--keep_shards keeps it); with or without --split:
 
   for i in 0 1; do python scripts/extract_embeddings.py --backbone_dir=runs/pretrain/backbone \
       --source=images/ --split=split.json --out=embeddings --dataset_name=mine \
@@ -37,8 +35,8 @@ generation; then removes the shards folder (--keep_shards keeps it); with or wit
   python scripts/extract_embeddings.py --source=images/ --split=split.json \
       --out=embeddings --dataset_name=mine --num_shards=2 --merge
 
-A missing, unfinished, changed or mismatched shard is refused in one line naming
-the shard and the command to rerun; nothing is written then. docs/pretraining.md.
+A missing, unfinished, changed or mismatched shard is refused in one line naming the shard
+and the command to rerun; nothing is written then. docs/pretraining.md.
 """
 
 import os
@@ -84,6 +82,7 @@ flags.DEFINE_boolean("merge", False, "Combine the finished shards into the split
 flags.DEFINE_boolean("keep_shards", False, "With --merge: keep the shards folder.")
 flags.DEFINE_list("rotated_splits", [], "With --split, one process: splits whose classes are "
                   "also embedded turned by 90, 180 and 270 degrees, each turn a class.")
+flags.DEFINE_list("view_splits", [], "With --split: splits also saved per view (--metatrain_views).")
 FLAGS = flags.FLAGS
 
 
@@ -99,9 +98,10 @@ def main(argv):
     raise errors.ConfigError(f"unexpected arguments {argv[1:]}")
   extract_shards.check_flags(FLAGS.num_shards, FLAGS.shard_index, FLAGS.merge)
   keep = FLAGS.keep_shards and not FLAGS.merge
-  if keep or FLAGS.rotated_splits and (not FLAGS.split or FLAGS.num_shards > 1 or FLAGS.merge):
-    raise errors.ConfigError("--keep_shards goes with --merge" if keep else "--rotated_splits "
-                             "goes with --split, in one process (no --num_shards, --merge)")
+  if keep or (FLAGS.rotated_splits or FLAGS.view_splits) and (
+      not FLAGS.split or FLAGS.num_shards > 1 or FLAGS.merge):
+    raise errors.ConfigError("--keep_shards goes with --merge" if keep else "--rotated_splits and "
+                             "--view_splits go with --split, in one process (no --num_shards, --merge)")
   name = (FLAGS.dataset_name if FLAGS["dataset_name"].present or FLAGS.split
           else extract_files.default_dataset_name(FLAGS.source))
   if FLAGS.merge:
@@ -141,7 +141,7 @@ def main(argv):
       FLAGS.backbone_dir, by_class, {s: split_classes[s] for s in FLAGS.splits}, FLAGS.out,
       FLAGS.dataset_name, FLAGS.crop, FLAGS.format, FLAGS.batch_size, FLAGS.skip_bad_images,
       images_lib.parse_expected_size(FLAGS.expected_size), tuple(FLAGS.allowed_modes),
-      FLAGS.source, origin, rotated_splits=FLAGS.rotated_splits)
+      FLAGS.source, origin, rotated_splits=FLAGS.rotated_splits, view_splits=FLAGS.view_splits)
   print(f"manifest: {os.path.join(FLAGS.out, FLAGS.dataset_name, FLAGS.crop, embeddings_lib.MANIFEST)}"
         f" ({extraction.describe_splits(manifest)})")
 

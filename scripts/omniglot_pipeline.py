@@ -87,6 +87,10 @@ flags.DEFINE_float("metatrain_holdout", _DEFAULTS.metatrain_holdout, "Fraction o
 flags.DEFINE_boolean("metatrain_rotations", _DEFAULTS.metatrain_rotations, "Meta-train "
                      "episodes also draw their characters turned by 90, 180 and 270 degrees, "
                      "each turn a class of its own (4x the meta-train classes).")
+flags.DEFINE_integer("metatrain_views", _DEFAULTS.metatrain_views, "> 0: each meta-train "
+                     "image appears in an episode as the mean of this many of its views (the "
+                     "warps crop's 16), drawn per episode (runner.py --metatrain_views). 0: "
+                     "the averaged embedding.", lower_bound=0)
 FLAGS = flags.FLAGS
 
 

@@ -19,7 +19,7 @@ def make_split(counts=(7, 9, 12, 8, 10, 11), dim=6, seed=0):
     block = np.concatenate([np.full((count, 1), c + 1.0), np.arange(count)[:, None] + 1.0,
                             rng.standard_normal((count, dim - 2))], 1) * 3.0
     rows.append(block)
-  return embeddings._group_by_class(  # pylint: disable=protected-access
+  return embeddings.group_by_class(
       np.concatenate(rows).astype(np.float32),
       {f"c{c}": list(range(sum(counts[:c]), sum(counts[:c + 1]))) for c in range(len(counts))},
       keys, {"fixture": "0"})

@@ -19,6 +19,7 @@ from leo_suite.data import episodes
 from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
+from leo_suite.data import views as views_lib
 from leo_suite.models import backbones
 from leo_suite.models import base
 from leo_suite.pretrain import baselines
@@ -436,6 +437,45 @@ def test_rotated_splits_add_each_quarter_turn_as_a_class(trained, image_tree, tm
   assert not os.path.exists(tmp_path / "bad" / "tiny")
 
 
+def test_view_splits_write_each_warps_view_whose_mean_is_the_row(trained, image_tree, tmp_path):
+  """--view_splits=train (with --rotated_splits=train): train_views.npz holds
+  the backbone on each of the 16 warps views of each (turned) image, in the
+  split file's key order; their mean is the split's row, which is the row
+  an extraction without views writes; the manifest lists the file."""
+  out = tmp_path / "out"
+  manifest = _extract(trained, image_tree, out, crop="warps", rotated_splits=["train"],
+                      view_splits=["train"])
+  plain = _extract(trained, image_tree, tmp_path / "plain", crop="warps",
+                   rotated_splits=["train"])
+  folder = out / "tiny" / "warps"
+  entry = manifest["views"]["train"]
+  assert entry["file"] == "train_views.npz" and entry["num_views"] == image_views.WARP_VIEWS
+  assert entry["sha256"] == fileio.file_sha256(str(folder / "train_views.npz"))
+  assert sorted(manifest["views"]) == ["train"] and "views" not in plain
+  split = embeddings_lib.load_dataset_split(str(out), "tiny", "warps", "train")
+  same = embeddings_lib.load_dataset_split(str(tmp_path / "plain"), "tiny", "warps", "train")
+  np.testing.assert_array_equal(split.embeddings, same.embeddings)
+  per_view, _ = views_lib.load_views(str(folder / "train_views.npz"), split, 16)
+  assert per_view.shape == (24, image_views.WARP_VIEWS, split.dim)
+  np.testing.assert_allclose(per_view.mean(axis=1), split.embeddings, rtol=1e-5, atol=1e-6)
+  # Row r of class c: the backbone on the warps views of that very image.
+  model, _ = backbones.load_backbone(os.path.join(trained["dir"], "backbone"))
+  tokens = manifest["class_names"]
+  for c_index in (0, split.num_classes - 1):
+    name, _, degrees = tokens[split.class_names[c_index]].partition("@rot")
+    images = np.rot90(_decoded(image_tree, name), int(degrees or 0) // 90, axes=(1, 2))
+    x = image_views.warp_views(image_views.preprocess(np.ascontiguousarray(images), True))
+    expected = model(x, training=False).numpy().reshape(3, image_views.WARP_VIEWS, -1)
+    start = split.class_start[c_index]
+    np.testing.assert_allclose(per_view[start:start + 3], expected, rtol=1e-4, atol=1e-5)
+  assert np.abs(per_view[:, 0] - per_view[:, 1]).max() > 1e-3   # views differ
+  for name in ("val", "test"):
+    assert not (folder / f"{name}_views.npz").exists()
+  with pytest.raises(errors.ConfigError, match="view_splits"):
+    _extract(trained, image_tree, tmp_path / "bad", view_splits=["nope"])
+  assert not os.path.exists(tmp_path / "bad" / "tiny")
+
+
 def test_multiview_npz_averages_ten_views_and_replaces_stale_pickles(trained, image_tree,
                                                                      tmp_path):
   out = tmp_path / "out"
@@ -519,17 +559,19 @@ def test_extract_cli_reports_user_errors_in_one_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def test_extract_cli_refuses_rotated_splits_without_a_split(tmp_path):
-  """--rotated_splits names splits of --split, extracted in one process."""
+@pytest.mark.parametrize("flag", ["--rotated_splits=train", "--view_splits=train"])
+def test_extract_cli_refuses_rotated_or_view_splits_without_a_split(tmp_path, flag):
+  """--rotated_splits and --view_splits name splits of --split, extracted in one process."""
   for extra in ([], ["--split=omniglot_small", "--num_shards=2", "--shard_index=0"]):
     proc = scripts_run.run(
         [sys.executable, os.path.join(REPO, "scripts", "extract_embeddings.py"),
          f"--backbone_dir={tmp_path}", f"--source={tmp_path}", f"--out={tmp_path}/out",
-         "--rotated_splits=train", *extra],
+         flag, *extra],
         capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: --rotated_splits goes with --split, in one process (no --num_shards, --merge)")
+        "error: --rotated_splits and --view_splits go with --split, in one process (no "
+        "--num_shards, --merge)")
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -85,7 +85,7 @@ def split_path(data_path, dataset_name, crop, split):
   return npz if os.path.exists(npz) else stem + PICKLE_SUFFIX
 
 
-def _decode_key(key, path, index):
+def decode_key(key, path, index):
   if isinstance(key, bytes):  # multiview pickles: keys come back as bytes
     return key.decode("latin1")
   if isinstance(key, (str, np.str_)):
@@ -95,7 +95,7 @@ def _decode_key(key, path, index):
       "like '<prefix>-<class>-<class>_<n>.JPEG'")
 
 
-def _read_raw(path, cap):
+def read_raw(path, cap):
   """(keys, embeddings, file bytes) of a .pkl or .npz file, built within a `Budget`.
 
   Only a regular file is read (safeio.open_regular: a FIFO or a link to a
@@ -180,7 +180,7 @@ def load_split(path: str, max_bytes: Optional[int] = None) -> EmbeddingSplit:
   cannot surface as a RecursionError or TypeError traceback). `max_bytes`
   overrides the memory cap of `max_array_bytes`.
   """
-  return _guarded(path, _load_split, max_bytes)
+  return guarded(path, _load_split, max_bytes)
 
 
 def read_keys_and_embeddings(path: str, max_bytes: Optional[int] = None):
@@ -188,10 +188,11 @@ def read_keys_and_embeddings(path: str, max_bytes: Optional[int] = None):
   def read(p, cap):
     keys, matrix, _, _, _ = _read_validated(p, cap)
     return keys, matrix
-  return _guarded(path, read, max_bytes)
+  return guarded(path, read, max_bytes)
 
 
-def _guarded(path, reader, max_bytes):
+def guarded(path, reader, max_bytes, shape="an n x D"):
+  """reader(path, cap)'s result; any failure a `DataError` naming `path`."""
   try:
     return reader(path, max_array_bytes(max_bytes))
   except errors.UserError:
@@ -200,7 +201,7 @@ def _guarded(path, reader, max_bytes):
           RecursionError, MemoryError, UnicodeError) as exc:
     raise errors.DataError(
         f"{path}: malformed embeddings file ({type(exc).__name__}: {shorten(exc, 300)}); "
-        "expected a dict with 'keys' (n strings) and 'embeddings' (an n x D float "
+        f"expected a dict with 'keys' (n strings) and 'embeddings' ({shape} float "
         "array): re-create or re-download it") from None
   except OSError as exc:
     raise errors.DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
@@ -208,12 +209,12 @@ def _guarded(path, reader, max_bytes):
 
 def _load_split(path: str, cap: int) -> EmbeddingSplit:
   _, matrix, class_rows, image_names, payload = _read_validated(path, cap)
-  return _group_by_class(matrix, class_rows, image_names,
+  return group_by_class(matrix, class_rows, image_names,
                          {path: hashlib.sha256(payload).hexdigest()})
 
 
 def _read_validated(path, cap):
-  raw_keys, raw_embeddings, payload = _read_raw(path, cap)
+  raw_keys, raw_embeddings, payload = read_raw(path, cap)
   matrix = _as_embedding_matrix(raw_embeddings, path)
   if isinstance(raw_keys, np.ndarray):
     if raw_keys.ndim != 1:
@@ -232,7 +233,7 @@ def _read_validated(path, cap):
   seen_files = {}
   keys = []
   for index, key in enumerate(raw_keys):
-    keys.append(_decode_key(key, path, index))
+    keys.append(decode_key(key, path, index))
     class_name, image_file = parse_key(keys[-1], path, index)
     if image_file in seen_files:
       raise errors.DataError(
@@ -244,7 +245,7 @@ def _read_validated(path, cap):
   return keys, matrix, class_rows, image_names, payload
 
 
-def _group_by_class(matrix, class_rows, image_names, source):
+def group_by_class(matrix, class_rows, image_names, source):
   class_names = sorted(class_rows)
   order = np.concatenate([np.asarray(class_rows[c], np.int64) for c in class_names])
   counts = np.asarray([len(class_rows[c]) for c in class_names], np.int64)
@@ -263,7 +264,7 @@ def split_from_labels(matrix, labels, class_names=None, source=None) -> Embeddin
   labels = np.asarray(labels)
   names = class_names or [str(c) for c in range(int(labels.max()) + 1)]
   class_rows = {names[c]: np.flatnonzero(labels == c).tolist() for c in np.unique(labels)}
-  return _group_by_class(np.asarray(matrix, np.float32), class_rows,
+  return group_by_class(np.asarray(matrix, np.float32), class_rows,
                          [str(i) for i in range(len(labels))], source or {"memory": ""})
 
 
@@ -290,7 +291,7 @@ def merge_splits(parts: Sequence[EmbeddingSplit]) -> EmbeddingSplit:
   source = {}
   for part in parts:
     source.update(part.source)
-  return _group_by_class(matrix, class_rows, names, source)
+  return group_by_class(matrix, class_rows, names, source)
 
 
 def load_dataset_split(data_path: str, dataset_name: str, crop: str, split: str,

@@ -182,17 +182,31 @@ def num_views(crop: str) -> int:
   return {"center": 1, "multiview": 10, "warps": WARP_VIEWS}[crop]
 
 
+def view_features(model, batch_uint8, crop: str, image_size: int, invert: bool):
+  """uint8 images [B, S', S', C] -> float32 features of each view [B, views, D]."""
+  x = preprocess(batch_uint8, invert)
+  flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
+  return tf.reshape(flat, [-1, num_views(crop), flat.shape[-1]])
+
+
 def embed(model, batch_uint8, crop: str, image_size: int, invert: bool):
   """uint8 images [B, S', S', C] -> float32 features [B, D] (views averaged).
 
   Exported models with a bundled backbone call it too (crop "center").
   """
-  x = preprocess(batch_uint8, invert)
-  flat = tf.cast(model(make_views(x, crop, image_size), training=False), tf.float32)
-  return tf.reduce_mean(tf.reshape(flat, [-1, num_views(crop), flat.shape[-1]]), axis=1)
+  return tf.reduce_mean(view_features(model, batch_uint8, crop, image_size, invert), axis=1)
 
 
-def feature_function(model, crop: str, image_size: int, invert: bool):
-  """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]."""
-  return tf.function(lambda batch: embed(model, batch, crop, image_size, invert),
+def embed_with_views(model, batch_uint8, crop: str, image_size: int, invert: bool):
+  """[B, (1 + views) D]: `embed`'s averaged features, then each view's, side by side."""
+  per_view = view_features(model, batch_uint8, crop, image_size, invert)
+  flat = tf.reshape(per_view, [-1, per_view.shape[1] * per_view.shape[2]])
+  return tf.concat([tf.reduce_mean(per_view, axis=1), flat], axis=1)
+
+
+def feature_function(model, crop: str, image_size: int, invert: bool, with_views=False):
+  """tf.function: uint8 images [B, S', S', C] -> float32 features [B, D]
+  (`with_views`: [B, (1 + views) D], `embed_with_views`)."""
+  fn = embed_with_views if with_views else embed
+  return tf.function(lambda batch: fn(model, batch, crop, image_size, invert),
                      reduce_retracing=True, autograph=False)

@@ -9,7 +9,8 @@ scripts/omniglot_pipeline.py is its command line (`Options` are its flags):
    Greek: 177 characters; with `metatrain_holdout` > 0 on all but that
    fraction of them, which the learners meta-train on instead; with
    `metatrain_rotations` the learners' meta-train classes are also turned by
-   90/180/270 degrees, each turn a class) read straight
+   90/180/270 degrees, each turn a class; with `metatrain_views` each image is
+   the mean of that many of its views, drawn per episode) read straight
    from the two archives, then trains
    `distill_generations` born-again students (default 0; each: the same
    recipe, 0.5 cross-entropy + 0.5 T^2 KL to the previous network at T = 4);
@@ -121,6 +122,7 @@ class Options:
   parallel_learners: int = 2
   metatrain_holdout: float = 0.0       # > 0: class_splits.hold_out (issue 31)
   metatrain_rotations: bool = False    # meta-train classes also turned 90/180/270 degrees
+  metatrain_views: int = 0             # > 0: runner --metatrain_views (views drawn per episode)
 
 
 def stage_done(stage, timings, ledger_path=None):
@@ -140,9 +142,9 @@ def stage_done(stage, timings, ledger_path=None):
     pipeline.write_json(ledger_path, ledger)
 
 
-def extracted_manifest(data_path, crop, summary, rotated_splits=()):
+def extracted_manifest(data_path, crop, summary, rotated_splits=(), view_splits=()):
   """The manifest of embeddings already extracted from this very backbone
-  (and with the same rotated splits), else None."""
+  (and with the same rotated and view splits), else None."""
   path = os.path.join(data_path, DATASET, crop, embeddings_lib.MANIFEST)
   sha = (summary.get("export") or {}).get("weights_sha256")
   if not sha or not os.path.exists(path):
@@ -153,7 +155,8 @@ def extracted_manifest(data_path, crop, summary, rotated_splits=()):
   files_ok = all(os.path.exists(os.path.join(os.path.dirname(path), v["file"]))
                  for v in splits.values())
   if manifest.get("backbone", {}).get("checkpoint_sha256") == sha and len(splits) == 3 \
-      and files_ok and manifest.get("rotated_splits", []) == sorted(rotated_splits):
+      and files_ok and manifest.get("rotated_splits", []) == sorted(rotated_splits) \
+      and sorted(manifest.get("views", {})) == sorted(view_splits):
     print(f"embeddings already extracted from backbone {sha[:12]}: reusing {path}")
     return manifest
   return None
@@ -267,12 +270,13 @@ def run(options: Options):
   t0 = time.time()
   data_path = os.path.join(work, "embeddings")
   rotated = ["train"] if o.metatrain_rotations else []
-  manifest = extracted_manifest(data_path, o.crop, summary, rotated)
+  viewed = ["train"] if o.metatrain_views else []
+  manifest = extracted_manifest(data_path, o.crop, summary, rotated, viewed)
   if manifest is None:  # not yet extracted from this backbone (a resumed run skips it)
     manifest = extract.extract_embeddings(
         os.path.join(backbone_run, "backbone"), by_class, split_classes, data_path, DATASET,
         o.crop, "pkl", 256, expected_size=(105, 105), allowed_modes=("1", "L"),
-        sources=archives, split_origin=origin, rotated_splits=rotated)
+        sources=archives, split_origin=origin, rotated_splits=rotated, view_splits=viewed)
   timings["extract_s"] = time.time() - t0
   stage_done("extract", timings, ledger_path)
 
@@ -317,7 +321,8 @@ def run(options: Options):
       return {"method": f"{model} (runner.py)", "setting": f"{ways}w{shots}s", "model": model,
               "status": f"skipped: {preset['skip']}"}
     result = cached_learner(
-        learners_root, model, ways, shots, steps, preset["flags"] + list(o.runner_flag),
+        learners_root, model, ways, shots, steps, preset["flags"] + list(o.runner_flag) + (
+            [f"--metatrain_views={o.metatrain_views}"] if o.metatrain_views else []),
         manifest,
         lambda flags_: pipeline.run_learner(model, data_path, DATASET, ways, shots,
                                             learners_root, steps, o.num_episodes,
@@ -363,12 +368,7 @@ def run(options: Options):
            f"(meta-val alphabets) @ its step, the checkpoint evaluated. {label} pretrained "
            f"{o.epochs} epochs (augment {o.augment}, {o.head} head) on "
            f"{len(pretrain_classes)} meta-train characters x 4 rotations"
-           + (f" (the learners meta-train on the other {len(split_classes['train'])}: "
-              f"--metatrain_holdout={o.metatrain_holdout})" if o.metatrain_holdout else "")
-           + (f"; meta-train episodes also draw those characters turned by 90, 180 and 270 "
-              f"degrees as classes of their own (--metatrain_rotations: "
-              f"{manifest['splits']['train']['num_classes']} classes)"
-              if o.metatrain_rotations else "")
+           + results.metatrain_note(o, len(split_classes["train"]), manifest)
            + (f", then {o.distill_generations} born-again generation(s) of the same "
               f"recipe distilled from the previous one (alpha {o.distill_alpha}, "
               f"T {o.distill_temperature})" if o.distill_generations else "") + "; "

@@ -48,3 +48,18 @@ def against_baseline(rows, baseline_method, settings=pipeline.SETTINGS) -> str:
                  f"{untrained} {report.UNTRAINED} of {len(learners)}")
   return (f"Learners against {baseline_method}, by more than both 95% intervals: "
           + "; ".join(parts) + ".") if parts else ""
+
+
+def metatrain_note(options, num_metatrain_classes: int, manifest: dict) -> str:
+  """What the learners meta-train on, when it is not the pretraining classes
+  (the pipeline's --metatrain_holdout, --metatrain_rotations, --metatrain_views)."""
+  o = options
+  return ((f" (the learners meta-train on the other {num_metatrain_classes}: "
+           f"--metatrain_holdout={o.metatrain_holdout})" if o.metatrain_holdout else "")
+          + (f"; meta-train episodes also draw those characters turned by 90, 180 and 270 "
+             f"degrees as classes of their own (--metatrain_rotations: "
+             f"{manifest['splits']['train']['num_classes']} classes)"
+             if o.metatrain_rotations else "")
+          + (f"; each meta-train image is shown as the mean of {o.metatrain_views} of its "
+             f"{manifest['views']['train']['num_views']} views, drawn per episode "
+             f"(--metatrain_views)" if o.metatrain_views else ""))

@@ -44,6 +44,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data import image_sources
 from leo_suite.data import image_views
 from leo_suite.data import images as images_lib
+from leo_suite.data import views as views_lib
 from leo_suite.models import backbones
 from leo_suite.models import image_embedder
 from leo_suite.pretrain import class_splits
@@ -160,14 +161,18 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
                        expected_size=None, allowed_modes=images_lib.DEFAULT_MODES,
                        sources: Sequence[str] = (), split_origin: str = "",
                        log: Callable[[str], None] = print,
-                       rotated_splits: Sequence[str] = ()) -> dict:
+                       rotated_splits: Sequence[str] = (),
+                       view_splits: Sequence[str] = ()) -> dict:
   """Extracts every split; returns the manifest (also written beside the files).
 
   Each split in `rotated_splits` also gets its classes turned by 90, 180 and
   270 degrees (counter-clockwise, as pretraining's rotated copies), each turn
   a class of its own named `<class>@rot<degrees>` (Omniglot's convention for
   meta-training classes); its file then holds 4x the classes, the turned
-  ones after the upright ones, and the manifest lists `rotated_splits`."""
+  ones after the upright ones, and the manifest lists `rotated_splits`.
+  Each split in `view_splits` also gets `<split>_views.npz`: every view of
+  every image embedded on its own (`leo_suite.data.views`), from the same pass
+  as its averaged row; the manifest lists it under `views`."""
   if crop not in image_views.CROPS:
     raise errors.ConfigError(f"--crop={crop!r}: use one of {list(image_views.CROPS)}")
   check_output_names(fmt, dataset_name)
@@ -181,11 +186,14 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
                                      tuple(allowed_modes), skip_bad)
   features_fn = image_views.feature_function(model, crop, image_size,
                                              bool(description["invert"]))
+  with_views = image_views.feature_function(model, crop, image_size,
+                                            bool(description["invert"]), with_views=True)
   check_split_names(split_classes)
-  rotated = sorted(set(rotated_splits))
-  if set(rotated) - set(split_classes):
-    raise errors.ConfigError(f"--rotated_splits={rotated}: only {sorted(split_classes)} "
-                             "are extracted")
+  rotated, viewed = sorted(set(rotated_splits)), sorted(set(view_splits))
+  for flag, names in (("rotated_splits", rotated), ("view_splits", viewed)):
+    if set(names) - set(split_classes):
+      raise errors.ConfigError(f"--{flag}={names}: only {sorted(split_classes)} "
+                               "are extracted")
   all_classes = [c for split in split_classes for c in split_classes[split]] + [
       rotated_name(c, turns) for split in rotated for turns in ROTATION_TURNS
       for c in split_classes[split]]
@@ -194,12 +202,15 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
                              sources, split_origin, {tokens[c]: c for c in all_classes})
   if rotated:
     manifest["rotated_splits"] = rotated
+  if viewed:
+    manifest["views"] = {}
   with new_generation(os.path.join(out_dir, dataset_name, crop)) as staging:
     for split, classes in split_classes.items():
       records = split_records(by_class, classes)
       t0 = time.time()
+      split_fn = with_views if split in viewed else features_fn
       feats, kept, skipped = image_embedder.extract_split(
-          turned_features(features_fn) if split in rotated else features_fn, records,
+          turned_features(split_fn) if split in rotated else split_fn, records,
           options, batch_size, f"{dataset_name}/{crop}/{split}", log)
       for origin, reason in skipped:
         log(f"skipped {safeio.display_name(origin, 400)}: {reason}")
@@ -212,10 +223,23 @@ def extract_embeddings(backbone_dir: str, by_class: Dict[str, List[image_sources
         for turns in ROTATION_TURNS:
           keys += split_keys(split, classes, {c: tokens[rotated_name(c, turns)] for c in classes},
                              kept_records, len(skipped))
+      if split in viewed:  # [n, (1 + V) D]: the mean, then each view
+        dim = feats.shape[1] // (1 + image_views.num_views(crop))
+        manifest["views"][split] = write_views_file(
+            staging, split, keys, feats[:, dim:].reshape(len(keys), -1, dim))
+        feats = feats[:, :dim]
       manifest["splits"][split] = write_split_file(staging, split, fmt, keys, num_classes,
                                                    feats, skipped, time.time() - t0, log)
     write_manifest(staging, manifest)
   return manifest
+
+
+def write_views_file(staging: str, split: str, keys: Sequence[str], views: np.ndarray) -> dict:
+  """Writes `<split>_views.npz`; returns its manifest entry."""
+  path = os.path.join(staging, split + views_lib.VIEWS_SUFFIX)
+  views_lib.write_views(path, keys, views)
+  return {"file": os.path.basename(path), "sha256": fileio.file_sha256(path),
+          "num_views": int(views.shape[1])}
 
 
 # Quarter turns of the rotated splits' extra classes (pretraining's rotated copies).

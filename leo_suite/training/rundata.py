@@ -12,7 +12,9 @@ from typing import Optional, Sequence
 from leo_suite import errors
 from leo_suite import safeio
 from leo_suite.data import embeddings as embeddings_lib
+from leo_suite.data import episodes
 from leo_suite.data import synthetic
+from leo_suite.data import views as views_lib
 
 RELEASED = ("miniImageNet", "tieredImageNet")
 SPLITS = ("train", "val", "test")
@@ -46,6 +48,22 @@ def load_splits(settings: dict, data_path: str, names: Sequence[str]):
   return loaded
 
 
+def train_sampler(settings: dict, data_path: str, split, spec, dtype):
+  """The meta-training `EpisodeSampler`; with --metatrain_views, one that draws
+  each image's views per task from `<split>_views.npz` (`leo_suite.data.views`)."""
+  views_per_image = settings.get("metatrain_views", 0)   # 0 in runs saved before it
+  if not views_per_image:
+    return episodes.EpisodeSampler(split, spec, "meta-training", dtype)
+  if settings["train_on_val"]:
+    raise errors.ConfigError("--metatrain_views reads the train split's views only; it "
+                             "cannot be combined with --train_on_val")
+  path = views_lib.views_path(data_path, settings["dataset_name"],
+                              settings["embedding_crop"], "train")
+  views, _ = views_lib.load_views(path, split, views_per_image)
+  return views_lib.ViewEpisodeSampler(split, spec, views, views_per_image, "meta-training",
+                                      dtype)
+
+
 def split_sha256(split) -> str:
   return next(iter(split.source.values()))
 
@@ -69,6 +87,9 @@ def data_record(settings: dict, data_path: str, loaded: dict) -> dict:
     else:
       hashes[name] = file_sha256(embeddings_lib.split_path(
           data_path, settings["dataset_name"], settings["embedding_crop"], name))
+  if settings.get("metatrain_views"):
+    hashes["train_views"] = file_sha256(views_lib.views_path(
+        data_path, settings["dataset_name"], settings["embedding_crop"], "train"))
   return {"data_path": os.path.abspath(data_path), "sha256": hashes}
 
 

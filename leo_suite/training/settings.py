@@ -84,6 +84,12 @@ SETTINGS: Tuple[Setting, ...] = (
     _release("train_on_val", bool, False,
              "Meta-train on train + val classes (as the paper's final runs); validation still "
              "runs on val but is not held out, so no best/ checkpoint is kept."),
+    Setting("metatrain_views", int, 0,
+            "Meta-train on fresh views: each training image appears in each task as the "
+            "mean of this many of its stored views, drawn per task (needs "
+            "<split>_views.npz beside train's file: extraction's --view_splits=train). "
+            "0 = the averaged rows. Validation and test always use the averaged rows.",
+            minimum=0),
     # -- LEO's release flags: episodes ----------------------------------------------
     _release("num_classes", int, 5, "N: classes per task (N-way).", minimum=1),
     _release("num_tr_examples_per_class", int, 1, "K: support examples per class.", minimum=1),
