@@ -85,9 +85,9 @@ def test_hold_out_refuses_what_cannot_make_episodes(fraction, min_classes, messa
     class_splits.hold_out([str(i) for i in range(40)], fraction, 0, min_classes)
 
 
-def test_extracted_embeddings_are_reused_only_with_the_same_rotated_splits(tmp_path):
-  """The pipeline re-extracts when --metatrain_rotations changes, not only
-  when the backbone does."""
+def test_extracted_embeddings_are_reused_only_with_the_same_rotated_and_view_splits(tmp_path):
+  """The pipeline re-extracts when --metatrain_rotations or --metatrain_views
+  changes, not only when the backbone does."""
   folder = tmp_path / omniglot.DATASET / "warps"
   folder.mkdir(parents=True)
   splits = {}
@@ -105,3 +105,13 @@ def test_extracted_embeddings_are_reused_only_with_the_same_rotated_splits(tmp_p
   assert omniglot.extracted_manifest(str(tmp_path), "warps", summary) is None
   assert omniglot.extracted_manifest(str(tmp_path), "warps", {"export": {
       "weights_sha256": "other"}}, ["train"]) is None
+  # and when --metatrain_views turns the views file on or off.
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"], ["train"]) is None
+  viewed = dict(rotated, views={"train": {"file": "train_views.npz", "num_views": 16}})
+  (folder / "manifest.json").write_text(json.dumps(viewed))
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"],
+                                     ["train"]) is None    # the views file is missing
+  (folder / "train_views.npz").write_bytes(b"x")
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"],
+                                     ["train"]) == viewed
+  assert omniglot.extracted_manifest(str(tmp_path), "warps", summary, ["train"]) is None

@@ -153,7 +153,7 @@ def extracted_manifest(data_path, crop, summary, rotated_splits=(), view_splits=
     manifest = json.load(handle)
   splits = manifest.get("splits", {})
   files_ok = all(os.path.exists(os.path.join(os.path.dirname(path), v["file"]))
-                 for v in splits.values())
+                 for v in [*splits.values(), *manifest.get("views", {}).values()])
   if manifest.get("backbone", {}).get("checkpoint_sha256") == sha and len(splits) == 3 \
       and files_ok and manifest.get("rotated_splits", []) == sorted(rotated_splits) \
       and sorted(manifest.get("views", {})) == sorted(view_splits):
