@@ -191,3 +191,37 @@ def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypat
   assert compiled._score_readout.jit  # compiled, no fallback taken
   assert 0.0 < gather.mean() < 1.0 and np.ptp(gather) > 0
   np.testing.assert_array_equal(table, gather)
+
+
+@pytest.mark.parametrize("model,generic", [("relation", False), ("l2f", False),
+                                           ("protonet", False), ("meta_lstm", True)])
+def test_chunks_loop_in_one_call_per_class_and_score_like_the_gather_path(model, generic,
+                                                                          monkeypatch):
+  """A small chunk bound splits each class's tasks into several chunks (the
+  last padded with masked copies); they are looped over inside one call per
+  class, on the readout path and the generic one (no readout), plain."""
+  split = clustered_split([9, 11, 9, 10, 9, 12, 9, 9])
+  spec = episodes.EpisodeSpec(4, 2, 7)
+  sampler = episodes.EpisodeSampler(split, spec)
+  monkeypatch.setattr(evaluation, "TABLE_CHUNK_FLOATS", 12 * 16 * 3)
+  monkeypatch.setattr(evaluation, "TABLE_FINISH_CHUNK_FLOATS", 12 * 16 * 3)
+  evaluator = evaluation.Evaluator(learner(model, spec.num_ways))
+  if generic:
+    monkeypatch.setattr(type(evaluator.learner), "readout", lambda self, state: None)
+  name = "_score_generic" if generic else "_score_readout"
+  calls, scorer = [], getattr(evaluator, name)
+  def counting(*args, chunk):
+    calls.append((int(args[2].shape[0]), chunk))
+    return scorer(*args, chunk=chunk)
+  counting.jit = False
+  monkeypatch.setattr(evaluator, name, counting)
+  table = evaluator.fixed_accuracy(sampler, 5, 37, 8, method="table")
+  classes = [d[0] for d in sampler.drawn_supports(5, 37, 0, 37)][0].numpy()
+  assert len(calls) == len(np.unique(classes))      # one call per class
+  looped = [(tasks, chunk) for tasks, chunk in calls if chunk is not None]
+  assert looped and all(tasks % chunk == 0 and chunk & (chunk - 1) == 0
+                        for tasks, chunk in looped)   # whole chunks of a power of two
+  assert any(tasks // chunk > 1 for tasks, chunk in looped)
+  gather = evaluator.fixed_accuracy(sampler, 5, 37, 8, method="gather")
+  assert 0.0 < gather.mean() < 1.0 and np.ptp(gather) > 0
+  np.testing.assert_array_equal(table, gather)

@@ -22,10 +22,12 @@ Two ways to score a fixed set of an `EpisodeSampler` (`evaluate_fixed`):
     when V is most of a class (the release's V = all remaining images).
 Both give the same per-task accuracies (tests/test_evaluation.py). The
 table path reads a class's rows once per evaluation (cached readout row
-maps), gathers each batch's support sets in one op, and may compile the
-readout with XLA (`jit_readout`, from `xla.resolve_readout`); XLA compiles
-once per shape, so those calls are padded to power-of-two task counts with
-masked copies.
+maps), gathers each batch's support sets in one op, and scores each class's
+tasks in one call: when their intermediates would exceed a chunk bound, the
+call loops over chunks of tasks in its graph (`in_chunks`). It may compile
+the readout with XLA (`jit_readout`, from `xla.resolve_readout`); XLA
+compiles once per shape, so those calls are padded to power-of-two task (or
+chunk) counts with masked copies.
 """
 
 import dataclasses
@@ -176,21 +178,23 @@ class Evaluator:
         lambda jit: tf.function(adapt, jit_compile=jit, reduce_retracing=True, autograph=False),
         jit_compile, f"{type(learner).__name__} evaluation (adapt)")
 
-    def score_readout(features, weights, bias, state, labels, mask):
-      """features [R, d] of one class's rows under P tasks' readouts."""
+    def score_readout(features, per_task, labels, mask):
+      """features [R, d] of one class's rows under P tasks' readouts
+      (per_task: their weights, bias and state, each None or [P, ...])."""
+      weights, bias, state = per_task
       scores = readout_scores(learner, features, weights, bias, state, tf.shape(labels)[0])
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
     self._score_readout = xla.WithFallback(
-        lambda jit: tf.function(score_readout, jit_compile=jit, reduce_retracing=True,
-                               autograph=False),
+        lambda jit: tf.function(in_chunks(score_readout), jit_compile=jit,
+                                reduce_retracing=True, autograph=False),
         jit_readout, f"{type(learner).__name__} evaluation (readout)")
 
-    def score_generic(state, rows, labels, mask):
+    def score_generic(rows, state, labels, mask):
       shape = tf.shape(labels)[0:1]
       query_x = tf.broadcast_to(rows, tf.concat([shape, [1], tf.shape(rows)], 0))
       logits = learner.predict(state, query_x, training=False, seed=zero_seed)
       return _hits(tf.argmax(logits[:, 0], -1, output_type=tf.int32), labels, mask)
-    self._score_generic = tf.function(score_generic, reduce_retracing=True,
+    self._score_generic = tf.function(in_chunks(score_generic), reduce_retracing=True,
                                       autograph=False)
     self.strategy = strategy if distribute.splits_batches(strategy) else None
     if self.strategy is None:
@@ -282,34 +286,61 @@ class Evaluator:
         rows = sampler.class_rows(class_id)
       if readout is not None and class_id not in row_features:
         row_features[class_id] = readout.row_map(rows)
-      chunk = table_chunk_tasks(readout, count, sampler.split.embeddings.shape[1])
-      hits = []
-      for first in range(0, len(tasks), chunk):
-        part, labels_part, mask_part = (tasks[first:first + chunk],
-                                        labels[first:first + chunk], mask[first:first + chunk])
-        size = len(part)
-        if readout is not None and self._score_readout.jit:
-          # XLA compiles each shape once: pad to a power of two (or the chunk)
-          # with copies of the first task, masked out, and drop their hits.
-          pad = min(chunk, 1 << (size - 1).bit_length()) - size
-          part = np.concatenate([part, np.repeat(part[:1], pad)])
-          labels_part = np.concatenate([labels_part, np.repeat(labels_part[:1], pad)])
-          mask_part = np.concatenate([mask_part, np.zeros([pad, count], bool)])
-        part, labels_part = tf.constant(part), tf.constant(labels_part, tf.int32)
-        mask_part = tf.constant(mask_part)
-        gather = lambda value, part=part: tf.gather(value, part)
-        if readout is None:
-          hits.append(self._score_generic(tf.nest.map_structure(gather, state), rows,
-                                          labels_part, mask_part))
-          continue
-        hits.append(self._score_readout(
-            row_features[class_id],
-            None if readout.weights is None else gather(readout.weights),
-            None if readout.bias is None else gather(readout.bias),
-            tf.nest.map_structure(gather, state) if readout.finish else None,
-            labels_part, mask_part)[:size])
-      np.add.at(correct, tasks, tf.concat(hits, 0).numpy())
+      bound = table_chunk_tasks(readout, count, sampler.split.embeddings.shape[1])
+      # One call per class: when its tasks are more than `bound`, they are
+      # scored a chunk at a time in a loop of the graph (a call per chunk cost
+      # ~2 ms of dispatch each: Relation at 5-way, 10 tasks a chunk, spent half
+      # its evaluation there), padded with masked copies of the first task to
+      # whole chunks. With XLA, which compiles each shape once, the tasks are
+      # padded to a power of two, or a power-of-two number of chunks.
+      size = len(tasks)
+      # The chunk is a power of two (a trace per distinct chunk, not per class size).
+      chunk = 1 << (bound.bit_length() - 1) if size > bound else None
+      jit = self._score_readout.jit if readout is not None else False
+      if chunk is None:
+        pad = min(bound, 1 << (size - 1).bit_length()) - size if jit else 0
+      else:
+        chunks = -(-size // chunk)
+        pad = ((1 << (chunks - 1).bit_length()) if jit else chunks) * chunk - size
+      part = tf.constant(np.concatenate([tasks, np.repeat(tasks[:1], pad)]))
+      labels_part = tf.constant(np.concatenate([labels, np.repeat(labels[:1], pad)]), tf.int32)
+      mask_part = tf.constant(np.concatenate([mask, np.zeros([pad, count], bool)]))
+      gather = lambda value, part=part: tf.gather(value, part)
+      if readout is None:
+        hits = self._score_generic(rows, tf.nest.map_structure(gather, state), labels_part,
+                                   mask_part, chunk=chunk)
+      else:
+        per_task = (None if readout.weights is None else gather(readout.weights),
+                    None if readout.bias is None else gather(readout.bias),
+                    tf.nest.map_structure(gather, state) if readout.finish else None)
+        hits = self._score_readout(row_features[class_id], per_task, labels_part, mask_part,
+                                   chunk=chunk)
+      np.add.at(correct, tasks, hits.numpy()[:size])
     return len(classes)
+
+
+def in_chunks(score):
+  """score(shared, per_task, labels, mask) -> hits [P] as a function of the
+  same arguments and a static `chunk`: with a chunk, the P tasks (a multiple
+  of it) are scored `chunk` at a time in a loop of the graph, so that one call
+  bounds its intermediates by one chunk's; None scores them at once.
+  `per_task` is a nest of [P, ...] tensors and Nones."""
+  def chunked(shared, per_task, labels, mask, chunk):
+    if chunk is None:
+      return score(shared, per_task, labels, mask)
+    leaves = tf.nest.flatten(per_task)
+
+    def score_part(part):
+      tensors = iter(part[2:])
+      nest = tf.nest.pack_sequence_as(
+          per_task, [None if t is None else next(tensors) for t in leaves])
+      return score(shared, nest, part[0], part[1])
+
+    split = lambda t: tf.reshape(t, tf.concat([[-1, chunk], tf.shape(t)[1:]], 0))
+    parts = [split(t) for t in [labels, mask] + [t for t in leaves if t is not None]]
+    hits = tf.map_fn(score_part, parts, fn_output_signature=tf.TensorSpec([chunk], tf.int64))
+    return tf.reshape(hits, [-1])
+  return chunked
 
 
 def _hits(predictions, labels, mask):
