@@ -130,7 +130,8 @@ def evaluation_passes(model, shots, passes, num_tasks=2000, batch_size=25):
   sampler = benchmark.eval_sampler(benchmark.eval_split(), shots)
   evaluator, _, _ = benchmark.runner_evaluator(model)
   method = evaluator.method(sampler)
-  evaluator.fixed_accuracy(sampler, 99, 8 * batch_size, batch_size, method=method)  # trace
+  evaluator.fixed_accuracy(sampler, 99, min(num_tasks, evaluation.TABLE_GROUP_TASKS), batch_size,
+                           method=method)  # trace and compile a group's shapes
   for _ in range(passes):
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size, method=method)

@@ -174,16 +174,22 @@ def test_small_state_budget_splits_groups_and_keeps_the_accuracies(model, monkey
   np.testing.assert_array_equal(table, gather)
 
 
+def small_chunks(monkeypatch, floats):
+  """(spec, sampler) of 4-way 2-shot tasks on classes of 9 to 12 images, with
+  both chunk bounds set to `floats`, so that a class's tasks span chunks."""
+  spec = episodes.EpisodeSpec(4, 2, 7)
+  sampler = episodes.EpisodeSampler(clustered_split([9, 11, 9, 10, 9, 12, 9, 9]), spec)
+  monkeypatch.setattr(evaluation, "TABLE_CHUNK_FLOATS", floats)
+  monkeypatch.setattr(evaluation, "TABLE_FINISH_CHUNK_FLOATS", floats)
+  return spec, sampler
+
+
 @pytest.mark.parametrize("model", ["relation", "leo", "l2f", "snail"])
 def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypatch):
   """With the readout compiled (calls padded to powers of two with masked
   copies), per-task accuracies equal the gather path's; a small chunk makes
   classes span several calls with ragged ends."""
-  split = clustered_split([9, 11, 9, 10, 9, 12, 9, 9])
-  spec = episodes.EpisodeSpec(4, 2, 7)
-  sampler = episodes.EpisodeSampler(split, spec)
-  monkeypatch.setattr(evaluation, "TABLE_CHUNK_FLOATS", 12 * 16 * 5)
-  monkeypatch.setattr(evaluation, "TABLE_FINISH_CHUNK_FLOATS", 12 * 16 * 5)
+  spec, sampler = small_chunks(monkeypatch, 12 * 16 * 5)
   plain = evaluation.Evaluator(learner(model, spec.num_ways))
   compiled = evaluation.Evaluator(learner(model, spec.num_ways), jit_readout=True)
   gather = plain.fixed_accuracy(sampler, 5, 37, 8, method="gather")
@@ -200,11 +206,7 @@ def test_chunks_loop_in_one_call_per_class_and_score_like_the_gather_path(model,
   """A small chunk bound splits each class's tasks into several chunks (the
   last padded with masked copies); they are looped over inside one call per
   class, on the readout path and the generic one (no readout), plain."""
-  split = clustered_split([9, 11, 9, 10, 9, 12, 9, 9])
-  spec = episodes.EpisodeSpec(4, 2, 7)
-  sampler = episodes.EpisodeSampler(split, spec)
-  monkeypatch.setattr(evaluation, "TABLE_CHUNK_FLOATS", 12 * 16 * 3)
-  monkeypatch.setattr(evaluation, "TABLE_FINISH_CHUNK_FLOATS", 12 * 16 * 3)
+  spec, sampler = small_chunks(monkeypatch, 12 * 16 * 3)
   evaluator = evaluation.Evaluator(learner(model, spec.num_ways))
   if generic:
     monkeypatch.setattr(type(evaluator.learner), "readout", lambda self, state: None)

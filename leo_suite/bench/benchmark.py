@@ -8,22 +8,19 @@ meta-training):
     EpisodeSampler pipeline), without and with XLA (jit_compile);
   * the same step written per task with tf.map_fn (each task a B = 1
     meta-batch, same maths, gradients averaged) and the batched/map_fn ratio;
-  * evaluation tasks/s on the fixed-set path the runner takes (real
-    EpisodeSampler; V = 600 - K queries per class, as LEO's test protocol;
-    XLA for adaptation and the table readout as --jit_compile=auto sets
-    them), against the gather path; for LEO also the time of 10,000 test tasks;
-    its FLOPs per task and the fraction of its limit at the matmul rate (flops.py);
-  * peak memory of one meta-training step (resident-set high-water mark
-    increase, measured in a fresh subprocess per configuration), and for MAML
-    and iMAML against the number of inner steps (1, 5, 10, 20).
-  * data wait: in the Trainer's own input pipeline (EpisodeSampler ->
-    tf.data -> step), the mean time per step spent in `next(iterator)` and
-    its share of the step (the step's results fetched with .numpy(), as the
-    Trainer does), the train/data_wait_fraction the Trainer logs.
-Also embedding extraction (Conv-4 28x28, ResNet-12 84x84) and, if the serving
-module provides `benchmark_latency`, serving latency. Embeddings are synthetic
-(random, unit-norm after the sampler), so accuracies are meaningless here.
-The machine may be shared: compare ratios measured in the same run.
+  * evaluation tasks/s on the fixed-set path the runner takes (real EpisodeSampler;
+    V = 600 - K queries per class, as LEO's test protocol; XLA for adaptation and the
+    table readout as --jit_compile=auto sets them), against the gather path; for LEO
+    also 10,000 test tasks' time; FLOPs per task and the fraction of its limit (flops.py);
+  * peak memory of one meta-training step (resident-set high-water mark increase,
+    a fresh subprocess per configuration); MAML and iMAML at 1, 5, 10, 20 inner steps.
+  * data wait: in the Trainer's own input pipeline (EpisodeSampler -> tf.data ->
+    step), the mean time per step in `next(iterator)` and its share of the step
+    (results fetched with .numpy(), as the Trainer does: train/data_wait_fraction).
+Also embedding extraction (Conv-4 28x28, ResNet-12 84x84) and, if the serving module
+provides `benchmark_latency`, serving latency. Embeddings are synthetic (random,
+unit-norm after the sampler), so accuracies are meaningless here. The machine
+may be shared: compare ratios measured in the same run.
 
 The targets (issues 14 and 32) are checked per learner and shot
 (report.target_checks, the JSON's "targets" list of {name, learner, shots,
@@ -57,6 +54,7 @@ from leo_suite.serving import latency
 from leo_suite.training import run as run_lib
 from leo_suite.training import settings as settings_lib
 from leo_suite.training import trainer as trainer_lib
+from leo_suite.training.evaluation import TABLE_GROUP_TASKS
 
 # The folder holding leo_suite: the memory probes' subprocesses import it from there.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -208,7 +206,8 @@ def runner_evaluator(model):
 def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
   table path, with the XLA settings --jit_compile=auto gives) and of the
-  gather path, on the same fixed tasks."""
+  gather path, on the same fixed tasks, after a pass over one group of other
+  tasks (which traces and compiles the shapes a group's calls take)."""
   queries = IMAGES_PER_CLASS - shots
   sampler = eval_sampler(test_split, shots)
   evaluator, jit, jit_readout = runner_evaluator(model)
@@ -217,7 +216,8 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
          "jit_adapt": jit, "jit_readout": jit_readout}
   accuracies = {}
   for method in dict.fromkeys([chosen, "gather"]):
-    evaluator.fixed_accuracy(sampler, 99, batch_size, batch_size, method=method)  # trace
+    evaluator.fixed_accuracy(sampler, 99, min(num_tasks, TABLE_GROUP_TASKS), batch_size,
+                             method=method)
     start = time.perf_counter()
     accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size,
                                                   method=method)
