@@ -69,6 +69,11 @@ def smallest(keys, count):
   return tf.math.top_k(-keys, count).indices
 
 
+def task_seed(seed, index):
+  """The stateless seed [2] of task `index` of stream `seed`."""
+  return tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
 def all_remaining_queries(split: EmbeddingSplit, num_shots: int) -> int:
   """The release's evaluation V: every image left after K (smallest class)."""
   return int(split.class_count.min()) - num_shots
@@ -117,9 +122,8 @@ class EpisodeSampler:
     positions within each class: the first K are the support, the rest the
     queries)."""
     n = self.spec.num_ways
-    task_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
     class_seed, image_seed = tf.unstack(
-        tf.random.experimental.stateless_split(task_seed, 2))
+        tf.random.experimental.stateless_split(task_seed(seed, index), 2))
     num_classes = tf.shape(self._class_count)[0]
     classes = smallest(tf.random.stateless_uniform([num_classes], class_seed), n)
     counts = tf.gather(self._class_count, classes)                      # [N]
@@ -137,11 +141,17 @@ class EpisodeSampler:
     """The unit-norm embeddings of table `rows`, in the sampler's dtype."""
     return tf.cast(tf.gather(self._table, rows), self.dtype)
 
+  def task_images(self, seed, index, rows):
+    """The unit-norm embeddings task (seed, index) shows for table `rows`
+    [N, K+V]: the rows themselves (`leo_suite.data.views` draws views instead)."""
+    del seed, index
+    return self.images(rows)
+
   def sample_task(self, seed, index):
     """Task `index` of the stream `seed`: (support_x, support_y, query_x, query_y)."""
-    n, k = self.spec.num_ways, self.spec.num_shots
+    k = self.spec.num_shots
     classes, picks = self.draw(seed, index)
-    x = self.images(self.rows(classes, picks))                          # [N, K+V, D], unit rows
+    x = self.task_images(seed, index, self.rows(classes, picks))        # [N, K+V, D], unit rows
     labels = self.labels(self.spec.examples_per_class)
     return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
 

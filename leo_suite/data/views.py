@@ -27,6 +27,7 @@ from leo_suite.data import embeddings as embeddings_lib
 from leo_suite.data.embedding_keys import parse_key
 from leo_suite.data.episodes import EpisodeSampler
 from leo_suite.data.episodes import smallest
+from leo_suite.data.episodes import task_seed
 from leo_suite.data.safe_arrays import shorten
 
 VIEWS_SUFFIX = "_views.npz"
@@ -132,19 +133,13 @@ class ViewEpisodeSampler(EpisodeSampler):
     self._view_table = tf.Variable(views.reshape(count * num_views, dim), trainable=False,
                                    name="views")
 
-  def sample_task(self, seed, index):
-    k = self.spec.num_shots
-    classes, picks = self.draw(seed, index)
-    rows = self.rows(classes, picks)                                    # [N, K+V]
-    task_seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
-    view_seed = tf.random.experimental.stateless_fold_in(task_seed, VIEW_SALT)
+  def task_images(self, seed, index, rows):
+    """The unit mean of `views_per_image` distinct views of each of `rows` [N, K+V]."""
+    view_seed = tf.random.experimental.stateless_fold_in(task_seed(seed, index), VIEW_SALT)
     keys = tf.random.stateless_uniform(
         tf.concat([tf.shape(rows), [self._num_views]], 0), view_seed)
     chosen = tf.cast(smallest(keys, self.views_per_image), tf.int64)   # [N, K+V, M]
     drawn = tf.gather(self._view_table, rows[..., tf.newaxis] * self._num_views + chosen)
     mean = tf.reduce_mean(drawn, axis=-2)                               # [N, K+V, D]
     norms = tf.norm(mean, axis=-1, keepdims=True)
-    x = tf.cast(mean / tf.maximum(norms, 1e-6), self.dtype)
-    labels = self.labels(self.spec.examples_per_class)
-    return x[:, :k], labels[:, :k], x[:, k:], labels[:, k:]
-
+    return tf.cast(mean / tf.maximum(norms, 1e-6), self.dtype)
