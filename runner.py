@@ -115,7 +115,8 @@ def train():
   run.check_width(train_split)
   dtype = settings["dtype"]
   train_sampler = rundata.train_sampler(settings, data_path, train_split, run.train_spec(),
-                                        dtype)
+                                        dtype, record and record["data"],
+                                        FLAGS.allow_data_change)
   val_sampler = episodes.EpisodeSampler(loaded["val"], run.eval_spec(loaded["val"]),
                                         "meta-validation", dtype)
   strategy = make_strategy()

@@ -157,6 +157,17 @@ def test_runner_meta_trains_on_views_and_records_the_file(tmp_path):
   from leo_suite import fileio  # pylint: disable=g-import-not-at-top
   assert config["data"]["sha256"]["train_views"] == fileio.file_sha256(
       os.path.join(folder, "train_views.npz"))
+  # A resumed run checks the views file it was trained with: the same views in
+  # another order per image (the same means, another file) are refused.
+  raw = np.load(os.path.join(folder, "train_views.npz"))
+  views_lib.write_views(os.path.join(folder, "train_views.npz"), raw["keys"],
+                        raw["embeddings"][:, ::-1])
+  proc = _runner(data, str(tmp_path / "run"), "--metatrain_views=2", "--num_steps_limit=4")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "not the views file the run was trained with" in proc.stderr.strip().splitlines()[-1]
+  proc = _runner(data, str(tmp_path / "run"), "--metatrain_views=2", "--num_steps_limit=4",
+                 "--allow_data_change")
+  assert proc.returncode == 0, proc.stderr[-2000:]
   # Refused before anything is written: no views file, or views with --train_on_val.
   os.remove(os.path.join(folder, "train_views.npz"))
   proc = _runner(data, str(tmp_path / "refused"), "--metatrain_views=2")

@@ -48,9 +48,12 @@ def load_splits(settings: dict, data_path: str, names: Sequence[str]):
   return loaded
 
 
-def train_sampler(settings: dict, data_path: str, split, spec, dtype):
+def train_sampler(settings: dict, data_path: str, split, spec, dtype,
+                  saved: Optional[dict] = None, allow_change: bool = False):
   """The meta-training `EpisodeSampler`; with --metatrain_views, one that draws
-  each image's views per task from `<split>_views.npz` (`leo_suite.data.views`)."""
+  each image's views per task from `<split>_views.npz` (`leo_suite.data.views`).
+  `saved`: a resumed run's data record, whose views sha256 the file must match
+  (as `check_data` does for the splits) unless `allow_change`."""
   views_per_image = settings.get("metatrain_views", 0)   # 0 in runs saved before it
   if not views_per_image:
     return episodes.EpisodeSampler(split, spec, "meta-training", dtype)
@@ -59,7 +62,13 @@ def train_sampler(settings: dict, data_path: str, split, spec, dtype):
                              "cannot be combined with --train_on_val")
   path = views_lib.views_path(data_path, settings["dataset_name"],
                               settings["embedding_crop"], "train")
-  views, _ = views_lib.load_views(path, split, views_per_image)
+  views, sha256 = views_lib.load_views(path, split, views_per_image)
+  trained_with = (saved or {}).get("sha256", {}).get("train_views")
+  if trained_with and trained_with != sha256 and not allow_change:
+    raise errors.ConfigError(
+        f"{path}: not the views file the run was trained with (its sha256 is "
+        f"{sha256[:12]}..., the run's {trained_with[:12]}...). Point --data_path at the "
+        "original files, or pass --allow_data_change to proceed knowingly")
   return views_lib.ViewEpisodeSampler(split, spec, views, views_per_image, "meta-training",
                                       dtype)
 
