@@ -85,7 +85,7 @@ def test_linear_readouts_match_predict_and_the_generic_table_path(model, monkeyp
   if readout.bias is not None:
     scores += readout.bias[:, tf.newaxis]
   if readout.finish:
-    scores = built.finish_readout(scores, state)
+    scores = built.finish_readout(scores, evaluation.finish_state(readout, state))
   np.testing.assert_array_equal(np.argmax(scores, -1),
                                 np.argmax(np.reshape(logits, [6, -1, spec.num_ways]), -1))
   evaluator = evaluation.Evaluator(built)

@@ -46,6 +46,9 @@ class Readout(NamedTuple):
   # Floats per row and task of the finish's intermediates, when neither the
   # weights' M nor the embedding's D says it (evaluation sizes its calls by it).
   width: Optional[int] = None
+  # What `finish_readout` reads of the tasks' state when it needs only part
+  # of it (None: the whole state); evaluation gathers only this per class.
+  finish_state: Any = None
 
 
 class SeedStream:
@@ -207,7 +210,11 @@ class Learner(snt.Module):
 
   Subclasses implement `adapt` and `predict`, and may extend `meta_loss`
   (extra penalties) and `loss_and_gradients` (implicit meta-gradients).
+  `evaluation_adapt_tasks`: at most this many tasks per evaluation
+  `readout_state` call (None: the whole batch), for a learner whose
+  adaptation streams state-sized buffers that a smaller call keeps in cache.
   """
+  evaluation_adapt_tasks: Optional[int] = None
 
   def __init__(self, num_ways: int, embedding_dim: int, dtype=tf.float32,
                name=None):

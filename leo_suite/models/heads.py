@@ -243,14 +243,15 @@ class SpanHead(NamedTuple):
     """Logits [B, R, N] of rows [B or 1, R, D] given shared = rows theta_W1
     [B or 1, R, H_1]: the first layer adds (rows support^T) coefficients + b_1,
     with no [D, H_1] product per task."""
-    if rows.shape[0] == 1:  # rows shared by every task: one [R, D] x [D, B M] product
+    if rows.shape[0] == 1:  # rows shared by every task: one [B M, D] x [D, R] product
+      # (this orientation: twice the rate of [R, D] x [D, B M] on TF's CPU matmul)
       tasks, size = tf.shape(self.support)[0], tf.shape(self.support)[1]
-      products = tf.matmul(rows[0], tf.reshape(self.support, [tasks * size, -1]),
+      products = tf.matmul(tf.reshape(self.support, [tasks * size, -1]), rows[0],
                            transpose_b=True)
-      products = tf.transpose(tf.reshape(products, [-1, tasks, size]), [1, 0, 2])
+      products = tf.reshape(products, [tasks, size, -1])  # [B, M, R]
     else:
-      products = tf.matmul(rows, self.support, transpose_b=True)
-    moved = tf.matmul(products, self.coefficients)  # [B, R, H_1]
+      products = tf.matmul(self.support, rows, transpose_b=True)
+    moved = tf.matmul(products, self.coefficients, transpose_a=True)  # [B, R, H_1]
     shared = self.scale[:, tf.newaxis, tf.newaxis] * shared
     return head_logits(list(self.rest[1:]),
                        tf.nn.relu(shared + moved + self.rest[0][:, tf.newaxis]))
@@ -378,11 +379,15 @@ class HeadLearner(base.Learner):
       size, hidden = state.coefficients.shape[1:]  # per row and task: [M] then [H_1] floats
       return base.Readout(row_map, None, None, finish=True, width=size + hidden)
     weights, bias = state[0], state[1]
+    # An MLP head's finish reads only the layers after the first (not W_1,
+    # the largest tensor, which evaluation would otherwise gather per class).
     return base.Readout(self.cast, tf.transpose(weights, [0, 2, 1]), bias,
-                        finish=len(state) > 2)
+                        finish=len(state) > 2, finish_state=tuple(state[2:]))
 
   def finish_readout(self, scores, state):
+    """A SpanHead's logits, or the layers after the first (`readout`'s
+    finish_state) on the first layer's pre-activations."""
     if isinstance(state, SpanHead):
       shared, rows = tf.split(scores, [self.head.params[0].shape[1], self.embedding_dim], -1)
       return state.row_logits(shared, rows)
-    return head_logits(list(state[2:]), tf.nn.relu(scores))
+    return head_logits(list(state), tf.nn.relu(scores))

@@ -273,4 +273,7 @@ SPEC = base.LearnerSpec(
     # 1 -> 0; measured in the module docstring).
     outer_defaults=dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0),
     eval_fields=("eval_inner_steps",),
+    # Evaluation's table readout (a SpanHead's rows, then the hidden layer and
+    # the output layer per task) with XLA: 1.4-1.8x per chunk of 16 tasks.
+    xla_readout=True,
 )

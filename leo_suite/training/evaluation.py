@@ -83,9 +83,13 @@ def readout_scores(learner, features, weights, bias, state, num_tasks):
     if state is None:
       scores = tf.broadcast_to(scores, tf.concat([[num_tasks], tf.shape(features)], 0))
   else:
+    # [P M, R], not [R, P M]: TF's CPU matmul makes a wide product at half
+    # the rate of its transpose ([600, 640] x [640, 4096]: 63 vs 142 GFLOP/s,
+    # experiments/speed_probes.py --orientation); the transpose per task costs
+    # the same copy as the one it replaces.
     pairs, width = tf.shape(weights)[0], tf.shape(weights)[1]
-    scores = tf.matmul(features, tf.reshape(weights, [pairs * width, -1]), transpose_b=True)
-    scores = tf.transpose(tf.reshape(scores, [-1, pairs, width]), [1, 0, 2])  # [P, R, M]
+    scores = tf.matmul(tf.reshape(weights, [pairs * width, -1]), features, transpose_b=True)
+    scores = tf.transpose(tf.reshape(scores, [pairs, width, -1]), [0, 2, 1])  # [P, R, M]
   if bias is not None:
     scores += bias[:, tf.newaxis]
   if state is not None:
@@ -109,7 +113,7 @@ def table_task_accuracy(learner, episode):
     raise ValueError(f"table_task_accuracy scores one task, got {episode.query_x.shape[0]}")
   rows = tf.reshape(episode.query_x, [-1, tf.shape(episode.query_x)[-1]])
   scores = readout_scores(learner, readout.row_map(rows), readout.weights, readout.bias,
-                          state if readout.finish else None, 1)
+                          finish_state(readout, state), 1)
   logits = tf.reshape(scores, tf.concat([tf.shape(episode.query_y), [-1]], 0))
   return base.accuracy(logits, episode.query_y)
 
@@ -247,7 +251,7 @@ class Evaluator:
     pending, first, row_features = [], 0, {}
     draws = sampler.drawn_supports(seed, batch_size, 0, num_tasks)
     for batch_index, (classes, picks, support_x, support_y) in enumerate(draws):
-      state = self._adapt(support_x, support_y)
+      state = self.adapt_in_parts(support_x, support_y)
       group = group or table_group_tasks(state, len(classes), batch_size)
       pending.append((classes.numpy(), picks.numpy(), state))
       done = (batch_index + 1) * batch_size >= num_tasks
@@ -260,6 +264,19 @@ class Evaluator:
     spec = sampler.spec
     # float32 hits / queries, correctly rounded, as base.accuracy's mean is.
     return correct.astype(np.float32) / np.float32(spec.num_ways * spec.num_queries)
+
+  def adapt_in_parts(self, support_x, support_y):
+    """`readout_state` of a batch, in calls of at most the learner's
+    `evaluation_adapt_tasks` tasks (the largest divisor of the batch within
+    it, so every call has one shape), their states concatenated."""
+    size = int(support_x.shape[0])
+    bound = self.learner.evaluation_adapt_tasks
+    if not bound or size <= bound:
+      return self._adapt(support_x, support_y)
+    part = max(d for d in range(1, bound + 1) if size % d == 0)
+    states = [self._adapt(support_x[i:i + part], support_y[i:i + part])
+              for i in range(0, size, part)]
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, 0), *states)
 
   def evaluate_fixed(self, sampler, seed, num_tasks, batch_size, progress=None,
                      method="auto") -> Result:
@@ -312,11 +329,20 @@ class Evaluator:
       else:
         per_task = (None if readout.weights is None else gather(readout.weights),
                     None if readout.bias is None else gather(readout.bias),
-                    tf.nest.map_structure(gather, state) if readout.finish else None)
+                    tf.nest.map_structure(gather, finish_state(readout, state))
+                    if readout.finish else None)
         hits = self._score_readout(row_features[class_id], per_task, labels_part, mask_part,
                                    chunk=chunk)
       np.add.at(correct, tasks, hits.numpy()[:size])
     return len(classes)
+
+
+def finish_state(readout, state):
+  """What `finish_readout` is given of the tasks' `state`: None without a
+  finish, the readout's finish_state when it names one, else the state."""
+  if not readout.finish:
+    return None
+  return state if readout.finish_state is None else readout.finish_state
 
 
 def in_chunks(score):
