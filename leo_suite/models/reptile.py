@@ -274,6 +274,7 @@ SPEC = base.LearnerSpec(
     outer_defaults=dict(optimizer="sgd", learning_rate=1.0, clip_value=0.0, clip_norm=0.0),
     eval_fields=("eval_inner_steps",),
     # Evaluation's table readout (a SpanHead's rows, then the hidden layer and
-    # the output layer per task) with XLA: 1.4-1.8x per chunk of 16 tasks.
+    # the output layer per task) with XLA: 1.4-1.8x per chunk of 16 tasks;
+    # 2,000 tasks at 1-shot, scoring 1.74-2.21 s vs 5.56-5.57 s plain.
     xla_readout=True,
 )
