@@ -21,6 +21,12 @@ tasks of the benchmark's test split, batches of 25, the path and XLA
 settings the runner takes): per pass wall, CPU, system time and minor page
 faults, which show a pass waiting (wall above CPU / cores) or faulting its
 buffers in (system time).
+
+  python experiments/speed_probes.py --orientation
+
+times the table readout's product [R, D] x [D, Q] against [Q, D] x [D, R]
+(TF's CPU matmul makes the wide product at about half the rate of its
+transpose; XLA's both at one rate).
 """
 
 import resource
@@ -43,6 +49,7 @@ from leo_suite.training import trainer as trainer_lib  # pylint: disable=wrong-i
 
 flags.DEFINE_string("evaluation", "", "comma list of learner:shots: time evaluation passes only")
 flags.DEFINE_integer("passes", 3, "passes per --evaluation entry")
+flags.DEFINE_bool("orientation", False, "time the table readout's product both ways only")
 flags.DEFINE_integer("table_finish_chunk_floats", 0, "override "
                      "evaluation.TABLE_FINISH_CHUNK_FLOATS (e.g. 16777216, the bound before "
                      "it had its own value)")
@@ -116,6 +123,21 @@ def cached_steps(split):
               f"{BATCH * steps:,.0f} tasks/s")
 
 
+def matmul_orientation(rows=600, dim=640):
+  """GFLOP/s of a class's rows [R, D] against Q weight rows [Q, D] as
+  [R, D] x [D, Q] and as [Q, D] x [D, R] (the table readout's product)."""
+  features = tf.random.normal([rows, dim])
+  for width in (1024, 4096, 8192, 20480):
+    weights = tf.random.normal([width, dim])
+    flop = 2 * rows * dim * width
+    for jit in (False, True):
+      rates = [flop / seconds_per_call(tf.function(f, jit_compile=jit), 30) / 1e9 for f in (
+          lambda: tf.matmul(features, weights, transpose_b=True),
+          lambda: tf.matmul(weights, features, transpose_b=True))]
+      print(f"[{rows}, {dim}] x [{dim}, {width}] {'XLA' if jit else 'plain'}: {rates[0]:.0f} "
+            f"GFLOP/s; [{width}, {dim}] x [{dim}, {rows}]: {rates[1]:.0f} GFLOP/s", flush=True)
+
+
 def sampler_cost(sampler, batches=400):
   iterator = iter(sampler.dataset(0, BATCH))
   next(iterator)
@@ -146,6 +168,9 @@ def main(argv):
   del argv
   if FLAGS.table_finish_chunk_floats:
     evaluation.TABLE_FINISH_CHUNK_FLOATS = FLAGS.table_finish_chunk_floats
+  if FLAGS.orientation:
+    matmul_orientation()
+    return
   if FLAGS.evaluation:
     for entry in FLAGS.evaluation.split(","):
       model, _, shots = entry.partition(":")

@@ -58,6 +58,36 @@ def test_table_equals_gather_with_all_remaining_queries(model):
   np.testing.assert_array_equal(table, gather)
 
 
+def test_adaptation_in_parts_is_the_whole_batchs_in_order():
+  traced = []
+
+  def adapt(support_x, support_y):
+    traced.append(int(support_x.shape[0]))
+    return support_x * 2.0, {"labels": support_y + 1}
+  x, y = tf.reshape(tf.range(12, dtype=tf.float32), [12, 1]), tf.range(12)
+  doubled, labels = evaluation.adapt_in_parts(adapt, 5)(x, y)
+  assert traced == [4, 4, 4]  # the largest divisor of 12 within 5: one shape
+  np.testing.assert_array_equal(doubled, 2 * x.numpy())
+  np.testing.assert_array_equal(labels["labels"], y.numpy() + 1)
+  traced.clear()
+  evaluation.adapt_in_parts(adapt, 5)(x[:7], y[:7])
+  assert traced == [1] * 7  # 7 is prime: parts of one task
+  assert evaluation.adapt_in_parts(adapt, None) is adapt
+
+
+@pytest.mark.parametrize("model", ["meta_lstm", "maml"])
+def test_adaptation_in_parts_scores_like_the_whole_batch(model, monkeypatch):
+  """Batches of 8 adapted 3 tasks at most per part (parts of 2; the last
+  batch of 5, parts of 1) give the accuracies of whole-batch adaptation."""
+  split, spec = clustered_split([9] * 8), episodes.EpisodeSpec(4, 2, 7)
+  whole, _ = both_paths(model, split, spec)
+  monkeypatch.setattr(type(learner(model, 4)), "evaluation_adapt_tasks", 3)
+  gather, table = both_paths(model, split, spec)
+  assert 0.0 < whole.mean() < 1.0 and np.ptp(whole) > 0
+  np.testing.assert_array_equal(table, whole)
+  np.testing.assert_array_equal(gather, whole)  # the gather path adapts whole batches
+
+
 @pytest.mark.parametrize("model", ["leo", "matching", "r2d2"])
 def test_table_equals_gather_when_queries_are_part_of_unequal_classes(model):
   # Classes of 7..14 images, V = 4: the mask must keep exactly the drawn queries.

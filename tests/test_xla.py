@@ -25,7 +25,8 @@ def test_auto_follows_each_learners_measured_default():
   with pytest.raises(ValueError, match="jit_compile"):
     xla.resolve("yes", "leo")
   # Evaluation's table readout: its own measured default.
-  assert {m for m in registry.available() if xla.resolve_readout("auto", m)} == {"relation", "snail"}
+  assert {m for m in registry.available() if xla.resolve_readout("auto", m)} == {
+      "relation", "snail", "reptile", "l2f"}
   assert xla.resolve_readout("true", "leo") and not xla.resolve_readout("false", "relation")
   with pytest.raises(ValueError, match="jit_compile"):
     xla.resolve_readout("yes", "relation")
