@@ -216,9 +216,10 @@ def small_chunks(monkeypatch, floats):
 
 @pytest.mark.parametrize("model", ["relation", "leo", "l2f", "snail"])
 def test_xla_readout_pads_calls_and_scores_like_the_gather_path(model, monkeypatch):
-  """With the readout compiled (calls padded to powers of two with masked
-  copies), per-task accuracies equal the gather path's; a small chunk makes
-  classes span several calls with ragged ends."""
+  """With the readout compiled (one chunk's score; a class within the chunk
+  bound padded to a power of two with masked copies, a larger one to whole
+  chunks), per-task accuracies equal the gather path's; a small chunk makes
+  classes span several chunks with ragged ends."""
   spec, sampler = small_chunks(monkeypatch, 12 * 16 * 5)
   plain = evaluation.Evaluator(learner(model, spec.num_ways))
   compiled = evaluation.Evaluator(learner(model, spec.num_ways), jit_readout=True)

@@ -315,12 +315,12 @@ class SNAIL(base.Learner):
     """
     sizes = [block.step_outputs for block in self.blocks] + [self.num_ways]
     parts = tf.split(products, sizes, axis=-1)
-    first_cache = tf.nest.flatten(state[0])[0]
-    added = tf.zeros(tf.stack([tf.shape(first_cache)[0], tf.shape(products)[1], 0]),
-                     self.dtype)                                    # t_0: no channels yet
+    added = None                       # t_0: no channels yet (the first step is `part`)
     for block, cache, part in zip(self.blocks, state, parts):
-      step = part + base.dense(added, block.step_kernel()[self.step_width:])
-      added = tf.concat([added, block.query_step(step, cache)], axis=-1)
+      step = part if added is None else part + base.dense(
+          added, block.step_kernel()[self.step_width:])
+      new = block.query_step(step, cache)
+      added = new if added is None else tf.concat([added, new], axis=-1)
     return (parts[-1] + base.dense(added, self.output_weights[self.step_width:]) +
             self.output_bias)
 

@@ -100,12 +100,22 @@ class AttentionBlock(snt.Module):
 
   def query_step(self, products, cache):
     """The v new channels of the step after the cached prefix, from
-    products = x [W_q, W_k, W_v] [S, Q, 2k + v]: each query step attends to
-    the prefix and to itself."""
+    products = x [W_q, W_k, W_v] [S or 1, Q, 2k + v] (1: the same for each of
+    the S tasks): each query step attends to the prefix and to itself."""
     prefix_keys, prefix_values = cache
     queries, keys, values = self._queries_keys_values(products)
-    logits = tf.concat([tf.einsum("sqk,spk->sqp", queries, prefix_keys),
-                        tf.reduce_sum(queries * keys, axis=-1, keepdims=True)], axis=-1)
+    own = tf.reduce_sum(queries * keys, axis=-1, keepdims=True)  # [S or 1, Q, 1]
+    if products.shape[0] == 1 and prefix_keys.shape[0] != 1:
+      # Queries shared by every task (the first block of evaluation's table
+      # path): one [S P, k] x [k, Q] product, and no [S, Q, 2k + v] copy.
+      tasks, length = tf.shape(prefix_keys)[0], tf.shape(prefix_keys)[1]
+      prefix = tf.matmul(tf.reshape(prefix_keys, [tasks * length, -1]), queries[0],
+                         transpose_b=True)
+      prefix = tf.transpose(tf.reshape(prefix, [tasks, length, -1]), [0, 2, 1])
+      own = tf.broadcast_to(own, tf.concat([[tasks], tf.shape(own)[1:]], 0))
+    else:
+      prefix = tf.einsum("sqk,spk->sqp", queries, prefix_keys)
+    logits = tf.concat([prefix, own], axis=-1)
     weights = tf.nn.softmax(logits, axis=-1)
     return (tf.einsum("sqp,spv->sqv", weights[..., :-1], prefix_values) +
             weights[..., -1:] * values)

@@ -190,9 +190,16 @@ class Evaluator:
       weights, bias, state = per_task
       scores = readout_scores(learner, features, weights, bias, state, tf.shape(labels)[0])
       return _hits(tf.argmax(scores, -1, output_type=tf.int32), labels, mask)
+    # With XLA, what compiles is one chunk's score (one shape per chunk
+    # size); the loop over a class's chunks stays in the plain graph, so a
+    # class is padded to whole chunks only, not to a power-of-two number of
+    # them (about 250 tasks a class in a group of 1,000: a class of 257
+    # scored 512).
     self._score_readout = xla.WithFallback(
-        lambda jit: tf.function(in_chunks(score_readout), jit_compile=jit,
-                                reduce_retracing=True, autograph=False),
+        lambda jit: tf.function(
+            in_chunks(tf.function(score_readout, jit_compile=True, reduce_retracing=True,
+                                  autograph=False) if jit else score_readout),
+            reduce_retracing=True, autograph=False),
         jit_readout, f"{type(learner).__name__} evaluation (readout)")
 
     def score_generic(rows, state, labels, mask):
@@ -297,8 +304,8 @@ class Evaluator:
       # scored a chunk at a time in a loop of the graph (a call per chunk cost
       # ~2 ms of dispatch each: Relation at 5-way, 10 tasks a chunk, spent half
       # its evaluation there), padded with masked copies of the first task to
-      # whole chunks. With XLA, which compiles each shape once, the tasks are
-      # padded to a power of two, or a power-of-two number of chunks.
+      # whole chunks. With XLA, which compiles each shape once, a class of at
+      # most `bound` tasks is padded to a power of two.
       size = len(tasks)
       # The chunk is a power of two (a trace per distinct chunk, not per class size).
       chunk = 1 << (bound.bit_length() - 1) if size > bound else None
@@ -306,8 +313,7 @@ class Evaluator:
       if chunk is None:
         pad = min(bound, 1 << (size - 1).bit_length()) - size if jit else 0
       else:
-        chunks = -(-size // chunk)
-        pad = ((1 << (chunks - 1).bit_length()) if jit else chunks) * chunk - size
+        pad = -(-size // chunk) * chunk - size
       part = tf.constant(np.concatenate([tasks, np.repeat(tasks[:1], pad)]), tf.int32)
       labels_part = tf.constant(np.concatenate([labels, np.repeat(labels[:1], pad)]), tf.int32)
       mask_part = tf.constant(np.concatenate([mask, np.zeros([pad, count], bool)]))
