@@ -206,8 +206,8 @@ def runner_evaluator(model):
 def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
   table path, with the XLA settings --jit_compile=auto gives) and of the
-  gather path, on the same fixed tasks, after a pass over one group of other
-  tasks (which traces and compiles the shapes a group's calls take)."""
+  gather path, on the same fixed tasks, after a pass over other tasks that
+  compiles the timed pass's shapes (a table group; a gather batch)."""
   queries = IMAGES_PER_CLASS - shots
   sampler = eval_sampler(test_split, shots)
   evaluator, jit, jit_readout = runner_evaluator(model)
@@ -216,8 +216,8 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
          "jit_adapt": jit, "jit_readout": jit_readout}
   accuracies = {}
   for method in dict.fromkeys([chosen, "gather"]):
-    evaluator.fixed_accuracy(sampler, 99, min(num_tasks, TABLE_GROUP_TASKS), batch_size,
-                             method=method)
+    warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch_size)
+    evaluator.fixed_accuracy(sampler, 99, warm_up, batch_size, method=method)
     start = time.perf_counter()
     accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size,
                                                   method=method)
