@@ -320,8 +320,7 @@ class Evaluator:
       if readout is None:
         hits = self._score_generic(rows, state, part, labels_part, mask_part, chunk=chunk)
       else:  # the group's tensors: each chunk gathers its tasks' rows of them
-        per_task = (readout.weights, readout.bias,
-                    finish_state(readout, state) if readout.finish else None)
+        per_task = (readout.weights, readout.bias, finish_state(readout, state))
         hits = self._score_readout(row_features[class_id], per_task, part, labels_part,
                                    mask_part, chunk=chunk)
       np.add.at(correct, tasks, hits.numpy()[:size])
