@@ -52,6 +52,24 @@ def test_the_mask_is_field_below_threshold_of_the_seeded_words(rate):
   np.testing.assert_array_equal(mask, expected.reshape(shape))
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.75, 0.3])
+def test_whole_words_per_row_are_drawn_by_rows_as_the_same_words(rate):
+  """Rows of 64 entries (whole words at 1, 2 and 16 bits): the draw is
+  [rows, words per row], holding the flat draw's words, so the mask is the
+  flat layout's and a slice of the rows is the draw of those rows."""
+  shape = [6, 4, 16]
+  bits, threshold = draws.mask_resolution(1 - rate)
+  with base.recording_draws() as recorded:
+    mask = draws.keep_mask(shape, 1 - rate, SEED).numpy()
+  assert recorded["draws"][0].shape == (6, 64 * bits // 32)
+  words = base.random_draw("bits", [6 * 64 * bits // 32], SEED, tf.uint32).numpy()
+  expected = counts_of_fields(words, bits) < threshold
+  np.testing.assert_array_equal(mask, expected.reshape(shape))
+  with base.recording_draws() as partial:   # rows of 15 entries: one flat draw
+    draws.keep_mask([6, 3, 5], 1 - rate, SEED)
+  assert partial["draws"][0].shape == (-(-90 * bits // 32),)
+
+
 @pytest.mark.parametrize("rate", [0.5, 0.3, 0.9, 0.05])
 def test_mask_mean_is_keep_within_four_standard_errors(rate):
   keep = 1 - rate

@@ -179,32 +179,16 @@ def test_compiled_step_draws_the_plain_steps_random_numbers(model):
     assert max_difference(inside, plain) > 1e-6
 
 
-def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path):
-  """The Trainer's whole compiled LEO step (update included) records its
-  draws with the replica's seed: its losses follow the plain step's."""
+def test_a_learner_that_draws_nothing_is_compiled_as_one_call(tmp_path):
   split = test_evaluation.clustered_split([9] * 8)
   spec = episodes.EpisodeSpec(3, 2, 3)
-  batches = list(episodes.EpisodeSampler(split, spec).dataset(0, 4).take(3))
-  losses = {}
-  for jit in (False, True):
-    tf.random.set_seed(1)
-    learner = registry.build("leo", registry.spec("leo").config_class(**STOCHASTIC["leo"]),
-                             spec.num_ways, test_evaluation.DIM)
-    config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / f"run_{jit}"),
-                                     metatrain_batch_size=4, jit_compile=jit)
-    trainer = trainer_lib.Trainer(learner, config, episodes.EpisodeSampler(split, spec))
-    losses[jit] = [float(trainer.train_step(e, step)["loss"]) for step, e in enumerate(batches)]
-  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
-  assert len(set(losses[False])) == 3
-  # LEO draws, so its step is a plain graph around the compiled call; a
-  # learner that draws nothing is compiled as one call, as before.
-  assert trainer._train_step._function.predrawn is True  # pylint: disable=protected-access
+  batch = next(iter(episodes.EpisodeSampler(split, spec).dataset(0, 4)))
   maml = registry.build("maml", registry.spec("maml").config_class(), spec.num_ways,
                         test_evaluation.DIM)
   config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / "maml"),
                                    metatrain_batch_size=4, jit_compile=True)
   trainer = trainer_lib.Trainer(maml, config, episodes.EpisodeSampler(split, spec))
-  assert np.isfinite(float(trainer.train_step(batches[0], 0)["loss"]))
+  assert np.isfinite(float(trainer.train_step(batch, 0)["loss"]))
   assert trainer._train_step._function.predrawn is False  # pylint: disable=protected-access
 
 
@@ -250,3 +234,111 @@ def test_replayed_draws_must_match_the_function():
     with base.replaying_draws([]):
       with base.recording_draws():
         pass
+
+
+# -- a step in parts, its next draws made during it (xla.PartsStep) -------------
+
+def leo_compute(rate, dtype=tf.float64):
+  config = registry.spec("leo").config_class(**dict(STOCHASTIC["leo"], dropout_rate=rate))
+  learner = registry.build("leo", config, 3, test_evaluation.DIM, dtype.name)
+  return lambda e, s: learner.loss_and_gradients(e, seed=s)
+
+
+def test_part_size_is_the_largest_divisor_within_the_bound():
+  assert [xla.part_size(12, b) for b in (1, 4, 5, 6, 11, 12, 40)] == [1, 4, 4, 6, 6, 12, 12]
+  assert xla.part_size(7, 3) == 1
+
+
+def test_split_draws_cuts_task_major_draws_only():
+  whole = [tf.reshape(tf.range(24.0), [4, 6]), tf.reshape(tf.range(8, dtype=tf.int32), [4, 2])]
+  part = [tf.zeros([2, 6]), tf.zeros([2, 2], tf.int32)]
+  cut = xla.split_draws(whole, part, 2)
+  np.testing.assert_array_equal(cut[1][0].numpy(), whole[0].numpy()[2:])
+  np.testing.assert_array_equal(cut[0][1].numpy(), [[0, 1], [2, 3]])
+  assert xla.split_draws(whole, part[:1], 2) is None                       # other count
+  assert xla.split_draws(whole, [tf.zeros([2, 3]), part[1]], 2) is None    # other row shape
+  assert xla.split_draws(whole, [tf.zeros([1, 6]), part[1]], 2) is None    # rows not B / P
+  assert xla.split_draws(whole, [part[0], tf.zeros([2, 2])], 2) is None    # other dtype
+  # A flat draw (words of a mask whose rows are not whole words) is not cut:
+  # a part's words need not start where its entries do.
+  assert xla.split_draws([tf.zeros([6])], [tf.zeros([3])], 2) is None
+
+
+@pytest.mark.parametrize("rate, examples, parts", [
+    (0.3, 12, 2),    # 16-bit mask fields: rows are whole words, cut in 2 parts of 2 tasks
+    (0.3, 6, 4),
+    (0.5, 12, 1),    # 1-bit fields: 3 x 3 x 16 = 144-entry query rows are not
+])                   # whole words, so the draws are not cut
+def test_parts_step_is_the_one_call_loss_and_gradients_step_after_step(rate, examples, parts):
+  """The parts' summed shares equal one call on the whole meta-batch with its
+  own draws (float64), at every step of a run: the next step's draws made
+  during a step are that step's (seed [s, n + 1]); a seed out of sequence or
+  other shapes draw their own."""
+  compute = leo_compute(rate)
+  step = xla.PartsStep(compute, lambda loss, grads, metrics: (loss, grads), examples)
+  reference = tf.function(lambda e, s: compute(e, s)[:2])
+  calls = [(random_episode(tf.float64, seed=i), [7, n]) for i, n in enumerate([0, 1, 2, 5, 6])]
+  calls.append((random_episode(tf.float64, num_tasks=2, seed=9), [7, 7]))
+  losses = []
+  for episode, seed in calls:
+    seed = tf.constant(seed, tf.int32)
+    got, expected = step(episode, seed), reference(episode, seed)
+    if not losses:
+      assert step.parts == parts
+    for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
+      np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
+    losses.append(float(got[0]))
+  assert len(set(losses)) == len(losses)
+
+
+def test_parts_step_with_a_draw_in_a_loop_body_lets_the_compiled_call_draw():
+  weight = tf.Variable(tf.ones([test_evaluation.DIM], tf.float64))
+
+  def compute(episode, seed):
+    def body(i, total):
+      return i + 1, total + base.random_draw(
+          "normal", [4], tf.random.experimental.stateless_fold_in(seed, i), tf.float64)
+    with tf.GradientTape() as tape:
+      _, noise = tf.while_loop(lambda i, _: i < 2, body, (0, tf.zeros([4], tf.float64)))
+      per_task = tf.einsum("bnkd,d->b", episode.support_x, weight) * noise
+      loss = tf.reduce_mean(per_task)
+    return loss, tape.gradient(loss, [weight]), {}
+
+  step = xla.PartsStep(compute, lambda loss, grads, metrics: (loss, grads), 6)
+  episode, seed = random_episode(tf.float64), tf.constant([3, 0], tf.int32)
+  got = step(episode, seed)
+  expected = tf.function(lambda e, s: compute(e, s)[:2], jit_compile=True)(episode, seed)
+  assert step.parts == 1
+  for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("examples", [None, 6])
+def test_trainer_xla_step_takes_the_plain_steps_draws(tmp_path, examples):
+  """The Trainer's compiled LEO step (update included), as one compiled call
+  (xla.WholeStep around xla.Predrawn) and in 4 parts of one task
+  (xla.PartsStep), records its draws with the step's seed: its losses and
+  variables follow the plain step's."""
+  split = test_evaluation.clustered_split([9] * 8)
+  spec = episodes.EpisodeSpec(3, 2, 3)
+  batches = list(episodes.EpisodeSampler(split, spec).dataset(0, 4).take(3))
+  results = {}
+  for jit in (False, True):
+    tf.random.set_seed(1)
+    learner = registry.build("leo", registry.spec("leo").config_class(**STOCHASTIC["leo"]),
+                             spec.num_ways, test_evaluation.DIM)
+    learner.training_step_examples = examples
+    config = trainer_lib.TrainConfig(checkpoint_path=str(tmp_path / f"run_{jit}"),
+                                     metatrain_batch_size=4, jit_compile=jit)
+    trainer = trainer_lib.Trainer(learner, config, episodes.EpisodeSampler(split, spec))
+    losses = [float(trainer.train_step(e, step)["loss"]) for step, e in enumerate(batches)]
+    results[jit] = losses, [v.numpy() for v in learner.trainable_variables]
+  function = trainer._train_step._function  # pylint: disable=protected-access
+  if examples:
+    assert isinstance(function, xla.PartsStep) and function.parts == 4
+  else:
+    assert isinstance(function, xla.WholeStep) and function.predrawn is True
+  np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+  assert len(set(results[False][0])) == 3
+  for compiled, plain in zip(results[True][1], results[False][1]):
+    np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)

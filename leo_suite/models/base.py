@@ -213,8 +213,13 @@ class Learner(snt.Module):
   `evaluation_adapt_tasks`: at most this many tasks per evaluation
   `readout_state` call (None: the whole batch), for a learner whose
   adaptation streams state-sized buffers that a smaller call keeps in cache.
+  `training_step_examples`: at most this many support examples (tasks x N x
+  K, at least one task) per compiled loss-and-gradients call of a one-device
+  XLA meta-training step, whose next step's draws are made during it
+  (training/xla.py, `PartsStep`; None: xla.WholeStep).
   """
   evaluation_adapt_tasks: Optional[int] = None
+  training_step_examples: Optional[int] = None
 
   def __init__(self, num_ways: int, embedding_dim: int, dtype=tf.float32,
                name=None):

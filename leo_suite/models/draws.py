@@ -14,6 +14,7 @@ entries are scaled by 1 / keep of the configured keep. (The float draw
 Fields are independent: Philox's output bits are.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from leo_suite.models import base
@@ -45,11 +46,19 @@ def keep_mask(shape, keep, seed):
   from stateless uint32 words drawn with `seed`."""
   bits, threshold = mask_resolution(keep)
   per_word = WORD_BITS // bits
+  static = tf.get_static_value(shape)
   shape = tf.cast(shape, tf.int32)
   size = tf.reduce_prod(shape)
-  words = base.random_draw("bits", [(size + per_word - 1) // per_word], seed, tf.uint32)
+  if static is not None and len(static) >= 2 and int(np.prod(static[1:])) % per_word == 0:
+    # The same words as the flat draw below (a stateless draw fills its shape
+    # in order), drawn [rows, words per row] so that the draw of a slice of
+    # the rows is the slice of this draw (xla.split_draws).
+    words_shape = [int(static[0]), int(np.prod(static[1:])) // per_word]
+  else:
+    words_shape = [(size + per_word - 1) // per_word]
+  words = base.random_draw("bits", words_shape, seed, tf.uint32)
   # int32 (CPU kernels exist for it): the arithmetic shift's sign bits are masked off.
-  words = tf.bitcast(words, tf.int32)[:, tf.newaxis]
+  words = tf.bitcast(tf.reshape(words, [-1]), tf.int32)[:, tf.newaxis]
   shifts = tf.constant(list(range(0, WORD_BITS, bits)), tf.int32)   # [32 / b]
   fields = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, shifts), 2 ** bits - 1)
   kept = fields < threshold

@@ -340,7 +340,7 @@ def adapt_in_parts(adapt, tasks_per_call: Optional[int]):
 
   def in_parts(support_x, support_y):
     size = int(support_x.shape[0])
-    part = max(d for d in range(1, min(size, tasks_per_call) + 1) if size % d == 0)
+    part = xla.part_size(size, tasks_per_call)
     states = [adapt(support_x[i:i + part], support_y[i:i + part])
               for i in range(0, size, part)]
     return tf.nest.map_structure(lambda *parts: tf.concat(parts, 0), *states)

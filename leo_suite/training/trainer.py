@@ -200,6 +200,8 @@ class Trainer:
       # the whole step's draws are those of its one replica's compute.
       whole = jit and distribute.is_default(self.strategy)
       self._replica_compute = (xla.Predrawn(compute) if jit and not whole else compute)
+      if whole and learner.training_step_examples:
+        return xla.PartsStep(compute, self._apply, learner.training_step_examples)
       if whole:
         return xla.WholeStep(self._step, lambda e, s: compute(e, distribute.replica_seed(s)))
       return tf.function(self._step, autograph=False)

@@ -16,6 +16,9 @@ passes them in. XLA's CPU code for the stateless generators was the cost
 of LEO's XLA step (experiments/leo_xla_probe.py, XLA/plain steps/s at 1 / 5
 shots: 0.71 / 0.93 with the draws inside XLA, 1.11 / 1.38 with them made
 outside). So a step with XLA draws the same numbers as without it.
+A learner with `training_step_examples` has its compiled step's loss and
+gradients computed in parts of the meta-batch, side by side, and the next
+step's numbers drawn during the step (`PartsStep`).
 Evaluation's table-path readout has its own switch (`resolve_readout`,
 `xla_readout`): XLA compiles once per shape, so where it is on the calls
 are padded to a few fixed task counts.
@@ -26,6 +29,7 @@ from typing import Callable, Union
 from absl import logging
 import tensorflow as tf
 
+from leo_suite import distribute
 from leo_suite.models import base
 from leo_suite.models import registry
 
@@ -155,3 +159,121 @@ class WholeStep:
                         if self.predrawn else tf.function(self._function, jit_compile=True,
                                                     autograph=False))
     return self._compiled(*args)
+
+
+def part_size(size: int, bound: int) -> int:
+  """The largest divisor of `size` within `bound`: parts of one shape."""
+  return max(d for d in range(1, min(size, bound) + 1) if size % d == 0)
+
+
+def split_draws(draws, part_draws, parts: int):
+  """The meta-batch's `draws` cut into `parts` lists, the i-th holding what a
+  part of its i-th slice of tasks draws, or None if they cannot be cut so.
+
+  `part_draws` are the draws of a part (only their shapes are read). Every
+  draw must be task-major: at least 2-D, with `parts` times the part's rows
+  and the part's shape otherwise, so that a part's draw is a contiguous slice
+  of the rows (a stateless draw fills its shape in order; draws.keep_mask
+  draws its words by rows for this). A flat draw cannot be cut: its pieces
+  need not start where a part's entries do.
+  """
+  if len(draws) != len(part_draws):
+    return None
+  for whole, part in zip(draws, part_draws):
+    if (whole.dtype != part.dtype or whole.shape.rank is None or whole.shape.rank < 2
+        or not whole.shape.is_fully_defined() or not part.shape.is_fully_defined()
+        or whole.shape[1:] != part.shape[1:] or whole.shape[0] != parts * part.shape[0]):
+      return None
+  return [list(pieces) for pieces in zip(*(tf.split(d, parts) for d in draws))]
+
+
+class PartsStep:
+  """A one-device meta-training step whose loss and gradients are computed
+  in compiled calls on parts of the meta-batch of at most `examples_per_call`
+  support examples (tasks x N x K; at least one task), side by side, while
+  the next step's random numbers are drawn.
+
+  The parts are independent ops of one plain graph, which TF runs on the
+  cores together (a 5-shot LEO step of 12 tasks: one compiled call 61-66 ms,
+  three of 4 tasks side by side 29 ms; runs/s40/parts_probe.py). Each part
+  replays its slice of the whole meta-batch's draws (`split_draws`), so the
+  step uses the numbers of the undivided step; each part's share is scaled
+  by its tasks / B (distribute.scaled_loss_and_gradients), and `apply(loss,
+  grads, metrics)` receives their sum, the meta-batch mean. Where the draws
+  cannot be cut, the loss and gradients are one compiled call.
+
+  Called eagerly with seed [s, n], a step also draws the numbers of step
+  [s, n + 1] into variables, concurrently with its compiled calls; the next
+  call with that seed and the same episode shapes reads them instead of
+  drawing (any other call draws its own). A step's draws depend only on the
+  seed and the episode's shapes (`base.random_draw` is stateless), so the
+  numbers are those of the step drawing them itself.
+  """
+
+  def __init__(self, compute: Callable, apply: Callable, examples_per_call: int):
+    self._compute, self.examples_per_call = compute, examples_per_call
+    # The update compiled too: in plain TF its per-op cost was 3-4 ms of a
+    # 15 ms one-shot LEO step (runs/s40/pieces_probe.py).
+    self._apply = apply = tf.function(apply, jit_compile=True, autograph=False)
+    self._part = tf.function(self._replay, jit_compile=True, autograph=False)
+    self._drawing = tf.function(
+        lambda episode, seed, batch: distribute.scaled_loss_and_gradients(
+            compute, episode, seed, batch), jit_compile=True, autograph=False)
+    self._draw = tf.function(lambda episode, seed: record_draws(compute, episode, seed),
+                             autograph=False)
+    self._step = tf.function(
+        lambda episode, seed: apply(*self._shares(episode, seed, self._draw(episode, seed))),
+        autograph=False)
+    self._pipelined = tf.function(self._pipelined_step, autograph=False)
+    self._buffers = {}   # episode shapes -> [the (seed) they hold draws for, variables]
+    self.parts = None   # set when the step is traced
+
+  def _replay(self, episode, seed, draws, batch):
+    with base.replaying_draws(draws):
+      return distribute.scaled_loss_and_gradients(self._compute, episode, seed, batch)
+
+  def _shares(self, episode, seed, draws):
+    """The meta-batch's loss, gradients and metrics: the sum of the parts'."""
+    batch, ways, shots = (int(n) for n in episode.support_x.shape[:3])
+    size = part_size(batch, max(1, self.examples_per_call // (ways * shots)))
+    parts = batch // size
+    pieces = [tf.nest.map_structure(lambda t, i=i: t[i * size:(i + 1) * size], episode)
+              for i in range(parts)]
+    split = (split_draws(draws, self._draw(pieces[0], seed), parts)
+             if draws and parts > 1 else None)
+    if split is None:
+      pieces, split, parts = [episode], [draws], 1
+    self.parts = parts
+    if draws is None:   # a draw inside a loop body: the compiled call draws it
+      shares = [self._drawing(episode, seed, batch)]
+    else:
+      shares = [self._part(piece, seed, piece_draws, batch)
+                for piece, piece_draws in zip(pieces, split)]
+    loss, grads, metrics = tf.nest.map_structure(lambda *values: tf.add_n(values), *shares)
+    return loss, list(grads), metrics
+
+  def _pipelined_step(self, episode, seed, next_seed, buffer):
+    draws = [variable.read_value() for variable in buffer]
+    next_draws = self._draw(episode, next_seed)
+    out = self._apply(*self._shares(episode, seed, draws))
+    for variable, value in zip(buffer, next_draws):
+      variable.assign(value)
+    return out
+
+  def __call__(self, episode, seed):
+    if not tf.executing_eagerly() or self._pipelined is None:
+      return self._step(episode, seed)
+    first, step = (int(v) for v in seed.numpy())
+    shapes = tuple(tuple(t.shape) for t in tf.nest.flatten(episode))
+    if shapes not in self._buffers:
+      draws = self._draw(episode, seed)
+      if not draws:   # nothing to draw ahead, or a draw inside a loop body
+        self._pipelined = None
+        return self._step(episode, seed)
+      self._buffers[shapes] = [(first, step), [tf.Variable(d, trainable=False) for d in draws]]
+    held, buffer = self._buffers[shapes]
+    if held != (first, step):
+      for variable, value in zip(buffer, self._draw(episode, seed)):
+        variable.assign(value)
+    self._buffers[shapes][0] = (first, step + 1)
+    return self._pipelined(episode, seed, tf.constant([first, step + 1], tf.int32), buffer)
