@@ -199,8 +199,9 @@ class PartsStep:
   replays its slice of the whole meta-batch's draws (`split_draws`), so the
   step uses the numbers of the undivided step; each part's share is scaled
   by its tasks / B (distribute.scaled_loss_and_gradients), and `apply(loss,
-  grads, metrics)` receives their sum, the meta-batch mean. Where the draws
-  cannot be cut, the loss and gradients are one compiled call.
+  grads, metrics)` receives their sum, the meta-batch mean. A step of one
+  part, or whose draws cannot be cut, is one compiled call, update included,
+  as xla.WholeStep compiles it.
 
   Called eagerly with seed [s, n], a step also draws the numbers of step
   [s, n + 1] into variables, concurrently with its compiled calls; the next
@@ -214,15 +215,18 @@ class PartsStep:
     self._compute, self.examples_per_call = compute, examples_per_call
     # The update compiled too: in plain TF its per-op cost was 3-4 ms of a
     # 15 ms one-shot LEO step (runs/s40/pieces_probe.py).
-    self._apply = apply = tf.function(apply, jit_compile=True, autograph=False)
+    self._apply = tf.function(apply, jit_compile=True, autograph=False)
+    self._apply_plain = apply
+    self._one_part = tf.function(self._replay_and_apply, jit_compile=True, autograph=False)
     self._part = tf.function(self._replay, jit_compile=True, autograph=False)
     self._drawing = tf.function(
-        lambda episode, seed, batch: distribute.scaled_loss_and_gradients(
-            compute, episode, seed, batch), jit_compile=True, autograph=False)
+        lambda episode, seed: apply(*distribute.scaled_loss_and_gradients(
+            compute, episode, seed, int(episode.support_x.shape[0]))),
+        jit_compile=True, autograph=False)
     self._draw = tf.function(lambda episode, seed: record_draws(compute, episode, seed),
                              autograph=False)
     self._step = tf.function(
-        lambda episode, seed: apply(*self._shares(episode, seed, self._draw(episode, seed))),
+        lambda episode, seed: self._applied(episode, seed, self._draw(episode, seed)),
         autograph=False)
     self._pipelined = tf.function(self._pipelined_step, autograph=False)
     self._buffers = {}   # episode shapes -> [the (seed) they hold draws for, variables]
@@ -232,30 +236,42 @@ class PartsStep:
     with base.replaying_draws(draws):
       return distribute.scaled_loss_and_gradients(self._compute, episode, seed, batch)
 
-  def _shares(self, episode, seed, draws):
-    """The meta-batch's loss, gradients and metrics: the sum of the parts'."""
+  def _replay_and_apply(self, episode, seed, draws):
+    """Loss, gradients and update in one compiled call, as xla.WholeStep
+    compiles them (so a step of one part takes the same numbers as its)."""
+    loss, grads, metrics = self._replay(episode, seed, draws, int(episode.support_x.shape[0]))
+    return self._apply_plain(loss, list(grads), metrics)
+
+  def _pieces(self, episode, seed, draws):
+    """[(part episode, its draws)], or None when the step is one part."""
     batch, ways, shots = (int(n) for n in episode.support_x.shape[:3])
     size = part_size(batch, max(1, self.examples_per_call // (ways * shots)))
     parts = batch // size
+    if parts == 1:
+      return None
     pieces = [tf.nest.map_structure(lambda t, i=i: t[i * size:(i + 1) * size], episode)
               for i in range(parts)]
-    split = (split_draws(draws, self._draw(pieces[0], seed), parts)
-             if draws and parts > 1 else None)
-    if split is None:
-      pieces, split, parts = [episode], [draws], 1
-    self.parts = parts
+    split = split_draws(draws, self._draw(pieces[0], seed), parts)
+    return None if split is None else list(zip(pieces, split))
+
+  def _applied(self, episode, seed, draws):
+    """The step: its parts' summed shares through the update, or one call."""
     if draws is None:   # a draw inside a loop body: the compiled call draws it
-      shares = [self._drawing(episode, seed, batch)]
-    else:
-      shares = [self._part(piece, seed, piece_draws, batch)
-                for piece, piece_draws in zip(pieces, split)]
+      self.parts = 1
+      return self._drawing(episode, seed)
+    pieces = self._pieces(episode, seed, draws) if draws else None
+    self.parts = len(pieces) if pieces else 1
+    if not pieces:
+      return self._one_part(episode, seed, draws)
+    batch = int(episode.support_x.shape[0])
+    shares = [self._part(piece, seed, piece_draws, batch) for piece, piece_draws in pieces]
     loss, grads, metrics = tf.nest.map_structure(lambda *values: tf.add_n(values), *shares)
-    return loss, list(grads), metrics
+    return self._apply(loss, list(grads), metrics)
 
   def _pipelined_step(self, episode, seed, next_seed, buffer):
     draws = [variable.read_value() for variable in buffer]
     next_draws = self._draw(episode, next_seed)
-    out = self._apply(*self._shares(episode, seed, draws))
+    out = self._applied(episode, seed, draws)
     for variable, value in zip(buffer, next_draws):
       variable.assign(value)
     return out
