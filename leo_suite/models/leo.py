@@ -129,10 +129,11 @@ def _sample_normal(means, raw_std, std_offset, training, seed):
 class LEO(base.Learner):
   """LEO over a meta-batch; meta-parameters are explicit tf.Variables."""
 
-  # A 5-shot step of 12 tasks in two compiled calls of 6, side by side: 40-43
-  # ms against 65-70 in one (runs/s40/pieces_probe.py); one-shot steps (60
-  # examples) stay one call, which parts made slower.
-  training_step_examples = 150
+  # A 5-shot step of 12 tasks (300 support examples) in three compiled calls
+  # of 4 tasks side by side: 242-293 tasks/s against 165-197 as one call;
+  # parts of 6, 3 and 2 tasks were slower than of 4 (runs/s40/step_probe.py).
+  # A one-shot step (60 examples) stays one call: parts did not help it.
+  training_step_examples = 100
 
   def __init__(self, config: Config, num_ways, embedding_dim, dtype="float32",
                name="leo"):
