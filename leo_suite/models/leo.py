@@ -130,9 +130,9 @@ class LEO(base.Learner):
   """LEO over a meta-batch; meta-parameters are explicit tf.Variables."""
 
   # A 5-shot step of 12 tasks (300 support examples) in three compiled calls
-  # of 4 tasks side by side: 242-293 tasks/s against 165-197 as one call;
-  # parts of 6, 3 and 2 tasks were slower than of 4 (runs/s40/step_probe.py).
-  # A one-shot step (60 examples) stays one call: parts did not help it.
+  # of 4 tasks side by side: 231-288 tasks/s against 157-192 as one call
+  # (experiments/leo_parts_probe.py, docs/benchmarks.md). A one-shot step
+  # (60 examples) stays one call: parts did not help it.
   training_step_examples = 100
 
   def __init__(self, config: Config, num_ways, embedding_dim, dtype="float32",

@@ -194,8 +194,8 @@ class PartsStep:
   the next step's random numbers are drawn.
 
   The parts are independent ops of one plain graph, which TF runs on the
-  cores together (a 5-shot LEO step of 12 tasks: one compiled call 61-66 ms,
-  three of 4 tasks side by side 29 ms; runs/s40/parts_probe.py). Each part
+  cores together (a 5-shot LEO step of 12 tasks: one compiled call 53 ms,
+  three of 4 tasks side by side 31 ms; experiments/leo_parts_probe.py). Each part
   replays its slice of the whole meta-batch's draws (`split_draws`), so the
   step uses the numbers of the undivided step; each part's share is scaled
   by its tasks / B (distribute.scaled_loss_and_gradients), and `apply(loss,
@@ -214,7 +214,7 @@ class PartsStep:
   def __init__(self, compute: Callable, apply: Callable, examples_per_call: int):
     self._compute, self.examples_per_call = compute, examples_per_call
     # The update compiled too: in plain TF its per-op cost was 3-4 ms of a
-    # 15 ms one-shot LEO step (runs/s40/pieces_probe.py).
+    # 15 ms one-shot LEO step (a scratch probe, stop 40).
     self._apply = tf.function(apply, jit_compile=True, autograph=False)
     self._apply_plain = apply
     self._one_part = tf.function(self._replay_and_apply, jit_compile=True, autograph=False)
