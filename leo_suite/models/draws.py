@@ -49,11 +49,12 @@ def keep_mask(shape, keep, seed):
   static = tf.get_static_value(shape)
   shape = tf.cast(shape, tf.int32)
   size = tf.reduce_prod(shape)
-  if static is not None and len(static) >= 2 and int(np.prod(static[1:])) % per_word == 0:
+  row = int(np.prod(static[1:])) if static is not None and len(static) >= 2 else 0
+  if row and row % per_word == 0:
     # The same words as the flat draw below (a stateless draw fills its shape
     # in order), drawn [rows, words per row] so that the draw of a slice of
     # the rows is the slice of this draw (xla.split_draws).
-    words_shape = [int(static[0]), int(np.prod(static[1:])) // per_word]
+    words_shape = [int(static[0]), row // per_word]
   else:
     words_shape = [(size + per_word - 1) // per_word]
   words = base.random_draw("bits", words_shape, seed, tf.uint32)

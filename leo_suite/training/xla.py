@@ -251,7 +251,10 @@ class PartsStep:
       return None
     pieces = [tf.nest.map_structure(lambda t, i=i: t[i * size:(i + 1) * size], episode)
               for i in range(parts)]
-    split = split_draws(draws, self._draw(pieces[0], seed), parts)
+    # A part's draws, traced for their shapes only: a call of `_draw` here
+    # would be a stateful op (it reads the variables) and run every step.
+    part_draws = self._draw.get_concrete_function(pieces[0], seed).structured_outputs
+    split = split_draws(draws, part_draws, parts)
     return None if split is None else list(zip(pieces, split))
 
   def _applied(self, episode, seed, draws):
