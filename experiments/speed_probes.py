@@ -17,8 +17,8 @@ Prints:
   python experiments/speed_probes.py --evaluation=relation:5,matching:1 --passes=3
 
 instead times repeated evaluation passes of those learners (2,000 fixed
-tasks of the benchmark's test split, batches of 25, the path and XLA
-settings the runner takes): per pass wall, CPU, system time and minor page
+tasks of the benchmark's test split, the path, XLA settings and test batch
+the runner takes; gather batches of 25): per pass wall, CPU, system time and minor page
 faults, which show a pass waiting (wall above CPU / cores) or faulting its
 buffers in (system time).
 
@@ -148,10 +148,11 @@ def sampler_cost(sampler, batches=400):
         f"{1e3 * (time.process_time() - cpu) / batches:.2f} ms CPU per meta-batch of {BATCH}")
 
 
-def evaluation_passes(model, shots, passes, num_tasks=2000, batch_size=25):
+def evaluation_passes(model, shots, passes, num_tasks=2000, gather_batch=25):
   sampler = benchmark.eval_sampler(benchmark.eval_split(), shots)
-  evaluator, _, _ = benchmark.runner_evaluator(model)
+  evaluator, _, _, table_batch = benchmark.runner_evaluator(model)
   method = evaluator.method(sampler)
+  batch_size = table_batch if method == "table" else gather_batch
   evaluator.fixed_accuracy(sampler, 99, min(num_tasks, evaluation.TABLE_GROUP_TASKS), batch_size,
                            method=method)  # trace and compile a group's shapes
   for _ in range(passes):

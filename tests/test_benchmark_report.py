@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from leo_suite.bench import report as report_lib
@@ -164,3 +165,26 @@ def test_a_bad_benchmark_json_is_one_line_and_left_as_it_is(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, (flag, last)
   assert json.loads(no_rate.read_text()) == {"machine": {"cpus": 2}, "eval": {}}
+
+
+def test_eval_rows_time_the_table_path_at_the_runners_test_batch(monkeypatch):
+  """The table path is timed in the runner's default --metatest_batch_size
+  batches (what a user's run takes), the gather path in the flag's batches."""
+  from leo_suite.bench import benchmark as bench  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import evaluation  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import settings  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fixed_accuracy(self, sampler, seed, num_tasks, batch_size, progress=None, method="auto"):
+    del self, sampler, progress
+    calls.append((seed, method, batch_size))
+    return np.full([num_tasks], 0.2, np.float32)
+
+  monkeypatch.setattr(evaluation.Evaluator, "fixed_accuracy", fixed_accuracy)
+  split = bench.synthetic_split(5, report_lib.IMAGES_PER_CLASS, dim=8)
+  row = bench.eval_throughput("protonet", 1, split, num_tasks=40, batch_size=7)
+  runner_batch = settings.default_settings(
+      "protonet", bench.learner_config("protonet"), num_classes=5)["metatest_batch_size"]
+  assert runner_batch == 200 and row["table_batch"] == runner_batch
+  assert calls == [(99, "table", 200), (1, "table", 200), (99, "gather", 7), (1, "gather", 7)]
+  assert row["method"] == "table" and row["query_flips"] == 0

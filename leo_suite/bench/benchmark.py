@@ -9,9 +9,9 @@ meta-training):
   * the same step written per task with tf.map_fn (each task a B = 1
     meta-batch, same maths, gradients averaged) and the batched/map_fn ratio;
   * evaluation tasks/s on the fixed-set path the runner takes (real EpisodeSampler;
-    V = 600 - K queries per class, as LEO's test protocol; XLA for adaptation and the
-    table readout as --jit_compile=auto sets them), against the gather path; for LEO
-    also 10,000 test tasks' time; FLOPs per task and the fraction of its limit (flops.py);
+    V = 600 - K queries per class, as LEO's test protocol; the runner's default XLA
+    and test batch), against the gather path; for LEO also 10,000 test tasks' time;
+    FLOPs per task and the fraction of its limit (flops.py);
   * peak memory of one meta-training step (resident-set high-water mark increase,
     a fresh subprocess per configuration); MAML and iMAML at 1, 5, 10, 20 inner steps.
   * data wait: in the Trainer's own input pipeline (EpisodeSampler -> tf.data ->
@@ -197,30 +197,30 @@ def eval_sampler(test_split, shots):
 
 
 def runner_evaluator(model):
-  """(Evaluator, jit_adapt, jit_readout) with the XLA settings the runner's
-  --jit_compile=auto gives `model`."""
+  """(Evaluator, jit_adapt, jit_readout, test batch) as the runner sets them by default."""
   run = make_run(model, "")
-  return run.evaluator(run.build_learner()), run.jit_compile, run.jit_readout
+  return (run.evaluator(run.build_learner()), run.jit_compile, run.jit_readout,
+          run.settings["metatest_batch_size"])
 
 
 def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
-  table path, with the XLA settings --jit_compile=auto gives) and of the
-  gather path, on the same fixed tasks, after a pass over other tasks that
-  compiles the timed pass's shapes (a table group; a gather batch)."""
+  table path, with the runner's default XLA settings and test batch) and of
+  the gather path (batches of `batch_size`), on the same fixed tasks, after a
+  pass over other tasks that compiles the timed pass's shapes."""
   queries = IMAGES_PER_CLASS - shots
   sampler = eval_sampler(test_split, shots)
-  evaluator, jit, jit_readout = runner_evaluator(model)
+  evaluator, jit, jit_readout, runner_batch = runner_evaluator(model)
   chosen = evaluator.method(sampler)
   row = {"tasks": num_tasks, "queries_per_class": queries, "method": chosen,
-         "jit_adapt": jit, "jit_readout": jit_readout}
+         "jit_adapt": jit, "jit_readout": jit_readout, "table_batch": runner_batch}
   accuracies = {}
   for method in dict.fromkeys([chosen, "gather"]):
-    warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch_size)
-    evaluator.fixed_accuracy(sampler, 99, warm_up, batch_size, method=method)
+    batch = runner_batch if method == "table" else batch_size
+    warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch)
+    evaluator.fixed_accuracy(sampler, 99, warm_up, batch, method=method)
     start = time.perf_counter()
-    accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch_size,
-                                                  method=method)
+    accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch, method=method)
     row[f"{method}_seconds"] = time.perf_counter() - start
     assert len(accuracies[method]) == num_tasks
   row["seconds"] = row[f"{chosen}_seconds"]
