@@ -47,7 +47,13 @@ def test_setting_and_backbone_entries_replace_the_same_flag_only():
   # A backbone entry overrides the Conv-4 preset of that learner only.
   assert presets.learner_preset("l2f", 5, 1, "conv4_wide")["flags"].count(
       "--l2f_hidden_sizes=512") == 1
-  assert "--l2f_hidden_sizes=4096" in presets.learner_preset("l2f", 5, 1)["flags"]
+  assert "--l2f_hidden_sizes=" in presets.learner_preset("l2f", 5, 1)["flags"]
+  # ... and the wide backbone keeps its own L2F (512 units, 5 steps, zero head at 5w5s).
+  wide_five_shot = presets.learner_preset("l2f", 5, 5, "conv4_wide")["flags"]
+  for flag in ("--l2f_hidden_sizes=512", "--l2f_eval_inner_steps=5", "--l2f_head_init=zeros",
+               "--l2f_inner_lr=0.5"):
+    assert flag in wide_five_shot
+  assert "--l2f_head_init=proto" not in wide_five_shot
   assert presets.learner_preset("protonet", 20, 1, "conv4_wide") == presets.learner_preset(
       "protonet", 20, 1)
   assert presets.learner_preset("protonet", 5, 1) == {
