@@ -191,7 +191,9 @@ BACKBONE_PRESETS = {
         # 4096 hidden units on D = 256 ran out of memory in evaluation (24 GB; since
         # then the table path bounds the adapted states it holds: 4.7 GB); 5w1s:
         # 1024 97.37 @0, 512 (= 2D: just [I, -I]) 97.65 @0.
-        # (Conv-4's linear head, stop 41, not measured on this backbone.)
+        # L2F here keeps its preset from before stop 41 (these flags undo Conv-4's
+        # linear head and one-step evaluation, which were not measured on this
+        # backbone): 512 units, signed identity, 5 steps, zero head at 5w5s.
         ("l2f", None, None): {"flags": ["--l2f_hidden_sizes=512",
                                         "--l2f_hidden_init=signed_identity",
                                         "--l2f_inner_steps=5", "--l2f_eval_inner_steps=5"]},
