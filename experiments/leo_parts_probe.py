@@ -23,6 +23,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from leo_suite.bench import benchmark  # pylint: disable=wrong-import-position
+from leo_suite.bench import timing  # pylint: disable=wrong-import-position
 from leo_suite.bench import flops  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
@@ -58,7 +59,7 @@ def compiled_table(shots):
       variants[f"{parts} x {tasks} side by side"] = tf.function(
           lambda e, s, c=call, d=draws, p=parts: [c((e, s + i), d) for i in range(p)])
     for name, function in variants.items():
-      rows[name] = min(1000 / benchmark.time_steps(function, itertools.repeat(episode),
+      rows[name] = min(1000 / timing.time_steps(function, itertools.repeat(episode),
                                                    FLAGS.steps) for _ in range(3))
   return rows
 
@@ -80,7 +81,7 @@ def trainer_table(shots):
   rows = {examples: [] for examples in steps}
   for _ in range(FLAGS.rounds):
     for examples, (step, data) in steps.items():
-      rows[examples].append(round(benchmark.time_steps(step, data, FLAGS.steps) *
+      rows[examples].append(round(timing.time_steps(step, data, FLAGS.steps) *
                                   benchmark.BATCH))
   return rows
 

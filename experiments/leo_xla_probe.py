@@ -24,7 +24,7 @@ tf = console.import_tensorflow()
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from leo_suite.bench.benchmark import time_steps  # pylint: disable=wrong-import-position
+from leo_suite.bench.timing import time_steps  # pylint: disable=wrong-import-position
 from leo_suite.bench import flops  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
 from leo_suite.models import leo  # pylint: disable=wrong-import-position

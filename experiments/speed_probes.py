@@ -41,6 +41,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from leo_suite import errors  # pylint: disable=wrong-import-position
 from leo_suite.bench import benchmark  # pylint: disable=wrong-import-position
+from leo_suite.bench import timing  # pylint: disable=wrong-import-position
 from leo_suite.bench import report as bench_report  # pylint: disable=wrong-import-position
 from leo_suite.data import episodes  # pylint: disable=wrong-import-position
 from leo_suite.models import base  # pylint: disable=wrong-import-position
@@ -117,7 +118,7 @@ def cached_steps(split):
                                    metatrain_batch_size=BATCH, jit_compile=jit)
           trainer = trainer_lib.Trainer(run.build_learner(),
                                         trainer_lib.TrainConfig.from_run(run), sampler)
-          steps = benchmark.time_steps(trainer._train_step,  # pylint: disable=protected-access
+          steps = timing.time_steps(trainer._train_step,  # pylint: disable=protected-access
                                        iter(cached * 30), 150)
         print(f"{model} {shots}-shot step on cached episodes, {'XLA' if jit else 'plain'}: "
               f"{BATCH * steps:,.0f} tasks/s")

@@ -182,9 +182,40 @@ def test_eval_rows_time_the_table_path_at_the_runners_test_batch(monkeypatch):
 
   monkeypatch.setattr(evaluation.Evaluator, "fixed_accuracy", fixed_accuracy)
   split = bench.synthetic_split(5, report_lib.IMAGES_PER_CLASS, dim=8)
-  row = bench.eval_throughput("protonet", 1, split, num_tasks=40, batch_size=7)
+  row = bench.eval_throughput("protonet", 1, split, num_tasks=40, batch_size=7,
+                              rate_fn=lambda: 1e11)
   runner_batch = settings.default_settings(
       "protonet", bench.learner_config("protonet"), num_classes=5)["metatest_batch_size"]
   assert runner_batch == 200 and row["table_batch"] == runner_batch
-  assert calls == [(99, "table", 200), (1, "table", 200), (99, "gather", 7), (1, "gather", 7)]
+  timed = [(1, "table", 200)] * bench.EVAL_PASSES
+  assert calls == [(99, "table", 200)] + timed + [(99, "gather", 7), (1, "gather", 7)]
   assert row["method"] == "table" and row["query_flips"] == 0
+  assert len(row["passes_seconds"]) == bench.EVAL_PASSES == 3
+
+
+def test_eval_row_is_the_median_pass_at_the_rates_read_beside_the_passes(monkeypatch):
+  """An evaluation row's time is the median of its runner-path passes (one
+  slow pass does not move it), and its matmul rate the median of the
+  readings taken just before each pass, which its limit is counted against."""
+  from leo_suite.bench import benchmark as bench  # pylint: disable=import-outside-toplevel
+  from leo_suite.bench import timing  # pylint: disable=import-outside-toplevel
+  from leo_suite.training import evaluation  # pylint: disable=import-outside-toplevel
+  clock, durations = [0.0], iter([9.0, 1.0, 3.0, 2.0, 4.0, 7.0])  # warm-ups take no time
+
+  def fixed_accuracy(self, sampler, seed, num_tasks, batch_size, progress=None, method="auto"):
+    del self, sampler, batch_size, progress, method
+    clock[0] += next(durations) if seed == 1 else 0.0
+    return np.full([num_tasks], 0.2, np.float32)
+
+  monkeypatch.setattr(evaluation.Evaluator, "fixed_accuracy", fixed_accuracy)
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+  rates = iter([1e11, 3e11, 2e11, 5e11, 9e11])  # median 3e11, mean 4e11
+  split = bench.synthetic_split(5, report_lib.IMAGES_PER_CLASS, dim=8)
+  row = bench.eval_throughput("protonet", 1, split, num_tasks=40, batch_size=7, passes=5,
+                              rate_fn=lambda: next(rates))
+  assert row["passes_seconds"] == [9.0, 1.0, 3.0, 2.0, 4.0]  # median 3, mean 3.8, last 4
+  assert row["table_seconds"] == row["seconds"] == 3.0 and row["tasks_per_s"] == 40 / 3.0
+  assert row["gather_seconds"] == 7.0
+  assert row["matmul_flops_per_s"] == 3e11
+  with pytest.raises(ValueError, match="passes must be >= 1"):
+    timing.timed_passes(lambda: None, 0, lambda: 1.0)

@@ -10,8 +10,9 @@ meta-training):
     meta-batch, same maths, gradients averaged) and the batched/map_fn ratio;
   * evaluation tasks/s on the fixed-set path the runner takes (real EpisodeSampler;
     V = 600 - K queries per class, as LEO's test protocol; the runner's default XLA
-    and test batch), against the gather path; for LEO also 10,000 test tasks' time;
-    FLOPs per task and the fraction of its limit (flops.py);
+    and test batch; the median of EVAL_PASSES passes), against the gather path (one
+    pass); for LEO also 10,000 test tasks' time; FLOPs per task and the fraction of
+    its limit (flops.py) at the matmul rate read beside the row (timing.py);
   * peak memory of one meta-training step (resident-set high-water mark increase,
     a fresh subprocess per configuration); MAML and iMAML at 1, 5, 10, 20 inner steps.
   * data wait: in the Trainer's own input pipeline (EpisodeSampler -> tf.data ->
@@ -42,6 +43,7 @@ import tensorflow as tf
 from leo_suite import errors
 from leo_suite import progress
 from leo_suite.bench import flops
+from leo_suite.bench.timing import data_wait, profile_window, time_steps, timed_passes
 from leo_suite.bench.report import (BATCH, DIM, IMAGES_PER_CLASS, LEARNER_CONFIGS,
                                     MEMORY_INNER_STEPS, MODELS, NUM_WAYS, SHOTS,
                                     TRAIN_QUERIES, target_checks)
@@ -58,6 +60,7 @@ from leo_suite.training.evaluation import TABLE_GROUP_TASKS
 
 # The folder holding leo_suite: the memory probes' subprocesses import it from there.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EVAL_PASSES = 3  # timed passes of an evaluation row's runner path (the row: their median)
 def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
   """Random embeddings in LEO's layout (classes contiguous)."""
   rng = np.random.default_rng(seed)
@@ -105,41 +108,6 @@ def map_fn_step(trainer):
   return tf.function(step, autograph=False)
 
 
-def time_steps(step_fn, dataset_iter, num_steps, warmup=2):
-  for i in range(warmup):
-    out = step_fn(next(dataset_iter), tf.constant([0, i], tf.int32))
-  tf.nest.map_structure(lambda t: t.numpy(), out)
-  start = time.perf_counter()
-  for i in range(num_steps):
-    out = step_fn(next(dataset_iter), tf.constant([0, warmup + i], tf.int32))
-  tf.nest.map_structure(lambda t: t.numpy(), out)
-  return num_steps / (time.perf_counter() - start)
-
-
-def data_wait(trainer, num_steps, warmup=2):
-  """Per step of the Trainer's own pipeline: mean wait for data, compute, wait share."""
-  iterator = iter(trainer.train_dataset(0))
-  timer = trainer_lib.DataWait()
-  for step in range(warmup + num_steps):
-    if step == warmup:
-      timer = trainer_lib.DataWait()
-    episode = timer.next(iterator)
-    tf.nest.map_structure(lambda t: t.numpy(), trainer.train_step(episode, step))
-    timer.stepped()
-  return {"data_wait_ms": 1000 * timer.mean_wait,
-          "step_compute_ms": 1000 * timer.compute / timer.steps,
-          "data_wait_fraction": timer.fraction}
-
-
-def profile_window(step_fn, dataset_iter, directory, num_steps=10):
-  """A TensorBoard profile of `num_steps` steps (after the timed window)."""
-  tf.profiler.experimental.start(directory)
-  try:
-    time_steps(step_fn, dataset_iter, num_steps, warmup=1)
-  finally:
-    tf.profiler.experimental.stop()
-
-
 def train_throughput(model, shots, train_split, num_steps, with_map_fn=True, with_xla=True,
                      profile_dir=""):
   spec = episodes.EpisodeSpec(NUM_WAYS, shots, TRAIN_QUERIES)
@@ -177,15 +145,17 @@ def eval_split():
 
 def recount_limits(results):
   """Each evaluation row's FLOPs and limit columns, and the targets, counted
-  again by the current `flops` (the row's tasks/s, path and the run's matmul
-  rate kept): a saved run corrected without timing anything again."""
+  again by the current `flops` (the row's tasks/s, path and matmul rate kept:
+  the rate read beside its passes, or the run's for rows written before stop
+  42): a saved run corrected without timing anything again."""
   rate, test_split = results["machine"].get("matmul_flops_per_s"), eval_split()
   if not rate:
     raise errors.DataError("benchmark JSON without matmul_flops_per_s: nothing to recount")
   for model, per_model in results.get("eval", {}).items():
     for shots, row in per_model.items():
-      if "error" not in row:
-        row.update(flops.evaluation_limits(build(model), int(shots), row, rate, test_split))
+      if "error" not in row:  # rows since stop 42 carry the rate read beside their passes
+        row.update(flops.evaluation_limits(build(model), int(shots), row,
+                                           row.get("matmul_flops_per_s", rate), test_split))
   results["targets"] = target_checks(results)
   return results
 
@@ -203,11 +173,16 @@ def runner_evaluator(model):
           run.settings["metatest_batch_size"])
 
 
-def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
+def eval_throughput(model, shots, test_split, num_tasks, batch_size=200, passes=EVAL_PASSES,
+                    rate_fn=flops.matmul_rate):
   """Evaluation tasks/s of the runner's path (`Evaluator.method`, here the
-  table path, with the runner's default XLA settings and test batch) and of
-  the gather path (batches of `batch_size`), on the same fixed tasks, after a
-  pass over other tasks that compiles the timed pass's shapes."""
+  table path, with the runner's default XLA settings and test batch): the
+  median of `passes` timed passes, each just after a reading of the matmul
+  rate (`rate_fn`; the row's rate is their median, so its limit is counted
+  against the machine's speed at that time, which drifts here by a fifth
+  within a minute); and of the gather path (batches of `batch_size`, one
+  pass), on the same fixed tasks, after a pass over other tasks that
+  compiles the timed passes' shapes."""
   queries = IMAGES_PER_CLASS - shots
   sampler = eval_sampler(test_split, shots)
   evaluator, jit, jit_readout, runner_batch = runner_evaluator(model)
@@ -219,10 +194,14 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200):
     batch = runner_batch if method == "table" else batch_size
     warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch)
     evaluator.fixed_accuracy(sampler, 99, warm_up, batch, method=method)
-    start = time.perf_counter()
-    accuracies[method] = evaluator.fixed_accuracy(sampler, 1, num_tasks, batch, method=method)
-    row[f"{method}_seconds"] = time.perf_counter() - start
+    timing, accuracies[method] = timed_passes(
+        lambda: evaluator.fixed_accuracy(sampler, 1, num_tasks, batch, method=method),
+        *((passes, rate_fn) if method == chosen else (1, None)))
     assert len(accuracies[method]) == num_tasks
+    row[f"{method}_seconds"] = timing["seconds"]
+    if method == chosen:
+      row.update(passes_seconds=timing["passes_seconds"],
+                 matmul_flops_per_s=timing["matmul_flops_per_s"])
   row["seconds"] = row[f"{chosen}_seconds"]
   row["tasks_per_s"] = num_tasks / row["seconds"]
   row["gather_tasks_per_s"] = num_tasks / row["gather_seconds"]
@@ -328,17 +307,19 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
   start = time.time()
   train_split = synthetic_split(64, 40)
   if not {"train", "eval"} <= skip:
-    rate = results["machine"]["matmul_flops_per_s"] = flops.matmul_rate()
+    results["machine"]["matmul_flops_per_s"] = flops.matmul_rate()
   for model in (models if "train" not in skip else []):
     results["train"][model] = {}
     for shots in SHOTS:
       profile = profile_dir if (model, shots) == (models[0], 1) else ""
+      row_rate = flops.matmul_rate()  # the machine's speed drifts (timing.py)
       row = train_throughput(model, shots, train_split, num_steps,
                              with_map_fn="map_fn" not in skip, with_xla="xla" not in skip,
                              profile_dir=profile)
+      row["matmul_flops_per_s"] = row_rate
       if profile:
         results["profile"] = {"learner": model, "shots": shots, "directory": profile}
-      row.update(flops.training_limits(build(model), shots, row, rate))
+      row.update(flops.training_limits(build(model), shots, row, row_rate))
       results["train"][model][str(shots)] = row
       print(f"[{time.time() - start:6.0f}s] train {model} {shots}-shot: "
             f"{json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()})}",
@@ -358,7 +339,8 @@ def run(models, quick=False, skip=(), eval_tasks=0, eval_batch_size=25, leo_eval
                  else eval_tasks)
         try:
           row = eval_throughput(model, shots, test_split, tasks, eval_batch_size)
-          row.update(flops.evaluation_limits(build(model), shots, row, rate, test_split))
+          row.update(flops.evaluation_limits(build(model), shots, row, row["matmul_flops_per_s"],
+                                             test_split))
         except Exception as exc:  # pylint: disable=broad-except
           row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         results["eval"][model][str(shots)] = row

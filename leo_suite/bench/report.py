@@ -197,8 +197,12 @@ def print_table(results):
         if "error" in row:
           print(f"{model:8s} K={shots}: error {row['error']}")
           continue
+        passes = row.get("passes_seconds") or [row["seconds"]]
+        spread = (f", the median of {len(passes)} passes of {min(passes):.2f}-{max(passes):.2f}"
+                  f" s at matmul {row['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s"
+                  if len(passes) > 1 and row.get("matmul_flops_per_s") else "")
         print(f"{model:8s} K={shots}: {row['tasks_per_s']:8.1f} tasks/s "
-              f"({row['tasks']} tasks in {row['seconds']:.1f} s, {row.get('method', 'gather')}"
+              f"({row['tasks']} tasks in {row['seconds']:.1f} s{spread}, {row.get('method', 'gather')}"
               f" path; gather path {row.get('gather_tasks_per_s', row['tasks_per_s']):.1f}"
               f" tasks/s; queries predicted differently: {row.get('query_flips', '-')}"
               f" of {row.get('queries', '-')}; {fmt(mega(row.get('flops_per_task')), ',.1f')}"
