@@ -34,6 +34,14 @@ holds; each was traced to a float64 evaluation of the step:
   values, and the last bit of batch norm's output decides which one receives
   the gradient). The test images are textured paper with dark strokes.
 
+A near-tie can still decide differently: stop 42's AMD EPYC machine gave,
+at step 2, one output channel of the first convolution (its 9 kernel entries
+and their momenta) 2.6e-3 off, in the mirrored and the multi_worker run
+alike (the same figure to the last digit), with every other tensor, that
+layer's batch norm included, within 3.4e-6, and step 1 within 4.7e-6. That
+is what a max-pooling tie decided the other way does, and only that is let
+through (`max_pool_tie_flip`, tested on made-up states below).
+
 Conv-4's conv biases sit in front of batch norm, which subtracts the batch
 mean: their gradient is exactly zero, so the biases and their momenta hold
 only rounding noise, different in every summation order. They are not
@@ -62,6 +70,7 @@ from tests import scripts_run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "pretrain.py")
 TOLERANCE = 1e-5
+TIE_FLIP_MAX = 1e-2  # a max-pooling near-tie's move (module docstring): 2.6e-3 measured
 NOISE_ONLY = 1e-5  # bound on the zero-gradient conv biases and their momenta
 # 2 characters x 4 images x 4 rotations = 32 images: batch 16, two steps.
 FLAGS = ["--epochs=1", "--batch_size=16", "--checkpoint_every=1", "--val_episodes=0",
@@ -166,10 +175,43 @@ def differences(single, other):
   return out
 
 
+KERNEL = re.compile(r"conv(\d+)[/_]kernel")
+BATCH_NORM = re.compile(r"bn(\d+)[/_](gamma|beta)")
+
+
+def max_pool_tie_flip(single, other, diffs):
+  """(layer, channel) when every tensor beyond TOLERANCE is one conv layer's
+  kernel (and its momentum), only in one output channel, by at most
+  TIE_FLIP_MAX, with that layer's batch-norm gamma and beta within
+  TOLERANCE; else None. That is what a max-pooling near-tie decided the
+  other way does (module docstring): the gradient of one pooled value goes
+  to the other position of its window, so one channel's filter gradient
+  moves by the difference of two input patches, while batch norm's
+  gradients, sums over the channel's positions of values the tie makes
+  equal, do not. A distribution error moves every channel."""
+  off = [name for name, value in diffs.items() if value >= TOLERANCE]
+  layers = {KERNEL.search(name).group(1) if KERNEL.search(name) else None for name in off}
+  if not off or len(layers) != 1 or None in layers:
+    return None
+  layer, channels = layers.pop(), set()
+  for name in off:
+    a = single[name].astype(np.float64)
+    relative = np.abs(a - other[name]) / max(np.max(np.abs(a)), 1e-30)
+    if np.max(relative) > TIE_FLIP_MAX:
+      return None
+    per_channel = relative.reshape(-1, relative.shape[-1]).max(axis=0)
+    channels.update(np.flatnonzero(per_channel >= TOLERANCE).tolist())
+  norms = [name for name in diffs if (m := BATCH_NORM.search(name)) and m.group(1) == layer]
+  if len(channels) != 1 or not norms:
+    return None
+  return int(layer), channels.pop()
+
+
 def assert_matches_one_device(single, other):
   diffs = differences(single, other)
   worst = max(diffs, key=diffs.get)
-  assert diffs[worst] < TOLERANCE, (worst, diffs[worst])
+  assert diffs[worst] < TOLERANCE or max_pool_tie_flip(single, other, diffs), (worst,
+                                                                              diffs[worst])
   for state in (single, other):  # what is not compared is rounding noise only
     noise = max(float(np.max(np.abs(v))) for k, v in state.items() if _zero_gradient(k))
     assert noise < NOISE_ONLY
@@ -191,6 +233,42 @@ def test_mirrored_step_matches_one_device(single, mirrored, step):
   assert_matches_one_device(reference, load_state(mirrored, step))
   if step == 2:
     assert_same_export(single, mirrored)
+
+
+def tie_flip_states(rng, moved=(("conv0/kernel", 5, 2e-3),)):
+  """A one-device state and a copy with `moved` (name, channel, relative
+  size) changes and otherwise rounding-sized ones."""
+  single = {"conv0/kernel": rng.standard_normal([3, 3, 1, 8]),
+            "sgd/conv0_kernel_momentum": rng.standard_normal([3, 3, 1, 8]),
+            "bn0/gamma": rng.standard_normal([8]), "bn0/beta": rng.standard_normal([8]),
+            "conv1/kernel": rng.standard_normal([3, 3, 8, 8]),
+            "bn1/gamma": rng.standard_normal([8]),
+            "conv0/bias": 1e-7 * rng.standard_normal([8])}  # rounding noise only
+  other = {name: value * (1 + 1e-7) for name, value in single.items()}
+  for name, channel, size in moved:
+    other[name][..., channel] += size * np.max(np.abs(single[name]))
+  return single, other
+
+
+@pytest.mark.parametrize("moved, allowed", [
+    ((("conv0/kernel", 5, 2e-3), ("sgd/conv0_kernel_momentum", 5, 3e-3)), (0, 5)),
+    ((("conv1/kernel", 2, 5e-4),), (1, 2)),
+    ((("conv0/kernel", 5, 2e-3), ("conv0/kernel", 6, 2e-3)), None),    # two channels
+    ((("conv0/kernel", 5, 2e-3), ("bn0/beta", 5, 2e-3)), None),        # batch norm moved
+    ((("conv0/kernel", 5, 2e-3), ("conv1/kernel", 5, 2e-3)), None),    # two layers
+    ((("conv0/kernel", 5, 5e-2),), None),                              # too large
+    ((("bn1/gamma", 1, 1e-3),), None),                                 # not a kernel
+])
+def test_only_a_max_pool_tie_flip_is_let_through(moved, allowed):
+  single, other = tie_flip_states(np.random.default_rng(0), moved)
+  diffs = differences(single, other)
+  assert max(diffs.values()) >= TOLERANCE
+  assert max_pool_tie_flip(single, other, diffs) == allowed
+  if allowed is None:
+    with pytest.raises(AssertionError):
+      assert_matches_one_device(single, other)
+  else:
+    assert_matches_one_device(single, other)
 
 
 def test_per_replica_batch_norm_would_differ(data, single, tmp_path):
