@@ -20,22 +20,23 @@ PEER_LINE = re.compile(r"^peer higher MAML \d+-way (\d+)-shot .*?(\d+(?:\.\d+)?)
                        re.MULTILINE)
 
 
+def tasks_per_s(pattern, text, what, line):
+  """{shots: tasks/s} from an anchor's printed `text`; DataError quoting its
+  end when no `line` (pattern: shots, tasks/s) is in it."""
+  found = {int(k): float(v) for k, v in pattern.findall(text)}
+  if not found:
+    raise errors.DataError(f"{what}: no '{line}' line; its end: {text.strip()[-300:]!r}")
+  return found
+
+
 def release_tasks_per_s(text, what="the release's output"):
   """{shots: tasks/s} from leo_release_speed.py's lines."""
-  found = {int(k): float(v) for k, v in RELEASE_LINE.findall(text)}
-  if not found:
-    raise errors.DataError(f"{what}: no 'release LEO K=...: ... tasks/s' line; its end: "
-                           f"{text.strip()[-300:]!r}")
-  return found
+  return tasks_per_s(RELEASE_LINE, text, what, "release LEO K=...: ... tasks/s")
 
 
 def peer_tasks_per_s(text, what="the peer's output"):
   """{shots: tasks/s} from maml_peer_higher.py's line(s)."""
-  found = {int(k): float(v) for k, v in PEER_LINE.findall(text)}
-  if not found:
-    raise errors.DataError(f"{what}: no 'peer higher MAML ... tasks/s' line; its end: "
-                           f"{text.strip()[-300:]!r}")
-  return found
+  return tasks_per_s(PEER_LINE, text, what, "peer higher MAML ... tasks/s")
 
 
 def suite_tasks_per_s(train_rows, model, shots):

@@ -194,14 +194,14 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200, passes=
     batch = runner_batch if method == "table" else batch_size
     warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch)
     evaluator.fixed_accuracy(sampler, 99, warm_up, batch, method=method)
-    timing, accuracies[method] = timed_passes(
+    timed, accuracies[method] = timed_passes(
         lambda: evaluator.fixed_accuracy(sampler, 1, num_tasks, batch, method=method),
         *((passes, rate_fn) if method == chosen else (1, None)))
     assert len(accuracies[method]) == num_tasks
-    row[f"{method}_seconds"] = timing["seconds"]
+    row[f"{method}_seconds"] = timed["seconds"]
     if method == chosen:
-      row.update(passes_seconds=timing["passes_seconds"],
-                 matmul_flops_per_s=timing["matmul_flops_per_s"])
+      row.update(passes_seconds=timed["passes_seconds"],
+                 matmul_flops_per_s=timed["matmul_flops_per_s"])
   row["seconds"] = row[f"{chosen}_seconds"]
   row["tasks_per_s"] = num_tasks / row["seconds"]
   row["gather_tasks_per_s"] = num_tasks / row["gather_seconds"]
