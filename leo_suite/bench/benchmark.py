@@ -61,6 +61,8 @@ from leo_suite.training.evaluation import TABLE_GROUP_TASKS
 # The folder holding leo_suite: the memory probes' subprocesses import it from there.
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVAL_PASSES = 3  # timed passes of an evaluation row's runner path (the row: their median)
+
+
 def synthetic_split(num_classes, images_per_class, dim=DIM, seed=0):
   """Random embeddings in LEO's layout (classes contiguous)."""
   rng = np.random.default_rng(seed)
@@ -194,12 +196,13 @@ def eval_throughput(model, shots, test_split, num_tasks, batch_size=200, passes=
     batch = runner_batch if method == "table" else batch_size
     warm_up = min(num_tasks, TABLE_GROUP_TASKS if method == "table" else batch)
     evaluator.fixed_accuracy(sampler, 99, warm_up, batch, method=method)
+    runner_path = method == chosen
     timed, accuracies[method] = timed_passes(
         lambda: evaluator.fixed_accuracy(sampler, 1, num_tasks, batch, method=method),
-        *((passes, rate_fn) if method == chosen else (1, None)))
+        passes if runner_path else 1, rate_fn if runner_path else None)
     assert len(accuracies[method]) == num_tasks
     row[f"{method}_seconds"] = timed["seconds"]
-    if method == chosen:
+    if runner_path:
       row.update(passes_seconds=timed["passes_seconds"],
                  matmul_flops_per_s=timed["matmul_flops_per_s"])
   row["seconds"] = row[f"{chosen}_seconds"]
